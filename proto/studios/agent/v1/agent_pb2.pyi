@@ -1,0 +1,280 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_V1: _ClassVar[ProtocolVersion]
+
+class SessionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATUS_UNSPECIFIED: _ClassVar[SessionStatus]
+    SESSION_STATUS_STARTING: _ClassVar[SessionStatus]
+    SESSION_STATUS_RUNNING: _ClassVar[SessionStatus]
+    SESSION_STATUS_STOPPING: _ClassVar[SessionStatus]
+    SESSION_STATUS_STOPPED: _ClassVar[SessionStatus]
+    SESSION_STATUS_ERRORED: _ClassVar[SessionStatus]
+
+class StepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_STATUS_UNSPECIFIED: _ClassVar[StepStatus]
+    STEP_STATUS_PENDING: _ClassVar[StepStatus]
+    STEP_STATUS_IN_PROGRESS: _ClassVar[StepStatus]
+    STEP_STATUS_SUCCEEDED: _ClassVar[StepStatus]
+    STEP_STATUS_ERRORED: _ClassVar[StepStatus]
+
+class CheckpointStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_STATUS_UNSPECIFIED: _ClassVar[CheckpointStatus]
+    CHECKPOINT_STATUS_EMPTY: _ClassVar[CheckpointStatus]
+    CHECKPOINT_STATUS_INTERIM: _ClassVar[CheckpointStatus]
+    CHECKPOINT_STATUS_FINALIZED: _ClassVar[CheckpointStatus]
+    CHECKPOINT_STATUS_INVALID: _ClassVar[CheckpointStatus]
+
+class DesiredStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DESIRED_STATUS_UNSPECIFIED: _ClassVar[DesiredStatus]
+    DESIRED_STATUS_RUNNING: _ClassVar[DesiredStatus]
+    DESIRED_STATUS_STOPPED: _ClassVar[DesiredStatus]
+    DESIRED_STATUS_DELETED: _ClassVar[DesiredStatus]
+PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
+PROTOCOL_VERSION_V1: ProtocolVersion
+SESSION_STATUS_UNSPECIFIED: SessionStatus
+SESSION_STATUS_STARTING: SessionStatus
+SESSION_STATUS_RUNNING: SessionStatus
+SESSION_STATUS_STOPPING: SessionStatus
+SESSION_STATUS_STOPPED: SessionStatus
+SESSION_STATUS_ERRORED: SessionStatus
+STEP_STATUS_UNSPECIFIED: StepStatus
+STEP_STATUS_PENDING: StepStatus
+STEP_STATUS_IN_PROGRESS: StepStatus
+STEP_STATUS_SUCCEEDED: StepStatus
+STEP_STATUS_ERRORED: StepStatus
+CHECKPOINT_STATUS_UNSPECIFIED: CheckpointStatus
+CHECKPOINT_STATUS_EMPTY: CheckpointStatus
+CHECKPOINT_STATUS_INTERIM: CheckpointStatus
+CHECKPOINT_STATUS_FINALIZED: CheckpointStatus
+CHECKPOINT_STATUS_INVALID: CheckpointStatus
+DESIRED_STATUS_UNSPECIFIED: DesiredStatus
+DESIRED_STATUS_RUNNING: DesiredStatus
+DESIRED_STATUS_STOPPED: DesiredStatus
+DESIRED_STATUS_DELETED: DesiredStatus
+
+class ConnectRequest(_message.Message):
+    __slots__ = ("hello", "inventory", "session", "checkpoint", "capacity", "heartbeat")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    inventory: Inventory
+    session: SessionObserved
+    checkpoint: CheckpointEvent
+    capacity: HostCapacity
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "runtime", "proxy_url", "agent_version", "capacity")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_ENV_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    PROXY_URL_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: ProtocolVersion
+    agent_id: str
+    hostname: str
+    compute_env_id: str
+    runtime: str
+    proxy_url: str
+    agent_version: str
+    capacity: HostCapacity
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., runtime: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ...) -> None: ...
+
+class Inventory(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionObserved]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionObserved, _Mapping]]] = ...) -> None: ...
+
+class ProgressStep(_message.Message):
+    __slots__ = ("name", "status", "message", "warnings", "percent")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: StepStatus
+    message: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    percent: int
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., message: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., percent: _Optional[int] = ...) -> None: ...
+
+class Volume(_message.Message):
+    __slots__ = ("kind", "path", "size_bytes", "used_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    path: str
+    size_bytes: int
+    used_bytes: int
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+
+class SessionObserved(_message.Message):
+    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PORT_FIELD_NUMBER: _ClassVar[int]
+    ROOT_DIR_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXITED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    generation: int
+    status: SessionStatus
+    message: str
+    runtime: str
+    tool_port: int
+    root_dir: str
+    volume: Volume
+    progress: _containers.RepeatedCompositeFieldContainer[ProgressStep]
+    started_at: int
+    exited: bool
+    exit_code: int
+    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
+class CheckpointEvent(_message.Message):
+    __slots__ = ("session_id", "generation", "key", "uri", "status", "size_bytes", "saved_at")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAVED_AT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    generation: int
+    key: str
+    uri: str
+    status: CheckpointStatus
+    size_bytes: int
+    saved_at: int
+    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., key: _Optional[str] = ..., uri: _Optional[str] = ..., status: _Optional[_Union[CheckpointStatus, str]] = ..., size_bytes: _Optional[int] = ..., saved_at: _Optional[int] = ...) -> None: ...
+
+class HostCapacity(_message.Message):
+    __slots__ = ("cpus", "memory_bytes", "memory_available_bytes", "disk_free_bytes", "disk_budget_free_bytes")
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BUDGET_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpus: int
+    memory_bytes: int
+    memory_available_bytes: int
+    disk_free_bytes: int
+    disk_budget_free_bytes: int
+    def __init__(self, cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., disk_budget_free_bytes: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_at",)
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    sent_at: int
+    def __init__(self, sent_at: _Optional[int] = ...) -> None: ...
+
+class ConnectResponse(_message.Message):
+    __slots__ = ("welcome", "desired")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    desired: DesiredState
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredState, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: ProtocolVersion
+    agent_id: str
+    heartbeat_interval_seconds: int
+    connect_token_key: bytes
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ...) -> None: ...
+
+class CheckpointRef(_message.Message):
+    __slots__ = ("checkpoint_id", "uri")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: int
+    uri: str
+    def __init__(self, checkpoint_id: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
+
+class SessionSpec(_message.Message):
+    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb")
+    class EnvironmentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    STUDIO_NAME_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_BASE_URI_FIELD_NUMBER: _ClassVar[int]
+    BOOT_DISK_SIZE_GB_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    tool: str
+    environment: _containers.ScalarMap[str, str]
+    cpu: int
+    memory_mib: int
+    gpu: int
+    studio_name: str
+    checkpoint_base_uri: str
+    boot_disk_size_gb: int
+    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ...) -> None: ...
+
+class SessionDesired(_message.Message):
+    __slots__ = ("session_id", "status", "generation", "spec", "restore")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    status: DesiredStatus
+    generation: int
+    spec: SessionSpec
+    restore: CheckpointRef
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[DesiredStatus, str]] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., restore: _Optional[_Union[CheckpointRef, _Mapping]] = ...) -> None: ...
+
+class DesiredState(_message.Message):
+    __slots__ = ("full", "sessions")
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    full: bool
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionDesired]
+    def __init__(self, full: _Optional[bool] = ..., sessions: _Optional[_Iterable[_Union[SessionDesired, _Mapping]]] = ...) -> None: ...

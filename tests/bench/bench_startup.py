@@ -1,0 +1,113 @@
+"""Time from `POST /studios` to `running`, and from `PUT .../stop` to `stopped`.
+
+Runs the controller and one agent (local runtime, built-in python-http template) as real
+processes and measures N create→running and stop→stopped cycles; prints JSON. The anchor is
+JupyterHub's spawn → JupyterLab answering through its proxy (../shared/ANCHORS.md: 3.18 s
+median, stop 1.07 s); it is measured in the same run only with `--anchor` where JupyterHub and
+configurable-http-proxy are installed, otherwise the figure from ANCHORS.md is quoted and
+labelled as such.
+
+    .venv/bin/python tests/bench/bench_startup.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient
+
+ANCHOR = {
+    "name": "JupyterHub 6.1.1 SimpleLocalProcessSpawner + configurable-http-proxy",
+    "start_median_s": 3.18,
+    "stop_median_s": 1.07,
+    "source": "ANCHORS.md (not re-measured in this run)",
+}
+
+
+async def run(runs: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="studios-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        controller = ControllerProcess(tmp / "controller")
+        controller.start()
+        agent: AgentProcess | None = None
+        api: RestClient | None = None
+        try:
+            await controller.wait_ready()
+            api = RestClient(controller.url, controller.admin_token)
+            _, body = await api.request(
+                "POST",
+                "/compute-envs",
+                {
+                    "computeEnv": {
+                        "name": "bench",
+                        "platform": "studio-agent",
+                        "config": {"workDir": str(tmp / "work")},
+                    }
+                },
+                expect=200,
+            )
+            compute_env_id = body["computeEnvId"]
+            agent = AgentProcess(controller, compute_env_id, tmp / "agent")
+            agent.start()
+            while True:
+                _, agents = await api.request("GET", "/agents", expect=200)
+                if any(a["connected"] for a in agents["agents"]):
+                    break
+                await asyncio.sleep(0.05)
+            starts: list[float] = []
+            stops: list[float] = []
+            for i in range(runs):
+                t0 = time.perf_counter()
+                _, body = await api.request(
+                    "POST",
+                    "/studios",
+                    {"name": f"bench-{i}", "computeEnvId": compute_env_id},
+                    expect=200,
+                )
+                sid = body["studio"]["sessionId"]
+                await api.wait_status(sid, "running", timeout=120)
+                starts.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await api.request("PUT", f"/studios/{sid}/stop", expect=200)
+                await api.wait_status(sid, "stopped", timeout=120)
+                stops.append(time.perf_counter() - t0)
+            return {
+                "benchmark": "studio start/stop latency (local runtime, python-http tool)",
+                "runs": runs,
+                "post_to_running_s": {
+                    "median": round(statistics.median(starts), 3),
+                    "min": round(min(starts), 3),
+                    "max": round(max(starts), 3),
+                    "all": [round(s, 3) for s in starts],
+                },
+                "stop_to_stopped_s": {
+                    "median": round(statistics.median(stops), 3),
+                    "min": round(min(stops), 3),
+                    "max": round(max(stops), 3),
+                },
+                "anchor": ANCHOR,
+                "ratio_to_anchor_start": round(
+                    statistics.median(starts) / ANCHOR["start_median_s"], 3
+                ),
+            }
+        finally:
+            if api is not None:
+                await api.close()
+            if agent is not None:
+                agent.stop()
+            controller.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    print(json.dumps(asyncio.run(run(parser.parse_args().runs)), indent=2))

@@ -1,0 +1,262 @@
+"""Runs the controller and agents as real processes for end-to-end tests and the quick start.
+
+Nothing here is a double: `studio-controller serve` and `studio-agent serve` are started as
+child processes with their console scripts, and the tests talk to them over REST, the proxy
+and the agent's admin socket, as an upstream service, a browser and an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+__all__ = [
+    "AgentProcess",
+    "ControllerProcess",
+    "LocalhostResolver",
+    "RestClient",
+    "free_port",
+    "script",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def script(name: str) -> str:
+    """Path of an installed console script, preferring the running interpreter's."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed (pip install -e .)")
+    return found
+
+
+class LocalhostResolver(AbstractResolver):
+    """Resolves `*.localhost` to 127.0.0.1 as browsers do (RFC 6761), whatever the system says."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host == "localhost" or host.endswith(".localhost"):
+            host = "127.0.0.1"
+        return [
+            {
+                "hostname": host,
+                "host": host,
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class _Process:
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class ControllerProcess(_Process):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        database: str | None = None,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        argv = [
+            script("studio-controller"),
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--http",
+            f"127.0.0.1:{self.http_port}",
+            "--grpc",
+            f"127.0.0.1:{self.grpc_port}",
+        ]
+        if database:
+            argv += ["--database", database]
+        super().__init__(argv=argv, log_path=data_dir.parent / f"{data_dir.name}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    @property
+    def agent_token_file(self) -> Path:
+        return self.data_dir / "agent-token"
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(f"controller exited:\n{self.log_tail()}")
+                if (self.data_dir / "admin-token").exists():
+                    try:
+                        async with http.get(
+                            f"{self.url}/studios/templates",
+                            headers={"Authorization": f"Bearer {self.admin_token}"},
+                        ) as resp:
+                            if resp.status == 200:
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"controller not ready after {timeout}s:\n{self.log_tail()}")
+
+
+class AgentProcess(_Process):
+    def __init__(
+        self,
+        controller: ControllerProcess,
+        compute_env_id: str,
+        state_dir: Path,
+        *,
+        proxy_port: int | None = None,
+        extra_args: Iterable[str] = (),
+    ) -> None:
+        self.state_dir = state_dir
+        self.proxy_port = proxy_port or free_port()
+        argv = [
+            script("studio-agent"),
+            "serve",
+            "--controller",
+            controller.grpc_address,
+            "--token-file",
+            str(controller.agent_token_file),
+            "--compute-env",
+            compute_env_id,
+            "--state-dir",
+            str(state_dir),
+            "--runtime",
+            "local",
+            "--proxy",
+            f"127.0.0.1:{self.proxy_port}",
+            *extra_args,
+        ]
+        super().__init__(argv=argv, log_path=state_dir.parent / f"{state_dir.name}.log")
+
+    def cli(self, *args: str) -> Any:
+        """Run `studio-agent <args> --state-dir DIR --json` and return the parsed JSON."""
+        out = subprocess.run(
+            [script("studio-agent"), *args, "--state-dir", str(self.state_dir), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return json.loads(out.stdout)
+
+
+class RestClient:
+    """A thin REST client with the bearer token of one user."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=LocalhostResolver()),
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+        )
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, expect: int | None = None, **kw: Any
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with self.http.request(
+            method, f"{self.base_url}{path}", json=body, headers=headers, **kw
+        ) as resp:
+            text = await resp.text()
+            data = json.loads(text) if text and resp.content_type == "application/json" else text
+            if expect is not None and resp.status != expect:
+                raise AssertionError(f"{method} {path}: {resp.status} {text}")
+            return resp.status, data
+
+    async def wait_status(
+        self, session_id: str, wanted: str | set[str], timeout: float = 60.0
+    ) -> dict[str, Any]:
+        wanted_set = {wanted} if isinstance(wanted, str) else wanted
+        deadline = time.monotonic() + timeout
+        studio: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            _, studio = await self.request("GET", f"/studios/{session_id}", expect=200)
+            if studio["statusInfo"]["status"] in wanted_set:
+                return studio
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"studio {session_id} not {wanted_set} after {timeout}s: {studio}")
