@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import require
+
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
 
@@ -26,13 +28,13 @@ def test_unit_runs_our_console_script(unit: Path) -> None:
     assert "Restart=on-failure" in unit.read_text()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not here")
 @pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.name)
 def test_systemd_analyze_verify(unit: Path, tmp_path: Path) -> None:
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze is not installed")
     # verify checks that ExecStart's binary exists; point it at the installed script.
     script = shutil.which(unit.stem)
-    if script is None:
-        pytest.skip(f"{unit.stem} is not installed on PATH (pip install -e .)")
+    require(script is not None, f"{unit.stem} is not installed on PATH (pip install -e .)")
+    assert script is not None
     copy = tmp_path / unit.name
     copy.write_text(unit.read_text().replace(f"/usr/local/bin/{unit.stem}", script))
     result = subprocess.run(
