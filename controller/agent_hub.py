@@ -1,0 +1,101 @@
+"""The registry of connected agent streams, and what is queued for each.
+
+The hub holds no studio state. Code that changed a session's desired state
+calls `notify(agent_id, {session_id})` *after* its transaction committed; the
+stream's writer (in `controller.agent_service`) builds the message from the
+database when it sends it. Because every message is built from the newest
+committed state, no update can overtake a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from controller.models import utcnow
+
+__all__ = ["FULL", "AgentHub", "AgentStream"]
+
+log = logging.getLogger(__name__)
+
+# Queue marker: send the complete desired set.
+FULL = "full"
+
+
+@dataclass(eq=False)
+class AgentStream:
+    """One live Connect stream of an agent."""
+
+    agent_id: str
+    compute_env_id: str
+    connected_at: datetime = field(default_factory=utcnow)
+    # Items: FULL, or a set of session ids to send (full=false).
+    queue: asyncio.Queue[str | set[str]] = field(default_factory=asyncio.Queue)
+    # Sessions the agent reported that are not placed on it: they get
+    # DESIRED_STATUS_DELETED until the agent stops reporting them.
+    foreign_sessions: set[str] = field(default_factory=set)
+    # Set when a newer stream of the same agent replaced this one.
+    replaced: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AgentHub:
+    def __init__(self) -> None:
+        self._streams: dict[str, AgentStream] = {}
+        # Woken when an agent connects (the reconciler places pending starts).
+        self.agent_connected = asyncio.Event()
+
+    def register(self, agent_id: str, compute_env_id: str) -> AgentStream:
+        """A new stream for `agent_id`; a previous one is told it is replaced."""
+        old = self._streams.get(agent_id)
+        if old is not None:
+            log.info("agent %s opened a new stream: replacing the previous one", agent_id)
+            old.replaced.set()
+        stream = AgentStream(agent_id=agent_id, compute_env_id=compute_env_id)
+        self._streams[agent_id] = stream
+        self.agent_connected.set()
+        return stream
+
+    def unregister(self, stream: AgentStream) -> bool:
+        """Forget `stream`; False if a newer stream already replaced it."""
+        if self._streams.get(stream.agent_id) is stream:
+            del self._streams[stream.agent_id]
+            return True
+        return False
+
+    def is_current(self, stream: AgentStream) -> bool:
+        return self._streams.get(stream.agent_id) is stream
+
+    def is_connected(self, agent_id: str) -> bool:
+        return agent_id in self._streams
+
+    def connected_agents(self, compute_env_id: str | None = None) -> list[str]:
+        return [
+            s.agent_id
+            for s in self._streams.values()
+            if compute_env_id is None or s.compute_env_id == compute_env_id
+        ]
+
+    def notify(self, agent_id: str | None, session_ids: Iterable[str]) -> None:
+        """Queue a desired-state update of `session_ids` for the agent, if connected."""
+        if agent_id is None:
+            return
+        stream = self._streams.get(agent_id)
+        ids = set(session_ids)
+        if stream is not None and ids:
+            stream.queue.put_nowait(ids)
+
+    def notify_full(self, agent_id: str | None = None) -> None:
+        """Queue the full desired set for one agent (or every connected agent)."""
+        streams = (
+            list(self._streams.values())
+            if agent_id is None
+            else [s for s in [self._streams.get(agent_id)] if s is not None]
+        )
+        for stream in streams:
+            stream.queue.put_nowait(FULL)
+
+    def streams(self) -> list[AgentStream]:
+        return list(self._streams.values())

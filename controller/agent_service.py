@@ -1,0 +1,253 @@
+"""The gRPC endpoint agents connect to: `AgentService.Connect`.
+
+One bidirectional stream per agent. Per stream a reader task applies what
+the agent reports, and a writer task sends what the hub queued (the Welcome,
+then full or partial DesiredState built from the database at send time).
+
+Status codes: UNAUTHENTICATED (no or wrong enrollment token),
+INVALID_ARGUMENT (first message not a Hello, empty agent id),
+FAILED_PRECONDITION (protocol version not spoken), NOT_FOUND (the Hello's
+compute environment does not exist; the agent should retry later), ABORTED
+(a newer stream of the same agent replaced this one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import grpc
+from sqlalchemy import Select, select
+from studios.agent.v1 import agent_pb2, agent_pb2_grpc
+
+from agent.connect_token import derive_agent_key
+from controller import lifecycle
+from controller.agent_hub import FULL, AgentHub, AgentStream
+from controller.auth import check_enrollment_token
+from controller.db import Database
+from controller.desired import build_desired_state
+from controller.models import Agent, ComputeEnv, Studio, utcnow
+from controller.observed import ObservationHandler, capacity_dict
+from controller.reconciler import Reconciler
+
+__all__ = ["SUPPORTED_PROTOCOLS", "AgentService"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PROTOCOLS = frozenset({agent_pb2.PROTOCOL_VERSION_V1})
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        db: Database,
+        hub: AgentHub,
+        observations: ObservationHandler,
+        reconciler: Reconciler,
+        master_key: bytes,
+        heartbeat_interval_seconds: int,
+    ) -> None:
+        self.db = db
+        self.hub = hub
+        self.observations = observations
+        self.reconciler = reconciler
+        self.master_key = master_key
+        self.heartbeat_interval_seconds = heartbeat_interval_seconds
+        # Per agent: a connect and a disconnect of the same agent never
+        # interleave their database updates.
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """Welcome + full DesiredState, then updates, until the agent goes away."""
+        token = _bearer(context.invocation_metadata())
+        async with self.db.transaction() as session:
+            valid = token is not None and await check_enrollment_token(session, token)
+        if not valid:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid enrollment token")
+
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
+            )
+        hello: agent_pb2.Hello = first.hello
+        if hello.protocol_version not in SUPPORTED_PROTOCOLS:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {hello.protocol_version} is not supported "
+                f"(supported: {sorted(SUPPORTED_PROTOCOLS)})",
+            )
+        if not hello.agent_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.agent_id is empty")
+        async with self._lock(hello.agent_id):
+            known_env = await self._upsert_agent(hello)
+            if known_env:
+                stream = self.hub.register(hello.agent_id, hello.compute_env_id)
+        if not known_env:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"compute environment {hello.compute_env_id!r} does not exist",
+            )
+        log.info(
+            "agent %s connected (host %s, compute env %s, runtime %s, proxy %s)",
+            hello.agent_id,
+            hello.hostname,
+            hello.compute_env_id,
+            hello.runtime,
+            hello.proxy_url,
+        )
+        welcome = agent_pb2.ConnectResponse(
+            welcome=agent_pb2.Welcome(
+                protocol_version=agent_pb2.PROTOCOL_VERSION_V1,
+                agent_id=hello.agent_id,
+                heartbeat_interval_seconds=self.heartbeat_interval_seconds,
+                connect_token_key=derive_agent_key(self.master_key, hello.agent_id),
+            )
+        )
+        tasks: set[asyncio.Task[Any]] = set()
+        try:
+            await context.write(welcome)
+            stream.queue.put_nowait(FULL)
+            self.reconciler.kick()
+            reader = asyncio.create_task(self._read_loop(stream, context), name="agent-reader")
+            writer = asyncio.create_task(self._write_loop(stream, context), name="agent-writer")
+            replaced = asyncio.create_task(stream.replaced.wait(), name="agent-replaced")
+            tasks = {reader, writer, replaced}
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._disconnected(stream)
+        for task in (reader, writer):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("agent %s stream failed: %r", stream.agent_id, task.exception())
+        if stream.replaced.is_set():
+            await context.abort(
+                grpc.StatusCode.ABORTED, "replaced by a newer stream of the same agent"
+            )
+
+    async def _upsert_agent(self, hello: agent_pb2.Hello) -> bool:
+        async with self.db.transaction() as session:
+            if await session.get(ComputeEnv, hello.compute_env_id) is None:
+                return False
+            agent = await session.get(Agent, hello.agent_id, with_for_update=True)
+            if agent is None:
+                agent = Agent(agent_id=hello.agent_id, compute_env_id=hello.compute_env_id)
+                session.add(agent)
+            agent.hostname = hello.hostname
+            agent.compute_env_id = hello.compute_env_id
+            agent.runtime = hello.runtime
+            agent.proxy_url = hello.proxy_url
+            agent.agent_version = hello.agent_version
+            agent.connected = True
+            agent.last_seen = utcnow()
+            if hello.HasField("capacity"):
+                agent.capacity = capacity_dict(hello.capacity)
+        return True
+
+    async def _read_loop(self, stream: AgentStream, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                log.info("agent %s closed its stream", stream.agent_id)
+                return
+            kind = request.WhichOneof("message")
+            try:
+                await self._handle(stream, kind, request)
+            except Exception:
+                # One bad message must not end the stream: everything is re-sent.
+                log.exception("agent %s: handling %s failed", stream.agent_id, kind)
+
+    async def _handle(self, stream: AgentStream, kind: str | None, request: Any) -> None:
+        if kind == "inventory":
+            resend = await self.observations.inventory(stream, request.inventory)
+            self.hub.notify(stream.agent_id, resend)
+        elif kind == "session":
+            resend = await self.observations.session_observed(stream, request.session)
+            self.hub.notify(stream.agent_id, resend)
+        elif kind == "checkpoint":
+            await self.observations.checkpoint(stream, request.checkpoint)
+        elif kind == "capacity":
+            await self.observations.capacity(stream.agent_id, request.capacity)
+        elif kind == "heartbeat":
+            await self.observations.heartbeat(stream.agent_id)
+        elif kind == "hello":
+            log.warning("agent %s sent a second Hello; ignored", stream.agent_id)
+        else:
+            log.warning("agent %s sent an empty message", stream.agent_id)
+
+    async def _write_loop(self, stream: AgentStream, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            item = await stream.queue.get()
+            full = item == FULL
+            ids: set[str] = set() if full else set(item)
+            # Coalesce what queued up meanwhile into one message.
+            while not stream.queue.empty():
+                more = stream.queue.get_nowait()
+                if more == FULL:
+                    full = True
+                else:
+                    ids |= set(more)
+            async with self.db.transaction() as session:
+                desired = await build_desired_state(
+                    session,
+                    stream.agent_id,
+                    full=full,
+                    session_ids=ids,
+                    foreign=stream.foreign_sessions if full else (),
+                )
+            if not full and not desired.sessions:
+                continue
+            await context.write(agent_pb2.ConnectResponse(desired=desired))
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(agent_id, asyncio.Lock())
+
+    async def _disconnected(self, stream: AgentStream) -> None:
+        async with self._lock(stream.agent_id):
+            if not self.hub.unregister(stream):
+                return  # a newer stream owns the agent now
+            await self._record_disconnect(stream)
+
+    async def _record_disconnect(self, stream: AgentStream) -> None:
+        log.info("agent %s disconnected", stream.agent_id)
+        try:
+            async with self.db.transaction() as session:
+                agent = await session.get(Agent, stream.agent_id, with_for_update=True)
+                if agent is not None:
+                    agent.connected = False
+                    agent.last_seen = utcnow()
+                studios = (
+                    await session.scalars(_select_active_on(stream.agent_id).with_for_update())
+                ).all()
+                for studio in studios:
+                    # Not errored: the session may well still run; the agent
+                    # reports it again when it reconnects.
+                    lifecycle.set_message(
+                        studio,
+                        f"agent {stream.agent_id} disconnected; waiting for it to reconnect",
+                    )
+        except Exception:
+            log.exception("recording the disconnection of agent %s failed", stream.agent_id)
+
+
+def _select_active_on(agent_id: str) -> Select[tuple[Studio]]:
+    return select(Studio).where(
+        Studio.agent_id == agent_id,
+        Studio.deleted.is_(False),
+        Studio.status.in_([s.value for s in lifecycle.ACTIVE]),
+    )
+
+
+def _bearer(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None

@@ -1,0 +1,154 @@
+"""The controller process: database, gRPC server, HTTP server, reconciler.
+
+Started in that order and stopped in reverse, so a systemd stop ends
+cleanly: the reconciler first, then the agent streams (each records its
+agent as disconnected), then the REST API, then the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from sqlalchemy import update
+from studios.agent.v1 import agent_pb2_grpc
+
+from controller import web_compute_envs, web_misc, web_studios
+from controller.agent_hub import AgentHub
+from controller.agent_service import AgentService
+from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key
+from controller.config import ControllerConfig
+from controller.db import Database
+from controller.models import Agent
+from controller.observed import ObservationHandler
+from controller.placement import Placer
+from controller.reconciler import Reconciler
+from controller.studios_service import StudioService
+from controller.web_app import make_app
+
+__all__ = ["Controller", "Services"]
+
+log = logging.getLogger(__name__)
+
+# gRPC keepalive: notice dead agent connections within about a minute, and
+# allow agents to ping as often as every 10 s.
+_GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass(slots=True)
+class Services:
+    """What the web handlers use (stored in the app under SERVICES_KEY)."""
+
+    studios: StudioService
+    hub: AgentHub
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.db: Database | None = None
+        self.hub = AgentHub()
+        self.reconciler: Reconciler | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.runner: web.AppRunner | None = None
+        self.http_port: int = config.http_port
+        self.grpc_port: int = config.grpc_port
+        self.public_url: str = ""
+        self.studios: StudioService | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        ensure_data_dir(cfg.data_dir)
+        master_key = load_or_create_connect_key(cfg.data_dir)
+
+        self.db = db = Database(cfg.effective_database_url)
+        await db.migrate()
+        await bootstrap(db, cfg.data_dir)
+        # Streams of a previous process are gone, whatever the table says.
+        async with db.transaction() as session:
+            await session.execute(update(Agent).values(connected=False))
+
+        placer = Placer(db, self.hub)
+        self.reconciler = Reconciler(
+            placer,
+            self.hub,
+            interval=cfg.reconcile_interval_seconds,
+            resync_interval=cfg.resync_interval_seconds,
+        )
+        agent_service = AgentService(
+            db,
+            self.hub,
+            ObservationHandler(db),
+            self.reconciler,
+            master_key,
+            cfg.heartbeat_interval_seconds,
+        )
+        self.grpc_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, self.grpc_server)
+        grpc_address = _join(cfg.grpc_host, cfg.grpc_port)
+        self.grpc_port = self.grpc_server.add_insecure_port(grpc_address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {grpc_address}")
+        await self.grpc_server.start()
+
+        self.studios = StudioService(
+            db,
+            self.hub,
+            placer,
+            master_key,
+            public_url="",
+            connect_token_ttl=cfg.connect_token_ttl_seconds,
+        )
+        app = make_app(db, Services(studios=self.studios, hub=self.hub))
+        for module in (web_studios, web_compute_envs, web_misc):
+            app.add_routes(module.routes)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.http_host, cfg.http_port)
+        await site.start()
+        self.http_port = _bound_port(self.runner, cfg.http_port)
+        self.public_url = (
+            cfg.public_url or f"http://{_join(cfg.http_host, self.http_port)}"
+        ).rstrip("/")
+        self.studios.public_url = self.public_url
+
+        self.reconciler.start()
+        log.info(
+            "studio-controller listening: HTTP on http://%s, gRPC on %s (public URL %s)",
+            _join(cfg.http_host, self.http_port),
+            _join(cfg.grpc_host, self.grpc_port),
+            self.public_url,
+        )
+
+    async def stop(self) -> None:
+        if self.reconciler is not None:
+            await self.reconciler.stop()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=2.0)
+            self.grpc_server = None
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+        log.info("studio-controller stopped")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested

@@ -1,0 +1,59 @@
+"""Controller configuration: what `studio-controller serve` is told."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ControllerConfig", "normalize_database_url", "parse_host_port"]
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 picks a free port."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what}: expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{what}: port must be an integer, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what}: port out of range: {port}")
+    return host, port
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept plain ``sqlite://`` / ``postgresql://`` URLs and pick the async driver."""
+    if url.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + url[len("sqlite:") :]
+    for prefix in ("postgresql:", "postgres:"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg:" + url[len(prefix) :]
+    return url
+
+
+@dataclass(slots=True)
+class ControllerConfig:
+    data_dir: Path
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 8081
+    # None: sqlite+aiosqlite:///<data_dir>/studios.db
+    database_url: str | None = None
+    # None: http://<http host>:<bound http port>
+    public_url: str | None = None
+    heartbeat_interval_seconds: int = 10
+    # How often the reconciler places pending starts.
+    reconcile_interval_seconds: float = 5.0
+    # How often every connected agent gets its full desired state again.
+    resync_interval_seconds: float = 60.0
+    connect_token_ttl_seconds: float = 60.0
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        return f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'studios.db'}"

@@ -1,0 +1,121 @@
+"""The session lifecycle: statuses and the transitions between them.
+
+Every change of a studio's status goes through `transition`, which also sets
+the status message, stop reason and the time of the change (the API's
+`statusInfo`). Checks for the REST operations (`check_start` ...) live here
+too, so the rules of DESIGN.md "Session lifecycle" are in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from enum import StrEnum
+
+from controller.errors import Conflict, InvalidTransition
+from controller.models import Studio, utcnow
+
+__all__ = [
+    "ACTIVE",
+    "Status",
+    "check_delete",
+    "check_start",
+    "check_stop",
+    "set_message",
+    "transition",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Status(StrEnum):
+    BUILDING = "building"
+    BUILD_FAILED = "buildFailed"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ERRORED = "errored"
+
+
+# Statuses in which a session may hold resources on its agent.
+ACTIVE = frozenset({Status.STARTING, Status.RUNNING, Status.STOPPING})
+
+_ALLOWED: dict[Status, frozenset[Status]] = {
+    Status.BUILDING: frozenset({Status.STARTING, Status.BUILD_FAILED, Status.ERRORED}),
+    Status.BUILD_FAILED: frozenset({Status.BUILDING, Status.STARTING}),
+    # starting -> stopping: a stop that the agent reports before "running"
+    # (the API refuses a stop while starting, an agent may still do one).
+    Status.STARTING: frozenset({Status.RUNNING, Status.STOPPING, Status.STOPPED, Status.ERRORED}),
+    Status.RUNNING: frozenset({Status.STOPPING, Status.STOPPED, Status.ERRORED}),
+    Status.STOPPING: frozenset({Status.STOPPED, Status.ERRORED}),
+    Status.STOPPED: frozenset({Status.BUILDING, Status.STARTING}),
+    # errored -> stopped: a stop that failed (checkpoint not written) and
+    # succeeded on a retry of the same generation.
+    Status.ERRORED: frozenset({Status.BUILDING, Status.STARTING, Status.STOPPED}),
+}
+
+
+def can_transition(old: Status, new: Status) -> bool:
+    return old == new or new in _ALLOWED[old]
+
+
+def transition(
+    studio: Studio,
+    new: Status,
+    *,
+    message: str | None = None,
+    stop_reason: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Move `studio` to `new`; InvalidTransition if the lifecycle forbids it.
+
+    A transition to the same status only updates the message. Returns True
+    when anything changed.
+    """
+    old = Status(studio.status)
+    if not can_transition(old, new):
+        raise InvalidTransition(f"studio {studio.session_id} cannot go from {old} to {new}")
+    message = message or None
+    if old == new and studio.status_message == message and studio.stop_reason == stop_reason:
+        return False
+    now = now or utcnow()
+    if old != new:
+        log.info("studio %s: %s -> %s (%s)", studio.session_id, old, new, message or "")
+    studio.status = new.value
+    studio.status_message = message
+    studio.stop_reason = stop_reason
+    studio.status_updated_at = now
+    studio.last_updated = now
+    return True
+
+
+def set_message(studio: Studio, message: str | None) -> bool:
+    """Change only the status message (e.g. "agent disconnected")."""
+    return transition(
+        studio, Status(studio.status), message=message, stop_reason=studio.stop_reason
+    )
+
+
+def check_start(studio: Studio) -> None:
+    status = Status(studio.status)
+    if status not in (Status.STOPPED, Status.ERRORED, Status.BUILD_FAILED):
+        raise Conflict(
+            f"studio {studio.session_id} is {status}: only a stopped or errored studio can start"
+        )
+
+
+def check_stop(studio: Studio) -> bool:
+    """Conflict while starting or building; False when there is nothing to stop."""
+    status = Status(studio.status)
+    if status in (Status.STARTING, Status.BUILDING):
+        raise Conflict(
+            f"studio {studio.session_id} is {status}: it can be stopped once it is running"
+        )
+    return status == Status.RUNNING
+
+
+def check_delete(studio: Studio) -> None:
+    status = Status(studio.status)
+    if status in (Status.STARTING, Status.RUNNING, Status.STOPPING, Status.BUILDING):
+        raise Conflict(f"studio {studio.session_id} is {status}: stop it before deleting it")

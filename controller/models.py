@@ -1,0 +1,232 @@
+"""ORM models (SQLAlchemy 2, typed declarative).
+
+The schema itself is owned by the Alembic migrations in
+`controller/migrations/versions/`; a test checks that these models and the
+migrations agree. Times are stored as timezone-aware UTC (SQLite gives them
+back naive: `as_utc` restores the zone).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Agent",
+    "ApiToken",
+    "Base",
+    "Checkpoint",
+    "ComputeEnv",
+    "EnrollmentToken",
+    "Organization",
+    "Participant",
+    "Studio",
+    "User",
+    "Workspace",
+    "as_utc",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_workspaces_org_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    name: Mapped[str] = mapped_column(String(80))
+    # Studios workspace settings: 0 = unlimited.
+    lifespan_hours: Mapped[int] = mapped_column(Integer, default=0)
+    private_studio_by_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(80), unique=True)
+    email: Mapped[str] = mapped_column(String(255))
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Participant(Base):
+    """A user's role in a workspace (teams, later, add rows of their own)."""
+
+    __tablename__ = "participants"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "user_id", name="uq_participants_workspace_user"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    role: Mapped[str] = mapped_column(String(16))
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(80))
+    # sha256 hex of the token: the token itself is never stored.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EnrollmentToken(Base):
+    """Tokens agents present in the `authorization` metadata of their stream."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(80))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ComputeEnv(Base):
+    __tablename__ = "compute_envs"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "name", name="uq_compute_envs_workspace_name"),
+    )
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    platform: Mapped[str] = mapped_column(String(32))
+    work_dir: Mapped[str] = mapped_column(Text)
+    boot_disk_size_gb: Mapped[int] = mapped_column(Integer, default=30)
+    allowed_buckets: Mapped[list[str]] = mapped_column(JSON, default=list)
+    file_system_mounts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    agent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    compute_env_id: Mapped[str] = mapped_column(String(16), index=True)
+    runtime: Mapped[str] = mapped_column(String(32), default="")
+    proxy_url: Mapped[str] = mapped_column(Text, default="")
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    connected: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    capacity: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Studio(Base):
+    __tablename__ = "studios"
+    __table_args__ = (
+        # Names are unique among the live studios of a workspace; a deleted
+        # studio (kept for its checkpoints) frees its name.
+        Index(
+            "uq_studios_workspace_name_live",
+            "workspace_id",
+            "name",
+            unique=True,
+            sqlite_where=text("NOT deleted"),
+            postgresql_where=text("NOT deleted"),
+        ),
+    )
+
+    session_id: Mapped[str] = mapped_column(String(8), primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(80))
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    template_repository: Mapped[str] = mapped_column(Text)
+    tool: Mapped[str] = mapped_column(String(80))
+    custom_image: Mapped[bool] = mapped_column(Boolean, default=False)
+    compute_env_id: Mapped[str] = mapped_column(ForeignKey("compute_envs.id"))
+    configuration: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    is_private: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Lifecycle (controller.lifecycle owns every change of these four).
+    status: Mapped[str] = mapped_column(String(16))
+    status_message: Mapped[str | None] = mapped_column(Text, default=None)
+    stop_reason: Mapped[str | None] = mapped_column(String(32), default=None)
+    status_updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the agent is told: "running", "stopped" or "deleted".
+    desired_status: Mapped[str] = mapped_column(String(16), default="stopped")
+    # Incremented on every start; observations of older generations are ignored.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    agent_id: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
+    placed_at: Mapped[datetime | None] = mapped_column(default=None)
+    restore_checkpoint_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    started_by_user_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    tool_port: Mapped[int | None] = mapped_column(Integer, default=None)
+    root_dir: Mapped[str | None] = mapped_column(Text, default=None)
+    progress: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    volume: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+    last_started: Mapped[datetime | None] = mapped_column(default=None)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    date_deleted: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (
+        UniqueConstraint("session_id", "key", name="uq_checkpoints_session_key"),
+        UniqueConstraint("session_id", "name", name="uq_checkpoints_session_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("studios.session_id"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(Text)
+    uri: Mapped[str] = mapped_column(Text)
+    # empty | interim | finalized | invalid
+    status: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    author_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    date_saved: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,269 @@
+"""Applying what agents report (observed state) to the database.
+
+Rules (docs/contract-notes.md "Generations"): observations of a generation
+older than the studio's current one are ignored; a status the lifecycle does
+not allow from the current one is logged and ignored (the rest of the
+observation is still stored). Each method runs in its own transaction and
+returns the agents and sessions whose desired state must be (re)sent, which
+the caller hands to the hub after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from studios.agent.v1 import agent_pb2
+
+from controller import lifecycle
+from controller.agent_hub import AgentStream
+from controller.db import Database
+from controller.lifecycle import Status
+from controller.models import Agent, Checkpoint, Studio, as_utc, utcnow
+
+__all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name"]
+
+log = logging.getLogger(__name__)
+
+_STEP_STATUS = {
+    agent_pb2.STEP_STATUS_UNSPECIFIED: "pending",
+    agent_pb2.STEP_STATUS_PENDING: "pending",
+    agent_pb2.STEP_STATUS_IN_PROGRESS: "in-progress",
+    agent_pb2.STEP_STATUS_SUCCEEDED: "succeeded",
+    agent_pb2.STEP_STATUS_ERRORED: "errored",
+}
+
+_CHECKPOINT_STATUS = {
+    agent_pb2.CHECKPOINT_STATUS_UNSPECIFIED: "empty",
+    agent_pb2.CHECKPOINT_STATUS_EMPTY: "empty",
+    agent_pb2.CHECKPOINT_STATUS_INTERIM: "interim",
+    agent_pb2.CHECKPOINT_STATUS_FINALIZED: "finalized",
+    agent_pb2.CHECKPOINT_STATUS_INVALID: "invalid",
+}
+
+
+def capacity_dict(capacity: agent_pb2.HostCapacity) -> dict[str, Any]:
+    return {
+        "cpus": capacity.cpus,
+        "memoryBytes": capacity.memory_bytes,
+        "memoryAvailableBytes": capacity.memory_available_bytes,
+        "diskFreeBytes": capacity.disk_free_bytes,
+        "diskBudgetFreeBytes": capacity.disk_budget_free_bytes,
+    }
+
+
+def checkpoint_display_name(studio_name: str, n: int) -> str:
+    return f"{studio_name.replace(' ', '_')}_{n}"
+
+
+def _progress(steps: Iterable[agent_pb2.ProgressStep]) -> list[dict[str, Any]]:
+    out = []
+    for step in steps:
+        text = step.name
+        if step.message:
+            text = f"{text}: {step.message}" if text else step.message
+        out.append(
+            {
+                "message": text,
+                "status": _STEP_STATUS.get(step.status, "pending"),
+                "warnings": list(step.warnings),
+            }
+        )
+    return out
+
+
+class ObservationHandler:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def heartbeat(self, agent_id: str) -> None:
+        async with self.db.transaction() as session:
+            agent = await session.get(Agent, agent_id)
+            if agent is not None:
+                agent.last_seen = utcnow()
+
+    async def capacity(self, agent_id: str, capacity: agent_pb2.HostCapacity) -> None:
+        async with self.db.transaction() as session:
+            agent = await session.get(Agent, agent_id)
+            if agent is not None:
+                agent.capacity = capacity_dict(capacity)
+                agent.last_seen = utcnow()
+
+    async def session_observed(
+        self, stream: AgentStream, observed: agent_pb2.SessionObserved
+    ) -> set[str]:
+        """Apply one SessionObserved; the session ids to re-send to this agent."""
+        async with self.db.transaction() as session:
+            return await self._apply_session(session, stream, observed)
+
+    async def inventory(self, stream: AgentStream, inventory: agent_pb2.Inventory) -> set[str]:
+        """Apply a full Inventory; the session ids to re-send to this agent."""
+        resend: set[str] = set()
+        reported = {o.session_id for o in inventory.sessions}
+        # A full set: what the agent no longer reports is no longer foreign.
+        stream.foreign_sessions = set()
+        async with self.db.transaction() as session:
+            for observed in inventory.sessions:
+                resend |= await self._apply_session(session, stream, observed)
+            placed = (
+                await session.scalars(
+                    select(Studio).where(Studio.agent_id == stream.agent_id).with_for_update()
+                )
+            ).all()
+            for studio in placed:
+                if studio.session_id in reported:
+                    continue
+                if studio.deleted:
+                    # The agent has forgotten it: nothing is left to tell.
+                    studio.agent_id = None
+                    continue
+                status = Status(studio.status)
+                if status not in lifecycle.ACTIVE:
+                    continue
+                placed_at = as_utc(studio.placed_at)
+                if (
+                    status == Status.STARTING
+                    and placed_at is not None
+                    and placed_at >= stream.connected_at
+                ):
+                    # Placed on this very stream: the inventory may predate it.
+                    continue
+                lifecycle.transition(
+                    studio,
+                    Status.ERRORED,
+                    message=f"session lost: agent {stream.agent_id} no longer has it",
+                )
+                # The agent must not start this generation again from scratch.
+                studio.desired_status = "stopped"
+                resend.add(studio.session_id)
+        return resend
+
+    async def _apply_session(
+        self, session: AsyncSession, stream: AgentStream, observed: agent_pb2.SessionObserved
+    ) -> set[str]:
+        sid = observed.session_id
+        studio = await session.get(Studio, sid, with_for_update=True)
+        if studio is None or studio.deleted or studio.agent_id != stream.agent_id:
+            # Unknown, deleted or placed elsewhere: the agent gets DELETED.
+            stream.foreign_sessions.add(sid)
+            return {sid}
+        stream.foreign_sessions.discard(sid)
+        if observed.generation < studio.generation:
+            log.debug("studio %s: old generation %d ignored", sid, observed.generation)
+            return set()
+        if observed.generation > studio.generation:
+            log.warning(
+                "studio %s: agent %s reports generation %d, newer than %d; ignored",
+                sid,
+                stream.agent_id,
+                observed.generation,
+                studio.generation,
+            )
+            return set()
+        now = utcnow()
+        if observed.tool_port:
+            studio.tool_port = observed.tool_port
+        if observed.root_dir:
+            studio.root_dir = observed.root_dir
+        if observed.HasField("volume"):
+            studio.volume = {
+                "kind": observed.volume.kind,
+                "path": observed.volume.path,
+                "sizeBytes": observed.volume.size_bytes,
+                "usedBytes": observed.volume.used_bytes,
+            }
+        if observed.progress:
+            studio.progress = _progress(observed.progress)
+        studio.last_updated = now
+        return self._apply_status(studio, observed)
+
+    def _apply_status(self, studio: Studio, observed: agent_pb2.SessionObserved) -> set[str]:
+        current = Status(studio.status)
+        message = observed.message or None
+        target: Status | None = {
+            agent_pb2.SESSION_STATUS_STARTING: Status.STARTING,
+            agent_pb2.SESSION_STATUS_RUNNING: Status.RUNNING,
+            agent_pb2.SESSION_STATUS_STOPPING: Status.STOPPING,
+            agent_pb2.SESSION_STATUS_STOPPED: Status.STOPPED,
+            agent_pb2.SESSION_STATUS_ERRORED: Status.ERRORED,
+        }.get(observed.status)
+        if target is None:
+            return set()
+        resend: set[str] = set()
+        if studio.desired_status == "stopped" and target in (Status.STARTING, Status.RUNNING):
+            # The agent has not seen the stop yet (or lost it): keep
+            # "stopping" and tell it again.
+            resend.add(studio.session_id)
+            if current == Status.STOPPING:
+                return resend
+        if target == Status.STARTING and current != Status.STARTING:
+            return resend
+        if not lifecycle.can_transition(current, target):
+            log.info(
+                "studio %s: agent reports %s while %s; status kept",
+                studio.session_id,
+                target,
+                current,
+            )
+            return resend
+        lifecycle.transition(studio, target, message=message)
+        return resend
+
+    async def checkpoint(self, stream: AgentStream, event: agent_pb2.CheckpointEvent) -> None:
+        async with self.db.transaction() as session:
+            studio = await session.get(Studio, event.session_id)
+            if studio is None:
+                log.warning(
+                    "checkpoint %s of unknown session %s from agent %s ignored",
+                    event.key,
+                    event.session_id,
+                    stream.agent_id,
+                )
+                return
+            status = _CHECKPOINT_STATUS.get(event.status, "empty")
+            saved = datetime.fromtimestamp(event.saved_at, UTC) if event.saved_at > 0 else utcnow()
+            existing = await session.scalar(
+                select(Checkpoint)
+                .where(Checkpoint.session_id == studio.session_id, Checkpoint.key == event.key)
+                .with_for_update()
+            )
+            if existing is not None:
+                if existing.status == "finalized" and status == "interim":
+                    return  # a late re-send of an older event
+                existing.status = status
+                existing.uri = event.uri or existing.uri
+                existing.size_bytes = event.size_bytes
+                existing.date_saved = saved
+                return
+            count = await session.scalar(
+                select(func.count())
+                .select_from(Checkpoint)
+                .where(Checkpoint.session_id == studio.session_id)
+            )
+            taken = set(
+                (
+                    await session.scalars(
+                        select(Checkpoint.name).where(Checkpoint.session_id == studio.session_id)
+                    )
+                ).all()
+            )
+            n = (count or 0) + 1
+            while checkpoint_display_name(studio.name, n) in taken:
+                n += 1
+            session.add(
+                Checkpoint(
+                    session_id=studio.session_id,
+                    name=checkpoint_display_name(studio.name, n),
+                    key=event.key,
+                    uri=event.uri,
+                    status=status,
+                    size_bytes=event.size_bytes,
+                    author_user_id=studio.started_by_user_id or studio.user_id,
+                    generation=event.generation,
+                    date_saved=saved,
+                )
+            )

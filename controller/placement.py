@@ -1,0 +1,88 @@
+"""Placement: which agent runs a session that is to start.
+
+A start leaves the studio `starting` with desired RUNNING and no agent; the
+placer picks a connected agent of the studio's compute environment (the one
+with the most available memory), records it and tells that agent. Without a
+connected agent the studio waits, with a message and a pending "placing"
+step; the reconciler calls `place_pending` again when an agent connects and
+periodically.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller import lifecycle
+from controller.agent_hub import AgentHub
+from controller.db import Database
+from controller.lifecycle import Status
+from controller.models import Agent, Studio, utcnow
+
+__all__ = ["PLACING_STEP", "Placer", "waiting_message"]
+
+log = logging.getLogger(__name__)
+
+PLACING_STEP = "placing the session on an agent"
+
+
+def waiting_message(compute_env_id: str) -> str:
+    return f"waiting for an agent of compute environment {compute_env_id}"
+
+
+class Placer:
+    def __init__(self, db: Database, hub: AgentHub) -> None:
+        self.db = db
+        self.hub = hub
+
+    async def place_pending(self, session_ids: list[str] | None = None) -> int:
+        """Place starting studios without an agent; the number placed."""
+        placed: list[tuple[str, str]] = []
+        async with self.db.transaction() as session:
+            query = select(Studio).where(
+                Studio.status == Status.STARTING.value,
+                Studio.desired_status == "running",
+                Studio.agent_id.is_(None),
+                Studio.deleted.is_(False),
+            )
+            if session_ids is not None:
+                query = query.where(Studio.session_id.in_(session_ids))
+            pending = (await session.scalars(query.with_for_update())).all()
+            for studio in pending:
+                agent = await self._choose(session, studio.compute_env_id)
+                now = utcnow()
+                if agent is None:
+                    lifecycle.set_message(studio, waiting_message(studio.compute_env_id))
+                    studio.progress = [
+                        {"message": PLACING_STEP, "status": "pending", "warnings": []}
+                    ]
+                    continue
+                studio.agent_id = agent.agent_id
+                studio.placed_at = now
+                studio.progress = [
+                    {
+                        "message": f"{PLACING_STEP}: placed on agent {agent.agent_id}",
+                        "status": "succeeded",
+                        "warnings": [],
+                    }
+                ]
+                lifecycle.set_message(studio, f"starting on agent {agent.agent_id}")
+                placed.append((agent.agent_id, studio.session_id))
+        for agent_id, session_id in placed:
+            log.info("studio %s placed on agent %s", session_id, agent_id)
+            self.hub.notify(agent_id, [session_id])
+        return len(placed)
+
+    async def _choose(self, session: AsyncSession, compute_env_id: str) -> Agent | None:
+        candidates = self.hub.connected_agents(compute_env_id)
+        if not candidates:
+            return None
+        agents = (await session.scalars(select(Agent).where(Agent.agent_id.in_(candidates)))).all()
+        if not agents:
+            return None
+        return max(
+            agents,
+            key=lambda a: (int((a.capacity or {}).get("memoryAvailableBytes") or 0), a.agent_id),
+        )

@@ -1,0 +1,146 @@
+"""Database rows to API response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from controller.models import Agent, Checkpoint, ComputeEnv, Studio, User, Workspace, as_utc
+from controller.schemas import (
+    AgentDto,
+    CheckpointDto,
+    ComputeEnvDto,
+    DataStudioComputeEnvDto,
+    DataStudioDto,
+    DataStudioProgressStep,
+    DataStudioStatusInfo,
+    DataStudioTemplate,
+    UserInfo,
+)
+from controller.templates import CATALOGUE
+
+__all__ = [
+    "agent_dto",
+    "checkpoint_dto",
+    "compute_env_dto",
+    "iso",
+    "status_info",
+    "studio_dto",
+    "user_info",
+]
+
+
+def iso(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with milliseconds, e.g. 2024-05-01T12:00:00.000Z."""
+    value = as_utc(value)
+    if value is None:
+        return None
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def user_info(user: User | None) -> UserInfo | None:
+    if user is None:
+        return None
+    return UserInfo(id=user.id, user_name=user.user_name, email=user.email)
+
+
+def status_info(studio: Studio) -> DataStudioStatusInfo:
+    return DataStudioStatusInfo(
+        status=studio.status,
+        message=studio.status_message,
+        last_update=iso(studio.status_updated_at),
+        stop_reason=studio.stop_reason,
+    )
+
+
+def studio_dto(
+    studio: Studio,
+    user: User | None,
+    compute_env: ComputeEnv | None,
+    workspace: Workspace | None,
+    public_url: str,
+) -> DataStudioDto:
+    catalogue = {t.repository: t for t in CATALOGUE}
+    entry = catalogue.get(studio.template_repository)
+    lifespan = int((studio.configuration or {}).get("lifespanHours") or 0)
+    if not lifespan and workspace is not None:
+        lifespan = workspace.lifespan_hours
+    return DataStudioDto(
+        session_id=studio.session_id,
+        workspace_id=studio.workspace_id,
+        user=user_info(user) or UserInfo(id=studio.user_id, user_name="", email=""),
+        name=studio.name,
+        description=studio.description,
+        template=DataStudioTemplate(
+            repository=studio.template_repository,
+            tool=studio.tool,
+            status=entry.status if entry else None,
+            icon=entry.icon if entry else None,
+        ),
+        custom_image=studio.custom_image,
+        compute_env=(
+            DataStudioComputeEnvDto(
+                id=compute_env.id,
+                name=compute_env.name,
+                platform=compute_env.platform,
+                work_dir=compute_env.work_dir,
+            )
+            if compute_env
+            else None
+        ),
+        configuration=studio.configuration or {},
+        date_created=iso(studio.date_created) or "",
+        last_updated=iso(studio.last_updated) or "",
+        last_started=iso(studio.last_started),
+        status_info=status_info(studio),
+        studio_url=f"{public_url.rstrip('/')}/studios/{studio.session_id}/connect",
+        progress=[DataStudioProgressStep(**step) for step in (studio.progress or [])],
+        active_connections=[],
+        is_private=studio.is_private,
+        effective_lifespan_hours=lifespan,
+        parent_checkpoint=None,
+        mounted_data_links=[],
+    )
+
+
+def checkpoint_dto(checkpoint: Checkpoint, author: User | None) -> CheckpointDto:
+    return CheckpointDto(
+        id=checkpoint.id,
+        name=checkpoint.name,
+        path=checkpoint.uri,
+        status=checkpoint.status,
+        author=user_info(author),
+        date_created=iso(checkpoint.date_created) or "",
+        date_saved=iso(checkpoint.date_saved) or "",
+    )
+
+
+def compute_env_dto(env: ComputeEnv, workspace_name: str) -> ComputeEnvDto:
+    return ComputeEnvDto(
+        id=env.id,
+        name=env.name,
+        platform=env.platform,
+        work_dir=env.work_dir,
+        workspace_name=workspace_name,
+        date_created=iso(env.date_created) or "",
+        last_updated=iso(env.last_updated) or "",
+        config={
+            "workDir": env.work_dir,
+            "bootDiskSizeGb": env.boot_disk_size_gb,
+            "allowedBuckets": list(env.allowed_buckets or []),
+            "fileSystemMounts": list(env.file_system_mounts or []),
+        },
+    )
+
+
+def agent_dto(agent: Agent, connected: bool) -> AgentDto:
+    return AgentDto(
+        id=agent.agent_id,
+        hostname=agent.hostname,
+        compute_env_id=agent.compute_env_id,
+        runtime=agent.runtime,
+        proxy_url=agent.proxy_url,
+        agent_version=agent.agent_version,
+        connected=connected,
+        last_seen=iso(agent.last_seen),
+        capacity=agent.capacity or {},
+    )

@@ -1,0 +1,145 @@
+"""The aiohttp application: middlewares, typed app keys, request helpers.
+
+Every request but `GET /openapi.yaml` needs ``Authorization: Bearer <token>``
+(401 otherwise). Errors are ``{"message": "..."}`` with the status of the
+`controller.errors` leaf; anything unexpected is logged and answered 500
+without details: never a stack trace to a client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from controller.auth import Principal, authenticate
+from controller.db import Database
+from controller.errors import BadRequest, StudiosError
+from controller.schemas import validation_message
+
+__all__ = [
+    "DB_KEY",
+    "PUBLIC_PATHS",
+    "SERVICES_KEY",
+    "json_response",
+    "make_app",
+    "parse_body",
+    "principal",
+    "query_bool",
+    "query_int",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+DB_KEY = web.AppKey("db", Database)
+# The services the handlers use (a `controller.app.Services`).
+SERVICES_KEY: web.AppKey[Any] = web.AppKey("services", object)
+PUBLIC_PATHS = frozenset({"/openapi.yaml"})
+_PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"message": message}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except StudiosError as exc:
+        return _error(exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            return _error(404, f"no such endpoint: {request.method} {request.path}")
+        if exc.status == 405:
+            return _error(405, f"method {request.method} is not allowed on {request.path}")
+        return _error(exc.status, exc.reason)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, "internal error")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in PUBLIC_PATHS:
+        async with request.app[DB_KEY].transaction() as session:
+            request[_PRINCIPAL] = await authenticate(session, request.headers.get("Authorization"))
+    return await handler(request)
+
+
+def principal(request: web.Request) -> Principal:
+    return request[_PRINCIPAL]
+
+
+def make_app(db: Database, services: Any) -> web.Application:
+    # The error middleware is outermost, so authentication errors are mapped too.
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[DB_KEY] = db
+    app[SERVICES_KEY] = services
+    return app
+
+
+def json_response(body: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
+    data = body.dump() if hasattr(body, "dump") else body  # type: ignore[union-attr]
+    return web.json_response(data, status=status)
+
+
+async def parse_body(
+    request: web.Request, model: type[M], *, optional: bool = False, prefix: str = ""
+) -> M | None:
+    """The request body validated as `model`; BadRequest naming the field."""
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return None
+        raise BadRequest("request body is required")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if data is None and optional:
+        return None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(validation_message(exc, prefix)) from None
+
+
+def query_int(
+    request: web.Request, name: str, *, minimum: int | None = 0, maximum: int = 2**31 - 1
+) -> int | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"{name}: must be an integer, got {text!r}") from None
+    if minimum is not None and value < minimum:
+        raise BadRequest(f"{name}: must be at least {minimum}")
+    if value > maximum:
+        raise BadRequest(f"{name}: must be at most {maximum}")
+    return value
+
+
+def query_bool(request: web.Request, name: str, default: bool) -> bool:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"{name}: must be true or false, got {text!r}")

@@ -1,0 +1,83 @@
+"""Migrations and databases: the models match the migrations; PostgreSQL works."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from controller.db import Database
+from controller.models import Base
+from tests.conftest import ControllerHarness
+
+
+async def test_models_match_migrations(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    try:
+        await db.migrate()
+        await db.migrate()  # idempotent
+
+        def diff(connection):  # type: ignore[no-untyped-def]
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+
+        async with db.engine.connect() as conn:
+            differences = await conn.run_sync(diff)
+        assert differences == []
+    finally:
+        await db.close()
+
+
+async def test_postgresql(tmp_path: Path) -> None:
+    """Set STUDIOS_TEST_POSTGRES_URL (a server where the user may CREATE DATABASE)."""
+    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("STUDIOS_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from controller.config import normalize_database_url
+
+    base = make_url(normalize_database_url(url))
+    name = f"studios_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(
+        host=base.host,
+        port=base.port or 5432,
+        user=base.username,
+        password=base.password,
+        database=base.database or "postgres",
+    )
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        harness = ControllerHarness(
+            tmp_path / "data", database_url=base.set(database=name).render_as_string(False)
+        )
+        await harness.start()
+        try:
+            _, body = await harness.request(
+                "POST",
+                "/studios?autoStart=false",
+                {"name": "pg studio", "computeEnvId": harness.compute_env_id},
+                expect=200,
+            )
+            sid = body["studio"]["sessionId"]
+            await harness.request(
+                "POST",
+                "/studios",
+                {"name": "pg studio", "computeEnvId": harness.compute_env_id},
+                expect=409,
+            )
+            await harness.restart()
+            _, body = await harness.request("GET", f"/studios/{sid}", expect=200)
+            assert body["name"] == "pg studio"
+            _, body = await harness.request("GET", "/studios?search=PG", expect=200)
+            assert body["totalSize"] == 1
+        finally:
+            await harness.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
