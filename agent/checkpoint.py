@@ -1,0 +1,39 @@
+"""The checkpoint store interface.
+
+A store writes a session directory as one checkpoint below a base URI and restores
+one into an empty directory. A checkpoint is complete or absent: a reader never sees
+half of one. The first format is an archive (`checkpoint_archive`); the incremental,
+content-addressed format of DESIGN.md replaces it behind this same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CheckpointStore", "SavedCheckpoint"]
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    # Unique object key below the base URI.
+    key: str
+    # Full URI of the checkpoint, what `restore` takes.
+    uri: str
+    size_bytes: int
+    saved_at: int
+
+
+class CheckpointStore(abc.ABC):
+    @abc.abstractmethod
+    async def save(self, session_id: str, source_dir: Path) -> SavedCheckpoint:
+        """Write everything below `source_dir` as a new checkpoint; raise CheckpointError."""
+
+    @abc.abstractmethod
+    async def restore(self, uri: str, target_dir: Path) -> None:
+        """Restore the checkpoint at `uri` into `target_dir`.
+
+        Never writes outside `target_dir`: raises UnsafeArchive (before writing
+        anything) for members with `..`, absolute paths, links out of the tree or
+        device nodes."""

@@ -1,0 +1,233 @@
+"""`studio-agent`: serve, and read a running agent through its admin socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from agent.admin import AgentNotRunning, admin_get
+from agent.daemon import Agent, AgentConfig
+from agent.errors import AgentError
+from agent.host import doctor_report
+from agent.state import StateDir
+
+__all__ = ["build_parser", "main"]
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio-agent", description="Studios node agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the agent")
+    serve.add_argument("--controller", required=True, metavar="HOST:PORT")
+    serve.add_argument("--token-file", required=True, type=Path)
+    serve.add_argument("--compute-env", required=True, metavar="ID")
+    serve.add_argument("--state-dir", required=True, type=Path)
+    serve.add_argument("--runtime", default="local", help="runtime backend (local, podman)")
+    serve.add_argument("--proxy", default=("127.0.0.1", 7070), type=_host_port, metavar="HOST:PORT")
+    serve.add_argument("--proxy-domain", default="localhost")
+    serve.add_argument("--local-templates", type=Path, metavar="FILE")
+    serve.add_argument("--stop-grace-seconds", type=float, default=30.0)
+    serve.add_argument("--start-timeout-seconds", type=float, default=60.0)
+    serve.add_argument("--log-level", default="INFO")
+
+    for name, text in (
+        ("status", "the agent's identity, controller link and capacity"),
+        ("sessions", "sessions on this host"),
+        ("disk", "volume use per session"),
+        ("doctor", "which runtimes and volume kinds are usable here"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--state-dir", required=True, type=Path)
+        p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    proxy_host, proxy_port = args.proxy
+    config = AgentConfig(
+        controller=args.controller,
+        token_file=args.token_file,
+        compute_env=args.compute_env,
+        state_dir=args.state_dir,
+        runtime=args.runtime,
+        proxy_host=proxy_host,
+        proxy_port=proxy_port,
+        proxy_domain=args.proxy_domain,
+        local_templates=args.local_templates,
+        stop_grace_seconds=args.stop_grace_seconds,
+        start_timeout_seconds=args.start_timeout_seconds,
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config).serve(stop)
+
+    try:
+        asyncio.run(run())
+    except (AgentError, OSError, ValueError) as exc:
+        print(f"studio-agent: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _print_status(data: dict[str, Any], console: Console) -> None:
+    table = Table(show_header=False, box=None)
+    ctl = data["controller"]
+    link = "connected" if ctl["connected"] else "not connected"
+    if ctl.get("lastError"):
+        link += f" (last error: {ctl['lastError']})"
+    cap = data["capacity"]
+    sessions = data["sessions"]
+    rows = [
+        ("agent id", data["agentId"]),
+        ("version", data["version"]),
+        ("controller", f"{ctl['address']}: {link}"),
+        ("compute env", data["computeEnv"]),
+        ("runtime", data["runtime"]),
+        ("proxy", data["proxyUrl"]),
+        ("state dir", data["stateDir"]),
+        (
+            "sessions",
+            ", ".join(f"{k} {v}" for k, v in sessions.items() if k != "total") or "none",
+        ),
+        ("cpus", str(cap["cpus"])),
+        ("memory", f"{_size(cap['memoryAvailableBytes'])} free of {_size(cap['memoryBytes'])}"),
+        ("disk free", _size(cap["diskFreeBytes"])),
+        ("volume budget free", _size(cap["diskBudgetFreeBytes"])),
+    ]
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    console.print(table)
+
+
+def _print_sessions(data: dict[str, Any], console: Console) -> None:
+    table = Table(title="sessions")
+    for col in ("id", "gen", "status", "runtime", "port", "volume", "size", "used"):
+        table.add_column(col, no_wrap=True)
+    # Paths are long: fold them rather than cut them, they are for copying.
+    table.add_column("rootDir", overflow="fold")
+    for s in data["sessions"]:
+        vol = s.get("volume") or {}
+        table.add_row(
+            s["id"],
+            str(s["generation"]),
+            s["status"],
+            s["runtime"],
+            str(s["toolPort"] or "-"),
+            vol.get("kind", "-"),
+            _size(vol.get("sizeBytes")),
+            _size(vol.get("usedBytes")),
+            s["rootDir"],
+        )
+    console.print(table)
+    for s in data["sessions"]:
+        if s["status"] == "errored" and s["message"]:
+            console.print(f"[red]{s['id']}[/red]: {s['message']}", markup=True, highlight=False)
+
+
+def _print_disk(data: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"volumes (budget free {_size(data['budgetFreeBytes'])} of {_size(data['capBytes'])})"
+    )
+    for col in ("id", "status", "kind", "size", "used"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("path", overflow="fold")
+    for s in data["sessions"]:
+        vol = s.get("volume") or {}
+        table.add_row(
+            s["id"],
+            s["status"],
+            vol.get("kind", "-"),
+            _size(vol.get("sizeBytes")),
+            _size(vol.get("usedBytes")),
+            vol.get("path", "-"),
+        )
+    console.print(table)
+
+
+def _print_doctor(data: dict[str, Any], console: Console) -> None:
+    for title, key in (("runtimes", "runtimes"), ("volume kinds", "volumeKinds")):
+        table = Table(title=title)
+        for col in ("name", "usable", "in use", "why"):
+            table.add_column(col)
+        for entry in data[key]:
+            table.add_row(
+                entry["name"],
+                "[green]yes[/green]" if entry["usable"] else "[red]no[/red]",
+                "yes" if entry["inUse"] else "",
+                entry["reason"],
+            )
+        console.print(table)
+
+
+_PRINTERS = {
+    "status": _print_status,
+    "sessions": _print_sessions,
+    "disk": _print_disk,
+    "doctor": _print_doctor,
+}
+
+
+def _query(args: argparse.Namespace) -> int:
+    socket_path = StateDir(args.state_dir).socket_path
+    try:
+        data = asyncio.run(admin_get(socket_path, args.command))
+    except AgentNotRunning as exc:
+        if args.command != "doctor":
+            print(f"studio-agent: {exc}", file=sys.stderr)
+            return 1
+        # The host checks do not need the agent; say where the answer comes from.
+        print(f"studio-agent: {exc}; checking from this process", file=sys.stderr)
+        data = doctor_report(None)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        _PRINTERS[args.command](data, Console())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _query(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

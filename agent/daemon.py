@@ -1,0 +1,262 @@
+"""`studio-agent serve`: wires the parts together and runs them until told to stop.
+
+Shutdown leaves running tools running (Nomad's rule): the next agent process on
+the same state directory re-adopts them from their handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.admin import AdminServer
+from agent.controller_link import ControllerLink
+from agent.errors import AgentError
+from agent.host import doctor_report, host_capacity
+from agent.proxy import ConnectProxy
+from agent.runtime import RuntimeOptions, create_runtime
+from agent.sessions import SessionManager
+from agent.state import SessionHandle, StateDir
+from agent.volume import GIB, VolumeInfo
+from agent.volume_directory import DirectoryVolume, directory_usage
+
+__all__ = ["Agent", "AgentConfig", "session_json"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    controller: str
+    token_file: Path
+    compute_env: str
+    state_dir: Path
+    runtime: str = "local"
+    proxy_host: str = "127.0.0.1"
+    # 0 = any free port (tests).
+    proxy_port: int = 7070
+    proxy_domain: str = "localhost"
+    local_templates: Path | None = None
+    stop_grace_seconds: float = 30.0
+    start_timeout_seconds: float = 60.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    disk_watch_seconds: float = 5.0
+    disk_cap_bytes: int = 30 * GIB
+
+
+def _volume_json(volume: dict[str, Any]) -> dict[str, Any] | None:
+    if not volume:
+        return None
+    v = VolumeInfo.from_json(volume)
+    return {"kind": v.kind, "path": v.path, "sizeBytes": v.size_bytes, "usedBytes": v.used_bytes}
+
+
+def session_json(h: SessionHandle) -> dict[str, Any]:
+    """One entry of `studio-agent sessions --json`."""
+    return {
+        "id": h.session_id,
+        "generation": h.generation,
+        "status": h.status,
+        "message": h.message,
+        "runtime": h.runtime,
+        "image": h.spec.get("image", ""),
+        "tool": h.spec.get("tool", ""),
+        "toolPort": h.port,
+        "pid": h.pid,
+        "rootDir": h.root_dir,
+        "logPath": h.log_path,
+        "volume": _volume_json(h.volume),
+        "startedAt": h.started_at,
+        "exited": h.exited,
+        "exitCode": h.exit_code,
+        "unsaved": h.unsaved,
+        "progress": [
+            {"name": s["name"], "status": s["status"], "message": s["message"]} for s in h.progress
+        ],
+    }
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self.agent_id = ""
+        self.manager: SessionManager | None = None
+        self.link: ControllerLink | None = None
+        self.proxy: ConnectProxy | None = None
+        self.admin: AdminServer | None = None
+        self.proxy_port = 0
+        self._lock_fd: int | None = None
+        self._started_at = 0.0
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.config.proxy_domain}:{self.proxy_port}"
+
+    def _lock(self) -> None:
+        fd = os.open(self.state.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AgentError(
+                f"another agent is already running with state directory {self.state.root}"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        # Fail on configuration errors before touching anything.
+        runtime = create_runtime(cfg.runtime, RuntimeOptions(local_templates=cfg.local_templates))
+        self.state.ensure()
+        self._lock()
+        try:
+            self.agent_id = self.state.agent_id()
+            self._started_at = time.time()
+            self.manager = SessionManager(
+                state=self.state,
+                runtime=runtime,
+                volumes=DirectoryVolume(),
+                stop_grace_seconds=cfg.stop_grace_seconds,
+                start_timeout_seconds=cfg.start_timeout_seconds,
+                disk_cap_bytes=cfg.disk_cap_bytes,
+                watch_interval_seconds=cfg.disk_watch_seconds,
+            )
+            await self.manager.recover()
+            self.manager.start()
+            self.proxy = ConnectProxy(lookup=self.manager.get, key=self._connect_key)
+            self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
+            self.link = ControllerLink(
+                target=cfg.controller,
+                token_file=cfg.token_file,
+                agent_id=self.agent_id,
+                compute_env_id=cfg.compute_env,
+                runtime_name=runtime.name,
+                proxy_url=self.proxy_url,
+                manager=self.manager,
+                state=self.state,
+                backoff_initial=cfg.backoff_initial,
+                backoff_max=cfg.backoff_max,
+            )
+            self.link.start()
+            self.admin = AdminServer(
+                self.state.socket_path,
+                {
+                    "status": self._status,
+                    "sessions": self._sessions,
+                    "disk": self._disk,
+                    "doctor": self._doctor,
+                },
+            )
+            await self.admin.start()
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "agent %s serving: runtime %s, proxy %s, controller %s",
+            self.agent_id,
+            runtime.name,
+            self.proxy_url,
+            cfg.controller,
+        )
+
+    async def close(self) -> None:
+        """Stop the agent; running tools keep running."""
+        if self.admin is not None:
+            await self.admin.close()
+        if self.link is not None:
+            await self.link.close()
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.manager is not None:
+            await self.manager.close()
+        self._unlock()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down; running sessions are left running")
+            await self.close()
+
+    def _connect_key(self) -> bytes | None:
+        return self.link.connect_token_key if self.link is not None else None
+
+    # ------------------------------------------------------------ admin endpoints
+
+    async def _status(self) -> dict[str, Any]:
+        assert self.manager is not None and self.link is not None
+        cap = host_capacity(self.state.root, self.manager.disk_budget_free())
+        counts = self.manager.counts()
+        return {
+            "agentId": self.agent_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "startedAt": int(self._started_at),
+            "stateDir": str(self.state.root),
+            "controller": self.link.status(),
+            "computeEnv": self.config.compute_env,
+            "runtime": self.manager.runtime.name,
+            "proxyUrl": self.proxy_url,
+            "sessions": {"total": sum(counts.values()), **counts},
+            "capacity": {
+                "cpus": cap["cpus"],
+                "memoryBytes": cap["memory_bytes"],
+                "memoryAvailableBytes": cap["memory_available_bytes"],
+                "diskFreeBytes": cap["disk_free_bytes"],
+                "diskBudgetFreeBytes": cap["disk_budget_free_bytes"],
+            },
+        }
+
+    async def _sessions(self) -> dict[str, Any]:
+        assert self.manager is not None and self.proxy is not None
+        out = []
+        for h in self.manager.handles():
+            entry = session_json(h)
+            entry["connections"] = self.proxy.connections(h.session_id)
+            out.append(entry)
+        return {"sessions": out}
+
+    async def _disk(self) -> dict[str, Any]:
+        assert self.manager is not None
+        out = []
+        for h in self.manager.handles():
+            vol = _volume_json(h.volume)
+            if vol is not None:
+                vol["usedBytes"] = await asyncio.to_thread(directory_usage, Path(vol["path"]))
+            out.append({"id": h.session_id, "status": h.status, "volume": vol})
+        return {
+            "capBytes": self.manager.disk_cap_bytes,
+            "budgetFreeBytes": max(0, self.manager.disk_budget_free()),
+            "sessions": out,
+        }
+
+    async def _doctor(self) -> dict[str, Any]:
+        assert self.manager is not None
+        return doctor_report(self.manager.runtime.name)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(config: AgentConfig) -> Any:
+    """An agent started for the duration of a `with` block (tests, embedding)."""
+    agent = Agent(config)
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.close()

@@ -1,0 +1,156 @@
+"""The runtime backend interface (after Nomad's task drivers) and the registry by name.
+
+A backend starts a session's tool, waits for it, stops and destroys it, and — the
+part a node agent needs beyond JupyterHub's spawner — recovers a handle persisted by
+an earlier agent process, so tools keep running across agent restarts.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import RuntimeUnavailable
+
+__all__ = [
+    "ExitStatus",
+    "Runtime",
+    "RuntimeFactory",
+    "RuntimeHandle",
+    "RuntimeOptions",
+    "StartSpec",
+    "ToolState",
+    "create_runtime",
+    "free_tcp_port",
+    "register_runtime",
+    "runtime_names",
+]
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    session_id: str
+    image: str
+    tool: str
+    environment: dict[str, str]
+    root_dir: Path
+    log_path: Path
+    port: int
+
+
+@dataclass
+class RuntimeHandle:
+    """Everything needed to find the tool again; persisted in the session handle."""
+
+    session_id: str
+    pid: int
+    create_time: float
+    port: int
+    root_dir: str
+    log_path: str
+    # Opaque backend data (container id, ...).
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    # None when the tool was not our child and its status could not be read.
+    exit_code: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class ToolState:
+    running: bool
+    pid: int
+    exit: ExitStatus | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Agent configuration a backend may need."""
+
+    local_templates: Path | None = None
+
+
+class Runtime(abc.ABC):
+    """One runtime backend. All methods are idempotent where that makes sense:
+    stopping or destroying a tool that is already gone succeeds."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, spec: StartSpec) -> RuntimeHandle:
+        """Start the tool and return at once (do not wait for it to answer).
+
+        Raises RuntimeStartError when it cannot be started at all."""
+
+    @abc.abstractmethod
+    async def poll(self, handle: RuntimeHandle) -> ExitStatus | None:
+        """None while the tool runs, its exit status once it has ended."""
+
+    @abc.abstractmethod
+    async def wait(self, handle: RuntimeHandle) -> ExitStatus:
+        """Return when the tool has ended."""
+
+    @abc.abstractmethod
+    async def stop(self, handle: RuntimeHandle, grace_seconds: float) -> ExitStatus | None:
+        """SIGTERM (or the backend's equivalent), then a forced kill after the grace period."""
+
+    @abc.abstractmethod
+    async def destroy(self, handle: RuntimeHandle) -> None:
+        """Kill at once and free every backend resource of the tool."""
+
+    @abc.abstractmethod
+    async def inspect(self, handle: RuntimeHandle) -> ToolState: ...
+
+    @abc.abstractmethod
+    async def recover(self, handle: RuntimeHandle) -> bool:
+        """Re-attach to a tool started by an earlier agent process.
+
+        True when it still runs (and is now tracked), False when it is gone."""
+
+    @abc.abstractmethod
+    async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:
+        """The last lines of the tool's output."""
+
+    def capabilities(self) -> dict[str, bool]:
+        """Optional features, reported by `doctor` and `status`."""
+        return {}
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the tool binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+RuntimeFactory = Callable[[RuntimeOptions], Runtime]
+_REGISTRY: dict[str, RuntimeFactory] = {}
+
+
+def register_runtime(name: str, factory: RuntimeFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def runtime_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_runtime(name: str, options: RuntimeOptions) -> Runtime:
+    # Imported here so the registry is filled without import cycles.
+    import agent.runtime_local
+    import agent.runtime_podman  # noqa: F401
+
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise RuntimeUnavailable(
+            f"unknown runtime {name!r} (known: {', '.join(runtime_names())})"
+        ) from None
+    return factory(options)

@@ -1,0 +1,632 @@
+"""The session manager: a level-triggered reconciler of desired against observed state.
+
+The controller's desired state (`apply_desired`) and the local handles are compared
+in `reconcile`; each session has at most one operation (start, stop, forget, ...)
+in flight, and every operation ends by reconciling again, so the manager converges
+whatever order messages arrive in. Rules (docs/contract-notes.md):
+
+- desired RUNNING with a generation not run yet -> start; an ended generation is
+  never restarted;
+- desired STOPPED -> SIGTERM, SIGKILL after the grace period, final checkpoint,
+  CheckpointEvent(FINALIZED), then release the directory and report STOPPED; if the
+  checkpoint fails, the directory is kept and the session is ERRORED;
+- DELETED, or absent from a full desired set -> stop if needed, forget everything.
+
+Handles are persisted before each report so `recover` can re-adopt running tools
+after an agent restart without ever starting a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from studios.agent.v1 import agent_pb2 as pb
+
+from agent.checkpoint import CheckpointStore, SavedCheckpoint
+from agent.checkpoint_archive import ArchiveCheckpointStore
+from agent.errors import AgentError, CheckpointError, RuntimeStartError, StartTimeout
+from agent.runtime import ExitStatus, Runtime, RuntimeHandle, StartSpec, free_tcp_port
+from agent.state import SessionHandle, StateDir
+from agent.volume import GIB, VolumeInfo, VolumeKind
+
+__all__ = ["SessionManager", "StoreFactory"]
+
+log = logging.getLogger(__name__)
+
+StoreFactory = Callable[[str], CheckpointStore]
+
+_STATUS_TO_PB = {
+    "starting": pb.SESSION_STATUS_STARTING,
+    "running": pb.SESSION_STATUS_RUNNING,
+    "stopping": pb.SESSION_STATUS_STOPPING,
+    "stopped": pb.SESSION_STATUS_STOPPED,
+    "errored": pb.SESSION_STATUS_ERRORED,
+}
+_STEP_TO_PB = {
+    "pending": pb.STEP_STATUS_PENDING,
+    "in_progress": pb.STEP_STATUS_IN_PROGRESS,
+    "succeeded": pb.STEP_STATUS_SUCCEEDED,
+    "errored": pb.STEP_STATUS_ERRORED,
+}
+
+STEP_VOLUME = "preparing the volume"
+STEP_RESTORE = "restoring the checkpoint"
+STEP_START = "starting the tool"
+STEP_ANSWER = "waiting for the tool to answer"
+STEP_STOP = "stopping the tool"
+STEP_CHECKPOINT = "writing the final checkpoint"
+STEP_RELEASE = "releasing the volume"
+
+_LOG_LINES_IN_MESSAGE = 20
+_UNSAVED_RETRY_SECONDS = 60.0
+
+
+def _steps(*names: str) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "status": "pending", "message": "", "warnings": [], "percent": -1}
+        for n in names
+    ]
+
+
+def _set_step(h: SessionHandle, name: str, status: str, message: str = "") -> None:
+    for step in h.progress:
+        if step["name"] == name:
+            step["status"] = status
+            step["message"] = message
+            return
+
+
+def _with_log(message: str, tail: str) -> str:
+    return f"{message}; last output:\n{tail}" if tail.strip() else message
+
+
+def _runtime_handle(h: SessionHandle) -> RuntimeHandle:
+    return RuntimeHandle(
+        session_id=h.session_id,
+        pid=h.pid,
+        create_time=h.create_time,
+        port=h.port,
+        root_dir=h.root_dir,
+        log_path=h.log_path,
+        data=dict(h.runtime_data),
+    )
+
+
+class SessionManager:
+    def __init__(
+        self,
+        *,
+        state: StateDir,
+        runtime: Runtime,
+        volumes: VolumeKind,
+        stop_grace_seconds: float = 30.0,
+        start_timeout_seconds: float = 60.0,
+        volume_size_bytes: int = 2 * GIB,
+        grow_step_bytes: int = 2 * GIB,
+        grow_below_free_bytes: int = 1 * GIB,
+        disk_cap_bytes: int = 30 * GIB,
+        store_factory: StoreFactory | None = None,
+        watch_interval_seconds: float = 5.0,
+    ) -> None:
+        self.state = state
+        self.runtime = runtime
+        self.volumes = volumes
+        self.stop_grace_seconds = stop_grace_seconds
+        self.start_timeout_seconds = start_timeout_seconds
+        self.volume_size_bytes = volume_size_bytes
+        self.grow_step_bytes = grow_step_bytes
+        self.grow_below_free_bytes = grow_below_free_bytes
+        self.disk_cap_bytes = disk_cap_bytes
+        self.watch_interval_seconds = watch_interval_seconds
+        self._store_factory = store_factory or self._default_store
+        self._stores: dict[str, CheckpointStore] = {}
+        self._handles: dict[str, SessionHandle] = {}
+        self._desired: dict[str, pb.SessionDesired] = {}
+        self._have_full = False
+        self._ops: dict[str, asyncio.Task[None]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._unsaved_retry_at: dict[str, float] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
+        # Sinks set by the controller link; the checkpoint sink must persist the event
+        # before it returns (the session directory is deleted right after).
+        self.on_observed: Callable[[pb.SessionObserved], None] = lambda obs: None
+        self.on_checkpoint: Callable[[pb.CheckpointEvent], None] = lambda ev: None
+
+    # ------------------------------------------------------------ queries
+
+    def handles(self) -> list[SessionHandle]:
+        return [self._handles[sid] for sid in sorted(self._handles)]
+
+    def get(self, session_id: str) -> SessionHandle | None:
+        return self._handles.get(session_id)
+
+    def observed(self, h: SessionHandle) -> pb.SessionObserved:
+        obs = pb.SessionObserved(
+            session_id=h.session_id,
+            generation=h.generation,
+            status=_STATUS_TO_PB[h.status],
+            message=h.message,
+            runtime=h.runtime,
+            tool_port=h.port,
+            root_dir=h.root_dir,
+            started_at=h.started_at,
+            exited=h.exited,
+            exit_code=h.exit_code,
+        )
+        if h.volume:
+            v = VolumeInfo.from_json(h.volume)
+            obs.volume.CopyFrom(
+                pb.Volume(
+                    kind=v.kind, path=v.path, size_bytes=v.size_bytes, used_bytes=v.used_bytes
+                )
+            )
+        for step in h.progress:
+            obs.progress.append(
+                pb.ProgressStep(
+                    name=step["name"],
+                    status=_STEP_TO_PB[step["status"]],
+                    message=step["message"],
+                    warnings=step["warnings"],
+                    percent=step["percent"],
+                )
+            )
+        return obs
+
+    def inventory(self) -> pb.Inventory:
+        return pb.Inventory(sessions=[self.observed(h) for h in self.handles()])
+
+    def disk_budget_free(self) -> int:
+        used = sum(int(h.volume.get("size_bytes", 0)) for h in self._handles.values() if h.volume)
+        return self.disk_cap_bytes - used
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for h in self._handles.values():
+            counts[h.status] = counts.get(h.status, 0) + 1
+        return counts
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def recover(self) -> None:
+        """Re-adopt what an earlier agent process left; call once before `start`."""
+        for h in await asyncio.to_thread(self.state.load_handles):
+            self._handles[h.session_id] = h
+            if h.status == "running":
+                if await self.runtime.recover(_runtime_handle(h)):
+                    log.info("session %s: re-adopted running tool (pid %d)", h.session_id, h.pid)
+                    self._watch(h)
+                else:
+                    log.warning("session %s: tool exited while the agent was down", h.session_id)
+                    self._spawn(
+                        h.session_id,
+                        self._after_exit(h, ExitStatus(None, "exited while the agent was down")),
+                    )
+            elif h.status == "starting":
+                self._spawn(h.session_id, self._abort_interrupted_start(h))
+            elif h.status == "stopping":
+                log.info(
+                    "session %s: finishing a stop interrupted by an agent restart", h.session_id
+                )
+                self._spawn(h.session_id, self._stop(h))
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_loop(), name="sessions-ticker")
+
+    async def close(self) -> None:
+        """Stop managing; running tools are left running for the next agent process."""
+        self._closed = True
+        tasks = [*self._ops.values(), *self._watchers.values()]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def wait_idle(self) -> None:
+        """Wait until no operation is in flight (tests, shutdown of a test agent)."""
+        while self._ops:
+            await asyncio.gather(*self._ops.values(), return_exceptions=True)
+
+    # ------------------------------------------------------------ desired state
+
+    def apply_desired(self, full: bool, sessions: list[pb.SessionDesired]) -> None:
+        if full:
+            self._desired = {}
+            self._have_full = True
+        for d in sessions:
+            self._desired[d.session_id] = d
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        for sid in sorted(set(self._desired) | set(self._handles)):
+            if sid in self._ops:
+                continue
+            h = self._handles.get(sid)
+            d = self._desired.get(sid)
+            if d is None:
+                if self._have_full and h is not None:
+                    self._spawn(sid, self._forget(sid, keep_unsaved=True))
+                continue
+            if d.status == pb.DESIRED_STATUS_DELETED:
+                if h is not None:
+                    self._spawn(sid, self._forget(sid, keep_unsaved=False))
+            elif d.status == pb.DESIRED_STATUS_RUNNING:
+                if h is None or d.generation > h.generation:
+                    if h is not None and not h.ended:
+                        # A newer generation while an older one still runs: end it first.
+                        self._spawn(sid, self._stop(h))
+                    else:
+                        self._spawn(sid, self._start(d))
+                elif h.ended and h.unsaved and now >= self._unsaved_retry_at.get(sid, 0):
+                    self._spawn(sid, self._retry_unsaved(h))
+            elif d.status == pb.DESIRED_STATUS_STOPPED and h is not None:
+                if not h.ended and d.generation >= h.generation:
+                    self._spawn(sid, self._stop(h))
+                elif h.ended and h.unsaved and now >= self._unsaved_retry_at.get(sid, 0):
+                    self._spawn(sid, self._retry_unsaved(h))
+
+    # ------------------------------------------------------------ plumbing
+
+    def _spawn(self, sid: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"session-{sid}")
+        self._ops[sid] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._ops.get(sid) is t:
+                del self._ops[sid]
+            if not t.cancelled() and t.exception() is not None:
+                log.error("session %s: operation failed", sid, exc_info=t.exception())
+            if not self._closed:
+                self.reconcile()
+
+        task.add_done_callback(done)
+
+    def _watch(self, h: SessionHandle) -> None:
+        old = self._watchers.pop(h.session_id, None)
+        if old is not None:
+            old.cancel()
+        self._watchers[h.session_id] = asyncio.create_task(
+            self._watch_tool(h), name=f"watch-{h.session_id}"
+        )
+
+    def _unwatch(self, sid: str) -> None:
+        task = self._watchers.pop(sid, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _save_and_report(self, h: SessionHandle) -> None:
+        # Persist first: a report must never get ahead of what a restart would find.
+        await asyncio.to_thread(self.state.save_handle, h)
+        self.on_observed(self.observed(h))
+
+    def _store(self, h: SessionHandle) -> CheckpointStore:
+        base = str(h.spec.get("checkpoint_base_uri") or self.state.default_checkpoint_dir)
+        store = self._stores.get(base)
+        if store is None:
+            store = self._stores[base] = self._store_factory(base)
+        return store
+
+    def _default_store(self, base_uri: str) -> CheckpointStore:
+        return ArchiveCheckpointStore(base_uri, self.state.tmp_dir)
+
+    async def _final_checkpoint(self, h: SessionHandle) -> SavedCheckpoint:
+        try:
+            saved = await self._store(h).save(h.session_id, Path(h.root_dir))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            # An unusable store URI (unknown scheme, missing fsspec backend, ...) is a
+            # failed checkpoint like any other: the directory is kept and it is reported.
+            raise CheckpointError(f"cannot write checkpoint: {type(exc).__name__}: {exc}") from exc
+        # The sink persists the event before we go on to delete the directory.
+        self.on_checkpoint(
+            pb.CheckpointEvent(
+                session_id=h.session_id,
+                generation=h.generation,
+                key=saved.key,
+                uri=saved.uri,
+                status=pb.CHECKPOINT_STATUS_FINALIZED,
+                size_bytes=saved.size_bytes,
+                saved_at=saved.saved_at,
+            )
+        )
+        log.info(
+            "session %s: final checkpoint %s (%d bytes)", h.session_id, saved.uri, saved.size_bytes
+        )
+        return saved
+
+    async def _release(self, h: SessionHandle) -> None:
+        if h.volume:
+            await self.volumes.release(VolumeInfo.from_json(h.volume))
+        elif h.root_dir:
+            await self.volumes.release(VolumeInfo("directory", h.root_dir, 0))
+        if h.log_path:
+            await asyncio.to_thread(Path(h.log_path).unlink, missing_ok=True)
+
+    def _root_exists(self, h: SessionHandle) -> bool:
+        return bool(h.root_dir) and Path(h.root_dir).is_dir()
+
+    # ------------------------------------------------------------ operations
+
+    async def _start(self, d: pb.SessionDesired) -> None:
+        sid = d.session_id
+        prev = self._handles.get(sid)
+        if prev is not None and prev.unsaved and self._root_exists(prev):
+            # The last generation's data was never checkpointed: save it before a fresh
+            # volume replaces it, or refuse the start; no data is thrown away.
+            try:
+                await self._final_checkpoint(prev)
+            except CheckpointError as exc:
+                prev.message = f"cannot start: the previous session data is not saved yet: {exc}"
+                prev.generation = d.generation
+                await self._save_and_report(prev)
+                return
+            await self._release(prev)
+        spec = {
+            "image": d.spec.image,
+            "tool": d.spec.tool,
+            "environment": dict(d.spec.environment),
+            "checkpoint_base_uri": d.spec.checkpoint_base_uri,
+            "boot_disk_size_gb": d.spec.boot_disk_size_gb,
+            "studio_name": d.spec.studio_name,
+        }
+        h = SessionHandle(
+            session_id=sid,
+            generation=d.generation,
+            status="starting",
+            runtime=self.runtime.name,
+            spec=spec,
+            restore_uri=d.restore.uri,
+            root_dir=str(self.state.root_dir(sid)),
+            log_path=str(self.state.log_path(sid)),
+            progress=_steps(STEP_VOLUME, STEP_RESTORE, STEP_START, STEP_ANSWER),
+            message="starting",
+        )
+        self._handles[sid] = h
+        await self._save_and_report(h)
+        log.info("session %s: starting generation %d (%s)", sid, h.generation, d.spec.image)
+        step = STEP_VOLUME
+        rh: RuntimeHandle | None = None
+        try:
+            _set_step(h, step, "in_progress")
+            await self._save_and_report(h)
+            # A leftover directory of an ended generation is not this start's data.
+            await self.volumes.release(VolumeInfo(self.volumes.kind, h.root_dir, 0))
+            vol = await self.volumes.prepare(Path(h.root_dir), self.volume_size_bytes)
+            h.volume = vol.to_json()
+            _set_step(h, step, "succeeded", f"{vol.kind} volume at {vol.path}")
+
+            step = STEP_RESTORE
+            if h.restore_uri:
+                _set_step(h, step, "in_progress", h.restore_uri)
+                await self._save_and_report(h)
+                await self._store(h).restore(h.restore_uri, Path(h.root_dir))
+                _set_step(h, step, "succeeded", f"restored {h.restore_uri}")
+            else:
+                _set_step(h, step, "succeeded", "nothing to restore (fresh session)")
+
+            step = STEP_START
+            _set_step(h, step, "in_progress")
+            h.port = free_tcp_port()
+            await self._save_and_report(h)
+            rh = await self.runtime.start(
+                StartSpec(
+                    session_id=sid,
+                    image=d.spec.image,
+                    tool=d.spec.tool,
+                    environment=dict(d.spec.environment),
+                    root_dir=Path(h.root_dir),
+                    log_path=Path(h.log_path),
+                    port=h.port,
+                )
+            )
+            h.pid, h.create_time, h.runtime_data = rh.pid, rh.create_time, rh.data
+            # Saved without an await in between: a cancelled start (agent shutdown) must
+            # never leave a tool behind that no handle knows about.
+            self.state.save_handle(h)
+            _set_step(h, step, "succeeded", f"pid {rh.pid}")
+
+            step = STEP_ANSWER
+            _set_step(h, step, "in_progress", f"port {h.port}")
+            await self._save_and_report(h)
+            await self._wait_for_answer(rh)
+            _set_step(h, step, "succeeded", f"answering on port {h.port}")
+        except Exception as exc:
+            # Anything that goes wrong errors this start (never a half-started session).
+            message = str(exc) if isinstance(exc, AgentError) else f"{step}: {exc}"
+            log.warning("session %s: start failed: %s", sid, message)
+            _set_step(h, step, "errored", message.splitlines()[0])
+            if rh is not None:
+                status = await self.runtime.poll(rh)
+                if status is not None:
+                    h.exited = True
+                    h.exit_code = status.exit_code if status.exit_code is not None else -1
+                await self.runtime.destroy(rh)
+            await self._release(h)
+            h.status, h.message, h.volume = "errored", message, {}
+            await self._save_and_report(h)
+            return
+        h.status = "running"
+        h.started_at = int(time.time())
+        h.message = f"{h.spec['tool'] or 'tool'} answering on port {h.port}"
+        await self._save_and_report(h)
+        log.info("session %s: running on port %d", sid, h.port)
+        self._watch(h)
+
+    async def _wait_for_answer(self, rh: RuntimeHandle) -> None:
+        deadline = time.monotonic() + self.start_timeout_seconds
+        while True:
+            status = await self.runtime.poll(rh)
+            if status is not None:
+                code = "unknown" if status.exit_code is None else str(status.exit_code)
+                raise RuntimeStartError(
+                    _with_log(
+                        f"tool exited with status {code} before answering on port {rh.port}",
+                        await self.runtime.logs(rh, _LOG_LINES_IN_MESSAGE),
+                    )
+                )
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", rh.port), timeout=1.0
+                )
+            except (OSError, TimeoutError):
+                pass
+            else:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+            if time.monotonic() >= deadline:
+                raise StartTimeout(
+                    _with_log(
+                        f"tool did not answer on port {rh.port} within "
+                        f"{self.start_timeout_seconds:g} s",
+                        await self.runtime.logs(rh, _LOG_LINES_IN_MESSAGE),
+                    )
+                )
+            await asyncio.sleep(0.1)
+
+    async def _watch_tool(self, h: SessionHandle) -> None:
+        status = await self.runtime.wait(_runtime_handle(h))
+        self._watchers.pop(h.session_id, None)
+        current = self._handles.get(h.session_id)
+        if current is h and h.status == "running" and h.session_id not in self._ops:
+            self._spawn(h.session_id, self._after_exit(h, status))
+
+    async def _after_exit(self, h: SessionHandle, status: ExitStatus) -> None:
+        """A running tool ended on its own: ERRORED, and save what it left."""
+        h.status = "errored"
+        h.exited = True
+        h.exit_code = status.exit_code if status.exit_code is not None else -1
+        h.message = f"tool {status.message}"
+        tail = await self.runtime.logs(_runtime_handle(h), _LOG_LINES_IN_MESSAGE)
+        h.message = _with_log(h.message, tail)
+        log.warning("session %s: %s", h.session_id, h.message.splitlines()[0])
+        await self._checkpoint_and_release(h)
+        await self._save_and_report(h)
+
+    async def _checkpoint_and_release(self, h: SessionHandle) -> bool:
+        if not self._root_exists(h):
+            h.unsaved = False
+            return True
+        try:
+            await self._final_checkpoint(h)
+        except CheckpointError as exc:
+            h.unsaved = True
+            self._unsaved_retry_at[h.session_id] = time.monotonic() + _UNSAVED_RETRY_SECONDS
+            h.message += f"; final checkpoint failed, the session directory is kept: {exc}"
+            return False
+        h.unsaved = False
+        await self._release(h)
+        h.volume = {}
+        return True
+
+    async def _abort_interrupted_start(self, h: SessionHandle) -> None:
+        if h.pid:
+            await self.runtime.destroy(_runtime_handle(h))
+        await self._release(h)
+        h.status, h.volume = "errored", {}
+        h.message = "agent restarted during start"
+        for step in h.progress:
+            if step["status"] == "in_progress":
+                step["status"], step["message"] = "errored", h.message
+        await self._save_and_report(h)
+
+    async def _stop(self, h: SessionHandle) -> None:
+        sid = h.session_id
+        self._unwatch(sid)
+        if h.status != "stopping":
+            h.status = "stopping"
+            h.message = "stopping"
+            h.progress = _steps(STEP_STOP, STEP_CHECKPOINT, STEP_RELEASE)
+            await self._save_and_report(h)
+        log.info("session %s: stopping generation %d", sid, h.generation)
+        _set_step(h, STEP_STOP, "in_progress")
+        if h.pid:
+            status = await self.runtime.stop(_runtime_handle(h), self.stop_grace_seconds)
+            h.exited = True
+            if status is not None and status.exit_code is not None:
+                h.exit_code = status.exit_code
+        _set_step(h, STEP_STOP, "succeeded")
+        _set_step(h, STEP_CHECKPOINT, "in_progress")
+        await self._save_and_report(h)
+        if self._root_exists(h):
+            try:
+                saved = await self._final_checkpoint(h)
+            except CheckpointError as exc:
+                _set_step(h, STEP_CHECKPOINT, "errored", str(exc))
+                h.status, h.unsaved = "errored", True
+                h.message = f"final checkpoint failed, the session directory is kept: {exc}"
+                self._unsaved_retry_at[sid] = time.monotonic() + _UNSAVED_RETRY_SECONDS
+                await self._save_and_report(h)
+                return
+            _set_step(h, STEP_CHECKPOINT, "succeeded", saved.uri)
+        else:
+            _set_step(h, STEP_CHECKPOINT, "succeeded", "nothing to save")
+        _set_step(h, STEP_RELEASE, "in_progress")
+        await self._release(h)
+        _set_step(h, STEP_RELEASE, "succeeded")
+        h.status, h.message, h.volume, h.unsaved = "stopped", "stopped", {}, False
+        await self._save_and_report(h)
+        log.info("session %s: stopped", sid)
+
+    async def _retry_unsaved(self, h: SessionHandle) -> None:
+        self._unsaved_retry_at[h.session_id] = time.monotonic() + _UNSAVED_RETRY_SECONDS
+        if await self._checkpoint_and_release(h):
+            h.message += "; the session directory was saved later and released"
+            await self._save_and_report(h)
+
+    async def _forget(self, sid: str, *, keep_unsaved: bool) -> None:
+        h = self._handles.get(sid)
+        if h is not None and not h.ended:
+            await self._stop(h)
+        if h is not None and h.unsaved and keep_unsaved:
+            # Not desired any more but holding unsaved data: keep it until it is saved.
+            if not await self._checkpoint_and_release(h):
+                await self._save_and_report(h)
+                return
+        self._unwatch(sid)
+        await asyncio.to_thread(self.state.forget_session, sid)
+        self._handles.pop(sid, None)
+        self._unsaved_retry_at.pop(sid, None)
+        log.info("session %s: forgotten", sid)
+
+    # ------------------------------------------------------------ disk watcher
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_interval_seconds)
+            try:
+                await self._refresh_usage()
+            except Exception:
+                log.exception("disk accounting failed")
+            self.reconcile()
+
+    async def _refresh_usage(self) -> None:
+        for h in list(self._handles.values()):
+            if h.status != "running" or not h.volume:
+                continue
+            vol = VolumeInfo.from_json(h.volume)
+            before = (vol.size_bytes, vol.used_bytes)
+            vol = await self.volumes.usage(vol)
+            free = vol.size_bytes - vol.used_bytes
+            if free < self.grow_below_free_bytes:
+                if self.disk_budget_free() >= self.grow_step_bytes:
+                    vol = await self.volumes.grow(vol, self.grow_step_bytes)
+                    log.info("session %s: volume grown to %d bytes", h.session_id, vol.size_bytes)
+            h.volume = vol.to_json()
+            changed = abs(vol.used_bytes - before[1]) > max(16 * 1024**2, before[1] // 100)
+            if vol.size_bytes != before[0] or changed:
+                await self._save_and_report(h)

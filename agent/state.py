@@ -1,0 +1,191 @@
+"""Local, crash-safe state of the agent: its identity and the session handles.
+
+Handles are written *before* the agent reports a change (Nomad's rule), atomically
+(temp file + fsync + rename), so that an agent killed at any point finds either the
+previous or the new handle after a restart, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ENDED_STATUSES",
+    "SessionHandle",
+    "StateDir",
+    "atomic_write_bytes",
+    "atomic_write_json",
+]
+
+# Statuses as they are written in handle.json (lower-case API names).
+ENDED_STATUSES = frozenset({"stopped", "errored"})
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode(), mode)
+
+
+@dataclass
+class SessionHandle:
+    """What the agent must remember about one session to recover it after a restart."""
+
+    session_id: str
+    generation: int
+    # starting | running | stopping | stopped | errored
+    status: str
+    runtime: str
+    spec: dict[str, Any]
+    restore_uri: str = ""
+    message: str = ""
+    pid: int = 0
+    create_time: float = 0.0
+    port: int = 0
+    root_dir: str = ""
+    log_path: str = ""
+    volume: dict[str, Any] = field(default_factory=dict)
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    started_at: int = 0
+    exited: bool = False
+    exit_code: int = 0
+    # True while the session directory holds data that no checkpoint has taken yet
+    # (the final checkpoint failed); the directory is kept until one succeeds.
+    unsaved: bool = False
+    # Opaque per-runtime data (Nomad's driver blob).
+    runtime_data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SessionHandle:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class StateDir:
+    """Layout of `--state-dir`.
+
+    DIR/agent-id                   stable agent identity
+    DIR/agent.sock                 admin socket (0600)
+    DIR/agent.lock                 one agent per state directory
+    DIR/connect-key                last Welcome.connect_token_key (0600)
+    DIR/outbox/<hash>.json         checkpoint events not yet taken by the stream
+    DIR/sessions/<sid>/handle.json the session handle
+    DIR/sessions/<sid>/root/       the session directory (what the tool sees as /)
+    DIR/sessions/<sid>/tool.log    the tool's stdout and stderr
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sessions_dir.mkdir(exist_ok=True)
+        self.outbox_dir.mkdir(exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "agent.sock"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "agent.lock"
+
+    @property
+    def connect_key_path(self) -> Path:
+        return self.root / "connect-key"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.root / "sessions"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def default_checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def session_dir(self, session_id: str) -> Path:
+        return self.sessions_dir / session_id
+
+    def root_dir(self, session_id: str) -> Path:
+        return self.session_dir(session_id) / "root"
+
+    def log_path(self, session_id: str) -> Path:
+        return self.session_dir(session_id) / "tool.log"
+
+    def agent_id(self) -> str:
+        """The stable agent id, generated on first use."""
+        path = self.root / "agent-id"
+        try:
+            value = path.read_text().strip()
+            if value:
+                return value
+        except FileNotFoundError:
+            pass
+        value = uuid.uuid4().hex
+        atomic_write_bytes(path, (value + "\n").encode())
+        return value
+
+    def save_handle(self, handle: SessionHandle) -> None:
+        atomic_write_json(self.session_dir(handle.session_id) / "handle.json", handle.to_json())
+
+    def load_handles(self) -> list[SessionHandle]:
+        handles = []
+        if not self.sessions_dir.is_dir():
+            return handles
+        for entry in sorted(self.sessions_dir.iterdir()):
+            path = entry / "handle.json"
+            try:
+                handles.append(SessionHandle.from_json(json.loads(path.read_text())))
+            except FileNotFoundError:
+                continue
+        return handles
+
+    def forget_session(self, session_id: str) -> None:
+        shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
+
+    def load_connect_key(self) -> bytes | None:
+        try:
+            return bytes.fromhex(self.connect_key_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def save_connect_key(self, key: bytes) -> None:
+        atomic_write_bytes(self.connect_key_path, key.hex().encode(), mode=0o600)

@@ -1,0 +1,59 @@
+"""The `directory` volume kind: a plain directory with the accounting of a real volume.
+
+Used without root or loop devices (laptops, the local runtime). `size_bytes` is a
+nominal budget that grows like an XFS volume would; nothing enforces it, but the
+numbers let the controller and `studio-agent disk` treat both kinds alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+from agent.volume import VolumeInfo, VolumeKind
+
+__all__ = ["DirectoryVolume", "directory_usage"]
+
+
+def directory_usage(path: Path) -> int:
+    """Bytes allocated below `path` (like `du`; hard links counted once)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue  # removed while we walked
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            total += st.st_blocks * 512
+    return total
+
+
+class DirectoryVolume(VolumeKind):
+    kind = "directory"
+
+    async def prepare(self, path: Path, size_bytes: int) -> VolumeInfo:
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        return VolumeInfo(kind=self.kind, path=str(path), size_bytes=size_bytes)
+
+    async def grow(self, info: VolumeInfo, by_bytes: int) -> VolumeInfo:
+        info.size_bytes += by_bytes
+        return info
+
+    async def usage(self, info: VolumeInfo) -> VolumeInfo:
+        info.used_bytes = await asyncio.to_thread(directory_usage, Path(info.path))
+        return info
+
+    async def release(self, info: VolumeInfo) -> None:
+        await asyncio.to_thread(shutil.rmtree, info.path, True)
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, "a plain directory with accounting; always available"
