@@ -1,0 +1,1061 @@
+"""Backup, restore and verify of one checkpoint: the engine behind the checkpoint store.
+
+Blocking work (walking, reading, hashing, compressing, object-store calls) runs in
+worker threads; the async functions at the bottom are what the agent awaits. hashlib,
+blake3, zstd and file I/O release the GIL, so a small thread pool keeps both the disk
+and the network busy. Memory is bounded by the number of packs in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import os
+import posixpath
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.ckpt_backend import StoreUnavailable
+from agent.ckpt_chunker import Chunker
+from agent.ckpt_index import IndexEntry, encode_index
+from agent.ckpt_manifest import Entry, Manifest, encode_manifest, validate
+from agent.ckpt_pack import (
+    BLOB_DATA,
+    TRAILER_SIZE,
+    CorruptPack,
+    PackEntry,
+    PackWriter,
+    blob_id,
+    compress_blob,
+    decompress_blob,
+    pack_id,
+    parse_pack_table,
+    parse_trailer,
+)
+from agent.ckpt_repo import (
+    CheckpointInfo,
+    Repository,
+    new_checkpoint_key,
+    pack_name,
+    split_checkpoint_uri,
+)
+from agent.ckpt_safefs import DirFds, safe_open
+from agent.errors import CheckpointError, UnsafeArchive
+
+__all__ = [
+    "BackupResult",
+    "CheckpointInfo",
+    "ProgressFn",
+    "RestoreResult",
+    "VerifyReport",
+    "alatest_checkpoint",
+    "alist_checkpoints",
+    "backup",
+    "backup_sync",
+    "get_repository",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "restore",
+    "restore_sync",
+    "verify",
+    "verify_sync",
+]
+
+# (bytes done, bytes total); called from worker threads, at most every 0.1 s plus at the end.
+ProgressFn = Callable[[int, int], None]
+
+PACK_SIZE = 16 * 1024 * 1024
+# Files up to this size are read in one go and cut in memory (no stream overhead).
+SMALL_FILE = 8 * 1024 * 1024
+# Files from this size on get a worker thread each; smaller ones are read in batches.
+LARGE_FILE = 1024 * 1024
+SMALL_WORKERS = 1
+READ_ATTEMPTS = 3
+_IS_ROOT = os.geteuid() == 0
+
+_repos: dict[tuple[str, str], Repository] = {}
+_repos_lock = threading.Lock()
+
+
+def get_repository(
+    base_uri: str, storage_options: dict[str, Any] | None = None, *, create: bool = True
+) -> Repository:
+    """One Repository per base URI, so the index cache survives between checkpoints."""
+    key = (base_uri.rstrip("/"), repr(sorted((storage_options or {}).items())))
+    with _repos_lock:
+        repo = _repos.get(key)
+    if repo is None:
+        repo = Repository.open(base_uri, storage_options, create=create)
+        with _repos_lock:
+            _repos[key] = repo
+    return repo
+
+
+class _Progress:
+    def __init__(self, fn: ProgressFn | None, total: int = 0):
+        self.fn = fn
+        self.total = total
+        self.done = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if self.fn is None or now - self._last < 0.1:
+                return
+            self._last = now
+            done, total = self.done, self.total
+        self.fn(done, total)
+
+    def finish(self) -> None:
+        if self.fn is not None:
+            self.fn(self.done, self.total)
+
+
+# ---------------------------------------------------------------------------------------
+# Backup
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    key: str
+    uri: str
+    # Stored bytes of every blob this checkpoint needs, plus its manifest.
+    size_bytes: int
+    # Bytes this backup uploaded (new packs, index, manifest).
+    added_bytes: int
+    files: int
+    reused_files: int
+    read_bytes: int
+    new_blobs: int
+    packs_written: int
+    seconds: float
+    # Paths that kept changing while read (stored, but possibly mixing old and new data).
+    inconsistent: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+    return out
+
+
+def _walk(root: str, warnings: list[str]) -> list[tuple[str, os.stat_result]]:
+    """Pre-order walk with sorted names; stays on the root's file system (no mounts)."""
+    st = os.lstat(root)
+    out = [(".", st)]
+    root_dev = st.st_dev
+    stack = [("", root)]
+    while stack:
+        rel, abspath = stack.pop()
+        try:
+            with os.scandir(abspath) as it:
+                items = sorted(it, key=lambda d: d.name)
+        except FileNotFoundError:
+            continue
+        subdirs = []
+        for de in items:
+            name = de.name
+            r = f"{rel}/{name}" if rel else name
+            if "\n" in name or "\r" in name:
+                warnings.append(f"skipped {r!r}: newline in name")
+                continue
+            try:
+                s = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            out.append((r, s))
+            if stat.S_ISDIR(s.st_mode):
+                if s.st_dev != root_dev:
+                    # A mount point (data-links): keep the directory, never its content.
+                    continue
+                subdirs.append((r, de.path))
+        # The order of the walk itself does not matter: _sort_preorder fixes it.
+        stack.extend(subdirs)
+    return out
+
+
+def _sort_preorder(items: list[tuple[str, os.stat_result]]) -> list[tuple[str, os.stat_result]]:
+    # Sorting by path components gives parents before children, siblings by name.
+    head, rest = items[0], items[1:]
+    rest.sort(key=lambda it: it[0].split("/"))
+    return [head, *rest]
+
+
+def _batches(todo: list[Entry], files: int = 256, size: int = 4 << 20) -> list[list[Entry]]:
+    out: list[list[Entry]] = []
+    cur: list[Entry] = []
+    cur_size = 0
+    for e in todo:
+        if cur and (len(cur) >= files or cur_size + e.size > size):
+            out.append(cur)
+            cur, cur_size = [], 0
+        cur.append(e)
+        cur_size += e.size
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _Backup:
+    def __init__(
+        self,
+        repo: Repository,
+        session_id: str,
+        source: str,
+        parent: Manifest | None,
+        progress: ProgressFn | None,
+        threads: int,
+        upload_concurrency: int,
+        pack_size: int,
+    ):
+        self.repo = repo
+        self.session_id = session_id
+        self.source = source
+        self.parent = parent
+        self.progress = _Progress(progress)
+        self.threads = threads
+        self.pack_size = pack_size
+        self.lock = threading.Lock()
+        self.known: dict[bytes, IndexEntry] = {}
+        # blob -> (pack id, entry) once uploaded; None while pending in a pack.
+        self.new_blobs: dict[bytes, tuple[str, PackEntry] | None] = {}
+        self.writer = PackWriter()
+        self.inflight = threading.BoundedSemaphore(upload_concurrency + 1)
+        self.upload_pool = ThreadPoolExecutor(upload_concurrency, "ckpt-upload")
+        self.uploads: list[Future[None]] = []
+        self.new_packs: dict[str, list[PackEntry]] = {}
+        self.added = 0
+        self.read_bytes = 0
+        self.failed: BaseException | None = None
+        self.warnings: list[str] = []
+        self.inconsistent: list[str] = []
+        self._tls = threading.local()
+
+    # -- packs
+
+    def _chunker(self) -> Chunker:
+        c = getattr(self._tls, "c", None)
+        if c is None:
+            c = self._tls.c = Chunker(self.repo.params)
+        return c
+
+    def _add_chunk(self, data: memoryview) -> str:
+        bid = blob_id(data)
+        with self.lock:
+            if bid in self.known or bid in self.new_blobs:
+                return bid.hex()
+            self.new_blobs[bid] = None
+        stored, compressed = compress_blob(data)
+        full = None
+        with self.lock:
+            self.writer.add(bid, BLOB_DATA, stored, compressed, len(data))
+            if self.writer.size >= self.pack_size:
+                full, self.writer = self.writer, PackWriter()
+        if full is not None:
+            self._ship(full)
+        return bid.hex()
+
+    def _ship(self, writer: PackWriter) -> None:
+        pid, data, entries = writer.finish()
+        # Bounded memory: a reader waits here while too many packs are on the wire.
+        self.inflight.acquire()
+        if self.failed is not None:
+            self.inflight.release()
+            raise self.failed
+        self.uploads.append(self.upload_pool.submit(self._upload, pid, data, entries))
+
+    def _upload(self, pid: str, data: bytes, entries: list[PackEntry]) -> None:
+        try:
+            self.repo.backend.save(pack_name(pid), data)
+            with self.lock:
+                self.new_packs[pid] = entries
+                self.added += len(data)
+                for e in entries:
+                    self.new_blobs[e.blob] = (pid, e)
+        except BaseException as e:
+            self.failed = e
+            raise
+        finally:
+            self.inflight.release()
+
+    # -- files
+
+    def _read_file(self, e: Entry) -> None:
+        if self.failed is not None:
+            return
+        path = os.path.join(self.source, e.path)
+        counted = 0
+        for _attempt in range(READ_ATTEMPTS):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as err:
+                if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    e.type = "gone"
+                    return
+                raise
+            try:
+                st0 = os.fstat(fd)
+                if not stat.S_ISREG(st0.st_mode):
+                    e.type = "gone"
+                    return
+                chunks: list[str] = []
+                n = 0
+                if st0.st_size <= SMALL_FILE:
+                    # One read of size + 1 normally hits EOF at once; more means it grew.
+                    buf = os.read(fd, st0.st_size + 1)
+                    if len(buf) > st0.st_size:
+                        parts = [buf]
+                        while b := os.read(fd, 1 << 20):
+                            parts.append(b)
+                        buf = b"".join(parts)
+                    for c in self._chunker().cut_buf(memoryview(buf)):
+                        chunks.append(self._add_chunk(c))
+                        n += len(c)
+                else:
+                    with open(fd, "rb", buffering=0, closefd=False) as f:
+                        for c in self._chunker().cut_stream(f):
+                            chunks.append(self._add_chunk(c))
+                            n += len(c)
+                            self.progress.add(len(c))
+                            counted += len(c)
+                st1 = os.fstat(fd)
+            finally:
+                os.close(fd)
+            with self.lock:
+                self.read_bytes += n
+            if counted < n:
+                self.progress.add(n - counted)
+                counted = n
+            e.chunks = chunks
+            e.size = n
+            e.mtime_ns, e.ctime_ns = st1.st_mtime_ns, st1.st_ctime_ns
+            e.mode, e.uid, e.gid = stat.S_IMODE(st1.st_mode), st1.st_uid, st1.st_gid
+            same = (st0.st_size, st0.st_mtime_ns, st0.st_ctime_ns) == (
+                st1.st_size,
+                st1.st_mtime_ns,
+                st1.st_ctime_ns,
+            )
+            if same and n == st1.st_size:
+                return
+        # Still changing after every attempt: keep the last read, and say so.
+        e.inconsistent = True
+        with self.lock:
+            self.inconsistent.append(e.path)
+
+    def _read_batch(self, batch: list[Entry]) -> None:
+        for e in batch:
+            self._read_file(e)
+
+    # -- the whole run
+
+    def run(self) -> BackupResult:
+        t0 = time.monotonic()
+        lock = self.repo.take_lock(self.session_id)
+        try:
+            return self._run(t0)
+        finally:
+            self.upload_pool.shutdown(wait=True)
+            self.repo.release_lock(lock)
+
+    def _run(self, t0: float) -> BackupResult:
+        # The lock is taken before the index is read: GC relies on this order.
+        self.known = self.repo.load_indexes()
+        items = _sort_preorder(_walk(self.source, self.warnings))
+        prev: dict[str, Entry] = {}
+        if self.parent is not None:
+            prev = {p.path: p for p in self.parent.entries if p.type == "file"}
+        entries: list[Entry] = []
+        todo: list[Entry] = []
+        links: dict[tuple[int, int], str] = {}
+        total = 0
+        reused = 0
+        for rel, st in items:
+            mode = st.st_mode
+            path = self.source if rel == "." else os.path.join(self.source, rel)
+            e = Entry(
+                path=rel,
+                type="dir",
+                mode=stat.S_IMODE(mode),
+                uid=st.st_uid,
+                gid=st.st_gid,
+                mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns,
+                xattrs=_xattrs(path),
+            )
+            if stat.S_ISDIR(mode):
+                pass
+            elif stat.S_ISREG(mode):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in links:
+                    e.type, e.target = "hardlink", links[key]
+                    entries.append(e)
+                    continue
+                if st.st_nlink > 1:
+                    links[key] = rel
+                e.type, e.size, e.ino = "file", st.st_size, st.st_ino
+                total += st.st_size
+                p = prev.get(rel)
+                if (
+                    p is not None
+                    and not p.inconsistent
+                    and (p.size, p.mtime_ns, p.ctime_ns, p.ino)
+                    == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    and all(bytes.fromhex(c) in self.known for c in p.chunks)
+                ):
+                    e.chunks = list(p.chunks)
+                    reused += 1
+                    self.progress.add(st.st_size)
+                else:
+                    todo.append(e)
+            elif stat.S_ISLNK(mode):
+                try:
+                    e.type, e.target = "symlink", os.readlink(path)
+                except FileNotFoundError:
+                    continue
+            elif stat.S_ISFIFO(mode):
+                e.type = "fifo"
+            elif stat.S_ISCHR(mode) and st.st_rdev == 0:
+                e.type = "whiteout"
+            else:
+                self.warnings.append(f"skipped {rel!r}: device node or socket")
+                continue
+            entries.append(e)
+        self.progress.total = total
+
+        # Large files spread over `threads` workers (hashing and zstd release the GIL);
+        # small files go in batches to at most two workers, since for them the GIL
+        # hand-offs of many threads cost more than the reading itself (measured: 100k
+        # small files 6.6 s on 2 threads, 10.5 s on 4).
+        todo.sort(key=lambda x: -x.size)
+        large = [e for e in todo if e.size >= LARGE_FILE]
+        small = _batches([e for e in todo if e.size < LARGE_FILE])
+        with (
+            ThreadPoolExecutor(self.threads, "ckpt-read") as pool,
+            ThreadPoolExecutor(SMALL_WORKERS, "ckpt-read-small") as spool,
+        ):
+            futs = [pool.submit(self._read_file, e) for e in large]
+            futs += [spool.submit(self._read_batch, b) for b in small]
+            for f in futs:
+                f.result()
+        with self.lock:
+            last, self.writer = self.writer, PackWriter()
+        if len(last):
+            self._ship(last)
+        for f in self.uploads:
+            f.result()
+        if self.failed is not None:
+            raise self.failed
+        self.progress.finish()
+
+        # Files that vanished during the walk are dropped, with hard links to them.
+        gone = {e.path for e in entries if e.type == "gone"}
+        entries = [
+            e
+            for e in entries
+            if e.type != "gone" and not (e.type == "hardlink" and e.target in gone)
+        ]
+
+        packs: set[str] = set()
+        size = 0
+        seen: set[bytes] = set()
+        for e in entries:
+            for c in e.chunks:
+                b = bytes.fromhex(c)
+                if b in seen:
+                    continue
+                seen.add(b)
+                nb = self.new_blobs.get(b)
+                if nb is not None:
+                    packs.add(nb[0])
+                    size += nb[1].length
+                else:
+                    ie = self.known[b]
+                    packs.add(ie.pack)
+                    size += ie.length
+
+        if self.new_packs:
+            iid, idata = encode_index(self.new_packs)
+            self.repo.backend.save(f"index/{iid}", idata)
+            self.added += len(idata)
+
+        key = new_checkpoint_key()
+        m = Manifest(
+            session_id=self.session_id,
+            key=key,
+            created_ns=time.time_ns(),
+            parent=None
+            if self.parent is None
+            else self.repo.checkpoint_uri(self.parent.session_id, self.parent.key),
+            entries=entries,
+            packs=sorted(packs),
+            chunker=self.repo.params.to_json(),
+            stats={"files": len(todo) + reused, "bytes": total, "stored_bytes": size},
+        )
+        mdata = encode_manifest(m)
+        # Last: the checkpoint exists from this moment.
+        self.repo.backend.save(self.repo.manifest_name(self.session_id, key), mdata)
+        self.added += len(mdata)
+        return BackupResult(
+            key=key,
+            uri=self.repo.checkpoint_uri(self.session_id, key),
+            size_bytes=size + len(mdata),
+            added_bytes=self.added,
+            files=len(todo) + reused,
+            reused_files=reused,
+            read_bytes=self.read_bytes,
+            new_blobs=sum(len(v) for v in self.new_packs.values()),
+            packs_written=len(self.new_packs),
+            seconds=time.monotonic() - t0,
+            inconsistent=sorted(self.inconsistent),
+            warnings=self.warnings,
+        )
+
+
+def _load_manifest_uri(uri: str, storage_options: dict[str, Any] | None) -> Manifest:
+    base, session, key = split_checkpoint_uri(uri)
+    repo = get_repository(base, storage_options, create=False)
+    try:
+        return repo.load_manifest(session, key)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {uri}") from None
+
+
+def backup_sync(
+    base_uri: str,
+    session_id: str,
+    source_dir: Path | str,
+    parent: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+    upload_concurrency: int = 4,
+    pack_size: int = PACK_SIZE,
+) -> BackupResult:
+    if not session_id or "/" in session_id or session_id in (".", ".."):
+        raise CheckpointError(f"bad session id {session_id!r}")
+    repo = get_repository(base_uri, storage_options)
+    parent_m = None
+    if parent:
+        try:
+            parent_m = _load_manifest_uri(parent, storage_options)
+        except CheckpointError:
+            # A missing parent only costs re-reading every file.
+            parent_m = None
+    n = threads or min(8, (os.cpu_count() or 2) * 2)
+    b = _Backup(
+        repo, session_id, str(source_dir), parent_m, progress, n, upload_concurrency, pack_size
+    )
+    try:
+        return b.run()
+    except StoreUnavailable:
+        raise
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"checkpoint of {source_dir} failed: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Reading packs (restore and verify)
+
+
+def _pack_table(repo: Repository, pack: str) -> tuple[int, list[PackEntry]]:
+    name = pack_name(pack)
+    try:
+        size = repo.backend.stat(name).size
+    except FileNotFoundError:
+        raise CorruptPack(pack, f"missing from {repo.base_uri}") from None
+    if size < TRAILER_SIZE:
+        raise CorruptPack(pack, "truncated")
+    want = min(size, 256 * 1024)
+    tail = repo.backend.load(name, size - want, want)
+    n = parse_trailer(pack, tail)
+    if n + TRAILER_SIZE > size:
+        raise CorruptPack(pack, "truncated (table longer than the object)")
+    if n + TRAILER_SIZE > len(tail):
+        tail = repo.backend.load(name, size - n - TRAILER_SIZE, n + TRAILER_SIZE)
+    return size, parse_pack_table(pack, tail, size)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_id(n: int) -> bytes:
+    return blob_id(bytes(n))
+
+
+def _decode_blob(pack: str, e: PackEntry, stored: bytes | memoryview) -> bytes:
+    if len(stored) != e.length:
+        raise CorruptPack(pack, f"truncated at blob {e.blob.hex()}")
+    try:
+        data = decompress_blob(stored, e.compressed, e.raw_length)
+    except Exception as err:
+        raise CorruptPack(pack, f"blob {e.blob.hex()} does not decompress ({err})") from err
+    if len(data) != e.raw_length or blob_id(data) != e.blob:
+        raise CorruptPack(pack, f"blob {e.blob.hex()} does not match its hash")
+    return data
+
+
+def _ranges(
+    entries: list[PackEntry], gap: int = 1 << 20, cap: int = 32 << 20
+) -> list[list[PackEntry]]:
+    """Blobs grouped into ranges close enough to fetch with one request."""
+    out: list[list[PackEntry]] = []
+    for e in sorted(entries, key=lambda x: x.offset):
+        if out:
+            cur = out[-1]
+            start = cur[0].offset
+            end = cur[-1].offset + cur[-1].length
+            if e.offset - end <= gap and e.offset + e.length - start <= cap:
+                cur.append(e)
+                continue
+        out.append([e])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Restore
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    files: int
+    bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _set_xattrs(target: int | str, xattrs: dict[str, bytes], warnings: list[str], rel: str) -> None:
+    for k, v in xattrs.items():
+        if not _IS_ROOT and k.startswith(("trusted.", "security.")):
+            warnings.append(f"{rel}: xattr {k} needs root, not restored")
+            continue
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, k, v)
+            else:
+                os.setxattr(target, k, v, follow_symlinks=False)
+        except OSError as err:
+            warnings.append(f"{rel}: xattr {k} not restored ({err.strerror})")
+
+
+class _Restore:
+    def __init__(
+        self, repo: Repository, m: Manifest, target: str, progress: ProgressFn | None, threads: int
+    ):
+        self.repo = repo
+        self.m = m
+        self.target = target
+        self.progress = _Progress(progress)
+        self.threads = threads
+        self.warnings: list[str] = []
+        self.root_fd = -1
+        self.tail_holes: set[str] = set()
+
+    def run(self) -> RestoreResult:
+        t0 = time.monotonic()
+        validate(self.m)
+        with ThreadPoolExecutor(self.threads, "ckpt-restore") as pool:
+            tables = dict(
+                zip(
+                    self.m.packs,
+                    pool.map(lambda p: _pack_table(self.repo, p), self.m.packs),
+                    strict=True,
+                )
+            )
+            blobs: dict[bytes, tuple[str, PackEntry]] = {}
+            for pack, (_, entries) in tables.items():
+                for e in entries:
+                    blobs.setdefault(e.blob, (pack, e))
+            # pack -> blob -> [(file, offset)]: where each needed blob goes.
+            plan: dict[str, dict[bytes, tuple[PackEntry, list[tuple[str, int]]]]] = {}
+            total = 0
+            for e in self.m.entries:
+                if e.type != "file":
+                    continue
+                off = 0
+                for c in e.chunks:
+                    b = bytes.fromhex(c)
+                    hit = blobs.get(b)
+                    if hit is None:
+                        raise CheckpointError(
+                            f"checkpoint {self.m.key}: blob {c} of {e.path!r} "
+                            "is in none of its packs"
+                        )
+                    pack, pe = hit
+                    # Bounded by the chunker's maximum: a forged table cannot make us
+                    # allocate gigabytes of zeros.
+                    zero = pe.raw_length <= self.repo.params.max_size and b == _zero_id(
+                        pe.raw_length
+                    )
+                    if not zero:
+                        plan.setdefault(pack, {}).setdefault(b, (pe, []))[1].append((e.path, off))
+                    off += pe.raw_length
+                if e.chunks and zero:
+                    self.tail_holes.add(e.path)
+                if off != e.size:
+                    raise CheckpointError(
+                        f"checkpoint {self.m.key}: chunks of {e.path!r} do not add up to its size"
+                    )
+                total += e.size
+            self.progress.total = total
+
+            os.makedirs(self.target, exist_ok=True)
+            if os.listdir(self.target):
+                raise CheckpointError(f"restore target {self.target} is not empty")
+            self.root_fd = os.open(
+                self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+            dirs = DirFds(self.root_fd)
+            try:
+                self._create(dirs)
+                zero_total = total - sum(
+                    pe.raw_length * len(t) for p in plan.values() for pe, t in p.values()
+                )
+                self.progress.add(zero_total)
+                list(pool.map(lambda p: self._fill(p, plan[p]), list(plan)))
+                self.progress.finish()
+                self._links(dirs)
+                # Metadata in this thread: a few cheap syscalls per file, where several
+                # threads only fight over the GIL (100k files: 1.3 s on one, 12 s on four).
+                for e in self.m.entries:
+                    if e.type not in ("dir", "hardlink"):
+                        self._meta(dirs, e)
+                for e in reversed(self.m.entries):
+                    if e.type == "dir":
+                        self._meta(dirs, e)
+            finally:
+                dirs.close()
+                os.close(self.root_fd)
+        return RestoreResult(
+            files=sum(1 for e in self.m.entries if e.type == "file"),
+            bytes=total,
+            seconds=time.monotonic() - t0,
+            warnings=self.warnings,
+        )
+
+    def _create(self, dirs: DirFds) -> None:
+        for e in self.m.entries[1:]:
+            if e.type == "hardlink":
+                continue
+            parent, name = posixpath.split(e.path)
+            pfd = dirs.get(parent)
+            try:
+                if e.type == "dir":
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+                elif e.type == "file":
+                    fd = os.open(
+                        name,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                        dir_fd=pfd,
+                    )
+                    try:
+                        # Holes stay holes: zero chunks are never written, so a file that
+                        # ends in one needs its size set (ftruncate costs ~0.3 ms on ext4:
+                        # only where needed).
+                        if e.path in self.tail_holes:
+                            os.ftruncate(fd, e.size)
+                    finally:
+                        os.close(fd)
+                elif e.type == "symlink":
+                    os.symlink(e.target, name, dir_fd=pfd)
+                elif e.type == "fifo":
+                    os.mkfifo(name, 0o600, dir_fd=pfd)
+                elif e.type == "whiteout":
+                    os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
+                else:  # validate() let nothing else through
+                    raise UnsafeArchive(f"unexpected entry type {e.type!r}")
+            finally:
+                os.close(pfd)
+
+    def _fill(
+        self, pack: str, wanted: dict[bytes, tuple[PackEntry, list[tuple[str, int]]]]
+    ) -> None:
+        name = pack_name(pack)
+        for group in _ranges([pe for pe, _ in wanted.values()]):
+            start = group[0].offset
+            length = group[-1].offset + group[-1].length - start
+            try:
+                data = memoryview(self.repo.backend.load(name, start, length))
+            except FileNotFoundError:
+                raise CorruptPack(pack, f"missing from {self.repo.base_uri}") from None
+            for pe in group:
+                raw = _decode_blob(
+                    pack, pe, data[pe.offset - start : pe.offset - start + pe.length]
+                )
+                for path, off in wanted[pe.blob][1]:
+                    fd = safe_open(self.root_fd, path, os.O_WRONLY)
+                    try:
+                        view = memoryview(raw)
+                        while view:
+                            n = os.pwrite(fd, view, off)
+                            view, off = view[n:], off + n
+                    finally:
+                        os.close(fd)
+                    self.progress.add(len(raw))
+
+    def _links(self, dirs: DirFds) -> None:
+        for e in self.m.entries:
+            if e.type != "hardlink":
+                continue
+            sp, sn = posixpath.split(e.target)
+            dp, dn = posixpath.split(e.path)
+            sfd, dfd = dirs.get(sp), dirs.get(dp)
+            try:
+                os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.close(sfd)
+                os.close(dfd)
+
+    def _meta(self, dirs: DirFds, e: Entry) -> None:
+        if e.type in ("file", "dir"):
+            flags = os.O_RDONLY | (os.O_DIRECTORY if e.type == "dir" else 0)
+            fd = safe_open(self.root_fd, e.path, flags)
+            try:
+                if _IS_ROOT:
+                    os.fchown(fd, e.uid, e.gid)
+                _set_xattrs(fd, e.xattrs, self.warnings, e.path)
+                # After chown, which clears set-id bits.
+                os.fchmod(fd, e.mode)
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            finally:
+                os.close(fd)
+            return
+        parent, name = posixpath.split(e.path)
+        pfd = dirs.get(parent)
+        try:
+            if e.type == "symlink":
+                if _IS_ROOT:
+                    os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+                _set_xattrs(f"/proc/self/fd/{pfd}/{name}", e.xattrs, self.warnings, e.path)
+                os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+                return
+            # fifo, whiteout: an O_PATH fd names the inode itself without opening it.
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                    raise UnsafeArchive(f"{e.path!r} changed type during restore")
+                p = f"/proc/self/fd/{fd}"
+                if _IS_ROOT:
+                    os.chown(p, e.uid, e.gid)
+                _set_xattrs(p, e.xattrs, self.warnings, e.path)
+                os.chmod(p, e.mode)
+                os.utime(p, ns=(e.mtime_ns, e.mtime_ns))
+            finally:
+                os.close(fd)
+        finally:
+            os.close(pfd)
+
+
+def restore_sync(
+    uri: str,
+    target_dir: Path | str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+) -> RestoreResult:
+    """Restore into an empty directory; on error the directory holds partial data."""
+    base, _, _ = split_checkpoint_uri(uri)
+    m = _load_manifest_uri(uri, storage_options)
+    repo = get_repository(base, storage_options, create=False)
+    n = threads or min(8, (os.cpu_count() or 2) * 2)
+    try:
+        return _Restore(repo, m, str(target_dir), progress, n).run()
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"restore of {uri} into {target_dir} failed: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Verify
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    uri: str
+    ok: bool
+    problems: list[str]
+    bad_packs: list[str]
+    packs_checked: int
+    bytes_checked: int
+
+
+def verify_sync(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+) -> VerifyReport:
+    """Download and re-hash every pack and blob the checkpoint needs."""
+    base, _, _ = split_checkpoint_uri(uri)
+    try:
+        m = _load_manifest_uri(uri, storage_options)
+        validate(m)
+    except (CheckpointError, ValueError) as e:
+        return VerifyReport(uri, False, [str(e)], [], 0, 0)
+    repo = get_repository(base, storage_options, create=False)
+    needed = {bytes.fromhex(c) for e in m.entries if e.type == "file" for c in e.chunks}
+    found: set[bytes] = set()
+    problems: list[str] = []
+    bad: list[str] = []
+    lock = threading.Lock()
+    prog = _Progress(progress)
+    checked = 0
+
+    def check(pack: str) -> None:
+        nonlocal checked
+        try:
+            try:
+                data = repo.backend.load(pack_name(pack))
+            except FileNotFoundError:
+                raise CorruptPack(pack, f"missing from {repo.base_uri}") from None
+            if pack_id(data) != pack:
+                raise CorruptPack(pack, "content does not hash to its name (corrupt or truncated)")
+            entries = parse_pack_table(pack, data, len(data))
+            mv = memoryview(data)
+            for e in entries:
+                _decode_blob(pack, e, mv[e.offset : e.offset + e.length])
+            with lock:
+                found.update(e.blob for e in entries)
+                checked += len(data)
+        except CorruptPack as err:
+            with lock:
+                problems.append(str(err))
+                bad.append(pack)
+        prog.add(1)
+
+    prog.total = len(m.packs)
+    n = threads or min(8, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(n, "ckpt-verify") as pool:
+        list(pool.map(check, m.packs))
+    prog.finish()
+    missing = needed - found
+    if missing and not bad:
+        problems.append(f"{len(missing)} blobs are in none of the checkpoint's packs")
+    return VerifyReport(uri, not problems, problems, sorted(bad), len(m.packs), checked)
+
+
+# ---------------------------------------------------------------------------------------
+# Listing and the async API
+
+
+def list_checkpoints(
+    base_uri: str, session_id: str | None = None, *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
+    """Complete checkpoints (those with a manifest), oldest first; blocking."""
+    return get_repository(base_uri, storage_options).list_checkpoints(session_id)
+
+
+def latest_checkpoint(
+    base_uri: str, session_id: str, *, storage_options: dict[str, Any] | None = None
+) -> str | None:
+    cps = list_checkpoints(base_uri, session_id, storage_options=storage_options)
+    return cps[-1].uri if cps else None
+
+
+def _threadsafe(progress: ProgressFn | None) -> ProgressFn | None:
+    """Deliver progress on the caller's event loop, so callbacks can touch asyncio state."""
+    if progress is None:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def fn(done: int, total: int) -> None:
+        loop.call_soon_threadsafe(progress, done, total)
+
+    return fn
+
+
+async def backup(
+    base_uri: str,
+    session_id: str,
+    source_dir: Path | str,
+    parent: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+) -> BackupResult:
+    """Write `source_dir` as a new checkpoint of `session_id`; `parent` makes it incremental."""
+    return await asyncio.to_thread(
+        backup_sync,
+        base_uri,
+        session_id,
+        source_dir,
+        parent,
+        storage_options=storage_options,
+        progress=_threadsafe(progress),
+        threads=threads,
+    )
+
+
+async def restore(
+    uri: str,
+    target_dir: Path | str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+) -> RestoreResult:
+    return await asyncio.to_thread(
+        restore_sync,
+        uri,
+        target_dir,
+        storage_options=storage_options,
+        progress=_threadsafe(progress),
+        threads=threads,
+    )
+
+
+async def verify(
+    uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+) -> VerifyReport:
+    return await asyncio.to_thread(
+        verify_sync,
+        uri,
+        storage_options=storage_options,
+        progress=_threadsafe(progress),
+        threads=threads,
+    )
+
+
+async def alist_checkpoints(
+    base_uri: str, session_id: str | None = None, *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
+    return await asyncio.to_thread(
+        list_checkpoints, base_uri, session_id, storage_options=storage_options
+    )
+
+
+async def alatest_checkpoint(
+    base_uri: str, session_id: str, *, storage_options: dict[str, Any] | None = None
+) -> str | None:
+    return await asyncio.to_thread(
+        latest_checkpoint, base_uri, session_id, storage_options=storage_options
+    )

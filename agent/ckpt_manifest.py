@@ -1,0 +1,216 @@
+"""The checkpoint manifest: the tree of the overlay upper directory and the packs it needs.
+
+JSON (the C encoder handles 100,000 entries in a fraction of a second) compressed with
+zstd. The manifest is the last object a backup writes: a checkpoint exists iff its
+manifest does. `validate` is the restore's first line of defence: every path, type and
+link in a manifest is checked before a single byte is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from agent.errors import UnsafeArchive
+
+__all__ = [
+    "ENTRY_TYPES",
+    "Entry",
+    "Manifest",
+    "decode_manifest",
+    "encode_manifest",
+    "validate",
+]
+
+VERSION = 1
+# Char devices are only ever overlay whiteouts (0:0); no other device type exists here.
+ENTRY_TYPES = frozenset({"dir", "file", "symlink", "hardlink", "fifo", "whiteout"})
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+@dataclass(slots=True)
+class Entry:
+    path: str
+    type: str
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    size: int = 0
+    ino: int = 0
+    # Blob ids (hex) of the file's chunks in order; the lengths come from the pack tables.
+    chunks: list[str] = field(default_factory=list)
+    # Symlink target, or for a hard link the path of the entry it shares an inode with.
+    target: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    # The file kept changing while it was read: its content may mix old and new writes.
+    inconsistent: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"p": self.path, "t": self.type, "m": self.mode}
+        if self.uid:
+            d["u"] = self.uid
+        if self.gid:
+            d["g"] = self.gid
+        d["mt"] = self.mtime_ns
+        if self.ctime_ns:
+            d["ct"] = self.ctime_ns
+        if self.size:
+            d["s"] = self.size
+        if self.ino:
+            d["i"] = self.ino
+        if self.chunks:
+            d["c"] = self.chunks
+        if self.target:
+            d["l"] = self.target
+        if self.xattrs:
+            d["x"] = {k: base64.b64encode(v).decode() for k, v in self.xattrs.items()}
+        if self.inconsistent:
+            d["bad"] = True
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Entry:
+        x = d.get("x") or {}
+        if not isinstance(x, dict):
+            raise UnsafeArchive(f"bad xattrs in checkpoint entry {d.get('p')!r}")
+        return cls(
+            path=d["p"],
+            type=d["t"],
+            mode=d.get("m", 0o644),
+            uid=d.get("u", 0),
+            gid=d.get("g", 0),
+            mtime_ns=d.get("mt", 0),
+            ctime_ns=d.get("ct", 0),
+            size=d.get("s", 0),
+            ino=d.get("i", 0),
+            chunks=list(d.get("c") or []),
+            target=d.get("l", ""),
+            xattrs={k: base64.b64decode(v) for k, v in x.items()},
+            inconsistent=bool(d.get("bad", False)),
+        )
+
+
+@dataclass
+class Manifest:
+    session_id: str
+    key: str
+    created_ns: int
+    parent: str | None
+    entries: list[Entry]
+    # Every pack holding a blob of this checkpoint: what restore reads and GC keeps.
+    packs: list[str]
+    chunker: dict[str, int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    doc = {
+        "version": VERSION,
+        "session": m.session_id,
+        "key": m.key,
+        "created_ns": m.created_ns,
+        "parent": m.parent,
+        "chunker": m.chunker,
+        "stats": m.stats,
+        "packs": m.packs,
+        "entries": [e.to_json() for e in m.entries],
+    }
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return zstandard.ZstdCompressor(level=6).compress(raw)
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
+    doc = json.loads(raw)
+    if doc.get("version") != VERSION:
+        raise UnsafeArchive(f"unknown checkpoint manifest version {doc.get('version')!r}")
+    try:
+        entries = [Entry.from_json(e) for e in doc["entries"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnsafeArchive(f"malformed checkpoint manifest: {e}") from e
+    return Manifest(
+        session_id=doc["session"],
+        key=doc["key"],
+        created_ns=doc["created_ns"],
+        parent=doc.get("parent"),
+        entries=entries,
+        packs=list(doc["packs"]),
+        chunker=doc.get("chunker") or {},
+        stats=doc.get("stats") or {},
+    )
+
+
+def _check_name(path: str) -> None:
+    if not isinstance(path, str) or not path:
+        raise UnsafeArchive(f"empty or non-text path in checkpoint: {path!r}")
+    if "\0" in path or "\n" in path or "\r" in path:
+        raise UnsafeArchive(f"NUL or newline in checkpoint path: {path!r}")
+    if path.startswith("/"):
+        raise UnsafeArchive(f"absolute path in checkpoint: {path!r}")
+    if any(p in ("", ".", "..") for p in path.split("/")):
+        raise UnsafeArchive(f"path with '..', '.' or an empty component in checkpoint: {path!r}")
+
+
+def validate(m: Manifest) -> None:
+    """Refuse anything that could write outside the target; raise UnsafeArchive."""
+    for p in m.packs:
+        if not isinstance(p, str) or not _HEX64.match(p):
+            raise UnsafeArchive(f"bad pack id in checkpoint: {p!r}")
+    if not m.entries or m.entries[0].path != "." or m.entries[0].type != "dir":
+        raise UnsafeArchive("checkpoint manifest does not start with its root directory")
+    dirs = {"."}
+    files: set[str] = set()
+    seen = {"."}
+    for e in m.entries[1:]:
+        path = e.path
+        _check_name(path)
+        if path in seen:
+            raise UnsafeArchive(f"duplicate path in checkpoint: {path!r}")
+        seen.add(path)
+        parent = posixpath.dirname(path) or "."
+        # Every parent must be a directory of this manifest created earlier: nothing is
+        # ever written through a symlink, so a link cannot lead a write out of the tree.
+        if parent not in dirs:
+            raise UnsafeArchive(f"parent of {path!r} is not a directory in the checkpoint")
+        if e.type not in ENTRY_TYPES:
+            raise UnsafeArchive(f"device node or unknown type {e.type!r} in checkpoint: {path!r}")
+        for k in ("mode", "uid", "gid", "mtime_ns", "size"):
+            v = getattr(e, k)
+            if not isinstance(v, int) or v < 0:
+                raise UnsafeArchive(f"bad {k} for {path!r} in checkpoint")
+        if e.mode > 0o7777:
+            raise UnsafeArchive(f"bad mode for {path!r} in checkpoint")
+        for name in e.xattrs:
+            if not isinstance(name, str) or not name or "\0" in name:
+                raise UnsafeArchive(f"bad xattr name for {path!r} in checkpoint")
+        if e.type == "dir":
+            dirs.add(path)
+        elif e.type == "file":
+            files.add(path)
+            for c in e.chunks:
+                if not isinstance(c, str) or not _HEX64.match(c):
+                    raise UnsafeArchive(f"bad chunk id for {path!r} in checkpoint")
+        elif e.type == "hardlink":
+            _check_name(e.target)
+            if e.target not in files:
+                raise UnsafeArchive(
+                    f"hard link {path!r} -> {e.target!r} does not name an earlier file"
+                )
+        elif e.type == "symlink":
+            t = e.target
+            if not t or "\0" in t or len(t) > 4095:
+                raise UnsafeArchive(f"bad symlink target for {path!r} in checkpoint")
+            # Absolute targets are normal in a root file system (/usr/bin/python3) and
+            # point inside the container's root; a relative one must not climb above it.
+            if not t.startswith("/"):
+                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), t))
+                if resolved == ".." or resolved.startswith("../"):
+                    raise UnsafeArchive(f"symlink out of the tree in checkpoint: {path!r} -> {t!r}")

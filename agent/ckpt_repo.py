@@ -1,0 +1,151 @@
+"""The repository layout below a base URI, and its shared objects.
+
+    config                          repository version, chunker parameters
+    data/<2 hex>/<pack id>          packs (content-addressed, written once)
+    index/<index id>                indexes (content-addressed, written after their packs)
+    manifests/<session id>/<key>    one per checkpoint, written last
+    locks/<id>                      one per running backup, so GC keeps out of its way
+
+Data and indexes are shared by every studio (and clone) of a compute environment.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.ckpt_backend import Backend, open_backend
+from agent.ckpt_chunker import DEFAULT_PARAMS, ChunkerParams
+from agent.ckpt_index import IndexEntry, decode_index
+from agent.ckpt_manifest import Manifest, decode_manifest
+from agent.errors import CheckpointError
+
+__all__ = [
+    "REPO_VERSION",
+    "CheckpointInfo",
+    "Repository",
+    "new_checkpoint_key",
+    "pack_name",
+    "split_checkpoint_uri",
+]
+
+REPO_VERSION = 1
+MANIFESTS = "manifests/"
+
+
+def pack_name(pack: str) -> str:
+    return f"data/{pack[:2]}/{pack}"
+
+
+def new_checkpoint_key() -> str:
+    # Sorts by time; the random part keeps two agents' keys apart.
+    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{now}-{secrets.token_hex(4)}"
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str, str]:
+    """(base URI, session id, key) of a checkpoint URI `<base>/manifests/<session>/<key>`."""
+    base, sep, rest = uri.rpartition("/" + MANIFESTS)
+    parts = rest.split("/")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"not a checkpoint URI: {uri!r}")
+    return base, parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    session_id: str
+    key: str
+    uri: str
+    # Bytes of the manifest object itself; the data size is in the manifest's stats.
+    manifest_bytes: int
+    saved_at: float
+
+
+class Repository:
+    def __init__(self, backend: Backend, base_uri: str, params: ChunkerParams):
+        self.backend = backend
+        self.base_uri = base_uri.rstrip("/")
+        self.params = params
+        self._index_cache: dict[str, dict[bytes, IndexEntry]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, base_uri: str, storage_options: dict[str, Any] | None = None, *, create: bool = True
+    ) -> Repository:
+        """Open (and on first use create) the repository; blocking."""
+        backend = open_backend(base_uri, storage_options)
+        try:
+            cfg = json.loads(backend.load("config"))
+        except FileNotFoundError:
+            if not create:
+                raise CheckpointError(f"no checkpoint repository at {base_uri}") from None
+            cfg = {"version": REPO_VERSION, "chunker": DEFAULT_PARAMS.to_json()}
+            backend.save("config", json.dumps(cfg).encode())
+        if cfg.get("version") != REPO_VERSION:
+            raise CheckpointError(
+                f"checkpoint repository {base_uri} has version {cfg.get('version')!r}, "
+                f"this agent reads {REPO_VERSION}"
+            )
+        return cls(backend, base_uri, ChunkerParams.from_json(cfg["chunker"]))
+
+    def manifest_name(self, session_id: str, key: str) -> str:
+        return f"{MANIFESTS}{session_id}/{key}"
+
+    def checkpoint_uri(self, session_id: str, key: str) -> str:
+        return f"{self.base_uri}/{self.manifest_name(session_id, key)}"
+
+    def load_manifest(self, session_id: str, key: str) -> Manifest:
+        return decode_manifest(self.backend.load(self.manifest_name(session_id, key)))
+
+    def list_checkpoints(self, session_id: str | None = None) -> list[CheckpointInfo]:
+        prefix = MANIFESTS + (f"{session_id}/" if session_id else "")
+        out = []
+        for o in self.backend.list(prefix):
+            parts = o.name[len(MANIFESTS) :].split("/")
+            if len(parts) != 2:
+                continue
+            out.append(
+                CheckpointInfo(parts[0], parts[1], f"{self.base_uri}/{o.name}", o.size, o.mtime)
+            )
+        return sorted(out, key=lambda c: (c.session_id, c.key))
+
+    def load_indexes(self) -> dict[bytes, IndexEntry]:
+        """Every blob the repository's indexes know; immutable index files are cached."""
+        names = [o.name for o in self.backend.list("index/")]
+        merged: dict[bytes, IndexEntry] = {}
+        for name in names:
+            with self._lock:
+                idx = self._index_cache.get(name)
+            if idx is None:
+                try:
+                    idx = decode_index(self.backend.load(name))
+                except FileNotFoundError:
+                    # Removed by GC between list and load: its packs are garbage.
+                    continue
+                with self._lock:
+                    self._index_cache[name] = idx
+            merged.update(idx)
+        with self._lock:
+            for stale in set(self._index_cache) - set(names):
+                del self._index_cache[stale]
+        return merged
+
+    def take_lock(self, session_id: str) -> str:
+        name = f"locks/{session_id}-{secrets.token_hex(6)}"
+        body = json.dumps({"session": session_id, "time": time.time()}).encode()
+        self.backend.save(name, body, overwrite=True)
+        return name
+
+    def release_lock(self, name: str) -> None:
+        try:
+            self.backend.remove(name)
+        except Exception:
+            # A stale lock only delays GC until it ages out.
+            pass
