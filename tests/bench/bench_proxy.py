@@ -1,0 +1,278 @@
+"""Throughput and latency through the agent's connect proxy, beside direct, nginx and
+configurable-http-proxy (JupyterHub's proxy), measured in the same run with wrk.
+
+The backend is `proxy_backend.py` (aiohttp, 1 KiB and 1 MiB bodies) run as a real studio on
+the local runtime; our proxy is reached as a browser would after the studioUrl sign-in (Host
+`<sessionId>.localhost`, the session cookie). nginx (Debian's nginx-light) and
+configurable-http-proxy (`tests/bench/anchor_jupyterhub.py --setup`) are skipped, and say so,
+where they are not installed. Prints JSON.
+
+    .venv/bin/python tests/bench/bench_proxy.py [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.bench.anchor_jupyterhub import CHP
+from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient, free_port
+
+BACKEND = Path(__file__).with_name("proxy_backend.py")
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(url: str, headers: dict[str, str], duration: int, connections: int) -> dict[str, Any]:
+    threads = min(2, connections)
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    for name, value in headers.items():
+        argv[1:1] = ["-H", f"{name}: {value}"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": round(rps, 1),
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+def start_nginx(tmp: Path, backend_port: int) -> tuple[subprocess.Popen[bytes] | None, int]:
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        return None, 0
+    port = free_port()
+    (tmp / "nginx").mkdir()
+    conf = tmp / "nginx" / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 2;
+pid {tmp}/nginx/nginx.pid;
+error_log {tmp}/nginx/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx;
+    proxy_temp_path {tmp}/nginx;
+    upstream tool {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://tool;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(tmp / "nginx"), "-g", "daemon off;"],
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, port
+
+
+def start_chp(backend_port: int) -> tuple[subprocess.Popen[bytes] | None, int]:
+    if not CHP.exists():
+        return None, 0
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(CHP),
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-port",
+            str(free_port()),
+            "--default-target",
+            f"http://127.0.0.1:{backend_port}",
+            "--log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    return proc, port
+
+
+async def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+async def sign_in(api: RestClient, studio: dict[str, Any]) -> str:
+    async with api.http.get(
+        studio["studioUrl"],
+        headers={"Authorization": f"Bearer {api.token}"},
+        allow_redirects=False,
+    ) as resp:
+        location = resp.headers["Location"]
+    async with api.http.get(location, allow_redirects=False) as resp:
+        cookie = resp.cookies.get("studios-connect")
+        if cookie is None:
+            raise RuntimeError(f"the proxy set no session cookie ({resp.status})")
+        return cookie.value
+
+
+async def run(duration: int) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    with tempfile.TemporaryDirectory(prefix="studios-bench-proxy-") as tmp_name:
+        tmp = Path(tmp_name)
+        templates = tmp / "templates.json"
+        templates.write_text(
+            json.dumps(
+                {
+                    "studios/bench-backend": {
+                        "tool": "bench-backend",
+                        "command": ["{python}", str(BACKEND), "{port}"],
+                    }
+                }
+            )
+        )
+        controller = ControllerProcess(tmp / "controller")
+        controller.start()
+        agent: AgentProcess | None = None
+        api: RestClient | None = None
+        helpers: list[subprocess.Popen[bytes]] = []
+        try:
+            await controller.wait_ready()
+            api = RestClient(controller.url, controller.admin_token)
+            _, body = await api.request(
+                "POST",
+                "/compute-envs",
+                {
+                    "computeEnv": {
+                        "name": "bench",
+                        "platform": "studio-agent",
+                        "config": {"workDir": str(tmp / "work")},
+                    }
+                },
+                expect=200,
+            )
+            agent = AgentProcess(
+                controller,
+                body["computeEnvId"],
+                tmp / "agent",
+                extra_args=(
+                    "--local-templates",
+                    str(templates),
+                    # The proxy is measured here, not the volume.
+                    "--volume-kind",
+                    "directory",
+                ),
+            )
+            agent.start()
+            _, body = await api.request(
+                "POST",
+                "/studios",
+                {
+                    "name": "proxy-bench",
+                    "computeEnvId": body["computeEnvId"],
+                    "dataStudioToolUrl": "studios/bench-backend:1-0.1",
+                },
+                expect=200,
+            )
+            studio = await api.wait_status(body["studio"]["sessionId"], "running", timeout=120)
+            cookie = await sign_in(api, studio)
+            session = next(
+                s for s in agent.cli("sessions")["sessions"] if s["id"] == studio["sessionId"]
+            )
+            backend_port = int(session["toolPort"])
+            targets: dict[str, tuple[str, dict[str, str]]] = {
+                "direct": (f"http://127.0.0.1:{backend_port}", {}),
+                "studios-proxy": (
+                    f"http://127.0.0.1:{agent.proxy_port}",
+                    {
+                        "Host": f"{studio['sessionId']}.localhost:{agent.proxy_port}",
+                        "Cookie": f"studios-connect={cookie}",
+                    },
+                ),
+            }
+            nginx, nginx_port = start_nginx(tmp, backend_port)
+            if nginx is not None:
+                helpers.append(nginx)
+                await wait_port(nginx_port)
+                targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", {})
+            chp, chp_port = start_chp(backend_port)
+            if chp is not None:
+                helpers.append(chp)
+                await wait_port(chp_port)
+                targets["configurable-http-proxy"] = (f"http://127.0.0.1:{chp_port}", {})
+
+            results: dict[str, Any] = {}
+            for size in ("1k", "1m"):
+                row: dict[str, Any] = {}
+                for name, (base, headers) in targets.items():
+                    row[name] = wrk(f"{base}/{size}", headers, duration, 50)
+                    row[name]["single_connection_p50_ms"] = wrk(
+                        f"{base}/{size}", headers, max(2, duration // 3), 1
+                    )["p50_ms"]
+                direct = row["direct"]
+                for figures in row.values():
+                    figures["rps_ratio_to_direct"] = round(figures["rps"] / direct["rps"], 3)
+                    figures["added_p50_ms_single_connection"] = round(
+                        figures["single_connection_p50_ms"] - direct["single_connection_p50_ms"],
+                        3,
+                    )
+                results[size] = row
+            return {
+                "benchmark": "connect proxy: wrk -t2 -c50 (and -c1 for added latency)",
+                "duration_s": duration,
+                "missing_anchors": [
+                    name
+                    for name, proc in (("nginx", nginx), ("configurable-http-proxy", chp))
+                    if proc is None
+                ],
+                "results": results,
+            }
+        finally:
+            for proc in helpers:
+                proc.terminate()
+                proc.wait(timeout=10)
+            if api is not None:
+                _, listing = await api.request("GET", "/studios")
+                for studio in listing.get("studios", []) if isinstance(listing, dict) else []:
+                    await api.request("PUT", f"/studios/{studio['sessionId']}/stop")
+                    await api.wait_status(studio["sessionId"], {"stopped", "errored"})
+                await api.close()
+            if agent is not None:
+                agent.stop()
+            controller.stop()
+            subprocess.run(["pkill", "-f", str(BACKEND)], check=False)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    print(json.dumps(asyncio.run(run(parser.parse_args().duration)), indent=2))
