@@ -1,10 +1,18 @@
 """Authentication (bearer tokens) and authorisation (workspace roles).
 
 Roles, highest first: owner, admin, maintain, launch, connect, view
-(`docs`: reference/studio-roles.md). A permission names the lowest role that
-holds it; a user's role in a workspace comes from the participants table (a
-team membership, later, adds candidates and the highest wins). A user without
-a role in a workspace sees nothing of it: callers answer 404, not 403.
+(reference/studio-roles.md). A permission names the lowest role that holds it
+(`MINIMUM_ROLE` is that table). A user's role in a workspace is the highest of
+their direct participant role and the roles of the teams they belong to. A
+user without a role in a workspace sees nothing of it: callers answer 404, not
+403.
+
+Private studios (`check_studio_access`): connecting needs the connect role
+*and* being the creator or one of `allowedUserIds` (admins and owners
+included: they cannot connect either). Start, stop, edit, delete and clone of
+a private studio need the role of the action and, below admin, also being the
+creator or an allowed user; admins and owners may start, stop, edit and
+delete any private studio.
 """
 
 from __future__ import annotations
@@ -18,14 +26,24 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.errors import BadRequest, Forbidden, Unauthorized
-from controller.models import ApiToken, EnrollmentToken, Participant, User, utcnow
+from controller.models import (
+    ApiToken,
+    EnrollmentToken,
+    Participant,
+    Studio,
+    TeamMember,
+    User,
+    utcnow,
+)
 
 __all__ = [
+    "MINIMUM_ROLE",
     "Permission",
     "Principal",
     "Role",
     "authenticate",
     "check_enrollment_token",
+    "check_studio_access",
     "hash_token",
     "new_token",
     "parse_bearer",
@@ -66,22 +84,34 @@ _RANK = {
 
 
 class Permission(StrEnum):
-    """What an endpoint needs. The value is a readable name for messages."""
+    """What an endpoint needs (a row of studio-roles.md). The value is for messages."""
 
-    READ = "view studios"
+    READ = "view studios and their checkpoints"
     CONNECT = "connect to a studio"
     WRITE = "add, edit or delete a studio"
     EXECUTE = "start or stop a studio"
-    ADMIN = "manage compute environments and workspace settings"
+    CLONE = "add a studio as new"
+    RENAME_CHECKPOINT = "rename a checkpoint"
+    LABELS = "edit studio resource labels"
+    SETTINGS = "edit workspace Studios settings"
+    ADMIN = "add, rename or delete compute environments"
+    DATA_LINKS = "add, edit or remove data-links"
+    PARTICIPANTS = "add or remove participants or change their role"
 
 
 # The lowest role holding each permission (studio-roles.md).
-_MINIMUM_ROLE = {
+MINIMUM_ROLE: dict[Permission, Role] = {
     Permission.READ: Role.VIEW,
     Permission.CONNECT: Role.CONNECT,
     Permission.WRITE: Role.MAINTAIN,
     Permission.EXECUTE: Role.MAINTAIN,
+    Permission.CLONE: Role.MAINTAIN,
+    Permission.RENAME_CHECKPOINT: Role.MAINTAIN,
+    Permission.LABELS: Role.MAINTAIN,
+    Permission.SETTINGS: Role.ADMIN,
     Permission.ADMIN: Role.ADMIN,
+    Permission.DATA_LINKS: Role.MAINTAIN,
+    Permission.PARTICIPANTS: Role.MAINTAIN,
 }
 
 
@@ -139,11 +169,13 @@ async def check_enrollment_token(session: AsyncSession, token: str) -> bool:
 
 
 async def workspace_role(session: AsyncSession, user_id: int, workspace_id: int) -> Role | None:
-    """The user's highest role in the workspace, None when they have none."""
+    """The user's highest role in the workspace (direct or through a team), None if none."""
+    teams = select(TeamMember.team_id).where(TeamMember.user_id == user_id)
     roles = (
         await session.scalars(
             select(Participant.role).where(
-                Participant.user_id == user_id, Participant.workspace_id == workspace_id
+                Participant.workspace_id == workspace_id,
+                (Participant.user_id == user_id) | Participant.team_id.in_(teams),
             )
         )
     ).all()
@@ -153,6 +185,29 @@ async def workspace_role(session: AsyncSession, user_id: int, workspace_id: int)
 
 def require(role: Role, permission: Permission) -> None:
     """Raise Forbidden unless `role` holds `permission`."""
-    minimum = _MINIMUM_ROLE[permission]
+    minimum = MINIMUM_ROLE[permission]
     if role.rank < minimum.rank:
         raise Forbidden(f"role '{role}' may not {permission.value} (needs '{minimum}' or higher)")
+
+
+def check_studio_access(
+    studio: Studio, role: Role, principal: Principal, permission: Permission
+) -> None:
+    """`require` plus the rules of private studios (see the module docstring)."""
+    require(role, permission)
+    if not studio.is_private or permission == Permission.READ:
+        return
+    member = principal.user_id == studio.user_id or principal.user_id in (
+        studio.allowed_user_ids or []
+    )
+    if member:
+        return
+    if permission == Permission.CONNECT:
+        raise Forbidden(
+            f"studio {studio.session_id} is private: only its creator and allowed users can connect"
+        )
+    if role.rank < Role.ADMIN.rank:
+        raise Forbidden(
+            f"studio {studio.session_id} is private: only its creator, allowed users, "
+            f"admins and owners may {permission.value}"
+        )

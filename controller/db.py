@@ -4,7 +4,8 @@ SQLite (aiosqlite) is the default and PostgreSQL (asyncpg) is supported. For
 SQLite every transaction starts with ``BEGIN IMMEDIATE``: writers are
 serialised up front instead of failing with "database is locked" when two
 read-then-write transactions race; WAL mode keeps readers of other processes
-(`studio-controller user add`) unblocked.
+(`studio-controller user add`) unblocked. SQLite's `lower()` is replaced by
+Python's, so case-insensitive search folds non-ASCII letters as PostgreSQL does.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def alembic_config(connection: Connection | None = None, url: str | None = None)
     return cfg
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -54,6 +59,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+        dbapi_connection.create_function("lower", 1, _lower, deterministic=True)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:

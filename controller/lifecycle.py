@@ -12,15 +12,19 @@ import logging
 from datetime import datetime
 from enum import StrEnum
 
-from controller.errors import Conflict, InvalidTransition
-from controller.models import Studio, utcnow
+from controller.errors import BadRequest, Conflict, InvalidTransition
+from controller.models import Checkpoint, Studio, utcnow
 
 __all__ = [
     "ACTIVE",
     "Status",
+    "StopReason",
     "check_delete",
+    "check_extend_lifespan",
     "check_start",
     "check_stop",
+    "check_update",
+    "is_writing",
     "set_message",
     "transition",
 ]
@@ -36,6 +40,12 @@ class Status(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     ERRORED = "errored"
+
+
+class StopReason(StrEnum):
+    """`statusInfo.stopReason` of the reference (only the ones this controller sets)."""
+
+    LIFESPAN_EXPIRED = "LIFESPAN_EXPIRED"
 
 
 # Statuses in which a session may hold resources on its agent.
@@ -70,12 +80,16 @@ def transition(
 ) -> bool:
     """Move `studio` to `new`; InvalidTransition if the lifecycle forbids it.
 
-    A transition to the same status only updates the message. Returns True
-    when anything changed.
+    A transition to the same status only updates the message. The stop
+    reason of a stop in progress (e.g. LIFESPAN_EXPIRED) is kept through
+    stopping -> stopped unless another is given; a start clears it. Returns
+    True when anything changed.
     """
     old = Status(studio.status)
     if not can_transition(old, new):
         raise InvalidTransition(f"studio {studio.session_id} cannot go from {old} to {new}")
+    if stop_reason is None and old in ACTIVE and new in (Status.STOPPING, Status.STOPPED):
+        stop_reason = studio.stop_reason
     message = message or None
     if old == new and studio.status_message == message and studio.stop_reason == stop_reason:
         return False
@@ -119,3 +133,24 @@ def check_delete(studio: Studio) -> None:
     status = Status(studio.status)
     if status in (Status.STARTING, Status.RUNNING, Status.STOPPING, Status.BUILDING):
         raise Conflict(f"studio {studio.session_id} is {status}: stop it before deleting it")
+
+
+def check_update(studio: Studio) -> None:
+    """PUT /studios/{id}: only a studio that is not running (nor on its way) can change."""
+    status = Status(studio.status)
+    if status in ACTIVE or status == Status.BUILDING:
+        raise Conflict(f"studio {studio.session_id} is {status}: stop it before editing it")
+
+
+def check_extend_lifespan(studio: Studio) -> None:
+    status = Status(studio.status)
+    if status not in (Status.STARTING, Status.RUNNING):
+        raise BadRequest(
+            f"studio {studio.session_id} is {status}: only a running session's lifespan "
+            "can be extended"
+        )
+
+
+def is_writing(studio: Studio, checkpoint: Checkpoint) -> bool:
+    """True when `checkpoint` is the one the studio's current session is writing."""
+    return Status(studio.status) in ACTIVE and checkpoint.generation == studio.generation

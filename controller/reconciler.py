@@ -1,8 +1,9 @@
 """The reconciler: a periodic pass that drives observed state toward desired.
 
-Each pass places pending starts; every `resync_interval` it also queues the
-full desired set for every connected agent (messages are idempotent, so a lost
-one is repaired without anyone noticing). An agent connecting wakes it early.
+Each pass places pending starts and stops sessions past their lifespan; every
+`resync_interval` it also queues the full desired set for every connected
+agent (messages are idempotent, so a lost one is repaired without anyone
+noticing). An agent connecting wakes it early.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 
 from controller.agent_hub import AgentHub
+from controller.lifespan import LifespanEnforcer
 from controller.placement import Placer
 
 __all__ = ["Reconciler"]
@@ -22,9 +24,19 @@ log = logging.getLogger(__name__)
 
 class Reconciler:
     def __init__(
-        self, placer: Placer, hub: AgentHub, *, interval: float, resync_interval: float
+        self,
+        placer: Placer,
+        hub: AgentHub,
+        *,
+        interval: float,
+        resync_interval: float,
+        lifespans: LifespanEnforcer | None = None,
+        lifespan_interval: float = 30.0,
     ) -> None:
         self.placer = placer
+        self.lifespans = lifespans
+        self.lifespan_interval = lifespan_interval
+        self._last_lifespan_check = float("-inf")
         self.hub = hub
         self.interval = interval
         self.resync_interval = resync_interval
@@ -46,6 +58,13 @@ class Reconciler:
 
     async def run_once(self) -> None:
         await self.placer.place_pending()
+        # Lifespans are hours long: checking every `lifespan_interval` is plenty.
+        if (
+            self.lifespans is not None
+            and time.monotonic() - self._last_lifespan_check >= self.lifespan_interval
+        ):
+            self._last_lifespan_check = time.monotonic()
+            await self.lifespans.enforce_once()
 
     async def _run(self) -> None:
         last_resync = time.monotonic()

@@ -1,8 +1,14 @@
 """Request and response bodies of the REST API (pydantic v2).
 
-Field names follow the reference API (camelCase on the wire). Unknown fields
-of a request body are ignored, as the reference's clients send fields this
-controller does not implement (labels, spot, remoteConfig, ...). Validation
+Field names follow the reference API (camelCase on the wire).
+
+Unknown fields of a request body are *ignored*, everywhere and consistently:
+the reference's clients send fields this controller does not implement
+(spot, remoteConfig, sshEnabled, ...). `labelIds` is accepted (its type is
+checked) and ignored: there are no labels yet, responses carry `labels: null`.
+
+Known fields are validated strictly: a wrong JSON type (a string for an
+integer, a number for a boolean, ...) is refused, not coerced. Validation
 errors become 400 with a message naming the field (`validation_message`).
 """
 
@@ -14,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "AccessTokenDto",
     "ActiveConnection",
+    "AddParticipantRequest",
+    "AddParticipantResponse",
+    "AddTeamMemberRequest",
+    "AddTeamMemberResponse",
     "AgentDto",
     "AgentsListResponse",
     "CheckpointDto",
@@ -25,6 +36,8 @@ __all__ = [
     "ComputeEnvCreateResponse",
     "ComputeEnvDto",
     "ComputeEnvsListResponse",
+    "CreateAccessTokenRequest",
+    "CreateAccessTokenResponse",
     "DataStudioComputeEnvDto",
     "DataStudioConfiguration",
     "DataStudioCreateRequest",
@@ -32,6 +45,7 @@ __all__ = [
     "DataStudioDto",
     "DataStudioListCheckpointsResponse",
     "DataStudioListResponse",
+    "DataStudioMountedLinksResponse",
     "DataStudioProgressStep",
     "DataStudioStartRequest",
     "DataStudioStartResponse",
@@ -39,15 +53,35 @@ __all__ = [
     "DataStudioStopResponse",
     "DataStudioTemplate",
     "DataStudioTemplatesListResponse",
+    "DataStudioUpdateRequest",
+    "DataStudioWorkspaceSettingsRequest",
+    "DataStudioWorkspaceSettingsResponse",
+    "DescribeUserResponse",
+    "ListAccessTokensResponse",
+    "ListParticipantsResponse",
+    "MemberDto",
     "MountData",
+    "ParentCheckpoint",
+    "ParticipantDto",
+    "TeamCreateBody",
+    "TeamCreateRequest",
+    "TeamDto",
+    "TeamResponse",
+    "TeamsListResponse",
+    "UpdateParticipantRoleRequest",
     "UserInfo",
+    "UserResponseDto",
     "validation_message",
 ]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", str_strip_whitespace=False
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        str_strip_whitespace=False,
+        strict=True,
     )
 
 
@@ -70,6 +104,9 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
 
 
 NonNegInt = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Name = Annotated[str, Field(min_length=1, max_length=80)]
+Description = Annotated[str, Field(max_length=2048)]
 
 
 class MountData(_Request):
@@ -86,28 +123,77 @@ class DataStudioConfiguration(_Request):
     lifespan_hours: NonNegInt | None = None
     conda_environment: Annotated[str, Field(max_length=2048)] | None = None
     mount_data_v2: list[MountData] | None = None
+    # Deprecated in the reference (data-link ids); kept as given.
+    mount_data: list[str] | None = None
 
     def stored(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class DataStudioCreateRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=80)]
-    compute_env_id: Annotated[str, Field(min_length=1)]
-    data_studio_tool_url: str | None = None
-    description: Annotated[str, Field(max_length=2048)] | None = None
+    name: Name
+    compute_env_id: Annotated[str, Field(min_length=1, max_length=64)]
+    data_studio_tool_url: Annotated[str, Field(max_length=1024)] | None = None
+    description: Description | None = None
     configuration: DataStudioConfiguration | None = None
     is_private: bool | None = None
+    allowed_user_ids: list[Id] | None = None
+    label_ids: list[Id] | None = None
+    initial_checkpoint_id: Id | None = None
 
 
 class DataStudioStartRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
-    description: Annotated[str, Field(max_length=2048)] | None = None
+    name: Name | None = None
+    description: Description | None = None
     configuration: DataStudioConfiguration | None = None
+    allowed_user_ids: list[Id] | None = None
+    label_ids: list[Id] | None = None
+
+
+class DataStudioUpdateRequest(_Request):
+    name: Name | None = None
+    description: Description | None = None
+    compute_env_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    configuration: DataStudioConfiguration | None = None
+    label_ids: list[Id] | None = None
 
 
 class CheckpointUpdateRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=255)]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class DataStudioWorkspaceSettingsRequest(_Request):
+    lifespan_hours: NonNegInt | None = None
+    private_studio_by_default: bool | None = None
+    container_repository: str | None = None
+    name_strategy: str | None = None
+
+
+class CreateAccessTokenRequest(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=50)]
+
+
+class AddParticipantRequest(_Request):
+    member_id: Id | None = None
+    team_id: Id | None = None
+    user_name_or_email: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+
+class UpdateParticipantRoleRequest(_Request):
+    role: Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class TeamCreateBody(_Request):
+    name: Name
+    description: Description | None = None
+
+
+class TeamCreateRequest(_Request):
+    team: TeamCreateBody
+
+
+class AddTeamMemberRequest(_Request):
+    user_name_or_email: Annotated[str, Field(min_length=1, max_length=255)]
 
 
 class UserInfo(_Response):
@@ -150,6 +236,13 @@ class DataStudioProgressStep(_Response):
     warnings: list[str] = []
 
 
+class ParentCheckpoint(_Response):
+    checkpoint_id: int
+    checkpoint_name: str
+    session_id: str
+    studio_name: str
+
+
 class DataStudioDto(_Response):
     session_id: str
     workspace_id: int
@@ -168,9 +261,11 @@ class DataStudioDto(_Response):
     progress: list[DataStudioProgressStep]
     active_connections: list[ActiveConnection] = []
     is_private: bool
+    allowed_users: list[UserInfo] | None = None
     effective_lifespan_hours: int
-    parent_checkpoint: dict[str, Any] | None = None
+    parent_checkpoint: ParentCheckpoint | None = None
     mounted_data_links: list[dict[str, Any]] = []
+    labels: list[dict[str, Any]] | None = None
 
 
 class DataStudioCreateResponse(_Response):
@@ -266,3 +361,93 @@ class AgentDto(_Response):
 
 class AgentsListResponse(_Response):
     agents: list[AgentDto]
+
+
+class DataStudioMountedLinksResponse(_Response):
+    data_link_ids: list[str]
+
+
+class DataStudioWorkspaceSettingsResponse(_Response):
+    org_id: int
+    wsp_id: int
+    lifespan_hours: int
+    private_studio_by_default: bool
+    container_repository: str | None = None
+    name_strategy: str | None = None
+
+
+class AccessTokenDto(_Response):
+    id: int
+    name: str
+    date_created: str
+    last_used: str | None = None
+
+
+class CreateAccessTokenResponse(_Response):
+    access_key: str
+    token: AccessTokenDto
+
+
+class ListAccessTokensResponse(_Response):
+    tokens: list[AccessTokenDto]
+
+
+class ParticipantDto(_Response):
+    participant_id: int
+    # MEMBER (a user) or TEAM
+    type: str
+    wsp_role: str
+    member_id: int | None = None
+    user_name: str | None = None
+    email: str | None = None
+    org_role: str | None = None
+    team_id: int | None = None
+    team_name: str | None = None
+
+
+class AddParticipantResponse(_Response):
+    participant: ParticipantDto
+
+
+class ListParticipantsResponse(_Response):
+    participants: list[ParticipantDto]
+    total_size: int
+
+
+class TeamDto(_Response):
+    team_id: int
+    name: str
+    description: str | None = None
+    members_count: int
+
+
+class TeamResponse(_Response):
+    team: TeamDto
+
+
+class TeamsListResponse(_Response):
+    teams: list[TeamDto]
+    total_size: int
+
+
+class MemberDto(_Response):
+    member_id: int
+    user_name: str
+    email: str
+
+
+class AddTeamMemberResponse(_Response):
+    member: MemberDto
+
+
+class UserResponseDto(_Response):
+    id: int
+    user_name: str
+    email: str
+    date_created: str | None = None
+
+
+class DescribeUserResponse(_Response):
+    user: UserResponseDto
+    need_consent: bool
+    default_workspace_id: int | None = None

@@ -1,10 +1,30 @@
-"""What the REST API does with studios: create, list, start, stop, delete,
-checkpoints, connect. Web handlers parse and answer; this module decides.
+"""What the REST API does with studios: create (and add as new), list and
+search, describe, update, start, stop, delete, lifespans, checkpoints,
+compatible compute environments, mounted data-links and connect. Web handlers
+parse and answer; this module decides.
 
 Workspace scoping: `workspaceId` omitted means the default workspace (1) for
-create and list; for a single studio it means "the studio's own workspace".
-A user without a role in the studio's workspace gets 404, as if the studio
-did not exist.
+create, list and validate; for a single studio it means "the studio's own
+workspace". A user without a role in the studio's workspace gets 404, as if
+the studio did not exist. Roles and private studios: `controller.auth`.
+
+Search (`GET /studios?search=`): whitespace-separated terms, all of which
+must match. `status:S`, `computeEnvId:ID` and `userId:ID-or-user-name` are
+keywords (several values of one keyword: any of them); anything else is free
+text matched, case-insensitively, as a substring of the name or the template
+repository. A double-quoted `"two words"` is one term (also as a keyword's
+value). Checkpoint search: free text on the name, `status:`, `before:` and
+`after:` (ISO 8601 dates or times of `dateSaved`, UTC when no zone is given).
+
+Add as new (`initialCheckpointId`): any restorable checkpoint of a live studio
+of the same workspace, except the one a running session is writing (409).
+The clone inherits the template, compute environment, `condaEnvironment` and
+`lifespanHours`; they cannot change later (400), except that the template
+may move to a newer version of the same tool. Its first start restores the
+parent checkpoint (later starts restore its own newest checkpoint).
+
+Compatible compute environments: those of the same workspace with the same
+platform and work directory (so the studio's checkpoints stay reachable).
 """
 
 from __future__ import annotations
@@ -12,47 +32,114 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from agent.connect_token import derive_agent_key, sign_connect_token
 from controller import lifecycle
 from controller.agent_hub import AgentHub
-from controller.auth import Permission, Principal, Role, require, workspace_role
+from controller.auth import (
+    Permission,
+    Principal,
+    Role,
+    check_studio_access,
+    require,
+    workspace_role,
+)
 from controller.db import Database
-from controller.errors import Conflict, Forbidden, NotFound
+from controller.errors import BadRequest, Conflict, NotFound
 from controller.lifecycle import Status
-from controller.models import Agent, Checkpoint, ComputeEnv, Studio, User, Workspace, utcnow
+from controller.lifespan import base_lifespan_hours
+from controller.models import (
+    Agent,
+    Checkpoint,
+    ComputeEnv,
+    Studio,
+    User,
+    Workspace,
+    utcnow,
+)
 from controller.placement import PLACING_STEP, Placer
 from controller.schemas import (
     CheckpointDto,
+    ComputeEnvDto,
     DataStudioConfiguration,
     DataStudioCreateRequest,
     DataStudioDto,
     DataStudioStartRequest,
     DataStudioStartResponse,
     DataStudioStopResponse,
+    DataStudioUpdateRequest,
 )
-from controller.templates import resolve_template
-from controller.views import checkpoint_dto, status_info, studio_dto
+from controller.templates import ResolvedTemplate, is_newer_version, resolve_template
+from controller.views import checkpoint_dto, compute_env_dto, status_info, studio_dto
 
-__all__ = ["DEFAULT_WORKSPACE_ID", "Page", "StudioService"]
+__all__ = ["DEFAULT_WORKSPACE_ID", "Page", "StudioService", "parse_search"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_ID = 1
+DEFAULT_PAGE_SIZE = 50
 _SESSION_ID = re.compile(r"^[0-9a-f]{8}$")
-_SEARCH_KEYWORDS = {"status", "userid", "computeenvid"}
+_SEARCH_KEYWORDS = {"status": "status", "userid": "userId", "computeenvid": "computeEnvId"}
+_CHECKPOINT_KEYWORDS = {"status": "status", "before": "before", "after": "after"}
+_TERM = re.compile(r'(?:([A-Za-z]+):)?(?:"([^"]*)"|(\S+))')
+_RESTORABLE = ("finalized", "interim")
+# Configuration a clone inherits and cannot change.
+_INHERITED = ("condaEnvironment", "lifespanHours")
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     max: int | None
     offset: int
+
+
+def parse_search(
+    text: str | None, keywords: dict[str, str]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """(free-text terms, {keyword: values}) of a search string; never fails."""
+    words: list[str] = []
+    found: dict[str, list[str]] = {}
+    # NUL is not storable in PostgreSQL text and truncates SQLite patterns.
+    for match in _TERM.finditer((text or "").replace("\x00", "")):
+        key, quoted, bare = match.groups()
+        value = quoted if quoted is not None else bare
+        if key is not None and key.lower() in keywords:
+            found.setdefault(keywords[key.lower()], []).append(value)
+        elif key is not None:
+            words.append(f"{key}:{value}")
+        elif value:
+            words.append(value)
+    return words, found
+
+
+def _like(column: Any, word: str) -> Any:
+    return func.lower(column).like(f"%{_escape_like(word.lower())}%", escape="\\")
+
+
+def _parse_time(keyword: str, value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadRequest(
+            f"search: {keyword}: expects an ISO 8601 date or time, got {value!r}"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _checkpoint_name(name: str) -> str:
+    cleaned = re.sub(r"\s", "_", name.strip())
+    if not cleaned:
+        raise BadRequest("name: must not be blank")
+    return cleaned
 
 
 class StudioService:
@@ -104,10 +191,41 @@ class StudioService:
         return studio, role
 
     async def _dto(self, session: AsyncSession, studio: Studio) -> DataStudioDto:
-        user = await session.get(User, studio.user_id)
-        env = await session.get(ComputeEnv, studio.compute_env_id)
-        workspace = await session.get(Workspace, studio.workspace_id)
-        return studio_dto(studio, user, env, workspace, self.public_url)
+        return (await self._dtos(session, [studio]))[0]
+
+    async def _dtos(self, session: AsyncSession, studios: Sequence[Studio]) -> list[DataStudioDto]:
+        """Response bodies of `studios`, with what they refer to loaded in a few queries."""
+        if not studios:
+            return []
+        parent_ids = {s.parent_checkpoint_id for s in studios if s.parent_checkpoint_id}
+        parents: dict[int, tuple[Checkpoint, Studio]] = {}
+        if parent_ids:
+            rows = await session.execute(
+                select(Checkpoint, Studio)
+                .join(Studio, Studio.session_id == Checkpoint.session_id)
+                .where(Checkpoint.id.in_(parent_ids))
+            )
+            parents = {c.id: (c, st) for c, st in rows.all()}
+        user_ids = {s.user_id for s in studios}
+        for s in studios:
+            user_ids.update(s.allowed_user_ids or [])
+        users = await _by_id(session, User, User.id, user_ids)
+        envs = await _by_id(session, ComputeEnv, ComputeEnv.id, {s.compute_env_id for s in studios})
+        workspaces = await _by_id(
+            session, Workspace, Workspace.id, {s.workspace_id for s in studios}
+        )
+        return [
+            studio_dto(
+                s,
+                users.get(s.user_id),
+                envs.get(s.compute_env_id),
+                workspaces.get(s.workspace_id),
+                self.public_url,
+                allowed_users=[users[u] for u in (s.allowed_user_ids or []) if u in users],
+                parent=parents.get(s.parent_checkpoint_id or -1),
+            )
+            for s in studios
+        ]
 
     async def _new_session_id(self, session: AsyncSession) -> str:
         while True:
@@ -126,6 +244,79 @@ class StudioService:
             query = query.where(Studio.session_id != exclude)
         return (await session.scalar(query)) is not None
 
+    @staticmethod
+    async def _check_allowed_users(
+        session: AsyncSession, workspace_id: int, user_ids: list[int]
+    ) -> list[int]:
+        """The distinct ids; BadRequest unless each is a user with a role in the workspace."""
+        wanted = list(dict.fromkeys(user_ids))
+        for user_id in wanted:
+            if await session.get(User, user_id) is None or (
+                await workspace_role(session, user_id, workspace_id) is None
+            ):
+                raise BadRequest(
+                    f"allowedUserIds: user {user_id} is not a participant of workspace "
+                    f"{workspace_id}"
+                )
+        return wanted
+
+    @staticmethod
+    def _check_inherited(studio: Studio, configuration: DataStudioConfiguration) -> None:
+        """A clone's condaEnvironment and lifespanHours cannot change (absent: kept)."""
+        given = configuration.stored()
+        current = studio.configuration or {}
+        for key in _INHERITED:
+            if key in given and given[key] != current.get(key):
+                raise BadRequest(
+                    f"configuration.{key}: a studio added as new keeps its parent's {key}"
+                )
+
+    @staticmethod
+    def _merge_inherited(studio: Studio, configuration: DataStudioConfiguration) -> dict[str, Any]:
+        stored = configuration.stored()
+        for key in _INHERITED:
+            if key in (studio.configuration or {}):
+                stored[key] = studio.configuration[key]
+        return stored
+
+    async def _restore_point(self, session: AsyncSession, studio: Studio) -> int | None:
+        """The studio's newest restorable checkpoint, else (a clone) its parent checkpoint."""
+        own = await session.scalar(
+            select(Checkpoint.id)
+            .where(Checkpoint.session_id == studio.session_id, Checkpoint.status.in_(_RESTORABLE))
+            .order_by(Checkpoint.date_saved.desc(), Checkpoint.id.desc())
+            .limit(1)
+        )
+        return own if own is not None else studio.parent_checkpoint_id
+
+    async def _clone_source(
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        role: Role,
+        workspace_id: int,
+        checkpoint_id: int,
+    ) -> tuple[Checkpoint, Studio]:
+        missing = NotFound(f"checkpoint {checkpoint_id} not found")
+        checkpoint = await session.get(Checkpoint, checkpoint_id)
+        if checkpoint is None:
+            raise missing
+        parent = await session.get(Studio, checkpoint.session_id)
+        if parent is None or parent.deleted or parent.workspace_id != workspace_id:
+            raise missing
+        check_studio_access(parent, role, principal, Permission.CLONE)
+        if checkpoint.status not in _RESTORABLE:
+            raise BadRequest(
+                f"initialCheckpointId: checkpoint {checkpoint_id} is {checkpoint.status}: "
+                "only a finalized or interim checkpoint can be restored"
+            )
+        if lifecycle.is_writing(parent, checkpoint):
+            raise Conflict(
+                f"checkpoint {checkpoint_id} is being written by the {parent.status} session of "
+                f"studio {parent.session_id}: choose an earlier checkpoint or stop the studio"
+            )
+        return checkpoint, parent
+
     # ------------------------------------------------------------ operations
 
     async def create(
@@ -137,18 +328,38 @@ class StudioService:
         auto_start: bool,
     ) -> DataStudioDto:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
-        template = resolve_template(body.data_studio_tool_url)
         try:
             async with self.db.transaction() as session:
                 role = await self._role(session, principal, workspace_id)
                 require(role, Permission.WRITE)
                 if auto_start:
                     require(role, Permission.EXECUTE)
+                configuration = body.configuration or DataStudioConfiguration()
+                stored = configuration.stored()
+                parent: tuple[Checkpoint, Studio] | None = None
+                if body.initial_checkpoint_id is not None:
+                    require(role, Permission.CLONE)
+                    parent = await self._clone_source(
+                        session, principal, role, workspace_id, body.initial_checkpoint_id
+                    )
+                    template = self._clone_template(parent[1], body.data_studio_tool_url)
+                    if body.compute_env_id != parent[1].compute_env_id:
+                        raise BadRequest(
+                            "computeEnvId: a studio added as new keeps its parent's compute "
+                            f"environment ({parent[1].compute_env_id})"
+                        )
+                    self._check_inherited(parent[1], configuration)
+                    stored = self._merge_inherited(parent[1], configuration)
+                else:
+                    template = resolve_template(body.data_studio_tool_url)
                 env = await session.get(ComputeEnv, body.compute_env_id)
                 if env is None or env.workspace_id != workspace_id:
                     raise NotFound(f"compute environment {body.compute_env_id} not found")
                 if await self._name_taken(session, workspace_id, body.name):
                     raise Conflict(f"a studio named {body.name!r} already exists in the workspace")
+                allowed = await self._check_allowed_users(
+                    session, workspace_id, body.allowed_user_ids or []
+                )
                 workspace = await session.get(Workspace, workspace_id)
                 now = utcnow()
                 studio = Studio(
@@ -161,12 +372,15 @@ class StudioService:
                     tool=template.tool,
                     custom_image=template.custom,
                     compute_env_id=env.id,
-                    configuration=(body.configuration or DataStudioConfiguration()).stored(),
+                    configuration=stored,
                     is_private=(
                         body.is_private
                         if body.is_private is not None
                         else bool(workspace and workspace.private_studio_by_default)
                     ),
+                    allowed_user_ids=allowed,
+                    parent_checkpoint_id=parent[0].id if parent else None,
+                    lifespan_extra_hours=0,
                     status=Status.STOPPED.value,
                     desired_status="stopped",
                     generation=0,
@@ -179,6 +393,7 @@ class StudioService:
                 session.add(studio)
                 if auto_start:
                     self._start(studio, principal)
+                    studio.restore_checkpoint_id = studio.parent_checkpoint_id
                 session_id = studio.session_id
         except IntegrityError:
             # Lost a race with a concurrent create of the same name.
@@ -193,6 +408,21 @@ class StudioService:
             assert studio is not None
             return await self._dto(session, studio)
 
+    @staticmethod
+    def _clone_template(parent: Studio, tool_url: str | None) -> ResolvedTemplate:
+        inherited = ResolvedTemplate(
+            parent.template_repository, parent.tool, None, None, custom=parent.custom_image
+        )
+        if tool_url is None or not tool_url.strip() or tool_url.strip() == inherited.repository:
+            return inherited
+        wanted = resolve_template(tool_url)
+        if not is_newer_version(parent.template_repository, wanted):
+            raise BadRequest(
+                "dataStudioToolUrl: a studio added as new keeps its parent's template "
+                f"({parent.template_repository}) or moves to a newer version of the same tool"
+            )
+        return wanted
+
     def _start(self, studio: Studio, principal: Principal) -> None:
         """Record a start (the caller places it once committed)."""
         now = utcnow()
@@ -202,21 +432,11 @@ class StudioService:
         studio.placed_at = None
         studio.started_by_user_id = principal.user_id
         studio.last_started = now
+        studio.lifespan_extra_hours = 0
         studio.tool_port = None
         studio.root_dir = None
         studio.progress = [{"message": PLACING_STEP, "status": "in-progress", "warnings": []}]
         lifecycle.transition(studio, Status.STARTING, message=PLACING_STEP, now=now)
-
-    async def _newest_restorable(self, session: AsyncSession, session_id: str) -> int | None:
-        return await session.scalar(
-            select(Checkpoint.id)
-            .where(
-                Checkpoint.session_id == session_id,
-                Checkpoint.status.in_(["finalized", "interim"]),
-            )
-            .order_by(Checkpoint.date_saved.desc(), Checkpoint.id.desc())
-            .limit(1)
-        )
 
     async def get(
         self, principal: Principal, session_id: str, workspace_id: int | None
@@ -231,51 +451,50 @@ class StudioService:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
         async with self.db.transaction() as session:
             await self._role(session, principal, workspace_id)
-            query = select(Studio).where(
-                Studio.workspace_id == workspace_id, Studio.deleted.is_(False)
+            query = _studio_search(
+                select(Studio).where(
+                    Studio.workspace_id == workspace_id, Studio.deleted.is_(False)
+                ),
+                search,
             )
-            for word in (search or "").split():
-                key, sep, value = word.partition(":")
-                if sep and key.lower() in _SEARCH_KEYWORDS:
-                    if key.lower() == "status":
-                        query = query.where(Studio.status == value)
-                    elif key.lower() == "computeenvid":
-                        query = query.where(Studio.compute_env_id == value)
-                    else:
-                        query = query.where(
-                            Studio.user_id == (int(value) if value.isdigit() else -1)
-                        )
-                    continue
-                pattern = f"%{_escape_like(word.lower())}%"
-                query = query.where(
-                    or_(
-                        func.lower(Studio.name).like(pattern, escape="\\"),
-                        func.lower(Studio.template_repository).like(pattern, escape="\\"),
-                    )
+            total = await session.scalar(
+                select(func.count()).select_from(
+                    query.with_only_columns(Studio.session_id).subquery()
                 )
-            total = await session.scalar(select(func.count()).select_from(query.subquery()))
-            query = query.order_by(Studio.date_created.desc(), Studio.session_id).offset(
-                page.offset
             )
-            if page.max is not None:
-                query = query.limit(page.max)
+            query = (
+                query.order_by(Studio.date_created.desc(), Studio.session_id.desc())
+                .offset(page.offset)
+                .limit(page.max if page.max is not None else DEFAULT_PAGE_SIZE)
+            )
             studios = (await session.scalars(query)).all()
-            return [await self._dto(session, s) for s in studios], int(total or 0)
+            return await self._dtos(session, studios), int(total or 0)
 
-    async def start(
+    async def validate_name(
+        self, principal: Principal, workspace_id: int | None, name: str | None
+    ) -> None:
+        workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
+        if name is None or not 1 <= len(name) <= 80:
+            raise BadRequest("name: a studio name has 1 to 80 characters")
+        async with self.db.transaction() as session:
+            await self._role(session, principal, workspace_id)
+            if await self._name_taken(session, workspace_id, name):
+                raise Conflict(f"a studio named {name!r} already exists in the workspace")
+
+    async def update(
         self,
         principal: Principal,
         session_id: str,
         workspace_id: int | None,
-        body: DataStudioStartRequest | None,
-    ) -> DataStudioStartResponse:
-        async with self.db.transaction() as session:
-            studio, role = await self._studio(
-                session, principal, session_id, workspace_id, for_update=True
-            )
-            require(role, Permission.EXECUTE)
-            lifecycle.check_start(studio)
-            if body is not None:
+        body: DataStudioUpdateRequest,
+    ) -> DataStudioDto:
+        try:
+            async with self.db.transaction() as session:
+                studio, role = await self._studio(
+                    session, principal, session_id, workspace_id, for_update=True
+                )
+                check_studio_access(studio, role, principal, Permission.WRITE)
+                lifecycle.check_update(studio)
                 if body.name is not None and body.name != studio.name:
                     if await self._name_taken(
                         session, studio.workspace_id, body.name, exclude=studio.session_id
@@ -286,11 +505,58 @@ class StudioService:
                     studio.name = body.name
                 if body.description is not None:
                     studio.description = body.description
+                if body.compute_env_id is not None and body.compute_env_id != studio.compute_env_id:
+                    if studio.parent_checkpoint_id is not None:
+                        raise BadRequest(
+                            "computeEnvId: a studio added as new keeps its parent's compute "
+                            "environment"
+                        )
+                    current = await session.get(ComputeEnv, studio.compute_env_id)
+                    env = await session.get(ComputeEnv, body.compute_env_id)
+                    if env is None or env.workspace_id != studio.workspace_id:
+                        raise NotFound(f"compute environment {body.compute_env_id} not found")
+                    if current is not None and not _compatible(current, env):
+                        raise BadRequest(
+                            f"computeEnvId: compute environment {env.id} is not compatible with "
+                            f"{current.id} (see GET /studios/{session_id}/compatible-ce)"
+                        )
+                    studio.compute_env_id = env.id
                 if body.configuration is not None:
-                    studio.configuration = body.configuration.stored()
-            previous_agent = studio.agent_id
-            self._start(studio, principal)
-            studio.restore_checkpoint_id = await self._newest_restorable(session, studio.session_id)
+                    if studio.parent_checkpoint_id is not None:
+                        self._check_inherited(studio, body.configuration)
+                        studio.configuration = self._merge_inherited(studio, body.configuration)
+                    else:
+                        studio.configuration = body.configuration.stored()
+                studio.last_updated = utcnow()
+        except IntegrityError:
+            raise Conflict(
+                f"a studio named {body.name!r} already exists in the workspace"
+            ) from None
+        async with self.db.transaction() as session:
+            studio, _role = await self._studio(session, principal, session_id, None)
+            return await self._dto(session, studio)
+
+    async def start(
+        self,
+        principal: Principal,
+        session_id: str,
+        workspace_id: int | None,
+        body: DataStudioStartRequest | None,
+    ) -> DataStudioStartResponse:
+        try:
+            async with self.db.transaction() as session:
+                studio, role = await self._studio(
+                    session, principal, session_id, workspace_id, for_update=True
+                )
+                check_studio_access(studio, role, principal, Permission.EXECUTE)
+                lifecycle.check_start(studio)
+                if body is not None:
+                    await self._apply_start_overrides(session, studio, body)
+                previous_agent = studio.agent_id
+                self._start(studio, principal)
+                studio.restore_checkpoint_id = await self._restore_point(session, studio)
+        except IntegrityError:
+            raise Conflict("a studio with that name already exists in the workspace") from None
         # The agent of the previous run forgets it (it is placed anew).
         self.hub.notify(previous_agent, [session_id])
         await self.placer.place_pending([session_id])
@@ -301,6 +567,28 @@ class StudioService:
                 job_submitted=True, session_id=session_id, status_info=status_info(studio)
             )
 
+    async def _apply_start_overrides(
+        self, session: AsyncSession, studio: Studio, body: DataStudioStartRequest
+    ) -> None:
+        if body.name is not None and body.name != studio.name:
+            if await self._name_taken(
+                session, studio.workspace_id, body.name, exclude=studio.session_id
+            ):
+                raise Conflict(f"a studio named {body.name!r} already exists in the workspace")
+            studio.name = body.name
+        if body.description is not None:
+            studio.description = body.description
+        if body.configuration is not None:
+            if studio.parent_checkpoint_id is not None:
+                self._check_inherited(studio, body.configuration)
+                studio.configuration = self._merge_inherited(studio, body.configuration)
+            else:
+                studio.configuration = body.configuration.stored()
+        if body.allowed_user_ids is not None:
+            studio.allowed_user_ids = await self._check_allowed_users(
+                session, studio.workspace_id, body.allowed_user_ids
+            )
+
     async def stop(
         self, principal: Principal, session_id: str, workspace_id: int | None
     ) -> DataStudioStopResponse:
@@ -308,11 +596,14 @@ class StudioService:
             studio, role = await self._studio(
                 session, principal, session_id, workspace_id, for_update=True
             )
-            require(role, Permission.EXECUTE)
+            check_studio_access(studio, role, principal, Permission.EXECUTE)
             submitted = lifecycle.check_stop(studio)
             agent_id = studio.agent_id
             if submitted:
                 studio.desired_status = "stopped"
+                studio.progress = [
+                    {"message": "stopping the session", "status": "in-progress", "warnings": []}
+                ]
                 lifecycle.transition(studio, Status.STOPPING, message="stopping")
             elif studio.desired_status == "running":
                 # Errored or stopped while the agent was told to run: tell it
@@ -329,7 +620,7 @@ class StudioService:
             studio, role = await self._studio(
                 session, principal, session_id, workspace_id, for_update=True
             )
-            require(role, Permission.WRITE)
+            check_studio_access(studio, role, principal, Permission.WRITE)
             lifecycle.check_delete(studio)
             # Soft delete: the row keeps its checkpoints for garbage
             # collection, and the name is free again.
@@ -340,30 +631,165 @@ class StudioService:
         log.info("studio %s deleted by %s", session_id, principal.user_name)
         self.hub.notify(agent_id, [session_id])
 
-    async def checkpoints(
-        self, principal: Principal, session_id: str, workspace_id: int | None, page: Page
-    ) -> tuple[list[CheckpointDto], int]:
+    async def extend_lifespan(
+        self, principal: Principal, session_id: str, workspace_id: int | None
+    ) -> DataStudioDto:
+        async with self.db.transaction() as session:
+            studio, role = await self._studio(
+                session, principal, session_id, workspace_id, for_update=True
+            )
+            check_studio_access(studio, role, principal, Permission.EXECUTE)
+            lifecycle.check_extend_lifespan(studio)
+            base = base_lifespan_hours(studio, await session.get(Workspace, studio.workspace_id))
+            if base <= 0:
+                raise BadRequest(f"studio {session_id} has an unlimited lifespan")
+            studio.lifespan_extra_hours = int(studio.lifespan_extra_hours or 0) + base
+            studio.last_updated = utcnow()
+            log.info("studio %s: lifespan extended by %d h", session_id, base)
+            return await self._dto(session, studio)
+
+    async def compatible_compute_envs(
+        self, principal: Principal, session_id: str, workspace_id: int | None
+    ) -> list[ComputeEnvDto]:
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, workspace_id)
-            base = select(Checkpoint).where(Checkpoint.session_id == studio.session_id)
-            total = await session.scalar(select(func.count()).select_from(base.subquery()))
+            current = await session.get(ComputeEnv, studio.compute_env_id)
+            if current is None:
+                raise NotFound(f"studio {session_id} has no compute environment")
+            workspace = await session.get(Workspace, studio.workspace_id)
+            envs = (
+                await session.scalars(
+                    select(ComputeEnv)
+                    .where(ComputeEnv.workspace_id == studio.workspace_id)
+                    .order_by(ComputeEnv.name)
+                )
+            ).all()
+            name = workspace.name if workspace else ""
+            return [compute_env_dto(e, name) for e in envs if _compatible(current, e)]
+
+    async def mounted_data_links(
+        self,
+        principal: Principal,
+        workspace_id: int | None,
+        org_id: int | None,
+        status: str | None,
+        exclude: str | None,
+    ) -> list[str]:
+        async with self.db.transaction() as session:
+            if org_id is not None and workspace_id is None:
+                candidates = (
+                    await session.scalars(select(Workspace.id).where(Workspace.org_id == org_id))
+                ).all()
+                workspaces = [
+                    w
+                    for w in candidates
+                    if await workspace_role(session, principal.user_id, w) is not None
+                ]
+            else:
+                workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
+                workspace = await session.get(Workspace, workspace_id)
+                if workspace is None or (org_id is not None and workspace.org_id != org_id):
+                    raise NotFound(f"workspace {workspace_id} not found")
+                await self._role(session, principal, workspace_id)
+                workspaces = [workspace_id]
+            query = select(Studio.configuration).where(
+                Studio.workspace_id.in_(workspaces), Studio.deleted.is_(False)
+            )
+            if status:
+                query = query.where(Studio.status == status)
+            if exclude:
+                query = query.where(Studio.session_id != exclude)
+            ids: set[str] = set()
+            for configuration in (await session.scalars(query)).all():
+                configuration = configuration or {}
+                for mount in configuration.get("mountDataV2") or []:
+                    if isinstance(mount, dict) and mount.get("dataLinkId"):
+                        ids.add(str(mount["dataLinkId"]))
+                ids.update(str(i) for i in configuration.get("mountData") or [] if i)
+            return sorted(ids)
+
+    async def checkpoints(
+        self,
+        principal: Principal,
+        session_id: str,
+        workspace_id: int | None,
+        page: Page,
+        search: str | None = None,
+    ) -> tuple[list[CheckpointDto], int]:
+        words, keywords = parse_search(search, _CHECKPOINT_KEYWORDS)
+        conditions: list[Any] = [_like(Checkpoint.name, w) for w in words]
+        if "status" in keywords:
+            conditions.append(Checkpoint.status.in_([v.lower() for v in keywords["status"]]))
+        for value in keywords.get("before", []):
+            conditions.append(Checkpoint.date_saved < _parse_time("before", value))
+        for value in keywords.get("after", []):
+            conditions.append(Checkpoint.date_saved > _parse_time("after", value))
+        async with self.db.transaction() as session:
+            studio, _role = await self._studio(session, principal, session_id, workspace_id)
+            base = select(Checkpoint).where(Checkpoint.session_id == studio.session_id, *conditions)
+            total = await session.scalar(
+                select(func.count()).select_from(base.with_only_columns(Checkpoint.id).subquery())
+            )
             query = base.order_by(Checkpoint.date_created.desc(), Checkpoint.id.desc()).offset(
                 page.offset
             )
             if page.max is not None:
                 query = query.limit(page.max)
             rows = (await session.scalars(query)).all()
-            authors = {
-                u.id: u
-                for u in (
-                    await session.scalars(
-                        select(User).where(User.id.in_({c.author_user_id for c in rows}))
-                    )
-                ).all()
-            }
+            authors = await _by_id(session, User, User.id, {c.author_user_id for c in rows})
             return [checkpoint_dto(c, authors.get(c.author_user_id or -1)) for c in rows], int(
                 total or 0
             )
+
+    async def _checkpoint(
+        self, session: AsyncSession, studio: Studio, checkpoint_id: int, *, for_update: bool = False
+    ) -> Checkpoint:
+        checkpoint = await session.get(
+            Checkpoint, checkpoint_id, with_for_update=for_update or None
+        )
+        if checkpoint is None or checkpoint.session_id != studio.session_id:
+            raise NotFound(f"checkpoint {checkpoint_id} of studio {studio.session_id} not found")
+        return checkpoint
+
+    async def get_checkpoint(
+        self, principal: Principal, session_id: str, workspace_id: int | None, checkpoint_id: int
+    ) -> CheckpointDto:
+        async with self.db.transaction() as session:
+            studio, _role = await self._studio(session, principal, session_id, workspace_id)
+            checkpoint = await self._checkpoint(session, studio, checkpoint_id)
+            author = await session.get(User, checkpoint.author_user_id or -1)
+            return checkpoint_dto(checkpoint, author)
+
+    async def rename_checkpoint(
+        self,
+        principal: Principal,
+        session_id: str,
+        workspace_id: int | None,
+        checkpoint_id: int,
+        name: str,
+    ) -> CheckpointDto:
+        new_name = _checkpoint_name(name)
+        conflict = Conflict(f"studio {session_id} already has a checkpoint named {new_name!r}")
+        try:
+            async with self.db.transaction() as session:
+                studio, role = await self._studio(session, principal, session_id, workspace_id)
+                check_studio_access(studio, role, principal, Permission.RENAME_CHECKPOINT)
+                checkpoint = await self._checkpoint(session, studio, checkpoint_id, for_update=True)
+                if new_name != checkpoint.name:
+                    taken = await session.scalar(
+                        select(Checkpoint.id).where(
+                            Checkpoint.session_id == studio.session_id,
+                            Checkpoint.name == new_name,
+                        )
+                    )
+                    if taken is not None:
+                        raise conflict
+                    checkpoint.name = new_name
+                    await session.flush()
+                author = await session.get(User, checkpoint.author_user_id or -1)
+                return checkpoint_dto(checkpoint, author)
+        except IntegrityError:
+            raise conflict from None
 
     async def connect_url(
         self, principal: Principal, session_id: str, workspace_id: int | None
@@ -371,9 +797,7 @@ class StudioService:
         """Where the browser goes: the agent's proxy, with a signed connect token."""
         async with self.db.transaction() as session:
             studio, role = await self._studio(session, principal, session_id, workspace_id)
-            require(role, Permission.CONNECT)
-            if studio.is_private and studio.user_id != principal.user_id:
-                raise Forbidden(f"studio {session_id} is private: only its creator can connect")
+            check_studio_access(studio, role, principal, Permission.CONNECT)
             if studio.status != Status.RUNNING.value or studio.agent_id is None:
                 raise Conflict(f"studio {session_id} is {studio.status}, not running")
             agent = await session.get(Agent, studio.agent_id)
@@ -395,6 +819,40 @@ class StudioService:
             ttl_seconds=self.connect_token_ttl,
         )
         return f"{scheme}://{session_id}.{host}:{port}/?studio-token={token}"
+
+
+def _compatible(current: ComputeEnv, other: ComputeEnv) -> bool:
+    return (
+        other.workspace_id == current.workspace_id
+        and other.platform == current.platform
+        and other.work_dir.rstrip("/") == current.work_dir.rstrip("/")
+    )
+
+
+def _studio_search(query: Select[Any], search: str | None) -> Select[Any]:
+    words, keywords = parse_search(search, _SEARCH_KEYWORDS)
+    for word in words:
+        query = query.where(or_(_like(Studio.name, word), _like(Studio.template_repository, word)))
+    if "status" in keywords:
+        wanted = {v.lower() for v in keywords["status"]}
+        statuses = [s.value for s in Status if s.value.lower() in wanted]
+        query = query.where(Studio.status.in_(statuses) if statuses else false())
+    if "computeEnvId" in keywords:
+        query = query.where(Studio.compute_env_id.in_(keywords["computeEnvId"]))
+    if "userId" in keywords:
+        ids = [int(v) for v in keywords["userId"] if v.isascii() and v.isdigit() and len(v) < 19]
+        names = [v for v in keywords["userId"] if not (v.isascii() and v.isdigit())]
+        by_name = select(User.id).where(User.user_name.in_(names))
+        query = query.where(or_(Studio.user_id.in_(ids), Studio.user_id.in_(by_name)))
+    return query
+
+
+async def _by_id(session: AsyncSession, model: Any, column: Any, ids: set[Any]) -> dict[Any, Any]:
+    ids = {i for i in ids if i is not None}
+    if not ids:
+        return {}
+    rows = (await session.scalars(select(model).where(column.in_(ids)))).all()
+    return {getattr(r, column.key): r for r in rows}
 
 
 def _escape_like(text: str) -> str:

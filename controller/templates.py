@@ -18,7 +18,10 @@ __all__ = [
     "IMAGE_REFERENCE",
     "ResolvedTemplate",
     "Template",
+    "image_name",
+    "is_newer_version",
     "resolve_template",
+    "template_version",
 ]
 
 
@@ -72,3 +75,40 @@ def resolve_template(tool_url: str | None) -> ResolvedTemplate:
     last = name.rsplit("/", 1)[-1]
     tool = last.split(":", 1)[0]
     return ResolvedTemplate(tool_url, tool, None, None, custom=True)
+
+
+def image_name(repository: str) -> str:
+    """The image reference without tag and digest."""
+    name = repository.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    last = last.split(":", 1)[0]
+    return f"{head}/{last}" if head else last
+
+
+def template_version(repository: str) -> tuple[tuple[int, ...], int, tuple[int, ...]] | None:
+    """(tool version, update, connect version) of a ``<tool>-[u<n>-]<connect>`` tag."""
+    name = repository.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return None
+    parts = last.split(":", 1)[1].split("-")
+    try:
+        tool = tuple(int(p) for p in parts[0].split("."))
+        update = 0
+        rest = parts[1:]
+        if rest and rest[0].startswith("u"):
+            update = int(rest[0][1:])
+            rest = rest[1:]
+        connect = tuple(int(p) for p in rest[0].split(".")) if rest else ()
+    except (ValueError, IndexError):
+        return None
+    return tool, update, connect
+
+
+def is_newer_version(old: ResolvedTemplate | str, new: ResolvedTemplate) -> bool:
+    """True when `new` is a later version of the same tool as `old` (a template migration)."""
+    old_repo = old if isinstance(old, str) else old.repository
+    if image_name(old_repo) != image_name(new.repository):
+        return False
+    old_v, new_v = template_version(old_repo), template_version(new.repository)
+    return old_v is not None and new_v is not None and new_v > old_v

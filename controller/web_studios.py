@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from controller.errors import BadRequest
 from controller.schemas import (
+    CheckpointUpdateRequest,
+    ComputeEnvsListResponse,
     DataStudioCreateRequest,
     DataStudioCreateResponse,
     DataStudioListCheckpointsResponse,
     DataStudioListResponse,
+    DataStudioMountedLinksResponse,
     DataStudioStartRequest,
     DataStudioTemplate,
     DataStudioTemplatesListResponse,
+    DataStudioUpdateRequest,
 )
 from controller.studios_service import Page, StudioService
 from controller.templates import CATALOGUE
@@ -28,6 +33,8 @@ __all__ = ["routes"]
 
 routes = web.RouteTableDef()
 
+MAX_PAGE_SIZE = 1000
+
 
 def _service(request: web.Request) -> StudioService:
     return request.app[SERVICES_KEY].studios  # type: ignore[no-any-return]
@@ -38,7 +45,18 @@ def _workspace(request: web.Request) -> int | None:
 
 
 def _page(request: web.Request) -> Page:
-    return Page(max=query_int(request, "max"), offset=query_int(request, "offset") or 0)
+    """`max` (0..1000) and `offset` (>= 0); an offset past the end gives an empty page."""
+    return Page(
+        max=query_int(request, "max", maximum=MAX_PAGE_SIZE),
+        offset=query_int(request, "offset") or 0,
+    )
+
+
+def _checkpoint_id(request: web.Request) -> int:
+    text = request.match_info["checkpointId"]
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise BadRequest(f"checkpointId: must be a positive integer, got {text!r}")
+    return int(text)
 
 
 # Registered before /studios/{sessionId} so that "templates" is not a session id.
@@ -54,6 +72,26 @@ async def list_templates(request: web.Request) -> web.Response:
     if page.max is not None:
         window = window[: page.max]
     return json_response(DataStudioTemplatesListResponse(templates=window, total_size=len(items)))
+
+
+@routes.get("/studios/validate")
+async def validate_name(request: web.Request) -> web.Response:
+    await _service(request).validate_name(
+        principal(request), _workspace(request), request.query.get("name")
+    )
+    return web.Response(status=204)
+
+
+@routes.get("/studios/data-links")
+async def mounted_data_links(request: web.Request) -> web.Response:
+    ids = await _service(request).mounted_data_links(
+        principal(request),
+        _workspace(request),
+        query_int(request, "orgId", minimum=1, maximum=2**63 - 1),
+        request.query.get("status") or None,
+        request.query.get("exclude") or None,
+    )
+    return json_response(DataStudioMountedLinksResponse(data_link_ids=ids))
 
 
 @routes.post("/studios")
@@ -81,6 +119,33 @@ async def list_studios(request: web.Request) -> web.Response:
 @routes.get("/studios/{sessionId}")
 async def get_studio(request: web.Request) -> web.Response:
     dto = await _service(request).get(
+        principal(request), request.match_info["sessionId"], _workspace(request)
+    )
+    return json_response(dto)
+
+
+@routes.put("/studios/{sessionId}")
+async def update_studio(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    body = await parse_body(request, DataStudioUpdateRequest)
+    assert body is not None
+    dto = await _service(request).update(
+        principal(request), request.match_info["sessionId"], workspace_id, body
+    )
+    return json_response(dto)
+
+
+@routes.get("/studios/{sessionId}/compatible-ce")
+async def compatible_compute_envs(request: web.Request) -> web.Response:
+    envs = await _service(request).compatible_compute_envs(
+        principal(request), request.match_info["sessionId"], _workspace(request)
+    )
+    return json_response(ComputeEnvsListResponse(compute_envs=envs))
+
+
+@routes.post("/studios/{sessionId}/lifespan")
+async def extend_lifespan(request: web.Request) -> web.Response:
+    dto = await _service(request).extend_lifespan(
         principal(request), request.match_info["sessionId"], _workspace(request)
     )
     return json_response(dto)
@@ -117,9 +182,34 @@ async def list_checkpoints(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     page = _page(request)
     items, total = await _service(request).checkpoints(
-        principal(request), request.match_info["sessionId"], workspace_id, page
+        principal(request),
+        request.match_info["sessionId"],
+        workspace_id,
+        page,
+        request.query.get("search"),
     )
     return json_response(DataStudioListCheckpointsResponse(checkpoints=items, total_size=total))
+
+
+@routes.get("/studios/{sessionId}/checkpoints/{checkpointId}")
+async def get_checkpoint(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    dto = await _service(request).get_checkpoint(
+        principal(request), request.match_info["sessionId"], workspace_id, _checkpoint_id(request)
+    )
+    return json_response(dto)
+
+
+@routes.put("/studios/{sessionId}/checkpoints/{checkpointId}")
+async def rename_checkpoint(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    checkpoint_id = _checkpoint_id(request)
+    body = await parse_body(request, CheckpointUpdateRequest)
+    assert body is not None
+    dto = await _service(request).rename_checkpoint(
+        principal(request), request.match_info["sessionId"], workspace_id, checkpoint_id, body.name
+    )
+    return json_response(dto)
 
 
 @routes.get("/studios/{sessionId}/connect")

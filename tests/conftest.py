@@ -3,20 +3,72 @@
 Controller tests: `controller_harness` runs the real controller in-process
 (REST + gRPC on free ports of 127.0.0.1) on a temporary SQLite file, with an
 API client for the bootstrap admin and a compute environment ready.
+
+Every response the harness sees is checked against `controller/openapi.yaml`
+(`check_response`): the path and method must be documented, the status must be
+one of the operation's responses, and a JSON body must validate against its
+schema. A test that provokes an undocumented answer fails.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+import yaml
+from openapi_schema_validator import OAS30Validator
 
 from controller.app import Controller
 from controller.config import ControllerConfig
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "controller" / "openapi.yaml"
+# Every (method, path template, status) the controller tests saw.
+SEEN: set[tuple[str, str, int]] = set()
+
+
+@functools.cache
+def _spec() -> tuple[dict[str, Any], list[tuple[re.Pattern[str], str]]]:
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    routes = []
+    for template in spec["paths"]:
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+        routes.append((re.compile(f"^{pattern}$"), template))
+    # Literal paths (/studios/validate) before templated ones (/studios/{sessionId}).
+    routes.sort(key=lambda r: r[1].count("{"))
+    return spec, routes
+
+
+def check_response(method: str, path: str, status: int, content_type: str, body: Any) -> None:
+    """Assert that the answer is one `controller/openapi.yaml` documents."""
+    spec, routes = _spec()
+    path = urlsplit(path).path
+    template = next((t for rx, t in routes if rx.match(path)), None)
+    assert template is not None, f"{method} {path}: path not in openapi.yaml"
+    operation = spec["paths"][template].get(method.lower())
+    assert operation is not None, f"{method} {template}: method not in openapi.yaml"
+    responses = operation["responses"]
+    response = responses.get(str(status)) or responses.get("default")
+    assert response is not None, f"{method} {template}: status {status} not in openapi.yaml"
+    if "$ref" in response:
+        response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
+    SEEN.add((method.upper(), template, status))
+    schema = response.get("content", {}).get("application/json", {}).get("schema")
+    if content_type != "application/json":
+        return
+    assert schema is not None, f"{method} {template} {status}: JSON body not documented"
+    root = {**schema, "components": spec["components"]}
+    errors = sorted(OAS30Validator(root).iter_errors(body), key=str)
+    assert not errors, (
+        f"{method} {template} {status}: body does not match openapi.yaml: "
+        + "; ".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:3])
+    )
 
 
 class ControllerHarness:
@@ -108,6 +160,7 @@ class ControllerHarness:
         ) as resp:
             text = await resp.text()
             parsed = json.loads(text) if text and resp.content_type == "application/json" else None
+            check_response(method, path, resp.status, resp.content_type, parsed)
             if expect is not None:
                 assert resp.status == expect, f"{method} {path}: {resp.status} {text}"
             return resp.status, parsed

@@ -221,6 +221,25 @@ async def test_lifecycle_with_agent(
     _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
     assert [c["name"] for c in body["checkpoints"]] == ["my_studio_2", "my_studio_1"]
     assert body["checkpoints"][0]["status"] == "interim"
+    # A refresh of the same run updates that run's checkpoint (one per run, newest
+    # object); a late re-send of the older refresh does not take it back.
+    await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM, size=99)
+    await agent.checkpoint(sid, 2, "ckpt-b", pb.CHECKPOINT_STATUS_INTERIM)
+    await agent.checkpoint(sid, 2, "ckpt-d", pb.CHECKPOINT_STATUS_FINALIZED, size=77)
+    for _ in range(200):
+        _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
+        if body["checkpoints"][0]["status"] == "finalized":
+            break
+        await asyncio.sleep(0.02)
+    assert body["totalSize"] == 2
+    assert [c["name"] for c in body["checkpoints"]] == ["my_studio_2", "my_studio_1"]
+    newest = body["checkpoints"][0]
+    assert newest["path"] == "file:///work/.studios/checkpoints/ckpt-d"
+    assert newest["status"] == "finalized"
+    await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM)
+    await asyncio.sleep(0.2)
+    _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
+    assert body["checkpoints"][0]["path"].endswith("/ckpt-d")
 
     # Delete an errored studio: the agent is told to forget it.
     mark = len(agent.responses)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -61,7 +62,10 @@ async def test_restart_with_missing_token_file_keeps_the_admin(tmp_path: Path) -
 
 async def test_user_add_prints_a_working_token(controller_harness: ControllerHarness) -> None:
     h = controller_harness
-    result = _cli(
+    # In a thread: the controller in this event loop must be able to finish
+    # the transaction it may have open (SQLite's write lock) meanwhile.
+    result = await asyncio.to_thread(
+        _cli,
         "user",
         "add",
         "--data-dir",
@@ -86,7 +90,9 @@ async def test_user_add_prints_a_working_token(controller_harness: ControllerHar
         expect=200,
     )
     assert body["studio"]["user"]["userName"] == "alice"
-    again = _cli("user", "add", "--data-dir", str(h.data_dir), "--name", "alice", "--email", "a@b")
+    again = await asyncio.to_thread(
+        _cli, "user", "add", "--data-dir", str(h.data_dir), "--name", "alice", "--email", "a@b"
+    )
     assert again.returncode == 1 and "already exists" in again.stderr
 
 

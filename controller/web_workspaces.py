@@ -1,0 +1,146 @@
+"""REST handlers for workspace participants, Studios settings and teams."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controller.errors import BadRequest
+from controller.schemas import (
+    AddParticipantRequest,
+    AddParticipantResponse,
+    AddTeamMemberRequest,
+    AddTeamMemberResponse,
+    DataStudioWorkspaceSettingsRequest,
+    ListParticipantsResponse,
+    TeamCreateRequest,
+    TeamResponse,
+    TeamsListResponse,
+    UpdateParticipantRoleRequest,
+)
+from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
+from controller.workspaces_service import WorkspaceService
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+_WSP = "/orgs/{orgId}/workspaces/{workspaceId}"
+
+
+def _service(request: web.Request) -> WorkspaceService:
+    return request.app[SERVICES_KEY].workspaces  # type: ignore[no-any-return]
+
+
+def _path_id(request: web.Request, name: str) -> int:
+    text = request.match_info[name]
+    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise BadRequest(f"{name}: must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _ids(request: web.Request) -> tuple[int, int]:
+    return _path_id(request, "orgId"), _path_id(request, "workspaceId")
+
+
+@routes.get(_WSP + "/participants")
+async def list_participants(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    items, total = await _service(request).list_participants(
+        principal(request),
+        org_id,
+        workspace_id,
+        request.query.get("search"),
+        query_int(request, "max", maximum=1000),
+        query_int(request, "offset") or 0,
+    )
+    return json_response(ListParticipantsResponse(participants=items, total_size=total))
+
+
+@routes.delete(_WSP + "/participants")
+async def leave_workspace(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    await _service(request).leave(principal(request), org_id, workspace_id)
+    return web.Response(status=204)
+
+
+@routes.put(_WSP + "/participants/add")
+async def add_participant(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    body = await parse_body(request, AddParticipantRequest)
+    assert body is not None
+    dto = await _service(request).add_participant(principal(request), org_id, workspace_id, body)
+    return json_response(AddParticipantResponse(participant=dto))
+
+
+@routes.delete(_WSP + "/participants/{participantId}")
+async def delete_participant(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    await _service(request).delete_participant(
+        principal(request), org_id, workspace_id, _path_id(request, "participantId")
+    )
+    return web.Response(status=204)
+
+
+@routes.put(_WSP + "/participants/{participantId}/role")
+async def update_participant_role(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    participant_id = _path_id(request, "participantId")
+    body = await parse_body(request, UpdateParticipantRoleRequest)
+    assert body is not None
+    await _service(request).update_role(
+        principal(request), org_id, workspace_id, participant_id, body.role
+    )
+    return web.Response(status=204)
+
+
+@routes.get(_WSP + "/settings/studios")
+async def get_studio_settings(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    settings = await _service(request).studio_settings(principal(request), org_id, workspace_id)
+    return json_response(settings)
+
+
+@routes.put(_WSP + "/settings/studios")
+async def update_studio_settings(request: web.Request) -> web.Response:
+    org_id, workspace_id = _ids(request)
+    body = await parse_body(request, DataStudioWorkspaceSettingsRequest)
+    assert body is not None
+    await _service(request).update_studio_settings(principal(request), org_id, workspace_id, body)
+    return web.Response(status=204)
+
+
+@routes.post("/orgs/{orgId}/teams")
+async def create_team(request: web.Request) -> web.Response:
+    org_id = _path_id(request, "orgId")
+    body = await parse_body(request, TeamCreateRequest)
+    assert body is not None
+    team = await _service(request).create_team(principal(request), org_id, body.team)
+    return json_response(TeamResponse(team=team))
+
+
+@routes.get("/orgs/{orgId}/teams")
+async def list_teams(request: web.Request) -> web.Response:
+    teams = await _service(request).list_teams(principal(request), _path_id(request, "orgId"))
+    return json_response(TeamsListResponse(teams=teams, total_size=len(teams)))
+
+
+@routes.post("/orgs/{orgId}/teams/{teamId}/members")
+async def add_team_member(request: web.Request) -> web.Response:
+    org_id, team_id = _path_id(request, "orgId"), _path_id(request, "teamId")
+    body = await parse_body(request, AddTeamMemberRequest)
+    assert body is not None
+    member = await _service(request).add_team_member(
+        principal(request), org_id, team_id, body.user_name_or_email
+    )
+    return json_response(AddTeamMemberResponse(member=member))
+
+
+@routes.delete("/orgs/{orgId}/teams/{teamId}/members/{memberId}")
+async def remove_team_member(request: web.Request) -> web.Response:
+    await _service(request).remove_team_member(
+        principal(request),
+        _path_id(request, "orgId"),
+        _path_id(request, "teamId"),
+        _path_id(request, "memberId"),
+    )
+    return web.Response(status=204)

@@ -1,0 +1,377 @@
+"""Organisations, workspaces, teams and participants: who holds which role.
+
+A participant is a user (type MEMBER, `memberId` = the user id) or a team
+(type TEAM) with a role in a workspace; a team's role applies to each of its
+members, and a user's role is the highest of the two (`controller.auth`).
+
+Rules on top of studio-roles.md ("add, remove participants, change their
+role": maintain and above): nobody grants a role above their own or changes
+or removes a participant whose role is above their own (403), and a
+workspace keeps at least one owner among its user participants (400). New
+participants get `launch`, as in Seqera Platform. Teams belong to an
+organisation; they are managed (`/orgs/{orgId}/teams`, an addition without a
+counterpart in the reference) by the admins and owners of its workspaces.
+Anything of a workspace the caller has no role in is 404.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.auth import Permission, Principal, Role, require, workspace_role
+from controller.db import Database
+from controller.errors import BadRequest, Conflict, Forbidden, NotFound
+from controller.models import Participant, Team, TeamMember, User, Workspace, utcnow
+from controller.schemas import (
+    AddParticipantRequest,
+    DataStudioWorkspaceSettingsRequest,
+    DataStudioWorkspaceSettingsResponse,
+    MemberDto,
+    ParticipantDto,
+    TeamCreateBody,
+    TeamDto,
+)
+
+__all__ = ["NEW_PARTICIPANT_ROLE", "WorkspaceService"]
+
+NEW_PARTICIPANT_ROLE = Role.LAUNCH
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class WorkspaceService:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ------------------------------------------------------------ helpers
+
+    @staticmethod
+    async def _workspace(
+        session: AsyncSession, principal: Principal, org_id: int, workspace_id: int
+    ) -> tuple[Workspace, Role]:
+        missing = NotFound(f"workspace {workspace_id} of organization {org_id} not found")
+        workspace = await session.get(Workspace, workspace_id)
+        if workspace is None or workspace.org_id != org_id:
+            raise missing
+        role = await workspace_role(session, principal.user_id, workspace_id)
+        if role is None:
+            raise missing
+        return workspace, role
+
+    @staticmethod
+    async def _participant(
+        session: AsyncSession, workspace_id: int, participant_id: int
+    ) -> Participant:
+        row = await session.get(Participant, participant_id, with_for_update=True)
+        if row is None or row.workspace_id != workspace_id:
+            raise NotFound(f"participant {participant_id} not found")
+        return row
+
+    @staticmethod
+    async def _check_keeps_owner(session: AsyncSession, row: Participant) -> None:
+        """BadRequest if `row` is the workspace's last owner among user participants."""
+        if row.role != Role.OWNER.value or row.user_id is None:
+            return
+        owners = await session.scalar(
+            select(func.count())
+            .select_from(Participant)
+            .where(
+                Participant.workspace_id == row.workspace_id,
+                Participant.role == Role.OWNER.value,
+                Participant.user_id.is_not(None),
+            )
+        )
+        if (owners or 0) <= 1:
+            raise BadRequest("a workspace must keep at least one owner")
+
+    @staticmethod
+    def _check_above(caller: Role, target: Role, what: str) -> None:
+        if target.rank > caller.rank:
+            raise Forbidden(f"role '{caller}' may not {what} a participant with role '{target}'")
+
+    @staticmethod
+    async def _dto(session: AsyncSession, row: Participant) -> ParticipantDto:
+        if row.team_id is not None:
+            team = await session.get(Team, row.team_id)
+            return ParticipantDto(
+                participant_id=row.id,
+                type="TEAM",
+                wsp_role=row.role,
+                team_id=row.team_id,
+                team_name=team.name if team else None,
+            )
+        user = await session.get(User, row.user_id or -1)
+        return ParticipantDto(
+            participant_id=row.id,
+            type="MEMBER",
+            wsp_role=row.role,
+            member_id=row.user_id,
+            user_name=user.user_name if user else None,
+            email=user.email if user else None,
+            org_role="member",
+        )
+
+    # ------------------------------------------------------------ participants
+
+    async def list_participants(
+        self,
+        principal: Principal,
+        org_id: int,
+        workspace_id: int,
+        search: str | None,
+        max_: int | None,
+        offset: int,
+    ) -> tuple[list[ParticipantDto], int]:
+        async with self.db.transaction() as session:
+            await self._workspace(session, principal, org_id, workspace_id)
+            query = (
+                select(Participant)
+                .outerjoin(User, User.id == Participant.user_id)
+                .outerjoin(Team, Team.id == Participant.team_id)
+                .where(Participant.workspace_id == workspace_id)
+            )
+            for word in (search or "").split():
+                pattern = f"%{_escape_like(word.lower())}%"
+                query = query.where(
+                    or_(
+                        func.lower(User.user_name).like(pattern, escape="\\"),
+                        func.lower(User.email).like(pattern, escape="\\"),
+                        func.lower(Team.name).like(pattern, escape="\\"),
+                    )
+                )
+            total = await session.scalar(
+                select(func.count()).select_from(query.with_only_columns(Participant.id).subquery())
+            )
+            query = query.order_by(Participant.id).offset(offset)
+            if max_ is not None:
+                query = query.limit(max_)
+            rows = (await session.scalars(query)).all()
+            return [await self._dto(session, r) for r in rows], int(total or 0)
+
+    async def add_participant(
+        self, principal: Principal, org_id: int, workspace_id: int, body: AddParticipantRequest
+    ) -> ParticipantDto:
+        given = [
+            v for v in (body.member_id, body.team_id, body.user_name_or_email) if v is not None
+        ]
+        if len(given) != 1:
+            raise BadRequest("give exactly one of memberId, teamId and userNameOrEmail")
+        try:
+            async with self.db.transaction() as session:
+                _workspace, role = await self._workspace(session, principal, org_id, workspace_id)
+                require(role, Permission.PARTICIPANTS)
+                row = Participant(workspace_id=workspace_id, role=NEW_PARTICIPANT_ROLE.value)
+                if body.team_id is not None:
+                    team = await session.get(Team, body.team_id)
+                    if team is None or team.org_id != org_id:
+                        raise NotFound(f"team {body.team_id} not found")
+                    taken = Participant.team_id == team.id
+                    row.team_id = team.id
+                else:
+                    if body.member_id is not None:
+                        user = await session.get(User, body.member_id)
+                    else:
+                        user = await session.scalar(
+                            select(User).where(
+                                or_(
+                                    User.user_name == body.user_name_or_email,
+                                    User.email == body.user_name_or_email,
+                                )
+                            )
+                        )
+                    if user is None:
+                        raise NotFound("user not found")
+                    taken = Participant.user_id == user.id
+                    row.user_id = user.id
+                exists = await session.scalar(
+                    select(Participant.id).where(Participant.workspace_id == workspace_id, taken)
+                )
+                if exists is not None:
+                    raise Conflict("already a participant of the workspace")
+                row.date_created = utcnow()
+                session.add(row)
+                await session.flush()
+                return await self._dto(session, row)
+        except IntegrityError:
+            raise Conflict("already a participant of the workspace") from None
+
+    async def delete_participant(
+        self, principal: Principal, org_id: int, workspace_id: int, participant_id: int
+    ) -> None:
+        async with self.db.transaction() as session:
+            _workspace, role = await self._workspace(session, principal, org_id, workspace_id)
+            require(role, Permission.PARTICIPANTS)
+            row = await self._participant(session, workspace_id, participant_id)
+            self._check_above(role, Role(row.role), "remove")
+            await self._check_keeps_owner(session, row)
+            await session.delete(row)
+
+    async def update_role(
+        self,
+        principal: Principal,
+        org_id: int,
+        workspace_id: int,
+        participant_id: int,
+        role_text: str,
+    ) -> None:
+        new_role = Role.parse(role_text)
+        async with self.db.transaction() as session:
+            _workspace, role = await self._workspace(session, principal, org_id, workspace_id)
+            require(role, Permission.PARTICIPANTS)
+            row = await self._participant(session, workspace_id, participant_id)
+            self._check_above(role, Role(row.role), "change the role of")
+            if new_role.rank > role.rank:
+                raise Forbidden(f"role '{role}' may not grant the role '{new_role}'")
+            if new_role != Role.OWNER:
+                await self._check_keeps_owner(session, row)
+            row.role = new_role.value
+
+    async def leave(self, principal: Principal, org_id: int, workspace_id: int) -> None:
+        async with self.db.transaction() as session:
+            await self._workspace(session, principal, org_id, workspace_id)
+            row = await session.scalar(
+                select(Participant).where(
+                    Participant.workspace_id == workspace_id,
+                    Participant.user_id == principal.user_id,
+                )
+            )
+            if row is None:
+                raise BadRequest("you take part in this workspace through a team only")
+            await self._check_keeps_owner(session, row)
+            await session.delete(row)
+
+    # ------------------------------------------------------------ settings
+
+    async def studio_settings(
+        self, principal: Principal, org_id: int, workspace_id: int
+    ) -> DataStudioWorkspaceSettingsResponse:
+        async with self.db.transaction() as session:
+            workspace, role = await self._workspace(session, principal, org_id, workspace_id)
+            require(role, Permission.READ)
+            return _settings(workspace)
+
+    async def update_studio_settings(
+        self,
+        principal: Principal,
+        org_id: int,
+        workspace_id: int,
+        body: DataStudioWorkspaceSettingsRequest,
+    ) -> None:
+        async with self.db.transaction() as session:
+            workspace, role = await self._workspace(session, principal, org_id, workspace_id)
+            require(role, Permission.SETTINGS)
+            if body.lifespan_hours is not None:
+                workspace.lifespan_hours = body.lifespan_hours
+            if body.private_studio_by_default is not None:
+                workspace.private_studio_by_default = body.private_studio_by_default
+
+    # ------------------------------------------------------------ teams
+
+    async def _org_role(self, session: AsyncSession, principal: Principal, org_id: int) -> Role:
+        """The caller's highest role in the organisation's workspaces; 404 without one."""
+        roles = []
+        for workspace_id in (
+            await session.scalars(select(Workspace.id).where(Workspace.org_id == org_id))
+        ).all():
+            role = await workspace_role(session, principal.user_id, workspace_id)
+            if role is not None:
+                roles.append(role)
+        if not roles:
+            raise NotFound(f"organization {org_id} not found")
+        return max(roles, key=lambda r: r.rank)
+
+    @staticmethod
+    async def _team_dto(session: AsyncSession, team: Team) -> TeamDto:
+        count = await session.scalar(
+            select(func.count()).select_from(TeamMember).where(TeamMember.team_id == team.id)
+        )
+        return TeamDto(
+            team_id=team.id,
+            name=team.name,
+            description=team.description,
+            members_count=int(count or 0),
+        )
+
+    async def create_team(self, principal: Principal, org_id: int, body: TeamCreateBody) -> TeamDto:
+        conflict = Conflict(f"a team named {body.name!r} already exists")
+        try:
+            async with self.db.transaction() as session:
+                require(await self._org_role(session, principal, org_id), Permission.ADMIN)
+                if await session.scalar(
+                    select(Team.id).where(Team.org_id == org_id, Team.name == body.name)
+                ):
+                    raise conflict
+                team = Team(org_id=org_id, name=body.name, description=body.description)
+                session.add(team)
+                await session.flush()
+                return await self._team_dto(session, team)
+        except IntegrityError:
+            raise conflict from None
+
+    async def list_teams(self, principal: Principal, org_id: int) -> list[TeamDto]:
+        async with self.db.transaction() as session:
+            await self._org_role(session, principal, org_id)
+            teams = (
+                await session.scalars(select(Team).where(Team.org_id == org_id).order_by(Team.name))
+            ).all()
+            return [await self._team_dto(session, t) for t in teams]
+
+    async def _team(self, session: AsyncSession, org_id: int, team_id: int) -> Team:
+        team = await session.get(Team, team_id)
+        if team is None or team.org_id != org_id:
+            raise NotFound(f"team {team_id} not found")
+        return team
+
+    async def add_team_member(
+        self, principal: Principal, org_id: int, team_id: int, user_name_or_email: str
+    ) -> MemberDto:
+        conflict = Conflict("already a member of the team")
+        try:
+            async with self.db.transaction() as session:
+                require(await self._org_role(session, principal, org_id), Permission.ADMIN)
+                team = await self._team(session, org_id, team_id)
+                user = await session.scalar(
+                    select(User).where(
+                        or_(User.user_name == user_name_or_email, User.email == user_name_or_email)
+                    )
+                )
+                if user is None:
+                    raise NotFound("user not found")
+                if await session.scalar(
+                    select(TeamMember.id).where(
+                        TeamMember.team_id == team.id, TeamMember.user_id == user.id
+                    )
+                ):
+                    raise conflict
+                session.add(TeamMember(team_id=team.id, user_id=user.id))
+                return MemberDto(member_id=user.id, user_name=user.user_name, email=user.email)
+        except IntegrityError:
+            raise conflict from None
+
+    async def remove_team_member(
+        self, principal: Principal, org_id: int, team_id: int, member_id: int
+    ) -> None:
+        async with self.db.transaction() as session:
+            require(await self._org_role(session, principal, org_id), Permission.ADMIN)
+            team = await self._team(session, org_id, team_id)
+            row = await session.scalar(
+                select(TeamMember).where(
+                    TeamMember.team_id == team.id, TeamMember.user_id == member_id
+                )
+            )
+            if row is None:
+                raise NotFound(f"member {member_id} of team {team_id} not found")
+            await session.delete(row)
+
+
+def _settings(workspace: Workspace) -> DataStudioWorkspaceSettingsResponse:
+    return DataStudioWorkspaceSettingsResponse(
+        org_id=workspace.org_id,
+        wsp_id=workspace.id,
+        lifespan_hours=workspace.lifespan_hours,
+        private_studio_by_default=workspace.private_studio_by_default,
+    )
