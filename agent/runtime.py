@@ -40,6 +40,11 @@ class StartSpec:
     root_dir: Path
     log_path: Path
     port: int
+    generation: int = 0
+    # Limits from the studio configuration; 0 = none.
+    cpu: int = 0
+    memory_mib: int = 0
+    gpu: int = 0
 
 
 @dataclass
@@ -75,6 +80,11 @@ class RuntimeOptions:
     """Agent configuration a backend may need."""
 
     local_templates: Path | None = None
+    # podman: the REST API socket, the OCI runtime name ("" = podman's default) and
+    # container ulimits ("nofile=1024:1024"), all agent settings of the host.
+    podman_socket: Path = Path("/run/podman/podman.sock")
+    oci_runtime: str = ""
+    ulimits: tuple[str, ...] = ()
 
 
 class Runtime(abc.ABC):
@@ -121,6 +131,16 @@ class Runtime(abc.ABC):
     def capabilities(self) -> dict[str, bool]:
         """Optional features, reported by `doctor` and `status`."""
         return {}
+
+    async def reap(self, handle: RuntimeHandle) -> None:
+        """Remove what a start killed between creating the tool and recording its
+        handle may have left (found by the session's labels); idempotent."""
+        return None
+
+    def checkpoint_dir(self, volume_root: Path) -> Path:
+        """The directory a checkpoint reads and a restore fills, given the session
+        volume: the volume itself for `local`, the overlay's upper dir for `podman`."""
+        return volume_root
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

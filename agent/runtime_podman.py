@@ -1,15 +1,457 @@
-"""Placeholder registration of the podman backend: named, but not built yet."""
+"""The `podman` runtime: real containers through podman's libpod REST API on its socket.
+
+The agent assembles each session's root file system itself: an overlay whose lower
+layers are the image's (from the image's GraphDriver data) and whose upper and work
+directories live on the session volume. The container runs on the merged directory
+(`rootfs`), so every change the tool makes to `/` lands in `<volume>/upper`, which is
+what checkpoints read (`checkpoint_dir`). With `rootfs` podman applies none of the
+image's configuration, so the command, environment and working directory are taken
+from the image and passed explicitly.
+
+Layout next to the volume mounted at `DIR/sessions/<sid>/root`:
+    root/upper, root/work   the overlay's upper and work dirs (on the volume)
+    DIR/sessions/<sid>/merged   the overlay mount: the tool's `/` (`rootDir`)
+
+Containers are named `studios-<sid>` and labelled `studios.session-id` and
+`studios.generation`; the handle keeps the container id. They use the host network
+(the proxy talks to 127.0.0.1:$CONNECT_TOOL_PORT; a bridge adds ~210 ms per start)
+and a k8s-file log at the session's log path, which outlives the container.
+"""
 
 from __future__ import annotations
 
-from agent.errors import RuntimeUnavailable
-from agent.runtime import Runtime, RuntimeOptions, register_runtime
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
 
-__all__ = ["create_podman_runtime"]
+import aiohttp
+import psutil
+
+from agent.errors import RuntimeStartError, RuntimeUnavailable
+from agent.runtime import (
+    ExitStatus,
+    Runtime,
+    RuntimeHandle,
+    RuntimeOptions,
+    StartSpec,
+    ToolState,
+    register_runtime,
+)
+from agent.volume_xfs import mounted_source
+
+__all__ = ["PodmanClient", "PodmanError", "PodmanRuntime", "parse_ulimit"]
+
+log = logging.getLogger(__name__)
+
+API = "/v4.0.0/libpod"
+_POLL_INTERVAL = 0.2
+LABEL_SESSION = "studios.session-id"
+LABEL_GENERATION = "studios.generation"
+_K8S_LOG_PREFIX = re.compile(r"^\S+ (stdout|stderr) [FP] ")
+
+
+class PodmanError(RuntimeStartError):
+    """podman answered with an error, or did not answer at all."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_ulimit(value: str) -> dict[str, Any]:
+    """`nofile=1024:1024` (or `nofile=1024`) -> a libpod POSIX rlimit."""
+    name, sep, limits = value.partition("=")
+    soft, _, hard = limits.partition(":")
+    if not sep or not soft.isdigit() or (hard and not hard.isdigit()):
+        raise ValueError(f"bad ulimit {value!r}: expected NAME=SOFT[:HARD]")
+    return {"type": name.lower(), "soft": int(soft), "hard": int(hard or soft)}
+
+
+class PodmanClient:
+    """A few libpod REST calls over the unix socket; errors carry podman's message."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        timeout: float = 60.0,  # noqa: ASYNC109  (one total limit per call)
+        ok: tuple[int, ...] = (200, 201, 204, 304),
+    ) -> Any:
+        connector = aiohttp.UnixConnector(path=str(self.socket_path))
+        try:
+            async with aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as client:
+                async with client.request(
+                    method, f"http://podman{API}{path}", params=params, json=body
+                ) as resp:
+                    text = await resp.text()
+                    if resp.status not in ok:
+                        raise PodmanError(_podman_message(text, resp.status), resp.status)
+                    if not text:
+                        return None
+                    try:
+                        return json.loads(text)
+                    except ValueError:
+                        return text
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise PodmanError(
+                f"podman does not answer on {self.socket_path} ({exc}); "
+                "is `podman system service` running?"
+            ) from None
+        except TimeoutError:
+            message = f"podman did not answer on {self.socket_path} in {timeout:g} s"
+            raise PodmanError(message) from None
+
+    async def ping(self) -> bool:
+        try:
+            await self.request("GET", "/_ping", timeout=5)
+            return True
+        except PodmanError:
+            return False
+
+
+def _podman_message(text: str, status: int) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        data = json.loads(text)
+        msg = data.get("message") or data.get("cause")
+        if msg:
+            return f"podman: {msg}"
+    return f"podman: HTTP {status}: {text.strip()[:500]}"
+
+
+def _describe_exit(state: dict[str, Any]) -> ExitStatus:
+    code = int(state.get("ExitCode", 0))
+    if state.get("OOMKilled"):
+        return ExitStatus(code, f"killed: out of memory (status {code})")
+    if code > 128:
+        return ExitStatus(code, f"exited with status {code} (signal {code - 128})")
+    error = state.get("Error") or ""
+    return ExitStatus(code, f"exited with status {code}" + (f": {error}" if error else ""))
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        text = (err or out).decode(errors="replace").strip()
+        raise RuntimeStartError(f"{' '.join(argv[:3])} ... failed: {text}")
+
+
+class PodmanRuntime(Runtime):
+    name = "podman"
+
+    def __init__(self, options: RuntimeOptions) -> None:
+        self.client = PodmanClient(options.podman_socket)
+        self.oci_runtime = options.oci_runtime
+        self.rlimits = [parse_ulimit(u) for u in options.ulimits]
+
+    # ------------------------------------------------------------ layout
+
+    def checkpoint_dir(self, volume_root: Path) -> Path:
+        return volume_root / "upper"
+
+    @staticmethod
+    def merged_dir(volume_root: Path) -> Path:
+        return volume_root.parent / "merged"
+
+    @staticmethod
+    def container_name(session_id: str) -> str:
+        return f"studios-{session_id}"
+
+    # ------------------------------------------------------------ image and rootfs
+
+    async def image(self, reference: str) -> dict[str, Any]:
+        """Inspect `reference`, pulling it first when it is not present."""
+        try:
+            data: dict[str, Any] = await self.client.request("GET", f"/images/{reference}/json")
+            return data
+        except PodmanError as exc:
+            if exc.status != 404:
+                raise
+        log.info("pulling image %s", reference)
+        answer = await self.client.request(
+            "POST", "/images/pull", params={"reference": reference, "quiet": "true"}, timeout=900
+        )
+        # The pull answers 200 with a stream of JSON objects; an "error" one means failed.
+        for line in str(answer if isinstance(answer, str) else json.dumps(answer)).splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                item = json.loads(line)
+                if item.get("error"):
+                    raise PodmanError(f"cannot pull image {reference}: {item['error']}")
+        data = await self.client.request("GET", f"/images/{reference}/json")
+        return data
+
+    @staticmethod
+    def image_layers(image: dict[str, Any]) -> list[str]:
+        driver = image.get("GraphDriver") or {}
+        if driver.get("Name") != "overlay":
+            raise RuntimeStartError(
+                f"image storage driver {driver.get('Name')!r} is not overlay; "
+                "the podman runtime needs podman's overlay storage"
+            )
+        data = driver.get("Data") or {}
+        layers = [data["UpperDir"]] if data.get("UpperDir") else []
+        layers += [p for p in str(data.get("LowerDir", "")).split(":") if p]
+        if not layers:
+            raise RuntimeStartError("image has no layers")
+        return layers
+
+    async def mount_rootfs(self, volume_root: Path, layers: list[str]) -> Path:
+        upper, work = volume_root / "upper", volume_root / "work"
+        merged = self.merged_dir(volume_root)
+        for d in (upper, work, merged):
+            await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True)
+        if mounted_source(merged) is None:
+            options = f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}"
+            await _run("mount", "-t", "overlay", "overlay", "-o", options, str(merged))
+        return merged
+
+    async def unmount_rootfs(self, merged: Path) -> None:
+        while mounted_source(merged) is not None:
+            proc = await asyncio.create_subprocess_exec(
+                "umount", str(merged), stderr=asyncio.subprocess.DEVNULL
+            )
+            if await proc.wait() != 0:
+                await (await asyncio.create_subprocess_exec("umount", "-l", str(merged))).wait()
+                break
+
+    # ------------------------------------------------------------ the interface
+
+    def _create_body(
+        self, spec: StartSpec, image: dict[str, Any], rootfs: Path, env: dict[str, str]
+    ) -> dict[str, Any]:
+        config = image.get("Config") or {}
+        command = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+        if not command:
+            raise RuntimeStartError(f"image {spec.image} has neither an entrypoint nor a command")
+        body: dict[str, Any] = {
+            "name": self.container_name(spec.session_id),
+            "rootfs": str(rootfs),
+            "command": command,
+            "env": env,
+            "work_dir": config.get("WorkingDir") or "/",
+            "labels": {
+                LABEL_SESSION: spec.session_id,
+                LABEL_GENERATION: str(spec.generation),
+            },
+            "netns": {"nsmode": "host"},
+            "stop_signal": 15,
+            "stop_timeout": 30,
+            "log_configuration": {"driver": "k8s-file", "path": str(spec.log_path)},
+        }
+        if self.oci_runtime:
+            body["oci_runtime"] = self.oci_runtime
+        if self.rlimits:
+            body["r_limits"] = self.rlimits
+        limits: dict[str, Any] = {}
+        if spec.cpu > 0:
+            limits["cpu"] = {"quota": spec.cpu * 100_000, "period": 100_000}
+        if spec.memory_mib > 0:
+            limits["memory"] = {"limit": spec.memory_mib * 1024 * 1024}
+        if limits:
+            body["resource_limits"] = limits
+        if spec.gpu > 0:
+            devices = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+            if len(devices) < spec.gpu:
+                raise RuntimeStartError(
+                    f"{spec.gpu} GPU(s) requested, {len(devices)} present on this host"
+                )
+            extra = [p for p in ("/dev/nvidiactl", "/dev/nvidia-uvm") if os.path.exists(p)]
+            body["devices"] = [{"path": p} for p in devices[: spec.gpu] + extra]
+        return body
+
+    async def start(self, spec: StartSpec) -> RuntimeHandle:
+        image = await self.image(spec.image)
+        layers = self.image_layers(image)
+        env: dict[str, str] = {}
+        for item in (image.get("Config") or {}).get("Env") or []:
+            key, _, value = str(item).partition("=")
+            env[key] = value
+        env.update(spec.environment)
+        env["CONNECT_TOOL_PORT"] = str(spec.port)
+        body = self._create_body(spec, image, self.merged_dir(spec.root_dir), env)
+        await asyncio.to_thread(spec.log_path.parent.mkdir, parents=True, exist_ok=True)
+        # A container of an earlier, crashed start of this session is in the way.
+        await self._remove(self.container_name(spec.session_id))
+        merged = await self.mount_rootfs(spec.root_dir, layers)
+        try:
+            created = await self.client.request("POST", "/containers/create", body=body)
+            cid = str(created["Id"])
+            await self.client.request("POST", f"/containers/{cid}/start")
+            state = (await self.client.request("GET", f"/containers/{cid}/json"))["State"]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._remove(self.container_name(spec.session_id))
+            with contextlib.suppress(Exception):
+                await self.unmount_rootfs(merged)
+            raise
+        pid = int(state.get("Pid") or 0)
+        create_time = 0.0
+        with contextlib.suppress(psutil.Error, ValueError):
+            create_time = psutil.Process(pid).create_time() if pid else 0.0
+        return RuntimeHandle(
+            session_id=spec.session_id,
+            pid=pid,
+            create_time=create_time,
+            port=spec.port,
+            root_dir=str(merged),
+            log_path=str(spec.log_path),
+            data={
+                "container_id": cid,
+                "container_name": self.container_name(spec.session_id),
+                "merged": str(merged),
+                "upper": str(spec.root_dir / "upper"),
+                "volume_root": str(spec.root_dir),
+            },
+        )
+
+    def _ref(self, handle: RuntimeHandle) -> str:
+        return str(
+            handle.data.get("container_id")
+            or handle.data.get("container_name")
+            or self.container_name(handle.session_id)
+        )
+
+    async def _state(self, handle: RuntimeHandle) -> dict[str, Any] | None:
+        """The container's State, or None when the container does not exist."""
+        try:
+            data = await self.client.request("GET", f"/containers/{self._ref(handle)}/json")
+        except PodmanError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        state: dict[str, Any] = data["State"]
+        return state
+
+    async def poll(self, handle: RuntimeHandle) -> ExitStatus | None:
+        try:
+            state = await self._state(handle)
+        except PodmanError as exc:
+            # podman itself is down: the container may well still run (conmon keeps it);
+            # never declare a tool dead because the agent cannot see it.
+            log.warning("session %s: cannot poll the container: %s", handle.session_id, exc)
+            return None
+        if state is None:
+            return ExitStatus(None, "container is gone")
+        if state.get("Running") or state.get("Status") in ("running", "created", "configured"):
+            if state.get("Status") in ("created", "configured") and state.get("FinishedAt", "")[
+                :4
+            ] not in ("", "0001"):
+                return _describe_exit(state)
+            return None
+        return _describe_exit(state)
+
+    async def wait(self, handle: RuntimeHandle) -> ExitStatus:
+        while True:
+            status = await self.poll(handle)
+            if status is not None:
+                await self._cleanup(handle)
+                return status
+            await asyncio.sleep(_POLL_INTERVAL)
+
+    async def stop(self, handle: RuntimeHandle, grace_seconds: float) -> ExitStatus | None:
+        status = await self.poll(handle)
+        if status is None:
+            # podman sends the stop signal (SIGTERM), then SIGKILL after `timeout`.
+            with contextlib.suppress(PodmanError):
+                await self.client.request(
+                    "POST",
+                    f"/containers/{self._ref(handle)}/stop",
+                    params={"timeout": str(int(max(0, grace_seconds)))},
+                    timeout=grace_seconds + 60,
+                    ok=(204, 304, 404),
+                )
+            status = await self.poll(handle)
+        await self._cleanup(handle)
+        return status
+
+    async def destroy(self, handle: RuntimeHandle) -> None:
+        await self._cleanup(handle)
+
+    async def reap(self, handle: RuntimeHandle) -> None:
+        await self._cleanup(handle)
+
+    async def _remove(self, ref: str) -> None:
+        await self.client.request(
+            "DELETE",
+            f"/containers/{ref}",
+            params={"force": "true", "timeout": "0"},
+            timeout=60,
+            ok=(200, 204, 404),
+        )
+
+    async def _cleanup(self, handle: RuntimeHandle) -> None:
+        """Remove the container (by id and by name) and unmount its root file system."""
+        with contextlib.suppress(PodmanError):
+            await self._remove(self._ref(handle))
+        with contextlib.suppress(PodmanError):
+            await self._remove(self.container_name(handle.session_id))
+        merged = handle.data.get("merged") or (
+            str(self.merged_dir(Path(handle.root_dir))) if handle.root_dir else ""
+        )
+        if merged:
+            await self.unmount_rootfs(Path(merged))
+
+    async def inspect(self, handle: RuntimeHandle) -> ToolState:
+        status = await self.poll(handle)
+        return ToolState(running=status is None, pid=handle.pid, exit=status)
+
+    async def recover(self, handle: RuntimeHandle) -> bool:
+        try:
+            data = await self.client.request("GET", f"/containers/{self._ref(handle)}/json")
+        except PodmanError as exc:
+            if exc.status != 404:
+                # podman is down: leave the tool to itself, the watcher keeps polling.
+                log.warning("session %s: cannot recover yet: %s", handle.session_id, exc)
+                return True
+            data = None
+        labels = ((data or {}).get("Config") or {}).get("Labels") or {}
+        if data is not None and labels.get(LABEL_SESSION) == handle.session_id:
+            if data["State"].get("Running"):
+                return True
+        await self._cleanup(handle)
+        return False
+
+    async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:
+        return await asyncio.to_thread(_tail_k8s_log, Path(handle.log_path), max_lines)
+
+    def capabilities(self) -> dict[str, bool]:
+        return {"isolation": True, "customImages": True}
+
+
+def _tail_k8s_log(path: Path, max_lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    lines = [_K8S_LOG_PREFIX.sub("", line) for line in data.decode("utf-8", "replace").splitlines()]
+    return "\n".join(lines[-max_lines:])
 
 
 def create_podman_runtime(options: RuntimeOptions) -> Runtime:
-    raise RuntimeUnavailable("podman runtime not available in this build")
+    if not options.podman_socket:
+        raise RuntimeUnavailable("the podman runtime needs --podman-socket")
+    return PodmanRuntime(options)
 
 
 register_runtime("podman", create_podman_runtime)

@@ -75,6 +75,8 @@ class SessionHandle:
     # True while the session directory holds data that no checkpoint has taken yet
     # (the final checkpoint failed); the directory is kept until one succeeds.
     unsaved: bool = False
+    # URI of this run's newest checkpoint: the parent of the next (incremental) one.
+    checkpoint_uri: str = ""
     # Opaque per-runtime data (Nomad's driver blob).
     runtime_data: dict[str, Any] = field(default_factory=dict)
 

@@ -106,6 +106,8 @@ def make_agent_config(
         backoff_initial=0.1,
         backoff_max=0.5,
         disk_watch_seconds=0.5,
+        # Plain directories unless a test asks for xfs-loop (which needs root).
+        volume_kind="directory",
     )
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -71,6 +71,8 @@ class Serve:
             str(self.state_dir),
             "--runtime",
             "local",
+            "--volume-kind",
+            "directory",
             "--proxy",
             f"127.0.0.1:{self.proxy_port}",
             "--local-templates",
@@ -171,7 +173,7 @@ async def test_serve_sessions_restart_and_shutdown(
         kill_leftover_tools(serve.state_dir)
 
 
-async def test_podman_runtime_is_refused_clearly(tmp_path: Path) -> None:
+async def test_unknown_runtime_is_refused_clearly(tmp_path: Path) -> None:
     token = tmp_path / "t"
     token.write_text("x")
     rc, _, err = await _run(
@@ -185,10 +187,10 @@ async def test_podman_runtime_is_refused_clearly(tmp_path: Path) -> None:
         "--state-dir",
         str(tmp_path / "state"),
         "--runtime",
-        "podman",
+        "nosuch",
     )
     assert rc == 2
-    assert "podman runtime not available in this build" in err
+    assert "unknown runtime 'nosuch'" in err
 
 
 async def test_commands_without_a_running_agent(tmp_path: Path) -> None:

@@ -1,0 +1,271 @@
+"""The podman runtime end to end: real containers on an agent-assembled overlay root on an
+xfs-loop volume, driven through the agent by the fake controller; and its faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from studios.agent.v1 import agent_pb2 as pb
+
+from agent.daemon import Agent, AgentConfig
+from agent.host import doctor_report
+from agent.runtime_podman import LABEL_SESSION
+from agent.volume_xfs import XfsLoopVolume, mounted_source
+from tests.agent_fixtures import controller_fixture, make_agent_config  # noqa: F401
+from tests.fake_controller import FakeController, desired
+from tests.integration import require
+from tests.test_volume_xfs import _force_cleanup
+
+IMAGE = os.environ.get("STUDIOS_TEST_IMAGE", "localhost/studios/busybox-httpd:1.36-0.1")
+SOCKET = Path(os.environ.get("STUDIOS_PODMAN_SOCKET", "/run/podman/podman.sock"))
+RUNNING = pb.SESSION_STATUS_RUNNING
+STARTING = pb.SESSION_STATUS_STARTING
+STOPPING = pb.SESSION_STATUS_STOPPING
+STOPPED = pb.SESSION_STATUS_STOPPED
+ERRORED = pb.SESSION_STATUS_ERRORED
+
+# Test images built FROM the busybox one (offline): tools that misbehave.
+VARIANTS = {
+    "silent": '["sleep", "3600"]',
+    "dies": '["/bin/sh", "-c", "busybox httpd -p $CONNECT_TOOL_PORT -h /www; sleep 3; exit 7"]',
+    "stubborn": '["/bin/sh", "-c", "trap \\"\\" TERM; busybox httpd -f -p $CONNECT_TOOL_PORT"]',
+}
+
+
+def _podman(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=False)
+
+
+def _require_podman() -> None:
+    ok, why = XfsLoopVolume.available()
+    require(ok, f"xfs-loop volumes: {why}")
+    report = doctor_report("podman", "xfs-loop", SOCKET)
+    podman = report["runtimes"][1]
+    require(podman["usable"], f"podman runtime: {podman['reason']}")
+    require(_podman("image", "exists", IMAGE).returncode == 0, f"{IMAGE} (scripts/podman-setup)")
+
+
+def _variant(name: str, tmp: Path) -> str:
+    tag = f"localhost/studios/test-{name}:1"
+    if _podman("image", "exists", tag).returncode != 0:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "Containerfile").write_text(f"FROM {IMAGE}\nCMD {VARIANTS[name]}\n")
+        out = _podman("build", "-q", "-t", tag, str(tmp))
+        assert out.returncode == 0, out.stderr
+    return tag
+
+
+def _containers(session_id: str) -> list[dict[str, object]]:
+    out = _podman("ps", "-a", "--format", "json", "--filter", f"label={LABEL_SESSION}={session_id}")
+    return json.loads(out.stdout or "[]")
+
+
+def _cleanup(state_dir: Path) -> None:
+    out = _podman("ps", "-aq", "--filter", f"label={LABEL_SESSION}")
+    for cid in out.stdout.split():
+        _podman("rm", "-f", "-t", "0", cid)
+    sessions = state_dir / "sessions"
+    if sessions.is_dir():
+        for merged in sessions.glob("*/merged"):
+            if mounted_source(merged) is not None:
+                subprocess.run(["umount", "-l", str(merged)], check=False)
+        _force_cleanup(sessions)
+
+
+def _config(tmp_path: Path, controller: FakeController, **kw: object) -> AgentConfig:
+    return make_agent_config(
+        tmp_path,
+        controller,
+        runtime="podman",
+        volume_kind="xfs-loop",
+        podman_socket=SOCKET,
+        podman_runtime="runc",
+        container_ulimits=("nofile=1024:1024", "nproc=1024:1024"),
+        **kw,
+    )
+
+
+@pytest.fixture(name="pconfig")
+def pconfig_fixture(tmp_path: Path, controller: FakeController) -> AsyncIterator[AgentConfig]:
+    _require_podman()
+    config = _config(tmp_path, controller)
+    yield config
+    _cleanup(config.state_dir)
+
+
+def _get(port: int, path: str = "/index.html") -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return bytes(resp.read())
+
+
+async def test_studio_runs_in_a_container_and_opt_lands_in_the_upper_dir(
+    controller: FakeController, pconfig: AgentConfig
+) -> None:
+    async with _agent(pconfig) as agent:
+        d = desired("cccc0001", image=IMAGE, environment={"GREETING": "hi"})
+        d.spec.cpu, d.spec.memory_mib = 1, 256
+        controller.push(d)
+        obs = await controller.wait_status("cccc0001", RUNNING, timeout=60)
+        assert obs.runtime == "podman" and obs.volume.kind == "xfs-loop"
+        assert _get(obs.tool_port) == b"studios busybox httpd\n"
+        [container] = _containers("cccc0001")
+        cid = str(container["Id"])
+        # What the tool sees as / is the merged overlay, reported as rootDir.
+        assert obs.root_dir.endswith("/cccc0001/merged") and mounted_source(Path(obs.root_dir))
+        out = _podman("exec", cid, "sh", "-c", "echo from-inside > /opt/hello && env")
+        assert out.returncode == 0, out.stderr
+        assert "GREETING=hi" in out.stdout and f"CONNECT_TOOL_PORT={obs.tool_port}" in out.stdout
+        upper = Path(obs.volume.path) / "upper"
+        assert (upper / "opt" / "hello").read_text() == "from-inside\n"
+        # On the session volume (the XFS mount), not on the host's disk.
+        assert os.stat(upper).st_dev == os.stat(obs.volume.path).st_dev
+        inspect = json.loads(_podman("inspect", cid).stdout)[0]
+        assert inspect["HostConfig"]["Memory"] == 256 * 1024 * 1024
+        assert inspect["HostConfig"]["CpuQuota"] == 100_000
+        assert inspect["Config"]["Labels"]["studios.generation"] == "1"
+        assert agent.manager is not None
+        assert agent.manager.runtime.checkpoint_dir(Path(obs.volume.path)) == upper
+
+        controller.push(desired("cccc0001", status=pb.DESIRED_STATUS_STOPPED))
+        await controller.wait_status("cccc0001", STOPPED, timeout=60)
+        assert _containers("cccc0001") == []
+        assert mounted_source(Path(obs.root_dir)) is None
+        assert mounted_source(Path(obs.volume.path)) is None
+
+
+async def test_agent_restart_keeps_the_session_without_a_duplicate(
+    controller: FakeController, pconfig: AgentConfig
+) -> None:
+    async with _agent(pconfig):
+        controller.push(desired("cccc0002", image=IMAGE))
+        obs = await controller.wait_status("cccc0002", RUNNING, timeout=60)
+    # The agent is gone; the container is not.
+    assert _get(obs.tool_port)
+    [before] = _containers("cccc0002")
+    async with _agent(pconfig):
+        await controller.wait_for(lambda: len(controller.messages("inventory")) >= 2)
+        inv = controller.messages("inventory")[-1]
+        [sess] = [s for s in inv.sessions if s.session_id == "cccc0002"]
+        assert sess.status == RUNNING
+        controller.push(desired("cccc0002", image=IMAGE), full=True)
+        await asyncio.sleep(1.5)
+        [after] = _containers("cccc0002")
+        assert after["Id"] == before["Id"] and _get(obs.tool_port)
+        assert controller.latest("cccc0002").status == RUNNING
+
+
+async def test_image_missing_errors_with_podmans_message(
+    controller: FakeController, pconfig: AgentConfig
+) -> None:
+    async with _agent(pconfig):
+        controller.push(desired("cccc0003", image="localhost/studios/no-such-image:0"))
+        obs = await controller.wait_status("cccc0003", ERRORED, timeout=60)
+        assert "cannot pull image localhost/studios/no-such-image:0" in obs.message
+        assert not (pconfig.state_dir / "sessions" / "cccc0003" / "root.xfs").exists()
+
+
+async def test_podman_socket_down(
+    tmp_path: Path, controller: FakeController, pconfig: AgentConfig
+) -> None:
+    pconfig.podman_socket = tmp_path / "no-podman.sock"
+    async with _agent(pconfig):
+        controller.push(desired("cccc0004", image=IMAGE))
+        obs = await controller.wait_status("cccc0004", ERRORED, timeout=60)
+        assert "does not answer" in obs.message and "no-podman.sock" in obs.message
+        assert not (pconfig.state_dir / "sessions" / "cccc0004" / "root.xfs").exists()
+
+
+async def test_tool_never_opens_its_port(
+    tmp_path: Path, controller: FakeController, pconfig: AgentConfig
+) -> None:
+    image = _variant("silent", tmp_path / "silent")
+    pconfig.start_timeout_seconds = 3
+    async with _agent(pconfig):
+        controller.push(desired("cccc0005", image=image))
+        obs = await controller.wait_status("cccc0005", ERRORED, timeout=60)
+        assert "did not answer" in obs.message
+        assert _containers("cccc0005") == []
+        assert not (pconfig.state_dir / "sessions" / "cccc0005" / "root.xfs").exists()
+        assert mounted_source(pconfig.state_dir / "sessions" / "cccc0005" / "merged") is None
+
+
+async def test_container_dies_while_running(
+    tmp_path: Path, controller: FakeController, pconfig: AgentConfig
+) -> None:
+    image = _variant("dies", tmp_path / "dies")
+    async with _agent(pconfig):
+        controller.push(desired("cccc0006", image=image))
+        await controller.wait_status("cccc0006", RUNNING, timeout=60)
+        obs = await controller.wait_status("cccc0006", ERRORED, timeout=60)
+        assert "status 7" in obs.message and obs.exited and obs.exit_code == 7
+        await controller.wait_for(lambda: _containers("cccc0006") == [])
+
+
+async def test_agent_killed_mid_start(
+    tmp_path: Path, controller: FakeController, pconfig: AgentConfig
+) -> None:
+    image = _variant("silent", tmp_path / "silent")
+    async with _agent(pconfig):
+        controller.push(desired("cccc0007", image=image))
+        await controller.wait_for(
+            lambda: any(
+                p.name == "waiting for the tool to answer"
+                and p.status == pb.STEP_STATUS_IN_PROGRESS
+                for p in (controller.latest("cccc0007") or pb.SessionObserved()).progress
+            ),
+            timeout=60,
+        )
+    # As after SIGKILL: a handle saying "starting", a container, mounts.
+    assert _containers("cccc0007")
+    async with _agent(pconfig):
+        obs = await controller.wait_status("cccc0007", ERRORED, timeout=60)
+        assert "agent restarted during start" in obs.message
+        assert _containers("cccc0007") == []
+        assert not (pconfig.state_dir / "sessions" / "cccc0007" / "root.xfs").exists()
+
+
+async def test_agent_killed_mid_stop(
+    tmp_path: Path, controller: FakeController, pconfig: AgentConfig
+) -> None:
+    image = _variant("stubborn", tmp_path / "stubborn")
+    pconfig.stop_grace_seconds = 30
+    async with _agent(pconfig):
+        controller.push(desired("cccc0008", image=image))
+        await controller.wait_status("cccc0008", RUNNING, timeout=60)
+        controller.push(desired("cccc0008", status=pb.DESIRED_STATUS_STOPPED))
+        await controller.wait_status("cccc0008", STOPPING, timeout=30)
+    pconfig.stop_grace_seconds = 1
+    async with _agent(pconfig):
+        await controller.wait_status("cccc0008", STOPPED, timeout=60)
+        assert _containers("cccc0008") == []
+
+
+class _agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.agent = Agent(config)
+
+    async def __aenter__(self) -> Agent:
+        await self.agent.start()
+        return self.agent
+
+    async def __aexit__(self, *exc: object) -> None:
+        # close() leaves containers running, like a SIGKILLed agent leaves them.
+        await self.agent.close()
+
+
+def test_podman_setup_script_is_idempotent() -> None:
+    _require_podman()
+    script = Path(__file__).parent.parent / "scripts" / "podman-setup"
+    env = dict(os.environ, STUDIOS_PODMAN_SOCKET=str(SOCKET))
+    out = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "already answers" in out.stdout and "present" in out.stdout
+    assert shutil.which("podman")
