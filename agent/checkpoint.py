@@ -2,8 +2,9 @@
 
 A store writes a session directory as one checkpoint below a base URI and restores
 one into an empty directory. A checkpoint is complete or absent: a reader never sees
-half of one. The first format is an archive (`checkpoint_archive`); the incremental,
-content-addressed format of DESIGN.md replaces it behind this same interface.
+half of one. The agent's store is the incremental, content-addressed engine
+(`ckpt_store.ContentCheckpointStore`); the first format, an archive (`checkpoint_archive`),
+is only read any more (old `.tar.gz` checkpoint URIs).
 """
 
 from __future__ import annotations

@@ -1,25 +1,72 @@
-"""The content-addressed checkpoint engine behind the agent's CheckpointStore interface."""
+"""The content-addressed engine behind the agent's CheckpointStore interface.
+
+`ContentCheckpointStore` writes every new checkpoint with the engine; it still
+restores the skeleton's `.tar.gz` archives (checkpoint URIs of that shape are handed to
+`ArchiveCheckpointStore`), so studios saved before the engine existed keep working.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from agent.checkpoint import CheckpointStore, SavedCheckpoint
 from agent.ckpt_engine import ProgressFn, backup, latest_checkpoint, restore
 
-__all__ = ["LATEST", "ContentCheckpointStore"]
+__all__ = [
+    "LATEST",
+    "ContentCheckpointStore",
+    "is_archive_uri",
+    "storage_options_for",
+]
 
 # Default parent: the session's own latest checkpoint, so every save is incremental.
 LATEST = "latest"
 
 
+def is_archive_uri(uri: str) -> bool:
+    """A checkpoint of the first (tar.gz archive) format."""
+    return uri.endswith(".tar.gz")
+
+
+def storage_options_for(
+    uri: str, s3_endpoint: str | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """fsspec storage options for a store URI: S3 keys and endpoint from the agent's
+    settings (`--s3-endpoint`) and the environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, STUDIOS_S3_ENDPOINT); None for other schemes."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    env = os.environ if env is None else env
+    opts: dict[str, Any] = {}
+    if env.get("AWS_ACCESS_KEY_ID"):
+        opts["key"] = env["AWS_ACCESS_KEY_ID"]
+    if env.get("AWS_SECRET_ACCESS_KEY"):
+        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+    endpoint = s3_endpoint or env.get("STUDIOS_S3_ENDPOINT")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts or None
+
+
 class ContentCheckpointStore(CheckpointStore):
-    def __init__(self, base_uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        base_uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        tmp_dir: Path | None = None,
+    ):
+        if "://" not in base_uri:
+            base_uri = "file://" + os.path.abspath(base_uri)
         self.base_uri = base_uri.rstrip("/")
         self.storage_options = storage_options
+        self.tmp_dir = tmp_dir
 
     async def save(
         self,
@@ -35,6 +82,8 @@ class ContentCheckpointStore(CheckpointStore):
                 session_id,
                 storage_options=self.storage_options,
             )
+        elif parent and is_archive_uri(parent):
+            parent = None
         r = await backup(
             self.base_uri,
             session_id,
@@ -43,9 +92,21 @@ class ContentCheckpointStore(CheckpointStore):
             storage_options=self.storage_options,
             progress=progress,
         )
+        # The key is the manifest's object name below the base URI.
         return SavedCheckpoint(
-            key=r.key, uri=r.uri, size_bytes=r.size_bytes, saved_at=int(time.time())
+            key=f"manifests/{session_id}/{r.key}",
+            uri=r.uri,
+            size_bytes=r.size_bytes,
+            saved_at=int(time.time()),
         )
 
     async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
+        if is_archive_uri(uri):
+            from agent.checkpoint_archive import ArchiveCheckpointStore
+
+            tmp = self.tmp_dir or Path(tempfile.gettempdir())
+            await ArchiveCheckpointStore(self.base_uri, tmp).restore(uri, target_dir)
+            if progress is not None:
+                progress(1, 1)
+            return
         await restore(uri, target_dir, storage_options=self.storage_options, progress=progress)

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from agent import cli_checkpoint
 from agent.admin import AgentNotRunning, admin_get
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
@@ -45,6 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--local-templates", type=Path, metavar="FILE")
     serve.add_argument("--stop-grace-seconds", type=float, default=30.0)
     serve.add_argument("--start-timeout-seconds", type=float, default=60.0)
+    serve.add_argument(
+        "--checkpoint-interval-seconds",
+        type=float,
+        default=300.0,
+        help="refresh a running session's checkpoint this often (interim)",
+    )
+    serve.add_argument(
+        "--s3-endpoint",
+        default=None,
+        metavar="URL",
+        help="S3-compatible endpoint for s3:// checkpoint stores (or STUDIOS_S3_ENDPOINT)",
+    )
+    serve.add_argument(
+        "--volume-kind",
+        default="auto",
+        choices=("auto", "xfs-loop", "directory"),
+        help="session volumes (auto: xfs-loop where root and loop devices work)",
+    )
+    serve.add_argument("--podman-socket", type=Path, default=Path("/run/podman/podman.sock"))
+    serve.add_argument(
+        "--podman-runtime", default="", metavar="NAME", help="OCI runtime for podman, e.g. runc"
+    )
+    serve.add_argument(
+        "--container-ulimit",
+        action="append",
+        default=[],
+        metavar="NAME=SOFT[:HARD]",
+        help="container ulimit, repeatable (e.g. nofile=1024:1024)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     for name, text in (
@@ -56,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--state-dir", required=True, type=Path)
         p.add_argument("--json", action="store_true", help="print JSON")
+    cli_checkpoint.add_parser(sub)
     return parser
 
 
@@ -78,6 +109,12 @@ def _serve(args: argparse.Namespace) -> int:
         local_templates=args.local_templates,
         stop_grace_seconds=args.stop_grace_seconds,
         start_timeout_seconds=args.start_timeout_seconds,
+        volume_kind=args.volume_kind,
+        podman_socket=args.podman_socket,
+        podman_runtime=args.podman_runtime,
+        container_ulimits=tuple(args.container_ulimit),
+        checkpoint_interval_seconds=args.checkpoint_interval_seconds,
+        s3_endpoint=args.s3_endpoint,
     )
 
     async def run() -> None:
@@ -165,20 +202,31 @@ def _print_disk(data: dict[str, Any], console: Console) -> None:
     table = Table(
         title=f"volumes (budget free {_size(data['budgetFreeBytes'])} of {_size(data['capBytes'])})"
     )
-    for col in ("id", "status", "kind", "size", "used"):
+    for col in ("id", "status", "kind", "size", "used", "grown"):
         table.add_column(col, no_wrap=True)
     table.add_column("path", overflow="fold")
     for s in data["sessions"]:
         vol = s.get("volume") or {}
+        growth = s.get("growth") or []
         table.add_row(
             s["id"],
             s["status"],
             vol.get("kind", "-"),
             _size(vol.get("sizeBytes")),
             _size(vol.get("usedBytes")),
+            str(len(growth)),
             vol.get("path", "-"),
         )
     console.print(table)
+    for s in data["sessions"]:
+        for ev in s.get("growth") or []:
+            console.print(
+                f"{s['id']}: grown {_size(ev['fromBytes'])} -> {_size(ev['toBytes'])} "
+                f"in {ev['seconds'] * 1000:.0f} ms",
+                highlight=False,
+            )
+        if "disk budget" in (s.get("message") or "") or "cannot grow" in (s.get("message") or ""):
+            console.print(f"[yellow]{s['id']}[/yellow]: {s['message']}", highlight=False)
 
 
 def _print_doctor(data: dict[str, Any], console: Console) -> None:
@@ -226,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "checkpoint":
+        return cli_checkpoint.run(args)
     return _query(args)
 
 

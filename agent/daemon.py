@@ -25,8 +25,7 @@ from agent.proxy import ConnectProxy
 from agent.runtime import RuntimeOptions, create_runtime
 from agent.sessions import SessionManager
 from agent.state import SessionHandle, StateDir
-from agent.volume import GIB, VolumeInfo
-from agent.volume_directory import DirectoryVolume, directory_usage
+from agent.volume import GIB, VolumeInfo, create_volume_kind
 
 __all__ = ["Agent", "AgentConfig", "session_json"]
 
@@ -51,6 +50,21 @@ class AgentConfig:
     backoff_max: float = 30.0
     disk_watch_seconds: float = 5.0
     disk_cap_bytes: int = 30 * GIB
+    # Session volumes: auto | xfs-loop | directory (`--volume-kind`).
+    volume_kind: str = "auto"
+    # podman runtime settings of this host (`--podman-socket`, `--podman-runtime`,
+    # `--container-ulimit`); e.g. runc and nofile/nproc <= 1024 on hybrid-cgroup hosts.
+    podman_socket: Path = Path("/run/podman/podman.sock")
+    podman_runtime: str = ""
+    container_ulimits: tuple[str, ...] = ()
+    # Interim checkpoints of a running session (`--checkpoint-interval-seconds`).
+    checkpoint_interval_seconds: float = 300.0
+    # S3-compatible endpoint for s3:// checkpoint stores (`--s3-endpoint`); keys come
+    # from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the endpoint also from
+    # STUDIOS_S3_ENDPOINT.
+    s3_endpoint: str | None = None
+    # How often a final checkpoint that failed is tried again.
+    unsaved_retry_seconds: float = 60.0
 
 
 def _volume_json(volume: dict[str, Any]) -> dict[str, Any] | None:
@@ -72,13 +86,15 @@ def session_json(h: SessionHandle) -> dict[str, Any]:
         "tool": h.spec.get("tool", ""),
         "toolPort": h.port,
         "pid": h.pid,
-        "rootDir": h.root_dir,
+        "rootDir": h.runtime_data.get("merged") or h.root_dir,
         "logPath": h.log_path,
         "volume": _volume_json(h.volume),
         "startedAt": h.started_at,
         "exited": h.exited,
         "exitCode": h.exit_code,
         "unsaved": h.unsaved,
+        # This run's newest checkpoint (the parent of its next, incremental one).
+        "checkpointUri": h.checkpoint_uri,
         "progress": [
             {"name": s["name"], "status": s["status"], "message": s["message"]} for s in h.progress
         ],
@@ -121,7 +137,16 @@ class Agent:
     async def start(self) -> None:
         cfg = self.config
         # Fail on configuration errors before touching anything.
-        runtime = create_runtime(cfg.runtime, RuntimeOptions(local_templates=cfg.local_templates))
+        runtime = create_runtime(
+            cfg.runtime,
+            RuntimeOptions(
+                local_templates=cfg.local_templates,
+                podman_socket=cfg.podman_socket,
+                oci_runtime=cfg.podman_runtime,
+                ulimits=tuple(cfg.container_ulimits),
+            ),
+        )
+        volumes = create_volume_kind(cfg.volume_kind)
         self.state.ensure()
         self._lock()
         try:
@@ -130,15 +155,22 @@ class Agent:
             self.manager = SessionManager(
                 state=self.state,
                 runtime=runtime,
-                volumes=DirectoryVolume(),
+                volumes=volumes,
                 stop_grace_seconds=cfg.stop_grace_seconds,
                 start_timeout_seconds=cfg.start_timeout_seconds,
                 disk_cap_bytes=cfg.disk_cap_bytes,
                 watch_interval_seconds=cfg.disk_watch_seconds,
+                checkpoint_interval_seconds=cfg.checkpoint_interval_seconds,
+                unsaved_retry_seconds=cfg.unsaved_retry_seconds,
+                s3_endpoint=cfg.s3_endpoint,
             )
             await self.manager.recover()
             self.manager.start()
-            self.proxy = ConnectProxy(lookup=self.manager.get, key=self._connect_key)
+            self.proxy = ConnectProxy(
+                lookup=self.manager.get,
+                key=self._connect_key,
+                on_activity=self._report_connections,
+            )
             self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
             self.link = ControllerLink(
                 target=cfg.controller,
@@ -197,6 +229,10 @@ class Agent:
     def _connect_key(self) -> bytes | None:
         return self.link.connect_token_key if self.link is not None else None
 
+    def _report_connections(self, session_id: str) -> None:
+        if self.link is not None and self.proxy is not None:
+            self.link.publish_connections(self.proxy.connections_message(session_id))
+
     # ------------------------------------------------------------ admin endpoints
 
     async def _status(self) -> dict[str, Any]:
@@ -238,9 +274,20 @@ class Agent:
         for h in self.manager.handles():
             vol = _volume_json(h.volume)
             if vol is not None:
-                vol["usedBytes"] = await asyncio.to_thread(directory_usage, Path(vol["path"]))
-            out.append({"id": h.session_id, "status": h.status, "volume": vol})
+                fresh = await self.manager.volumes.usage(VolumeInfo.from_json(h.volume))
+                vol["sizeBytes"], vol["usedBytes"] = fresh.size_bytes, fresh.used_bytes
+            out.append(
+                {
+                    "id": h.session_id,
+                    "status": h.status,
+                    "message": h.message,
+                    "volume": vol,
+                    "capBytes": self.manager.disk_cap_for(h),
+                    "growth": list(self.manager.disk_events.get(h.session_id, [])),
+                }
+            )
         return {
+            "volumeKind": self.manager.volumes.kind,
             "capBytes": self.manager.disk_cap_bytes,
             "budgetFreeBytes": max(0, self.manager.disk_budget_free()),
             "sessions": out,
@@ -248,7 +295,9 @@ class Agent:
 
     async def _doctor(self) -> dict[str, Any]:
         assert self.manager is not None
-        return doctor_report(self.manager.runtime.name)
+        return doctor_report(
+            self.manager.runtime.name, self.manager.volumes.kind, self.config.podman_socket
+        )
 
 
 @contextlib.asynccontextmanager

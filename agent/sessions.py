@@ -29,8 +29,14 @@ from typing import Any
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent.checkpoint import CheckpointStore, SavedCheckpoint
-from agent.checkpoint_archive import ArchiveCheckpointStore
-from agent.errors import AgentError, CheckpointError, RuntimeStartError, StartTimeout
+from agent.ckpt_store import LATEST, ContentCheckpointStore, storage_options_for
+from agent.errors import (
+    AgentError,
+    CheckpointError,
+    RuntimeStartError,
+    StartTimeout,
+    VolumeError,
+)
 from agent.runtime import ExitStatus, Runtime, RuntimeHandle, StartSpec, free_tcp_port
 from agent.state import SessionHandle, StateDir
 from agent.volume import GIB, VolumeInfo, VolumeKind
@@ -82,8 +88,22 @@ def _set_step(h: SessionHandle, name: str, status: str, message: str = "") -> No
             return
 
 
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
 def _with_log(message: str, tail: str) -> str:
     return f"{message}; last output:\n{tail}" if tail.strip() else message
+
+
+def _session_of(uri: str) -> str:
+    """The session id a checkpoint URI belongs to ("" when it cannot tell)."""
+    parts = uri.rstrip("/").split("/")
+    if len(parts) >= 3 and parts[-3] == "manifests":
+        return parts[-2]
+    if uri.endswith(".tar.gz") and len(parts) >= 2:
+        return parts[-2]
+    return ""
 
 
 def _runtime_handle(h: SessionHandle) -> RuntimeHandle:
@@ -113,6 +133,9 @@ class SessionManager:
         disk_cap_bytes: int = 30 * GIB,
         store_factory: StoreFactory | None = None,
         watch_interval_seconds: float = 5.0,
+        checkpoint_interval_seconds: float = 300.0,
+        unsaved_retry_seconds: float = _UNSAVED_RETRY_SECONDS,
+        s3_endpoint: str | None = None,
     ) -> None:
         self.state = state
         self.runtime = runtime
@@ -124,6 +147,10 @@ class SessionManager:
         self.grow_below_free_bytes = grow_below_free_bytes
         self.disk_cap_bytes = disk_cap_bytes
         self.watch_interval_seconds = watch_interval_seconds
+        # Interim checkpoints: one right after the tool answers, then one per interval.
+        self.checkpoint_interval_seconds = checkpoint_interval_seconds
+        self.unsaved_retry_seconds = unsaved_retry_seconds
+        self.s3_endpoint = s3_endpoint
         self._store_factory = store_factory or self._default_store
         self._stores: dict[str, CheckpointStore] = {}
         self._handles: dict[str, SessionHandle] = {}
@@ -131,6 +158,14 @@ class SessionManager:
         self._have_full = False
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        # Per running session on a volume kind that can fill up under a writer: a fast
+        # free-space watcher (xfs-loop polls every 0.1 s); growth events for `disk`.
+        self._disk_watchers: dict[str, asyncio.Task[None]] = {}
+        self._volume_locks: dict[str, asyncio.Lock] = {}
+        self.disk_events: dict[str, list[dict[str, Any]]] = {}
+        # Per running session: the interim checkpoint loop, and the save it has in flight.
+        self._checkpointers: dict[str, asyncio.Task[None]] = {}
+        self._interim_saves: dict[str, asyncio.Task[None]] = {}
         self._unsaved_retry_at: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
@@ -155,7 +190,8 @@ class SessionManager:
             message=h.message,
             runtime=h.runtime,
             tool_port=h.port,
-            root_dir=h.root_dir,
+            # What the tool sees as /: the merged overlay for podman.
+            root_dir=h.runtime_data.get("merged") or h.root_dir,
             started_at=h.started_at,
             exited=h.exited,
             exit_code=h.exit_code,
@@ -182,9 +218,14 @@ class SessionManager:
     def inventory(self) -> pb.Inventory:
         return pb.Inventory(sessions=[self.observed(h) for h in self.handles()])
 
-    def disk_budget_free(self) -> int:
+    def disk_cap_for(self, h: SessionHandle) -> int:
+        """The compute environment's cap on this host: its bootDiskSizeGb, else the default."""
+        gb = int(h.spec.get("boot_disk_size_gb") or 0)
+        return gb * GIB if gb > 0 else self.disk_cap_bytes
+
+    def disk_budget_free(self, cap_bytes: int | None = None) -> int:
         used = sum(int(h.volume.get("size_bytes", 0)) for h in self._handles.values() if h.volume)
-        return self.disk_cap_bytes - used
+        return (self.disk_cap_bytes if cap_bytes is None else cap_bytes) - used
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -198,10 +239,18 @@ class SessionManager:
         """Re-adopt what an earlier agent process left; call once before `start`."""
         for h in await asyncio.to_thread(self.state.load_handles):
             self._handles[h.session_id] = h
+            if h.volume and h.status in ("running", "stopping"):
+                # Re-attach (loop device, mount) what a host or agent crash detached.
+                try:
+                    vol = VolumeInfo.from_json(h.volume)
+                    await self.volumes.prepare(Path(vol.path), vol.size_bytes)
+                except Exception as exc:
+                    log.error("session %s: cannot re-attach its volume: %s", h.session_id, exc)
             if h.status == "running":
                 if await self.runtime.recover(_runtime_handle(h)):
                     log.info("session %s: re-adopted running tool (pid %d)", h.session_id, h.pid)
                     self._watch(h)
+                    self._start_checkpointer(h, initial=not h.checkpoint_uri)
                 else:
                     log.warning("session %s: tool exited while the agent was down", h.session_id)
                     self._spawn(
@@ -222,7 +271,12 @@ class SessionManager:
     async def close(self) -> None:
         """Stop managing; running tools are left running for the next agent process."""
         self._closed = True
-        tasks = [*self._ops.values(), *self._watchers.values()]
+        tasks = [
+            *self._ops.values(),
+            *self._watchers.values(),
+            *self._checkpointers.values(),
+            *self._interim_saves.values(),
+        ]
         if self._ticker is not None:
             tasks.append(self._ticker)
         for task in tasks:
@@ -300,11 +354,19 @@ class SessionManager:
         self._watchers[h.session_id] = asyncio.create_task(
             self._watch_tool(h), name=f"watch-{h.session_id}"
         )
+        old = self._disk_watchers.pop(h.session_id, None)
+        if old is not None:
+            old.cancel()
+        if self.volumes.poll_seconds and h.volume:
+            self._disk_watchers[h.session_id] = asyncio.create_task(
+                self._watch_disk(h, self.volumes.poll_seconds), name=f"disk-{h.session_id}"
+            )
 
     def _unwatch(self, sid: str) -> None:
-        task = self._watchers.pop(sid, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        for watchers in (self._watchers, self._disk_watchers):
+            task = watchers.pop(sid, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
     async def _save_and_report(self, h: SessionHandle) -> None:
         # Persist first: a report must never get ahead of what a restart would find.
@@ -319,33 +381,154 @@ class SessionManager:
         return store
 
     def _default_store(self, base_uri: str) -> CheckpointStore:
-        return ArchiveCheckpointStore(base_uri, self.state.tmp_dir)
+        return ContentCheckpointStore(
+            base_uri,
+            storage_options_for(base_uri, self.s3_endpoint),
+            tmp_dir=self.state.tmp_dir,
+        )
 
-    async def _final_checkpoint(self, h: SessionHandle) -> SavedCheckpoint:
+    def _progress(self, h: SessionHandle, step: str, verb: str) -> Callable[[int, int], None]:
+        """A progress sink for a restore or checkpoint: percent and bytes on `step`."""
+        last = [0.0]
+
+        def fn(done: int, total: int) -> None:
+            for s in h.progress:
+                if s["name"] == step and s["status"] == "in_progress":
+                    s["percent"] = min(100, done * 100 // total) if total > 0 else -1
+                    s["message"] = f"{verb} {_mib(done)} of {_mib(total)}"
+            now = time.monotonic()
+            if now - last[0] >= 0.5 or (total and done >= total):
+                last[0] = now
+                # Progress only: not persisted, a restart finds the step as it was.
+                self.on_observed(self.observed(h))
+
+        return fn
+
+    async def _save(
+        self,
+        h: SessionHandle,
+        status: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SavedCheckpoint:
+        """Write the session directory as a checkpoint and report it with `status`.
+
+        Incremental against this run's previous checkpoint (or the one it restored)."""
+        store = self._store(h)
+        t0 = time.monotonic()
         try:
-            saved = await self._store(h).save(h.session_id, Path(h.root_dir))
+            if isinstance(store, ContentCheckpointStore):
+                parent = h.checkpoint_uri or h.restore_uri or LATEST
+                saved = await store.save(
+                    h.session_id, self._checkpoint_dir(h), parent=parent, progress=progress
+                )
+            else:
+                saved = await store.save(h.session_id, self._checkpoint_dir(h))
         except CheckpointError:
             raise
         except Exception as exc:
             # An unusable store URI (unknown scheme, missing fsspec backend, ...) is a
             # failed checkpoint like any other: the directory is kept and it is reported.
             raise CheckpointError(f"cannot write checkpoint: {type(exc).__name__}: {exc}") from exc
-        # The sink persists the event before we go on to delete the directory.
+        h.checkpoint_uri = saved.uri
+        # The sink persists the event before we go on (the directory may be deleted next).
         self.on_checkpoint(
             pb.CheckpointEvent(
                 session_id=h.session_id,
                 generation=h.generation,
                 key=saved.key,
                 uri=saved.uri,
-                status=pb.CHECKPOINT_STATUS_FINALIZED,
+                status=status,
                 size_bytes=saved.size_bytes,
                 saved_at=saved.saved_at,
             )
         )
         log.info(
-            "session %s: final checkpoint %s (%d bytes)", h.session_id, saved.uri, saved.size_bytes
+            "session %s: %s checkpoint %s (%d bytes) in %.2f s",
+            h.session_id,
+            "final" if status == pb.CHECKPOINT_STATUS_FINALIZED else "interim",
+            saved.uri,
+            saved.size_bytes,
+            time.monotonic() - t0,
         )
         return saved
+
+    async def _final_checkpoint(
+        self, h: SessionHandle, progress: Callable[[int, int], None] | None = None
+    ) -> SavedCheckpoint:
+        await self._stop_checkpointer(h.session_id)
+        return await self._save(h, pb.CHECKPOINT_STATUS_FINALIZED, progress)
+
+    # ------------------------------------------------------------ interim checkpoints
+
+    def _running_message(self, h: SessionHandle) -> str:
+        return f"{h.spec.get('tool') or 'tool'} answering on port {h.port}"
+
+    def _start_checkpointer(self, h: SessionHandle, *, initial: bool) -> None:
+        old = self._checkpointers.pop(h.session_id, None)
+        if old is not None:
+            old.cancel()
+        self._checkpointers[h.session_id] = asyncio.create_task(
+            self._checkpoint_loop(h, initial), name=f"checkpoint-{h.session_id}"
+        )
+
+    async def _stop_checkpointer(self, sid: str) -> None:
+        """End the interim loop; a save in flight is finished, never torn."""
+        task = self._checkpointers.pop(sid, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        saving = self._interim_saves.pop(sid, None)
+        if saving is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await saving
+
+    async def _checkpoint_loop(self, h: SessionHandle, initial: bool) -> None:
+        sid = h.session_id
+        delay = 0.0 if initial else self.checkpoint_interval_seconds
+        while True:
+            await asyncio.sleep(delay)
+            delay = self.checkpoint_interval_seconds
+            if self._handles.get(sid) is not h or h.status != "running":
+                return
+            task = asyncio.create_task(self._interim(h), name=f"interim-{sid}")
+            self._interim_saves[sid] = task
+            try:
+                # Shielded: stopping the loop lets the save finish (_stop_checkpointer).
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session %s: interim checkpoint failed", sid)
+            if self._interim_saves.get(sid) is task:
+                del self._interim_saves[sid]
+
+    async def _interim(self, h: SessionHandle) -> None:
+        if not self._root_exists(h):
+            return
+        try:
+            await self._save(h, pb.CHECKPOINT_STATUS_INTERIM)
+        except CheckpointError as exc:
+            log.warning("session %s: interim checkpoint failed: %s", h.session_id, exc)
+            if h.status == "running":
+                previous = (
+                    f"the previous checkpoint {h.checkpoint_uri} stays valid"
+                    if h.checkpoint_uri
+                    else "no checkpoint of this run yet"
+                )
+                h.message = (
+                    f"{self._running_message(h)}; warning: checkpoint refresh failed "
+                    f"({exc}); {previous}; retrying in "
+                    f"{self.checkpoint_interval_seconds:g} s"
+                )
+                await self._save_and_report(h)
+            return
+        if h.status == "running":
+            if h.message != self._running_message(h):
+                h.message = self._running_message(h)
+                await self._save_and_report(h)
+            else:
+                await asyncio.to_thread(self.state.save_handle, h)
 
     async def _release(self, h: SessionHandle) -> None:
         if h.volume:
@@ -355,6 +538,11 @@ class SessionManager:
         if h.log_path:
             await asyncio.to_thread(Path(h.log_path).unlink, missing_ok=True)
 
+    def _checkpoint_dir(self, h: SessionHandle) -> Path:
+        """What checkpoints read and restores fill: the volume, or the overlay's upper
+        directory on it (podman)."""
+        return self.runtime.checkpoint_dir(Path(h.root_dir))
+
     def _root_exists(self, h: SessionHandle) -> bool:
         return bool(h.root_dir) and Path(h.root_dir).is_dir()
 
@@ -363,17 +551,22 @@ class SessionManager:
     async def _start(self, d: pb.SessionDesired) -> None:
         sid = d.session_id
         prev = self._handles.get(sid)
+        restore_uri = d.restore.uri
         if prev is not None and prev.unsaved and self._root_exists(prev):
             # The last generation's data was never checkpointed: save it before a fresh
             # volume replaces it, or refuse the start; no data is thrown away.
             try:
-                await self._final_checkpoint(prev)
+                saved = await self._final_checkpoint(prev)
             except CheckpointError as exc:
                 prev.message = f"cannot start: the previous session data is not saved yet: {exc}"
                 prev.generation = d.generation
                 await self._save_and_report(prev)
                 return
             await self._release(prev)
+            # The controller's restore point predates this save (it is the studio's own
+            # latest checkpoint): what was just saved is newer.
+            if not restore_uri or _session_of(restore_uri) == sid:
+                restore_uri = saved.uri
         spec = {
             "image": d.spec.image,
             "tool": d.spec.tool,
@@ -388,7 +581,7 @@ class SessionManager:
             status="starting",
             runtime=self.runtime.name,
             spec=spec,
-            restore_uri=d.restore.uri,
+            restore_uri=restore_uri,
             root_dir=str(self.state.root_dir(sid)),
             log_path=str(self.state.log_path(sid)),
             progress=_steps(STEP_VOLUME, STEP_RESTORE, STEP_START, STEP_ANSWER),
@@ -404,6 +597,14 @@ class SessionManager:
             await self._save_and_report(h)
             # A leftover directory of an ended generation is not this start's data.
             await self.volumes.release(VolumeInfo(self.volumes.kind, h.root_dir, 0))
+            cap = self.disk_cap_for(h)
+            if self.disk_budget_free(cap) < self.volume_size_bytes:
+                raise VolumeError(
+                    f"cannot start: the disk budget of this compute environment on this host "
+                    f"is used up ({(cap - self.disk_budget_free(cap)) / GIB:.1f} GiB of "
+                    f"{cap / GIB:.0f} GiB in use by other sessions; a session needs "
+                    f"{self.volume_size_bytes / GIB:.0f} GiB to start)"
+                )
             vol = await self.volumes.prepare(Path(h.root_dir), self.volume_size_bytes)
             h.volume = vol.to_json()
             _set_step(h, step, "succeeded", f"{vol.kind} volume at {vol.path}")
@@ -412,7 +613,18 @@ class SessionManager:
             if h.restore_uri:
                 _set_step(h, step, "in_progress", h.restore_uri)
                 await self._save_and_report(h)
-                await self._store(h).restore(h.restore_uri, Path(h.root_dir))
+                store = self._store(h)
+                if isinstance(store, ContentCheckpointStore):
+                    await store.restore(
+                        h.restore_uri,
+                        self._checkpoint_dir(h),
+                        progress=self._progress(h, step, "restored"),
+                    )
+                else:
+                    await store.restore(h.restore_uri, self._checkpoint_dir(h))
+                for s in h.progress:
+                    if s["name"] == step:
+                        s["percent"] = 100
                 _set_step(h, step, "succeeded", f"restored {h.restore_uri}")
             else:
                 _set_step(h, step, "succeeded", "nothing to restore (fresh session)")
@@ -430,6 +642,10 @@ class SessionManager:
                     root_dir=Path(h.root_dir),
                     log_path=Path(h.log_path),
                     port=h.port,
+                    generation=h.generation,
+                    cpu=d.spec.cpu,
+                    memory_mib=d.spec.memory_mib,
+                    gpu=d.spec.gpu,
                 )
             )
             h.pid, h.create_time, h.runtime_data = rh.pid, rh.create_time, rh.data
@@ -460,10 +676,12 @@ class SessionManager:
             return
         h.status = "running"
         h.started_at = int(time.time())
-        h.message = f"{h.spec['tool'] or 'tool'} answering on port {h.port}"
+        h.message = self._running_message(h)
         await self._save_and_report(h)
         log.info("session %s: running on port %d", sid, h.port)
         self._watch(h)
+        # The first checkpoint of the run, then one per interval (`interim`).
+        self._start_checkpointer(h, initial=True)
 
     async def _wait_for_answer(self, rh: RuntimeHandle) -> None:
         deadline = time.monotonic() + self.start_timeout_seconds
@@ -525,7 +743,7 @@ class SessionManager:
             await self._final_checkpoint(h)
         except CheckpointError as exc:
             h.unsaved = True
-            self._unsaved_retry_at[h.session_id] = time.monotonic() + _UNSAVED_RETRY_SECONDS
+            self._unsaved_retry_at[h.session_id] = time.monotonic() + self.unsaved_retry_seconds
             h.message += f"; final checkpoint failed, the session directory is kept: {exc}"
             return False
         h.unsaved = False
@@ -536,6 +754,8 @@ class SessionManager:
     async def _abort_interrupted_start(self, h: SessionHandle) -> None:
         if h.pid:
             await self.runtime.destroy(_runtime_handle(h))
+        # Killed between creating the tool and recording it: find it by its labels.
+        await self.runtime.reap(_runtime_handle(h))
         await self._release(h)
         h.status, h.volume = "errored", {}
         h.message = "agent restarted during start"
@@ -564,15 +784,18 @@ class SessionManager:
         await self._save_and_report(h)
         if self._root_exists(h):
             try:
-                saved = await self._final_checkpoint(h)
+                saved = await self._final_checkpoint(h, self._progress(h, STEP_CHECKPOINT, "saved"))
             except CheckpointError as exc:
                 _set_step(h, STEP_CHECKPOINT, "errored", str(exc))
                 h.status, h.unsaved = "errored", True
                 h.message = f"final checkpoint failed, the session directory is kept: {exc}"
-                self._unsaved_retry_at[sid] = time.monotonic() + _UNSAVED_RETRY_SECONDS
+                self._unsaved_retry_at[sid] = time.monotonic() + self.unsaved_retry_seconds
                 await self._save_and_report(h)
                 return
             _set_step(h, STEP_CHECKPOINT, "succeeded", saved.uri)
+            for s in h.progress:
+                if s["name"] == STEP_CHECKPOINT:
+                    s["percent"] = 100
         else:
             _set_step(h, STEP_CHECKPOINT, "succeeded", "nothing to save")
         _set_step(h, STEP_RELEASE, "in_progress")
@@ -583,7 +806,7 @@ class SessionManager:
         log.info("session %s: stopped", sid)
 
     async def _retry_unsaved(self, h: SessionHandle) -> None:
-        self._unsaved_retry_at[h.session_id] = time.monotonic() + _UNSAVED_RETRY_SECONDS
+        self._unsaved_retry_at[h.session_id] = time.monotonic() + self.unsaved_retry_seconds
         if await self._checkpoint_and_release(h):
             h.message += "; the session directory was saved later and released"
             await self._save_and_report(h)
@@ -616,17 +839,72 @@ class SessionManager:
 
     async def _refresh_usage(self) -> None:
         for h in list(self._handles.values()):
+            if h.status == "running" and h.volume:
+                await self._check_volume(h)
+
+    async def _watch_disk(self, h: SessionHandle, interval: float) -> None:
+        """Fast per-session watcher: a full-speed writer fills 1 GiB in 0.25-0.5 s."""
+        while self._handles.get(h.session_id) is h and h.status == "running" and h.volume:
+            try:
+                free = self.volumes.free_bytes(VolumeInfo.from_json(h.volume))
+                if free is None or free < self.grow_below_free_bytes:
+                    await self._check_volume(h)
+            except Exception:
+                log.exception("session %s: disk watcher failed", h.session_id)
+            await asyncio.sleep(interval)
+
+    async def _check_volume(self, h: SessionHandle) -> None:
+        lock = self._volume_locks.setdefault(h.session_id, asyncio.Lock())
+        async with lock:
             if h.status != "running" or not h.volume:
-                continue
+                return
             vol = VolumeInfo.from_json(h.volume)
             before = (vol.size_bytes, vol.used_bytes)
             vol = await self.volumes.usage(vol)
             free = vol.size_bytes - vol.used_bytes
+            live = self.volumes.free_bytes(vol)
+            if live is not None:
+                free = live
+            message = ""
             if free < self.grow_below_free_bytes:
-                if self.disk_budget_free() >= self.grow_step_bytes:
-                    vol = await self.volumes.grow(vol, self.grow_step_bytes)
-                    log.info("session %s: volume grown to %d bytes", h.session_id, vol.size_bytes)
+                cap = self.disk_cap_for(h)
+                step = min(self.grow_step_bytes, self.disk_budget_free(cap))
+                if step > 0:
+                    started = time.monotonic()
+                    try:
+                        vol = await self.volumes.grow(vol, step)
+                    except VolumeError as exc:
+                        message = f"running; the volume cannot grow: {exc}"
+                    else:
+                        took = time.monotonic() - started
+                        log.info(
+                            "session %s: volume grown to %d bytes in %.0f ms",
+                            h.session_id,
+                            vol.size_bytes,
+                            took * 1000,
+                        )
+                        events = self.disk_events.setdefault(h.session_id, [])
+                        events.append(
+                            {
+                                "at": time.time(),
+                                "fromBytes": before[0],
+                                "toBytes": vol.size_bytes,
+                                "freeBeforeBytes": free,
+                                "seconds": round(took, 4),
+                            }
+                        )
+                        del events[:-50]
+                else:
+                    message = (
+                        f"running; the volume is at the disk budget: {vol.size_bytes / GIB:.1f} "
+                        f"GiB, and the compute environment's {cap / GIB:.0f} GiB on this host "
+                        "are in use, so it cannot grow (stop and start again to reclaim space)"
+                    )
             h.volume = vol.to_json()
             changed = abs(vol.used_bytes - before[1]) > max(16 * 1024**2, before[1] // 100)
-            if vol.size_bytes != before[0] or changed:
+            if message and h.message != message:
+                h.message = message
+                log.warning("session %s: %s", h.session_id, message)
+                await self._save_and_report(h)
+            elif vol.size_bytes != before[0] or changed:
                 await self._save_and_report(h)

@@ -15,18 +15,21 @@ from aiohttp import web
 from sqlalchemy import update
 from studios.agent.v1 import agent_pb2_grpc
 
-from controller import web_compute_envs, web_misc, web_studios
+from controller import web_compute_envs, web_misc, web_studios, web_users, web_workspaces
 from controller.agent_hub import AgentHub
 from controller.agent_service import AgentService
 from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key
+from controller.checkpoint_gc import CheckpointGc
 from controller.config import ControllerConfig
 from controller.db import Database
+from controller.lifespan import LifespanEnforcer
 from controller.models import Agent
 from controller.observed import ObservationHandler
 from controller.placement import Placer
 from controller.reconciler import Reconciler
 from controller.studios_service import StudioService
 from controller.web_app import make_app
+from controller.workspaces_service import WorkspaceService
 
 __all__ = ["Controller", "Services"]
 
@@ -48,6 +51,7 @@ class Services:
     """What the web handlers use (stored in the app under SERVICES_KEY)."""
 
     studios: StudioService
+    workspaces: WorkspaceService
     hub: AgentHub
 
 
@@ -63,6 +67,7 @@ class Controller:
         self.grpc_port: int = config.grpc_port
         self.public_url: str = ""
         self.studios: StudioService | None = None
+        self.checkpoint_gc: CheckpointGc | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -82,6 +87,8 @@ class Controller:
             self.hub,
             interval=cfg.reconcile_interval_seconds,
             resync_interval=cfg.resync_interval_seconds,
+            lifespans=LifespanEnforcer(db, self.hub),
+            lifespan_interval=cfg.lifespan_check_interval_seconds,
         )
         agent_service = AgentService(
             db,
@@ -107,8 +114,10 @@ class Controller:
             public_url="",
             connect_token_ttl=cfg.connect_token_ttl_seconds,
         )
-        app = make_app(db, Services(studios=self.studios, hub=self.hub))
-        for module in (web_studios, web_compute_envs, web_misc):
+        app = make_app(
+            db, Services(studios=self.studios, workspaces=WorkspaceService(db), hub=self.hub)
+        )
+        for module in (web_studios, web_compute_envs, web_misc, web_users, web_workspaces):
             app.add_routes(module.routes)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -121,6 +130,15 @@ class Controller:
         self.studios.public_url = self.public_url
 
         self.reconciler.start()
+        # Checkpoint data of deleted studios is collected in the background.
+        self.checkpoint_gc = CheckpointGc(
+            db,
+            interval_s=cfg.checkpoint_gc_interval_seconds,
+            poll_s=cfg.checkpoint_gc_poll_seconds,
+            grace_s=cfg.checkpoint_gc_grace_seconds,
+            s3_endpoint=cfg.s3_endpoint,
+        )
+        self.checkpoint_gc.start()
         log.info(
             "studio-controller listening: HTTP on http://%s, gRPC on %s (public URL %s)",
             _join(cfg.http_host, self.http_port),
@@ -129,6 +147,9 @@ class Controller:
         )
 
     async def stop(self) -> None:
+        if self.checkpoint_gc is not None:
+            await self.checkpoint_gc.stop()
+            self.checkpoint_gc = None
         if self.reconciler is not None:
             await self.reconciler.stop()
         if self.grpc_server is not None:

@@ -51,6 +51,17 @@ class ControllerConfig:
     # How often every connected agent gets its full desired state again.
     resync_interval_seconds: float = 60.0
     connect_token_ttl_seconds: float = 60.0
+    # How often sessions past their lifespan are looked for (and stopped).
+    lifespan_check_interval_seconds: float = 30.0
+    # Checkpoint garbage collection (controller.checkpoint_gc): how often every store
+    # is collected, how soon a deleted studio is noticed, and the engine's grace
+    # period (unreferenced packs younger than this are kept).
+    checkpoint_gc_interval_seconds: float = 6 * 3600.0
+    checkpoint_gc_poll_seconds: float = 10.0
+    checkpoint_gc_grace_seconds: float = 3600.0
+    # S3-compatible endpoint of s3:// checkpoint stores (else STUDIOS_S3_ENDPOINT); keys
+    # from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    s3_endpoint: str | None = None
 
     @property
     def effective_database_url(self) -> str:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from controller.auth import Permission, require, workspace_role
+from controller.checkpoint_gc import gc_run_json, last_gc_runs
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Agent, ComputeEnv, Workspace, utcnow
 from controller.schemas import (
@@ -101,7 +102,12 @@ async def list_compute_envs(request: web.Request) -> web.Response:
             )
         ).all()
         items = [compute_env_dto(e, workspace.name if workspace else "") for e in envs]
-    return json_response(ComputeEnvsListResponse(compute_envs=items))
+        gc_runs = await last_gc_runs(session, [e.id for e in envs])
+    data = ComputeEnvsListResponse(compute_envs=items).dump()
+    # The last checkpoint garbage collection of each environment's store (or null).
+    for entry in data["computeEnvs"]:
+        entry["checkpointGc"] = gc_run_json(gc_runs.get(entry["id"]))
+    return json_response(data)
 
 
 @routes.get("/agents")

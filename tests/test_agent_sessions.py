@@ -148,8 +148,13 @@ async def test_stop_checkpoints_before_stopped_and_restore_brings_files_back(
     ckpt_index = next(
         i
         for i, (k, m) in enumerate(kinds)
-        if k == "checkpoint" and m.checkpoint.session_id == "bbbb0001"
+        if k == "checkpoint"
+        and m.checkpoint.session_id == "bbbb0001"
+        and m.checkpoint.status == pb.CHECKPOINT_STATUS_FINALIZED
     )
+    # The run's first checkpoint (interim) was written right after the tool answered.
+    first = next(m.checkpoint for k, m in kinds if k == "checkpoint")
+    assert first.status == pb.CHECKPOINT_STATUS_INTERIM and first.generation == 1
     stopped_index = next(
         i
         for i, (k, m) in enumerate(kinds)
@@ -159,9 +164,11 @@ async def test_stop_checkpoints_before_stopped_and_restore_brings_files_back(
     event = kinds[ckpt_index][1].checkpoint
     assert event.status == pb.CHECKPOINT_STATUS_FINALIZED
     assert event.generation == 1 and event.size_bytes > 0
-    assert event.key.startswith("bbbb0001/") and event.key.endswith(".tar.gz")
+    assert event.key.startswith("manifests/bbbb0001/")
     assert event.uri == f"file://{base}/{event.key}"
+    # The manifest is the checkpoint; its data is in content-addressed packs beside it.
     assert Path(base, event.key).is_file()
+    assert list(Path(base, "data").rglob("*"))
     assert not root.exists(), "the session directory must be released after the checkpoint"
     handle = agent.manager.get("bbbb0001")  # type: ignore[union-attr]
     assert handle is not None and not psutil.pid_exists(handle.pid)
@@ -350,18 +357,22 @@ async def test_checkpoint_events_are_resent_on_reconnect(
     )
     await controller.start(port)
     await controller.wait_status("ffff0002", STOPPED)
-    events = [e for e in controller.messages("checkpoint") if e.session_id == "ffff0002"]
+
+    def finals() -> list[pb.CheckpointEvent]:
+        return [
+            e
+            for e in controller.messages("checkpoint")
+            if e.session_id == "ffff0002" and e.status == pb.CHECKPOINT_STATUS_FINALIZED
+        ]
+
+    events = finals()
     assert len(events) == 1
     # Reconnect again: the recent event is re-sent (idempotent by key).
     await controller.stop()
     await controller.wait_for(lambda: not agent.link.connected, timeout=10)  # type: ignore[union-attr]
     await controller.start(port)
-    await controller.wait_for(
-        lambda: (
-            len([e for e in controller.messages("checkpoint") if e.session_id == "ffff0002"]) >= 2
-        )
-    )
-    again = [e for e in controller.messages("checkpoint") if e.session_id == "ffff0002"]
+    await controller.wait_for(lambda: len(finals()) >= 2)
+    again = finals()
     assert again[-1].key == events[0].key
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from agent import ckpt_engine as E
 from agent.checkpoint import CheckpointStore
-from agent.ckpt_store import ContentCheckpointStore
+from agent.checkpoint_archive import ArchiveCheckpointStore
+from agent.ckpt_store import ContentCheckpointStore, storage_options_for
 
 
 async def test_store_save_is_incremental_and_restores(tmp_path: Path) -> None:
@@ -21,9 +22,43 @@ async def test_store_save_is_incremental_and_restores(tmp_path: Path) -> None:
     (src / "b.txt").write_text("new")
     second = await store.save("sess-1", src)
     # The default parent is the session's latest checkpoint: a.bin is not read again.
-    m = E.get_repository(uri).load_manifest("sess-1", second.key)
+    # The key is the manifest's name below the base URI.
+    assert second.key.startswith("manifests/sess-1/") and second.uri == f"{uri}/{second.key}"
+    m = E.get_repository(uri).load_manifest("sess-1", second.key.rsplit("/", 1)[-1])
     assert m.parent == first.uri
     out = tmp_path / "out"
     await store.restore(second.uri, out)
     assert (out / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
     assert (out / "b.txt").read_text() == "new"
+
+
+async def test_old_archive_checkpoints_still_restore(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old.txt").write_text("from the archive days")
+    old = await ArchiveCheckpointStore(str(tmp_path / "ck"), tmp_path / "tmp").save("s1", src)
+    assert old.uri.endswith(".tar.gz")
+    store = ContentCheckpointStore(str(tmp_path / "ck"), tmp_dir=tmp_path / "tmp")
+    assert store.base_uri == f"file://{tmp_path}/ck"
+    await store.restore(old.uri, tmp_path / "out")
+    assert (tmp_path / "out" / "old.txt").read_text() == "from the archive days"
+    # The next save is a full one in the new format (an archive is no parent).
+    (tmp_path / "out" / "new.txt").write_text("n")
+    new = await store.save("s1", tmp_path / "out", parent=old.uri)
+    assert "/manifests/s1/" in new.uri
+
+
+def test_storage_options_from_settings_and_environment() -> None:
+    env = {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "STUDIOS_S3_ENDPOINT": "http://e",
+    }
+    assert storage_options_for("file:///x", env=env) is None
+    assert storage_options_for("s3://b/x", env=env) == {
+        "key": "k",
+        "secret": "s",
+        "endpoint_url": "http://e",
+    }
+    assert storage_options_for("s3://b/x", "http://flag", env=env)["endpoint_url"] == "http://flag"  # type: ignore[index]
+    assert storage_options_for("s3://b/x", env={}) is None
