@@ -152,6 +152,10 @@ class ControllerLink:
     def publish_observed(self, obs: pb.SessionObserved) -> None:
         self._enqueue(("obs", obs.session_id), pb.ConnectRequest(session=obs))
 
+    def publish_connections(self, conns: pb.SessionConnections) -> None:
+        """Who is connected to a session (coalesced per session like observations)."""
+        self._enqueue(("conn", conns.session_id), pb.ConnectRequest(connections=conns))
+
     def publish_checkpoint(self, event: pb.CheckpointEvent) -> None:
         path = self.outbox.add(event)
         self._enqueue(("ckpt", str(path)), pb.ConnectRequest(checkpoint=event))

@@ -4,8 +4,24 @@ Routing by host name gives every session its own origin, so any tool works
 without a base-path setting. Authentication: the controller hands the browser a
 short-lived, single-use `?studio-token=` signed for (session, user) with this
 agent's key; the proxy trades it for an HttpOnly cookie of its own and redirects
-to the clean URL. `X-Studios-User` is always set by the proxy, never passed on
-from outside. Bodies are streamed both ways; WebSockets are relayed.
+to the clean URL.
+
+Relaying is a byte splice, not a re-issued request: the first authenticated
+request on a client connection opens a TCP connection to the session's tool and
+binds the client connection to that session for its lifetime (later requests go
+to the same tool whatever their Host says, so nothing crosses sessions). The
+proxy still reads every request head on the connection, following
+Content-Length and chunked framing to find the next one, and on each head it
+checks the cookie (a string compare when unchanged), drops any `X-Studios-User`
+given from outside and sets its own, and removes its cookie. Responses are passed
+through untouched. A WebSocket upgrade answered with 101 turns the connection
+into a plain two-way tunnel. A request the bound connection cannot carry (a new
+connect token, a missing or foreign cookie, a stopped session) closes the tool
+connection and is then answered by the proxy itself.
+
+A sweep once a second ends the connections of sessions that are gone or no
+longer running (WebSockets included), closes idle HTTP keep-alive connections,
+and reports who is connected (`on_activity`).
 """
 
 from __future__ import annotations
@@ -14,13 +30,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+from studios.agent.v1 import agent_pb2 as pb
 
 from agent.connect_token import (
     ConnectClaims,
@@ -30,7 +45,14 @@ from agent.connect_token import (
 )
 from agent.state import SessionHandle
 
-__all__ = ["COOKIE_NAME", "TOKEN_PARAM", "USER_HEADER", "ConnectProxy", "UserActivity"]
+__all__ = [
+    "COOKIE_NAME",
+    "TOKEN_PARAM",
+    "USER_HEADER",
+    "ConnectProxy",
+    "UserActivity",
+    "safe_location",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +60,36 @@ COOKIE_NAME = "studios-connect"
 TOKEN_PARAM = "studio-token"
 USER_HEADER = "X-Studios-User"
 COOKIE_TTL_SECONDS = 12 * 3600
+MAX_HEAD_BYTES = 64 * 1024
+MAX_CHUNK_LINE = 4096
+# An HTTP keep-alive connection with no traffic either way for this long is closed
+# (so that users who left stop being listed); tunnels (WebSockets) are not.
+IDLE_HTTP_SECONDS = 30.0
+# A client connection that has not finished a request head in this long is closed.
+HEAD_TIMEOUT_SECONDS = 30.0
+SWEEP_SECONDS = 1.0
+# Before the proxy answers a request itself on a connection bound to a tool, the tool
+# connection is closed once quiet this long (at most REAUTH_WAIT_SECONDS).
+REAUTH_QUIET = 0.05
+REAUTH_WAIT_SECONDS = 5.0
+# A user counts as connected with an open tunnel (WebSocket) or traffic this recent.
+ACTIVE_SECONDS = 60.0
+BUFFER_HIGH = 1024 * 1024
 
-_HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Trailers",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
+_TOKEN_BYTES = TOKEN_PARAM.encode() + b"="
+_COOKIE_BYTES = COOKIE_NAME.encode()
+_DROP = frozenset(
+    {b"x-studios-user", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
 )
+_REASONS = {
+    302: "Found",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
@@ -61,10 +98,49 @@ class UserActivity:
     user_name: str
     connections: int = 0
     last_activity: float = 0.0
+    tunnels: int = 0
 
 
-def _text(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+class _BadRequest(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Head:
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes, bytes]]  # (lower name, name, value)
+    raw: bytes
+
+    def get(self, lname: bytes) -> bytes | None:
+        for n, _name, value in self.headers:
+            if n == lname:
+                return value
+        return None
+
+    def cookie(self) -> str | None:
+        for n, _name, value in self.headers:
+            if n == b"cookie":
+                for part in value.split(b";"):
+                    k, _eq, v = part.strip().partition(b"=")
+                    if k.strip() == _COOKIE_BYTES:
+                        return v.strip().decode("latin-1")
+        return None
+
+
+def _parse_head(raw: bytes) -> _Head:
+    lines = raw[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
+        raise _BadRequest("malformed request line")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
+            raise _BadRequest("malformed header line")
+        headers.append((name.lower(), name, value.strip()))
+    return _Head(parts[0], parts[1], parts[2], headers, raw)
 
 
 def _session_id_from_host(host: str) -> str | None:
@@ -73,14 +149,549 @@ def _session_id_from_host(host: str) -> str | None:
     return label.lower() if dot and label else None
 
 
-def _strip_our_cookie(value: str) -> str:
+def _strip_our_cookie(value: bytes) -> bytes:
     """The tool must not see the proxy's own credential."""
     kept = [
         part.strip()
-        for part in value.split(";")
-        if part.strip() and part.strip().split("=", 1)[0].strip() != COOKIE_NAME
+        for part in value.split(b";")
+        if part.strip() and part.strip().split(b"=", 1)[0].strip() != _COOKIE_BYTES
     ]
-    return "; ".join(kept)
+    return b"; ".join(kept)
+
+
+def safe_location(target: str) -> str:
+    """`target` without the connect token, as a same-origin path (never `//host`)."""
+    path, _q, query = target.partition("?")
+    if "://" in path[:16]:  # absolute-form request target: keep only its path
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    path = "/" + path.lstrip("/\\")
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != TOKEN_PARAM]
+    return path + ("?" + urlencode(kept) if kept else "")
+
+
+def _response(
+    status: int, body: str = "", headers: Iterable[tuple[str, str]] = (), close: bool = True
+) -> bytes:
+    data = (body + "\n").encode() if body else b""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if data:
+        lines.append("Content-Type: text/plain; charset=utf-8")
+    lines.append(f"Content-Length: {len(data)}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+class _Upstream(asyncio.Protocol):
+    __slots__ = ("await_status", "client", "pending", "transport")
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.await_status = False
+        self.pending = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=BUFFER_HIGH)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        client.last_io = client.last_up_io = time.monotonic()
+        if self.await_status:
+            self.pending += data
+            if len(self.pending) < 12:
+                return
+            data, self.pending = self.pending, b""
+            self.await_status = False
+            client.upgrade_answered(data[9:12] == b"101")
+        if client.transport is not None:
+            client.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        self.client.pause("upstream-full")
+
+    def resume_writing(self) -> None:
+        self.client.resume("upstream-full")
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: auth, head rewriting, splicing to the bound tool."""
+
+    def __init__(self, proxy: ConnectProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.buf = bytearray()
+        # "head" | "body" | "chunk-line" | "chunk-data" | "chunk-crlf" | "trailer" |
+        # "upgrade-wait" | "tunnel" | "connecting" | "reauth" | "refused" | "closed"
+        self.state = "head"
+        self.remaining = 0
+        self.upstream: _Upstream | None = None
+        self.sid: str | None = None
+        self.claims: ConnectClaims | None = None
+        self.cookie = ""
+        self.user_header = b""
+        self.forwarded = b""
+        self.paused: set[str] = set()
+        self.bound: tuple[str, int] | None = None
+        self.tunnel_counted = False
+        self.reauth_since = 0.0
+        self.last_up_io = 0.0
+        self.last_io = time.monotonic()
+        self.head_started = self.last_io
+
+    # -------------------------------------------------------- transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=BUFFER_HIGH)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.proxy._clients.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = "closed"
+        self.proxy._clients.discard(self)
+        self._unbind()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+    def eof_received(self) -> bool:
+        up = self.upstream
+        if up is not None and up.transport is not None and self.state != "reauth":
+            if up.transport.can_write_eof():
+                up.transport.write_eof()
+            return True  # keep our side open for the rest of the response
+        return False
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def pause(self, reason: str) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+        if not self.paused and self.transport is not None and self.state != "closed":
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_io = time.monotonic()
+        if self.state == "tunnel":
+            assert self.upstream is not None and self.upstream.transport is not None
+            self.upstream.transport.write(data)
+            return
+        if self.buf:
+            self.buf += data
+            data = bytes(self.buf)
+            self.buf.clear()
+        elif self.state == "head":
+            self.head_started = self.last_io
+        self._process(data)
+
+    # -------------------------------------------------------- parsing
+
+    def _process(self, data: bytes) -> None:
+        """Consume `data` from the client; keep what cannot be handled yet in buf."""
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n:
+            state = self.state
+            if state == "body" or state == "chunk-data":
+                take = min(self.remaining, n - i)
+                out.append(data[i : i + take])
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = "head" if state == "body" else "chunk-crlf"
+                    self.remaining = 2 if state == "chunk-data" else 0
+                    self.head_started = time.monotonic()
+            elif state == "chunk-crlf":
+                take = min(self.remaining, n - i)
+                if data[i : i + take] != b"\r\n"[2 - self.remaining : 2 - self.remaining + take]:
+                    self._fail(out, 400, "malformed chunked body")
+                    return
+                out.append(data[i : i + take])
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = "chunk-line"
+            elif state == "chunk-line" or state == "trailer":
+                end = data.find(b"\r\n", i)
+                if end < 0:
+                    if n - i > MAX_CHUNK_LINE:
+                        self._fail(out, 400, "chunk line too long")
+                        return
+                    break
+                line = data[i:end]
+                out.append(data[i : end + 2])
+                i = end + 2
+                if state == "trailer":
+                    if not line:
+                        self.state = "head"
+                        self.head_started = time.monotonic()
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    self._fail(out, 400, "malformed chunk size")
+                    return
+                if size < 0:
+                    self._fail(out, 400, "malformed chunk size")
+                    return
+                if size == 0:
+                    self.state = "trailer"
+                else:
+                    self.state, self.remaining = "chunk-data", size
+            elif state == "head":
+                end = data.find(b"\r\n\r\n", i)
+                if end < 0:
+                    if n - i > MAX_HEAD_BYTES:
+                        self._fail(out, 431, "request head too large")
+                        return
+                    break
+                raw = data[i : end + 4]
+                i = end + 4
+                if not self._head(raw, out):
+                    # Stopped forwarding: keep the rest for later (or drop it if closing).
+                    if self.state not in ("refused", "closed"):
+                        self.buf += data[i:]
+                    self._flush(out)
+                    return
+            else:  # upgrade-wait, connecting, reauth: hold bytes until decided
+                break
+        if i < n and self.state not in ("refused", "closed"):
+            self.buf += data[i:]
+        self._flush(out)
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _fail(self, out: list[bytes], status: int, message: str) -> None:
+        self._flush(out)
+        self._reply(status, message)
+
+    def _reply(self, status: int, message: str, close: bool = True) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(_response(status, message, close=close))
+        if close:
+            self.state = "refused"
+            self.buf.clear()
+            self.transport.close()
+            if self.upstream is not None and self.upstream.transport is not None:
+                self.upstream.transport.close()
+
+    def _framing(self, head: _Head) -> None:
+        """Set the body state for the request that `head` starts (or raise)."""
+        te = head.get(b"transfer-encoding")
+        cls = [v for n, _name, v in head.headers if n == b"content-length"]
+        if te is not None:
+            if cls or te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+                raise _BadRequest("unsupported request body framing")
+            self.state = "chunk-line"
+        elif cls:
+            if len(set(cls)) != 1 or not cls[0].isdigit():
+                raise _BadRequest("bad Content-Length")
+            self.remaining = int(cls[0])
+            self.state = "body" if self.remaining else "head"
+        else:
+            self.state = "head"
+
+    def _head(self, raw: bytes, out: list[bytes]) -> bool:
+        """Handle one request head; False when forwarding stops here."""
+        try:
+            head = _parse_head(raw)
+        except _BadRequest as exc:
+            self._reply(400, str(exc))
+            return False
+        if self.upstream is None:
+            self._local(head)
+            return self.state == "head"
+        # Bound connection: every head is authenticated again (cheaply).
+        proxy = self.proxy
+        h = proxy._lookup(self.sid or "")
+        cookie = head.cookie()
+        if (
+            _TOKEN_BYTES in head.target
+            or h is None
+            or h.status != "running"
+            or cookie is None
+            or (cookie != self.cookie and not self._rebind_cookie(cookie))
+            or (self.claims is not None and self.claims.expires_at < time.time())
+        ):
+            # The proxy answers this one itself, once the tool connection is closed.
+            # Browsers do not pipeline, so what the tool was sent is answered by now;
+            # for pipelining clients the tool gets until it is quiet for REAUTH_QUIET.
+            self.state = "reauth"
+            self.reauth_since = time.monotonic()
+            self.buf[:0] = raw
+            self.pause("reauth")
+            self._flush(out)
+            out.clear()
+            self._reauth_check()
+            return False
+        try:
+            self._framing(head)
+        except _BadRequest as exc:
+            self._fail(out, 400, str(exc))
+            return False
+        out.append(self._rewrite(head))
+        if (
+            self.state == "head"
+            and head.get(b"upgrade") is not None
+            and b"upgrade" in (head.get(b"connection") or b"").lower()
+        ):
+            self.state = "upgrade-wait"
+            self.upstream.await_status = True
+            self.upstream.pending = b""
+            return True
+        return True
+
+    def _rebind_cookie(self, cookie: str) -> bool:
+        """A different cookie on a bound connection: valid for this session?"""
+        key = self.proxy._key()
+        if key is None or self.sid is None:
+            return False
+        try:
+            claims = verify_connect_token(key, cookie, session_id=self.sid, purpose="cookie")
+        except InvalidConnectToken:
+            return False
+        if self.bound is None or claims.user_id != self.bound[1]:
+            self._unbind()
+            self._bind(claims)
+        self.claims, self.cookie = claims, cookie
+        self.user_header = _user_header(claims)
+        return True
+
+    def _rewrite(self, head: _Head) -> bytes:
+        lines = [head.raw[: head.raw.index(b"\r\n")]]
+        for lname, name, value in head.headers:
+            if lname in _DROP or lname.replace(b"_", b"-") == b"x-studios-user":
+                continue
+            if lname == b"cookie":
+                value = _strip_our_cookie(value)
+                if not value:
+                    continue
+            lines.append(name + b": " + value)
+        lines.append(self.user_header)
+        host = head.get(b"host")
+        if host is not None:
+            lines.append(b"X-Forwarded-Host: " + host)
+        lines.append(self.forwarded)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _reauth_check(self) -> None:
+        up = self.upstream
+        if self.state != "reauth" or up is None or up.transport is None:
+            return
+        now = time.monotonic()
+        quiet = now - max(self.last_up_io, self.reauth_since)
+        if quiet >= REAUTH_QUIET or now - self.reauth_since > REAUTH_WAIT_SECONDS:
+            up.transport.close()  # -> upstream_lost -> answered by the proxy
+        else:
+            asyncio.get_running_loop().call_later(REAUTH_QUIET, self._reauth_check)
+
+    def upgrade_answered(self, switched: bool) -> None:
+        """The tool's first bytes after an upgrade request."""
+        if switched:
+            self.state = "tunnel"
+            if self.bound is not None:
+                act = self.proxy._activity.get(self.bound[0], {}).get(self.bound[1])
+                if act is not None:
+                    act.tunnels += 1
+                    self.tunnel_counted = True
+            if self.buf:
+                data = bytes(self.buf)
+                self.buf.clear()
+                assert self.upstream is not None and self.upstream.transport is not None
+                self.upstream.transport.write(data)
+        else:
+            # Refused upgrade: we cannot tell where that response ends, so the
+            # connection carries no further requests.
+            self.state = "refused"
+            self.buf.clear()
+            if self.transport is not None:
+                self.pause("refused")
+
+    def upstream_lost(self, up: _Upstream) -> None:
+        if up is not self.upstream:
+            return
+        self.upstream = None
+        self._unbind()
+        if self.state == "reauth" and self.transport is not None:
+            self.state = "head"
+            self.resume("reauth")
+            self.head_started = time.monotonic()
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._process(data)
+        elif self.transport is not None:
+            self.transport.close()  # after what the tool sent is written
+
+    # -------------------------------------------------------- the proxy's own answers
+
+    def _local(self, head: _Head) -> None:
+        """An unbound connection: sign in, refuse, or bind it to the session's tool."""
+        proxy = self.proxy
+        host = (head.get(b"host") or b"").decode("latin-1")
+        sid = self.sid or _session_id_from_host(host)
+        if sid is None:
+            self._reply(404, "no session in the host name: use <sessionId>.<proxy domain>")
+            return
+        h = proxy._lookup(sid)
+        if h is None:
+            self._reply(404, f"no session {sid} on this agent")
+            return
+        key = proxy._key()
+        if key is None:
+            self._reply(503, "this agent has no connect key yet: it has not reached the controller")
+            return
+        target = head.target.decode("latin-1")
+        if _TOKEN_BYTES in head.target:
+            self._sign_in(head, sid, key, target)
+            return
+        cookie_value = head.cookie()
+        if not cookie_value:
+            self._reply(401, "not signed in to this session: open it through its studio URL")
+            return
+        try:
+            claims = verify_connect_token(key, cookie_value, session_id=sid, purpose="cookie")
+        except InvalidConnectToken as exc:
+            self._reply(401, f"session cookie refused: {exc}; open the studio URL again")
+            return
+        if h.status != "running" or not h.port:
+            self._reply(503, f"session {sid} is not running ({h.status})")
+            return
+        self.sid, self.claims, self.cookie = sid, claims, cookie_value
+        self.user_header = _user_header(claims)
+        self.forwarded = b"X-Forwarded-Proto: http\r\nX-Forwarded-For: " + self.peer.encode()
+        self.state = "connecting"
+        self.buf[:0] = head.raw
+        self.pause("connecting")
+        proxy._spawn(self._connect(h.port, claims))
+
+    def _sign_in(self, head: _Head, sid: str, key: bytes, target: str) -> None:
+        query = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
+        try:
+            claims = verify_connect_token(key, query.get(TOKEN_PARAM, ""), session_id=sid)
+        except InvalidConnectToken as exc:
+            self._reply(401, f"connect token refused: {exc}")
+            return
+        if not self.proxy._remember_nonce(claims):
+            self._reply(401, "connect token refused: it has already been used")
+            return
+        cookie = sign_connect_token(
+            key,
+            session_id=sid,
+            user_id=claims.user_id,
+            user_name=claims.user_name,
+            ttl_seconds=COOKIE_TTL_SECONDS,
+            purpose="cookie",
+        )
+        self.proxy._users(sid).setdefault(
+            claims.user_id, UserActivity(claims.user_id, claims.user_name)
+        ).last_activity = time.time()
+        has_body = head.get(b"content-length") not in (None, b"0") or head.get(b"transfer-encoding")
+        assert self.transport is not None
+        self.transport.write(
+            _response(
+                302,
+                headers=[
+                    ("Location", safe_location(target)),
+                    (
+                        "Set-Cookie",
+                        f"{COOKIE_NAME}={cookie}; HttpOnly; Max-Age={COOKIE_TTL_SECONDS};"
+                        " Path=/; SameSite=Lax",
+                    ),
+                    ("Cache-Control", "no-store"),
+                ],
+                close=bool(has_body),
+            )
+        )
+        if has_body:
+            self.state = "refused"
+            self.transport.close()
+        else:
+            self.state = "head"
+            self.head_started = time.monotonic()
+
+    async def _connect(self, port: int, claims: ConnectClaims) -> None:
+        loop = asyncio.get_running_loop()
+        up = _Upstream(self)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: up, "127.0.0.1", port), timeout=10
+            )
+        except (OSError, TimeoutError) as exc:
+            self._reply(502, f"the session's tool did not answer: {exc}")
+            return
+        if self.state != "connecting" or self.transport is None:
+            if up.transport is not None:
+                up.transport.close()
+            return
+        self.upstream = up
+        self._bind(claims)
+        self.state = "head"
+        data = bytes(self.buf)
+        self.buf.clear()
+        self.resume("connecting")
+        self._process(data)
+
+    def _bind(self, claims: ConnectClaims) -> None:
+        self.claims = claims
+        sid = self.sid or ""
+        users = self.proxy._users(sid)
+        act = users.get(claims.user_id)
+        if act is None:
+            act = users[claims.user_id] = UserActivity(claims.user_id, claims.user_name)
+        act.connections += 1
+        act.last_activity = time.time()
+        self.bound = (sid, claims.user_id)
+        self.proxy._changed(sid)
+
+    def _unbind(self) -> None:
+        if self.bound is None:
+            return
+        sid, uid = self.bound
+        self.bound = None
+        act = self.proxy._activity.get(sid, {}).get(uid)
+        if act is not None and act.connections > 0:
+            act.connections -= 1
+            if self.tunnel_counted:
+                act.tunnels -= 1
+            act.last_activity = time.time()
+            self.proxy._changed(sid)
+        self.tunnel_counted = False
+
+
+def _user_header(claims: ConnectClaims) -> bytes:
+    name = claims.user_name.replace("\r", "").replace("\n", "")
+    return USER_HEADER.encode() + b": " + name.encode()
 
 
 class ConnectProxy:
@@ -89,43 +700,64 @@ class ConnectProxy:
         *,
         lookup: Callable[[str], SessionHandle | None],
         key: Callable[[], bytes | None],
+        on_activity: Callable[[str], None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._key = key
+        self._on_activity = on_activity
+        self.active_seconds = ACTIVE_SECONDS
         # Nonces of connect tokens already exchanged, until they expire (single use).
         self._used_nonces: dict[str, float] = {}
         self._activity: dict[str, dict[int, UserActivity]] = {}
-        self._client: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._clients: set[_Client] = set()
+        self._dirty: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.url = ""
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, host: str, port: int) -> int:
-        # One client session for all upstream traffic; no client timeout, as tools
-        # stream long responses and WebSockets stay open for hours.
-        self._client = aiohttp.ClientSession(
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            cookie_jar=aiohttp.DummyCookieJar(),
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Client(self), host, port, reuse_address=True, backlog=1024
         )
-        app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        bound = int(sockets[0].getsockname()[1]) if sockets else port
+        bound = int(self._server.sockets[0].getsockname()[1])
         self.url = f"http://{host}:{bound}"
+        self._sweeper = asyncio.create_task(self._sweep_loop())
         return bound
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._client is not None:
-            await self._client.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._clients):
+            client.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=2)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ activity
+
+    def _users(self, sid: str) -> dict[int, UserActivity]:
+        users = self._activity.get(sid)
+        if users is None:
+            users = self._activity[sid] = {}
+        return users
+
+    def _changed(self, sid: str) -> None:
+        self._dirty.add(sid)
 
     def connections(self, session_id: str) -> list[dict[str, Any]]:
         return [
@@ -135,206 +767,120 @@ class ConnectProxy:
                 "connections": a.connections,
                 "lastActivity": int(a.last_activity),
             }
-            for a in self._activity.get(session_id, {}).values()
+            for a in self.active_users(session_id)
         ]
+
+    def connections_message(self, session_id: str) -> pb.SessionConnections:
+        return pb.SessionConnections(
+            session_id=session_id,
+            connections=[
+                pb.ActiveConnection(
+                    user_id=a.user_id,
+                    user_name=a.user_name,
+                    connections=a.connections,
+                    last_active=int(a.last_activity),
+                )
+                for a in self.active_users(session_id)
+            ],
+        )
+
+    def active_users(self, session_id: str) -> list[UserActivity]:
+        """Users connected to the session: with an open WebSocket (any upgraded
+        tunnel), or with traffic in the last `active_seconds`."""
+        horizon = time.time() - self.active_seconds
+        return [
+            a
+            for a in self._activity.get(session_id, {}).values()
+            if a.tunnels > 0 or a.last_activity >= horizon
+        ]
+
+    def revoke(self, session_id: str, user_ids: Iterable[int] | None = None) -> int:
+        """End connections to a session (of some users only); returns how many."""
+        wanted = None if user_ids is None else set(user_ids)
+        ended = 0
+        for client in list(self._clients):
+            if client.sid != session_id:
+                continue
+            if wanted is not None and (client.bound is None or client.bound[1] not in wanted):
+                continue
+            client.close()
+            ended += 1
+        return ended
+
+    async def _sweep_loop(self) -> None:
+        reported: dict[str, tuple[frozenset[int], float]] = {}
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                self._sweep(reported)
+            except Exception:  # pragma: no cover - never let the sweep die
+                log.exception("proxy sweep failed")
+
+    def _sweep(self, reported: dict[str, tuple[frozenset[int], float]]) -> None:
+        now = time.monotonic()
+        wall = time.time()
+        running: dict[str, bool] = {}
+        for client in list(self._clients):
+            sid = client.sid
+            if sid is not None and client.state != "closed":
+                ok = running.get(sid)
+                if ok is None:
+                    h = self._lookup(sid)
+                    ok = running[sid] = h is not None and h.status == "running"
+                if not ok:
+                    client.close()  # revocation: the session stopped or is gone
+                    continue
+            if client.bound is not None:
+                act = self._activity.get(client.bound[0], {}).get(client.bound[1])
+                if act is not None:
+                    act.last_activity = max(act.last_activity, wall - (now - client.last_io))
+            if now - client.last_io > IDLE_HTTP_SECONDS and (
+                client.state == "refused" or (client.bound is None and client.state == "head")
+            ):
+                client.close()  # an unbound connection (sign-in, refusals) left idle
+            if client.state in ("head", "connecting") and client.buf:
+                if now - client.head_started > HEAD_TIMEOUT_SECONDS:
+                    client.close()  # a request head that never ends
+        for sid, users in list(self._activity.items()):
+            ok = running.get(sid)
+            if ok is None:
+                h = self._lookup(sid)
+                ok = running[sid] = h is not None and h.status == "running"
+            for uid, act in list(users.items()):
+                if not ok or (
+                    act.connections <= 0 and wall - act.last_activity > self.active_seconds
+                ):
+                    del users[uid]
+            if not users:
+                del self._activity[sid]
+        # Report who is connected when that changes; last activity every 30 s at most.
+        for sid in set(self._activity) | set(reported) | self._dirty:
+            active = frozenset(a.user_id for a in self.active_users(sid))
+            before = reported.get(sid)
+            if before is not None and before[0] == active and now - before[1] < 30:
+                continue
+            if before is None and not active:
+                continue
+            if active:
+                reported[sid] = (active, now)
+            else:
+                reported.pop(sid, None)
+            if self._on_activity is not None:
+                try:
+                    self._on_activity(sid)
+                except Exception:  # pragma: no cover
+                    log.exception("proxy activity report failed")
+        self._dirty.clear()
 
     # ------------------------------------------------------------ auth
 
     def _remember_nonce(self, claims: ConnectClaims) -> bool:
         now = time.time()
-        for nonce, exp in list(self._used_nonces.items()):
-            if exp < now:
-                del self._used_nonces[nonce]
+        if len(self._used_nonces) > 1024:
+            for nonce, exp in list(self._used_nonces.items()):
+                if exp < now:
+                    del self._used_nonces[nonce]
         if claims.nonce in self._used_nonces:
             return False
         self._used_nonces[claims.nonce] = claims.expires_at
         return True
-
-    def _touch(self, sid: str, claims: ConnectClaims, delta: int = 0) -> None:
-        users = self._activity.setdefault(sid, {})
-        act = users.get(claims.user_id)
-        if act is None:
-            act = users[claims.user_id] = UserActivity(claims.user_id, claims.user_name)
-        act.connections += delta
-        act.last_activity = time.time()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        sid = _session_id_from_host(request.host)
-        if sid is None:
-            return _text(404, "no session in the host name: use <sessionId>.<proxy domain>")
-        h = self._lookup(sid)
-        if h is None:
-            return _text(404, f"no session {sid} on this agent")
-        key = self._key()
-        if key is None:
-            return _text(
-                503, "this agent has no connect key yet: it has not reached the controller"
-            )
-
-        token = request.query.get(TOKEN_PARAM)
-        if token is not None:
-            try:
-                claims = verify_connect_token(key, token, session_id=sid)
-            except InvalidConnectToken as exc:
-                return _text(401, f"connect token refused: {exc}")
-            if not self._remember_nonce(claims):
-                return _text(401, "connect token refused: it has already been used")
-            cookie = sign_connect_token(
-                key,
-                session_id=sid,
-                user_id=claims.user_id,
-                user_name=claims.user_name,
-                ttl_seconds=COOKIE_TTL_SECONDS,
-                purpose="cookie",
-            )
-            query = {k: v for k, v in request.query.items() if k != TOKEN_PARAM}
-            location = str(request.rel_url.with_query(query or None))
-            resp = web.Response(status=302, headers={"Location": location})
-            resp.set_cookie(
-                COOKIE_NAME,
-                cookie,
-                max_age=COOKIE_TTL_SECONDS,
-                path="/",
-                httponly=True,
-                samesite="Lax",
-            )
-            self._touch(sid, claims)
-            return resp
-
-        cookie_value = request.cookies.get(COOKIE_NAME)
-        if not cookie_value:
-            return _text(401, "not signed in to this session: open it through its studio URL")
-        try:
-            claims = verify_connect_token(key, cookie_value, session_id=sid, purpose="cookie")
-        except InvalidConnectToken as exc:
-            return _text(401, f"session cookie refused: {exc}; open the studio URL again")
-
-        if h.status != "running" or not h.port:
-            return _text(503, f"session {sid} is not running ({h.status})")
-        self._touch(sid, claims)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request, sid, h.port, claims)
-        return await self._http(request, h.port, claims)
-
-    # ------------------------------------------------------------ relaying
-
-    def _upstream_headers(self, request: web.Request, claims: ConnectClaims) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            lname = name.lower()
-            if lname in _HOP_BY_HOP or lname == USER_HEADER.lower():
-                continue
-            if lname == "cookie":
-                value = _strip_our_cookie(value)
-                if not value:
-                    continue
-            headers.add(name, value)
-        headers[USER_HEADER] = claims.user_name
-        headers["X-Forwarded-Host"] = request.host
-        headers["X-Forwarded-Proto"] = request.scheme
-        if request.remote:
-            headers["X-Forwarded-For"] = request.remote
-        return headers
-
-    async def _http(
-        self, request: web.Request, port: int, claims: ConnectClaims
-    ) -> web.StreamResponse:
-        assert self._client is not None
-        url = f"http://127.0.0.1:{port}{request.rel_url}"
-        data = request.content.iter_chunked(64 * 1024) if request.body_exists else None
-        try:
-            upstream = await self._client.request(
-                request.method,
-                url,
-                headers=self._upstream_headers(request, claims),
-                data=data,
-                allow_redirects=False,
-            )
-        except aiohttp.ClientError as exc:
-            return _text(502, f"the session's tool did not answer: {exc}")
-        async with upstream:
-            headers: CIMultiDict[str] = CIMultiDict()
-            for name, value in upstream.headers.items():
-                if name.lower() not in _HOP_BY_HOP:
-                    headers.add(name, value)
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            resp.headers.extend(headers)
-            await resp.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-            except (aiohttp.ClientError, ConnectionResetError) as exc:
-                log.info("proxy: upstream body interrupted: %s", exc)
-                return resp
-            await resp.write_eof()
-            return resp
-
-    async def _websocket(
-        self, request: web.Request, sid: str, port: int, claims: ConnectClaims
-    ) -> web.StreamResponse:
-        assert self._client is not None
-        headers = self._upstream_headers(request, claims)
-        for name in list(headers):
-            if name.lower().startswith("sec-websocket-"):
-                del headers[name]
-        protocols = [
-            p.strip()
-            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-            if p.strip()
-        ]
-        url = f"ws://127.0.0.1:{port}{request.rel_url}"
-        try:
-            upstream = await self._client.ws_connect(
-                url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
-            )
-        except (aiohttp.ClientError, aiohttp.WSServerHandshakeError) as exc:
-            return _text(502, f"the session's tool refused the WebSocket: {exc}")
-        server = web.WebSocketResponse(
-            protocols=[upstream.protocol] if upstream.protocol else (),
-            autoping=False,
-            max_msg_size=0,
-        )
-        await server.prepare(request)
-        self._touch(sid, claims, +1)
-        try:
-            await _relay_websockets(server, upstream)
-        finally:
-            self._touch(sid, claims, -1)
-            await upstream.close()
-            await server.close()
-        return server
-
-
-async def _pump(
-    src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-) -> None:
-    async for msg in src:
-        if msg.type == aiohttp.WSMsgType.TEXT:
-            await dst.send_str(msg.data)
-        elif msg.type == aiohttp.WSMsgType.BINARY:
-            await dst.send_bytes(msg.data)
-        elif msg.type == aiohttp.WSMsgType.PING:
-            await dst.ping(msg.data)
-        elif msg.type == aiohttp.WSMsgType.PONG:
-            await dst.pong(msg.data)
-        else:
-            break
-    await dst.close()
-
-
-async def _relay_websockets(
-    server: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    tasks = [
-        asyncio.create_task(_pump(server, upstream)),
-        asyncio.create_task(_pump(upstream, server)),
-    ]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task

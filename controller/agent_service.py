@@ -176,6 +176,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await self.observations.capacity(stream.agent_id, request.capacity)
         elif kind == "heartbeat":
             await self.observations.heartbeat(stream.agent_id)
+        elif kind == "connections":
+            await self.observations.connections(stream, request.connections)
         elif kind == "hello":
             log.warning("agent %s sent a second Hello; ignored", stream.agent_id)
         else:

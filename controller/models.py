@@ -31,11 +31,14 @@ __all__ = [
     "ApiToken",
     "Base",
     "Checkpoint",
+    "CheckpointGcRun",
     "ComputeEnv",
     "EnrollmentToken",
     "Organization",
     "Participant",
     "Studio",
+    "Team",
+    "TeamMember",
     "User",
     "Workspace",
     "as_utc",
@@ -89,17 +92,42 @@ class User(Base):
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Team(Base):
+    """A named group of users of an organisation; a team participant gives its role to all."""
+
+    __tablename__ = "teams"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_teams_org_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    name: Mapped[str] = mapped_column(String(80))
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TeamMember(Base):
+    __tablename__ = "team_members"
+    __table_args__ = (UniqueConstraint("team_id", "user_id", name="uq_team_members_team_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Participant(Base):
-    """A user's role in a workspace (teams, later, add rows of their own)."""
+    """A role in a workspace, held by a user (user_id) or by a team (team_id)."""
 
     __tablename__ = "participants"
     __table_args__ = (
         UniqueConstraint("workspace_id", "user_id", name="uq_participants_workspace_user"),
+        UniqueConstraint("workspace_id", "team_id", name="uq_participants_workspace_team"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"), default=None)
     role: Mapped[str] = mapped_column(String(16))
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -174,6 +202,8 @@ class Studio(Base):
             sqlite_where=text("NOT deleted"),
             postgresql_where=text("NOT deleted"),
         ),
+        # The default order of GET /studios.
+        Index("ix_studios_workspace_created", "workspace_id", "date_created", "session_id"),
     )
 
     session_id: Mapped[str] = mapped_column(String(8), primary_key=True)
@@ -187,6 +217,12 @@ class Studio(Base):
     compute_env_id: Mapped[str] = mapped_column(ForeignKey("compute_envs.id"))
     configuration: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     is_private: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Users besides the creator who may connect to a private studio.
+    allowed_user_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    # A clone ("add as new"): the checkpoint its first start restores.
+    parent_checkpoint_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Hours added to the lifespan of the current run (POST .../lifespan); 0 at each start.
+    lifespan_extra_hours: Mapped[int] = mapped_column(Integer, default=0)
     # Lifecycle (controller.lifecycle owns every change of these four).
     status: Mapped[str] = mapped_column(String(16))
     status_message: Mapped[str | None] = mapped_column(Text, default=None)
@@ -204,6 +240,11 @@ class Studio(Base):
     root_dir: Mapped[str | None] = mapped_column(Text, default=None)
     progress: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     volume: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Who is connected through the agent's proxy, as the API shows it:
+    # [{id, userName, email, avatar, lastActive}] (see observed.connections).
+    active_connections: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default="[]"
+    )
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     last_updated: Mapped[datetime] = mapped_column(default=utcnow)
     last_started: Mapped[datetime | None] = mapped_column(default=None)
@@ -230,3 +271,25 @@ class Checkpoint(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     date_saved: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CheckpointGcRun(Base):
+    """One garbage collection of a checkpoint store (controller.checkpoint_gc)."""
+
+    __tablename__ = "checkpoint_gc_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The store (`<workDir>/.studios/checkpoints`) and a compute env that uses it.
+    base_uri: Mapped[str] = mapped_column(Text, index=True)
+    compute_env_id: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    ok: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    deleted_manifests: Mapped[int] = mapped_column(Integer, default=0)
+    deleted_packs: Mapped[int] = mapped_column(Integer, default=0)
+    freed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Objects whose deletion failed: [[name, error], ...]; garbage for the next run.
+    failed: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Why the run did not finish (the store was down, ...), or why packs were kept.
+    message: Mapped[str | None] = mapped_column(Text, default=None)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from studios.agent.v1 import agent_pb2
 
@@ -23,7 +23,7 @@ from controller import lifecycle
 from controller.agent_hub import AgentStream
 from controller.db import Database
 from controller.lifecycle import Status
-from controller.models import Agent, Checkpoint, Studio, as_utc, utcnow
+from controller.models import Agent, Checkpoint, Studio, User, as_utc, utcnow
 
 __all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name"]
 
@@ -66,6 +66,8 @@ def _progress(steps: Iterable[agent_pb2.ProgressStep]) -> list[dict[str, Any]]:
         text = step.name
         if step.message:
             text = f"{text}: {step.message}" if text else step.message
+        if step.status == agent_pb2.STEP_STATUS_IN_PROGRESS and 0 < step.percent < 100:
+            text = f"{text} ({step.percent:.0f}%)"
         out.append(
             {
                 "message": text,
@@ -211,7 +213,45 @@ class ObservationHandler:
             )
             return resend
         lifecycle.transition(studio, target, message=message)
+        if target != Status.RUNNING and studio.active_connections:
+            studio.active_connections = []  # a stopped tool has nobody connected
         return resend
+
+    async def connections(self, stream: AgentStream, conns: agent_pb2.SessionConnections) -> None:
+        """Who is connected to a studio through the agent's proxy (a full list)."""
+        async with self.db.transaction() as session:
+            studio = await session.get(Studio, conns.session_id, with_for_update=True)
+            if studio is None or studio.deleted or studio.agent_id != stream.agent_id:
+                return
+            entries = list(conns.connections) if studio.status == Status.RUNNING else []
+            users = (
+                {
+                    u.id: u
+                    for u in (
+                        await session.scalars(
+                            select(User).where(User.id.in_([c.user_id for c in entries]))
+                        )
+                    ).all()
+                }
+                if entries
+                else {}
+            )
+            studio.active_connections = [
+                {
+                    "id": c.user_id,
+                    "userName": users[c.user_id].user_name if c.user_id in users else c.user_name,
+                    "email": users[c.user_id].email if c.user_id in users else "",
+                    "avatar": None,
+                    "lastActive": (
+                        datetime.fromtimestamp(c.last_active, UTC)
+                        .isoformat(timespec="milliseconds")
+                        .replace("+00:00", "Z")
+                        if c.last_active
+                        else None
+                    ),
+                }
+                for c in sorted(entries, key=lambda c: c.user_id)
+            ]
 
     async def checkpoint(self, stream: AgentStream, event: agent_pb2.CheckpointEvent) -> None:
         async with self.db.transaction() as session:
@@ -226,15 +266,30 @@ class ObservationHandler:
                 return
             status = _CHECKPOINT_STATUS.get(event.status, "empty")
             saved = datetime.fromtimestamp(event.saved_at, UTC) if event.saved_at > 0 else utcnow()
+            # One checkpoint per session run: the agent refreshes the run's checkpoint
+            # (interim) and finalizes it at stop; each event names the newest stored
+            # object, and the run's row is updated to it (same key: a re-send).
             existing = await session.scalar(
                 select(Checkpoint)
-                .where(Checkpoint.session_id == studio.session_id, Checkpoint.key == event.key)
+                .where(
+                    Checkpoint.session_id == studio.session_id,
+                    or_(Checkpoint.key == event.key, Checkpoint.generation == event.generation)
+                    if event.generation > 0
+                    else Checkpoint.key == event.key,
+                )
+                .order_by((Checkpoint.key == event.key).desc(), Checkpoint.id.desc())
+                .limit(1)
                 .with_for_update()
             )
             if existing is not None:
                 if existing.status == "finalized" and status == "interim":
                     return  # a late re-send of an older event
+                before = as_utc(existing.date_saved)
+                if existing.key != event.key and before is not None:
+                    if saved < before or (saved == before and event.key < existing.key):
+                        return  # an older refresh of this run, re-sent late
                 existing.status = status
+                existing.key = event.key
                 existing.uri = event.uri or existing.uri
                 existing.size_bytes = event.size_bytes
                 existing.date_saved = saved

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from controller.models import Agent, Checkpoint, ComputeEnv, Studio, User, Workspace, as_utc
+from controller.lifespan import effective_lifespan_hours
+from controller.models import (
+    Agent,
+    ApiToken,
+    Checkpoint,
+    ComputeEnv,
+    Studio,
+    User,
+    Workspace,
+    as_utc,
+)
 from controller.schemas import (
+    AccessTokenDto,
+    ActiveConnection,
     AgentDto,
     CheckpointDto,
     ComputeEnvDto,
@@ -14,11 +26,13 @@ from controller.schemas import (
     DataStudioProgressStep,
     DataStudioStatusInfo,
     DataStudioTemplate,
+    ParentCheckpoint,
     UserInfo,
 )
 from controller.templates import CATALOGUE
 
 __all__ = [
+    "access_token_dto",
     "agent_dto",
     "checkpoint_dto",
     "compute_env_dto",
@@ -58,12 +72,13 @@ def studio_dto(
     compute_env: ComputeEnv | None,
     workspace: Workspace | None,
     public_url: str,
+    *,
+    allowed_users: list[User] | None = None,
+    parent: tuple[Checkpoint, Studio] | None = None,
 ) -> DataStudioDto:
     catalogue = {t.repository: t for t in CATALOGUE}
     entry = catalogue.get(studio.template_repository)
-    lifespan = int((studio.configuration or {}).get("lifespanHours") or 0)
-    if not lifespan and workspace is not None:
-        lifespan = workspace.lifespan_hours
+    lifespan = effective_lifespan_hours(studio, workspace)
     return DataStudioDto(
         session_id=studio.session_id,
         workspace_id=studio.workspace_id,
@@ -94,11 +109,31 @@ def studio_dto(
         status_info=status_info(studio),
         studio_url=f"{public_url.rstrip('/')}/studios/{studio.session_id}/connect",
         progress=[DataStudioProgressStep(**step) for step in (studio.progress or [])],
-        active_connections=[],
+        active_connections=[
+            ActiveConnection(
+                id=c["id"],
+                user_name=c.get("userName", ""),
+                email=c.get("email", ""),
+                avatar=c.get("avatar"),
+                last_active=c.get("lastActive"),
+            )
+            for c in (studio.active_connections or [])
+        ],
         is_private=studio.is_private,
+        allowed_users=[u for u in map(user_info, allowed_users or []) if u is not None],
         effective_lifespan_hours=lifespan,
-        parent_checkpoint=None,
+        parent_checkpoint=(
+            ParentCheckpoint(
+                checkpoint_id=parent[0].id,
+                checkpoint_name=parent[0].name,
+                session_id=parent[1].session_id,
+                studio_name=parent[1].name,
+            )
+            if parent is not None
+            else None
+        ),
         mounted_data_links=[],
+        labels=None,
     )
 
 
@@ -143,4 +178,13 @@ def agent_dto(agent: Agent, connected: bool) -> AgentDto:
         connected=connected,
         last_seen=iso(agent.last_seen),
         capacity=agent.capacity or {},
+    )
+
+
+def access_token_dto(token: ApiToken) -> AccessTokenDto:
+    return AccessTokenDto(
+        id=token.id,
+        name=token.name,
+        date_created=iso(token.date_created) or "",
+        last_used=iso(token.last_used),
     )

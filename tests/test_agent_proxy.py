@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -202,3 +204,197 @@ async def test_unknown_and_not_running_sessions(
     resp = await _get(http, sessions, "/hello.txt", cookie=cookie)
     assert resp.status == 503
     assert "is not running (stopped)" in await resp.text()
+
+
+async def _raw(
+    sessions: Agent, data: bytes, until: int = 1, timeout: float = 5.0
+) -> tuple[list[bytes], asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send raw bytes on one connection; read `until` complete responses."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sessions.proxy_port)
+    writer.write(data)
+    await writer.drain()
+    responses = []
+    for _ in range(until):
+        responses.append(await asyncio.wait_for(_read_response(reader), timeout))
+    return responses, reader, writer
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def _req(path: str, sid: str, cookie: str | None, extra: str = "", body: bytes = b"") -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {sid}.localhost"]
+    if cookie is not None:
+        lines.append(f"Cookie: a=1; studios-connect={cookie}; b=2")
+    if extra:
+        lines.append(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_every_request_on_a_connection_is_rewritten(
+    sessions: Agent, http: aiohttp.ClientSession, controller: FakeController
+) -> None:
+    """Keep-alive and pipelined requests: each head gets the proxy's identity and loses
+    the proxy's cookie and any impersonation (also the underscore spelling)."""
+    cookie = await _sign_in(http, sessions, controller.key, sid=ECHO)
+    body = b"x" * 70000
+    chunked = b"5\r\nhello\r\n0\r\n\r\n"
+    data = (
+        _req("/headers", ECHO, cookie, "X-Studios-User: mallory\r\nX_Studios_User: eve")
+        + _req("/echo", ECHO, cookie, f"Content-Length: {len(body)}", body).replace(b"GET", b"POST")
+        + _req("/echo", ECHO, cookie, "Transfer-Encoding: chunked", chunked).replace(
+            b"GET", b"POST"
+        )
+        + _req("/headers", ECHO, cookie, "x-studios-user: mallory")
+    )
+    responses, _r, writer = await _raw(sessions, data, until=4)
+    writer.close()
+    for i in (0, 3):
+        head, _sep, payload = responses[i].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        seen = {k.lower(): v for k, v in json.loads(payload).items()}
+        assert seen["x-studios-user"] == "alice"
+        assert "x_studios_user" not in seen
+        assert seen["cookie"] == "a=1; b=2"
+    assert responses[1].endswith(b"\r\n\r\n" + body)
+    assert responses[2].endswith(b"\r\n\r\nhello")
+
+
+async def test_later_requests_are_authenticated_too(
+    sessions: Agent, http: aiohttp.ClientSession, controller: FakeController
+) -> None:
+    cookie = await _sign_in(http, sessions, controller.key, sid=ECHO)
+    other = await _sign_in(http, sessions, controller.key, sid=SID)
+    bob = sign_connect_token(
+        controller.key,
+        session_id=ECHO,
+        user_id=8,
+        user_name="bob",
+        ttl_seconds=600,
+        purpose="cookie",
+    )
+    # 2nd: another user's cookie for this session; 3rd: no cookie; 4th never sent upstream.
+    data = (
+        _req("/headers", ECHO, cookie)
+        + _req("/headers", ECHO, bob)
+        + _req("/headers", ECHO, None)
+        + _req("/headers", ECHO, cookie)
+    )
+    responses, _r, writer = await _raw(sessions, data, until=3)
+    writer.close()
+    assert json.loads(responses[0].partition(b"\r\n\r\n")[2])["X-Studios-User"] == "alice"
+    assert json.loads(responses[1].partition(b"\r\n\r\n")[2])["X-Studios-User"] == "bob"
+    assert responses[2].startswith(b"HTTP/1.1 401")
+
+    # A connection bound to one session never reaches another, whatever the Host says;
+    # the other session's cookie is refused there.
+    responses, _r, writer = await _raw(
+        sessions, _req("/headers", ECHO, cookie) + _req("/headers", SID, other), until=2
+    )
+    writer.close()
+    assert responses[1].startswith(b"HTTP/1.1 401"), responses[1]
+
+    # A new connect token on a bound connection is exchanged by the proxy, not passed on.
+    token = _token(controller.key, ECHO)
+    responses, _r, writer = await _raw(
+        sessions,
+        _req("/headers", ECHO, cookie) + _req(f"/x?studio-token={token}", ECHO, cookie),
+        until=2,
+    )
+    writer.close()
+    assert responses[1].startswith(b"HTTP/1.1 302"), responses[1]
+
+
+@pytest.mark.parametrize(
+    ("target", "location"),
+    [
+        ("//evil.example/x?studio-token=T", "/evil.example/x"),
+        ("/\\evil.example?studio-token=T&a=b", "/evil.example?a=b"),
+        ("http://evil.example/y?studio-token=T", "/y"),
+        ("/lab?a=1&studio-token=T", "/lab?a=1"),
+    ],
+)
+async def test_sign_in_redirects_stay_on_the_session_host(
+    sessions: Agent, controller: FakeController, target: str, location: str
+) -> None:
+    target = target.replace("T", _token(controller.key))
+    responses, _r, writer = await _raw(sessions, _req(target, SID, None))
+    writer.close()
+    head = responses[0].decode()
+    assert head.startswith("HTTP/1.1 302"), head
+    assert f"\r\nLocation: {location}\r\n" in head
+
+
+async def test_malformed_and_oversized_heads(sessions: Agent) -> None:
+    responses, _r, writer = await _raw(sessions, b"GARBAGE\r\n\r\n")
+    writer.close()
+    assert responses[0].startswith(b"HTTP/1.1 400")
+    reader, writer = await asyncio.open_connection("127.0.0.1", sessions.proxy_port)
+    writer.write(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000)
+    assert (await asyncio.wait_for(_read_response(reader), 5)).startswith(b"HTTP/1.1 431")
+    writer.close()
+
+
+async def test_stopping_a_session_ends_its_websockets_and_lists_who_is_connected(
+    sessions: Agent, http: aiohttp.ClientSession, controller: FakeController
+) -> None:
+    cookie = await _sign_in(http, sessions, controller.key, sid=ECHO)
+    proxy = sessions.proxy
+    assert proxy is not None
+    async with http.ws_connect(
+        f"http://127.0.0.1:{sessions.proxy_port}/ws",
+        headers={"Host": f"{ECHO}.localhost", "Cookie": f"studios-connect={cookie}"},
+    ) as ws:
+        await ws.send_str("ping")
+        assert (await ws.receive()).data == "echo:ping"
+        msg = proxy.connections_message(ECHO)
+        assert [(c.user_id, c.user_name, c.connections) for c in msg.connections] == [
+            (7, "alice", 1)
+        ]
+        assert msg.connections[0].last_active >= time.time() - 5
+        # The agent reports it to the controller.
+        reported = await controller.wait_for(lambda: _reported(controller, ECHO))
+        assert [c.user_name for c in reported.connections] == ["alice"]
+
+        started = time.monotonic()
+        controller.push(desired(ECHO, image="test/echo:1", status=pb.DESIRED_STATUS_STOPPED))
+        closed = await asyncio.wait_for(ws.receive(), 15)
+        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert time.monotonic() - started < 15
+    await controller.wait_for(
+        lambda: (r := _reported(controller, ECHO)) is not None and not r.connections
+    )
+    assert proxy.connections(ECHO) == []
+
+
+def _reported(controller: FakeController, sid: str) -> pb.SessionConnections | None:
+    mine = [c for c in controller.messages("connections") if c.session_id == sid]
+    return mine[-1] if mine else None
+
+
+async def test_users_who_leave_are_no_longer_listed(
+    sessions: Agent, http: aiohttp.ClientSession, controller: FakeController
+) -> None:
+    proxy = sessions.proxy
+    assert proxy is not None
+    proxy.active_seconds = 1.0
+    cookie = await _sign_in(http, sessions, controller.key, sid=ECHO)
+    async with http.ws_connect(
+        f"http://127.0.0.1:{sessions.proxy_port}/ws",
+        headers={"Host": f"{ECHO}.localhost", "Cookie": f"studios-connect={cookie}"},
+    ) as ws:
+        await ws.send_str("ping")
+        await ws.receive()
+        await asyncio.sleep(2.5)
+        # An open WebSocket keeps its user listed, however quiet.
+        assert [c["userName"] for c in proxy.connections(ECHO)] == ["alice"]
+    await controller.wait_for(lambda: not proxy.connections(ECHO), timeout=10)
+    await controller.wait_for(
+        lambda: (r := _reported(controller, ECHO)) is not None and not r.connections
+    )

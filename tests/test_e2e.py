@@ -77,6 +77,18 @@ class Stack:
 
     async def close(self) -> None:
         if self.api is not None:
+            # Stop what a failed test left running, so that its volume is released.
+            if self.controller.alive() and any(agent.alive() for agent in self.agents):
+                _, listing = await self.api.request("GET", "/studios")
+                for studio in listing.get("studios", []) if isinstance(listing, dict) else []:
+                    if studio["statusInfo"]["status"] in ("running", "starting"):
+                        await self.api.request("PUT", f"/studios/{studio['sessionId']}/stop")
+                        try:
+                            await self.api.wait_status(
+                                studio["sessionId"], {"stopped", "errored"}, timeout=60
+                            )
+                        except TimeoutError:
+                            pass
             await self.api.close()
         for agent in self.agents:
             agent.stop()

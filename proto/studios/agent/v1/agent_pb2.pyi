@@ -67,20 +67,22 @@ DESIRED_STATUS_STOPPED: DesiredStatus
 DESIRED_STATUS_DELETED: DesiredStatus
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("hello", "inventory", "session", "checkpoint", "capacity", "heartbeat")
+    __slots__ = ("hello", "inventory", "session", "checkpoint", "capacity", "heartbeat", "connections")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     inventory: Inventory
     session: SessionObserved
     checkpoint: CheckpointEvent
     capacity: HostCapacity
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    connections: SessionConnections
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., connections: _Optional[_Union[SessionConnections, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "runtime", "proxy_url", "agent_version", "capacity")
@@ -161,6 +163,26 @@ class SessionObserved(_message.Message):
     exited: bool
     exit_code: int
     def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
+class ActiveConnection(_message.Message):
+    __slots__ = ("user_id", "user_name", "connections", "last_active")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    user_name: str
+    connections: int
+    last_active: int
+    def __init__(self, user_id: _Optional[int] = ..., user_name: _Optional[str] = ..., connections: _Optional[int] = ..., last_active: _Optional[int] = ...) -> None: ...
+
+class SessionConnections(_message.Message):
+    __slots__ = ("session_id", "connections")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    connections: _containers.RepeatedCompositeFieldContainer[ActiveConnection]
+    def __init__(self, session_id: _Optional[str] = ..., connections: _Optional[_Iterable[_Union[ActiveConnection, _Mapping]]] = ...) -> None: ...
 
 class CheckpointEvent(_message.Message):
     __slots__ = ("session_id", "generation", "key", "uri", "status", "size_bytes", "saved_at")
