@@ -208,14 +208,16 @@ class Agent:
 
     async def close(self) -> None:
         """Stop the agent; running tools keep running."""
+        # Freeze session work first: a start still waiting for its tool must not time out
+        # and record an error while the slower parts (the stream, the proxy) shut down.
+        if self.manager is not None:
+            await self.manager.close()
         if self.admin is not None:
             await self.admin.close()
         if self.link is not None:
             await self.link.close()
         if self.proxy is not None:
             await self.proxy.close()
-        if self.manager is not None:
-            await self.manager.close()
         self._unlock()
 
     async def serve(self, stop: asyncio.Event) -> None:
