@@ -260,3 +260,68 @@ class RestClient:
                 return studio
             await asyncio.sleep(0.05)
         raise TimeoutError(f"studio {session_id} not {wanted_set} after {timeout}s: {studio}")
+
+
+class LocalStack:
+    """A controller, one compute environment and one agent, as real processes in `tmp`.
+
+    For the benchmarks: `async with LocalStack(tmp) as stack:` yields a connected agent; on
+    exit every studio still running is stopped (so its volume is released) before the agent
+    and the controller stop.
+    """
+
+    def __init__(self, tmp: Path, *, agent_args: Iterable[str] = ()) -> None:
+        self.tmp = tmp
+        self.controller = ControllerProcess(tmp / "controller")
+        self.agent_args = tuple(agent_args)
+        self.agent: AgentProcess | None = None
+        self.api: RestClient | None = None
+        self.compute_env_id = ""
+
+    async def __aenter__(self) -> LocalStack:
+        self.controller.start()
+        try:
+            await self.controller.wait_ready()
+            self.api = RestClient(self.controller.url, self.controller.admin_token)
+            _, body = await self.api.request(
+                "POST",
+                "/compute-envs",
+                {
+                    "computeEnv": {
+                        "name": "bench",
+                        "platform": "studio-agent",
+                        "config": {"workDir": str(self.tmp / "work"), "bootDiskSizeGb": 30},
+                    }
+                },
+                expect=200,
+            )
+            self.compute_env_id = str(body["computeEnvId"])
+            self.agent = AgentProcess(
+                self.controller, self.compute_env_id, self.tmp / "agent", extra_args=self.agent_args
+            )
+            self.agent.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                _, agents = await self.api.request("GET", "/agents", expect=200)
+                if any(a["connected"] for a in agents["agents"]):
+                    return self
+                await asyncio.sleep(0.05)
+            raise TimeoutError(f"agent did not connect:\n{self.agent.log_tail()}")
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.api is not None:
+            if self.agent is not None and self.agent.alive():
+                _, listing = await self.api.request("GET", "/studios?max=1000")
+                for studio in listing.get("studios", []) if isinstance(listing, dict) else []:
+                    if studio["statusInfo"]["status"] in ("running", "starting"):
+                        await self.api.request("PUT", f"/studios/{studio['sessionId']}/stop")
+                        await self.api.wait_status(
+                            studio["sessionId"], {"stopped", "errored"}, timeout=120
+                        )
+            await self.api.close()
+        if self.agent is not None:
+            self.agent.stop()
+        self.controller.stop()

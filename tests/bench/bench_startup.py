@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench import anchor_jupyterhub
-from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient
+from tests.e2e_harness import LocalStack
 
 ANCHORS_MD = {
     "name": "JupyterHub 6.1.1 SimpleLocalProcessSpawner + configurable-http-proxy",
@@ -38,33 +38,9 @@ ANCHORS_MD = {
 async def run(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="studios-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        controller = ControllerProcess(tmp / "controller")
-        controller.start()
-        agent: AgentProcess | None = None
-        api: RestClient | None = None
-        try:
-            await controller.wait_ready()
-            api = RestClient(controller.url, controller.admin_token)
-            _, body = await api.request(
-                "POST",
-                "/compute-envs",
-                {
-                    "computeEnv": {
-                        "name": "bench",
-                        "platform": "studio-agent",
-                        "config": {"workDir": str(tmp / "work")},
-                    }
-                },
-                expect=200,
-            )
-            compute_env_id = body["computeEnvId"]
-            agent = AgentProcess(controller, compute_env_id, tmp / "agent")
-            agent.start()
-            while True:
-                _, agents = await api.request("GET", "/agents", expect=200)
-                if any(a["connected"] for a in agents["agents"]):
-                    break
-                await asyncio.sleep(0.05)
+        async with LocalStack(tmp) as stack:
+            api, compute_env_id = stack.api, stack.compute_env_id
+            assert api is not None
             starts: list[float] = []
             stops: list[float] = []
             for i in range(runs):
@@ -97,12 +73,6 @@ async def run(runs: int) -> dict[str, Any]:
                     "max": round(max(stops), 3),
                 },
             }
-        finally:
-            if api is not None:
-                await api.close()
-            if agent is not None:
-                agent.stop()
-            controller.stop()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient
+from tests.e2e_harness import LocalStack
 
 GIB = 1024**3
 CHUNK = b"\0" * (8 * 1024 * 1024)
@@ -75,31 +75,10 @@ def _write_until_grown(root: Path, result: dict[str, float]) -> None:
 async def run(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="studios-bench-grow-") as tmp_name:
         tmp = Path(tmp_name)
-        controller = ControllerProcess(tmp / "controller")
-        controller.start()
-        agent: AgentProcess | None = None
-        api: RestClient | None = None
         samples: list[dict[str, float]] = []
-        try:
-            await controller.wait_ready()
-            api = RestClient(controller.url, controller.admin_token)
-            _, body = await api.request(
-                "POST",
-                "/compute-envs",
-                {
-                    "computeEnv": {
-                        "name": "bench",
-                        "platform": "studio-agent",
-                        "config": {"workDir": str(tmp / "work"), "bootDiskSizeGb": 30},
-                    }
-                },
-                expect=200,
-            )
-            ce = body["computeEnvId"]
-            agent = AgentProcess(
-                controller, ce, tmp / "agent", extra_args=("--volume-kind", "xfs-loop")
-            )
-            agent.start()
+        async with LocalStack(tmp, agent_args=("--volume-kind", "xfs-loop")) as stack:
+            api, ce, agent = stack.api, stack.compute_env_id, stack.agent
+            assert api is not None and agent is not None
             for i in range(runs):
                 _, body = await api.request(
                     "POST", "/studios", {"name": f"grow-{i}", "computeEnvId": ce}, expect=200
@@ -112,12 +91,6 @@ async def run(runs: int) -> dict[str, Any]:
                 samples.append(result)
                 await api.request("PUT", f"/studios/{sid}/stop", expect=200)
                 await api.wait_status(sid, {"stopped", "errored"}, timeout=300)
-        finally:
-            if api is not None:
-                await api.close()
-            if agent is not None:
-                agent.stop()
-            controller.stop()
     reactions = [s["reaction_s"] for s in samples if "reaction_s" in s]
     return {
         "benchmark": "xfs-loop session volume: free < 1 GiB -> grown (full-speed writer)",
