@@ -8,7 +8,13 @@ Status codes: UNAUTHENTICATED (no or wrong enrollment token),
 INVALID_ARGUMENT (first message not a Hello, empty agent id),
 FAILED_PRECONDITION (protocol version not spoken), NOT_FOUND (the Hello's
 compute environment does not exist; the agent should retry later), ABORTED
-(a newer stream of the same agent replaced this one).
+(a newer stream of the same agent replaced this one), UNAVAILABLE (the
+controller is shutting down; the agent reconnects with backoff).
+
+Shutdown drains the streams before the gRPC server and the database stop:
+each handler ends its own stream and records the disconnect while the
+database is still open. A handler cancelled mid-transaction by the server's
+grace timeout would otherwise wait forever on a closed connection.
 """
 
 from __future__ import annotations
@@ -58,9 +64,27 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         # Per agent: a connect and a disconnect of the same agent never
         # interleave their database updates.
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = asyncio.Event()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def drain(self, timeout: float) -> None:
+        """End every stream and wait (up to `timeout` s) for their handlers to finish."""
+        self._closing.set()
+        pending = {t for t in self._handlers if not t.done()}
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        if late:
+            log.warning("%d agent stream(s) did not end within %.0f s", len(late), timeout)
 
     async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         """Welcome + full DesiredState, then updates, until the agent goes away."""
+        if self._closing.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         token = _bearer(context.invocation_metadata())
         async with self.db.transaction() as session:
             valid = token is not None and await check_enrollment_token(session, token)
@@ -114,7 +138,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             reader = asyncio.create_task(self._read_loop(stream, context), name="agent-reader")
             writer = asyncio.create_task(self._write_loop(stream, context), name="agent-writer")
             replaced = asyncio.create_task(stream.replaced.wait(), name="agent-replaced")
-            tasks = {reader, writer, replaced}
+            closing = asyncio.create_task(self._closing.wait(), name="agent-closing")
+            tasks = {reader, writer, replaced, closing}
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
@@ -130,6 +155,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(
                 grpc.StatusCode.ABORTED, "replaced by a newer stream of the same agent"
             )
+        if self._closing.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
 
     async def _upsert_agent(self, hello: agent_pb2.Hello) -> bool:
         async with self.db.transaction() as session:

@@ -68,6 +68,7 @@ class Controller:
         self.public_url: str = ""
         self.studios: StudioService | None = None
         self.checkpoint_gc: CheckpointGc | None = None
+        self.agent_service: AgentService | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -90,7 +91,7 @@ class Controller:
             lifespans=LifespanEnforcer(db, self.hub),
             lifespan_interval=cfg.lifespan_check_interval_seconds,
         )
-        agent_service = AgentService(
+        self.agent_service = agent_service = AgentService(
             db,
             self.hub,
             ObservationHandler(db),
@@ -152,6 +153,9 @@ class Controller:
             self.checkpoint_gc = None
         if self.reconciler is not None:
             await self.reconciler.stop()
+        if self.agent_service is not None:
+            await self.agent_service.drain(timeout=5.0)
+            self.agent_service = None
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2.0)
             self.grpc_server = None
