@@ -67,15 +67,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._closing = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
 
-    async def drain(self, timeout: float) -> None:
-        """End every stream and wait (up to `timeout` s) for their handlers to finish."""
+    async def drain(self, grace_s: float) -> None:
+        """End every stream and wait (up to `grace_s`) for their handlers to finish."""
         self._closing.set()
         pending = {t for t in self._handlers if not t.done()}
         if not pending:
             return
-        _, late = await asyncio.wait(pending, timeout=timeout)
+        _, late = await asyncio.wait(pending, timeout=grace_s)
         if late:
-            log.warning("%d agent stream(s) did not end within %.0f s", len(late), timeout)
+            log.warning("%d agent stream(s) did not end within %.0f s", len(late), grace_s)
 
     async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         """Welcome + full DesiredState, then updates, until the agent goes away."""

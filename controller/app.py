@@ -154,7 +154,7 @@ class Controller:
         if self.reconciler is not None:
             await self.reconciler.stop()
         if self.agent_service is not None:
-            await self.agent_service.drain(timeout=5.0)
+            await self.agent_service.drain(grace_s=5.0)
             self.agent_service = None
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2.0)
