@@ -137,7 +137,7 @@ class Volume(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
 
 class SessionObserved(_message.Message):
-    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code")
+    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code", "data_links")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class SessionObserved(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     EXITED_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    DATA_LINKS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     generation: int
     status: SessionStatus
@@ -162,7 +163,20 @@ class SessionObserved(_message.Message):
     started_at: int
     exited: bool
     exit_code: int
-    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    data_links: _containers.RepeatedCompositeFieldContainer[DataLinkMountStatus]
+    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMountStatus, _Mapping]]] = ...) -> None: ...
+
+class DataLinkMountStatus(_message.Message):
+    __slots__ = ("data_link_id", "mount_name", "state", "message")
+    DATA_LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    data_link_id: str
+    mount_name: str
+    state: str
+    message: str
+    def __init__(self, data_link_id: _Optional[str] = ..., mount_name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ActiveConnection(_message.Message):
     __slots__ = ("user_id", "user_name", "connections", "last_active")
@@ -251,7 +265,7 @@ class CheckpointRef(_message.Message):
     def __init__(self, checkpoint_id: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb")
+    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb", "data_links", "file_system_mounts")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +282,8 @@ class SessionSpec(_message.Message):
     STUDIO_NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_BASE_URI_FIELD_NUMBER: _ClassVar[int]
     BOOT_DISK_SIZE_GB_FIELD_NUMBER: _ClassVar[int]
+    DATA_LINKS_FIELD_NUMBER: _ClassVar[int]
+    FILE_SYSTEM_MOUNTS_FIELD_NUMBER: _ClassVar[int]
     image: str
     tool: str
     environment: _containers.ScalarMap[str, str]
@@ -277,21 +293,63 @@ class SessionSpec(_message.Message):
     studio_name: str
     checkpoint_base_uri: str
     boot_disk_size_gb: int
-    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ...) -> None: ...
+    data_links: _containers.RepeatedCompositeFieldContainer[DataLinkMount]
+    file_system_mounts: _containers.RepeatedCompositeFieldContainer[FileSystemMount]
+    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMount, _Mapping]]] = ..., file_system_mounts: _Optional[_Iterable[_Union[FileSystemMount, _Mapping]]] = ...) -> None: ...
+
+class DataLinkMount(_message.Message):
+    __slots__ = ("data_link_id", "mount_name", "resource_ref", "read_only", "endpoint", "region", "access_key_id", "secret_access_key", "required")
+    DATA_LINK_ID_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_REF_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_ACCESS_KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    data_link_id: str
+    mount_name: str
+    resource_ref: str
+    read_only: bool
+    endpoint: str
+    region: str
+    access_key_id: str
+    secret_access_key: str
+    required: bool
+    def __init__(self, data_link_id: _Optional[str] = ..., mount_name: _Optional[str] = ..., resource_ref: _Optional[str] = ..., read_only: _Optional[bool] = ..., endpoint: _Optional[str] = ..., region: _Optional[str] = ..., access_key_id: _Optional[str] = ..., secret_access_key: _Optional[str] = ..., required: _Optional[bool] = ...) -> None: ...
+
+class FileSystemMount(_message.Message):
+    __slots__ = ("host_path", "mount_path", "read_only")
+    HOST_PATH_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_PATH_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    host_path: str
+    mount_path: str
+    read_only: bool
+    def __init__(self, host_path: _Optional[str] = ..., mount_path: _Optional[str] = ..., read_only: _Optional[bool] = ...) -> None: ...
+
+class SessionAccess(_message.Message):
+    __slots__ = ("user_ids",)
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, user_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionDesired(_message.Message):
-    __slots__ = ("session_id", "status", "generation", "spec", "restore")
+    __slots__ = ("session_id", "status", "generation", "spec", "restore", "access")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: DesiredStatus
     generation: int
     spec: SessionSpec
     restore: CheckpointRef
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[DesiredStatus, str]] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., restore: _Optional[_Union[CheckpointRef, _Mapping]] = ...) -> None: ...
+    access: SessionAccess
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[DesiredStatus, str]] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., restore: _Optional[_Union[CheckpointRef, _Mapping]] = ..., access: _Optional[_Union[SessionAccess, _Mapping]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("full", "sessions")
