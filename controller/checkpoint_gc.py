@@ -27,7 +27,6 @@ in `checkpoint_gc_runs`, and `GET /compute-envs` shows the last one as `checkpoi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from agent.errors import CheckpointError
 from controller.db import Database
 from controller.desired import checkpoint_base_uri
 from controller.models import Checkpoint, CheckpointGcRun, ComputeEnv, Studio, as_utc, utcnow
+from controller.periodic import PeriodicPass
 
 __all__ = ["CheckpointGc", "StorePlan", "gc_run_json", "last_gc_runs"]
 
@@ -116,7 +116,9 @@ async def last_gc_runs(session: Any, compute_env_ids: list[str]) -> dict[str, Ch
     return {env_id: by_base[b] for env_id, b in bases.items() if b in by_base}
 
 
-class CheckpointGc:
+class CheckpointGc(PeriodicPass):
+    name = "checkpoint GC pass"
+
     def __init__(
         self,
         db: Database,
@@ -129,6 +131,9 @@ class CheckpointGc:
         backoff_s: float = 2.0,
         s3_endpoint: str | None = None,
     ) -> None:
+        # Woken every `poll_s` to see whether a store is due; `interval_s` is
+        # how often each store is collected when nothing is deleted.
+        super().__init__(poll_s)
         self.db = db
         self.interval_s = interval_s
         self.poll_s = poll_s
@@ -137,8 +142,6 @@ class CheckpointGc:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.s3_endpoint = s3_endpoint
-        self._task: asyncio.Task[None] | None = None
-        self._kick = asyncio.Event()
         # Per store: when the last run finished (monotonic) and whether it succeeded.
         self._last_ok: dict[str, datetime] = {}
         self._next_try: dict[str, float] = {}
@@ -146,32 +149,8 @@ class CheckpointGc:
 
     # ------------------------------------------------------------ background task
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="checkpoint-gc")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    def kick(self) -> None:
-        """Look for work now (a studio was deleted)."""
-        self._kick.set()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("checkpoint GC pass failed")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_s):
-                    await self._kick.wait()
-            self._kick.clear()
+    async def tick(self) -> None:
+        await self.run_once()
 
     async def run_once(self, *, force: bool = False) -> list[CheckpointGcRun]:
         """Collect every store that needs it (all of them with `force`)."""
