@@ -1,8 +1,11 @@
 """The agent's one long-lived gRPC stream to the controller.
 
 On every (re)connect: Hello, wait for Welcome, then a full Inventory, then every
-checkpoint event the stream has not taken yet; after that SessionObserved on each
+checkpoint event the stream has not taken yet, then who is connected to each session
+(the controller forgets that when a stream ends); after that SessionObserved on each
 change, HostCapacity periodically and Heartbeat at the interval Welcome asks for.
+Every DesiredState goes to the session manager and to `on_desired` (the proxy's
+access lists, which apply to running sessions whatever their generation).
 Reconnects with exponential backoff and jitter.
 
 What happens while disconnected: observations are coalesced to the newest per
@@ -23,6 +26,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +141,10 @@ class ControllerLink:
         )
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Set by the daemon: DesiredState for the proxy (full, sessions), and the
+        # connections to report again after each (re)connect.
+        self.on_desired: Callable[[bool, list[pb.SessionDesired]], None] | None = None
+        self.connections_snapshot: Callable[[], list[pb.SessionConnections]] | None = None
         manager.on_observed = self.publish_observed
         manager.on_checkpoint = self.publish_checkpoint
 
@@ -277,6 +285,10 @@ class ControllerLink:
         inventory = self.manager.inventory()
         for path, event in await asyncio.to_thread(self.outbox.pending):
             self._queue[("ckpt", str(path))] = pb.ConnectRequest(checkpoint=event)
+        # After the inventory (the controller takes connections only of running studios).
+        if self.connections_snapshot is not None:
+            for conns in self.connections_snapshot():
+                self._queue[("conn", conns.session_id)] = pb.ConnectRequest(connections=conns)
         await call.write(pb.ConnectRequest(inventory=inventory))
 
         tasks = [
@@ -309,7 +321,14 @@ class ControllerLink:
             if kind == "welcome":
                 self._on_welcome(msg.welcome)
             elif kind == "desired":
-                self.manager.apply_desired(msg.desired.full, list(msg.desired.sessions))
+                sessions = list(msg.desired.sessions)
+                if self.on_desired is not None:
+                    # Access first: a narrowed list must not wait for the reconciler.
+                    try:
+                        self.on_desired(msg.desired.full, sessions)
+                    except Exception:
+                        log.exception("applying the proxy's access lists failed")
+                self.manager.apply_desired(msg.desired.full, sessions)
 
     async def _writer(self, call: Any) -> None:
         while True:

@@ -184,6 +184,8 @@ class Agent:
                 backoff_initial=cfg.backoff_initial,
                 backoff_max=cfg.backoff_max,
             )
+            self.link.on_desired = self.proxy.apply_desired_access
+            self.link.connections_snapshot = self.proxy.all_connections
             self.link.start()
             self.admin = AdminServer(
                 self.state.socket_path,

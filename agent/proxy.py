@@ -22,6 +22,12 @@ connection and is then answered by the proxy itself.
 A sweep once a second ends the connections of sessions that are gone or no
 longer running (WebSockets included), closes idle HTTP keep-alive connections,
 and reports who is connected (`on_activity`).
+
+Access narrowing: the controller sends the full list of users who may use a
+session now (`SessionDesired.access`, applied by `apply_desired_access`). Everyone
+else's connections to it end at once and their cookies and tokens are answered
+with 403 until the list lets them in again; a session without a list admits any
+valid cookie (the controller checked the right to connect when it signed it).
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ REAUTH_QUIET = 0.05
 REAUTH_WAIT_SECONDS = 5.0
 # A user counts as connected with an open tunnel (WebSocket) or traffic this recent.
 ACTIVE_SECONDS = 60.0
+# A connection the proxy closed but whose peer does not read what is still buffered
+# for it (so a graceful close never completes) is aborted after this long.
+CLOSE_ABORT_SECONDS = 5.0
 BUFFER_HIGH = 1024 * 1024
 
 _TOKEN_BYTES = TOKEN_PARAM.encode() + b"="
@@ -85,6 +94,7 @@ _REASONS = {
     302: "Found",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
@@ -245,6 +255,7 @@ class _Client(asyncio.Protocol):
         self.bound: tuple[str, int] | None = None
         self.tunnel_counted = False
         self.reauth_since = 0.0
+        self.closing_since = 0.0
         self.last_up_io = 0.0
         self.last_io = time.monotonic()
         self.head_started = self.last_io
@@ -294,9 +305,23 @@ class _Client(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            if not self.closing_since:
+                self.closing_since = time.monotonic()
             self.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.abort()
+
+    def user_id(self) -> int | None:
+        """The user this connection acts for (once a cookie was accepted on it)."""
+        if self.bound is not None:
+            return self.bound[1]
+        return self.claims.user_id if self.claims is not None else None
 
     def data_received(self, data: bytes) -> None:
         self.last_io = time.monotonic()
@@ -443,6 +468,7 @@ class _Client(asyncio.Protocol):
             or cookie is None
             or (cookie != self.cookie and not self._rebind_cookie(cookie))
             or (self.claims is not None and self.claims.expires_at < time.time())
+            or (self.claims is not None and not proxy.allowed(self.sid, self.claims.user_id))
         ):
             # The proxy answers this one itself, once the tool connection is closed.
             # Browsers do not pipeline, so what the tool was sent is answered by now;
@@ -584,6 +610,9 @@ class _Client(asyncio.Protocol):
         except InvalidConnectToken as exc:
             self._reply(401, f"session cookie refused: {exc}; open the studio URL again")
             return
+        if not proxy.allowed(sid, claims.user_id):
+            self._reply(403, _forbidden(claims, sid))
+            return
         if h.status != "running" or not h.port:
             self._reply(503, f"session {sid} is not running ({h.status})")
             return
@@ -601,6 +630,9 @@ class _Client(asyncio.Protocol):
             claims = verify_connect_token(key, query.get(TOKEN_PARAM, ""), session_id=sid)
         except InvalidConnectToken as exc:
             self._reply(401, f"connect token refused: {exc}")
+            return
+        if not self.proxy.allowed(sid, claims.user_id):
+            self._reply(403, _forbidden(claims, sid))
             return
         if not self.proxy._remember_nonce(claims):
             self._reply(401, "connect token refused: it has already been used")
@@ -689,6 +721,13 @@ class _Client(asyncio.Protocol):
         self.tunnel_counted = False
 
 
+def _forbidden(claims: ConnectClaims, sid: str) -> str:
+    return (
+        f"user {claims.user_name} (id {claims.user_id}) may no longer use session {sid}: "
+        "access to this studio was withdrawn; ask its owner to give it back"
+    )
+
+
 def _user_header(claims: ConnectClaims) -> bytes:
     name = claims.user_name.replace("\r", "").replace("\n", "")
     return USER_HEADER.encode() + b": " + name.encode()
@@ -709,6 +748,8 @@ class ConnectProxy:
         # Nonces of connect tokens already exchanged, until they expire (single use).
         self._used_nonces: dict[str, float] = {}
         self._activity: dict[str, dict[int, UserActivity]] = {}
+        # Sessions whose users are narrowed to a list (see `set_access`).
+        self._access: dict[str, frozenset[int]] = {}
         self._clients: set[_Client] = set()
         self._dirty: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -807,6 +848,69 @@ class ConnectProxy:
             ended += 1
         return ended
 
+    # ------------------------------------------------------------ access
+
+    def allowed(self, session_id: str | None, user_id: int) -> bool:
+        access = self._access.get(session_id or "")
+        return access is None or user_id in access
+
+    def set_access(self, session_id: str, user_ids: Iterable[int] | None) -> int:
+        """Narrow a session to these users (None: anyone with a valid cookie).
+
+        Other users' connections end now, WebSockets and idle keep-alives
+        included, and they stop being listed as connected; their cookies and
+        tokens get 403 from now on. Returns how many connections were ended.
+        """
+        if user_ids is None:
+            self._access.pop(session_id, None)
+            return 0
+        access = frozenset(int(u) for u in user_ids)
+        if self._access.get(session_id) == access:
+            return 0  # the same list again (every DesiredState repeats it)
+        self._access[session_id] = access
+        ended = 0
+        for client in list(self._clients):
+            uid = client.user_id()
+            if client.sid == session_id and uid is not None and uid not in access:
+                client.close()
+                ended += 1
+        users = self._activity.get(session_id, {})
+        for uid in [u for u in users if u not in access]:
+            del users[uid]
+            self._changed(session_id)
+        if ended:
+            log.info("session %s: access narrowed, %d connection(s) ended", session_id, ended)
+        return ended
+
+    def forget_access(self, session_id: str) -> None:
+        self._access.pop(session_id, None)
+
+    def narrowed_sessions(self) -> set[str]:
+        return set(self._access)
+
+    def apply_desired_access(self, full: bool, sessions: Iterable[pb.SessionDesired]) -> None:
+        """The access part of a DesiredState, for running sessions too (whatever the
+        generation): a listed session with `access` is narrowed to it; one without
+        it (an older controller) is not narrowed; a deleted session, or with a full
+        set one no longer listed, is forgotten."""
+        listed: set[str] = set()
+        for d in sessions:
+            listed.add(d.session_id)
+            if d.status == pb.DESIRED_STATUS_DELETED:
+                self.forget_access(d.session_id)
+            elif d.HasField("access"):
+                self.set_access(d.session_id, d.access.user_ids)
+            else:
+                self.set_access(d.session_id, None)
+        if full:
+            for sid in self.narrowed_sessions() - listed:
+                self.forget_access(sid)
+
+    def all_connections(self) -> list[pb.SessionConnections]:
+        """SessionConnections of every session someone is connected to (a resync)."""
+        sids = [sid for sid in sorted(self._activity) if self.active_users(sid)]
+        return [self.connections_message(sid) for sid in sids]
+
     async def _sweep_loop(self) -> None:
         reported: dict[str, tuple[frozenset[int], float]] = {}
         while True:
@@ -830,6 +934,13 @@ class ConnectProxy:
                 if not ok:
                     client.close()  # revocation: the session stopped or is gone
                     continue
+                uid = client.user_id()
+                if uid is not None and not self.allowed(sid, uid):
+                    client.close()  # access narrowed (set_access closed it; a safety net)
+                    continue
+            if client.closing_since and now - client.closing_since > CLOSE_ABORT_SECONDS:
+                client.abort()  # closed by us, but the peer never took what was buffered
+                continue
             if client.bound is not None:
                 act = self._activity.get(client.bound[0], {}).get(client.bound[1])
                 if act is not None:
