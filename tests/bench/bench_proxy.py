@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.anchor_jupyterhub import CHP
-from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient, free_port
+from tests.e2e_harness import AgentProcess, LocalStack, RestClient, free_port
 
 BACKEND = Path(__file__).with_name("proxy_backend.py")
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -160,116 +160,94 @@ async def run(duration: int) -> dict[str, Any]:
                 }
             )
         )
-        controller = ControllerProcess(tmp / "controller")
-        controller.start()
-        agent: AgentProcess | None = None
-        api: RestClient | None = None
         helpers: list[subprocess.Popen[bytes]] = []
+        stack = LocalStack(
+            tmp,
+            # The proxy is measured here, not the volume.
+            agent_args=("--local-templates", str(templates), "--volume-kind", "directory"),
+        )
         try:
-            await controller.wait_ready()
-            api = RestClient(controller.url, controller.admin_token)
-            _, body = await api.request(
-                "POST",
-                "/compute-envs",
-                {
-                    "computeEnv": {
-                        "name": "bench",
-                        "platform": "studio-agent",
-                        "config": {"workDir": str(tmp / "work")},
-                    }
-                },
-                expect=200,
-            )
-            agent = AgentProcess(
-                controller,
-                body["computeEnvId"],
-                tmp / "agent",
-                extra_args=(
-                    "--local-templates",
-                    str(templates),
-                    # The proxy is measured here, not the volume.
-                    "--volume-kind",
-                    "directory",
-                ),
-            )
-            agent.start()
-            _, body = await api.request(
-                "POST",
-                "/studios",
-                {
-                    "name": "proxy-bench",
-                    "computeEnvId": body["computeEnvId"],
-                    "dataStudioToolUrl": "studios/bench-backend:1-0.1",
-                },
-                expect=200,
-            )
-            studio = await api.wait_status(body["studio"]["sessionId"], "running", timeout=120)
-            cookie = await sign_in(api, studio)
-            session = next(
-                s for s in agent.cli("sessions")["sessions"] if s["id"] == studio["sessionId"]
-            )
-            backend_port = int(session["toolPort"])
-            targets: dict[str, tuple[str, dict[str, str]]] = {
-                "direct": (f"http://127.0.0.1:{backend_port}", {}),
-                "studios-proxy": (
-                    f"http://127.0.0.1:{agent.proxy_port}",
-                    {
-                        "Host": f"{studio['sessionId']}.localhost:{agent.proxy_port}",
-                        "Cookie": f"studios-connect={cookie}",
-                    },
-                ),
-            }
-            nginx, nginx_port = start_nginx(tmp, backend_port)
-            if nginx is not None:
-                helpers.append(nginx)
-                await wait_port(nginx_port)
-                targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", {})
-            chp, chp_port = start_chp(backend_port)
-            if chp is not None:
-                helpers.append(chp)
-                await wait_port(chp_port)
-                targets["configurable-http-proxy"] = (f"http://127.0.0.1:{chp_port}", {})
-
-            results: dict[str, Any] = {}
-            for size in ("1k", "1m"):
-                row: dict[str, Any] = {}
-                for name, (base, headers) in targets.items():
-                    row[name] = wrk(f"{base}/{size}", headers, duration, 50)
-                    row[name]["single_connection_p50_ms"] = wrk(
-                        f"{base}/{size}", headers, max(2, duration // 3), 1
-                    )["p50_ms"]
-                direct = row["direct"]
-                for figures in row.values():
-                    figures["rps_ratio_to_direct"] = round(figures["rps"] / direct["rps"], 3)
-                    figures["added_p50_ms_single_connection"] = round(
-                        figures["single_connection_p50_ms"] - direct["single_connection_p50_ms"],
-                        3,
-                    )
-                results[size] = row
-            return {
-                "benchmark": "connect proxy: wrk -t2 -c50 (and -c1 for added latency)",
-                "duration_s": duration,
-                "missing_anchors": [
-                    name
-                    for name, proc in (("nginx", nginx), ("configurable-http-proxy", chp))
-                    if proc is None
-                ],
-                "results": results,
-            }
+            async with stack:
+                assert stack.api is not None and stack.agent is not None
+                return await _measure(
+                    tmp, stack.api, stack.agent, stack.compute_env_id, duration, helpers
+                )
         finally:
             for proc in helpers:
                 proc.terminate()
                 proc.wait(timeout=10)
-            if api is not None:
-                _, listing = await api.request("GET", "/studios")
-                for studio in listing.get("studios", []) if isinstance(listing, dict) else []:
-                    await api.request("PUT", f"/studios/{studio['sessionId']}/stop")
-                    await api.wait_status(studio["sessionId"], {"stopped", "errored"})
-                await api.close()
-            if agent is not None:
-                agent.stop()
-            controller.stop()
             subprocess.run(["pkill", "-f", str(BACKEND)], check=False)
+
+
+async def _measure(
+    tmp: Path,
+    api: RestClient,
+    agent: AgentProcess,
+    compute_env_id: str,
+    duration: int,
+    helpers: list[subprocess.Popen[bytes]],
+) -> dict[str, Any]:
+    _, body = await api.request(
+        "POST",
+        "/studios",
+        {
+            "name": "proxy-bench",
+            "computeEnvId": compute_env_id,
+            "dataStudioToolUrl": "studios/bench-backend:1-0.1",
+        },
+        expect=200,
+    )
+    studio = await api.wait_status(body["studio"]["sessionId"], "running", timeout=120)
+    cookie = await sign_in(api, studio)
+    session = next(s for s in agent.cli("sessions")["sessions"] if s["id"] == studio["sessionId"])
+    backend_port = int(session["toolPort"])
+    targets: dict[str, tuple[str, dict[str, str]]] = {
+        "direct": (f"http://127.0.0.1:{backend_port}", {}),
+        "studios-proxy": (
+            f"http://127.0.0.1:{agent.proxy_port}",
+            {
+                "Host": f"{studio['sessionId']}.localhost:{agent.proxy_port}",
+                "Cookie": f"studios-connect={cookie}",
+            },
+        ),
+    }
+    nginx, nginx_port = start_nginx(tmp, backend_port)
+    if nginx is not None:
+        helpers.append(nginx)
+        await wait_port(nginx_port)
+        targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", {})
+    chp, chp_port = start_chp(backend_port)
+    if chp is not None:
+        helpers.append(chp)
+        await wait_port(chp_port)
+        targets["configurable-http-proxy"] = (f"http://127.0.0.1:{chp_port}", {})
+
+    results: dict[str, Any] = {}
+    for size in ("1k", "1m"):
+        row: dict[str, Any] = {}
+        for name, (base, headers) in targets.items():
+            row[name] = wrk(f"{base}/{size}", headers, duration, 50)
+            row[name]["single_connection_p50_ms"] = wrk(
+                f"{base}/{size}", headers, max(2, duration // 3), 1
+            )["p50_ms"]
+        direct = row["direct"]
+        for figures in row.values():
+            figures["rps_ratio_to_direct"] = round(figures["rps"] / direct["rps"], 3)
+            figures["added_p50_ms_single_connection"] = round(
+                figures["single_connection_p50_ms"] - direct["single_connection_p50_ms"],
+                3,
+            )
+        results[size] = row
+    return {
+        "benchmark": "connect proxy: wrk -t2 -c50 (and -c1 for added latency)",
+        "duration_s": duration,
+        "missing_anchors": [
+            name
+            for name, proc in (("nginx", nginx), ("configurable-http-proxy", chp))
+            if proc is None
+        ],
+        "results": results,
+    }
 
 
 if __name__ == "__main__":
