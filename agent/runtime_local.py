@@ -58,6 +58,12 @@ BUILTIN_TEMPLATES: dict[str, LocalTemplate] = {
         ),
         tool="python-http",
     ),
+    # JupyterLab from PyPI (`pip install studios[jupyter]`), set up for the connect proxy
+    # by agent/jupyter_tool.py; without the package the start fails naming it.
+    "studios/jupyterlab": LocalTemplate(
+        command=("{python}", "-m", "agent.jupyter_tool", "--port={port}", "--root-dir={root_dir}"),
+        tool="jupyter",
+    ),
 }
 
 

@@ -36,6 +36,8 @@ class Template:
 
 CATALOGUE: tuple[Template, ...] = (
     Template(repository="studios/python-http:3.11-0.1", tool="python-http", status="recommended"),
+    # The local runtime runs it from PyPI (`pip install studios[jupyter]`, agent/jupyter_tool.py).
+    Template(repository="studios/jupyterlab:4.6-0.1", tool="jupyter", status="recommended"),
 )
 
 DEFAULT_TEMPLATE = next(t for t in CATALOGUE if t.status == "recommended")

@@ -1,0 +1,96 @@
+"""JupyterLab as a session tool behind the connect proxy (the `studios/jupyterlab` template).
+
+`python -m agent.jupyter_tool --port P --root-dir DIR [jupyter args...]` runs JupyterLab on
+127.0.0.1:P with the settings it needs behind the proxy:
+
+- Jupyter's own login is off (`IdentityProvider.token=''`, no password): the proxy has
+  already authenticated every request, and the server listens on the loopback only.
+  Instead `StudiosIdentityProvider` takes the user from `X-Studios-User`, the header the
+  proxy sets on every request (and removes from what clients send), so JupyterLab shows
+  who is who; a request without it did not come through the proxy and is refused.
+- `allow_remote_access`: Jupyter otherwise refuses a `Host` that is not `localhost` or an
+  IP, and the proxy forwards the browser's `<sessionId>.<proxy domain>` unchanged (which
+  also keeps Jupyter's same-origin checks of WebSockets meaningful).
+- The XSRF check stays on: JupyterLab's front end sends the `_xsrf` cookie back as
+  `X-XSRFToken` by itself, and API clients can do the same (a page load sets the cookie).
+
+Without the `jupyterlab` package the tool exits at once naming it; the agent puts that
+line into the session's error message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from typing import Any
+
+__all__ = ["jupyter_argv", "main"]
+
+USER_HEADER = "X-Studios-User"
+MISSING = (
+    "the JupyterLab template needs the Python package 'jupyterlab' in {python}: "
+    "install it with `{python} -m pip install jupyterlab` (or `pip install studios[jupyter]`)"
+)
+
+
+def jupyter_argv(port: int, root_dir: str) -> list[str]:
+    return [
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        # Another free port is never taken instead: the agent probes exactly this one.
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root_dir}",
+        "--ServerApp.allow_remote_access=True",
+        # The local runtime runs tools as the agent's user, root under systemd.
+        "--allow-root",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        "--ServerApp.identity_provider_class=agent.jupyter_tool.StudiosIdentityProvider",
+        # No "open this URL with a token" banner and no update checks from a session.
+        "--LabApp.news_url=",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
+
+
+def _identity_provider() -> type[Any]:
+    from jupyter_server.auth.identity import IdentityProvider, User
+
+    class StudiosIdentityProvider(IdentityProvider):  # type: ignore[misc]
+        """The user the proxy vouches for; nobody without the proxy's header."""
+
+        def get_user(self, handler: Any) -> User | None:
+            name = handler.request.headers.get(USER_HEADER, "").strip()
+            if not name:
+                return None
+            return User(username=name, name=name, display_name=name)
+
+    return StudiosIdentityProvider
+
+
+def __getattr__(name: str) -> Any:
+    # Jupyter imports the class by name; jupyter_server is only imported in the tool.
+    if name == "StudiosIdentityProvider":
+        cls = _identity_provider()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.jupyter_tool")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--root-dir", required=True)
+    args, extra = parser.parse_known_args(argv)
+    if importlib.util.find_spec("jupyterlab") is None:
+        print(MISSING.format(python=sys.executable), file=sys.stderr, flush=True)
+        return 2
+    from jupyterlab.labapp import LabApp
+
+    LabApp.launch_instance(argv=[*jupyter_argv(args.port, args.root_dir), *extra])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
