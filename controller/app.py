@@ -116,7 +116,8 @@ class Controller:
             connect_token_ttl=cfg.connect_token_ttl_seconds,
         )
         app = make_app(
-            db, Services(studios=self.studios, workspaces=WorkspaceService(db), hub=self.hub)
+            db,
+            Services(studios=self.studios, workspaces=WorkspaceService(db, self.hub), hub=self.hub),
         )
         for module in (web_studios, web_compute_envs, web_misc, web_users, web_workspaces):
             app.add_routes(module.routes)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.errors import BadRequest, Forbidden, Unauthorized
@@ -48,7 +49,9 @@ __all__ = [
     "new_token",
     "parse_bearer",
     "require",
+    "studio_access_denial",
     "workspace_role",
+    "workspace_roles",
 ]
 
 
@@ -170,17 +173,37 @@ async def check_enrollment_token(session: AsyncSession, token: str) -> bool:
 
 async def workspace_role(session: AsyncSession, user_id: int, workspace_id: int) -> Role | None:
     """The user's highest role in the workspace (direct or through a team), None if none."""
-    teams = select(TeamMember.team_id).where(TeamMember.user_id == user_id)
-    roles = (
-        await session.scalars(
-            select(Participant.role).where(
-                Participant.workspace_id == workspace_id,
-                (Participant.user_id == user_id) | Participant.team_id.in_(teams),
-            )
-        )
-    ).all()
-    parsed = [Role(r) for r in roles if r in Role._value2member_map_]
-    return max(parsed, key=lambda r: r.rank, default=None)
+    return (await workspace_roles(session, workspace_id, [user_id])).get(user_id)
+
+
+async def workspace_roles(
+    session: AsyncSession, workspace_id: int, user_ids: Iterable[int] | None = None
+) -> dict[int, Role]:
+    """{user id: highest role} of the workspace's users (all, or those of `user_ids`).
+
+    The one place that combines direct and team roles: single checks
+    (`workspace_role`) and the connect access list (`controller.access`) agree.
+    """
+    direct = select(Participant.user_id, Participant.role).where(
+        Participant.workspace_id == workspace_id, Participant.user_id.is_not(None)
+    )
+    via_team = (
+        select(TeamMember.user_id, Participant.role)
+        .join(Participant, Participant.team_id == TeamMember.team_id)
+        .where(Participant.workspace_id == workspace_id)
+    )
+    if user_ids is not None:
+        wanted = list(user_ids)
+        direct = direct.where(Participant.user_id.in_(wanted))
+        via_team = via_team.where(TeamMember.user_id.in_(wanted))
+    best: dict[int, Role] = {}
+    for user_id, text in (await session.execute(union_all(direct, via_team))).all():
+        if user_id is None or text not in Role._value2member_map_:
+            continue
+        role = Role(text)
+        if user_id not in best or role.rank > best[user_id].rank:
+            best[user_id] = role
+    return best
 
 
 def require(role: Role, permission: Permission) -> None:
@@ -194,20 +217,33 @@ def check_studio_access(
     studio: Studio, role: Role, principal: Principal, permission: Permission
 ) -> None:
     """`require` plus the rules of private studios (see the module docstring)."""
-    require(role, permission)
+    denial = studio_access_denial(studio, role, principal.user_id, permission)
+    if denial is not None:
+        raise Forbidden(denial)
+
+
+def studio_access_denial(
+    studio: Studio, role: Role, user_id: int, permission: Permission
+) -> str | None:
+    """Why `user_id` (holding `role`) may not do `permission` on `studio`; None if they may.
+
+    The single rule behind both the REST checks and the connect access list
+    that agents enforce (`controller.access`).
+    """
+    minimum = MINIMUM_ROLE[permission]
+    if role.rank < minimum.rank:
+        return f"role '{role}' may not {permission.value} (needs '{minimum}' or higher)"
     if not studio.is_private or permission == Permission.READ:
-        return
-    member = principal.user_id == studio.user_id or principal.user_id in (
-        studio.allowed_user_ids or []
-    )
-    if member:
-        return
+        return None
+    if user_id == studio.user_id or user_id in (studio.allowed_user_ids or []):
+        return None
     if permission == Permission.CONNECT:
-        raise Forbidden(
+        return (
             f"studio {studio.session_id} is private: only its creator and allowed users can connect"
         )
     if role.rank < Role.ADMIN.rank:
-        raise Forbidden(
+        return (
             f"studio {studio.session_id} is private: only its creator, allowed users, "
             f"admins and owners may {permission.value}"
         )
+    return None

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from studios.agent.v1 import agent_pb2
 
+from controller.access import add_session_access
 from controller.models import Checkpoint, ComputeEnv, Studio
 
 __all__ = ["build_desired_state", "checkpoint_base_uri", "session_desired"]
@@ -122,4 +123,6 @@ async def build_desired_state(
                 restores.get(studio.restore_checkpoint_id or -1),
             )
         )
+    # Who may connect now, for the sessions whose proxy route is live.
+    await add_session_access(session, out, by_id)
     return out

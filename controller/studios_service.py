@@ -528,10 +528,15 @@ class StudioService:
                     else:
                         studio.configuration = body.configuration.stored()
                 studio.last_updated = utcnow()
+                agent_id = studio.agent_id
         except IntegrityError:
             raise Conflict(
                 f"a studio named {body.name!r} already exists in the workspace"
             ) from None
+        # Edits are refused while a session is active, so its connect access
+        # (controller.access) cannot narrow here today; re-sending is idempotent
+        # and keeps that true if editable fields ever include privacy.
+        self.hub.notify(agent_id, [session_id])
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, None)
             return await self._dto(session, studio)

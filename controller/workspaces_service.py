@@ -12,6 +12,10 @@ participants get `launch`, as in Seqera Platform. Teams belong to an
 organisation; they are managed (`/orgs/{orgId}/teams`, an addition without a
 counterpart in the reference) by the admins and owners of its workspaces.
 Anything of a workspace the caller has no role in is 404.
+
+Every change of who holds which role pushes a fresh desired state to the
+agents of the affected workspaces' active sessions (`controller.access`), so
+a connect access list narrows (or widens) within seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.access import notify_team_workspaces, notify_workspaces
+from controller.agent_hub import AgentHub
 from controller.auth import Permission, Principal, Role, require, workspace_role
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -44,8 +50,10 @@ def _escape_like(text: str) -> str:
 
 
 class WorkspaceService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, hub: AgentHub | None = None) -> None:
         self.db = db
+        # None: nobody to tell (tools that change roles without a running controller).
+        self.hub = hub
 
     # ------------------------------------------------------------ helpers
 
@@ -195,9 +203,12 @@ class WorkspaceService:
                 row.date_created = utcnow()
                 session.add(row)
                 await session.flush()
-                return await self._dto(session, row)
+                dto = await self._dto(session, row)
         except IntegrityError:
             raise Conflict("already a participant of the workspace") from None
+        # A new role can widen who may connect (agents refuse users not listed).
+        await notify_workspaces(self.db, self.hub, [workspace_id])
+        return dto
 
     async def delete_participant(
         self, principal: Principal, org_id: int, workspace_id: int, participant_id: int
@@ -209,6 +220,7 @@ class WorkspaceService:
             self._check_above(role, Role(row.role), "remove")
             await self._check_keeps_owner(session, row)
             await session.delete(row)
+        await notify_workspaces(self.db, self.hub, [workspace_id])
 
     async def update_role(
         self,
@@ -229,6 +241,7 @@ class WorkspaceService:
             if new_role != Role.OWNER:
                 await self._check_keeps_owner(session, row)
             row.role = new_role.value
+        await notify_workspaces(self.db, self.hub, [workspace_id])
 
     async def leave(self, principal: Principal, org_id: int, workspace_id: int) -> None:
         async with self.db.transaction() as session:
@@ -243,6 +256,7 @@ class WorkspaceService:
                 raise BadRequest("you take part in this workspace through a team only")
             await self._check_keeps_owner(session, row)
             await session.delete(row)
+        await notify_workspaces(self.db, self.hub, [workspace_id])
 
     # ------------------------------------------------------------ settings
 
@@ -348,9 +362,11 @@ class WorkspaceService:
                 ):
                     raise conflict
                 session.add(TeamMember(team_id=team.id, user_id=user.id))
-                return MemberDto(member_id=user.id, user_name=user.user_name, email=user.email)
+                member = MemberDto(member_id=user.id, user_name=user.user_name, email=user.email)
         except IntegrityError:
             raise conflict from None
+        await notify_team_workspaces(self.db, self.hub, team_id)
+        return member
 
     async def remove_team_member(
         self, principal: Principal, org_id: int, team_id: int, member_id: int
@@ -366,6 +382,7 @@ class WorkspaceService:
             if row is None:
                 raise NotFound(f"member {member_id} of team {team_id} not found")
             await session.delete(row)
+        await notify_team_workspaces(self.db, self.hub, team_id)
 
 
 def _settings(workspace: Workspace) -> DataStudioWorkspaceSettingsResponse:
