@@ -15,7 +15,14 @@ from aiohttp import web
 from sqlalchemy import update
 from studios.agent.v1 import agent_pb2_grpc
 
-from controller import web_compute_envs, web_misc, web_studios, web_users, web_workspaces
+from controller import (
+    web_auth,
+    web_compute_envs,
+    web_misc,
+    web_studios,
+    web_users,
+    web_workspaces,
+)
 from controller.agent_hub import AgentHub
 from controller.agent_service import AgentService
 from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key
@@ -27,6 +34,7 @@ from controller.models import Agent
 from controller.observed import ObservationHandler
 from controller.placement import Placer
 from controller.reconciler import Reconciler
+from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
 from controller.studios_service import StudioService
 from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
@@ -119,7 +127,16 @@ class Controller:
             db,
             Services(studios=self.studios, workspaces=WorkspaceService(db, self.hub), hub=self.hub),
         )
-        for module in (web_studios, web_compute_envs, web_misc, web_users, web_workspaces):
+        # Browser sign-in cookies are signed with a key of their own, derived from the master key.
+        signin = app[SIGNIN_KEY] = SignInSettings(key=derive_session_key(master_key))
+        for module in (
+            web_studios,
+            web_compute_envs,
+            web_misc,
+            web_users,
+            web_workspaces,
+            web_auth,
+        ):
             app.add_routes(module.routes)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -130,6 +147,7 @@ class Controller:
             cfg.public_url or f"http://{_join(cfg.http_host, self.http_port)}"
         ).rstrip("/")
         self.studios.public_url = self.public_url
+        signin.public_url = self.public_url
 
         self.reconciler.start()
         # Checkpoint data of deleted studios is collected in the background.

@@ -1,9 +1,10 @@
 """The aiohttp application: middlewares, typed app keys, request helpers.
 
-Every request but `GET /openapi.yaml` needs ``Authorization: Bearer <token>``
-(401 otherwise). Errors are ``{"message": "..."}`` with the status of the
-`controller.errors` leaf; anything unexpected is logged and answered 500
-without details: never a stack trace to a client.
+Every request but `GET /openapi.yaml` and the sign-in pages needs
+``Authorization: Bearer <token>`` (401 otherwise); GET and HEAD also accept the
+browser session cookie (`controller.signin`). Errors are ``{"message": "..."}``
+with the status of the `controller.errors` leaf; anything unexpected is logged
+and answered 500 without details: never a stack trace to a client.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from controller.auth import Principal, authenticate
+from controller.auth import Principal
 from controller.db import Database
-from controller.errors import BadRequest, StudiosError
+from controller.errors import BadRequest, StudiosError, Unauthorized
 from controller.schemas import validation_message
+from controller.signin import authenticate_request, browser_sign_in_redirect
 
 __all__ = [
     "DB_KEY",
@@ -41,7 +43,7 @@ M = TypeVar("M", bound=BaseModel)
 DB_KEY = web.AppKey("db", Database)
 # The services the handlers use (a `controller.app.Services`).
 SERVICES_KEY: web.AppKey[Any] = web.AppKey("services", object)
-PUBLIC_PATHS = frozenset({"/openapi.yaml"})
+PUBLIC_PATHS = frozenset({"/openapi.yaml", "/", "/auth/sign-in", "/auth/sign-out"})
 _PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -71,8 +73,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in PUBLIC_PATHS:
-        async with request.app[DB_KEY].transaction() as session:
-            request[_PRINCIPAL] = await authenticate(session, request.headers.get("Authorization"))
+        try:
+            async with request.app[DB_KEY].transaction() as session:
+                request[_PRINCIPAL] = await authenticate_request(request, session)
+        except Unauthorized:
+            # A browser opening a studioUrl goes to the sign-in page instead.
+            redirect = browser_sign_in_redirect(request)
+            if redirect is None:
+                raise
+            return redirect
     return await handler(request)
 
 

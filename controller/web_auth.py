@@ -1,0 +1,206 @@
+"""Browser sign-in pages: ``GET|POST /auth/sign-in``, ``POST /auth/sign-out``, ``GET /``.
+
+The cookie itself is `controller.signin`. A browser that opens a studioUrl
+without credentials is sent here with ``next=<that URL's path>``; after
+signing in with an API token it is sent back there (only ever to a path of
+this origin: `signin.safe_next`).
+
+Content negotiation: a JSON body gets JSON answers (``{"message"}`` on
+errors); a form post (what the page sends) gets a 303 on success and the form
+again, with the reason, on failure.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.errors import BadRequest, Forbidden, StudiosError, Unauthorized
+from controller.models import User, utcnow
+from controller.signin import (
+    SIGN_IN_PATH,
+    SIGNIN_KEY,
+    SignInSettings,
+    safe_next,
+    sign_session,
+    token_row,
+    verify_session,
+)
+from controller.web_app import DB_KEY, parse_body
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    # No scripts, no framing (clickjacking), forms post only here.
+    "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+_MAX_FORM_BYTES = 8192
+
+
+class SignInRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    token: Annotated[str, Field(min_length=1, max_length=512)]
+    next: Annotated[str, Field(max_length=2048)] | None = None
+
+
+def _settings(request: web.Request) -> SignInSettings:
+    return request.app[SIGNIN_KEY]
+
+
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    text = (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title></head><body>\n{body}\n</body></html>\n"
+    )
+    return web.Response(text=text, status=status, content_type="text/html", headers=_PAGE_HEADERS)
+
+
+def _form(next_path: str, message: str | None = None, status: int = 200) -> web.Response:
+    error = f"<p role=alert>{html.escape(message)}</p>\n" if message else ""
+    body = (
+        "<h1>Sign in to Studios</h1>\n"
+        f"{error}"
+        f'<form method=post action="{SIGN_IN_PATH}">\n'
+        "<label>API token <input type=password name=token autocomplete=off required></label>\n"
+        f'<input type=hidden name=next value="{html.escape(next_path, quote=True)}">\n'
+        "<button type=submit>Sign in</button>\n</form>\n"
+        "<p>Create an API token with <code>POST /tokens</code> or "
+        "<code>studio-controller user add</code>.</p>"
+    )
+    return _page("Sign in - Studios", body, status)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _check_same_origin(request: web.Request) -> None:
+    """Refuse a sign-in posted from another site (login CSRF: signing a victim in as
+    the attacker). Browsers send Origin on POST; clients without one are not browsers."""
+    origin = request.headers.get("Origin")
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        raise Forbidden("sign-in from another site is refused")
+    if origin is None:
+        return
+    allowed = {f"{request.scheme}://{request.host}".lower()}
+    if _settings(request).public_url:
+        allowed.add(_origin(_settings(request).public_url))
+    if origin.lower() not in allowed:
+        raise Forbidden(f"sign-in from origin {origin!r} is refused (not this controller)")
+
+
+async def _read_sign_in(request: web.Request) -> tuple[SignInRequest, bool]:
+    """(the request, whether it came from a form)."""
+    if request.content_type == "application/json":
+        body = await parse_body(request, SignInRequest)
+        assert body is not None
+        return body, False
+    if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
+        raise BadRequest("request body too large")
+    form = await request.post()
+    token, next_value = form.get("token"), form.get("next")
+    if not isinstance(token, str) or not token.strip():
+        raise BadRequest("token: an API token is required")
+    if len(token) > 512:
+        raise BadRequest("token: too long to be an API token")
+    return SignInRequest(
+        token=token.strip(), next=next_value if isinstance(next_value, str) else None
+    ), True
+
+
+@routes.get(SIGN_IN_PATH)
+async def sign_in_page(request: web.Request) -> web.Response:
+    return _form(safe_next(request.query.get("next")))
+
+
+@routes.post(SIGN_IN_PATH)
+async def sign_in(request: web.Request) -> web.Response:
+    settings = _settings(request)
+    is_form = request.content_type != "application/json"
+    next_path = safe_next(None)
+    try:
+        _check_same_origin(request)
+        body, is_form = await _read_sign_in(request)
+        next_path = safe_next(body.next)
+        async with request.app[DB_KEY].transaction() as session:
+            token = await token_row(session, body.token.strip())
+            user = await session.get(User, token.user_id) if token is not None else None
+            if token is None or user is None:
+                raise Unauthorized("invalid API token")
+            token.last_used = utcnow()
+            expires_at = int(time.time()) + settings.ttl_seconds
+            value = sign_session(
+                settings.key,
+                token_id=token.id,
+                user_id=user.id,
+                token_hash=token.token_hash,
+                expires_at=expires_at,
+            )
+            user_id, user_name = user.id, user.user_name
+    except StudiosError as exc:
+        if not is_form:
+            raise
+        return _form(next_path, exc.message, exc.status)
+    response: web.Response
+    if is_form:
+        response = web.Response(status=303, headers={"Location": next_path, **_PAGE_HEADERS})
+    else:
+        answer: dict[str, Any] = {
+            "userId": user_id,
+            "userName": user_name,
+            "expiresAt": datetime.fromtimestamp(expires_at, UTC).isoformat().replace("+00:00", "Z"),
+            "next": next_path,
+        }
+        response = web.json_response(answer, headers={"Cache-Control": "no-store"})
+    settings.set_cookie(response, value)
+    return response
+
+
+@routes.post("/auth/sign-out")
+async def sign_out(request: web.Request) -> web.Response:
+    """Clears the cookie. Needs no credentials: it only drops what this browser holds."""
+    settings = _settings(request)
+    if request.content_type == "application/json" or "text/html" not in request.headers.get(
+        "Accept", ""
+    ):
+        response = web.Response(status=204)
+    else:
+        response = web.Response(status=303, headers={"Location": SIGN_IN_PATH, **_PAGE_HEADERS})
+    settings.clear_cookie(response)
+    return response
+
+
+@routes.get("/")
+async def home(request: web.Request) -> web.Response:
+    """Where a sign-in without a usable return URL lands: who is signed in."""
+    settings = _settings(request)
+    cookie = request.cookies.get(settings.cookie_name)
+    who = None
+    if cookie is not None:
+        try:
+            async with request.app[DB_KEY].transaction() as session:
+                who = await verify_session(session, settings.key, cookie)
+        except Unauthorized:
+            who = None
+    if who is None:
+        body = f'<h1>Studios</h1>\n<p>Not signed in. <a href="{SIGN_IN_PATH}">Sign in</a></p>'
+    else:
+        body = (
+            f"<h1>Studios</h1>\n<p>Signed in as {html.escape(who.user_name)}.</p>\n"
+            '<form method=post action="/auth/sign-out"><button type=submit>Sign out</button>'
+            "</form>\n<p>Open a studio with its Studio URL.</p>"
+        )
+    return _page("Studios", body)
