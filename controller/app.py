@@ -18,6 +18,7 @@ from studios.agent.v1 import agent_pb2_grpc
 from controller import (
     web_auth,
     web_compute_envs,
+    web_datalinks,
     web_misc,
     web_studios,
     web_users,
@@ -34,6 +35,7 @@ from controller.models import Agent
 from controller.observed import ObservationHandler
 from controller.placement import Placer
 from controller.reconciler import Reconciler
+from controller.secret_box import SecretBox, load_or_create_credentials_key, register_box
 from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
 from controller.studios_service import StudioService
 from controller.web_app import make_app
@@ -86,6 +88,9 @@ class Controller:
         self.db = db = Database(cfg.effective_database_url)
         await db.migrate()
         await bootstrap(db, cfg.data_dir)
+        # Data-link credentials are sealed with this key (controller.secret_box).
+        secret_box = SecretBox(load_or_create_credentials_key(cfg.data_dir))
+        register_box(db.engine, secret_box)
         # Streams of a previous process are gone, whatever the table says.
         async with db.transaction() as session:
             await session.execute(update(Agent).values(connected=False))
@@ -129,6 +134,7 @@ class Controller:
         )
         # Browser sign-in cookies are signed with a key of their own, derived from the master key.
         signin = app[SIGNIN_KEY] = SignInSettings(key=derive_session_key(master_key))
+        web_datalinks.setup(app, db, secret_box)
         for module in (
             web_studios,
             web_compute_envs,
@@ -136,6 +142,7 @@ class Controller:
             web_users,
             web_workspaces,
             web_auth,
+            web_datalinks,
         ):
             app.add_routes(module.routes)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -33,6 +33,8 @@ __all__ = [
     "Checkpoint",
     "CheckpointGcRun",
     "ComputeEnv",
+    "Credentials",
+    "DataLink",
     "EnrollmentToken",
     "Organization",
     "Participant",
@@ -169,7 +171,8 @@ class ComputeEnv(Base):
     work_dir: Mapped[str] = mapped_column(Text)
     boot_disk_size_gb: Mapped[int] = mapped_column(Integer, default=30)
     allowed_buckets: Mapped[list[str]] = mapped_column(JSON, default=list)
-    file_system_mounts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # [{"hostPath", "mountPath", "readOnly"}] (controller.mounts validates them).
+    file_system_mounts: Mapped[list[Any]] = mapped_column(JSON, default=list)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     last_updated: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -245,6 +248,11 @@ class Studio(Base):
     active_connections: Mapped[list[dict[str, Any]]] = mapped_column(
         JSON, default=list, server_default="[]"
     )
+    # What the agent reports about the data-link mounts of a run (observed.py):
+    # {"generation": n, "mounts": [{dataLinkId, mountName, state, message}]}.
+    data_link_status: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, server_default="{}"
+    )
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     last_updated: Mapped[datetime] = mapped_column(default=utcnow)
     last_started: Mapped[datetime | None] = mapped_column(default=None)
@@ -293,3 +301,54 @@ class CheckpointGcRun(Base):
     failed: Mapped[list[Any]] = mapped_column(JSON, default=list)
     # Why the run did not finish (the store was down, ...), or why packs were kept.
     message: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Credentials(Base):
+    """Keys of a cloud store (S3 or S3-compatible), for data-links of one workspace.
+
+    The secret part (access key and secret key) is only ever stored encrypted
+    (`secret`, see controller.secret_box); nothing in the API returns it.
+    """
+
+    __tablename__ = "credentials"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "name", name="uq_credentials_workspace_name"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    provider: Mapped[str] = mapped_column(String(16))
+    # S3-compatible endpoint URL; None for AWS itself.
+    base_url: Mapped[str | None] = mapped_column(Text, default=None)
+    region: Mapped[str | None] = mapped_column(String(64), default=None)
+    secret: Mapped[str] = mapped_column(Text)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DataLink(Base):
+    """A bucket, or a prefix of one, that studios of the workspace can mount."""
+
+    __tablename__ = "data_links"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "name", name="uq_data_links_workspace_name"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    provider: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str] = mapped_column(String(16), default="bucket")
+    # Normalised "s3://bucket" or "s3://bucket/sub/dir" (no trailing slash).
+    resource_ref: Mapped[str] = mapped_column(Text)
+    region: Mapped[str | None] = mapped_column(String(64), default=None)
+    credentials_id: Mapped[str | None] = mapped_column(
+        ForeignKey("credentials.id"), default=None, index=True
+    )
+    public_accessible: Mapped[bool] = mapped_column(Boolean, default=False)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)

@@ -38,6 +38,19 @@ __all__ = [
     "ComputeEnvsListResponse",
     "CreateAccessTokenRequest",
     "CreateAccessTokenResponse",
+    "CreateCredentialsRequest",
+    "CreateCredentialsResponse",
+    "CredentialsBody",
+    "CredentialsDto",
+    "CredentialsKeys",
+    "CredentialsListResponse",
+    "CredentialsResponse",
+    "DataLinkCreateRequest",
+    "DataLinkCredentialsDto",
+    "DataLinkDto",
+    "DataLinkResponse",
+    "DataLinkUpdateRequest",
+    "DataLinksListResponse",
     "DataStudioComputeEnvDto",
     "DataStudioConfiguration",
     "DataStudioCreateRequest",
@@ -57,6 +70,7 @@ __all__ = [
     "DataStudioWorkspaceSettingsRequest",
     "DataStudioWorkspaceSettingsResponse",
     "DescribeUserResponse",
+    "FileSystemMountBody",
     "ListAccessTokensResponse",
     "ListParticipantsResponse",
     "MemberDto",
@@ -307,11 +321,19 @@ class DataStudioListCheckpointsResponse(_Response):
     total_size: int
 
 
+class FileSystemMountBody(_Request):
+    """A host directory (EFS-like shared volume) seen at `mountPath` in sessions."""
+
+    host_path: Annotated[str, Field(min_length=1, max_length=4096)]
+    mount_path: Annotated[str, Field(min_length=1, max_length=4096)]
+    read_only: bool = False
+
+
 class ComputeEnvConfig(_Request):
     work_dir: Annotated[str, Field(min_length=1, max_length=2048)]
     boot_disk_size_gb: Annotated[int, Field(ge=1, le=65536)] = 30
     allowed_buckets: list[str] = []
-    file_system_mounts: list[str] = []
+    file_system_mounts: list[FileSystemMountBody] = []
 
 
 class ComputeEnvCreateBody(_Request):
@@ -451,3 +473,103 @@ class DescribeUserResponse(_Response):
     user: UserResponseDto
     need_consent: bool
     default_workspace_id: int | None = None
+
+
+# ------------------------------------------------------------ credentials, data-links
+
+Text100 = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class CredentialsKeys(_Request):
+    """The secret part: stored encrypted, never returned."""
+
+    access_key: Annotated[str, Field(min_length=1, max_length=256)]
+    secret_key: Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class CredentialsBody(_Request):
+    name: Text100
+    provider: Annotated[str, Field(min_length=1, max_length=32)]
+    description: Description | None = None
+    # Endpoint of an S3-compatible store (SeaweedFS, MinIO, ...); absent for AWS.
+    base_url: Annotated[str, Field(max_length=2048)] | None = None
+    region: Annotated[str, Field(max_length=64)] | None = None
+    keys: CredentialsKeys
+
+
+class CreateCredentialsRequest(_Request):
+    credentials: CredentialsBody
+
+
+class CreateCredentialsResponse(_Response):
+    credentials_id: str
+
+
+class CredentialsDto(_Response):
+    id: str
+    name: str
+    description: str | None = None
+    provider: str
+    base_url: str | None = None
+    region: str | None = None
+    category: str = "cloud"
+    date_created: str
+    last_updated: str
+    last_used: str | None = None
+
+
+class CredentialsResponse(_Response):
+    credentials: CredentialsDto
+
+
+class CredentialsListResponse(_Response):
+    credentials: list[CredentialsDto]
+
+
+class DataLinkCreateRequest(_Request):
+    name: Text100
+    resource_ref: Annotated[str, Field(min_length=1, max_length=1024)]
+    description: Description | None = None
+    provider: Annotated[str, Field(max_length=32)] | None = None
+    type: Annotated[str, Field(max_length=32)] | None = None
+    credentials_id: Annotated[str, Field(max_length=64)] | None = None
+    public_accessible: bool | None = None
+    # Not in the reference request: the bucket's region (default the credentials').
+    region: Annotated[str, Field(max_length=64)] | None = None
+
+
+class DataLinkUpdateRequest(_Request):
+    name: Text100 | None = None
+    description: Description | None = None
+    credentials_id: Annotated[str, Field(max_length=64)] | None = None
+
+
+class DataLinkCredentialsDto(_Response):
+    id: str
+    name: str
+    provider: str
+
+
+class DataLinkDto(_Response):
+    id: str
+    name: str
+    description: str | None = None
+    resource_ref: str
+    type: str
+    provider: str
+    region: str | None = None
+    credentials: list[DataLinkCredentialsDto]
+    # VALID, or INVALID with `message` saying why.
+    status: str
+    message: str | None = None
+    public_accessible: bool
+    hidden: bool = False
+
+
+class DataLinkResponse(_Response):
+    data_link: DataLinkDto
+
+
+class DataLinksListResponse(_Response):
+    data_links: list[DataLinkDto]
+    total_size: int

@@ -17,6 +17,7 @@ from controller.auth import Permission, require, workspace_role
 from controller.checkpoint_gc import gc_run_json, last_gc_runs
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Agent, ComputeEnv, Workspace, utcnow
+from controller.mounts import validate_allowed_buckets, validate_file_system_mounts
 from controller.schemas import (
     AgentsListResponse,
     ComputeEnvCreateRequest,
@@ -46,6 +47,9 @@ async def create_compute_env(request: web.Request) -> web.Response:
     env_body = body.compute_env
     if env_body.platform != PLATFORM:
         raise BadRequest(f"computeEnv.platform: must be {PLATFORM!r}, got {env_body.platform!r}")
+    # Checked before anything is stored (controller.mounts says what is refused and why).
+    fs_mounts = validate_file_system_mounts(env_body.config.file_system_mounts)
+    allowed_buckets = validate_allowed_buckets(env_body.config.allowed_buckets)
     user = principal(request)
     try:
         async with request.app[DB_KEY].transaction() as session:
@@ -73,8 +77,8 @@ async def create_compute_env(request: web.Request) -> web.Response:
                     platform=PLATFORM,
                     work_dir=env_body.config.work_dir,
                     boot_disk_size_gb=env_body.config.boot_disk_size_gb,
-                    allowed_buckets=list(env_body.config.allowed_buckets),
-                    file_system_mounts=list(env_body.config.file_system_mounts),
+                    allowed_buckets=allowed_buckets,
+                    file_system_mounts=fs_mounts,
                     date_created=now,
                     last_updated=now,
                 )

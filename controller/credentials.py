@@ -1,0 +1,215 @@
+"""Credentials for data-links, in the shape of Seqera's `/credentials` API.
+
+`POST /credentials {"credentials": {"name", "provider": "aws", "keys":
+{"accessKey", "secretKey"}, "baseUrl"?, "region"?, "description"?}}` answers
+`{"credentialsId"}`. `baseUrl` is the endpoint of an S3-compatible store
+(absent for AWS). The keys are sealed with `controller.secret_box` bound to
+the credentials id and never leave the controller except inside the desired
+state sent to the agent that mounts them: no API response carries them, not
+even the access key id.
+
+Roles: maintain and above add and delete credentials (the data-links row of
+reference/studio-roles.md), any participant lists and describes them;
+another workspace's credentials are 404. Credentials still used by a
+data-link cannot be deleted (409 naming the data-links).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.auth import Permission, Principal, Role, require, workspace_role
+from controller.db import Database
+from controller.errors import BadRequest, Conflict, NotFound
+from controller.models import Credentials, DataLink, utcnow
+from controller.schemas import CreateCredentialsRequest, CredentialsDto
+from controller.secret_box import SecretBox
+from controller.views import iso
+
+__all__ = [
+    "PROVIDERS",
+    "CredentialsService",
+    "check_base_url",
+    "check_region",
+    "credentials_dto",
+    "workspace_access",
+]
+
+DEFAULT_WORKSPACE_ID = 1
+# S3 and S3-compatible stores (the only kind data-links mount for now).
+PROVIDERS = ("aws",)
+_ID_ALPHABET = string.ascii_letters + string.digits
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _new_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
+
+
+async def workspace_access(
+    session: AsyncSession, principal: Principal, workspace_id: int, permission: Permission
+) -> Role:
+    """The caller's role in the workspace (404 without one, 403 below `permission`)."""
+    role = await workspace_role(session, principal.user_id, workspace_id)
+    if role is None:
+        raise NotFound(f"workspace {workspace_id} not found")
+    require(role, permission)
+    return role
+
+
+def check_base_url(text: str | None, field: str) -> str | None:
+    if text is None or not text.strip():
+        return None
+    url = text.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"{field}: expected an http:// or https:// endpoint URL, got {url!r}")
+    if parts.username or parts.password:
+        raise BadRequest(f"{field}: must not contain a user name or password (use keys)")
+    if any(c in url for c in "\x00\n\r\\ "):
+        raise BadRequest(f"{field}: must not contain spaces, backslashes or control characters")
+    return url.rstrip("/")
+
+
+def check_region(text: str | None, field: str) -> str | None:
+    if text is None or not text.strip():
+        return None
+    if not _REGION.match(text):
+        raise BadRequest(f"{field}: expected a region name like 'eu-west-1', got {text!r}")
+    return text
+
+
+def credentials_dto(cred: Credentials) -> CredentialsDto:
+    return CredentialsDto(
+        id=cred.id,
+        name=cred.name,
+        description=cred.description,
+        provider=cred.provider,
+        base_url=cred.base_url,
+        region=cred.region,
+        date_created=iso(cred.date_created) or "",
+        last_updated=iso(cred.last_updated) or "",
+        last_used=iso(cred.last_used),
+    )
+
+
+class CredentialsService:
+    def __init__(self, db: Database, box: SecretBox) -> None:
+        self.db = db
+        self.box = box
+
+    async def _credentials(
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        credentials_id: str,
+        workspace_id: int | None,
+        permission: Permission,
+    ) -> Credentials:
+        missing = NotFound(f"credentials {credentials_id} not found")
+        cred = await session.get(Credentials, credentials_id)
+        if cred is None or (workspace_id is not None and cred.workspace_id != workspace_id):
+            raise missing
+        if await workspace_role(session, principal.user_id, cred.workspace_id) is None:
+            raise missing
+        await workspace_access(session, principal, cred.workspace_id, permission)
+        return cred
+
+    async def create(
+        self, principal: Principal, workspace_id: int | None, body: CreateCredentialsRequest
+    ) -> str:
+        workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
+        given = body.credentials
+        if given.provider not in PROVIDERS:
+            raise BadRequest(
+                f"credentials.provider: only 'aws' (S3 and S3-compatible stores) is supported, "
+                f"got {given.provider!r}"
+            )
+        if not given.name.strip() or any(ord(c) < 0x20 for c in given.name):
+            raise BadRequest("credentials.name: must not be blank or contain control characters")
+        base_url = check_base_url(given.base_url, "credentials.baseUrl")
+        region = check_region(given.region, "credentials.region")
+        taken = Conflict(f"credentials named {given.name!r} already exist in the workspace")
+        try:
+            async with self.db.transaction() as session:
+                await workspace_access(session, principal, workspace_id, Permission.DATA_LINKS)
+                if await session.scalar(
+                    select(Credentials.id).where(
+                        Credentials.workspace_id == workspace_id, Credentials.name == given.name
+                    )
+                ):
+                    raise taken
+                cred_id = _new_id()
+                now = utcnow()
+                session.add(
+                    Credentials(
+                        id=cred_id,
+                        workspace_id=workspace_id,
+                        name=given.name,
+                        description=given.description,
+                        provider=given.provider,
+                        base_url=base_url,
+                        region=region,
+                        secret=self.box.seal(
+                            {
+                                "accessKey": given.keys.access_key,
+                                "secretKey": given.keys.secret_key,
+                            },
+                            cred_id,
+                        ),
+                        date_created=now,
+                        last_updated=now,
+                    )
+                )
+        except IntegrityError:
+            raise taken from None
+        return cred_id
+
+    async def list(
+        self, principal: Principal, workspace_id: int | None, provider: str | None
+    ) -> list[CredentialsDto]:
+        workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
+        async with self.db.transaction() as session:
+            await workspace_access(session, principal, workspace_id, Permission.READ)
+            query = select(Credentials).where(Credentials.workspace_id == workspace_id)
+            if provider:
+                query = query.where(Credentials.provider == provider)
+            rows = (await session.scalars(query.order_by(Credentials.name))).all()
+            return [credentials_dto(c) for c in rows]
+
+    async def get(
+        self, principal: Principal, credentials_id: str, workspace_id: int | None
+    ) -> CredentialsDto:
+        async with self.db.transaction() as session:
+            cred = await self._credentials(
+                session, principal, credentials_id, workspace_id, Permission.READ
+            )
+            return credentials_dto(cred)
+
+    async def delete(
+        self, principal: Principal, credentials_id: str, workspace_id: int | None
+    ) -> None:
+        async with self.db.transaction() as session:
+            cred = await self._credentials(
+                session, principal, credentials_id, workspace_id, Permission.DATA_LINKS
+            )
+            users = (
+                await session.scalars(
+                    select(DataLink.name)
+                    .where(DataLink.credentials_id == cred.id)
+                    .order_by(DataLink.name)
+                )
+            ).all()
+            if users:
+                raise Conflict(
+                    f"credentials {cred.id} are used by data-links: {', '.join(users)}; "
+                    "delete them or give them other credentials first"
+                )
+            await session.delete(cred)

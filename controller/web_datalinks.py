@@ -1,0 +1,142 @@
+"""REST handlers for `/credentials` and `/data-links` (Seqera shapes).
+
+The services are built per application from its database and the
+credentials key (`setup`), so handlers stay thin: parse, call, answer.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controller.credentials import CredentialsService
+from controller.datalinks_service import DataLinkService
+from controller.db import Database
+from controller.schemas import (
+    CreateCredentialsRequest,
+    CreateCredentialsResponse,
+    CredentialsListResponse,
+    CredentialsResponse,
+    DataLinkCreateRequest,
+    DataLinkResponse,
+    DataLinksListResponse,
+    DataLinkUpdateRequest,
+)
+from controller.secret_box import SecretBox
+from controller.studios_service import Page
+from controller.web_app import json_response, parse_body, principal, query_int
+
+__all__ = ["routes", "setup"]
+
+routes = web.RouteTableDef()
+
+MAX_PAGE_SIZE = 1000
+_CREDENTIALS = web.AppKey("credentials_service", CredentialsService)
+_DATA_LINKS = web.AppKey("data_links_service", DataLinkService)
+
+
+def setup(app: web.Application, db: Database, box: SecretBox) -> None:
+    app[_CREDENTIALS] = CredentialsService(db, box)
+    app[_DATA_LINKS] = DataLinkService(db)
+
+
+def _workspace(request: web.Request) -> int | None:
+    return query_int(request, "workspaceId", minimum=1, maximum=2**63 - 1)
+
+
+def _page(request: web.Request) -> Page:
+    return Page(
+        max=query_int(request, "max", maximum=MAX_PAGE_SIZE),
+        offset=query_int(request, "offset") or 0,
+    )
+
+
+# ------------------------------------------------------------ credentials
+
+
+@routes.post("/credentials")
+async def create_credentials(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    body = await parse_body(request, CreateCredentialsRequest)
+    assert body is not None
+    cred_id = await request.app[_CREDENTIALS].create(principal(request), workspace_id, body)
+    return json_response(CreateCredentialsResponse(credentials_id=cred_id))
+
+
+@routes.get("/credentials")
+async def list_credentials(request: web.Request) -> web.Response:
+    items = await request.app[_CREDENTIALS].list(
+        principal(request), _workspace(request), request.query.get("platformId") or None
+    )
+    return json_response(CredentialsListResponse(credentials=items))
+
+
+@routes.get("/credentials/{credentialsId}")
+async def get_credentials(request: web.Request) -> web.Response:
+    dto = await request.app[_CREDENTIALS].get(
+        principal(request), request.match_info["credentialsId"], _workspace(request)
+    )
+    return json_response(CredentialsResponse(credentials=dto))
+
+
+@routes.delete("/credentials/{credentialsId}")
+async def delete_credentials(request: web.Request) -> web.Response:
+    await request.app[_CREDENTIALS].delete(
+        principal(request), request.match_info["credentialsId"], _workspace(request)
+    )
+    return web.Response(status=204)
+
+
+# ------------------------------------------------------------ data-links
+
+
+@routes.post("/data-links")
+async def create_data_link(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    body = await parse_body(request, DataLinkCreateRequest)
+    assert body is not None
+    dto = await request.app[_DATA_LINKS].create(principal(request), workspace_id, body)
+    return json_response(dto)
+
+
+@routes.get("/data-links")
+async def list_data_links(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    page = _page(request)
+    items, total = await request.app[_DATA_LINKS].list(
+        principal(request),
+        workspace_id,
+        request.query.get("credentialsId") or None,
+        request.query.get("search"),
+        page,
+    )
+    return json_response(DataLinksListResponse(data_links=items, total_size=total))
+
+
+@routes.get("/data-links/{dataLinkId}")
+async def get_data_link(request: web.Request) -> web.Response:
+    dto = await request.app[_DATA_LINKS].get(
+        principal(request),
+        request.match_info["dataLinkId"],
+        _workspace(request),
+        request.query.get("credentialsId") or None,
+    )
+    return json_response(DataLinkResponse(data_link=dto))
+
+
+@routes.put("/data-links/{dataLinkId}")
+async def update_data_link(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    body = await parse_body(request, DataLinkUpdateRequest)
+    assert body is not None
+    dto = await request.app[_DATA_LINKS].update(
+        principal(request), request.match_info["dataLinkId"], workspace_id, body
+    )
+    return json_response(dto)
+
+
+@routes.delete("/data-links/{dataLinkId}")
+async def delete_data_link(request: web.Request) -> web.Response:
+    await request.app[_DATA_LINKS].delete(
+        principal(request), request.match_info["dataLinkId"], _workspace(request)
+    )
+    return web.Response(status=204)
