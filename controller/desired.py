@@ -15,6 +15,7 @@ from studios.agent.v1 import agent_pb2
 
 from controller.access import add_session_access
 from controller.models import Checkpoint, ComputeEnv, Studio
+from controller.mounts import data_link_mounts, file_system_mount_specs
 
 __all__ = ["build_desired_state", "checkpoint_base_uri", "session_desired"]
 
@@ -31,7 +32,10 @@ def checkpoint_base_uri(work_dir: str) -> str:
 
 
 def session_desired(
-    studio: Studio, compute_env: ComputeEnv | None, restore: Checkpoint | None
+    studio: Studio,
+    compute_env: ComputeEnv | None,
+    restore: Checkpoint | None,
+    data_links: Iterable[agent_pb2.DataLinkMount] = (),
 ) -> agent_pb2.SessionDesired:
     config = studio.configuration or {}
     status = "deleted" if studio.deleted else studio.desired_status
@@ -49,6 +53,10 @@ def session_desired(
             studio_name=studio.name,
             checkpoint_base_uri=checkpoint_base_uri(compute_env.work_dir) if compute_env else "",
             boot_disk_size_gb=compute_env.boot_disk_size_gb if compute_env else 0,
+            # Mounts (controller.mounts): data-links of the configuration, and
+            # the compute environment's file-system mounts.
+            data_links=list(data_links),
+            file_system_mounts=file_system_mount_specs(compute_env),
         ),
     )
     if restore is not None:
@@ -103,6 +111,7 @@ async def build_desired_state(
         if restore_ids
         else {}
     )
+    mounts = await data_link_mounts(session, [s for s in studios if s.agent_id == agent_id], envs)
     out = agent_pb2.DesiredState(full=full)
     for sid in sorted(set(by_id) | wanted):
         studio = by_id.get(sid)
@@ -121,6 +130,7 @@ async def build_desired_state(
                 studio,
                 envs.get(studio.compute_env_id),
                 restores.get(studio.restore_checkpoint_id or -1),
+                mounts.get(studio.session_id, ()),
             )
         )
     # Who may connect now, for the sessions whose proxy route is live.

@@ -180,6 +180,20 @@ class ObservationHandler:
             }
         if observed.progress:
             studio.progress = _progress(observed.progress)
+        if observed.data_links:
+            # The run's mounts as the agent reports them (shown in mountedDataLinks).
+            studio.data_link_status = {
+                "generation": observed.generation,
+                "mounts": [
+                    {
+                        "dataLinkId": m.data_link_id,
+                        "mountName": m.mount_name,
+                        "state": m.state,
+                        "message": m.message or None,
+                    }
+                    for m in observed.data_links
+                ],
+            }
         studio.last_updated = now
         return self._apply_status(studio, observed)
 

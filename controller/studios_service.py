@@ -53,6 +53,7 @@ from controller.auth import (
     require,
     workspace_role,
 )
+from controller.datalink_views import check_mount_data, mounted_data_link_views
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.lifecycle import Status
@@ -214,6 +215,7 @@ class StudioService:
         workspaces = await _by_id(
             session, Workspace, Workspace.id, {s.workspace_id for s in studios}
         )
+        mounted = await mounted_data_link_views(session, studios, envs)
         return [
             studio_dto(
                 s,
@@ -223,6 +225,7 @@ class StudioService:
                 self.public_url,
                 allowed_users=[users[u] for u in (s.allowed_user_ids or []) if u in users],
                 parent=parents.get(s.parent_checkpoint_id or -1),
+                mounted_data_links=mounted.get(s.session_id),
             )
             for s in studios
         ]
@@ -355,6 +358,7 @@ class StudioService:
                 env = await session.get(ComputeEnv, body.compute_env_id)
                 if env is None or env.workspace_id != workspace_id:
                     raise NotFound(f"compute environment {body.compute_env_id} not found")
+                await check_mount_data(session, workspace_id, body.configuration)
                 if await self._name_taken(session, workspace_id, body.name):
                     raise Conflict(f"a studio named {body.name!r} already exists in the workspace")
                 allowed = await self._check_allowed_users(
@@ -522,6 +526,7 @@ class StudioService:
                         )
                     studio.compute_env_id = env.id
                 if body.configuration is not None:
+                    await check_mount_data(session, studio.workspace_id, body.configuration)
                     if studio.parent_checkpoint_id is not None:
                         self._check_inherited(studio, body.configuration)
                         studio.configuration = self._merge_inherited(studio, body.configuration)
@@ -584,6 +589,7 @@ class StudioService:
         if body.description is not None:
             studio.description = body.description
         if body.configuration is not None:
+            await check_mount_data(session, studio.workspace_id, body.configuration)
             if studio.parent_checkpoint_id is not None:
                 self._check_inherited(studio, body.configuration)
                 studio.configuration = self._merge_inherited(studio, body.configuration)
@@ -701,7 +707,13 @@ class StudioService:
                 Studio.workspace_id.in_(workspaces), Studio.deleted.is_(False)
             )
             if status:
-                query = query.where(Studio.status == status)
+                statuses = {s.value.lower(): s.value for s in Status}
+                if status.lower() not in statuses:
+                    raise BadRequest(
+                        f"status: unknown studio status {status!r} "
+                        f"(one of {', '.join(statuses.values())})"
+                    )
+                query = query.where(Studio.status == statuses[status.lower()])
             if exclude:
                 query = query.where(Studio.session_id != exclude)
             ids: set[str] = set()

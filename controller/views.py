@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from controller.lifespan import effective_lifespan_hours
 from controller.models import (
@@ -75,10 +76,20 @@ def studio_dto(
     *,
     allowed_users: list[User] | None = None,
     parent: tuple[Checkpoint, Studio] | None = None,
+    mounted_data_links: list[dict[str, Any]] | None = None,
 ) -> DataStudioDto:
     catalogue = {t.repository: t for t in CATALOGUE}
     entry = catalogue.get(studio.template_repository)
     lifespan = effective_lifespan_hours(studio, workspace)
+    info = status_info(studio)
+    problems = [
+        str(m["message"])
+        for m in mounted_data_links or []
+        if m.get("status") == "INVALID" and m.get("message")
+    ]
+    if problems and studio.status in ("starting", "running"):
+        # A data-link the session runs without says so where users look first.
+        info.message = "; ".join([info.message, *problems] if info.message else problems)
     return DataStudioDto(
         session_id=studio.session_id,
         workspace_id=studio.workspace_id,
@@ -106,7 +117,7 @@ def studio_dto(
         date_created=iso(studio.date_created) or "",
         last_updated=iso(studio.last_updated) or "",
         last_started=iso(studio.last_started),
-        status_info=status_info(studio),
+        status_info=info,
         studio_url=f"{public_url.rstrip('/')}/studios/{studio.session_id}/connect",
         progress=[DataStudioProgressStep(**step) for step in (studio.progress or [])],
         active_connections=[
@@ -132,7 +143,7 @@ def studio_dto(
             if parent is not None
             else None
         ),
-        mounted_data_links=[],
+        mounted_data_links=list(mounted_data_links or []),
         labels=None,
     )
 
