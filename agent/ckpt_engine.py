@@ -158,11 +158,27 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
+# Where data-links appear in a session (relative to its root): never checkpointed,
+# even where the runtime only left empty mount point directories behind (podman's upper).
+EXCLUDED_DIRS = frozenset({"workspace/data"})
+
+
+def _mount_points_below(root: str) -> set[str]:
+    """Mount points strictly below `root`: a bind mount of a directory of the same file
+    system has the same st_dev, so the st_dev check alone would read into it."""
+    from agent.mount_base import mount_points_under
+
+    return {p for p, _ in mount_points_under(root)}
+
+
 def _walk(root: str, warnings: list[str]) -> list[tuple[str, os.stat_result]]:
-    """Pre-order walk with sorted names; stays on the root's file system (no mounts)."""
+    """Pre-order walk with sorted names; stays on the root's file system (no mounts),
+    and keeps excluded directories and mount points as empty directories."""
     st = os.lstat(root)
     out = [(".", st)]
     root_dev = st.st_dev
+    mounts = _mount_points_below(root)
+    real_root = os.path.realpath(root)
     stack = [("", root)]
     while stack:
         rel, abspath = stack.pop()
@@ -184,8 +200,10 @@ def _walk(root: str, warnings: list[str]) -> list[tuple[str, os.stat_result]]:
                 continue
             out.append((r, s))
             if stat.S_ISDIR(s.st_mode):
-                if s.st_dev != root_dev:
+                if s.st_dev != root_dev or r in EXCLUDED_DIRS:
                     # A mount point (data-links): keep the directory, never its content.
+                    continue
+                if mounts and os.path.join(real_root, r) in mounts:
                     continue
                 subdirs.append((r, de.path))
         # The order of the walk itself does not matter: _sort_preorder fixes it.

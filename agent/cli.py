@@ -194,6 +194,13 @@ def _print_sessions(data: dict[str, Any], console: Console) -> None:
         )
     console.print(table)
     for s in data["sessions"]:
+        for dl in s.get("dataLinks") or []:
+            where = dl.get("hostPath") or "-"
+            note = f": {dl['message']}" if dl.get("message") else ""
+            console.print(
+                f"{s['id']}: /workspace/data/{dl['mountName']} {dl['state']} ({where}){note}",
+                highlight=False,
+            )
         if s["status"] == "errored" and s["message"]:
             console.print(f"[red]{s['id']}[/red]: {s['message']}", markup=True, highlight=False)
 
@@ -242,6 +249,21 @@ def _print_doctor(data: dict[str, Any], console: Console) -> None:
                 entry["reason"],
             )
         console.print(table)
+    links = data.get("dataLinks")
+    if links:
+        table = Table(title="data-link mounters")
+        for col in ("name", "usable", "in use", "why"):
+            table.add_column(col)
+        for entry in links["mounters"]:
+            table.add_row(
+                entry["name"],
+                "[green]yes[/green]" if entry["usable"] else "[red]no[/red]",
+                "yes" if entry["inUse"] else "",
+                entry["reason"],
+            )
+        console.print(table)
+        state = "[green]usable[/green]" if links["fuseUsable"] else "[red]not usable[/red]"
+        console.print(f"FUSE: {state}: {links['reason']}", highlight=False)
 
 
 _PRINTERS = {

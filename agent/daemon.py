@@ -19,6 +19,7 @@ from typing import Any
 from agent import __version__
 from agent.admin import AdminServer
 from agent.controller_link import ControllerLink
+from agent.datalinks import data_links_json
 from agent.errors import AgentError
 from agent.host import doctor_report, host_capacity
 from agent.proxy import ConnectProxy
@@ -95,6 +96,7 @@ def session_json(h: SessionHandle) -> dict[str, Any]:
         "unsaved": h.unsaved,
         # This run's newest checkpoint (the parent of its next, incremental one).
         "checkpointUri": h.checkpoint_uri,
+        "dataLinks": data_links_json(h.data_links),
         "progress": [
             {"name": s["name"], "status": s["status"], "message": s["message"]} for s in h.progress
         ],

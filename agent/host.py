@@ -10,6 +10,7 @@ from typing import Any
 
 import psutil
 
+from agent.datalinks import backend_named, backends, fuse_usable
 from agent.volume_directory import DirectoryVolume
 from agent.volume_xfs import XfsLoopVolume
 
@@ -73,6 +74,13 @@ def doctor_report(
     """Which runtimes and volume kinds are usable here, and why."""
     podman_ok, podman_why = _podman_check(podman_socket)
     dir_ok, dir_why = DirectoryVolume.available()
+    fuse_ok, fuse_why = fuse_usable()
+    chosen = backend_named("auto")
+    mounters = []
+    for name, backend in backends().items():
+        ok, why = backend.available()
+        in_use = chosen is not None and chosen.name == name
+        mounters.append({"name": name, "usable": ok and fuse_ok, "reason": why, "inUse": in_use})
     xfs_ok, xfs_why = XfsLoopVolume.available()
     return {
         "runtimes": [
@@ -89,6 +97,8 @@ def doctor_report(
                 "inUse": runtime_in_use == "podman",
             },
         ],
+        # Data-link mounts: FUSE on this host, and the mount tools (first usable = used).
+        "dataLinks": {"fuseUsable": fuse_ok, "reason": fuse_why, "mounters": mounters},
         "volumeKinds": [
             {
                 "name": "xfs-loop",

@@ -17,6 +17,7 @@ from typing import Any
 from agent.errors import RuntimeUnavailable
 
 __all__ = [
+    "BindMount",
     "ExitStatus",
     "Runtime",
     "RuntimeFactory",
@@ -29,6 +30,16 @@ __all__ = [
     "register_runtime",
     "runtime_names",
 ]
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host directory made visible in the session (data-links, file-system mounts)."""
+
+    source: Path
+    # Absolute path inside the session, e.g. /workspace/data/<mount_name>.
+    target: str
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,8 @@ class StartSpec:
     cpu: int = 0
     memory_mib: int = 0
     gpu: int = 0
+    # Bind mounts into the session; never part of a checkpoint.
+    mounts: tuple[BindMount, ...] = ()
 
 
 @dataclass

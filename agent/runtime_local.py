@@ -119,6 +119,8 @@ class LocalRuntime(Runtime):
         env.update(spec.environment)
         env["CONNECT_TOOL_PORT"] = str(spec.port)
         env["HOME"] = str(spec.root_dir)
+        if spec.mounts:
+            await _expose_mounts(spec)
         # Popen returns as soon as the child has exec'd: short enough to call inline.
         proc = _spawn(argv, spec.root_dir, env, spec.log_path)
         self._children[proc.pid] = proc
@@ -214,6 +216,16 @@ class LocalRuntime(Runtime):
 
     def capabilities(self) -> dict[str, bool]:
         return {"isolation": False, "customImages": False}
+
+
+async def _expose_mounts(spec: StartSpec) -> None:
+    """Data-links and file-system mounts at their paths below the session root."""
+    from agent.mount_binds import expose_binds
+
+    try:
+        await asyncio.to_thread(expose_binds, spec.root_dir, spec.mounts)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise RuntimeStartError(f"cannot make the mounts visible in the session: {exc}") from None
 
 
 def _spawn(

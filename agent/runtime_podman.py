@@ -256,6 +256,19 @@ class PodmanRuntime(Runtime):
             "stop_timeout": 30,
             "log_configuration": {"driver": "k8s-file", "path": str(spec.log_path)},
         }
+        if spec.mounts:
+            # rprivate: nothing mounted later on the host side (or in the container)
+            # propagates across. The mount point directories runc creates land in the
+            # overlay's upper dir; checkpoints skip /workspace/data and mount points.
+            body["mounts"] = [
+                {
+                    "destination": m.target,
+                    "source": str(m.source),
+                    "type": "bind",
+                    "options": ["rbind", "rprivate", "ro" if m.read_only else "rw"],
+                }
+                for m in spec.mounts
+            ]
         if self.oci_runtime:
             body["oci_runtime"] = self.oci_runtime
         if self.rlimits:

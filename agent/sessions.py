@@ -30,6 +30,14 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.checkpoint import CheckpointStore, SavedCheckpoint
 from agent.ckpt_store import LATEST, ContentCheckpointStore, storage_options_for
+from agent.datalinks import (
+    DATA_DIR,
+    STATE_FAILED,
+    DataLinkMounter,
+    MountStatus,
+    backend_named,
+    spec_json,
+)
 from agent.errors import (
     AgentError,
     CheckpointError,
@@ -37,7 +45,15 @@ from agent.errors import (
     StartTimeout,
     VolumeError,
 )
-from agent.runtime import ExitStatus, Runtime, RuntimeHandle, StartSpec, free_tcp_port
+from agent.mount_base import detach_mounts_under_sync
+from agent.runtime import (
+    BindMount,
+    ExitStatus,
+    Runtime,
+    RuntimeHandle,
+    StartSpec,
+    free_tcp_port,
+)
 from agent.state import SessionHandle, StateDir
 from agent.volume import GIB, VolumeInfo, VolumeKind
 
@@ -63,6 +79,7 @@ _STEP_TO_PB = {
 
 STEP_VOLUME = "preparing the volume"
 STEP_RESTORE = "restoring the checkpoint"
+STEP_MOUNT = "mounting data"
 STEP_START = "starting the tool"
 STEP_ANSWER = "waiting for the tool to answer"
 STEP_STOP = "stopping the tool"
@@ -136,6 +153,7 @@ class SessionManager:
         checkpoint_interval_seconds: float = 300.0,
         unsaved_retry_seconds: float = _UNSAVED_RETRY_SECONDS,
         s3_endpoint: str | None = None,
+        datalinks: DataLinkMounter | None = None,
     ) -> None:
         self.state = state
         self.runtime = runtime
@@ -151,6 +169,8 @@ class SessionManager:
         self.checkpoint_interval_seconds = checkpoint_interval_seconds
         self.unsaved_retry_seconds = unsaved_retry_seconds
         self.s3_endpoint = s3_endpoint
+        # FUSE mounts of data-links (None: none can be mounted on this host).
+        self.datalinks = datalinks or DataLinkMounter(backend_named("auto"))
         self._store_factory = store_factory or self._default_store
         self._stores: dict[str, CheckpointStore] = {}
         self._handles: dict[str, SessionHandle] = {}
@@ -196,6 +216,8 @@ class SessionManager:
             exited=h.exited,
             exit_code=h.exit_code,
         )
+        for status in h.data_links:
+            obs.data_links.append(MountStatus.from_json(status).to_pb())
         if h.volume:
             v = VolumeInfo.from_json(h.volume)
             obs.volume.CopyFrom(
@@ -237,7 +259,15 @@ class SessionManager:
 
     async def recover(self) -> None:
         """Re-adopt what an earlier agent process left; call once before `start`."""
-        for h in await asyncio.to_thread(self.state.load_handles):
+        handles = await asyncio.to_thread(self.state.load_handles)
+        # Data mounts of sessions that no longer run (an agent crash between a tool's
+        # end and its unmount, a forgotten session): the others are handled below.
+        live = {h.session_id for h in handles if h.status in ("running", "stopping", "starting")}
+        try:
+            await self.datalinks.cleanup_leftovers(self.state.sessions_dir, live)
+        except Exception:
+            log.exception("cleaning up leftover data-link mounts failed")
+        for h in handles:
             self._handles[h.session_id] = h
             if h.volume and h.status in ("running", "stopping"):
                 # Re-attach (loop device, mount) what a host or agent crash detached.
@@ -461,7 +491,12 @@ class SessionManager:
     # ------------------------------------------------------------ interim checkpoints
 
     def _running_message(self, h: SessionHandle) -> str:
-        return f"{h.spec.get('tool') or 'tool'} answering on port {h.port}"
+        message = f"{h.spec.get('tool') or 'tool'} answering on port {h.port}"
+        failed = [s["message"] for s in h.data_links if s.get("state") == STATE_FAILED]
+        if failed:
+            # Optional data-links that could not be mounted: the session runs without.
+            message += "; not mounted: " + "; ".join(failed)
+        return message
 
     def _start_checkpointer(self, h: SessionHandle, *, initial: bool) -> None:
         old = self._checkpointers.pop(h.session_id, None)
@@ -530,7 +565,45 @@ class SessionManager:
             else:
                 await asyncio.to_thread(self.state.save_handle, h)
 
+    async def _unmount_data(self, h: SessionHandle) -> None:
+        """Binds into the session root, then the data-links' FUSE mounts; idempotent
+        and never hangs (a store that went away ends in a lazy unmount)."""
+        if h.root_dir:
+            await asyncio.to_thread(detach_mounts_under_sync, h.root_dir)
+        statuses = [MountStatus.from_json(s) for s in h.data_links]
+        try:
+            session_dir = self.state.session_dir(h.session_id)
+            statuses = await self.datalinks.unmount_all(session_dir, statuses)
+        except Exception:
+            log.exception("session %s: unmounting data-links failed", h.session_id)
+        h.data_links = [s.to_json() for s in statuses]
+
+    async def _mount_data(self, h: SessionHandle, d: pb.SessionDesired) -> list[BindMount]:
+        """Mount the data-links (a required one that fails raises DataLinkError) and
+        check the file-system mounts; the bind mounts the runtime makes visible."""
+        statuses = await self.datalinks.mount_all(
+            self.state.session_dir(h.session_id), list(d.spec.data_links)
+        )
+        h.data_links = [s.to_json() for s in statuses]
+        binds = [
+            BindMount(Path(s.host_path), f"{DATA_DIR}/{s.mount_name}", s.read_only)
+            for s in statuses
+            if s.host_path
+        ]
+        for fsm in d.spec.file_system_mounts:
+            target = fsm.mount_path
+            if not target.startswith("/") or ".." in target.split("/"):
+                raise VolumeError(f"file-system mount {target!r}: the path must be absolute")
+            if not await asyncio.to_thread(Path(fsm.host_path).is_dir):
+                raise VolumeError(
+                    f"file-system mount {target}: host path {fsm.host_path} is not a directory "
+                    "on this host"
+                )
+            binds.append(BindMount(Path(fsm.host_path), target, fsm.read_only))
+        return binds
+
     async def _release(self, h: SessionHandle) -> None:
+        await self._unmount_data(h)
         if h.volume:
             await self.volumes.release(VolumeInfo.from_json(h.volume))
         elif h.root_dir:
@@ -574,6 +647,12 @@ class SessionManager:
             "checkpoint_base_uri": d.spec.checkpoint_base_uri,
             "boot_disk_size_gb": d.spec.boot_disk_size_gb,
             "studio_name": d.spec.studio_name,
+            # Without the keys: credentials are never written to the handle.
+            "data_links": spec_json(d.spec.data_links),
+            "file_system_mounts": [
+                {"host_path": m.host_path, "mount_path": m.mount_path, "read_only": m.read_only}
+                for m in d.spec.file_system_mounts
+            ],
         }
         h = SessionHandle(
             session_id=sid,
@@ -584,7 +663,13 @@ class SessionManager:
             restore_uri=restore_uri,
             root_dir=str(self.state.root_dir(sid)),
             log_path=str(self.state.log_path(sid)),
-            progress=_steps(STEP_VOLUME, STEP_RESTORE, STEP_START, STEP_ANSWER),
+            progress=_steps(
+                STEP_VOLUME,
+                STEP_RESTORE,
+                *((STEP_MOUNT,) if d.spec.data_links or d.spec.file_system_mounts else ()),
+                STEP_START,
+                STEP_ANSWER,
+            ),
             message="starting",
         )
         self._handles[sid] = h
@@ -629,6 +714,16 @@ class SessionManager:
             else:
                 _set_step(h, step, "succeeded", "nothing to restore (fresh session)")
 
+            binds: list[BindMount] = []
+            if d.spec.data_links or d.spec.file_system_mounts:
+                step = STEP_MOUNT
+                _set_step(h, step, "in_progress")
+                await self._save_and_report(h)
+                binds = await self._mount_data(h, d)
+                failed = sum(1 for s in h.data_links if s["state"] == STATE_FAILED)
+                note = f", {failed} data-link(s) not mounted" if failed else ""
+                _set_step(h, step, "succeeded", f"{len(binds)} mount(s){note}")
+
             step = STEP_START
             _set_step(h, step, "in_progress")
             h.port = free_tcp_port()
@@ -646,6 +741,7 @@ class SessionManager:
                     cpu=d.spec.cpu,
                     memory_mib=d.spec.memory_mib,
                     gpu=d.spec.gpu,
+                    mounts=tuple(binds),
                 )
             )
             h.pid, h.create_time, h.runtime_data = rh.pid, rh.create_time, rh.data
@@ -732,6 +828,7 @@ class SessionManager:
         tail = await self.runtime.logs(_runtime_handle(h), _LOG_LINES_IN_MESSAGE)
         h.message = _with_log(h.message, tail)
         log.warning("session %s: %s", h.session_id, h.message.splitlines()[0])
+        await self._unmount_data(h)
         await self._checkpoint_and_release(h)
         await self._save_and_report(h)
 
@@ -779,6 +876,8 @@ class SessionManager:
             h.exited = True
             if status is not None and status.exit_code is not None:
                 h.exit_code = status.exit_code
+        # The tool is gone: its mounts go now, whatever happens to the checkpoint.
+        await self._unmount_data(h)
         _set_step(h, STEP_STOP, "succeeded")
         _set_step(h, STEP_CHECKPOINT, "in_progress")
         await self._save_and_report(h)
@@ -821,6 +920,8 @@ class SessionManager:
                 await self._save_and_report(h)
                 return
         self._unwatch(sid)
+        if h is not None:
+            await self._unmount_data(h)
         await asyncio.to_thread(self.state.forget_session, sid)
         self._handles.pop(sid, None)
         self._unsaved_retry_at.pop(sid, None)

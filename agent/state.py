@@ -79,6 +79,8 @@ class SessionHandle:
     checkpoint_uri: str = ""
     # Opaque per-runtime data (Nomad's driver blob).
     runtime_data: dict[str, Any] = field(default_factory=dict)
+    # One `datalinks.MountStatus` (as JSON) per data-link of the spec, in its order.
+    data_links: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -104,6 +106,8 @@ class StateDir:
     DIR/sessions/<sid>/handle.json the session handle
     DIR/sessions/<sid>/root/       the session directory (what the tool sees as /)
     DIR/sessions/<sid>/tool.log    the tool's stdout and stderr
+    DIR/sessions/<sid>/datalinks/<name>          FUSE mount of a data-link
+    DIR/sessions/<sid>/datalinks-private/<name>  its helper's cache and log (0700)
     """
 
     def __init__(self, root: Path) -> None:
@@ -181,6 +185,10 @@ class StateDir:
         return handles
 
     def forget_session(self, session_id: str) -> None:
+        from agent.mount_base import detach_mounts_under_sync
+
+        # A data-link still mounted here would have its bucket emptied by rmtree.
+        detach_mounts_under_sync(self.session_dir(session_id))
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
 
     def load_connect_key(self) -> bytes | None:

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from agent.mount_base import detach_mounts_under_sync
 from agent.volume import VolumeInfo, VolumeKind
 
 __all__ = ["DirectoryVolume", "directory_usage"]
@@ -52,6 +53,8 @@ class DirectoryVolume(VolumeKind):
         return info
 
     async def release(self, info: VolumeInfo) -> None:
+        # Binds into the session (data-links) first: rmtree would delete through them.
+        await asyncio.to_thread(detach_mounts_under_sync, info.path)
         await asyncio.to_thread(shutil.rmtree, info.path, True)
 
     @classmethod

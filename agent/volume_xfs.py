@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from agent.errors import VolumeError
+from agent.mount_base import detach_mounts_under_sync
 from agent.volume import VolumeInfo, VolumeKind
 
 __all__ = ["XfsLoopVolume", "backing_file", "loop_devices_for", "mounted_source", "xfs_usage"]
@@ -177,6 +178,8 @@ class XfsLoopVolume(VolumeKind):
     async def release(self, info: VolumeInfo) -> None:
         path = Path(info.path)
         image = backing_file(path)
+        # Binds into the session (data-links) first: never delete through one.
+        await asyncio.to_thread(detach_mounts_under_sync, path)
         if mounted_source(path) is not None:
             try:
                 await _run("umount", str(path))
