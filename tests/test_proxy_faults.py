@@ -8,6 +8,8 @@ import asyncio
 import gc
 import os
 import resource
+import sys
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from agent.connect_token import sign_connect_token
 from agent.proxy import ConnectProxy
+from tests.bench import bench_proxy_idle_ws as bench
 
 KEY = b"k" * 32
 SID = "feed0001"
@@ -164,3 +167,67 @@ async def test_many_idle_websockets_and_nothing_left_after(
     assert p.connections(SID) == []
     assert not p._activity
     gc.collect()
+
+
+async def test_ten_thousand_idle_websockets_with_clients_and_tool_in_their_own_processes() -> None:
+    """As many idle WebSockets as this process's descriptors allow, up to 10,000 (two per
+    WebSocket here: the clients and the tool are other processes): all held, memory per
+    connection bounded, and after they close the descriptors, the connection table and
+    the Python heap are back at their baseline."""
+    limit = bench.raise_fd_limit(20064)
+    n = min(
+        int(os.environ.get("STUDIOS_TEST_IDLE_WEBSOCKETS_SPLIT", "10000")),
+        bench.max_websockets(limit, reserve=bench.fd_count() + 64),
+    )
+    tool = bench.Child("upstream")
+    clients: bench.Child | None = None
+    p: ConnectProxy | None = None
+    try:
+        tool_port = int((await asyncio.to_thread(tool.line)).split()[1])
+        handle = SimpleNamespace(status="running", port=tool_port, session_id=bench.SID)
+        p = ConnectProxy(
+            lookup=lambda sid: handle if sid == bench.SID else None, key=lambda: bench.KEY
+        )
+        port = await p.start("127.0.0.1", 0)
+        await asyncio.sleep(0.2)
+        gc.collect()
+        fds, blocks, rss = bench.fd_count(), sys.getallocatedblocks(), bench.rss_kib()
+
+        clients = bench.Child("clients", str(port), str(n), bench.cookie_for())
+        opened = await asyncio.wait_for(asyncio.to_thread(clients.line), 120)
+        assert opened.split()[:2] == ["OPEN", str(n)], opened
+        assert len(p._clients) == n
+        assert [c["connections"] for c in p.connections(bench.SID)] == [n]
+        # Two per WebSocket (and the two pipes to the clients' process).
+        assert 2 * n <= bench.fd_count() - fds <= 2 * n + 4
+        grown_kib = bench.rss_kib() - rss
+        assert grown_kib / n < 20, grown_kib / n  # ~5 KiB measured
+        pong = await asyncio.wait_for(asyncio.to_thread(clients.line, "ping"), 30)
+        assert pong == "PONG 100", pong
+
+        closed = await asyncio.wait_for(asyncio.to_thread(clients.line, "close"), 60)
+        assert closed.startswith("CLOSED"), closed
+        await asyncio.to_thread(clients.stop)  # its two pipes are not the proxy's
+        await _until(lambda: not p._clients and bench.fd_count() <= fds, 10)
+        assert not p._clients
+        assert bench.fd_count() <= fds, os.listdir("/proc/self/fd")
+        p.active_seconds = 0  # users who left are forgotten at the next sweep
+        await _until(lambda: not p._activity, 5)
+        assert not p._activity and p.connections(bench.SID) == []
+        gc.collect()
+        leftover = sys.getallocatedblocks() - blocks
+        assert leftover < n, leftover  # not one object per connection left behind
+    finally:
+        if clients is not None:
+            await asyncio.to_thread(clients.stop)
+        if p is not None:
+            await p.close()
+        await asyncio.to_thread(tool.stop)
+
+
+async def _until(check: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / 0.05) + 1):
+        if check() or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.05)
