@@ -319,3 +319,47 @@ async def test_access_only_for_active_sessions(
         assert stopped.status == pb.DESIRED_STATUS_STOPPED and not stopped.HasField("access")
     finally:
         await again.close()
+
+
+async def test_allowed_users_follow_each_start(
+    controller_harness: ControllerHarness, agent: FakeAgent
+) -> None:
+    """allowedUserIds change only at start (edits are refused while a session is active),
+    and each start's desired state carries the list of that run."""
+    h = controller_harness
+    alice, _ = await add_user(h, "alice", "connect")
+    _, body = await h.request(
+        "POST",
+        "/studios?autoStart=false",
+        {"name": "priv", "computeEnvId": h.compute_env_id, "isPrivate": True},
+        expect=200,
+    )
+    sid = body["studio"]["sessionId"]
+
+    mark = len(agent.responses)
+    await h.request("PUT", f"/studios/{sid}/start", {"allowedUserIds": [alice]}, expect=200)
+    first = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
+    assert set(first.access.user_ids) == {1, alice}
+    await agent.report(sid, first.generation, pb.SESSION_STATUS_RUNNING, tool_port=41000)
+    for _ in range(200):
+        _, studio = await h.request("GET", f"/studios/{sid}", expect=200)
+        if studio["statusInfo"]["status"] == "running":
+            break
+        await asyncio.sleep(0.05)
+    status, refused = await h.request("PUT", f"/studios/{sid}", {"name": "renamed"})
+    assert status == 409 and "stop it" in refused["message"]
+
+    mark = len(agent.responses)
+    await h.request("PUT", f"/studios/{sid}/stop", expect=200)
+    stopping = await agent.wait_desired(sid, pb.DESIRED_STATUS_STOPPED, start=mark)
+    await agent.report(sid, stopping.generation, pb.SESSION_STATUS_STOPPED)
+    for _ in range(200):
+        _, studio = await h.request("GET", f"/studios/{sid}", expect=200)
+        if studio["statusInfo"]["status"] == "stopped":
+            break
+        await asyncio.sleep(0.05)
+    mark = len(agent.responses)
+    await h.request("PUT", f"/studios/{sid}/start", {"allowedUserIds": []}, expect=200)
+    second = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
+    assert second.generation == first.generation + 1
+    assert list(second.access.user_ids) == [1]
