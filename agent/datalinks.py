@@ -73,6 +73,11 @@ STATE_UNMOUNTED = "unmounted"
 class DataLinkError(AgentError):
     """A required data-link could not be mounted (the message names it and the store)."""
 
+    def __init__(self, message: str, statuses: list[MountStatus] | None = None) -> None:
+        super().__init__(message)
+        # Every data-link's status at the failure (for SessionObserved.data_links).
+        self.statuses = statuses or []
+
 
 @dataclass
 class MountStatus:
@@ -237,7 +242,7 @@ class DataLinkMounter:
             statuses.append(status)
             if status.state == STATE_FAILED and link.required:
                 await self.unmount_all(session_dir, statuses)
-                raise DataLinkError(status.message)
+                raise DataLinkError(status.message, statuses)
         return statuses
 
     async def mount_one(self, session_dir: Path, link: pb.DataLinkMount) -> MountStatus:

@@ -33,6 +33,7 @@ from agent.ckpt_store import LATEST, ContentCheckpointStore, storage_options_for
 from agent.datalinks import (
     DATA_DIR,
     STATE_FAILED,
+    DataLinkError,
     DataLinkMounter,
     MountStatus,
     backend_named,
@@ -581,9 +582,13 @@ class SessionManager:
     async def _mount_data(self, h: SessionHandle, d: pb.SessionDesired) -> list[BindMount]:
         """Mount the data-links (a required one that fails raises DataLinkError) and
         check the file-system mounts; the bind mounts the runtime makes visible."""
-        statuses = await self.datalinks.mount_all(
-            self.state.session_dir(h.session_id), list(d.spec.data_links)
-        )
+        try:
+            statuses = await self.datalinks.mount_all(
+                self.state.session_dir(h.session_id), list(d.spec.data_links)
+            )
+        except DataLinkError as exc:
+            h.data_links = [s.to_json() for s in exc.statuses]
+            raise
         h.data_links = [s.to_json() for s in statuses]
         binds = [
             BindMount(Path(s.host_path), f"{DATA_DIR}/{s.mount_name}", s.read_only)

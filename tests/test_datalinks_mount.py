@@ -307,6 +307,27 @@ def test_checkpoint_walk_skips_workspace_data_and_mount_points(tmp_path: Path) -
     assert not [p for p in paths if p.startswith(("workspace/data/", "mnt/efs/"))]
 
 
+def test_local_binds_without_root_are_symlinks_and_never_go_through_one(tmp_path: Path) -> None:
+    from agent.mount_binds import expose_binds
+    from agent.runtime import BindMount
+
+    root, source = tmp_path / "root", tmp_path / "bucket-mount"
+    root.mkdir()
+    source.mkdir()
+    expose_binds(root, [BindMount(source, "/workspace/data/x")], as_root=False)
+    link = root / "workspace" / "data" / "x"
+    assert link.is_symlink() and os.readlink(link) == str(source)
+    # Idempotent (a second start, or a link restored from a checkpoint).
+    expose_binds(root, [BindMount(source, "/workspace/data/x")], as_root=False)
+    # A session-made `opt -> /etc` link is never followed to place a mount.
+    os.symlink("/etc", root / "opt")
+    with pytest.raises(ValueError, match="symlink"):
+        expose_binds(root, [BindMount(source, "/opt/efs")], as_root=False)
+    with pytest.raises(ValueError):
+        expose_binds(root, [BindMount(source, "/../escape")], as_root=False)
+    assert not (Path("/etc") / "efs").exists()
+
+
 # ---------------------------------------------------------------- through the agent
 
 
@@ -419,6 +440,10 @@ async def test_required_data_link_that_fails_errors_the_start(
     )
     obs = await controller.wait_status(sid, ERRORED)
     assert "id-needed" in obs.message and "http://127.0.0.1:9" in obs.message
+    assert [(s.mount_name, s.state) for s in obs.data_links] == [
+        ("ok", "unmounted"),
+        ("needed", "failed"),
+    ]
     assert not mount_points_under(dl_agent.state.root)
 
 
@@ -451,3 +476,64 @@ async def test_mounts_cleaned_after_agent_crash_when_the_tool_died(
     finally:
         await b.close()
         kill_leftover_tools(config.state_dir)
+
+
+@pytest.mark.podman
+async def test_podman_session_sees_data_links_and_the_upper_dir_does_not(
+    s3_server: S3Server, controller: FakeController, tmp_path: Path
+) -> None:
+    from tests.test_podman_runtime import IMAGE, _agent, _cleanup, _config, _podman, _require_podman
+
+    _require_podman()
+    bucket = _bucket(s3_server)
+    fs = _fs(s3_server)
+    fs.pipe_file(f"{bucket}/ref/input.txt", b"input\n")
+    base = f"file://{tmp_path}/work/.studios/checkpoints"
+    shared = tmp_path / "efs"
+    shared.mkdir()
+    (shared / "shared.txt").write_bytes(b"shared\n")
+    config = _config(tmp_path, controller)
+    sid = "d1a1c001"
+    try:
+        async with _agent(config) as agent:
+            d = _with_links(
+                desired(sid, image=IMAGE, checkpoint_base_uri=base),
+                _link(s3_server, f"s3://{bucket}/out", "results"),
+                _link(s3_server, f"s3://{bucket}/ref", "reference", read_only=True),
+            )
+            d.spec.file_system_mounts.add(host_path=str(shared), mount_path="/mnt/efs")
+            controller.push(d)
+            obs = await controller.wait_status(sid, RUNNING, timeout=90)
+            assert [s.state for s in obs.data_links] == ["mounted", "read-only"]
+            cid = _podman("ps", "-q", "--filter", f"name=studios-{sid}").stdout.split()[0]
+            script = (
+                "echo from-container > /workspace/data/results/c.txt && "
+                "cat /workspace/data/reference/input.txt && cat /mnt/efs/shared.txt && "
+                "echo efs > /mnt/efs/from-container.txt && echo mine > /mine.txt && "
+                "(echo x > /workspace/data/reference/x.txt; echo ro=$?) 2>&1"
+            )
+            out = _podman("exec", cid, "sh", "-c", script)
+            assert out.returncode == 0, out.stderr
+            assert "input\n" in out.stdout and "shared\n" in out.stdout
+            assert "Read-only file system" in out.stdout and "ro=1" in out.stdout
+            fs.invalidate_cache()
+            assert fs.cat_file(f"{bucket}/out/c.txt") == b"from-container\n"
+            assert not fs.exists(f"{bucket}/ref/x.txt")
+            assert (shared / "from-container.txt").read_bytes() == b"efs\n"
+            # The overlay's upper dir has the mount point directories, never their content.
+            upper = Path(obs.volume.path) / "upper"
+            assert (upper / "mine.txt").exists()
+            assert not list((upper / "workspace" / "data").rglob("*.txt"))
+            assert not list((upper / "mnt").rglob("*.txt"))
+
+            controller.push(
+                desired(sid, status=pb.DESIRED_STATUS_STOPPED, checkpoint_base_uri=base)
+            )
+            await controller.wait_status(sid, STOPPED, timeout=90)
+            assert not mount_points_under(agent.state.root)
+            final = [e for e in controller.messages("checkpoint") if e.status == FINALIZED][-1]
+            paths = _manifest_paths(final.uri)
+            assert "mine.txt" in paths
+            assert not [p for p in paths if p.startswith(("workspace/data/", "mnt/efs/"))]
+    finally:
+        _cleanup(config.state_dir)
