@@ -5,8 +5,9 @@ deprecated `mountData` ids), in that order, each once. Each becomes a
 `DataLinkMount` at `/workspace/data/<mount name>`:
 
 - mount name: the data-link's name in lower case, every character outside
-  ``[a-z0-9._-]`` replaced by ``-`` (a name of dots only becomes dashes, so it
-  can never be ``.`` or ``..``); a name already taken in the same studio gets
+  ``[a-z0-9._-]`` replaced by ``-``, leading ``.``, ``_`` and ``-`` dropped
+  (so never ``.``, ``..``, hidden or option-like; ``data-link`` if nothing is
+  left), at most 120 characters; a name already taken in the same studio gets
   ``-2``, ``-3``, ... in the order of the configuration (deterministic).
 - read-only unless the bucket (or a prefix holding the data-link) is in the
   compute environment's `allowedBuckets` ("s3://bucket", "bucket",
@@ -69,6 +70,8 @@ MOUNT_REQUIRED = False
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAME_CHAR = re.compile(r"[^a-z0-9._-]")
+# Agents accept mount names of up to 128 characters; room for a "-<n>" suffix.
+_MAX_NAME = 120
 _FORBIDDEN = ("\x00", "\n", "\r", "\\")
 # Mount paths that would break the container.
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
@@ -185,9 +188,10 @@ def bucket_allowed(ref: str, allowed: Iterable[str]) -> bool:
 
 def _mount_name(name: str) -> str:
     cleaned = _NAME_CHAR.sub("-", name.lower())
-    if set(cleaned) == {"."}:
-        cleaned = "-" * len(cleaned)  # never "." or ".."
-    return cleaned
+    # A leading letter or digit: never ".", "..", a hidden directory, or
+    # something a mount helper's command line could take for an option.
+    cleaned = cleaned.lstrip("._-")[:_MAX_NAME]
+    return cleaned or "data-link"
 
 
 def mount_names(names: Iterable[str]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -115,20 +116,29 @@ async def _wait_status(h: ControllerHarness, sid: str, status: str) -> dict[str,
 
 
 def test_mount_names_are_lower_case_safe_and_unique_in_order() -> None:
-    assert mount_names(
-        ["My Data", "my data", "MY-DATA", "my_data", "Ünï cöde!", ".", "..", "a/b"]
-    ) == [
+    names = ["My Data", "my data", "MY-DATA", "my_data", "Ünï cöde!", ".", "..", "a/b"]
+    assert mount_names(names) == [
         "my-data",
         "my-data-2",
         "my-data-3",
         "my_data",
-        "-n--c-de-",
-        "-",
-        "--",
+        "n--c-de-",
+        "data-link",
+        "data-link-2",
         "a-b",
     ]
-    # A suffixed name already taken by a real one moves on.
-    assert mount_names(["x", "x-2", "x"]) == ["x", "x-2", "x-3"]
+    # Never hidden or option-like; a suffixed name already taken by a real one moves on.
+    assert mount_names(["-rf", ".hidden", "_x", "x", "x-2", "x"]) == [
+        "rf",
+        "hidden",
+        "x",
+        "x-2",
+        "x-2-2",
+        "x-3",
+    ]
+    assert len(mount_names(["y" * 300])[0]) == 120
+    agent_rule = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # agent/datalinks.py
+    assert all(agent_rule.match(n) for n in mount_names(names + ["...", "-", "z" * 300] * 3))
 
 
 def test_allowed_buckets_matching() -> None:
