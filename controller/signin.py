@@ -51,6 +51,7 @@ __all__ = [
     "derive_session_key",
     "safe_next",
     "sign_session",
+    "token_row",
     "verify_session",
 ]
 
