@@ -925,6 +925,9 @@ class ConnectProxy:
         wall = time.time()
         running: dict[str, bool] = {}
         for client in list(self._clients):
+            if client.closing_since and now - client.closing_since > CLOSE_ABORT_SECONDS:
+                client.abort()  # closed by us, but the peer never took what was buffered
+                continue
             sid = client.sid
             if sid is not None and client.state != "closed":
                 ok = running.get(sid)
@@ -938,9 +941,6 @@ class ConnectProxy:
                 if uid is not None and not self.allowed(sid, uid):
                     client.close()  # access narrowed (set_access closed it; a safety net)
                     continue
-            if client.closing_since and now - client.closing_since > CLOSE_ABORT_SECONDS:
-                client.abort()  # closed by us, but the peer never took what was buffered
-                continue
             if client.bound is not None:
                 act = self._activity.get(client.bound[0], {}).get(client.bound[1])
                 if act is not None:

@@ -10,6 +10,8 @@ again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -47,9 +49,18 @@ async def _tool_app() -> web.Application:
             await sock.send_str("echo:" + msg.data)
         return sock
 
+    async def flood(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not sock.closed:
+                await sock.send_bytes(b"z" * 65536)
+        return sock
+
     app = web.Application()
     app.router.add_get("/hello", hello)
     app.router.add_get("/ws", ws)
+    app.router.add_get("/flood", flood)
     return app
 
 
@@ -198,6 +209,37 @@ async def test_a_bound_connection_is_refused_on_its_next_request_too(
     head, body = await conn.get("/hello", _cookie(BOB))
     assert head.startswith(b"HTTP/1.1 403") and b"withdrawn" in body, head
     conn.close()
+
+
+async def test_a_removed_user_who_stopped_reading_is_cut_off_too(
+    proxy: tuple[ConnectProxy, int],
+) -> None:
+    """A graceful close never completes while the client leaves the proxy's buffer full:
+    the proxy aborts such a connection a few seconds later."""
+    p, port = proxy
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        (
+            f"GET /flood HTTP/1.1\r\nHost: {SID}.localhost\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nCookie: studios-connect={_cookie(BOB)}\r\n\r\n"
+        ).encode()
+    )
+    try:
+        await asyncio.sleep(1.0)  # the tool floods; this client reads nothing
+        assert [c.user_id() for c in p._clients] == [BOB]
+        started = time.monotonic()
+        p.set_access(SID, [ALICE])
+        for _ in range(100):
+            if not p._clients:
+                break
+            await asyncio.sleep(0.1)
+        assert not p._clients
+        assert time.monotonic() - started < 8
+    finally:
+        sock.close()
 
 
 async def test_access_is_forgotten_with_the_session(proxy: tuple[ConnectProxy, int]) -> None:
