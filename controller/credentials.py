@@ -2,7 +2,9 @@
 
 `POST /credentials {"credentials": {"name", "provider": "aws", "keys":
 {"accessKey", "secretKey"}, "baseUrl"?, "region"?, "description"?}}` answers
-`{"credentialsId"}`. `baseUrl` is the endpoint of an S3-compatible store
+`{"credentialsId"}`; `PUT /credentials/{id}` with the same object (every
+field optional, `provider` ignored) renames, moves the endpoint or rotates
+the keys (204). `baseUrl` is the endpoint of an S3-compatible store
 (absent for AWS). The keys are sealed with `controller.secret_box` bound to
 the credentials id and never leave the controller except inside the desired
 state sent to the agent that mounts them: no API response carries them, not
@@ -29,7 +31,11 @@ from controller.auth import Permission, Principal, Role, require, workspace_role
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Credentials, DataLink, utcnow
-from controller.schemas import CreateCredentialsRequest, CredentialsDto
+from controller.schemas import (
+    CreateCredentialsRequest,
+    CredentialsDto,
+    UpdateCredentialsRequest,
+)
 from controller.secret_box import SecretBox
 from controller.views import iso
 
@@ -86,6 +92,11 @@ def check_region(text: str | None, field: str) -> str | None:
     return text
 
 
+def _check_name(name: str) -> None:
+    if not name.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise BadRequest("credentials.name: must not be blank or contain control characters")
+
+
 def credentials_dto(cred: Credentials) -> CredentialsDto:
     return CredentialsDto(
         id=cred.id,
@@ -132,8 +143,7 @@ class CredentialsService:
                 f"credentials.provider: only 'aws' (S3 and S3-compatible stores) is supported, "
                 f"got {given.provider!r}"
             )
-        if not given.name.strip() or any(ord(c) < 0x20 for c in given.name):
-            raise BadRequest("credentials.name: must not be blank or contain control characters")
+        _check_name(given.name)
         base_url = check_base_url(given.base_url, "credentials.baseUrl")
         region = check_region(given.region, "credentials.region")
         taken = Conflict(f"credentials named {given.name!r} already exist in the workspace")
@@ -192,6 +202,55 @@ class CredentialsService:
                 session, principal, credentials_id, workspace_id, Permission.READ
             )
             return credentials_dto(cred)
+
+    async def update(
+        self,
+        principal: Principal,
+        credentials_id: str,
+        workspace_id: int | None,
+        body: UpdateCredentialsRequest,
+    ) -> None:
+        """Rename, re-describe, move the endpoint or rotate the keys.
+
+        Running sessions keep the keys they were started with; the next start
+        of a studio uses the new ones.
+        """
+        given = body.credentials
+        if given.name is not None:
+            _check_name(given.name)
+        # "" clears the endpoint or region; absent keeps it.
+        base_url = check_base_url(given.base_url, "credentials.baseUrl")
+        region = check_region(given.region, "credentials.region")
+        taken = Conflict(f"credentials named {given.name!r} already exist in the workspace")
+        try:
+            async with self.db.transaction() as session:
+                cred = await self._credentials(
+                    session, principal, credentials_id, workspace_id, Permission.DATA_LINKS
+                )
+                if given.name is not None and given.name != cred.name:
+                    if await session.scalar(
+                        select(Credentials.id).where(
+                            Credentials.workspace_id == cred.workspace_id,
+                            Credentials.name == given.name,
+                        )
+                    ):
+                        raise taken
+                    cred.name = given.name
+                if given.description is not None:
+                    cred.description = given.description
+                if given.base_url is not None:
+                    cred.base_url = base_url
+                if given.region is not None:
+                    cred.region = region
+                if given.keys is not None:
+                    cred.secret = self.box.seal(
+                        {"accessKey": given.keys.access_key, "secretKey": given.keys.secret_key},
+                        cred.id,
+                    )
+                cred.last_updated = utcnow()
+                await session.flush()
+        except IntegrityError:
+            raise taken from None
 
     async def delete(
         self, principal: Principal, credentials_id: str, workspace_id: int | None

@@ -45,6 +45,7 @@ __all__ = [
     "CredentialsKeys",
     "CredentialsListResponse",
     "CredentialsResponse",
+    "CredentialsUpdateBody",
     "DataLinkCreateRequest",
     "DataLinkCredentialsDto",
     "DataLinkDto",
@@ -82,6 +83,7 @@ __all__ = [
     "TeamDto",
     "TeamResponse",
     "TeamsListResponse",
+    "UpdateCredentialsRequest",
     "UpdateParticipantRoleRequest",
     "UserInfo",
     "UserResponseDto",
@@ -499,6 +501,20 @@ class CredentialsBody(_Request):
 
 class CreateCredentialsRequest(_Request):
     credentials: CredentialsBody
+
+
+class CredentialsUpdateBody(_Request):
+    """Absent fields are kept; `keys` replaces both keys; the provider cannot change."""
+
+    name: Text100 | None = None
+    description: Description | None = None
+    base_url: Annotated[str, Field(max_length=2048)] | None = None
+    region: Annotated[str, Field(max_length=64)] | None = None
+    keys: CredentialsKeys | None = None
+
+
+class UpdateCredentialsRequest(_Request):
+    credentials: CredentialsUpdateBody
 
 
 class CreateCredentialsResponse(_Response):

@@ -20,6 +20,7 @@ from controller.schemas import (
     DataLinkResponse,
     DataLinksListResponse,
     DataLinkUpdateRequest,
+    UpdateCredentialsRequest,
 )
 from controller.secret_box import SecretBox
 from controller.studios_service import Page
@@ -76,6 +77,17 @@ async def get_credentials(request: web.Request) -> web.Response:
         principal(request), request.match_info["credentialsId"], _workspace(request)
     )
     return json_response(CredentialsResponse(credentials=dto))
+
+
+@routes.put("/credentials/{credentialsId}")
+async def update_credentials(request: web.Request) -> web.Response:
+    workspace_id = _workspace(request)
+    body = await parse_body(request, UpdateCredentialsRequest)
+    assert body is not None
+    await request.app[_CREDENTIALS].update(
+        principal(request), request.match_info["credentialsId"], workspace_id, body
+    )
+    return web.Response(status=204)
 
 
 @routes.delete("/credentials/{credentialsId}")

@@ -424,6 +424,7 @@ async def test_roles_and_other_workspaces(controller_harness: ControllerHarness)
             ("PUT", f"/data-links/{lid}", {"name": "renamed"}),
             ("DELETE", f"/data-links/{lid}", None),
             ("POST", "/credentials", new_cred),
+            ("PUT", f"/credentials/{cred}", {"credentials": {"name": "x"}}),
             ("DELETE", f"/credentials/{cred}", None),
         ]:
             status, answer = await h.request(method, path, body, token=token)
@@ -441,6 +442,7 @@ async def test_roles_and_other_workspaces(controller_harness: ControllerHarness)
         ("GET", "/credentials", None),
         ("POST", "/credentials", new_cred),
         ("GET", f"/credentials/{cred}", None),
+        ("PUT", f"/credentials/{cred}", {"credentials": {"name": "x"}}),
         ("DELETE", f"/credentials/{cred}", None),
     ]:
         status, _ = await h.request(method, path, body, token=outsider)
@@ -471,6 +473,115 @@ async def test_roles_and_other_workspaces(controller_harness: ControllerHarness)
     await h.request("PUT", f"/data-links/{lid}", {"name": "renamed"}, token=maintainer, expect=200)
     await h.request("DELETE", f"/data-links/{lid}", token=maintainer, expect=204)
     await h.request("DELETE", f"/credentials/{cred}", token=maintainer, expect=204)
+
+
+@pytest.mark.parametrize("role", ["owner", "admin", "maintain", "launch", "connect", "view"])
+async def test_every_role(controller_harness: ControllerHarness, role: str) -> None:
+    """studio-roles.md: maintain and above add, edit, remove; every participant lists."""
+    h = controller_harness
+    _, token = await add_user(h, f"user-{role}", role)
+    manages = role in ("owner", "admin", "maintain")
+    link = await add_link(h, "existing", "s3://existing-bucket")
+    cred = await add_credentials(h, "existing")
+    await h.request("GET", "/data-links", token=token, expect=200)
+    await h.request("GET", f"/data-links/{link['id']}", token=token, expect=200)
+    await h.request("GET", "/credentials", token=token, expect=200)
+    await h.request("GET", "/studios/data-links", token=token, expect=200)
+    expected = {True: (200, 200, 204, 200, 204, 204), False: (403,) * 6}[manages]
+    answers = [
+        (
+            await h.request(
+                "POST", "/data-links", {"name": "n", "resourceRef": "s3://n-bucket"}, token=token
+            )
+        )[0],
+        (await h.request("PUT", f"/data-links/{link['id']}", {"description": "d"}, token=token))[0],
+        (await h.request("DELETE", f"/data-links/{link['id']}", token=token))[0],
+        (
+            await h.request(
+                "POST",
+                "/credentials",
+                {
+                    "credentials": {
+                        "name": "n",
+                        "provider": "aws",
+                        "keys": {"accessKey": "a", "secretKey": "b"},
+                    }
+                },
+                token=token,
+            )
+        )[0],
+        (
+            await h.request(
+                "PUT", f"/credentials/{cred}", {"credentials": {"description": "d"}}, token=token
+            )
+        )[0],
+        (await h.request("DELETE", f"/credentials/{cred}", token=token))[0],
+    ]
+    assert tuple(answers) == expected
+
+
+async def test_credentials_update_rotates_keys_for_the_next_start(
+    controller_harness: ControllerHarness, agents: list[FakeAgent]
+) -> None:
+    h = controller_harness
+    env = await compute_env(h, "rotate")
+    cred = await add_credentials(h, "rotating", baseUrl="http://old:8333", region="us-east-1")
+    other = await add_credentials(h, "other")
+    link = await add_link(h, "rotated", "s3://rot-bucket", cred)
+    agent = await _agent(h, agents, env)
+    _, body = await h.request(
+        "POST",
+        "/studios",
+        {
+            "name": "rot",
+            "computeEnvId": env,
+            "configuration": {"mountDataV2": [{"dataLinkId": link["id"]}]},
+        },
+        expect=200,
+    )
+    sid = body["studio"]["sessionId"]
+    desired = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING)
+    assert desired.spec.data_links[0].secret_access_key == SECRET_KEY
+    await agent.report(sid, desired.generation, pb.SESSION_STATUS_RUNNING)
+    await _wait_status(h, sid, "running")
+    await h.request(
+        "PUT",
+        f"/credentials/{cred}",
+        {
+            "credentials": {
+                "name": "rotated keys",
+                "baseUrl": "https://new.example.org",
+                "region": "",
+                "keys": {"accessKey": "NEWACCESS", "secretKey": "NEWSECRET"},
+            }
+        },
+        expect=204,
+    )
+    _, body = await h.request("GET", f"/credentials/{cred}", expect=200)
+    got = body["credentials"]
+    assert got["name"] == "rotated keys" and got["baseUrl"] == "https://new.example.org"
+    assert got["region"] is None and "NEWSECRET" not in json.dumps(body)
+    status, body = await h.request(
+        "PUT", f"/credentials/{cred}", {"credentials": {"name": "other"}}
+    )
+    assert status == 409 and "other" in body["message"]
+    status, body = await h.request(
+        "PUT", f"/credentials/{cred}", {"credentials": {"baseUrl": "s3://x"}}
+    )
+    assert status == 400 and "credentials.baseUrl" in body["message"]
+    assert (await h.request("PUT", f"/credentials/{other}x", {"credentials": {}}))[0] == 404
+    # The next run gets the new keys and endpoint.
+    mark = len(agent.responses)
+    await h.request("PUT", f"/studios/{sid}/stop", expect=200)
+    await agent.wait_desired(sid, pb.DESIRED_STATUS_STOPPED, start=mark)
+    await agent.report(sid, desired.generation, pb.SESSION_STATUS_STOPPED)
+    await _wait_status(h, sid, "stopped")
+    mark = len(agent.responses)
+    await h.request("PUT", f"/studios/{sid}/start", expect=200)
+    desired = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
+    mount = desired.spec.data_links[0]
+    assert (mount.access_key_id, mount.secret_access_key) == ("NEWACCESS", "NEWSECRET")
+    assert mount.endpoint == "https://new.example.org" and mount.region == ""
 
 
 # ------------------------------------------------------------ studios and mounts
