@@ -104,7 +104,9 @@ class JupyterUser:
         headers = {"X-XSRFToken": self.xsrf()} if method != "GET" else {}
         async with self.http.request(method, self.base + path, json=body, headers=headers) as resp:
             text = await resp.text()
-            return resp.status, json.loads(text) if text else None
+            if text and resp.content_type == "application/json":
+                return resp.status, json.loads(text)
+            return resp.status, text
 
     async def execute(self, ws: aiohttp.ClientWebSocketResponse, code: str) -> str:
         """Run `code` in the kernel: execute_request on shell, output from iopub."""
@@ -239,6 +241,27 @@ async def test_two_users_drive_jupyterlab_through_the_proxy(stack: LocalStack) -
         ) as resp:
             assert resp.status == 401, await resp.text()
         assert "carol" not in {c["userName"] for c in detail["activeConnections"]}
+
+        # Bob's role drops below connect: the controller narrows the session's access,
+        # the proxy ends his kernel WebSocket within seconds and refuses his cookie;
+        # Alice keeps working.
+        _, me = await clients["bob"].request("GET", "/user-info", expect=200)
+        bob_id = me.get("user", me)["id"]
+        _, listing = await admin.request("GET", "/orgs/1/workspaces/1/participants", expect=200)
+        (participant,) = [p for p in listing["participants"] if p.get("memberId") == bob_id]
+        started = time.monotonic()
+        await admin.request(
+            "PUT",
+            f"/orgs/1/workspaces/1/participants/{participant['participantId']}/role",
+            {"role": "view"},
+            expect=204,
+        )
+        msg = await asyncio.wait_for(sockets["bob"].receive(), 10)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+        assert time.monotonic() - started < 10
+        status, refused = await users["bob"].rest("GET", "/api/status")
+        assert status == 403 and "no longer use" in refused, refused
+        assert (await users["alice"].execute(sockets["alice"], "print(7*6)")).strip() == "42"
 
         for sock in sockets.values():
             await sock.close()
