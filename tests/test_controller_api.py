@@ -162,9 +162,10 @@ async def test_list_search_and_pagination(controller_harness: ControllerHarness)
 
 async def test_templates(controller_harness: ControllerHarness) -> None:
     _, body = await controller_harness.request("GET", "/studios/templates", expect=200)
-    assert body["totalSize"] == 1
-    assert body["templates"][0]["repository"] == "studios/python-http:3.11-0.1"
-    assert body["templates"][0]["status"] == "recommended"
+    repositories = {t["repository"]: t for t in body["templates"]}
+    assert body["totalSize"] == len(repositories) == 2
+    assert set(repositories) == {"studios/python-http:3.11-0.1", "studios/jupyterlab:4.6-0.1"}
+    assert all(t["status"] == "recommended" for t in body["templates"])
 
 
 async def test_start_without_agent_waits_and_stop_is_refused(

@@ -81,21 +81,38 @@ async def test_validate_name(controller_harness: ControllerHarness) -> None:
 
 
 async def test_mounted_data_links(controller_harness: ControllerHarness) -> None:
+    from tests.test_controller_datalinks import add_credentials, add_link
+
     h = controller_harness
+    keys = await add_credentials(h)
+    dl1, dl2, dl3 = [
+        (await add_link(h, f"link {n}", f"s3://bucket-{n}", keys))["id"] for n in (1, 2, 3)
+    ]
     a = await create(
-        h, "a", configuration={"mountDataV2": [{"dataLinkId": "dl-1"}, {"dataLinkId": "dl-2"}]}
+        h, "a", configuration={"mountDataV2": [{"dataLinkId": dl1}, {"dataLinkId": dl2}]}
     )
-    b = await create(h, "b", configuration={"mountDataV2": [{"dataLinkId": "dl-3", "path": "x"}]})
+    b = await create(h, "b", configuration={"mountDataV2": [{"dataLinkId": dl3, "path": "x"}]})
     await mark_running(h, b)
     _, body = await h.request("GET", "/studios/data-links", expect=200)
-    assert body == {"dataLinkIds": ["dl-1", "dl-2", "dl-3"]}
+    assert sorted(body["dataLinkIds"]) == sorted([dl1, dl2, dl3])
     _, body = await h.request("GET", "/studios/data-links?status=running", expect=200)
-    assert body == {"dataLinkIds": ["dl-3"]}
+    assert body == {"dataLinkIds": [dl3]}
     _, body = await h.request("GET", f"/studios/data-links?exclude={a}", expect=200)
-    assert body == {"dataLinkIds": ["dl-3"]}
+    assert body == {"dataLinkIds": [dl3]}
     _, body = await h.request("GET", "/studios/data-links?orgId=1", expect=200)
     assert len(body["dataLinkIds"]) == 3
     assert (await h.request("GET", "/studios/data-links?workspaceId=7"))[0] == 404
+    # An id that names no data-link is refused, naming it.
+    status, body = await h.request(
+        "POST",
+        "/studios",
+        {
+            "name": "ghost",
+            "computeEnvId": h.compute_env_id,
+            "configuration": {"mountDataV2": [{"dataLinkId": "dl-missing"}]},
+        },
+    )
+    assert status == 400 and "dl-missing" in body["message"]
 
 
 async def test_checkpoints_search_get_rename(controller_harness: ControllerHarness) -> None:
