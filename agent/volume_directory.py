@@ -12,17 +12,40 @@ import os
 import shutil
 from pathlib import Path
 
-from agent.mount_base import detach_mounts_under_sync
+from agent.mount_base import detach_mounts_under_sync, mount_points_under
 from agent.volume import VolumeInfo, VolumeKind
 
 __all__ = ["DirectoryVolume", "directory_usage"]
 
 
 def directory_usage(path: Path) -> int:
-    """Bytes allocated below `path` (like `du`; hard links counted once)."""
+    """Bytes allocated below `path` (like `du -x`; hard links counted once). Mounts in
+    the session (data-links, file-system mounts) are not its disk: never walked into,
+    which also keeps a data-link whose store went away from stalling the accounting."""
     total = 0
     seen: set[tuple[int, int]] = set()
+    try:
+        root_dev = os.lstat(path).st_dev
+    except OSError:
+        return 0
+    mounts = {p for p, _ in mount_points_under(path)}
+    data_dir = os.path.join(os.path.realpath(path), "workspace", "data")
     for dirpath, dirnames, filenames in os.walk(path):
+        real = os.path.realpath(dirpath)
+        if real == data_dir:
+            dirnames[:] = []
+        kept = []
+        for d in dirnames:
+            full = os.path.join(real, d)
+            if full in mounts:
+                continue
+            try:
+                if os.lstat(full).st_dev != root_dev:
+                    continue
+            except OSError:
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in dirnames + filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, name))

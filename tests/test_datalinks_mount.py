@@ -537,3 +537,35 @@ async def test_podman_session_sees_data_links_and_the_upper_dir_does_not(
             assert not [p for p in paths if p.startswith(("workspace/data/", "mnt/efs/"))]
     finally:
         _cleanup(config.state_dir)
+
+
+async def test_store_gone_the_session_survives_and_stops(
+    controller: FakeController, dl_agent: Agent, tmp_path: Path
+) -> None:
+    srv = S3Server(tmp_path / "weed", require_weed())
+    srv.start()
+    try:
+        bucket = _bucket(srv)
+        _fs(srv).pipe_file(f"{bucket}/later.txt", b"later\n")
+        sid = "d1a10004"
+        controller.push(_with_links(desired(sid), _link(srv, f"s3://{bucket}", "gone")))
+        obs = await controller.wait_status(sid, RUNNING)
+        srv.stop()
+        proc = await asyncio.create_subprocess_exec(
+            "cat",
+            str(Path(obs.root_dir) / "workspace" / "data" / "gone" / "later.txt"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await asyncio.wait_for(proc.wait(), timeout=90) != 0
+        # The disk accounting ticks (every 0.5 s here) never walk into the dead mount.
+        await asyncio.sleep(2)
+        assert controller.latest(sid).status == RUNNING
+        t0 = time.monotonic()
+        controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED))
+        stopped = await controller.wait_status(sid, STOPPED, timeout=90)
+        assert time.monotonic() - t0 < 60
+        assert [s.state for s in stopped.data_links] == ["unmounted"]
+        assert not mount_points_under(dl_agent.state.root)
+    finally:
+        srv.stop()

@@ -233,7 +233,7 @@ def _bench_backend(name: str, srv: S3Server, work: Path, size: int, faults: bool
         res["writeMiBsUntilInBucket"] = _mibs(size, w + res["secondsUntilInBucket"]) if w else 0.0
         # Small-file rewrite in place (editors, pandas): open r+ and seek.
         small = rw / "small.txt"
-        small.write_bytes(b"hello world")
+        res["smallWrite"] = _errno_of(lambda: small.write_bytes(b"hello world"))
         res["rewriteInPlace"] = _errno_of(lambda: _rewrite(small))
         fs.invalidate_cache()
         time.sleep(1.5)
@@ -261,7 +261,7 @@ def _bench_backend(name: str, srv: S3Server, work: Path, size: int, faults: bool
                 res["subDirSymlinkReadsBucketParent"] = (
                     sub / "escape"
                 ).read_bytes() == b"top secret\n"
-        (sub / "written-in-sub.txt").write_bytes(b"sub")
+        res["subDirWrite"] = _errno_of(lambda: (sub / "written-in-sub.txt").write_bytes(b"sub"))
         time.sleep(1.5)
         fs.invalidate_cache()
         res["subDirWriteLandsUnderPrefix"] = fs.exists(f"{BUCKET}/sub/dir/written-in-sub.txt")
