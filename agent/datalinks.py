@@ -249,11 +249,17 @@ class DataLinkMounter:
         """Mount every data-link; a required one that fails raises DataLinkError after
         the others are unmounted again (never a half-mounted start)."""
         statuses: list[MountStatus] = []
-        for link in links:
+        for i, link in enumerate(links):
             status = await self.mount_one(session_dir, link)
             statuses.append(status)
             if status.state == STATE_FAILED and link.required:
                 await self.unmount_all(session_dir, statuses)
+                # One status per data-link of the spec, the ones never tried included.
+                why = f"not mounted: data-link {link.data_link_id or link.mount_name} failed"
+                statuses += [
+                    MountStatus(x.data_link_id, x.mount_name, STATE_UNMOUNTED, why)
+                    for x in links[i + 1 :]
+                ]
                 raise DataLinkError(status.message, statuses)
         return statuses
 

@@ -436,6 +436,7 @@ async def test_required_data_link_that_fails_errors_the_start(
             desired(sid),
             _link(s3_server, f"s3://{bucket}", "ok"),
             _link(s3_server, f"s3://{bucket}", "needed", endpoint="http://127.0.0.1:9"),
+            _link(s3_server, f"s3://{bucket}", "later"),
         )
     )
     obs = await controller.wait_status(sid, ERRORED)
@@ -443,6 +444,7 @@ async def test_required_data_link_that_fails_errors_the_start(
     assert [(s.mount_name, s.state) for s in obs.data_links] == [
         ("ok", "unmounted"),
         ("needed", "failed"),
+        ("later", "unmounted"),
     ]
     assert not mount_points_under(dl_agent.state.root)
 
@@ -463,8 +465,20 @@ async def test_mounts_cleaned_after_agent_crash_when_the_tool_died(
         assert mount_points_under(a.state.root)
     finally:
         await a.close()
-    kill_leftover_tools(config.state_dir)
     assert mount_points_under(config.state_dir), "mounts should outlive the agent process"
+    # A restart with the tool alive re-adopts the session and leaves its mounts alone.
+    again = Agent(config)
+    await again.start()
+    try:
+        await controller.wait_for(lambda: len(controller.messages("inventory")) >= 2)
+        inv = controller.messages("inventory")[-1]
+        [sess] = [x for x in inv.sessions if x.session_id == sid]
+        assert sess.status == RUNNING
+        assert [x.state for x in sess.data_links] == ["mounted"]
+        assert mount_points_under(config.state_dir)
+    finally:
+        await again.close()
+    kill_leftover_tools(config.state_dir)
     b = Agent(config)
     await b.start()
     try:
