@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -232,6 +233,8 @@ class DataLinkMounter:
         self.ready_timeout = ready_timeout
         self.preflight_timeout = preflight_timeout
         self.unmount_timeout = unmount_timeout
+        # Host paths with a health probe in flight (see `check`).
+        self._probing: set[str] = set()
 
     @staticmethod
     def mounts_dir(session_dir: Path) -> Path:
@@ -355,6 +358,34 @@ class DataLinkMounter:
                 raise DataLinkError(f"not mounted after {self.ready_timeout:g} s")
             await asyncio.sleep(0.05)
 
+    # ------------------------------------------------------------ health
+
+    async def check(self, statuses: list[MountStatus]) -> bool:
+        """Mark mounts whose helper ended (or that someone unmounted) as failed; True
+        when a status changed. A probe stuck on a hung helper is not started again
+        while it hangs (it runs in a thread that cannot be cancelled)."""
+        changed = False
+        for status in statuses:
+            path = status.host_path
+            if status.state not in (STATE_MOUNTED, STATE_READ_ONLY) or path in self._probing:
+                continue
+            self._probing.add(path)
+            probe = asyncio.ensure_future(asyncio.to_thread(_probe_sync, path))
+            probe.add_done_callback(lambda _f, p=path: self._probing.discard(p))
+            try:
+                why = await asyncio.wait_for(asyncio.shield(probe), timeout=5.0)
+            except TimeoutError:
+                continue  # slow, not dead: the store may be away; reads say so themselves
+            if why:
+                status.state = STATE_FAILED
+                status.message = (
+                    f"data-link {status.data_link_id or status.mount_name!r} "
+                    f"({status.mount_name}): {why}; stop and start the session to mount it again"
+                )
+                log.warning("%s", status.message)
+                changed = True
+        return changed
+
     # ------------------------------------------------------------ unmounting
 
     async def unmount_all(
@@ -405,6 +436,20 @@ class DataLinkMounter:
         if done:
             log.info("unmounted %d leftover data mount(s): %s", len(done), ", ".join(done))
         return done
+
+
+def _probe_sync(path: str) -> str:
+    """ "" when the mount answers, else why not. statfs is answered by the helper
+    itself (no store round trip) and fails at once with ENOTCONN when it is gone."""
+    if not is_mount_point(path):
+        return "no longer mounted"
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "the mount helper ended (transport endpoint is not connected)"
+        return f"the mount does not answer: {exc.strerror or exc}"
+    return ""
 
 
 def _prepare_dirs(mountpoint: Path, private: Path) -> None:

@@ -947,6 +947,16 @@ class SessionManager:
         for h in list(self._handles.values()):
             if h.status == "running" and h.volume:
                 await self._check_volume(h)
+            if h.status == "running" and h.data_links:
+                await self._check_data_links(h)
+
+    async def _check_data_links(self, h: SessionHandle) -> None:
+        """A data-link whose helper died is reported failed; the session runs on."""
+        statuses = [MountStatus.from_json(s) for s in h.data_links]
+        if await self.datalinks.check(statuses) and h.status == "running":
+            h.data_links = [s.to_json() for s in statuses]
+            h.message = self._running_message(h)
+            await self._save_and_report(h)
 
     async def _watch_disk(self, h: SessionHandle, interval: float) -> None:
         """Fast per-session watcher: a full-speed writer fills 1 GiB in 0.25-0.5 s."""

@@ -602,3 +602,32 @@ async def test_store_gone_the_session_survives_and_stops(
         assert not mount_points_under(dl_agent.state.root)
     finally:
         srv.stop()
+
+
+async def test_a_dead_mount_helper_is_reported_and_the_session_still_stops(
+    s3_server: S3Server, controller: FakeController, dl_agent: Agent
+) -> None:
+    import psutil
+
+    bucket = _bucket(s3_server)
+    sid = "d1a10005"
+    controller.push(_with_links(desired(sid), _link(s3_server, f"s3://{bucket}", "dies")))
+    obs = await controller.wait_status(sid, RUNNING)
+    assert obs.data_links[0].state == "mounted"
+    host_path = str(dl_agent.state.session_dir(sid) / "datalinks" / "dies")
+    [helper] = [
+        p for p in psutil.process_iter(["cmdline"]) if host_path in (p.info["cmdline"] or [])
+    ]
+    helper.kill()
+    helper.wait(10)
+
+    def failed() -> pb.SessionObserved | None:
+        o = controller.latest(sid)
+        return o if o is not None and o.data_links[0].state == "failed" else None
+
+    obs = await controller.wait_for(failed, timeout=20)
+    assert obs.status == RUNNING
+    assert "mount helper ended" in obs.data_links[0].message and "id-dies" in obs.message
+    controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED))
+    await controller.wait_status(sid, STOPPED, timeout=60)
+    assert not mount_points_under(dl_agent.state.root)
