@@ -99,6 +99,10 @@ class Mounter:
         t0 = time.monotonic()
         proc = None
         if self.name == "fsspec":
+            import importlib.util
+
+            if importlib.util.find_spec("mfusepy") is None:
+                raise RuntimeError("the fsspec mount needs mfusepy (pip install mfusepy)")
             proc = subprocess.Popen(
                 [
                     sys.executable,
