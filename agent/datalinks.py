@@ -253,7 +253,17 @@ class DataLinkMounter:
         the others are unmounted again (never a half-mounted start)."""
         statuses: list[MountStatus] = []
         for i, link in enumerate(links):
-            status = await self.mount_one(session_dir, link)
+            if any(s.mount_name == link.mount_name for s in statuses):
+                # Never mount over another data-link of the same session.
+                status = MountStatus(
+                    link.data_link_id,
+                    link.mount_name,
+                    STATE_FAILED,
+                    f"data-link {link.data_link_id!r}: mount name {link.mount_name!r} is "
+                    "already used by another data-link of this session",
+                )
+            else:
+                status = await self.mount_one(session_dir, link)
             statuses.append(status)
             if status.state == STATE_FAILED and link.required:
                 await self.unmount_all(session_dir, statuses)
@@ -306,7 +316,7 @@ class DataLinkMounter:
         private = self.private_root(session_dir) / name
         try:
             await self._mount(target, mountpoint, private)
-        except DataLinkError as exc:
+        except (DataLinkError, OSError) as exc:
             status.message = f"{what}: mounting {target.location}{where} failed: {exc}"
             await self._cleanup_one(mountpoint, private)
             return status

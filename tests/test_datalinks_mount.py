@@ -213,6 +213,16 @@ async def test_wrong_credentials_and_unreachable_endpoint_name_the_link(
     assert "denied" in statuses[0].message.lower() or "signature" in statuses[0].message.lower()
     assert "id-dead" in statuses[1].message and "http://127.0.0.1:9" in statuses[1].message
     assert not mount_points_under(tmp_path)
+    # Two data-links under one name: the second never covers the first.
+    one, two = (
+        _link(s3_server, f"s3://{bucket}", "same"),
+        _link(s3_server, f"s3://{bucket}", "same"),
+    )
+    two.data_link_id, two.required = "id-other", False
+    first, second = await m.mount_all(tmp_path, [one, two])
+    assert first.state == "mounted" and second.state == "failed"
+    assert "already used" in second.message and is_mount_point(first.host_path)
+    await m.unmount_all(tmp_path, [first, second])
     # Required: the start fails with that message, nothing stays mounted.
     ok = _link(s3_server, f"s3://{bucket}", "fine")
     wrong.required = True
