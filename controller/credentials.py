@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -55,6 +56,9 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
+_Owned = TypeVar("_Owned", Credentials, DataLink)
+
+
 def _new_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(22))
 
@@ -68,6 +72,26 @@ async def workspace_access(
         raise NotFound(f"workspace {workspace_id} not found")
     require(role, permission)
     return role
+
+
+async def workspace_object(
+    session: AsyncSession,
+    principal: Principal,
+    model: type[_Owned],
+    object_id: str,
+    label: str,
+    workspace_id: int | None,
+    permission: Permission,
+) -> _Owned:
+    """A workspace-owned row the caller may use: 404 for another workspace's or an
+    unknown one (never 403, so ids do not leak), 403 below `permission`."""
+    row = await session.get(model, object_id)
+    if row is None or (workspace_id is not None and row.workspace_id != workspace_id):
+        raise NotFound(f"{label} {object_id} not found")
+    if await workspace_role(session, principal.user_id, row.workspace_id) is None:
+        raise NotFound(f"{label} {object_id} not found")
+    await workspace_access(session, principal, row.workspace_id, permission)
+    return row
 
 
 def check_base_url(text: str | None, field: str) -> str | None:
@@ -124,14 +148,9 @@ class CredentialsService:
         workspace_id: int | None,
         permission: Permission,
     ) -> Credentials:
-        missing = NotFound(f"credentials {credentials_id} not found")
-        cred = await session.get(Credentials, credentials_id)
-        if cred is None or (workspace_id is not None and cred.workspace_id != workspace_id):
-            raise missing
-        if await workspace_role(session, principal.user_id, cred.workspace_id) is None:
-            raise missing
-        await workspace_access(session, principal, cred.workspace_id, permission)
-        return cred
+        return await workspace_object(
+            session, principal, Credentials, credentials_id, "credentials", workspace_id, permission
+        )
 
     async def create(
         self, principal: Principal, workspace_id: int | None, body: CreateCredentialsRequest

@@ -21,7 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.errors import BadRequest
 from controller.models import ComputeEnv, Credentials, DataLink, Studio
-from controller.mounts import DATA_DIR, PlannedMount, load_links, plan_mounts, validate_sub_path
+from controller.mounts import (
+    DATA_DIR,
+    PlannedMount,
+    load_credentials,
+    load_links,
+    plan_mounts,
+    validate_sub_path,
+)
 from controller.schemas import DataLinkCredentialsDto, DataLinkDto, DataStudioConfiguration
 
 __all__ = ["check_mount_data", "data_link_dto", "mounted_data_link_views"]
@@ -120,22 +127,7 @@ async def mounted_data_link_views(
 ) -> dict[str, list[dict[str, Any]]]:
     """Per session id: its `mountedDataLinks` (see `_mount_view`)."""
     by_workspace = await load_links(session, studios)
-    cred_ids = {
-        link.credentials_id
-        for links in by_workspace.values()
-        for link in links.values()
-        if link.credentials_id
-    }
-    creds = (
-        {
-            c.id: c
-            for c in (
-                await session.scalars(select(Credentials).where(Credentials.id.in_(cred_ids)))
-            ).all()
-        }
-        if cred_ids
-        else {}
-    )
+    creds = await load_credentials(session, by_workspace)
     out: dict[str, list[dict[str, Any]]] = {}
     for studio in studios:
         status = studio.data_link_status or {}

@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.auth import Permission, Principal, workspace_role
-from controller.credentials import PROVIDERS, check_region, workspace_access
+from controller.auth import Permission, Principal
+from controller.credentials import PROVIDERS, check_region, workspace_access, workspace_object
 from controller.datalink_views import data_link_dto
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, NotFound
@@ -68,14 +68,9 @@ class DataLinkService:
         workspace_id: int | None,
         permission: Permission,
     ) -> DataLink:
-        missing = NotFound(f"data-link {link_id} not found")
-        link = await session.get(DataLink, link_id)
-        if link is None or (workspace_id is not None and link.workspace_id != workspace_id):
-            raise missing
-        if await workspace_role(session, principal.user_id, link.workspace_id) is None:
-            raise missing
-        await workspace_access(session, principal, link.workspace_id, permission)
-        return link
+        return await workspace_object(
+            session, principal, DataLink, link_id, "data-link", workspace_id, permission
+        )
 
     @staticmethod
     async def _credentials(

@@ -273,6 +273,22 @@ async def load_links(
     return out
 
 
+async def load_credentials(
+    session: AsyncSession, by_workspace: dict[str, dict[str, DataLink]]
+) -> dict[str, Credentials]:
+    """The credentials the data-links of `load_links` use, by id."""
+    wanted = {
+        link.credentials_id
+        for links in by_workspace.values()
+        for link in links.values()
+        if link.credentials_id
+    }
+    if not wanted:
+        return {}
+    rows = await session.scalars(select(Credentials).where(Credentials.id.in_(wanted)))
+    return {c.id: c for c in rows.all()}
+
+
 async def data_link_mounts(
     session: AsyncSession, studios: Iterable[Studio], envs: dict[str, ComputeEnv]
 ) -> dict[str, list[agent_pb2.DataLinkMount]]:
@@ -283,22 +299,7 @@ async def data_link_mounts(
     """
     running = [s for s in studios if s.desired_status == "running" and not s.deleted]
     by_workspace = await load_links(session, running)
-    credential_ids = {
-        link.credentials_id
-        for links in by_workspace.values()
-        for link in links.values()
-        if link.credentials_id
-    }
-    creds = (
-        {
-            c.id: c
-            for c in (
-                await session.scalars(select(Credentials).where(Credentials.id.in_(credential_ids)))
-            ).all()
-        }
-        if credential_ids
-        else {}
-    )
+    creds = await load_credentials(session, by_workspace)
     box = box_for(session)
     out: dict[str, list[agent_pb2.DataLinkMount]] = {}
     for studio in running:
