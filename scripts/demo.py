@@ -94,7 +94,8 @@ Studios is running.
 
 Open in a browser now (single use, valid 60 s):
   {browser_link}
-A fresh link at any time:
+A fresh link at any time: open the sample studio's URL above in the browser and sign in
+with the token in {token_file}, or
   curl -s -o /dev/null -w '%{{redirect_url}}\\n' -H "Authorization: Bearer $(cat {token_file})" \\
     {studio["studioUrl"]}
 
