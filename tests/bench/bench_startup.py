@@ -1,13 +1,14 @@
 """Time from `POST /studios` to `running`, and from `PUT .../stop` to `stopped`.
 
-Runs the controller and one agent (local runtime, built-in python-http template) as real
-processes and measures N create→running and stop→stopped cycles; prints JSON. The anchor is
+Runs the controller and one agent (local runtime; the built-in python-http template, or
+`--template studios/jupyterlab:4.6-0.1` for JupyterLab like the anchor) as real processes and
+measures N create→running and stop→stopped cycles; prints JSON. The anchor is
 JupyterHub's spawn → JupyterLab answering through its proxy, measured in the same run
 (`tests/bench/anchor_jupyterhub.py --setup` installs it outside the project); where it is not
 installed the figure from ANCHORS.md (3.18 s, stop 1.07 s) is quoted and labelled as such.
 
     .venv/bin/python tests/bench/anchor_jupyterhub.py --setup   # once
-    .venv/bin/python tests/bench/bench_startup.py [--runs 5]
+    .venv/bin/python tests/bench/bench_startup.py [--runs 5] [--template REPOSITORY:TAG]
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ ANCHORS_MD = {
 }
 
 
-async def run(runs: int) -> dict[str, Any]:
+DEFAULT_TEMPLATE = "studios/python-http:3.11-0.1"
+
+
+async def run(runs: int, template: str = DEFAULT_TEMPLATE) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="studios-bench-") as tmp_name:
         tmp = Path(tmp_name)
         async with LocalStack(tmp) as stack:
@@ -48,7 +52,11 @@ async def run(runs: int) -> dict[str, Any]:
                 _, body = await api.request(
                     "POST",
                     "/studios",
-                    {"name": f"bench-{i}", "computeEnvId": compute_env_id},
+                    {
+                        "name": f"bench-{i}",
+                        "computeEnvId": compute_env_id,
+                        "dataStudioToolUrl": template,
+                    },
                     expect=200,
                 )
                 sid = body["studio"]["sessionId"]
@@ -59,7 +67,7 @@ async def run(runs: int) -> dict[str, Any]:
                 await api.wait_status(sid, "stopped", timeout=120)
                 stops.append(time.perf_counter() - t0)
             return {
-                "benchmark": "studio start/stop latency (local runtime, python-http tool)",
+                "benchmark": f"studio start/stop latency (local runtime, {template})",
                 "runs": runs,
                 "post_to_running_s": {
                     "median": round(statistics.median(starts), 3),
@@ -78,8 +86,10 @@ async def run(runs: int) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    runs = parser.parse_args().runs
-    result = asyncio.run(run(runs))
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE)
+    args = parser.parse_args()
+    runs = args.runs
+    result = asyncio.run(run(runs, args.template))
     anchor: dict[str, Any] = dict(ANCHORS_MD)
     if anchor_jupyterhub.available():
         anchor = asyncio.run(anchor_jupyterhub.measure_jupyterhub(runs))
