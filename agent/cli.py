@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "xfs-loop", "directory"),
         help="session volumes (auto: xfs-loop where root and loop devices work)",
     )
+    serve.add_argument(
+        "--data-link-mounter",
+        default="auto",
+        choices=("auto", "s3fs", "rclone"),
+        help="FUSE helper that mounts data-links (auto: s3fs-fuse, else rclone)",
+    )
     serve.add_argument("--podman-socket", type=Path, default=Path("/run/podman/podman.sock"))
     serve.add_argument(
         "--podman-runtime", default="", metavar="NAME", help="OCI runtime for podman, e.g. runc"
@@ -110,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         stop_grace_seconds=args.stop_grace_seconds,
         start_timeout_seconds=args.start_timeout_seconds,
         volume_kind=args.volume_kind,
+        data_link_mounter=args.data_link_mounter,
         podman_socket=args.podman_socket,
         podman_runtime=args.podman_runtime,
         container_ulimits=tuple(args.container_ulimit),

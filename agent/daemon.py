@@ -19,9 +19,10 @@ from typing import Any
 from agent import __version__
 from agent.admin import AdminServer
 from agent.controller_link import ControllerLink
-from agent.datalinks import data_links_json
+from agent.datalinks import DataLinkMounter, backend_named, data_links_json
 from agent.errors import AgentError
 from agent.host import doctor_report, host_capacity
+from agent.mount_base import MountBackend
 from agent.proxy import ConnectProxy
 from agent.runtime import RuntimeOptions, create_runtime
 from agent.sessions import SessionManager
@@ -66,6 +67,18 @@ class AgentConfig:
     s3_endpoint: str | None = None
     # How often a final checkpoint that failed is tried again.
     unsaved_retry_seconds: float = 60.0
+    # FUSE helper for data-links (`--data-link-mounter`): auto | s3fs | rclone.
+    data_link_mounter: str = "auto"
+
+
+def _data_link_backend(name: str) -> MountBackend | None:
+    """The configured FUSE helper; one named explicitly must be usable here."""
+    backend = backend_named(name)
+    if name != "auto" and backend is not None:
+        usable, why = backend.available()
+        if not usable:
+            raise AgentError(f"--data-link-mounter {name}: {why}")
+    return backend
 
 
 def _volume_json(volume: dict[str, Any]) -> dict[str, Any] | None:
@@ -165,6 +178,7 @@ class Agent:
                 checkpoint_interval_seconds=cfg.checkpoint_interval_seconds,
                 unsaved_retry_seconds=cfg.unsaved_retry_seconds,
                 s3_endpoint=cfg.s3_endpoint,
+                datalinks=DataLinkMounter(_data_link_backend(cfg.data_link_mounter)),
             )
             await self.manager.recover()
             self.manager.start()

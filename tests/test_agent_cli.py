@@ -31,9 +31,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _run(*args: str) -> tuple[int, str, str]:
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
@@ -191,6 +191,32 @@ async def test_unknown_runtime_is_refused_clearly(tmp_path: Path) -> None:
     )
     assert rc == 2
     assert "unknown runtime 'nosuch'" in err
+
+
+async def test_a_named_data_link_mounter_must_be_installed(tmp_path: Path) -> None:
+    token = tmp_path / "t"
+    token.write_text("x")
+    # An empty PATH: whatever this host has, the named FUSE helper cannot be found.
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    rc, _, err = await _run(
+        "serve",
+        "--controller",
+        "127.0.0.1:1",
+        "--token-file",
+        str(token),
+        "--compute-env",
+        "0123456789abcdef",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--proxy",
+        "127.0.0.1:0",
+        "--data-link-mounter",
+        "rclone",
+        env={**os.environ, "PATH": str(empty)},
+    )
+    assert rc == 2
+    assert "--data-link-mounter rclone: rclone not installed" in err
 
 
 async def test_commands_without_a_running_agent(tmp_path: Path) -> None:
