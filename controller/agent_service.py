@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from sqlalchemy import Select, select
@@ -41,6 +42,8 @@ from controller.reconciler import Reconciler
 __all__ = ["SUPPORTED_PROTOCOLS", "AgentService"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 SUPPORTED_PROTOCOLS = frozenset({agent_pb2.PROTOCOL_VERSION_V1})
 
@@ -86,8 +89,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
         token = _bearer(context.invocation_metadata())
-        async with self.db.transaction() as session:
-            valid = token is not None and await check_enrollment_token(session, token)
+        valid = token is not None and await _to_completion(self._enrollment_valid(token))
         if not valid:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid enrollment token")
 
@@ -106,7 +108,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if not hello.agent_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.agent_id is empty")
         async with self._lock(hello.agent_id):
-            known_env = await self._upsert_agent(hello)
+            known_env = await _to_completion(self._upsert_agent(hello))
             if known_env:
                 stream = self.hub.register(hello.agent_id, hello.compute_env_id)
         if not known_env:
@@ -147,7 +149,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            await self._disconnected(stream)
+            await _to_completion(self._disconnected(stream))
         for task in (reader, writer):
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.warning("agent %s stream failed: %r", stream.agent_id, task.exception())
@@ -157,6 +159,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             )
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
+
+    async def _enrollment_valid(self, token: str) -> bool:
+        async with self.db.transaction() as session:
+            return await check_enrollment_token(session, token)
 
     async def _upsert_agent(self, hello: agent_pb2.Hello) -> bool:
         async with self.db.transaction() as session:
@@ -185,7 +191,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return
             kind = request.WhichOneof("message")
             try:
-                await self._handle(stream, kind, request)
+                await _to_completion(self._handle(stream, kind, request))
             except Exception:
                 # One bad message must not end the stream: everything is re-sent.
                 log.exception("agent %s: handling %s failed", stream.agent_id, kind)
@@ -222,17 +228,22 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     full = True
                 else:
                     ids |= set(more)
-            async with self.db.transaction() as session:
-                desired = await build_desired_state(
-                    session,
-                    stream.agent_id,
-                    full=full,
-                    session_ids=ids,
-                    foreign=stream.foreign_sessions if full else (),
-                )
+            desired = await _to_completion(self._desired(stream, full, ids))
             if not full and not desired.sessions:
                 continue
             await context.write(agent_pb2.ConnectResponse(desired=desired))
+
+    async def _desired(
+        self, stream: AgentStream, full: bool, ids: set[str]
+    ) -> agent_pb2.DesiredState:
+        async with self.db.transaction() as session:
+            return await build_desired_state(
+                session,
+                stream.agent_id,
+                full=full,
+                session_ids=ids,
+                foreign=stream.foreign_sessions if full else (),
+            )
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._locks.setdefault(agent_id, asyncio.Lock())
@@ -263,6 +274,23 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     )
         except Exception:
             log.exception("recording the disconnection of agent %s failed", stream.agent_id)
+
+
+async def _to_completion(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run database work to its end even when the stream is torn down meanwhile.
+
+    A transaction cancelled half-way can keep SQLite's write lock (every
+    transaction is BEGIN IMMEDIATE) until its connection is collected, and the
+    disconnect that follows then waits out the 30 s busy timeout. The work is
+    short, so the stream's end waits for it and the cancellation goes on after.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def _select_active_on(agent_id: str) -> Select[tuple[Studio]]:

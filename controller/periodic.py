@@ -4,6 +4,11 @@ The reconciler and the checkpoint collector both work this way: a failed pass
 is logged and retried at the next tick rather than ending the task, and a
 `kick()` (a studio created, an agent connected, a studio deleted) wakes the
 loop at once instead of waiting out the interval.
+
+`stop()` lets a pass in progress finish (up to a grace period) before it
+cancels: a pass cancelled inside a SQLite transaction (BEGIN IMMEDIATE) can
+keep the write lock until its connection is collected, and whatever writes
+next at shutdown (an agent's disconnect) then waits out the busy timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class PeriodicPass(ABC):
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
+        self._stopping = False
 
     @abstractmethod
     async def tick(self) -> None:
@@ -34,27 +40,35 @@ class PeriodicPass(ABC):
         await self._kick.wait()
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=self.name)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._task is None:
+            return
+        self._stopping = True
+        self._kick.set()
+        _, running = await asyncio.wait({self._task}, timeout=grace_s)
+        for task in running:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
 
     def kick(self) -> None:
         self._kick.set()
 
     async def _loop(self) -> None:
         log = logging.getLogger(type(self).__module__)
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("%s failed; retrying in %.0f s", self.name, self.interval)
+            if self._stopping:
+                return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self.wait_for_work()
