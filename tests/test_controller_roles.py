@@ -5,8 +5,8 @@ and other workspaces (404, never 403).
 "Allowed" means the answer is the action's success status; "refused" means 403.
 Connecting is checked on a studio recorded as running on an agent that is not
 connected: an allowed caller gets past authorisation to 409 ("agent not
-connected"), a refused one gets 403. Data-links have no endpoints yet, so that
-row of the table is not exercised here.
+connected"), a refused one gets 403. The data-links row of the table is
+exercised for all six roles in tests/test_controller_datalinks.py.
 """
 
 from __future__ import annotations
