@@ -173,10 +173,11 @@ async def test_serve_sessions_restart_and_shutdown(
         kill_leftover_tools(serve.state_dir)
 
 
-async def test_unknown_runtime_is_refused_clearly(tmp_path: Path) -> None:
+def _serve_args(tmp_path: Path, *extra: str) -> list[str]:
+    """`serve` against a controller that is not there: for refusals at start-up."""
     token = tmp_path / "t"
     token.write_text("x")
-    rc, _, err = await _run(
+    return [
         "serve",
         "--controller",
         "127.0.0.1:1",
@@ -186,33 +187,22 @@ async def test_unknown_runtime_is_refused_clearly(tmp_path: Path) -> None:
         "0123456789abcdef",
         "--state-dir",
         str(tmp_path / "state"),
-        "--runtime",
-        "nosuch",
-    )
+        *extra,
+    ]
+
+
+async def test_unknown_runtime_is_refused_clearly(tmp_path: Path) -> None:
+    rc, _, err = await _run(*_serve_args(tmp_path, "--runtime", "nosuch"))
     assert rc == 2
     assert "unknown runtime 'nosuch'" in err
 
 
 async def test_a_named_data_link_mounter_must_be_installed(tmp_path: Path) -> None:
-    token = tmp_path / "t"
-    token.write_text("x")
     # An empty PATH: whatever this host has, the named FUSE helper cannot be found.
     empty = tmp_path / "bin"
     empty.mkdir()
     rc, _, err = await _run(
-        "serve",
-        "--controller",
-        "127.0.0.1:1",
-        "--token-file",
-        str(token),
-        "--compute-env",
-        "0123456789abcdef",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--proxy",
-        "127.0.0.1:0",
-        "--data-link-mounter",
-        "rclone",
+        *_serve_args(tmp_path, "--proxy", "127.0.0.1:0", "--data-link-mounter", "rclone"),
         env={**os.environ, "PATH": str(empty)},
     )
     assert rc == 2
