@@ -9,11 +9,14 @@ import signal
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
+from aiohttp import web
 
 from agent.daemon import Agent, AgentConfig
+from agent.proxy import ConnectProxy
 from agent.state import StateDir
 from tests.fake_controller import FakeController
 
@@ -156,3 +159,28 @@ async def agent_fixture(
     finally:
         await a.close()
         kill_leftover_tools(agent_config.state_dir)
+
+
+@contextlib.asynccontextmanager
+async def proxy_in_front_of(
+    tool: web.Application, session_id: str, key: bytes
+) -> AsyncIterator[tuple[ConnectProxy, int, SimpleNamespace]]:
+    """A connect proxy on a free port whose one running session is `tool`:
+    (proxy, proxy port, the session handle the proxy looks up)."""
+    runner = web.AppRunner(tool, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        tool_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        handle = SimpleNamespace(status="running", port=tool_port, session_id=session_id)
+        proxy = ConnectProxy(
+            lookup=lambda sid: handle if sid == session_id else None, key=lambda: key
+        )
+        port = await proxy.start("127.0.0.1", 0)
+        try:
+            yield proxy, port, handle
+        finally:
+            await proxy.close()
+    finally:
+        await runner.cleanup()

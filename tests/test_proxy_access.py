@@ -14,7 +14,6 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -29,6 +28,7 @@ from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_config_fixture,
     agent_fixture,
     controller_fixture,
+    proxy_in_front_of,
 )
 from tests.fake_controller import FakeController, desired
 
@@ -66,19 +66,8 @@ async def _tool_app() -> web.Application:
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[tuple[ConnectProxy, int]]:
-    runner = web.AppRunner(await _tool_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    tool_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    handle = SimpleNamespace(status="running", port=tool_port, session_id=SID)
-    p = ConnectProxy(lookup=lambda sid: handle if sid == SID else None, key=lambda: KEY)
-    port = await p.start("127.0.0.1", 0)
-    try:
+    async with proxy_in_front_of(await _tool_app(), SID, KEY) as (p, port, _handle):
         yield p, port
-    finally:
-        await p.close()
-        await runner.cleanup()
 
 
 def _cookie(user_id: int, sid: str = SID, key: bytes = KEY) -> str:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from agent.connect_token import sign_connect_token
 from agent.proxy import ConnectProxy
+from tests.agent_fixtures import proxy_in_front_of
 from tests.bench import bench_proxy_idle_ws as bench
 
 KEY = b"k" * 32
@@ -66,19 +67,8 @@ async def _tool_app() -> web.Application:
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[tuple[ConnectProxy, int, Any]]:
-    runner = web.AppRunner(await _tool_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    tool_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    handle = SimpleNamespace(status="running", port=tool_port, session_id=SID)
-    p = ConnectProxy(lookup=lambda sid: handle if sid == SID else None, key=lambda: KEY)
-    port = await p.start("127.0.0.1", 0)
-    try:
+    async with proxy_in_front_of(await _tool_app(), SID, KEY) as (p, port, handle):
         yield p, port, handle
-    finally:
-        await p.close()
-        await runner.cleanup()
 
 
 def _headers(user_id: int = 7) -> dict[str, str]:
