@@ -37,6 +37,13 @@ class CheckpointStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHECKPOINT_STATUS_FINALIZED: _ClassVar[CheckpointStatus]
     CHECKPOINT_STATUS_INVALID: _ClassVar[CheckpointStatus]
 
+class CheckpointAckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_ACK_RESULT_UNSPECIFIED: _ClassVar[CheckpointAckResult]
+    CHECKPOINT_ACK_RESULT_RECORDED: _ClassVar[CheckpointAckResult]
+    CHECKPOINT_ACK_RESULT_SUPERSEDED: _ClassVar[CheckpointAckResult]
+    CHECKPOINT_ACK_RESULT_REFUSED: _ClassVar[CheckpointAckResult]
+
 class DesiredStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DESIRED_STATUS_UNSPECIFIED: _ClassVar[DesiredStatus]
@@ -61,6 +68,10 @@ CHECKPOINT_STATUS_EMPTY: CheckpointStatus
 CHECKPOINT_STATUS_INTERIM: CheckpointStatus
 CHECKPOINT_STATUS_FINALIZED: CheckpointStatus
 CHECKPOINT_STATUS_INVALID: CheckpointStatus
+CHECKPOINT_ACK_RESULT_UNSPECIFIED: CheckpointAckResult
+CHECKPOINT_ACK_RESULT_RECORDED: CheckpointAckResult
+CHECKPOINT_ACK_RESULT_SUPERSEDED: CheckpointAckResult
+CHECKPOINT_ACK_RESULT_REFUSED: CheckpointAckResult
 DESIRED_STATUS_UNSPECIFIED: DesiredStatus
 DESIRED_STATUS_RUNNING: DesiredStatus
 DESIRED_STATUS_STOPPED: DesiredStatus
@@ -237,24 +248,42 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at: _Optional[int] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("welcome", "desired")
+    __slots__ = ("welcome", "desired", "checkpoint_ack")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     desired: DesiredState
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredState, _Mapping]] = ...) -> None: ...
+    checkpoint_ack: CheckpointAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredState, _Mapping]] = ..., checkpoint_ack: _Optional[_Union[CheckpointAck, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key")
+    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key", "checkpoint_acks")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ACKS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     agent_id: str
     heartbeat_interval_seconds: int
     connect_token_key: bytes
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ...) -> None: ...
+    checkpoint_acks: bool
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ..., checkpoint_acks: _Optional[bool] = ...) -> None: ...
+
+class CheckpointAck(_message.Message):
+    __slots__ = ("session_id", "key", "generation", "result", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    key: str
+    generation: int
+    result: CheckpointAckResult
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., generation: _Optional[int] = ..., result: _Optional[_Union[CheckpointAckResult, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CheckpointRef(_message.Message):
     __slots__ = ("checkpoint_id", "uri")
