@@ -1,95 +1,295 @@
 """The quick start's main job: a controller, an agent and a sample studio on embedded defaults.
 
 Starts `studio-controller serve` and `studio-agent serve` (local runtime) as child processes
-with their state in `.quickstart/`, creates a compute environment and a studio named `sample`
-(or reuses them on a second run), waits until it runs and prints where to open it. Ctrl-C
-stops the studio (its checkpoint is written), then the agent and the controller.
+with their state in `.quickstart/` (or `--state-dir`), creates a compute environment and a
+studio named `sample` (or reuses them on a later run, starting the studio again whatever state
+an earlier run or a reboot left it in), waits until its page answers through the proxy and
+prints where to open it. Ctrl-C stops the studio (its final checkpoint is written), then the
+agent and the controller, and exits 0.
 
     scripts/quickstart            # install, then this
     .venv/bin/python scripts/demo.py --check   # start, verify the page, stop, exit (CI)
+
+Processes. A terminal sends Ctrl-C's SIGINT to its whole foreground process group, so this
+script is two processes: the front (what the shell started, in the terminal's group) and the
+runner, in a session of its own, which starts the controller and the agent (each in a session
+of its own as well) and does the orderly shutdown. The front only turns SIGINT, SIGTERM and
+SIGHUP into a SIGTERM for the runner and returns the runner's exit status.
+
+- Ctrl-C or SIGTERM: stop the studio and wait for its final checkpoint, then SIGTERM the agent,
+  then the controller; exit 0 (1 if the studio could not be stopped cleanly, saying why).
+- A second Ctrl-C while stopping only prints that the stop is under way: breaking off there
+  would leave the tool running and its volume mounted, so it is not offered.
+- The front killed (SIGKILL, or the terminal closed): the runner holds the read end of a pipe
+  whose only writer is the front; its EOF starts the same orderly shutdown.
+- The runner killed: the controller and the agent were started with PR_SET_PDEATHSIG=SIGTERM
+  and exit cleanly. The agent leaves the tool running by design (an agent restart must not
+  stop studios): the next run's agent re-adopts it, or the studio is started again.
+- A lock (`<state>/run.lock`, flock) keeps two runs off one state directory; a run waits for
+  one that is still stopping.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
 import signal
+import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import aiohttp  # noqa: E402
+
 from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient  # noqa: E402
 
-STATE = ROOT / ".quickstart"
+DEFAULT_STATE = ROOT / ".quickstart"
 TEMPLATE = "studios/python-http:3.11-0.1"
+STUDIO_NAME = "sample"
+# A restore and the tool's start; generous because the machine may be shared and slow.
+START_TIMEOUT = 240.0
+# The agent's grace period for the tool (30 s) plus writing the final checkpoint.
+STOP_TIMEOUT = 180.0
+PROCESS_STOP_TIMEOUT = 30.0
+POLL = 0.3
+_PR_SET_PDEATHSIG = 1
 
 
-async def ensure_compute_env(api: RestClient) -> str:
-    _, body = await api.request("GET", "/compute-envs", expect=200)
-    for env in body["computeEnvs"]:
-        if env["name"] == "quickstart":
-            return str(env["id"])
-    _, body = await api.request(
-        "POST",
-        "/compute-envs",
-        {
-            "computeEnv": {
-                "name": "quickstart",
-                "platform": "studio-agent",
-                "config": {"workDir": str(STATE / "work"), "bootDiskSizeGb": 30},
-            }
-        },
-        expect=200,
-    )
-    return str(body["computeEnvId"])
+class DemoError(Exception):
+    """A failure the user is told about in one sentence (no traceback)."""
 
 
-async def ensure_sample_studio(api: RestClient, compute_env_id: str) -> str:
-    _, body = await api.request("GET", "/studios?search=sample", expect=200)
-    for studio in body["studios"]:
-        if studio["name"] == "sample":
-            if studio["statusInfo"]["status"] in ("stopped", "errored"):
-                await api.request("PUT", f"/studios/{studio['sessionId']}/start", {}, expect=200)
-            return str(studio["sessionId"])
-    _, body = await api.request(
-        "POST",
-        "/studios",
-        {"name": "sample", "computeEnvId": compute_env_id, "dataStudioToolUrl": TEMPLATE},
-        expect=200,
-    )
-    return str(body["studio"]["sessionId"])
+def say(text: str, *, err: bool = False) -> None:
+    # After a hang-up the terminal is gone and writes fail with EIO; the run must go on
+    # and shut down properly all the same.
+    stream = sys.stderr if err else sys.stdout
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)
 
 
-async def main(check: bool) -> int:
-    controller = ControllerProcess(STATE / "controller", http_port=8080, grpc_port=8081)
-    controller.start()
-    agent: AgentProcess | None = None
-    api: RestClient | None = None
+# ------------------------------------------------------------------ child processes
+
+
+def _parent_death_signal() -> Any:
+    """A pre-exec hook that asks the kernel to SIGTERM the child when the runner dies.
+
+    The libc function is looked up here, before any fork: only the call itself runs in the
+    child, between fork and exec, where loading a library could deadlock.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # The runner may have died before the request was made: then nobody will send it.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def _launch(proc: ControllerProcess | AgentProcess) -> None:
+    """Like the harness's start, but in a session of its own, and ended with the runner.
+
+    Its own session keeps the terminal's SIGINT (and SIGHUP) away, so that the runner can
+    stop the studio through both daemons before it stops them.
+    """
+    proc.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(proc.log_path, "ab") as log:
+        proc.proc = subprocess.Popen(
+            proc.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **proc.env},
+            start_new_session=True,
+            preexec_fn=_parent_death_signal(),
+        )
+
+
+class QuickController(ControllerProcess):
+    def start(self) -> None:
+        _launch(self)
+
+
+class QuickAgent(AgentProcess):
+    def start(self) -> None:
+        _launch(self)
+
+
+def _last_line(path: Path) -> str:
     try:
-        await controller.wait_ready()
-        api = RestClient(controller.url, controller.admin_token)
-        compute_env_id = await ensure_compute_env(api)
-        agent = AgentProcess(controller, compute_env_id, STATE / "agent", proxy_port=7070)
-        agent.start()
-        sid = await ensure_sample_studio(api, compute_env_id)
-        studio = await api.wait_status(sid, {"running", "errored"}, timeout=120)
-        if studio["statusInfo"]["status"] != "running":
-            print(f"the sample studio failed: {studio['statusInfo']['message']}", file=sys.stderr)
-            return 1
-        async with api.http.get(
-            studio["studioUrl"],
-            headers={"Authorization": f"Bearer {api.token}"},
-            allow_redirects=False,
-        ) as resp:
-            browser_link = resp.headers.get("Location", "")
-        token_file = controller.data_dir / "admin-token"
-        print(
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+# ------------------------------------------------------------------ the run lock
+
+
+class RunLock:
+    """One run per state directory; the file says which process holds it and in what phase."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def try_acquire(self) -> dict[str, Any] | None:
+        """None when acquired, else what the holder wrote (pid, phase)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = json.loads(self.path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            return holder if isinstance(holder, dict) else {}
+        self.fd = fd
+        self.set_phase("starting")
+        return None
+
+    def set_phase(self, phase: str) -> None:
+        if self.fd is None:
+            return
+        data = json.dumps({"pid": os.getpid(), "phase": phase}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+async def acquire_lock(lock: RunLock, quit_event: asyncio.Event) -> bool:
+    """Take the lock, waiting for a run that is still stopping; False if told to quit first."""
+    told = False
+    while True:
+        holder = lock.try_acquire()
+        if holder is None:
+            return True
+        if holder.get("phase") != "stopping":
+            raise DemoError(
+                f"another quick start (pid {holder.get('pid', '?')}) is running with its state "
+                f"in {lock.path.parent}: stop it first (Ctrl-C in its terminal), or give this "
+                "one another --state-dir"
+            )
+        if not told:
+            say(f"waiting for the previous run (pid {holder.get('pid', '?')}) to finish stopping")
+            told = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(quit_event.wait(), timeout=0.5)
+        if quit_event.is_set():
+            return False
+
+
+# ------------------------------------------------------------------ the stack
+
+
+class QuitRequest:
+    """The first request starts the shutdown; later ones only say that it is under way."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __call__(self, why: str) -> None:
+        if self.event.is_set():
+            say(
+                "still stopping: the sample studio's final checkpoint is being written; "
+                "this run ends by itself when it is done"
+            )
+            return
+        say(f"\n{why}: stopping")
+        self.event.set()
+
+
+class Stack:
+    def __init__(self, opts: argparse.Namespace, lock: RunLock) -> None:
+        self.state: Path = opts.state_dir
+        self.lock = lock
+        self.controller = QuickController(
+            self.state / "controller", http_port=opts.http_port, grpc_port=opts.grpc_port
+        )
+        self.proxy_port: int = opts.proxy_port
+        self.agent: QuickAgent | None = None
+        self.api: RestClient | None = None
+        self.sid: str | None = None
+
+    # -------------------------------------------------------------- health
+
+    def check_children(self) -> None:
+        if self.controller.proc is not None and not self.controller.alive():
+            raise DemoError(
+                f"the controller exited ({_last_line(self.controller.log_path)}); "
+                f"its log: {self.controller.log_path}"
+            )
+        if self.agent is not None and not self.agent.alive():
+            raise DemoError(
+                f"the agent exited ({_last_line(self.agent.log_path)}); "
+                f"its log: {self.agent.log_path}"
+            )
+
+    async def studio(self, sid: str) -> dict[str, Any]:
+        assert self.api is not None
+        _, body = await self.api.request("GET", f"/studios/{sid}", expect=200)
+        return dict(body)
+
+    async def wait_for(self, sid: str, wanted: set[str], limit: float) -> dict[str, Any]:
+        deadline = time.monotonic() + limit
+        while True:
+            self.check_children()
+            studio = await self.studio(sid)
+            info = studio["statusInfo"]
+            if info["status"] in wanted:
+                return studio
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the sample studio is still {info['status']} after {limit:.0f} s"
+                    f" ({info.get('message') or 'no message'})"
+                )
+            await asyncio.sleep(POLL)
+
+    # -------------------------------------------------------------- bring-up
+
+    async def bring_up(self, check: bool) -> None:
+        self.controller.start()
+        try:
+            await self.controller.wait_ready(timeout=90)
+        except (RuntimeError, TimeoutError):
+            raise DemoError(
+                f"the controller did not start ({_last_line(self.controller.log_path)}); "
+                f"its log: {self.controller.log_path}"
+            ) from None
+        self.api = RestClient(self.controller.url, self.controller.admin_token)
+        compute_env_id = await self.ensure_compute_env()
+        self.agent = QuickAgent(
+            self.controller, compute_env_id, self.state / "agent", proxy_port=self.proxy_port
+        )
+        self.agent.start()
+        self.sid = await self.ensure_sample_studio(compute_env_id)
+        studio = await self.until_page_answers(self.sid)
+        self.lock.set_phase("running")
+        browser_link = await self.connect_link(studio)
+        token_file = self.controller.data_dir / "admin-token"
+        agent_dir = self.agent.state_dir
+        say(
             f"""
 Studios is running.
-  controller API   {controller.url}   (token: {token_file})
-  agent            {agent.state_dir}   (studio-agent sessions --state-dir {agent.state_dir})
+  controller API   {self.controller.url}   (token: {token_file})
+  agent            {agent_dir}   (studio-agent sessions --state-dir {agent_dir})
   sample studio    {studio["studioUrl"]}
 
 Open in a browser now (single use, valid 60 s):
@@ -99,35 +299,331 @@ with the token in {token_file}, or
   curl -s -o /dev/null -w '%{{redirect_url}}\\n' -H "Authorization: Bearer $(cat {token_file})" \\
     {studio["studioUrl"]}
 
-Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller.""",
-            flush=True,
+Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."""
         )
         if check:
-            async with api.http.get(browser_link) as resp:
-                page = await resp.text()
-                if resp.status != 200 or "Directory listing" not in page:
-                    print(f"the sample studio's page failed: {resp.status}", file=sys.stderr)
-                    return 1
-            print("check: the sample studio's page answers through the proxy")
-        else:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-        print("stopping the sample studio (writing its checkpoint) ...", flush=True)
-        await api.request("PUT", f"/studios/{sid}/stop", expect=200)
-        await api.wait_status(sid, {"stopped", "errored"}, timeout=120)
+            status, page = await self.fetch_page(browser_link)
+            if status != 200 or "Directory listing" not in page:
+                raise DemoError(f"the sample studio's page answered {status} through the proxy")
+            say("check: the sample studio's page answers through the proxy")
+
+    async def ensure_compute_env(self) -> str:
+        assert self.api is not None
+        _, body = await self.api.request("GET", "/compute-envs", expect=200)
+        for env in body["computeEnvs"]:
+            if env["name"] == "quickstart":
+                return str(env["id"])
+        _, body = await self.api.request(
+            "POST",
+            "/compute-envs",
+            {
+                "computeEnv": {
+                    "name": "quickstart",
+                    "platform": "studio-agent",
+                    "config": {"workDir": str(self.state / "work"), "bootDiskSizeGb": 30},
+                }
+            },
+            expect=200,
+        )
+        return str(body["computeEnvId"])
+
+    async def find_sample(self) -> str | None:
+        assert self.api is not None
+        _, body = await self.api.request("GET", f"/studios?search={STUDIO_NAME}", expect=200)
+        for studio in body["studios"]:
+            if studio["name"] == STUDIO_NAME:
+                return str(studio["sessionId"])
+        return None
+
+    async def ensure_sample_studio(self, compute_env_id: str) -> str:
+        assert self.api is not None
+        sid = await self.find_sample()
+        if sid is not None:
+            return sid
+        say("creating the sample studio")
+        _, body = await self.api.request(
+            "POST",
+            "/studios",
+            {"name": STUDIO_NAME, "computeEnvId": compute_env_id, "dataStudioToolUrl": TEMPLATE},
+            expect=200,
+        )
+        return str(body["studio"]["sessionId"])
+
+    async def until_page_answers(self, sid: str) -> dict[str, Any]:
+        """Start the studio as often as needed (once per run) until its page answers.
+
+        The controller's word alone is not enough: after a reboot its database still says
+        `running` until the agent has reported, so the page must answer through the proxy.
+        """
+        assert self.api is not None
+        started = False
+        said = ""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            self.check_children()
+            studio = await self.studio(sid)
+            status = studio["statusInfo"]["status"]
+            message = studio["statusInfo"].get("message") or ""
+            if status in ("stopped", "errored", "buildFailed"):
+                if started:
+                    raise DemoError(f"the sample studio failed to start: {message or status}")
+                note = f" ({message})" if status == "errored" and message else ""
+                say(f"starting the sample studio, found {status}{note}")
+                code, body = await self.api.request("PUT", f"/studios/{sid}/start", {})
+                if code == 200:
+                    started = True
+                elif code != 409:  # 409: its status changed meanwhile; look again
+                    raise DemoError(f"the start was refused: {_message(body)}")
+            elif status == "running":
+                link = await self.connect_link(studio)
+                code, _ = await self.fetch_page(link)
+                if code == 200:
+                    return studio
+            elif status != said:
+                say(f"the sample studio is {status}; waiting")
+            said = status
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the sample studio did not come up in {START_TIMEOUT:.0f} s: it is "
+                    f"{status} ({message or 'no message'}); the agent's log: "
+                    f"{self.state / 'agent.log'}"
+                )
+            await asyncio.sleep(POLL)
+
+    async def connect_link(self, studio: dict[str, Any]) -> str:
+        """A fresh single-use browser link (the studio URL's redirect)."""
+        assert self.api is not None
+        async with self.api.http.get(
+            studio["studioUrl"],
+            headers={"Authorization": f"Bearer {self.api.token}"},
+            allow_redirects=False,
+        ) as resp:
+            return resp.headers.get("Location", "")
+
+    async def fetch_page(self, link: str) -> tuple[int, str]:
+        assert self.api is not None
+        if not link:
+            return 0, ""
+        try:
+            async with self.api.http.get(link) as resp:
+                return resp.status, await resp.text(errors="replace")
+        except aiohttp.ClientError as exc:
+            return 0, str(exc)
+
+    # -------------------------------------------------------------- running
+
+    async def watch(self, quit_event: asyncio.Event) -> None:
+        """Until told to quit; a daemon that dies meanwhile ends the run."""
+        while not quit_event.is_set():
+            self.check_children()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(quit_event.wait(), timeout=1.0)
+
+    # -------------------------------------------------------------- shutdown
+
+    async def shutdown(self) -> int:
+        self.lock.set_phase("stopping")
+        code = 0
+        if self.api is not None and self.agent is not None:
+            try:
+                code = await self.stop_studio()
+            except (DemoError, aiohttp.ClientError, TimeoutError, AssertionError) as exc:
+                say(f"the sample studio could not be stopped: {_describe(exc)}", err=True)
+                code = 1
+        if self.api is not None:
+            await self.api.close()
+        if self.agent is not None and self.agent.proc is not None:
+            say("stopping the agent")
+            await asyncio.to_thread(self.agent.stop, signal.SIGTERM, PROCESS_STOP_TIMEOUT)
+        if self.controller.proc is not None:
+            say("stopping the controller")
+            await asyncio.to_thread(self.controller.stop, signal.SIGTERM, PROCESS_STOP_TIMEOUT)
+        return code
+
+    async def stop_studio(self) -> int:
+        assert self.api is not None
+        self.check_children()
+        sid = self.sid or await self.find_sample()
+        if sid is None:
+            return 0
+        studio = await self.studio(sid)
+        status = studio["statusInfo"]["status"]
+        if status in ("starting", "building"):
+            # The API refuses a stop before the tool runs.
+            say("the sample studio is still starting; it is stopped as soon as it runs")
+            studio = await self.wait_for(
+                sid, {"running", "errored", "stopped", "buildFailed"}, START_TIMEOUT
+            )
+            status = studio["statusInfo"]["status"]
+        if status == "running":
+            say("stopping the sample studio (writing its final checkpoint) ...")
+            code, body = await self.api.request("PUT", f"/studios/{sid}/stop")
+            if code not in (200, 409):
+                raise DemoError(f"the stop was refused: {_message(body)}")
+            status = "stopping"
+        if status == "stopping":
+            studio = await self.wait_for(sid, {"stopped", "errored"}, STOP_TIMEOUT)
+            status = studio["statusInfo"]["status"]
+            if status == "stopped":
+                say(f"the sample studio is stopped; {await self.checkpoint_note(sid)}")
+                return 0
+        if status == "errored":
+            message = studio["statusInfo"].get("message") or "no message"
+            say(f"the sample studio is errored: {message}", err=True)
+            return 1
         return 0
+
+    async def checkpoint_note(self, sid: str) -> str:
+        assert self.api is not None
+        code, body = await self.api.request("GET", f"/studios/{sid}/checkpoints?max=100")
+        checkpoints = body.get("checkpoints", []) if code == 200 and isinstance(body, dict) else []
+        if not checkpoints:
+            return "no checkpoint is listed"
+        newest = max(checkpoints, key=lambda c: int(c["id"]))
+        return f"its checkpoint {newest['name']} is {newest['status']}"
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, dict) and "message" in body:
+        return str(body["message"])
+    return str(body)[:200]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, DemoError):
+        return str(exc)
+    if isinstance(exc, aiohttp.ClientError):
+        return f"the controller did not answer ({exc})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------ the runner
+
+
+async def runner_main(opts: argparse.Namespace, front_fd: int | None) -> int:
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    quit_request = QuitRequest()
+    for sig, why in (
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "interrupted"),
+        (signal.SIGHUP, "the terminal hung up"),
+    ):
+        loop.add_signal_handler(sig, quit_request, why)
+    if front_fd is not None:
+
+        def front_gone() -> None:
+            # Readable means EOF: the front never writes.
+            loop.remove_reader(front_fd)
+            quit_request("the quick start's front process exited")
+
+        loop.add_reader(front_fd, front_gone)
+
+    lock = RunLock(opts.state_dir / "run.lock")
+    try:
+        if not await acquire_lock(lock, quit_request.event):
+            return 0
+        stack = Stack(opts, lock)
+        code = 0
+        bring_up = asyncio.create_task(stack.bring_up(opts.check))
+        quit_wait = asyncio.create_task(quit_request.event.wait())
+        await asyncio.wait({bring_up, quit_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if bring_up.done():
+            error = bring_up.exception()
+            if error is not None:
+                code = _report(error, opts.state_dir)
+            elif not opts.check:
+                try:
+                    await stack.watch(quit_request.event)
+                except DemoError as exc:
+                    code = _report(exc, opts.state_dir)
+        else:
+            bring_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await bring_up
+        quit_wait.cancel()
+        quit_request.event.set()
+        return max(code, await stack.shutdown())
+    except DemoError as exc:
+        return _report(exc, opts.state_dir)
     finally:
-        if api is not None:
-            await api.close()
-        if agent is not None:
-            agent.stop()
-        controller.stop()
+        lock.release()
+
+
+def _report(exc: BaseException, state: Path) -> int:
+    """One line for the user; the traceback of anything unexpected goes to a log file."""
+    if isinstance(exc, DemoError):
+        say(f"quick start: {exc}", err=True)
+        return 1
+    log = state / "quickstart.log"
+    with contextlib.suppress(OSError), open(log, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write("".join(traceback.format_exception(exc)))
+    say(f"quick start failed: {_describe(exc)} (details in {log})", err=True)
+    return 1
+
+
+# ------------------------------------------------------------------ the front
+
+
+def front_main(argv: list[str]) -> int:
+    """Start the runner in its own session and relay the terminal's signals to it."""
+    read_end, write_end = os.pipe()
+    runner: subprocess.Popen[bytes] | None = None
+    pending = False
+
+    def relay(signum: int, _frame: object) -> None:
+        nonlocal pending
+        if runner is None:
+            pending = True
+            return
+        with contextlib.suppress(ProcessLookupError):
+            runner.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, relay)
+    runner = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *argv, "--runner-fd", str(read_end)],
+        stdin=subprocess.DEVNULL,
+        pass_fds=(read_end,),
+        start_new_session=True,
+    )
+    os.close(read_end)
+    if pending:
+        runner.send_signal(signal.SIGTERM)
+    code = runner.wait()
+    os.close(write_end)
+    if code < 0:
+        say(f"quick start: its runner was killed by signal {-code}", err=True)
+        return 1
+    return code
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="start, verify, stop and exit")
+    parser.add_argument(
+        "--state-dir",
+        type=lambda s: Path(s).resolve(),
+        default=DEFAULT_STATE,
+        help=f"where the controller, the agent and the studio keep their state ({DEFAULT_STATE})",
+    )
+    parser.add_argument("--http-port", type=int, default=8080, help="the controller's REST API")
+    parser.add_argument("--grpc-port", type=int, default=8081, help="the controller's gRPC port")
+    parser.add_argument("--proxy-port", type=int, default=7070, help="the agent's connect proxy")
+    # Internal: set by the front for the runner (the read end of the pipe it watches).
+    parser.add_argument("--runner-fd", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    opts = parse_args(argv)
+    if opts.runner_fd is None:
+        return front_main(argv)
+    return asyncio.run(runner_main(opts, opts.runner_fd))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="start, verify, stop and exit")
-    sys.exit(asyncio.run(main(parser.parse_args().check)))
+    sys.exit(main(sys.argv[1:]))
