@@ -11,6 +11,10 @@ compute environment does not exist; the agent should retry later), ABORTED
 (a newer stream of the same agent replaced this one), UNAVAILABLE (the
 controller is shutting down; the agent reconnects with backoff).
 
+Checkpoint events are acknowledged: the reader records each one in its own
+transaction and, once that has committed, writes a CheckpointAck (Welcome says
+so with `checkpoint_acks`); the agent drops an event from its outbox only then.
+
 Shutdown drains the streams before the gRPC server and the database stop:
 each handler ends its own stream and records the disconnect while the
 database is still open. A handler cancelled mid-transaction by the server's
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -39,13 +44,49 @@ from controller.models import Agent, ComputeEnv, Studio, utcnow
 from controller.observed import ObservationHandler, capacity_dict
 from controller.reconciler import Reconciler
 
-__all__ = ["SUPPORTED_PROTOCOLS", "AgentService"]
+__all__ = ["SUPPORTED_PROTOCOLS", "TEST_FAULTS", "AgentService", "pause_for_test"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 SUPPORTED_PROTOCOLS = frozenset({agent_pb2.PROTOCOL_VERSION_V1})
+
+
+class _TestFaults:
+    """Fault injection for the crash tests only; inert unless STUDIOS_TEST_FAULT is set.
+
+    The tests must hit windows too narrow to hit by timing (between a commit and
+    the answer that follows it). `STUDIOS_TEST_FAULT` is a comma-separated list of
+    `drop-acks=N` (the first N checkpoint acks of this process are not sent,
+    the events being committed all the same) and `pause=POINT` (the handler
+    reaching POINT waits forever, for the test to SIGKILL the process; points:
+    create.committed, start.committed, stop.committed, delete.committed).
+    """
+
+    def __init__(self, spec: str) -> None:
+        items = dict(item.strip().partition("=")[::2] for item in spec.split(",") if item.strip())
+        self.acks_to_drop = int(items.get("drop-acks", "0") or 0)
+        self.pause_at = items.get("pause", "")
+        if spec:
+            log.warning("TEST FAULTS ACTIVE (STUDIOS_TEST_FAULT=%s): not for production", spec)
+
+    def drop_ack(self, ack: agent_pb2.CheckpointAck) -> bool:
+        if self.acks_to_drop <= 0:
+            return False
+        self.acks_to_drop -= 1
+        log.warning("test fault: dropped the ack of checkpoint %s/%s", ack.session_id, ack.key)
+        return True
+
+
+TEST_FAULTS = _TestFaults(os.environ.get("STUDIOS_TEST_FAULT", ""))
+
+
+async def pause_for_test(point: str) -> None:
+    """Wait forever at `point` when a test asked for it (see _TestFaults)."""
+    if TEST_FAULTS.pause_at == point:
+        log.warning("test fault: paused at %s", point)
+        await asyncio.Event().wait()
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -130,15 +171,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 agent_id=hello.agent_id,
                 heartbeat_interval_seconds=self.heartbeat_interval_seconds,
                 connect_token_key=derive_agent_key(self.master_key, hello.agent_id),
+                checkpoint_acks=True,
             )
         )
         tasks: set[asyncio.Task[Any]] = set()
+        # The reader writes acks and the writer desired state: one write at a time.
+        out = _Writer(context)
         try:
             await context.write(welcome)
             stream.queue.put_nowait(FULL)
             self.reconciler.kick()
-            reader = asyncio.create_task(self._read_loop(stream, context), name="agent-reader")
-            writer = asyncio.create_task(self._write_loop(stream, context), name="agent-writer")
+            reader = asyncio.create_task(self._read_loop(stream, context, out), name="agent-reader")
+            writer = asyncio.create_task(self._write_loop(stream, out), name="agent-writer")
             replaced = asyncio.create_task(stream.replaced.wait(), name="agent-replaced")
             closing = asyncio.create_task(self._closing.wait(), name="agent-closing")
             tasks = {reader, writer, replaced, closing}
@@ -183,7 +227,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 agent.capacity = capacity_dict(hello.capacity)
         return True
 
-    async def _read_loop(self, stream: AgentStream, context: grpc.aio.ServicerContext) -> None:
+    async def _read_loop(
+        self, stream: AgentStream, context: grpc.aio.ServicerContext, out: _Writer
+    ) -> None:
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
@@ -191,20 +237,28 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return
             kind = request.WhichOneof("message")
             try:
-                await _to_completion(self._handle(stream, kind, request))
+                ack = await _to_completion(self._handle(stream, kind, request))
             except Exception:
-                # One bad message must not end the stream: everything is re-sent.
+                # One bad message must not end the stream: everything is re-sent
+                # (a checkpoint event left without its ack on the next connect).
                 log.exception("agent %s: handling %s failed", stream.agent_id, kind)
+                continue
+            if ack is not None and not TEST_FAULTS.drop_ack(ack):
+                # Only now: the transaction that recorded the checkpoint has committed.
+                await out.write(agent_pb2.ConnectResponse(checkpoint_ack=ack))
 
-    async def _handle(self, stream: AgentStream, kind: str | None, request: Any) -> None:
+    async def _handle(
+        self, stream: AgentStream, kind: str | None, request: Any
+    ) -> agent_pb2.CheckpointAck | None:
+        """Apply one agent message; for a checkpoint event, the ack to send."""
+        if kind == "checkpoint":
+            return await self.observations.checkpoint(stream, request.checkpoint)
         if kind == "inventory":
             resend = await self.observations.inventory(stream, request.inventory)
             self.hub.notify(stream.agent_id, resend)
         elif kind == "session":
             resend = await self.observations.session_observed(stream, request.session)
             self.hub.notify(stream.agent_id, resend)
-        elif kind == "checkpoint":
-            await self.observations.checkpoint(stream, request.checkpoint)
         elif kind == "capacity":
             await self.observations.capacity(stream.agent_id, request.capacity)
         elif kind == "heartbeat":
@@ -215,8 +269,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             log.warning("agent %s sent a second Hello; ignored", stream.agent_id)
         else:
             log.warning("agent %s sent an empty message", stream.agent_id)
+        return None
 
-    async def _write_loop(self, stream: AgentStream, context: grpc.aio.ServicerContext) -> None:
+    async def _write_loop(self, stream: AgentStream, out: _Writer) -> None:
         while True:
             item = await stream.queue.get()
             full = item == FULL
@@ -231,7 +286,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             desired = await _to_completion(self._desired(stream, full, ids))
             if not full and not desired.sessions:
                 continue
-            await context.write(agent_pb2.ConnectResponse(desired=desired))
+            await out.write(agent_pb2.ConnectResponse(desired=desired))
 
     async def _desired(
         self, stream: AgentStream, full: bool, ids: set[str]
@@ -274,6 +329,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     )
         except Exception:
             log.exception("recording the disconnection of agent %s failed", stream.agent_id)
+
+
+class _Writer:
+    """Serialises the writes of a stream's reader (acks) and writer (desired state)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._lock = asyncio.Lock()
+
+    async def write(self, message: agent_pb2.ConnectResponse) -> None:
+        async with self._lock:
+            await self._context.write(message)
 
 
 async def _to_completion(work: Coroutine[Any, Any, _T]) -> _T:

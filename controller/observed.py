@@ -267,17 +267,45 @@ class ObservationHandler:
                 for c in sorted(entries, key=lambda c: c.user_id)
             ]
 
-    async def checkpoint(self, stream: AgentStream, event: agent_pb2.CheckpointEvent) -> None:
+    async def checkpoint(
+        self, stream: AgentStream, event: agent_pb2.CheckpointEvent
+    ) -> agent_pb2.CheckpointAck:
+        """Record one CheckpointEvent; the ack to send once this has returned (committed).
+
+        Idempotent by (session, key): a copy of an event already recorded changes
+        nothing and is acknowledged again, so an agent that lost the first ack
+        can drop its copy.
+        """
+        result, message = await self._record_checkpoint(stream, event)
+        return agent_pb2.CheckpointAck(
+            session_id=event.session_id,
+            key=event.key,
+            generation=event.generation,
+            result=result,
+            message=message,
+        )
+
+    async def _record_checkpoint(
+        self, stream: AgentStream, event: agent_pb2.CheckpointEvent
+    ) -> tuple[agent_pb2.CheckpointAckResult, str]:
+        recorded = agent_pb2.CHECKPOINT_ACK_RESULT_RECORDED
+        superseded = agent_pb2.CHECKPOINT_ACK_RESULT_SUPERSEDED
         async with self.db.transaction() as session:
-            studio = await session.get(Studio, event.session_id)
+            # The studio row's lock serialises the events of one session across
+            # controllers sharing a database: two copies of an event never both insert.
+            studio = await session.get(Studio, event.session_id, with_for_update=True)
             if studio is None:
                 log.warning(
-                    "checkpoint %s of unknown session %s from agent %s ignored",
+                    "checkpoint %s of unknown session %s from agent %s refused",
                     event.key,
                     event.session_id,
                     stream.agent_id,
                 )
-                return
+                # Nothing can ever make this session known: the agent stops re-sending.
+                return (
+                    agent_pb2.CHECKPOINT_ACK_RESULT_REFUSED,
+                    f"session {event.session_id} is unknown to the controller",
+                )
             status = _CHECKPOINT_STATUS.get(event.status, "empty")
             saved = datetime.fromtimestamp(event.saved_at, UTC) if event.saved_at > 0 else utcnow()
             # One checkpoint per session run: the agent refreshes the run's checkpoint
@@ -296,18 +324,22 @@ class ObservationHandler:
                 .with_for_update()
             )
             if existing is not None:
+                if existing.key == event.key and existing.status == status:
+                    return recorded, ""  # a copy of an event already recorded
                 if existing.status == "finalized" and status == "interim":
-                    return  # a late re-send of an older event
+                    # A late re-send of an older event.
+                    return superseded, f"run {event.generation} already has its final checkpoint"
                 before = as_utc(existing.date_saved)
                 if existing.key != event.key and before is not None:
                     if saved < before or (saved == before and event.key < existing.key):
-                        return  # an older refresh of this run, re-sent late
+                        # An older refresh of this run, re-sent late.
+                        return superseded, f"a newer checkpoint of run {event.generation} exists"
                 existing.status = status
                 existing.key = event.key
                 existing.uri = event.uri or existing.uri
                 existing.size_bytes = event.size_bytes
                 existing.date_saved = saved
-                return
+                return recorded, ""
             count = await session.scalar(
                 select(func.count())
                 .select_from(Checkpoint)
@@ -336,3 +368,4 @@ class ObservationHandler:
                     date_saved=saved,
                 )
             )
+        return recorded, ""

@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from agent.connect_token import derive_agent_key, sign_connect_token
 from controller import lifecycle
 from controller.agent_hub import AgentHub
+from controller.agent_service import pause_for_test
 from controller.auth import (
     Permission,
     Principal,
@@ -405,6 +406,7 @@ class StudioService:
                 f"a studio named {body.name!r} already exists in the workspace"
             ) from None
         log.info("studio %s (%r) created by %s", session_id, body.name, principal.user_name)
+        await pause_for_test("create.committed")
         if auto_start:
             await self.placer.place_pending([session_id])
         async with self.db.transaction() as session:
@@ -567,6 +569,7 @@ class StudioService:
                 studio.restore_checkpoint_id = await self._restore_point(session, studio)
         except IntegrityError:
             raise Conflict("a studio with that name already exists in the workspace") from None
+        await pause_for_test("start.committed")
         # The agent of the previous run forgets it (it is placed anew).
         self.hub.notify(previous_agent, [session_id])
         await self.placer.place_pending([session_id])
@@ -621,6 +624,7 @@ class StudioService:
                 # to stop, so nothing lingers there.
                 studio.desired_status = "stopped"
             info = status_info(studio)
+        await pause_for_test("stop.committed")
         self.hub.notify(agent_id, [session_id])
         return DataStudioStopResponse(
             job_submitted=submitted, session_id=session_id, status_info=info
@@ -640,6 +644,7 @@ class StudioService:
             studio.desired_status = "deleted"
             agent_id = studio.agent_id
         log.info("studio %s deleted by %s", session_id, principal.user_name)
+        await pause_for_test("delete.committed")
         self.hub.notify(agent_id, [session_id])
 
     async def extend_lifespan(
