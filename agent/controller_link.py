@@ -1,7 +1,7 @@
 """The agent's one long-lived gRPC stream to the controller.
 
 On every (re)connect: Hello, wait for Welcome, then a full Inventory, then every
-checkpoint event the stream has not taken yet, then who is connected to each session
+checkpoint event the controller has not acknowledged, then who is connected to each session
 (the controller forgets that when a stream ends); after that SessionObserved on each
 change, HostCapacity periodically and Heartbeat at the interval Welcome asks for.
 Every DesiredState goes to the session manager and to `on_desired` (the proxy's
@@ -10,9 +10,27 @@ Reconnects with exponential backoff and jitter.
 
 What happens while disconnected: observations are coalesced to the newest per
 session (the Inventory sent on reconnect carries the latest state anyway), while
-checkpoint events are kept on disk in an outbox and re-sent on every reconnect for
-a while after the stream took them (they are idempotent by key), so a checkpoint
-the controller did not record can still reach it after a broken stream.
+checkpoint events are kept on disk in an outbox (`Outbox`).
+
+Checkpoint events are acknowledged. A controller whose Welcome sets
+`checkpoint_acks` answers each event with a CheckpointAck once the transaction
+that recorded it has committed; the outbox drops an event only on that ack,
+never on send, and every unacknowledged event goes again after the Inventory on
+each reconnect (oldest first), and on a live stream when its ack is more than a
+minute late (the controller may have failed to record it). A copy is harmless:
+the controller records each (session, key) once and acks every copy. An ack
+that says REFUSED (the session is unknown to the controller: nothing can change
+that) or SUPERSEDED also ends the event. With an older controller, which never
+acks, an event is re-sent on reconnects for 5 minutes after a stream took it,
+then dropped: the stream can break after the write returned but before the
+controller committed it, and nothing better can be known.
+
+The outbox survives an agent SIGKILL at any point: an event is written to a
+temporary file, fsynced, renamed into place and the directory fsynced before
+`publish_checkpoint` returns (the session manager deletes the session directory
+right after); a kill before the rename leaves only a temporary file, which the
+agent removes later, and the checkpoint's manifest is then still in the store but
+not in the catalogue, just as for a kill before the manifest was written.
 """
 
 from __future__ import annotations
@@ -44,41 +62,72 @@ __all__ = ["ControllerLink", "Outbox"]
 log = logging.getLogger(__name__)
 
 _WELCOME_TIMEOUT = 30.0
-# How long a checkpoint event is re-sent on reconnects after a stream took it: the
-# protocol has no acknowledgement, and a stream can break after the write returned
-# but before the controller committed the event.
+# With a controller that does not ack (an older one): how long an event is re-sent
+# on reconnects after a stream took it.
 _OUTBOX_RESEND_SECONDS = 300.0
+# With a controller that acks: an event whose ack is this late on a live stream
+# goes again (its transaction may have failed; a copy is harmless).
+_ACK_LATE_SECONDS = 60.0
+# A temporary file of an interrupted `add` is this old before it is removed (an
+# `add` in progress in another thread must not lose its file).
+_STALE_TMP_SECONDS = 600.0
+
+
+def _digest(session_id: str, key: str) -> str:
+    return hashlib.sha256(f"{session_id}\0{key}".encode()).hexdigest()[:24]
 
 
 class Outbox:
-    """Checkpoint events on disk: `<ns>-<hash>.pb` until written, then `.sent`."""
+    """Checkpoint events on disk, `<ns>-<digest>.pb`, until the controller acks them.
+
+    `<ns>` (nanoseconds of the add) orders them; `<digest>` names the event's
+    (session, key), which is what an ack names. With a controller that does not
+    ack, an event taken by a stream becomes `.sent` and expires after a while.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     def add(self, event: pb.CheckpointEvent) -> Path:
-        digest = hashlib.sha256(f"{event.session_id}\0{event.key}".encode()).hexdigest()[:24]
-        path = self.directory / f"{time.time_ns():020d}-{digest}.pb"
+        path = self.directory / f"{time.time_ns():020d}-{_digest(event.session_id, event.key)}.pb"
         atomic_write_bytes(path, event.SerializeToString())
+        # The rename must outlive a crash of the host too, not only of the agent.
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return path
 
-    def pending(self) -> list[tuple[Path, pb.CheckpointEvent]]:
-        """Every event still to be (re-)sent, oldest first; prunes old `.sent` ones."""
+    def pending(self, *, acks: bool = True) -> list[tuple[Path, pb.CheckpointEvent]]:
+        """Every event to (re-)send, oldest first.
+
+        With `acks` every event on disk is pending until acked; without, `.sent`
+        ones are pending for the re-send window only and removed after it.
+        """
         items = []
         now = time.time()
         for path in sorted(self.directory.iterdir()):
-            if path.suffix == ".sent":
+            if path.name.startswith("."):
+                # A temporary file of an add that a kill interrupted.
+                with contextlib.suppress(FileNotFoundError):
+                    if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
+                        path.unlink(missing_ok=True)
+                continue
+            if path.suffix == ".sent" and not acks:
                 try:
                     if now - path.stat().st_mtime > _OUTBOX_RESEND_SECONDS:
                         path.unlink(missing_ok=True)
                         continue
                 except FileNotFoundError:
                     continue
-            elif path.suffix != ".pb":
+            elif path.suffix not in (".pb", ".sent"):
                 continue
             event = pb.CheckpointEvent()
             try:
                 event.ParseFromString(path.read_bytes())
+            except FileNotFoundError:
+                continue  # acked meanwhile
             except (OSError, ValueError):
                 log.warning("outbox: dropping unreadable %s", path)
                 path.unlink(missing_ok=True)
@@ -86,12 +135,22 @@ class Outbox:
             items.append((path, event))
         return items
 
+    def ack(self, session_id: str, key: str) -> list[Path]:
+        """Drop every copy of the event (session_id, key); the paths removed."""
+        removed = []
+        for path in self.directory.glob(f"*-{_digest(session_id, key)}.*"):
+            if path.suffix in (".pb", ".sent") and not path.name.startswith("."):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
     def mark_written(self, path: Path) -> None:
+        """Only for a controller that does not ack: start the event's re-send window."""
         if path.suffix == ".pb":
             with contextlib.suppress(FileNotFoundError):
                 sent = path.with_suffix(".sent")
                 os.replace(path, sent)
-                os.utime(sent)  # the re-send window starts when the stream took it
+                os.utime(sent)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.utime(path)
@@ -134,6 +193,10 @@ class ControllerLink:
         self.connected_since = 0.0
         self.connects = 0
         self.heartbeat_interval = 10.0
+        # From the Welcome of the current (or last) stream.
+        self.controller_acks = False
+        # Checkpoint events written on this stream and not acked yet: path -> when.
+        self._unacked: dict[Path, float] = {}
         # The proxy reads this; kept on disk so it keeps working while disconnected.
         self.connect_token_key: bytes | None = state.load_connect_key()
         self._queue: collections.OrderedDict[tuple[str, str], pb.ConnectRequest] = (
@@ -165,6 +228,7 @@ class ControllerLink:
         self._enqueue(("conn", conns.session_id), pb.ConnectRequest(connections=conns))
 
     def publish_checkpoint(self, event: pb.CheckpointEvent) -> None:
+        """Persist the event (fsynced) before returning, then queue it for the stream."""
         path = self.outbox.add(event)
         self._enqueue(("ckpt", str(path)), pb.ConnectRequest(checkpoint=event))
 
@@ -282,8 +346,10 @@ class ControllerLink:
         # Resync: the inventory carries the newest state of every session, so the
         # coalesced observations are obsolete; unacknowledged checkpoints go again.
         self._queue.clear()
+        self._unacked.clear()
         inventory = self.manager.inventory()
-        for path, event in await asyncio.to_thread(self.outbox.pending):
+        pending = await asyncio.to_thread(self.outbox.pending, acks=self.controller_acks)
+        for path, event in pending:
             self._queue[("ckpt", str(path))] = pb.ConnectRequest(checkpoint=event)
         # After the inventory (the controller takes connections only of running studios).
         if self.connections_snapshot is not None:
@@ -306,6 +372,12 @@ class ControllerLink:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
+        if welcome.checkpoint_acks != self.controller_acks:
+            log.info(
+                "controller %s checkpoint events",
+                "acknowledges" if welcome.checkpoint_acks else "does not acknowledge",
+            )
+        self.controller_acks = welcome.checkpoint_acks
         if welcome.heartbeat_interval_seconds > 0:
             self.heartbeat_interval = float(welcome.heartbeat_interval_seconds)
         if welcome.connect_token_key and welcome.connect_token_key != self.connect_token_key:
@@ -320,6 +392,8 @@ class ControllerLink:
             kind = msg.WhichOneof("message")
             if kind == "welcome":
                 self._on_welcome(msg.welcome)
+            elif kind == "checkpoint_ack":
+                await self._on_ack(msg.checkpoint_ack)
             elif kind == "desired":
                 sessions = list(msg.desired.sessions)
                 if self.on_desired is not None:
@@ -344,7 +418,47 @@ class ControllerLink:
                     self._queue.move_to_end(key, last=False)
                 raise
             if key[0] == "ckpt":
-                await asyncio.to_thread(self.outbox.mark_written, Path(key[1]))
+                if self.controller_acks:
+                    self._unacked[Path(key[1])] = time.monotonic()
+                else:
+                    await asyncio.to_thread(self.outbox.mark_written, Path(key[1]))
+
+    async def _on_ack(self, ack: pb.CheckpointAck) -> None:
+        removed = await asyncio.to_thread(self.outbox.ack, ack.session_id, ack.key)
+        for path in removed:
+            self._unacked.pop(path, None)
+            self._queue.pop(("ckpt", str(path)), None)  # a copy not sent yet
+        if ack.result == pb.CHECKPOINT_ACK_RESULT_REFUSED:
+            log.warning(
+                "controller refused checkpoint %s of session %s for good (%s); not re-sent",
+                ack.key,
+                ack.session_id,
+                ack.message or "no reason given",
+            )
+        elif ack.result == pb.CHECKPOINT_ACK_RESULT_SUPERSEDED:
+            log.info(
+                "checkpoint %s of session %s superseded: %s", ack.key, ack.session_id, ack.message
+            )
+        else:
+            log.debug("checkpoint %s of session %s acknowledged", ack.key, ack.session_id)
+
+    async def _resend_late(self) -> None:
+        """Queue again the events whose ack is late on this stream (oldest first)."""
+        now = time.monotonic()
+        late = {p for p, t in self._unacked.items() if now - t > _ACK_LATE_SECONDS}
+        if not late:
+            return
+        for path, event in await asyncio.to_thread(self.outbox.pending, acks=True):
+            if path in late:
+                del self._unacked[path]
+                log.info(
+                    "checkpoint %s of session %s: no ack yet, sent again",
+                    event.key,
+                    event.session_id,
+                )
+                self._enqueue(("ckpt", str(path)), pb.ConnectRequest(checkpoint=event))
+        for path in late & set(self._unacked):
+            del self._unacked[path]  # acked meanwhile
 
     async def _ticker(self) -> None:
         next_capacity = time.monotonic() + self.capacity_interval
@@ -354,6 +468,8 @@ class ControllerLink:
                 ("heartbeat", ""),
                 pb.ConnectRequest(heartbeat=pb.Heartbeat(sent_at=int(time.time()))),
             )
+            if self.controller_acks:
+                await self._resend_late()
             if time.monotonic() >= next_capacity:
                 next_capacity = time.monotonic() + self.capacity_interval
                 self._enqueue(("capacity", ""), pb.ConnectRequest(capacity=self._capacity()))
