@@ -196,6 +196,30 @@ class FakeAgent:
         msg = await self.wait_for(matches, start=start, timeout=timeout)
         return next(s for s in msg.desired.sessions if s.session_id == session_id)
 
+    def acks(self, session_id: str | None = None) -> list[pb.CheckpointAck]:
+        """Every CheckpointAck received (of `session_id`), in order."""
+        return [
+            m.checkpoint_ack
+            for m in self.responses
+            if m.HasField("checkpoint_ack")
+            and (session_id is None or m.checkpoint_ack.session_id == session_id)
+        ]
+
+    async def wait_ack(
+        self, session_id: str, key: str, *, start: int = 0, timeout: float = 10.0
+    ) -> pb.CheckpointAck:
+        """The first CheckpointAck of (session_id, key) since response index `start`."""
+        msg = await self.wait_for(
+            lambda r: (
+                r.HasField("checkpoint_ack")
+                and r.checkpoint_ack.session_id == session_id
+                and r.checkpoint_ack.key == key
+            ),
+            start=start,
+            timeout=timeout,
+        )
+        return msg.checkpoint_ack
+
     async def wait_error(self, timeout: float = 10.0) -> grpc.aio.AioRpcError:
         assert self._reader is not None
         await asyncio.wait_for(asyncio.shield(self._reader), timeout)

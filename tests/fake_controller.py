@@ -4,6 +4,11 @@ It implements `AgentService.Connect`, checks the bearer token, answers Hello wit
 Welcome and the full desired set it holds, records everything the agent sends, and
 lets a test push DesiredState at any time. It can be stopped and started again on
 the same port to test reconnects.
+
+Checkpoint events are acknowledged as the real controller does (it "records" an event
+on receipt), unless the test says otherwise: `acks=False` plays an older controller
+that never acks, `drop_acks=N` loses the next N acks (as a stream that breaks after
+the controller's commit would), `refuse` names sessions whose events are refused.
 """
 
 from __future__ import annotations
@@ -46,11 +51,21 @@ def desired(
 
 class FakeController(pb_grpc.AgentServiceServicer):
     def __init__(
-        self, token: str = "agent-secret", key: bytes = b"k" * 32, heartbeat: int = 1
+        self,
+        token: str = "agent-secret",
+        key: bytes = b"k" * 32,
+        heartbeat: int = 1,
+        *,
+        acks: bool = True,
     ) -> None:
         self.token = token
         self.key = key
         self.heartbeat = heartbeat
+        self.acks = acks
+        self.drop_acks = 0
+        self.refuse: set[str] = set()
+        # Every ack sent, in order: (stream number, ack).
+        self.acked: list[tuple[int, pb.CheckpointAck]] = []
         # Everything received, in order: (stream number, message).
         self.received: list[tuple[int, pb.ConnectRequest]] = []
         self.streams = 0
@@ -158,6 +173,7 @@ class FakeController(pb_grpc.AgentServiceServicer):
                     agent_id=first.hello.agent_id,
                     heartbeat_interval_seconds=self.heartbeat,
                     connect_token_key=self.key,
+                    checkpoint_acks=self.acks,
                 )
             )
         )
@@ -175,6 +191,11 @@ class FakeController(pb_grpc.AgentServiceServicer):
                 if msg is grpc.aio.EOF:
                     return
                 self._record(stream, msg)
+                if msg.WhichOneof("message") == "checkpoint" and self.acks:
+                    ack = self._ack(msg.checkpoint)
+                    if ack is not None:
+                        self.acked.append((stream, ack))
+                        queue.put_nowait(pb.ConnectResponse(checkpoint_ack=ack))
 
         read_task = asyncio.create_task(reader())
         try:
@@ -190,6 +211,24 @@ class FakeController(pb_grpc.AgentServiceServicer):
             read_task.cancel()
             if queue in self._queues:
                 self._queues.remove(queue)
+
+    def _ack(self, event: pb.CheckpointEvent) -> pb.CheckpointAck | None:
+        if self.drop_acks > 0:
+            self.drop_acks -= 1
+            return None
+        refused = event.session_id in self.refuse
+        return pb.CheckpointAck(
+            session_id=event.session_id,
+            key=event.key,
+            generation=event.generation,
+            result=(
+                pb.CHECKPOINT_ACK_RESULT_REFUSED if refused else pb.CHECKPOINT_ACK_RESULT_RECORDED
+            ),
+            message=f"session {event.session_id} is unknown" if refused else "",
+        )
+
+    def acks_for(self, session_id: str) -> list[pb.CheckpointAck]:
+        return [a for _, a in self.acked if a.session_id == session_id]
 
     def _record(self, stream: int, msg: pb.ConnectRequest) -> None:
         self.received.append((stream, msg))

@@ -223,21 +223,27 @@ async def test_lifecycle_with_agent(
     assert body["checkpoints"][0]["status"] == "interim"
     # A refresh of the same run updates that run's checkpoint (one per run, newest
     # object); a late re-send of the older refresh does not take it back.
+    # Each event is acked once its transaction has committed, saying what became of it.
+    mark = len(agent.responses)
     await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM, size=99)
     await agent.checkpoint(sid, 2, "ckpt-b", pb.CHECKPOINT_STATUS_INTERIM)
     await agent.checkpoint(sid, 2, "ckpt-d", pb.CHECKPOINT_STATUS_FINALIZED, size=77)
-    for _ in range(200):
-        _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
-        if body["checkpoints"][0]["status"] == "finalized":
-            break
-        await asyncio.sleep(0.02)
+    ack_c = await agent.wait_ack(sid, "ckpt-c", start=mark)
+    ack_b = await agent.wait_ack(sid, "ckpt-b", start=mark)
+    ack_d = await agent.wait_ack(sid, "ckpt-d", start=mark)
+    assert ack_c.result == pb.CHECKPOINT_ACK_RESULT_RECORDED and ack_c.generation == 2
+    assert ack_b.result == pb.CHECKPOINT_ACK_RESULT_SUPERSEDED
+    assert ack_d.result == pb.CHECKPOINT_ACK_RESULT_RECORDED
+    _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
     assert body["totalSize"] == 2
     assert [c["name"] for c in body["checkpoints"]] == ["my_studio_2", "my_studio_1"]
     newest = body["checkpoints"][0]
     assert newest["path"] == "file:///work/.studios/checkpoints/ckpt-d"
     assert newest["status"] == "finalized"
+    mark = len(agent.responses)
     await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM)
-    await asyncio.sleep(0.2)
+    ack = await agent.wait_ack(sid, "ckpt-c", start=mark)
+    assert ack.result == pb.CHECKPOINT_ACK_RESULT_SUPERSEDED
     _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
     assert body["checkpoints"][0]["path"].endswith("/ckpt-d")
 
