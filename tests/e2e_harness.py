@@ -3,6 +3,11 @@
 Nothing here is a double: `studio-controller serve` and `studio-agent serve` are started as
 child processes with their console scripts, and the tests talk to them over REST, the proxy
 and the agent's admin socket, as an upstream service, a browser and an operator would.
+
+`Stack` is the tests' pair: a controller, one compute environment (any workDir: a path or an
+`s3://` URL) and one or more agents (local or podman runtime, extra environment such as S3
+keys), with the clean-up a failed test needs (studios stopped, stray tools, containers,
+mounts and loop devices removed). `LocalStack` is the benchmarks' simpler one.
 """
 
 from __future__ import annotations
@@ -16,20 +21,25 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 __all__ = [
     "AgentProcess",
     "ControllerProcess",
+    "LocalStack",
     "LocalhostResolver",
     "RestClient",
+    "Stack",
+    "agent_session",
     "free_port",
+    "open_studio",
     "script",
 ]
 
@@ -124,6 +134,7 @@ class ControllerProcess(_Process):
         database: str | None = None,
         http_port: int | None = None,
         grpc_port: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.http_port = http_port or free_port()
@@ -140,7 +151,9 @@ class ControllerProcess(_Process):
         ]
         if database:
             argv += ["--database", database]
-        super().__init__(argv=argv, log_path=data_dir.parent / f"{data_dir.name}.log")
+        super().__init__(
+            argv=argv, log_path=data_dir.parent / f"{data_dir.name}.log", env=dict(env or {})
+        )
 
     @property
     def url(self) -> str:
@@ -187,8 +200,11 @@ class AgentProcess(_Process):
         *,
         proxy_port: int | None = None,
         extra_args: Iterable[str] = (),
+        runtime: str = "local",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.runtime = runtime
         self.proxy_port = proxy_port or free_port()
         argv = [
             script("studio-agent"),
@@ -202,12 +218,14 @@ class AgentProcess(_Process):
             "--state-dir",
             str(state_dir),
             "--runtime",
-            "local",
+            runtime,
             "--proxy",
             f"127.0.0.1:{self.proxy_port}",
             *extra_args,
         ]
-        super().__init__(argv=argv, log_path=state_dir.parent / f"{state_dir.name}.log")
+        super().__init__(
+            argv=argv, log_path=state_dir.parent / f"{state_dir.name}.log", env=dict(env or {})
+        )
 
     def cli(self, *args: str) -> Any:
         """Run `studio-agent <args> --state-dir DIR --json` and return the parsed JSON."""
@@ -325,3 +343,224 @@ class LocalStack:
         if self.agent is not None:
             self.agent.stop()
         self.controller.stop()
+
+
+def agent_session(agent: AgentProcess, session_id: str) -> dict[str, Any]:
+    """The session as `studio-agent sessions --json` (the operator's view) shows it."""
+    listing = agent.cli("sessions")
+    sessions = listing["sessions"] if isinstance(listing, dict) else listing
+    for session in sessions:
+        if session.get("sessionId", session.get("id")) == session_id:
+            return dict(session)
+    raise AssertionError(f"session {session_id} not in `studio-agent sessions`: {listing}")
+
+
+async def open_studio(api: RestClient, studio: dict[str, Any], path: str = "/") -> str:
+    """Open `studioUrl` as a browser would, then fetch `path` through the proxy."""
+    async with api.http.get(
+        studio["studioUrl"],
+        headers={"Authorization": f"Bearer {api.token}"},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == 302, await resp.text()
+        location = resp.headers["Location"]
+    assert location.startswith(f"http://{studio['sessionId']}.localhost:"), location
+    async with api.http.get(location) as resp:  # token -> cookie -> clean URL
+        assert resp.status == 200, await resp.text()
+        base = str(resp.url).split("?")[0].rstrip("/")
+    async with api.http.get(base + path) as resp:
+        assert resp.status == 200, (
+            f"GET {path} through the proxy: {resp.status} {await resp.text()}"
+        )
+        return await resp.text()
+
+
+class Stack:
+    """A controller, one compute environment and its agents, as real processes in `tmp`.
+
+    `start()` starts the controller (with `controller_env` in its environment), creates the
+    compute environment (`work_dir`, default `tmp/work`; `compute_env_config` adds to its
+    config) and starts one agent; `add_agent()` starts another or a replacement on the same
+    state directory. `close()` stops every studio still running (so its volume is
+    released and its checkpoint written), then the agents and the controller, and removes
+    whatever a failed test left behind under `tmp`.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        work_dir: str | None = None,
+        controller_env: Mapping[str, str] | None = None,
+        compute_env_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tmp = tmp
+        self.work_dir = work_dir or str(tmp / "work")
+        self.compute_env_config = dict(compute_env_config or {})
+        self.controller = ControllerProcess(tmp / "controller", env=controller_env)
+        self.agents: list[AgentProcess] = []
+        self.api: RestClient | None = None
+        self.compute_env_id = ""
+        self.session_ids: set[str] = set()
+
+    @property
+    def agent(self) -> AgentProcess:
+        return self.agents[-1]
+
+    async def start(
+        self,
+        *,
+        agent_args: Iterable[str] = (),
+        runtime: str = "local",
+        agent_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.controller.start()
+        await self.controller.wait_ready()
+        self.api = RestClient(self.controller.url, self.controller.admin_token)
+        config = {"workDir": self.work_dir, "bootDiskSizeGb": 30, **self.compute_env_config}
+        _, body = await self.api.request(
+            "POST",
+            "/compute-envs",
+            {"computeEnv": {"name": "local", "platform": "studio-agent", "config": config}},
+            expect=200,
+        )
+        self.compute_env_id = str(body["computeEnvId"])
+        await self.add_agent(agent_args=agent_args, runtime=runtime, env=agent_env)
+
+    async def add_agent(
+        self,
+        *,
+        agent_args: Iterable[str] = (),
+        runtime: str = "local",
+        env: Mapping[str, str] | None = None,
+        state_dir: Path | None = None,
+        proxy_port: int | None = None,
+    ) -> AgentProcess:
+        agent = AgentProcess(
+            self.controller,
+            self.compute_env_id,
+            state_dir or self.tmp / f"agent{len(self.agents) or ''}",
+            proxy_port=proxy_port,
+            extra_args=agent_args,
+            runtime=runtime,
+            env=env,
+        )
+        self.agents.append(agent)
+        agent.start()
+        await self.wait_agent_connected()
+        return agent
+
+    async def wait_agent_connected(self, timeout: float = 30.0) -> dict[str, Any]:
+        assert self.api is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.agent.alive():
+                raise RuntimeError(f"agent exited:\n{self.agent.log_tail()}")
+            _, body = await self.api.request("GET", "/agents", expect=200)
+            connected = [a for a in body["agents"] if a["connected"]]
+            if connected:
+                return dict(connected[0])
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"agent did not connect:\n{self.agent.log_tail()}")
+
+    # ------------------------------------------------------------ studios
+
+    async def create_studio(self, name: str, **fields: Any) -> str:
+        """POST /studios in this compute environment; the new session id."""
+        assert self.api is not None
+        body = {"name": name, "computeEnvId": self.compute_env_id, **fields}
+        _, answer = await self.api.request("POST", "/studios", body, expect=200)
+        sid = str(answer["studio"]["sessionId"])
+        self.session_ids.add(sid)
+        return sid
+
+    async def start_studio(self, sid: str, timeout: float = 60.0) -> dict[str, Any]:
+        assert self.api is not None
+        await self.api.request("PUT", f"/studios/{sid}/start", {}, expect=200)
+        return await self.wait_running(sid, timeout)
+
+    async def wait_running(self, sid: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for `running`; an `errored` studio fails at once with its message."""
+        assert self.api is not None
+        studio = await self.api.wait_status(sid, {"running", "errored"}, timeout=timeout)
+        status = studio["statusInfo"]
+        assert status["status"] == "running", (
+            f"studio {sid} errored: {status.get('message')}\n{self.agent.log_tail()}"
+        )
+        return studio
+
+    async def stop_studio(self, sid: str, timeout: float = 60.0) -> dict[str, Any]:
+        assert self.api is not None
+        await self.api.request("PUT", f"/studios/{sid}/stop", expect=200)
+        studio = await self.api.wait_status(sid, {"stopped", "errored"}, timeout=timeout)
+        status = studio["statusInfo"]
+        assert status["status"] == "stopped", (
+            f"studio {sid} did not stop cleanly: {status.get('message')}\n{self.agent.log_tail()}"
+        )
+        return studio
+
+    async def checkpoints(self, sid: str) -> list[dict[str, Any]]:
+        """The studio's checkpoints, oldest first (by id: the catalogue's order of runs)."""
+        assert self.api is not None
+        _, body = await self.api.request("GET", f"/studios/{sid}/checkpoints?max=100", expect=200)
+        return sorted(body["checkpoints"], key=lambda c: int(c["id"]))
+
+    # ------------------------------------------------------------ clean-up
+
+    async def close(self) -> None:
+        if self.api is not None:
+            # Stop what a failed test left running, so that its volume is released.
+            if self.controller.alive() and any(agent.alive() for agent in self.agents):
+                with_timeout = aiohttp.ClientTimeout(total=10)
+                try:
+                    _, listing = await self.api.request("GET", "/studios", timeout=with_timeout)
+                except (aiohttp.ClientError, TimeoutError):
+                    listing = {}
+                for studio in listing.get("studios", []) if isinstance(listing, dict) else []:
+                    self.session_ids.add(studio["sessionId"])
+                    if studio["statusInfo"]["status"] in ("running", "starting"):
+                        await self.api.request("PUT", f"/studios/{studio['sessionId']}/stop")
+                        try:
+                            await self.api.wait_status(
+                                studio["sessionId"], {"stopped", "errored"}, timeout=60
+                            )
+                        except TimeoutError:
+                            pass
+            await self.api.close()
+        for agent in self.agents:
+            agent.stop()
+        self.controller.stop()
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        # Tools are started in their own process sessions so that they outlive an agent
+        # restart, and containers outlive it by design: a test must not leave them behind.
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if str(self.tmp) in cmdline:
+                proc.kill()
+        if any(agent.runtime == "podman" for agent in self.agents) and shutil.which("podman"):
+            from agent.runtime_podman import LABEL_SESSION
+
+            for sid in self.session_ids:
+                out = subprocess.run(
+                    ["podman", "ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                for cid in out.stdout.split():
+                    subprocess.run(
+                        ["podman", "rm", "-f", "-t", "0", cid], capture_output=True, check=False
+                    )
+        if os.geteuid() == 0:
+            from agent.mount_base import detach_mounts_under_sync
+
+            detach_mounts_under_sync(self.tmp)
+            for image in self.tmp.rglob("*.xfs"):
+                out = subprocess.run(
+                    ["losetup", "-j", str(image)], capture_output=True, text=True, check=False
+                )
+                for line in out.stdout.splitlines():
+                    device = line.split(":", 1)[0]
+                    subprocess.run(["losetup", "-d", device], capture_output=True, check=False)

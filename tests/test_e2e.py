@@ -7,98 +7,20 @@ for `running`, open the tool through `studioUrl`, write a file in the session, s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient
+from tests.e2e_harness import AgentProcess, Stack, agent_session, open_studio
 
 pytestmark = pytest.mark.e2e
 
 TEMPLATE = "studios/python-http:3.11-0.1"
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.controller = ControllerProcess(tmp / "controller")
-        self.agents: list[AgentProcess] = []
-        self.api: RestClient | None = None
-        self.compute_env_id = ""
-
-    async def start(self, *, agent_args: tuple[str, ...] = ()) -> None:
-        self.controller.start()
-        await self.controller.wait_ready()
-        self.api = RestClient(self.controller.url, self.controller.admin_token)
-        _, body = await self.api.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": "local",
-                    "platform": "studio-agent",
-                    "config": {"workDir": str(self.tmp / "work"), "bootDiskSizeGb": 30},
-                }
-            },
-            expect=200,
-        )
-        self.compute_env_id = body["computeEnvId"]
-        self.agents.append(
-            AgentProcess(
-                self.controller, self.compute_env_id, self.tmp / "agent", extra_args=agent_args
-            )
-        )
-        self.agent.start()
-        await self.wait_agent_connected()
-
-    @property
-    def agent(self) -> AgentProcess:
-        return self.agents[-1]
-
-    async def wait_agent_connected(self, timeout: float = 30.0) -> dict[str, Any]:
-        assert self.api is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.agent.alive():
-                raise RuntimeError(f"agent exited:\n{self.agent.log_tail()}")
-            _, body = await self.api.request("GET", "/agents", expect=200)
-            connected = [a for a in body["agents"] if a["connected"]]
-            if connected:
-                return connected[0]
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"agent did not connect:\n{self.agent.log_tail()}")
-
-    async def close(self) -> None:
-        if self.api is not None:
-            # Stop what a failed test left running, so that its volume is released.
-            if self.controller.alive() and any(agent.alive() for agent in self.agents):
-                _, listing = await self.api.request("GET", "/studios")
-                for studio in listing.get("studios", []) if isinstance(listing, dict) else []:
-                    if studio["statusInfo"]["status"] in ("running", "starting"):
-                        await self.api.request("PUT", f"/studios/{studio['sessionId']}/stop")
-                        try:
-                            await self.api.wait_status(
-                                studio["sessionId"], {"stopped", "errored"}, timeout=60
-                            )
-                        except TimeoutError:
-                            pass
-            await self.api.close()
-        for agent in self.agents:
-            agent.stop()
-        self.controller.stop()
-        # Tools are started in their own process sessions so that they outlive an agent
-        # restart; a test must not leave them behind.
-        for proc in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if str(self.tmp) in cmdline:
-                proc.kill()
 
 
 @pytest.fixture
@@ -108,33 +30,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.close()
-
-
-def _session(agent: AgentProcess, session_id: str) -> dict[str, Any]:
-    listing = agent.cli("sessions")
-    sessions = listing["sessions"] if isinstance(listing, dict) else listing
-    for session in sessions:
-        if session.get("sessionId", session.get("id")) == session_id:
-            return session
-    raise AssertionError(f"session {session_id} not in `studio-agent sessions`: {listing}")
-
-
-async def _open_studio(api: RestClient, studio: dict[str, Any], path: str = "/") -> str:
-    """Open `studioUrl` as a browser would, then fetch `path` through the proxy."""
-    async with api.http.get(
-        studio["studioUrl"],
-        headers={"Authorization": f"Bearer {api.token}"},
-        allow_redirects=False,
-    ) as resp:
-        assert resp.status == 302, await resp.text()
-        location = resp.headers["Location"]
-    assert location.startswith(f"http://{studio['sessionId']}.localhost:"), location
-    async with api.http.get(location) as resp:  # token -> cookie -> clean URL
-        assert resp.status == 200, await resp.text()
-        base = str(resp.url).split("?")[0].rstrip("/")
-    async with api.http.get(base + path) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.text()
 
 
 async def test_studio_lifecycle_end_to_end(stack: Stack) -> None:
@@ -155,15 +50,15 @@ async def test_studio_lifecycle_end_to_end(stack: Stack) -> None:
     startup_seconds = time.monotonic() - created_at
     print(json.dumps({"post_to_running_seconds": round(startup_seconds, 3)}))
 
-    listing = await _open_studio(api, studio)
+    listing = await open_studio(api, studio)
     assert "Directory listing" in listing
 
-    session = _session(stack.agent, sid)
+    session = agent_session(stack.agent, sid)
     assert session["status"] == "running"
     assert session["runtime"] == "local"
     root = Path(session["rootDir"])
     (root / "notes.txt").write_text("written in the session\n")
-    assert await _open_studio(api, studio, "/notes.txt") == "written in the session\n"
+    assert await open_studio(api, studio, "/notes.txt") == "written in the session\n"
 
     await api.request("PUT", f"/studios/{sid}/stop", expect=200)
     await api.wait_status(sid, "stopped")
@@ -177,7 +72,7 @@ async def test_studio_lifecycle_end_to_end(stack: Stack) -> None:
 
     await api.request("PUT", f"/studios/{sid}/start", {}, expect=200)
     studio = await api.wait_status(sid, "running")
-    assert await _open_studio(api, studio, "/notes.txt") == "written in the session\n"
+    assert await open_studio(api, studio, "/notes.txt") == "written in the session\n"
 
     await api.request("PUT", f"/studios/{sid}/stop", expect=200)
     await api.wait_status(sid, "stopped")
@@ -240,8 +135,8 @@ async def test_agent_and_controller_restarts_lose_nothing(stack: Stack) -> None:
     await stack.wait_agent_connected()
     studio = await api.wait_status(sid, "running")
     assert _tool_pid(stack.tmp, sid) == tool_pid_before
-    assert _session(stack.agent, sid)["status"] == "running"
-    assert "Directory listing" in await _open_studio(api, studio)
+    assert agent_session(stack.agent, sid)["status"] == "running"
+    assert "Directory listing" in await open_studio(api, studio)
 
     # The controller restarts: studios and statuses are intact, the agent reconnects.
     stack.controller.stop()
@@ -251,7 +146,7 @@ async def test_agent_and_controller_restarts_lose_nothing(stack: Stack) -> None:
     studio = await api.wait_status(sid, "running")
     assert studio["name"] == "survivor"
     assert _tool_pid(stack.tmp, sid) == tool_pid_before
-    assert "Directory listing" in await _open_studio(api, studio)
+    assert "Directory listing" in await open_studio(api, studio)
 
     await api.request("PUT", f"/studios/{sid}/stop", expect=200)
     await api.wait_status(sid, "stopped")
