@@ -17,7 +17,10 @@ sets a session cookie that stands in for it:
   prefix stops a tool on a sibling host from planting a Domain cookie).
 - It authenticates only GET and HEAD. Anything that changes state still needs
   a bearer token, so a forged cross-site request carries nothing the
-  controller accepts: there is no CSRF surface to defend with tokens.
+  controller accepts: there is no CSRF surface to defend with tokens. The
+  exceptions are the sign-in and sign-out forms themselves, which need no
+  credentials; they refuse posts from other origins and sites instead
+  (`controller.web_auth`).
 
 `safe_next` keeps the return URL of the sign-in page on this origin.
 """

@@ -6,8 +6,14 @@ signing in with an API token it is sent back there (only ever to a path of
 this origin: `signin.safe_next`).
 
 Content negotiation: a JSON body gets JSON answers (``{"message"}`` on
-errors); a form post (what the page sends) gets a 303 on success and the form
-again, with the reason, on failure.
+errors); a form post (what the page sends) gets a 303 on success, to the
+signed-in page that continues to ``next`` (`_continue` says why not straight
+there), and the form again, with the reason, on failure.
+
+The two forms are the only state a browser can change with this controller
+without a bearer token, so both refuse posts from other origins and sites
+(`_check_same_origin`); the pages' referrer policy is chosen so that their own
+posts carry the Origin that check reads.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import html
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from controller.auth import Principal
 from controller.errors import BadRequest, Forbidden, StudiosError, Unauthorized
 from controller.models import User, utcnow
 from controller.signin import (
@@ -43,7 +50,12 @@ _PAGE_HEADERS = {
     # No scripts, no framing (clickjacking), forms post only here.
     "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # `same-origin`: the pages' own form posts carry their real Origin, which the same-origin
+    # check needs (under `no-referrer` browsers send `Origin: null`, and null must stay
+    # refused: it is what any page that hides its origin sends), while no other origin is ever
+    # sent a Referer holding a `next` path. `strict-origin` would keep the Origin too, but
+    # would also send it to the proxy's hosts, where tools run code nobody vetted.
+    "Referrer-Policy": "same-origin",
 }
 _MAX_FORM_BYTES = 8192
 
@@ -59,10 +71,10 @@ def _settings(request: web.Request) -> SignInSettings:
     return request.app[SIGNIN_KEY]
 
 
-def _page(title: str, body: str, status: int = 200) -> web.Response:
+def _page(title: str, body: str, status: int = 200, head: str = "") -> web.Response:
     text = (
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
-        f"<title>{html.escape(title)}</title></head><body>\n{body}\n</body></html>\n"
+        f"<title>{html.escape(title)}</title>{head}</head><body>\n{body}\n</body></html>\n"
     )
     return web.Response(text=text, status=status, content_type="text/html", headers=_PAGE_HEADERS)
 
@@ -82,24 +94,68 @@ def _form(next_path: str, message: str | None = None, status: int = 200) -> web.
     return _page("Sign in - Studios", body, status)
 
 
+_SIGN_OUT_FORM = (
+    '<form method=post action="/auth/sign-out"><button type=submit>Sign out</button></form>'
+)
+
+
+def _continue(who: Principal, next_path: str) -> web.Response:
+    """The signed-in page that goes on to `next_path` by itself.
+
+    A form sign-in ends here rather than redirecting straight to `next_path`: browsers check
+    every redirect of a form's navigation against the page's `form-action 'self'`, and a
+    studioUrl redirects on to the proxy's host, so the form's chain must stop on this origin.
+    A meta refresh is a new navigation (no script: the policy allows none).
+    """
+    target = html.escape(next_path, quote=True)
+    body = (
+        f"<h1>Studios</h1>\n<p>Signed in as {html.escape(who.user_name)}. "
+        f'Continuing to <a href="{target}">{target}</a>.</p>\n{_SIGN_OUT_FORM}'
+    )
+    head = f'<meta http-equiv=refresh content="0; url={target}">'
+    return _page("Signed in - Studios", body, head=head)
+
+
+async def _signed_in(request: web.Request) -> Principal | None:
+    """Who this browser's session cookie signs in, if it is valid."""
+    settings = _settings(request)
+    cookie = request.cookies.get(settings.cookie_name)
+    if cookie is None:
+        return None
+    try:
+        async with request.app[DB_KEY].transaction() as session:
+            return await verify_session(session, settings.key, cookie)
+    except Unauthorized:
+        return None
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def _check_same_origin(request: web.Request) -> None:
-    """Refuse a sign-in posted from another site (login CSRF: signing a victim in as
-    the attacker). Browsers send Origin on POST; clients without one are not browsers."""
+def _check_same_origin(request: web.Request, what: str) -> None:
+    """Refuse a form posted to `what` by a page of another origin.
+
+    Sign-in: login CSRF (signing a victim in as the attacker, whose studios then get what the
+    victim types). Sign-out: a foreign page must not end this browser's session either. Tools
+    run untrusted code on `<sessionId>.<proxy domain>`, often the same site as the controller,
+    so `same-site` is refused like `cross-site`. Browsers send Origin on every POST (`null`
+    from a page that hides its origin, refused as not this controller); a request without
+    Origin or Sec-Fetch-Site is not from a browser, and a forged one carries no victim's
+    cookie.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site in ("cross-site", "same-site"):
+        raise Forbidden(f"{what} from another site is refused (Sec-Fetch-Site: {site})")
     origin = request.headers.get("Origin")
-    if request.headers.get("Sec-Fetch-Site") == "cross-site":
-        raise Forbidden("sign-in from another site is refused")
     if origin is None:
         return
     allowed = {f"{request.scheme}://{request.host}".lower()}
     if _settings(request).public_url:
         allowed.add(_origin(_settings(request).public_url))
     if origin.lower() not in allowed:
-        raise Forbidden(f"sign-in from origin {origin!r} is refused (not this controller)")
+        raise Forbidden(f"{what} from origin {origin!r} is refused (not this controller)")
 
 
 async def _read_sign_in(request: web.Request) -> tuple[SignInRequest, bool]:
@@ -123,7 +179,13 @@ async def _read_sign_in(request: web.Request) -> tuple[SignInRequest, bool]:
 
 @routes.get(SIGN_IN_PATH)
 async def sign_in_page(request: web.Request) -> web.Response:
-    return _form(safe_next(request.query.get("next")))
+    """The form; with a `next` and a valid cookie, the page that continues there."""
+    next_path = safe_next(request.query.get("next"))
+    if "next" in request.query:
+        who = await _signed_in(request)
+        if who is not None:
+            return _continue(who, next_path)
+    return _form(next_path)
 
 
 @routes.post(SIGN_IN_PATH)
@@ -132,7 +194,7 @@ async def sign_in(request: web.Request) -> web.Response:
     is_form = request.content_type != "application/json"
     next_path = safe_next(None)
     try:
-        _check_same_origin(request)
+        _check_same_origin(request, "sign-in")
         body, is_form = await _read_sign_in(request)
         next_path = safe_next(body.next)
         async with request.app[DB_KEY].transaction() as session:
@@ -156,7 +218,9 @@ async def sign_in(request: web.Request) -> web.Response:
         return _form(next_path, exc.message, exc.status)
     response: web.Response
     if is_form:
-        response = web.Response(status=303, headers={"Location": next_path, **_PAGE_HEADERS})
+        # Post/redirect/get to the page that continues to `next` (see `_continue`).
+        location = f"{SIGN_IN_PATH}?next={quote(next_path, safe='/')}"
+        response = web.Response(status=303, headers={"Location": location, **_PAGE_HEADERS})
     else:
         answer: dict[str, Any] = {
             "userId": user_id,
@@ -173,12 +237,23 @@ async def sign_in(request: web.Request) -> web.Response:
 async def sign_out(request: web.Request) -> web.Response:
     """Clears the cookie. Needs no credentials: it only drops what this browser holds."""
     settings = _settings(request)
-    if request.content_type == "application/json" or "text/html" not in request.headers.get(
+    is_form = request.content_type != "application/json" and "text/html" in request.headers.get(
         "Accept", ""
-    ):
-        response = web.Response(status=204)
-    else:
+    )
+    try:
+        _check_same_origin(request, "sign-out")
+    except Forbidden as exc:
+        if not is_form:
+            raise
+        body = (
+            f"<h1>Studios</h1>\n<p role=alert>{html.escape(exc.message)}</p>\n"
+            '<p>Nothing was changed. <a href="/">Studios</a></p>'
+        )
+        return _page("Sign-out refused - Studios", body, exc.status)
+    if is_form:
         response = web.Response(status=303, headers={"Location": SIGN_IN_PATH, **_PAGE_HEADERS})
+    else:
+        response = web.Response(status=204)
     settings.clear_cookie(response)
     return response
 
@@ -186,21 +261,12 @@ async def sign_out(request: web.Request) -> web.Response:
 @routes.get("/")
 async def home(request: web.Request) -> web.Response:
     """Where a sign-in without a usable return URL lands: who is signed in."""
-    settings = _settings(request)
-    cookie = request.cookies.get(settings.cookie_name)
-    who = None
-    if cookie is not None:
-        try:
-            async with request.app[DB_KEY].transaction() as session:
-                who = await verify_session(session, settings.key, cookie)
-        except Unauthorized:
-            who = None
+    who = await _signed_in(request)
     if who is None:
         body = f'<h1>Studios</h1>\n<p>Not signed in. <a href="{SIGN_IN_PATH}">Sign in</a></p>'
     else:
         body = (
             f"<h1>Studios</h1>\n<p>Signed in as {html.escape(who.user_name)}.</p>\n"
-            '<form method=post action="/auth/sign-out"><button type=submit>Sign out</button>'
-            "</form>\n<p>Open a studio with its Studio URL.</p>"
+            f"{_SIGN_OUT_FORM}\n<p>Open a studio with its Studio URL.</p>"
         )
     return _page("Studios", body)
