@@ -465,11 +465,13 @@ class Stack:
 
     # ------------------------------------------------------------ studios
 
-    async def create_studio(self, name: str, **fields: Any) -> str:
-        """POST /studios in this compute environment; the new session id."""
+    async def create_studio(self, name: str, *, auto_start: bool = True, **fields: Any) -> str:
+        """POST /studios in this compute environment (`fields` join the body); the new
+        session id."""
         assert self.api is not None
         body = {"name": name, "computeEnvId": self.compute_env_id, **fields}
-        _, answer = await self.api.request("POST", "/studios", body, expect=200)
+        path = "/studios" if auto_start else "/studios?autoStart=false"
+        _, answer = await self.api.request("POST", path, body, expect=200)
         sid = str(answer["studio"]["sessionId"])
         self.session_ids.add(sid)
         return sid

