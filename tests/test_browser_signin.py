@@ -62,7 +62,7 @@ async def _sign_in_through_the_form(browser: Browser, token: str) -> None:
 
 
 async def test_studio_url_sign_in_tool_page_and_sign_out(
-    stack: LocalStack, browser: Browser
+    browser: Browser, stack: LocalStack
 ) -> None:
     studio = await _running_studio(stack)
     sid = studio["sessionId"]
@@ -189,7 +189,7 @@ async def _attack(browser: Browser, url: str, action: str) -> tuple[int, str]:
 
 
 async def test_cross_site_form_posts_are_refused(
-    stack: LocalStack, attacker: Attacker, browser: Browser
+    browser: Browser, stack: LocalStack, attacker: Attacker
 ) -> None:
     controller = stack.controller.url
     for host, query in ATTACK_PAGES:
