@@ -208,7 +208,7 @@ class QuitRequest:
     def __call__(self, why: str) -> None:
         if self.event.is_set():
             say(
-                "still stopping: the sample studio's final checkpoint is being written; "
+                "\nstill stopping: the sample studio's final checkpoint is being written; "
                 "this run ends by itself when it is done"
             )
             return
@@ -367,7 +367,9 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
             if status in ("stopped", "errored", "buildFailed"):
                 if started:
                     raise DemoError(f"the sample studio failed to start: {message or status}")
-                note = f" ({message})" if status == "errored" and message else ""
+                # The agent's message may carry the tool's last output: its first line says why.
+                first = message.splitlines()[0] if message else ""
+                note = f" ({first})" if status == "errored" and first else ""
                 say(f"starting the sample studio, found {status}{note}")
                 code, body = await self.api.request("PUT", f"/studios/{sid}/start", {})
                 if code == 200:

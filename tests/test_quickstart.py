@@ -1,0 +1,497 @@
+"""The quick start (`scripts/demo.py`) driven as a person does: in a terminal, with Ctrl-C.
+
+The demo runs on a real pseudo-terminal as the session leader and foreground process group, so
+writing ^C to the master makes the line discipline send SIGINT to that whole group, as a
+terminal does. The controller, the agent and the tool are the real processes on an xfs-loop
+volume; nothing is mocked. Checked: the first run prints the studio's URL and its page answers
+through it; Ctrl-C exits 0 and leaves no process, mount or loop device of the run; a second
+run brings the same studio back with a file restored byte for byte; and after a simulated
+reboot (every process of a run SIGKILLed, its mounts and loop devices detached) the next run
+starts the studio again from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_harness import RestClient, free_port, script
+from tests.integration import require
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "scripts" / "demo.py"
+URL_LINE = re.compile(r"sample studio\s+(http://\S+/studios/([0-9a-f]{8})/connect)")
+# A start that restores a checkpoint, on a shared two-core machine.
+COME_UP_SECONDS = 300.0
+SHUT_DOWN_SECONDS = 240.0
+
+
+class PtyRun:
+    """One run of the demo on its own pseudo-terminal, its output collected by a thread."""
+
+    def __init__(self, argv: list[str]) -> None:
+        pid, master = os.forkpty()
+        if pid == 0:  # the child: session leader and foreground group of the new terminal
+            try:
+                attrs = termios.tcgetattr(0)
+                attrs[3] |= termios.ISIG
+                attrs[6][termios.VINTR] = b"\x03"
+                termios.tcsetattr(0, termios.TCSANOW, attrs)
+                os.execv(argv[0], argv)
+            finally:
+                os._exit(127)
+        self.pid = pid
+        self.master = master
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()
+        self.returncode: int | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: every holder of the terminal's slave side is gone
+                return
+            if not data:
+                return
+            with self._lock:
+                self._chunks.append(data)
+
+    @property
+    def output(self) -> str:
+        with self._lock:
+            return b"".join(self._chunks).decode(errors="replace").replace("\r\n", "\n")
+
+    async def foreground_group(self) -> int:
+        """The terminal's foreground group, once the child has made the terminal its own."""
+        deadline = time.monotonic() + 10
+        while True:
+            group = os.tcgetpgrp(self.master)
+            if group > 0 or time.monotonic() > deadline:
+                return group
+            await asyncio.sleep(0.05)
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")
+
+    async def expect(self, pattern: re.Pattern[str] | str, limit: float) -> re.Match[str]:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            found = regex.search(self.output)
+            if found:
+                return found
+            if self.poll() is not None:
+                await asyncio.sleep(0.2)  # let the reader drain what is left
+                found = regex.search(self.output)
+                if found:
+                    return found
+                raise AssertionError(
+                    f"demo exited ({self.returncode}) before {regex.pattern!r}:\n{self.output}"
+                )
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no {regex.pattern!r} after {limit:.0f} s:\n{self.output}")
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            got, status = os.waitpid(self.pid, os.WNOHANG)
+            if got == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    async def wait(self, limit: float) -> int:
+        deadline = time.monotonic() + limit
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"demo still running after {limit:.0f} s:\n{self.output}")
+            await asyncio.sleep(0.2)
+        self._reader.join(timeout=10)
+        assert self.returncode is not None
+        return self.returncode
+
+    def close(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        self._reader.join(timeout=10)
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+# ---------------------------------------------------------------------- what a run leaves
+
+
+def _start_time(pid: int) -> tuple[str, str] | None:
+    """(state, start time) from /proc/PID/stat, None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], fields[19]
+
+
+def processes_of(state: Path) -> dict[int, str]:
+    """Live processes whose command line names the state directory: pid → start time."""
+    needle = str(state).encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        info = _start_time(int(entry.name))
+        if needle in cmdline and info is not None and info[0] != "Z":
+            found[int(entry.name)] = info[1]
+    return found
+
+
+def still_alive(pids: dict[int, str]) -> list[int]:
+    """Those of `pids` that still run (same start time, not a zombie)."""
+    alive = []
+    for pid, started in pids.items():
+        info = _start_time(pid)
+        if info is not None and info[1] == started and info[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(state: Path) -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = _unescape(line.split()[4])
+        if point == str(state) or point.startswith(f"{state}/"):
+            points.append(point)
+    return points
+
+
+def loops_under(state: Path) -> list[str]:
+    out = subprocess.run(
+        ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    devices = json.loads(out)["loopdevices"] if out.strip() else []
+    return [d["name"] for d in devices if str(d.get("back-file") or "").startswith(f"{state}/")]
+
+
+def assert_nothing_left(state: Path, pids: dict[int, str]) -> None:
+    assert still_alive(pids) == [], f"processes of the run still alive: {still_alive(pids)}"
+    assert processes_of(state) == {}, f"processes naming {state}: {processes_of(state)}"
+    assert mounts_under(state) == [], f"mounts left under {state}: {mounts_under(state)}"
+    assert loops_under(state) == [], f"loop devices left on {state}: {loops_under(state)}"
+
+
+def detach_all(state: Path) -> None:
+    """What a reboot does to the mounts and loop devices of the state directory."""
+    for point in sorted(mounts_under(state), key=len, reverse=True):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True, check=True)
+    for device in loops_under(state):
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=True)
+
+
+def snapshot(state: Path, *extra: int) -> dict[int, str]:
+    """The run's processes now (by command line, plus `extra` pids): pid → start time."""
+    pids = processes_of(state)
+    for pid in extra:
+        info = _start_time(pid)
+        assert info is not None, f"process {pid} is gone already"
+        pids[pid] = info[1]
+    return pids
+
+
+def kill_everything(state: Path, extra: dict[int, str]) -> None:
+    """SIGKILL the run's processes as a power cut would: frozen first, so none reacts."""
+    pids = {**processes_of(state), **extra}
+    for pid in still_alive(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in still_alive(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while still_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert still_alive(pids) == [], f"not killed: {still_alive(pids)}"
+
+
+# ---------------------------------------------------------------------- the studio's side
+
+
+def agent_session(state: Path, sid: str) -> dict[str, object]:
+    out = subprocess.run(
+        [script("studio-agent"), "sessions", "--state-dir", str(state / "agent"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    for entry in json.loads(out.stdout)["sessions"]:
+        if entry["id"] == sid:
+            return dict(entry)
+    raise AssertionError(f"the agent does not know session {sid}: {out.stdout}")
+
+
+async def running_root(state: Path, sid: str) -> tuple[Path, int]:
+    """The running session's root directory and its tool's pid, from the agent's CLI."""
+    deadline = time.monotonic() + 30
+    while True:
+        entry = await asyncio.to_thread(agent_session, state, sid)
+        if entry["status"] == "running":
+            return Path(str(entry["rootDir"])), int(str(entry["pid"]))
+        assert time.monotonic() < deadline, f"session {sid} not running on the agent: {entry}"
+        await asyncio.sleep(0.2)
+
+
+async def fetch_through_url(api: RestClient, studio_url: str, path: str = "/") -> bytes:
+    """The printed studio URL as a browser follows it: redirect, token, cookie, page."""
+    async with api.http.get(
+        studio_url, headers={"Authorization": f"Bearer {api.token}"}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 302, await resp.text()
+        link = resp.headers["Location"]
+    async with api.http.get(link) as resp:
+        assert resp.status == 200, await resp.text()
+    base = link.split("?", 1)[0].rstrip("/")
+    async with api.http.get(f"{base}{path}") as resp:
+        assert resp.status == 200, f"{path}: {resp.status}"
+        return await resp.read()
+
+
+# ---------------------------------------------------------------------- the tests
+
+
+def require_quickstart_host() -> None:
+    require(os.geteuid() == 0, "the quick start's xfs-loop volumes need root")
+    require(shutil.which("mkfs.xfs") is not None, "mkfs.xfs (xfsprogs) is not installed")
+    require(shutil.which("losetup") is not None, "losetup is not installed")
+
+
+class Demo:
+    """Runs of the demo on one state directory and one set of free ports."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.argv = [
+            sys.executable,
+            str(DEMO),
+            "--state-dir",
+            str(state),
+            "--http-port",
+            str(free_port()),
+            "--grpc-port",
+            str(free_port()),
+            "--proxy-port",
+            str(free_port()),
+        ]
+        self.runs: list[PtyRun] = []
+
+    def launch(self) -> PtyRun:
+        run = PtyRun(self.argv)
+        self.runs.append(run)
+        return run
+
+    async def come_up(self) -> tuple[PtyRun, str, str, RestClient]:
+        """A run up to its printed URL: (run, studio URL, session id, API client)."""
+        run = self.launch()
+        # The premise of these tests: ^C goes to the demo's process group.
+        assert await run.foreground_group() == run.pid
+        found = await run.expect(URL_LINE, COME_UP_SECONDS)
+        token = (self.state / "controller" / "admin-token").read_text().strip()
+        base = found.group(1).split("/studios/")[0]
+        return run, found.group(1), found.group(2), RestClient(base, token)
+
+    def part(self, name: str) -> dict[int, str]:
+        """The run's processes whose command line also names `name` (runner, daemons)."""
+        found = {}
+        for pid, started in processes_of(self.state).items():
+            if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found[pid] = started
+        return found
+
+    def cleanup(self) -> None:
+        for run in self.runs:
+            run.close()
+        # A failed check must not leave the machine littered for the next test.
+        if processes_of(self.state):
+            kill_everything(self.state, {})
+        detach_all(self.state)
+
+
+async def until_gone(pids: dict[int, str], limit: float) -> list[int]:
+    """Wait up to `limit` seconds for `pids` to end; those still alive then."""
+    deadline = time.monotonic() + limit
+    while True:
+        alive = still_alive(pids)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        await asyncio.sleep(0.2)
+
+
+async def stopped_cleanly(run: PtyRun, limit: float = SHUT_DOWN_SECONDS) -> None:
+    code = await run.wait(limit)
+    assert code == 0, run.output
+    assert "Traceback" not in run.output, run.output
+    assert re.search(r"checkpoint \S+ is finalized", run.output), run.output
+
+
+async def ctrl_c(run: PtyRun, *, twice: bool = False) -> None:
+    run.ctrl_c()
+    if twice:
+        await run.expect("stopping the sample studio", SHUT_DOWN_SECONDS)
+        run.ctrl_c()
+        await run.expect("still stopping", 30)
+    await stopped_cleanly(run)
+
+
+@pytest.mark.timeout(1500)
+async def test_quickstart_ctrl_c_second_run_and_reboot(tmp_path: Path) -> None:
+    require_quickstart_host()
+    demo = Demo(tmp_path / "qs")
+    state = demo.state
+    content = os.urandom(300_000)
+    try:
+        # First run: a new studio, its page through the printed URL, a file written into it.
+        run, url, sid, api = await demo.come_up()
+        try:
+            page = await fetch_through_url(api, url)
+            assert b"Directory listing" in page
+            root, tool_pid = await running_root(state, sid)
+            (root / "notes.bin").write_bytes(content)
+            assert await fetch_through_url(api, url, "/notes.bin") == content
+        finally:
+            await api.close()
+        pids = snapshot(state, run.pid, tool_pid)
+        assert len(pids) >= 5, f"front, runner, controller, agent and tool expected: {pids}"
+        await ctrl_c(run)
+        assert_nothing_left(state, pids)
+
+        # Second run: the same studio, running again, the file restored; ^C twice.
+        run, url, second_sid, api = await demo.come_up()
+        try:
+            assert second_sid == sid
+            assert "starting the sample studio, found stopped" in run.output
+            _, studio = await api.request("GET", f"/studios/{sid}", expect=200)
+            assert studio["statusInfo"]["status"] == "running"
+            root, tool_pid = await running_root(state, sid)
+            assert (root / "notes.bin").read_bytes() == content
+            assert await fetch_through_url(api, url, "/notes.bin") == content
+        finally:
+            await api.close()
+        pids = snapshot(state, run.pid, tool_pid)
+        await ctrl_c(run, twice=True)
+        assert_nothing_left(state, pids)
+
+        # Third run, cut by a "power failure": every process killed, mounts and loops detached.
+        run, url, third_sid, api = await demo.come_up()
+        await api.close()
+        assert third_sid == sid
+        _, tool_pid = await running_root(state, sid)
+        victims = snapshot(state, run.pid, tool_pid)
+        await asyncio.to_thread(kill_everything, state, victims)
+        assert run.poll() == -signal.SIGKILL
+        detach_all(state)
+        assert_nothing_left(state, victims)
+
+        # After the "reboot": the studio, whose tool died while nothing ran, starts again
+        # from its last checkpoint.
+        run, url, fourth_sid, api = await demo.come_up()
+        try:
+            assert fourth_sid == sid
+            assert re.search(r"starting the sample studio, found (errored|stopped)", run.output)
+            _, studio = await api.request("GET", f"/studios/{sid}", expect=200)
+            assert studio["statusInfo"]["status"] == "running"
+            root, _ = await running_root(state, sid)
+            assert (root / "notes.bin").read_bytes() == content
+            assert await fetch_through_url(api, url, "/notes.bin") == content
+        finally:
+            await api.close()
+        pids = snapshot(state, run.pid)
+        await ctrl_c(run)
+        assert_nothing_left(state, pids)
+    finally:
+        demo.cleanup()
+
+
+@pytest.mark.timeout(1200)
+async def test_quickstart_sigterm_lock_and_killed_parts(tmp_path: Path) -> None:
+    """SIGTERM, a second run on the same state, and the demo's own processes SIGKILLed."""
+    require_quickstart_host()
+    demo = Demo(tmp_path / "qs")
+    state = demo.state
+    try:
+        # SIGTERM to the demo (as `kill PID` does) is an orderly stop as well; meanwhile a
+        # second run on the same state directory is refused, naming the first.
+        run, _, sid, api = await demo.come_up()
+        await api.close()
+        other = demo.launch()
+        assert await other.wait(60) == 1, other.output
+        assert "another quick start" in other.output, other.output
+        pids = snapshot(state, run.pid)
+        os.kill(run.pid, signal.SIGTERM)
+        await stopped_cleanly(run)
+        assert_nothing_left(state, pids)
+
+        # The front SIGKILLed (what a shell's `kill -9` would do): the runner sees the pipe
+        # from the front close and does the same orderly stop on its own.
+        run, _, _, api = await demo.come_up()
+        await api.close()
+        _, tool_pid = await running_root(state, sid)
+        pids = snapshot(state, run.pid, tool_pid)
+        os.kill(run.pid, signal.SIGKILL)
+        assert await run.wait(30) == -signal.SIGKILL
+        await until_gone(pids, SHUT_DOWN_SECONDS)
+        await run.expect(r"checkpoint \S+ is finalized", 10)
+        assert_nothing_left(state, pids)
+
+        # The runner SIGKILLed: the controller and the agent end with it (parent-death
+        # signal); the agent leaves the tool running by design, and the next run re-adopts it.
+        run, _, _, api = await demo.come_up()
+        await api.close()
+        _, tool_pid = await running_root(state, sid)
+        runner = demo.part("--runner-fd")
+        daemons = {**demo.part("studio-controller"), **demo.part("studio-agent")}
+        assert len(runner) == 1 and len(daemons) == 2, (runner, daemons)
+        os.kill(next(iter(runner)), signal.SIGKILL)
+        assert await run.wait(30) == 1
+        assert "runner was killed by signal 9" in run.output, run.output
+        assert await until_gone(daemons, 60) == [], (
+            "the controller or the agent outlived the runner"
+        )
+
+        run, _, third_sid, api = await demo.come_up()
+        await api.close()
+        assert third_sid == sid
+        _, adopted_pid = await running_root(state, sid)
+        assert adopted_pid == tool_pid, "the tool left running was not re-adopted"
+        pids = snapshot(state, run.pid, tool_pid)
+        await ctrl_c(run)
+        assert_nothing_left(state, pids)
+    finally:
+        demo.cleanup()
