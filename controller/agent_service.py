@@ -61,7 +61,9 @@ class _TestFaults:
     `drop-acks=N` (the first N checkpoint acks of this process are not sent,
     the events being committed all the same) and `pause=POINT` (the handler
     reaching POINT waits forever, for the test to SIGKILL the process; points:
-    create.committed, start.committed, stop.committed, delete.committed).
+    create.committed, create.placed, start.committed, start.placed, stop.committed,
+    delete.committed: "committed" right after the operation's transaction, "placed"
+    after the session was placed and its agent told, both before the client's answer).
     """
 
     def __init__(self, spec: str) -> None:

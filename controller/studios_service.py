@@ -409,6 +409,7 @@ class StudioService:
         await pause_for_test("create.committed")
         if auto_start:
             await self.placer.place_pending([session_id])
+            await pause_for_test("create.placed")
         async with self.db.transaction() as session:
             studio = await session.get(Studio, session_id)
             assert studio is not None
@@ -573,6 +574,7 @@ class StudioService:
         # The agent of the previous run forgets it (it is placed anew).
         self.hub.notify(previous_agent, [session_id])
         await self.placer.place_pending([session_id])
+        await pause_for_test("start.placed")
         async with self.db.transaction() as session:
             studio = await session.get(Studio, session_id)
             assert studio is not None
