@@ -5,10 +5,12 @@ Welcome and the full desired set it holds, records everything the agent sends, a
 lets a test push DesiredState at any time. It can be stopped and started again on
 the same port to test reconnects.
 
-Checkpoint events are acknowledged as the real controller does (it "records" an event
-on receipt), unless the test says otherwise: `acks=False` plays an older controller
-that never acks, `drop_acks=N` loses the next N acks (as a stream that breaks after
-the controller's commit would), `refuse` names sessions whose events are refused.
+With `acks=True` checkpoint events are acknowledged as the real controller does (it
+"records" an event on receipt); `drop_acks=N` then loses the next N acks (as a stream
+that breaks after the controller's commit would) and `refuse` names sessions whose
+events are refused. The default, `acks=False`, plays a controller older than acks
+(the agent then re-sends events on reconnects for a while), which the agent tests
+written before acks existed rely on.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class FakeController(pb_grpc.AgentServiceServicer):
         key: bytes = b"k" * 32,
         heartbeat: int = 1,
         *,
-        acks: bool = True,
+        acks: bool = False,
     ) -> None:
         self.token = token
         self.key = key

@@ -135,7 +135,7 @@ async def _written(fc: FakeController, count: int, sid: str) -> None:
 
 @pytest.fixture
 async def fc() -> AsyncIterator[FakeController]:
-    controller = FakeController()
+    controller = FakeController(acks=True)
     await controller.start()
     yield controller
     await controller.stop()
