@@ -202,10 +202,14 @@ async def acquire_lock(lock: RunLock, quit_event: asyncio.Event) -> bool:
 class QuitRequest:
     """The first request starts the shutdown; later ones only say that it is under way."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: RunLock) -> None:
         self.event = asyncio.Event()
+        self.lock = lock
 
     def __call__(self, why: str) -> None:
+        # At once, so that a run started right after this one was interrupted waits for it
+        # instead of being refused.
+        self.lock.set_phase("stopping")
         if self.event.is_set():
             say(
                 "\nstill stopping: the sample studio's final checkpoint is being written; "
@@ -424,7 +428,6 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
     # -------------------------------------------------------------- shutdown
 
     async def shutdown(self) -> int:
-        self.lock.set_phase("stopping")
         code = 0
         if self.api is not None and self.agent is not None:
             try:
@@ -507,7 +510,8 @@ def _describe(exc: BaseException) -> str:
 async def runner_main(opts: argparse.Namespace, front_fd: int | None) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
-    quit_request = QuitRequest()
+    lock = RunLock(opts.state_dir / "run.lock")
+    quit_request = QuitRequest(lock)
     for sig, why in (
         (signal.SIGINT, "interrupted"),
         (signal.SIGTERM, "interrupted"),
@@ -523,7 +527,6 @@ async def runner_main(opts: argparse.Namespace, front_fd: int | None) -> int:
 
         loop.add_reader(front_fd, front_gone)
 
-    lock = RunLock(opts.state_dir / "run.lock")
     try:
         if not await acquire_lock(lock, quit_request.event):
             return 0
@@ -547,6 +550,7 @@ async def runner_main(opts: argparse.Namespace, front_fd: int | None) -> int:
                 await bring_up
         quit_wait.cancel()
         quit_request.event.set()
+        lock.set_phase("stopping")
         return max(code, await stack.shutdown())
     except DemoError as exc:
         return _report(exc, opts.state_dir)

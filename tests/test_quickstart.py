@@ -122,7 +122,8 @@ class PtyRun:
             if time.monotonic() > deadline:
                 raise AssertionError(f"demo still running after {limit:.0f} s:\n{self.output}")
             await asyncio.sleep(0.2)
-        self._reader.join(timeout=10)
+        # The runner may still hold the terminal (its front was killed): do not wait long.
+        self._reader.join(timeout=5)
         assert self.returncode is not None
         return self.returncode
 
@@ -317,9 +318,9 @@ class Demo:
         self.runs.append(run)
         return run
 
-    async def come_up(self) -> tuple[PtyRun, str, str, RestClient]:
-        """A run up to its printed URL: (run, studio URL, session id, API client)."""
-        run = self.launch()
+    async def come_up(self, run: PtyRun | None = None) -> tuple[PtyRun, str, str, RestClient]:
+        """A run (a new one by default) up to its printed URL: (run, URL, session id, API)."""
+        run = run or self.launch()
         # The premise of these tests: ^C goes to the demo's process group.
         assert await run.foreground_group() == run.pid
         found = await run.expect(URL_LINE, COME_UP_SECONDS)
@@ -439,13 +440,23 @@ async def test_quickstart_ctrl_c_second_run_and_reboot(tmp_path: Path) -> None:
         demo.cleanup()
 
 
-@pytest.mark.timeout(1200)
-async def test_quickstart_sigterm_lock_and_killed_parts(tmp_path: Path) -> None:
-    """SIGTERM, a second run on the same state, and the demo's own processes SIGKILLed."""
+@pytest.mark.timeout(1500)
+async def test_quickstart_interrupted_start_sigterm_lock_and_killed_parts(tmp_path: Path) -> None:
+    """Ctrl-C while the studio starts, SIGTERM, a second run on the same state directory, and
+    the demo's own two processes SIGKILLed in turn."""
     require_quickstart_host()
     demo = Demo(tmp_path / "qs")
     state = demo.state
     try:
+        # Ctrl-C before the studio runs: it is stopped as soon as it runs (the API refuses a
+        # stop while starting), with its final checkpoint.
+        run = demo.launch()
+        assert await run.foreground_group() == run.pid
+        await run.expect(r"is starting; waiting|sample studio\s+http", COME_UP_SECONDS)
+        pids = snapshot(state, run.pid)
+        await ctrl_c(run)
+        assert_nothing_left(state, pids)
+
         # SIGTERM to the demo (as `kill PID` does) is an orderly stop as well; meanwhile a
         # second run on the same state directory is refused, naming the first.
         run, _, sid, api = await demo.come_up()
@@ -453,27 +464,37 @@ async def test_quickstart_sigterm_lock_and_killed_parts(tmp_path: Path) -> None:
         other = demo.launch()
         assert await other.wait(60) == 1, other.output
         assert "another quick start" in other.output, other.output
+        assert "Traceback" not in other.output, other.output
         pids = snapshot(state, run.pid)
         os.kill(run.pid, signal.SIGTERM)
         await stopped_cleanly(run)
         assert_nothing_left(state, pids)
 
-        # The front SIGKILLed (what a shell's `kill -9` would do): the runner sees the pipe
-        # from the front close and does the same orderly stop on its own.
+        # The front SIGKILLed (a shell's `kill -9`): the runner sees the pipe from the front
+        # close and does the same orderly stop on its own. A run started meanwhile waits for
+        # it, then comes up; the agent is held with SIGSTOP so that "meanwhile" is sure.
         run, _, _, api = await demo.come_up()
         await api.close()
         _, tool_pid = await running_root(state, sid)
         pids = snapshot(state, run.pid, tool_pid)
-        os.kill(run.pid, signal.SIGKILL)
-        assert await run.wait(30) == -signal.SIGKILL
-        await until_gone(pids, SHUT_DOWN_SECONDS)
-        await run.expect(r"checkpoint \S+ is finalized", 10)
-        assert_nothing_left(state, pids)
+        agent_pid = next(iter(demo.part("studio-agent")))
+        os.kill(agent_pid, signal.SIGSTOP)
+        try:
+            os.kill(run.pid, signal.SIGKILL)
+            await run.expect("front process exited: stopping", 30)
+            waiting = demo.launch()
+            await waiting.expect("waiting for the previous run", 60)
+        finally:
+            os.kill(agent_pid, signal.SIGCONT)
+        assert run.poll() == -signal.SIGKILL
+        _, _, _, api = await demo.come_up(waiting)
+        await api.close()
+        assert still_alive(pids) == []
+        assert re.search(r"checkpoint \S+ is finalized", run.output), run.output
 
         # The runner SIGKILLed: the controller and the agent end with it (parent-death
         # signal); the agent leaves the tool running by design, and the next run re-adopts it.
-        run, _, _, api = await demo.come_up()
-        await api.close()
+        run = waiting
         _, tool_pid = await running_root(state, sid)
         runner = demo.part("--runner-fd")
         daemons = {**demo.part("studio-controller"), **demo.part("studio-agent")}
