@@ -13,7 +13,17 @@ import abc
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CheckpointStore", "SavedCheckpoint"]
+__all__ = ["BLOCK_BYTES", "INODE_BYTES", "CheckpointStore", "SavedCheckpoint", "on_disk_bytes"]
+
+# What one file costs a file system beyond its data: XFS's default inode is 512 bytes,
+# and data is allocated in 4 KiB blocks.
+BLOCK_BYTES = 4096
+INODE_BYTES = 512
+
+
+def on_disk_bytes(size: int) -> int:
+    """A file of `size` bytes once written: whole blocks plus its inode."""
+    return -(-size // BLOCK_BYTES) * BLOCK_BYTES + INODE_BYTES
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,11 @@ class CheckpointStore(abc.ABC):
     @abc.abstractmethod
     async def save(self, session_id: str, source_dir: Path) -> SavedCheckpoint:
         """Write everything below `source_dir` as a new checkpoint; raise CheckpointError."""
+
+    @abc.abstractmethod
+    async def restored_size(self, uri: str) -> int:
+        """Bytes a restore of `uri` takes on a file system (data in whole blocks, plus
+        metadata), read without restoring: what the session's volume must hold."""
 
     @abc.abstractmethod
     async def restore(self, uri: str, target_dir: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec import AbstractFileSystem
 
-from agent.checkpoint import CheckpointStore, SavedCheckpoint
+from agent.checkpoint import CheckpointStore, SavedCheckpoint, on_disk_bytes
 from agent.errors import CheckpointError, UnsafeArchive
 
 __all__ = ["ArchiveCheckpointStore", "check_archive_members", "open_fs"]
@@ -144,3 +144,14 @@ class ArchiveCheckpointStore(CheckpointStore):
 
     async def restore(self, uri: str, target_dir: Path) -> None:
         await asyncio.to_thread(self._restore_sync, uri, target_dir)
+
+    def _restored_size_sync(self, uri: str) -> int:
+        fs, path = open_fs(uri)
+        try:
+            with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                return sum(on_disk_bytes(m.size if m.isreg() else 0) for m in tar)
+        except (OSError, tarfile.TarError) as exc:
+            raise CheckpointError(f"cannot read checkpoint {uri}: {exc}") from exc
+
+    async def restored_size(self, uri: str) -> int:
+        return await asyncio.to_thread(self._restored_size_sync, uri)

@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.checkpoint import CheckpointStore, SavedCheckpoint
-from agent.ckpt_engine import ProgressFn, backup, latest_checkpoint, restore
+from agent.checkpoint import CheckpointStore, SavedCheckpoint, on_disk_bytes
+from agent.ckpt_engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
+from agent.ckpt_repo import split_checkpoint_uri
+from agent.errors import CheckpointError
 
 __all__ = [
     "LATEST",
@@ -99,6 +101,24 @@ class ContentCheckpointStore(CheckpointStore):
             size_bytes=r.size_bytes,
             saved_at=int(time.time()),
         )
+
+    async def restored_size(self, uri: str) -> int:
+        if is_archive_uri(uri):
+            from agent.checkpoint_archive import ArchiveCheckpointStore
+
+            tmp = self.tmp_dir or Path(tempfile.gettempdir())
+            return await ArchiveCheckpointStore(self.base_uri, tmp).restored_size(uri)
+        return await asyncio.to_thread(self._restored_size_sync, uri)
+
+    def _restored_size_sync(self, uri: str) -> int:
+        base, session, key = split_checkpoint_uri(uri)
+        repo = get_repository(base, self.storage_options, create=False)
+        try:
+            manifest = repo.load_manifest(session, key)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint at {uri}") from None
+        # Hard links share their target's blocks; only files carry data.
+        return sum(on_disk_bytes(e.size if e.type == "file" else 0) for e in manifest.entries)
 
     async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
         if is_archive_uri(uri):

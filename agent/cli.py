@@ -175,6 +175,8 @@ def _print_status(data: dict[str, Any], console: Console) -> None:
         ("disk free", _size(cap["diskFreeBytes"])),
         ("volume budget free", _size(cap["diskBudgetFreeBytes"])),
     ]
+    for item in data.get("reaped", [])[-5:]:
+        rows.append(("reaped", f"{item['what']} of session {item['sessionId']}"))
     for k, v in rows:
         table.add_row(f"[bold]{k}[/bold]", v)
     console.print(table)

@@ -166,6 +166,7 @@ class Agent:
         self._lock()
         try:
             self.agent_id = self.state.agent_id()
+            runtime.owner = self.agent_id
             self._started_at = time.time()
             self.manager = SessionManager(
                 state=self.state,
@@ -277,6 +278,8 @@ class Agent:
                 "diskFreeBytes": cap["disk_free_bytes"],
                 "diskBudgetFreeBytes": cap["disk_budget_free_bytes"],
             },
+            # Tools and volumes the reaper found that no live session owned (newest last).
+            "reaped": list(self.manager.reaped),
         }
 
     async def _sessions(self) -> dict[str, Any]:

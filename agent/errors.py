@@ -10,6 +10,7 @@ __all__ = [
     "StartTimeout",
     "UnsafeArchive",
     "VolumeError",
+    "VolumeGone",
 ]
 
 
@@ -31,6 +32,11 @@ class StartTimeout(RuntimeStartError, TimeoutError):
 
 class VolumeError(AgentError):
     """A session volume could not be prepared, grown or released."""
+
+
+class VolumeGone(VolumeError):
+    """A volume that should exist (a running or stopping session's) is not there any more:
+    recovery never re-creates it, since an empty volume checkpointed would replace data."""
 
 
 class CheckpointError(AgentError):

@@ -19,6 +19,7 @@ from agent.errors import RuntimeUnavailable
 __all__ = [
     "BindMount",
     "ExitStatus",
+    "LabelledTool",
     "Runtime",
     "RuntimeFactory",
     "RuntimeHandle",
@@ -82,6 +83,18 @@ class ExitStatus:
 
 
 @dataclass(frozen=True)
+class LabelledTool:
+    """A tool found on the host by the labels this agent gives its sessions' tools."""
+
+    session_id: str
+    generation: int
+    # Backend reference: a container id, a process group id.
+    ref: str
+    # For logs and `studio-agent status` ("container 3f2a...", "process group 4242").
+    description: str
+
+
+@dataclass(frozen=True)
 class ToolState:
     running: bool
     pid: int
@@ -105,6 +118,9 @@ class Runtime(abc.ABC):
     stopping or destroying a tool that is already gone succeeds."""
 
     name: str
+    # This agent's id: every tool is labelled with it (and its session and generation),
+    # so the reaper finds tools no handle knows without touching another agent's.
+    owner: str = ""
 
     @abc.abstractmethod
     async def start(self, spec: StartSpec) -> RuntimeHandle:
@@ -148,6 +164,14 @@ class Runtime(abc.ABC):
     async def reap(self, handle: RuntimeHandle) -> None:
         """Remove what a start killed between creating the tool and recording its
         handle may have left (found by the session's labels); idempotent."""
+        return None
+
+    async def labelled_tools(self) -> list[LabelledTool]:
+        """Every tool on the host labelled as one of this agent's sessions (`owner`)."""
+        return []
+
+    async def remove_labelled(self, tool: LabelledTool) -> None:
+        """Kill and remove a tool found by `labelled_tools`; idempotent."""
         return None
 
     def checkpoint_dir(self, volume_root: Path) -> Path:

@@ -23,6 +23,7 @@ import psutil
 from agent.errors import RuntimeStartError
 from agent.runtime import (
     ExitStatus,
+    LabelledTool,
     Runtime,
     RuntimeHandle,
     RuntimeOptions,
@@ -34,6 +35,10 @@ from agent.runtime import (
 __all__ = ["BUILTIN_TEMPLATES", "LocalRuntime", "LocalTemplate", "load_templates"]
 
 _POLL_INTERVAL = 0.2
+# The label of a local tool, inherited by everything it starts: `<agent id>/<session
+# id>/<generation>`. Processes have no labels of their own; the environment is the one
+# place that a tool's children keep and that root can read back (/proc/PID/environ).
+LABEL_ENV = "STUDIOS_TOOL_LABEL"
 # Same process if the create time matches this closely (psutil derives it from ticks).
 _CREATE_TIME_TOLERANCE = 0.05
 
@@ -119,6 +124,7 @@ class LocalRuntime(Runtime):
         env.update(spec.environment)
         env["CONNECT_TOOL_PORT"] = str(spec.port)
         env["HOME"] = str(spec.root_dir)
+        env[LABEL_ENV] = f"{self.owner}/{spec.session_id}/{spec.generation}"
         if spec.mounts:
             await _expose_mounts(spec)
         # Popen returns as soon as the child has exec'd: short enough to call inline.
@@ -214,6 +220,27 @@ class LocalRuntime(Runtime):
     async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:
         return await asyncio.to_thread(_tail, Path(handle.log_path), max_lines)
 
+    async def labelled_tools(self) -> list[LabelledTool]:
+        if not self.owner:
+            return []
+        return await asyncio.to_thread(_labelled_process_groups, self.owner)
+
+    async def remove_labelled(self, tool: LabelledTool) -> None:
+        pgid = int(tool.ref)
+        if pgid <= 1 or pgid == os.getpgrp():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        for pid in list(self._children):
+            _reap(pid)
+
+    async def reap(self, handle: RuntimeHandle) -> None:
+        # A start killed between spawning the tool and recording its pid left a process
+        # group that only its label names.
+        for tool in await self.labelled_tools():
+            if tool.session_id == handle.session_id:
+                await self.remove_labelled(tool)
+
     def capabilities(self) -> dict[str, bool]:
         return {"isolation": False, "customImages": False}
 
@@ -247,6 +274,30 @@ def _spawn(
             )
         except OSError as exc:
             raise RuntimeStartError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+def _labelled_process_groups(owner: str) -> list[LabelledTool]:
+    """One entry per process group holding a process labelled by agent `owner`."""
+    groups: dict[int, LabelledTool] = {}
+    prefix = owner + "/"
+    for proc in psutil.process_iter():
+        try:
+            label = proc.environ().get(LABEL_ENV, "")
+            if not label.startswith(prefix):
+                continue
+            pgid = os.getpgid(proc.pid)
+            name = proc.name()
+        except (psutil.Error, OSError):
+            continue  # gone, a zombie, or not ours to read
+        _, session, generation = label.split("/", 2)
+        if pgid not in groups and generation.isdigit():
+            groups[pgid] = LabelledTool(
+                session_id=session,
+                generation=int(generation),
+                ref=str(pgid),
+                description=f"process group {pgid} ({name})",
+            )
+    return list(groups.values())
 
 
 def _reap(pid: int) -> int | None:

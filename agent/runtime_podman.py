@@ -12,8 +12,9 @@ Layout next to the volume mounted at `DIR/sessions/<sid>/root`:
     root/upper, root/work   the overlay's upper and work dirs (on the volume)
     DIR/sessions/<sid>/merged   the overlay mount: the tool's `/` (`rootDir`)
 
-Containers are named `studios-<sid>` and labelled `studios.session-id` and
-`studios.generation`; the handle keeps the container id. They use the host network
+Containers are named `studios-<sid>` and labelled `studios.session-id`,
+`studios.generation` and `studios.agent-id` (the reaper lists this agent's containers by
+the last); the handle keeps the container id. They use the host network
 (the proxy talks to 127.0.0.1:$CONNECT_TOOL_PORT; a bridge adds ~210 ms per start)
 and a k8s-file log at the session's log path, which outlives the container.
 """
@@ -32,9 +33,11 @@ from typing import Any
 import aiohttp
 import psutil
 
+from agent import crash_points
 from agent.errors import RuntimeStartError, RuntimeUnavailable
 from agent.runtime import (
     ExitStatus,
+    LabelledTool,
     Runtime,
     RuntimeHandle,
     RuntimeOptions,
@@ -52,6 +55,7 @@ API = "/v4.0.0/libpod"
 _POLL_INTERVAL = 0.2
 LABEL_SESSION = "studios.session-id"
 LABEL_GENERATION = "studios.generation"
+LABEL_OWNER = "studios.agent-id"
 _K8S_LOG_PREFIX = re.compile(r"^\S+ (stdout|stderr) [FP] ")
 
 
@@ -250,6 +254,7 @@ class PodmanRuntime(Runtime):
             "labels": {
                 LABEL_SESSION: spec.session_id,
                 LABEL_GENERATION: str(spec.generation),
+                LABEL_OWNER: self.owner,
             },
             "netns": {"nsmode": "host"},
             "stop_signal": 15,
@@ -307,6 +312,7 @@ class PodmanRuntime(Runtime):
         try:
             created = await self.client.request("POST", "/containers/create", body=body)
             cid = str(created["Id"])
+            crash_points.reached("podman:created")
             await self.client.request("POST", f"/containers/{cid}/start")
             state = (await self.client.request("GET", f"/containers/{cid}/json"))["State"]
         except BaseException:
@@ -400,6 +406,41 @@ class PodmanRuntime(Runtime):
 
     async def reap(self, handle: RuntimeHandle) -> None:
         await self._cleanup(handle)
+
+    async def labelled_tools(self) -> list[LabelledTool]:
+        if not self.owner:
+            return []
+        found = await self.client.request(
+            "GET",
+            "/containers/json",
+            params={
+                "all": "true",
+                "filters": json.dumps({"label": [f"{LABEL_OWNER}={self.owner}"]}),
+            },
+        )
+        tools = []
+        for item in found or []:
+            labels = item.get("Labels") or {}
+            session = labels.get(LABEL_SESSION)
+            if not session:
+                continue
+            try:
+                generation = int(labels.get(LABEL_GENERATION) or 0)
+            except ValueError:
+                generation = 0
+            cid = str(item.get("Id") or "")
+            tools.append(
+                LabelledTool(
+                    session_id=session,
+                    generation=generation,
+                    ref=cid,
+                    description=f"container {cid[:12]} ({item.get('State') or 'unknown state'})",
+                )
+            )
+        return tools
+
+    async def remove_labelled(self, tool: LabelledTool) -> None:
+        await self._remove(tool.ref)
 
     async def _remove(self, ref: str) -> None:
         await self.client.request(

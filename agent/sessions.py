@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 from studios.agent.v1 import agent_pb2 as pb
 
+from agent import crash_points
 from agent.checkpoint import CheckpointStore, SavedCheckpoint
 from agent.ckpt_store import LATEST, ContentCheckpointStore, storage_options_for
 from agent.datalinks import (
@@ -45,6 +47,7 @@ from agent.errors import (
     RuntimeStartError,
     StartTimeout,
     VolumeError,
+    VolumeGone,
 )
 from agent.mount_base import detach_mounts_under_sync
 from agent.runtime import (
@@ -88,6 +91,8 @@ STEP_CHECKPOINT = "writing the final checkpoint"
 STEP_RELEASE = "releasing the volume"
 
 _LOG_LINES_IN_MESSAGE = 20
+_FS_RESERVE_BYTES = 64 * 1024**2
+_VOLUME_ROUNDING = 64 * 1024**2
 _UNSAVED_RETRY_SECONDS = 60.0
 
 
@@ -124,6 +129,13 @@ def _session_of(uri: str) -> str:
     return ""
 
 
+def _has_leftovers(root_dir: str, merged: str) -> bool:
+    """Whether an ended session still has a volume directory or a mounted overlay."""
+    return bool(root_dir) and (
+        Path(root_dir).exists() or (bool(merged) and os.path.ismount(merged))
+    )
+
+
 def _runtime_handle(h: SessionHandle) -> RuntimeHandle:
     return RuntimeHandle(
         session_id=h.session_id,
@@ -155,6 +167,7 @@ class SessionManager:
         unsaved_retry_seconds: float = _UNSAVED_RETRY_SECONDS,
         s3_endpoint: str | None = None,
         datalinks: DataLinkMounter | None = None,
+        reap_interval_seconds: float = 60.0,
     ) -> None:
         self.state = state
         self.runtime = runtime
@@ -190,6 +203,11 @@ class SessionManager:
         self._unsaved_retry_at: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
+        # Orphans: tools labelled as this agent's that no live handle owns, and what ended
+        # generations left (mounts, loop devices); looked for at start, then per interval.
+        self.reap_interval_seconds = reap_interval_seconds
+        self._next_reap = 0.0
+        self.reaped: list[dict[str, Any]] = []
         # Sinks set by the controller link; the checkpoint sink must persist the event
         # before it returns (the session directory is deleted right after).
         self.on_observed: Callable[[pb.SessionObserved], None] = lambda obs: None
@@ -270,11 +288,11 @@ class SessionManager:
             log.exception("cleaning up leftover data-link mounts failed")
         for h in handles:
             self._handles[h.session_id] = h
-            if h.volume and h.status in ("running", "stopping"):
-                # Re-attach (loop device, mount) what a host or agent crash detached.
+            if h.volume and h.status in ("running", "stopping") and not h.final_uri:
+                # Re-attach (loop device, mount) what a host or agent crash detached; never
+                # create: an empty volume in its place would be checkpointed over the data.
                 try:
-                    vol = VolumeInfo.from_json(h.volume)
-                    await self.volumes.prepare(Path(vol.path), vol.size_bytes)
+                    await self.volumes.attach(VolumeInfo.from_json(h.volume))
                 except Exception as exc:
                     log.error("session %s: cannot re-attach its volume: %s", h.session_id, exc)
             if h.status == "running":
@@ -460,6 +478,8 @@ class SessionManager:
             # An unusable store URI (unknown scheme, missing fsspec backend, ...) is a
             # failed checkpoint like any other: the directory is kept and it is reported.
             raise CheckpointError(f"cannot write checkpoint: {type(exc).__name__}: {exc}") from exc
+        final = status == pb.CHECKPOINT_STATUS_FINALIZED
+        crash_points.reached("final-checkpoint:committed" if final else "interim:committed")
         h.checkpoint_uri = saved.uri
         # The sink persists the event before we go on (the directory may be deleted next).
         self.on_checkpoint(
@@ -473,10 +493,16 @@ class SessionManager:
                 saved_at=saved.saved_at,
             )
         )
+        if final:
+            # Fsynced before the caller may release the volume: from here on a restarted
+            # agent only finishes the release, it never checkpoints again.
+            h.final_uri = saved.uri
+            await asyncio.to_thread(self.state.save_handle, h)
+            crash_points.reached("final-checkpoint:recorded")
         log.info(
             "session %s: %s checkpoint %s (%d bytes) in %.2f s",
             h.session_id,
-            "final" if status == pb.CHECKPOINT_STATUS_FINALIZED else "interim",
+            "final" if final else "interim",
             saved.uri,
             saved.size_bytes,
             time.monotonic() - t0,
@@ -679,25 +705,32 @@ class SessionManager:
         )
         self._handles[sid] = h
         await self._save_and_report(h)
+        crash_points.reached("start:starting-saved")
         log.info("session %s: starting generation %d (%s)", sid, h.generation, d.spec.image)
         step = STEP_VOLUME
         rh: RuntimeHandle | None = None
         try:
             _set_step(h, step, "in_progress")
             await self._save_and_report(h)
-            # A leftover directory of an ended generation is not this start's data.
+            # Leftovers of an ended generation (a tool a crashed start left, its overlay,
+            # its volume) are not this start's data; the tool goes first, it holds the rest.
+            await self.runtime.reap(_runtime_handle(h))
             await self.volumes.release(VolumeInfo(self.volumes.kind, h.root_dir, 0))
+            restore_bytes = await self._restore_size(h) if h.restore_uri else 0
+            size = self.volume_size_for(restore_bytes)
             cap = self.disk_cap_for(h)
-            if self.disk_budget_free(cap) < self.volume_size_bytes:
-                raise VolumeError(
-                    f"cannot start: the disk budget of this compute environment on this host "
-                    f"is used up ({(cap - self.disk_budget_free(cap)) / GIB:.1f} GiB of "
-                    f"{cap / GIB:.0f} GiB in use by other sessions; a session needs "
-                    f"{self.volume_size_bytes / GIB:.0f} GiB to start)"
-                )
-            vol = await self.volumes.prepare(Path(h.root_dir), self.volume_size_bytes)
+            left = self.disk_budget_free(cap)
+            if left < size:
+                raise VolumeError(self._budget_message(h, size, restore_bytes, cap, left))
+            vol = await self.volumes.prepare(Path(h.root_dir), size)
             h.volume = vol.to_json()
+            crash_points.reached("start:volume-prepared")
             _set_step(h, step, "succeeded", f"{vol.kind} volume at {vol.path}")
+            if self.volumes.poll_seconds:
+                # A restore that outgrows the estimate grows the volume like a writer would.
+                self._disk_watchers[sid] = asyncio.create_task(
+                    self._watch_disk(h, self.volumes.poll_seconds), name=f"disk-{sid}"
+                )
 
             step = STEP_RESTORE
             if h.restore_uri:
@@ -716,6 +749,7 @@ class SessionManager:
                     if s["name"] == step:
                         s["percent"] = 100
                 _set_step(h, step, "succeeded", f"restored {h.restore_uri}")
+                crash_points.reached("start:restored")
             else:
                 _set_step(h, step, "succeeded", "nothing to restore (fresh session)")
 
@@ -753,17 +787,20 @@ class SessionManager:
             # Saved without an await in between: a cancelled start (agent shutdown) must
             # never leave a tool behind that no handle knows about.
             self.state.save_handle(h)
+            crash_points.reached("start:tool-recorded")
             _set_step(h, step, "succeeded", f"pid {rh.pid}")
 
             step = STEP_ANSWER
             _set_step(h, step, "in_progress", f"port {h.port}")
             await self._save_and_report(h)
             await self._wait_for_answer(rh)
+            crash_points.reached("start:answered")
             _set_step(h, step, "succeeded", f"answering on port {h.port}")
         except Exception as exc:
             # Anything that goes wrong errors this start (never a half-started session).
             message = str(exc) if isinstance(exc, AgentError) else f"{step}: {exc}"
             log.warning("session %s: start failed: %s", sid, message)
+            self._unwatch(sid)
             _set_step(h, step, "errored", message.splitlines()[0])
             if rh is not None:
                 status = await self.runtime.poll(rh)
@@ -783,6 +820,44 @@ class SessionManager:
         self._watch(h)
         # The first checkpoint of the run, then one per interval (`interim`).
         self._start_checkpointer(h, initial=True)
+
+    async def _restore_size(self, h: SessionHandle) -> int:
+        store = self._store(h)
+        try:
+            return await store.restored_size(h.restore_uri)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read checkpoint {h.restore_uri}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def volume_size_for(self, restore_bytes: int) -> int:
+        """A fresh session's volume, or one that holds a restore and still has the same
+        free space: the data, the free space, and XFS's own share (log, inodes, free-space
+        trees: about 1 % plus a few MiB at these sizes), rounded up to 64 MiB."""
+        if restore_bytes <= 0:
+            return self.volume_size_bytes
+        need = restore_bytes + self.volume_size_bytes
+        need += need // 50 + _FS_RESERVE_BYTES
+        return -(-need // _VOLUME_ROUNDING) * _VOLUME_ROUNDING
+
+    def _budget_message(
+        self, h: SessionHandle, size: int, restore_bytes: int, cap: int, left: int
+    ) -> str:
+        held = f"other sessions of this compute environment here hold {(cap - left) / GIB:.1f} GiB"
+        budget = f"{left / GIB:.1f} GiB of its {cap / GIB:.0f} GiB disk budget on this host"
+        if restore_bytes:
+            return (
+                f"cannot start: restoring checkpoint {h.restore_uri} needs a "
+                f"{size / GIB:.1f} GiB volume ({restore_bytes / GIB:.1f} GiB of data plus "
+                f"{self.volume_size_bytes / GIB:.0f} GiB free), but only {budget} is left "
+                f"({held})"
+            )
+        return (
+            f"cannot start: a session needs {size / GIB:.1f} GiB, but only {budget} is "
+            f"left ({held})"
+        )
 
     async def _wait_for_answer(self, rh: RuntimeHandle) -> None:
         deadline = time.monotonic() + self.start_timeout_seconds
@@ -838,11 +913,14 @@ class SessionManager:
         await self._save_and_report(h)
 
     async def _checkpoint_and_release(self, h: SessionHandle) -> bool:
-        if not self._root_exists(h):
-            h.unsaved = False
-            return True
+        """Final checkpoint of an ended tool's data, then release; False keeps the data."""
         try:
-            await self._final_checkpoint(h)
+            if not h.final_uri and await self._has_data(h):
+                await self._final_checkpoint(h)
+        except VolumeGone as exc:
+            self._volume_lost(h, exc)
+            await self._release(h)
+            return True
         except CheckpointError as exc:
             h.unsaved = True
             self._unsaved_retry_at[h.session_id] = time.monotonic() + self.unsaved_retry_seconds
@@ -852,6 +930,28 @@ class SessionManager:
         await self._release(h)
         h.volume = {}
         return True
+
+    async def _has_data(self, h: SessionHandle) -> bool:
+        """Whether the session has a volume to checkpoint, attached; raises VolumeGone
+        when it should have one and it is not there (never checkpoint an empty stand-in)."""
+        if h.volume:
+            info = VolumeInfo.from_json(h.volume)
+            if not self.volumes.is_attached(info):
+                await self.volumes.attach(info)
+            return True
+        return self._root_exists(h)
+
+    def _volume_lost(self, h: SessionHandle, exc: VolumeGone) -> None:
+        restore_point = h.checkpoint_uri or h.restore_uri
+        kept = (
+            f"its last good checkpoint {restore_point} stays the restore point"
+            if restore_point
+            else "it had no checkpoint yet"
+        )
+        log.error("session %s: %s", h.session_id, exc)
+        before = f"{h.message}; " if h.status == "errored" and h.message else ""
+        h.status, h.unsaved, h.volume = "errored", False, {}
+        h.message = f"{before}the session volume was lost ({exc}); {kept}"
 
     async def _abort_interrupted_start(self, h: SessionHandle) -> None:
         if h.pid:
@@ -867,6 +967,22 @@ class SessionManager:
         await self._save_and_report(h)
 
     async def _stop(self, h: SessionHandle) -> None:
+        """Stop a session; every step can be interrupted by an agent crash.
+
+        Step order, and what a restarted agent does after a crash at each (the handle is
+        fsynced at every arrow; `recover` finds status `stopping` and calls this again):
+
+        1. status `stopping` saved          -> stops the tool (again; idempotent)
+        2. tool stopped, data unmounted     -> checkpoints the attached volume
+        3. final manifest committed         -> checkpoints again (same data: the volume
+                                               is untouched until step 4)
+        4. `final_uri` saved                -> skips the checkpoint, releases the volume
+        5. volume released (idempotent)     -> releases again, reports `stopped`
+        6. status `stopped` saved
+
+        The volume is released only after step 4, so no crash can make a restarted agent
+        checkpoint a released (empty) volume over the run's final checkpoint.
+        """
         sid = h.session_id
         self._unwatch(sid)
         if h.status != "stopping":
@@ -874,21 +990,41 @@ class SessionManager:
             h.message = "stopping"
             h.progress = _steps(STEP_STOP, STEP_CHECKPOINT, STEP_RELEASE)
             await self._save_and_report(h)
+        crash_points.reached("stop:stopping-saved")
         log.info("session %s: stopping generation %d", sid, h.generation)
-        _set_step(h, STEP_STOP, "in_progress")
-        if h.pid:
-            status = await self.runtime.stop(_runtime_handle(h), self.stop_grace_seconds)
-            h.exited = True
-            if status is not None and status.exit_code is not None:
-                h.exit_code = status.exit_code
-        # The tool is gone: its mounts go now, whatever happens to the checkpoint.
-        await self._unmount_data(h)
-        _set_step(h, STEP_STOP, "succeeded")
-        _set_step(h, STEP_CHECKPOINT, "in_progress")
-        await self._save_and_report(h)
-        if self._root_exists(h):
+        if h.final_uri:
+            _set_step(h, STEP_STOP, "succeeded")
+            _set_step(h, STEP_CHECKPOINT, "succeeded", h.final_uri)
+        else:
+            _set_step(h, STEP_STOP, "in_progress")
+            if h.pid:
+                status = await self.runtime.stop(_runtime_handle(h), self.stop_grace_seconds)
+                h.exited = True
+                if status is not None and status.exit_code is not None:
+                    h.exit_code = status.exit_code
+            # The tool is gone: its mounts go now, whatever happens to the checkpoint.
+            await self._unmount_data(h)
+            _set_step(h, STEP_STOP, "succeeded")
+            _set_step(h, STEP_CHECKPOINT, "in_progress")
+            await self._save_and_report(h)
+            crash_points.reached("stop:tool-stopped")
             try:
-                saved = await self._final_checkpoint(h, self._progress(h, STEP_CHECKPOINT, "saved"))
+                if await self._has_data(h):
+                    saved = await self._final_checkpoint(
+                        h, self._progress(h, STEP_CHECKPOINT, "saved")
+                    )
+                    _set_step(h, STEP_CHECKPOINT, "succeeded", saved.uri)
+                    for s in h.progress:
+                        if s["name"] == STEP_CHECKPOINT:
+                            s["percent"] = 100
+                else:
+                    _set_step(h, STEP_CHECKPOINT, "succeeded", "nothing to save")
+            except VolumeGone as exc:
+                self._volume_lost(h, exc)
+                _set_step(h, STEP_CHECKPOINT, "errored", str(exc))
+                await self._release(h)
+                await self._save_and_report(h)
+                return
             except CheckpointError as exc:
                 _set_step(h, STEP_CHECKPOINT, "errored", str(exc))
                 h.status, h.unsaved = "errored", True
@@ -896,14 +1032,9 @@ class SessionManager:
                 self._unsaved_retry_at[sid] = time.monotonic() + self.unsaved_retry_seconds
                 await self._save_and_report(h)
                 return
-            _set_step(h, STEP_CHECKPOINT, "succeeded", saved.uri)
-            for s in h.progress:
-                if s["name"] == STEP_CHECKPOINT:
-                    s["percent"] = 100
-        else:
-            _set_step(h, STEP_CHECKPOINT, "succeeded", "nothing to save")
         _set_step(h, STEP_RELEASE, "in_progress")
         await self._release(h)
+        crash_points.reached("stop:released")
         _set_step(h, STEP_RELEASE, "succeeded")
         h.status, h.message, h.volume, h.unsaved = "stopped", "stopped", {}, False
         await self._save_and_report(h)
@@ -936,12 +1067,60 @@ class SessionManager:
 
     async def _tick_loop(self) -> None:
         while True:
+            if time.monotonic() >= self._next_reap:
+                self._next_reap = time.monotonic() + self.reap_interval_seconds
+                try:
+                    await self.reap()
+                except Exception:
+                    log.exception("reaping orphaned tools and volumes failed")
             await asyncio.sleep(self.watch_interval_seconds)
             try:
                 await self._refresh_usage()
             except Exception:
                 log.exception("disk accounting failed")
             self.reconcile()
+
+    # ------------------------------------------------------------ reaper
+
+    async def reap(self) -> list[dict[str, Any]]:
+        """Stop the tools labelled as this agent's sessions that no live handle owns, and
+        release what ended generations left behind; never touches a session with an
+        operation in flight or one whose data is not saved yet."""
+        reaped: list[dict[str, Any]] = []
+
+        def note(sid: str, generation: int, what: str) -> None:
+            log.warning(
+                "reaped %s of session %s generation %d: no live session owns it",
+                what,
+                sid,
+                generation,
+            )
+            reaped.append(
+                {"at": int(time.time()), "sessionId": sid, "generation": generation, "what": what}
+            )
+
+        for tool in await self.runtime.labelled_tools():
+            sid = tool.session_id
+            h = self._handles.get(sid)
+            if sid in self._ops or (h and not h.ended and h.generation == tool.generation):
+                continue
+            await self.runtime.remove_labelled(tool)
+            note(sid, tool.generation, tool.description)
+        live: set[str] = set()
+        for h in list(self._handles.values()):
+            if h.session_id in self._ops or not h.ended or h.unsaved:
+                live.add(h.root_dir)
+                continue
+            merged = str(h.runtime_data.get("merged") or "")
+            if await asyncio.to_thread(_has_leftovers, h.root_dir, merged):
+                await self.runtime.reap(_runtime_handle(h))
+                await self._release(h)
+                note(h.session_id, h.generation, f"leftover volume {h.root_dir}")
+        for what in await self.volumes.sweep(self.state.sessions_dir, live):
+            note("-", 0, what)
+        if reaped:
+            self.reaped = (self.reaped + reaped)[-50:]
+        return reaped
 
     async def _refresh_usage(self) -> None:
         for h in list(self._handles.values()):
@@ -960,7 +1139,11 @@ class SessionManager:
 
     async def _watch_disk(self, h: SessionHandle, interval: float) -> None:
         """Fast per-session watcher: a full-speed writer fills 1 GiB in 0.25-0.5 s."""
-        while self._handles.get(h.session_id) is h and h.status == "running" and h.volume:
+        while (
+            self._handles.get(h.session_id) is h
+            and h.status in ("starting", "running")
+            and h.volume
+        ):
             try:
                 free = self.volumes.free_bytes(VolumeInfo.from_json(h.volume))
                 if free is None or free < self.grow_below_free_bytes:
@@ -972,7 +1155,8 @@ class SessionManager:
     async def _check_volume(self, h: SessionHandle) -> None:
         lock = self._volume_locks.setdefault(h.session_id, asyncio.Lock())
         async with lock:
-            if h.status != "running" or not h.volume:
+            # Also while starting: a restore must be able to grow its volume too.
+            if h.status not in ("starting", "running") or not h.volume:
                 return
             vol = VolumeInfo.from_json(h.volume)
             before = (vol.size_bytes, vol.used_bytes)

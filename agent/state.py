@@ -77,6 +77,10 @@ class SessionHandle:
     unsaved: bool = False
     # URI of this run's newest checkpoint: the parent of the next (incremental) one.
     checkpoint_uri: str = ""
+    # This run's final checkpoint, once its manifest is committed in the store. Saved
+    # before the volume is released: a stop that finds it set never writes another final
+    # checkpoint (the volume may be half released), it only finishes the release.
+    final_uri: str = ""
     # Opaque per-runtime data (Nomad's driver blob).
     runtime_data: dict[str, Any] = field(default_factory=dict)
     # One `datalinks.MountStatus` (as JSON) per data-link of the spec, in its order.

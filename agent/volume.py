@@ -48,7 +48,17 @@ class VolumeKind(abc.ABC):
 
     @abc.abstractmethod
     async def prepare(self, path: Path, size_bytes: int) -> VolumeInfo:
-        """Create (or re-open after an agent restart) the volume at `path`; idempotent."""
+        """Create a fresh volume at `path` (for a start; recovery uses `attach`)."""
+
+    @abc.abstractmethod
+    async def attach(self, info: VolumeInfo) -> VolumeInfo:
+        """Re-attach an existing volume after an agent or host restart; never creates one.
+
+        Raises VolumeGone when its data is not there any more."""
+
+    @abc.abstractmethod
+    def is_attached(self, info: VolumeInfo) -> bool:
+        """Whether the volume's data is in place at `info.path` (checkpoints read only then)."""
 
     @abc.abstractmethod
     async def grow(self, info: VolumeInfo, by_bytes: int) -> VolumeInfo:
@@ -61,6 +71,12 @@ class VolumeKind(abc.ABC):
     @abc.abstractmethod
     async def release(self, info: VolumeInfo) -> None:
         """Delete the volume and its data; idempotent."""
+
+    async def sweep(self, under: Path, live: set[str]) -> list[str]:
+        """Release what crashed agents left below `under` that is not a `live` volume
+        path and that no handle can reach any more (e.g. loop devices of deleted files);
+        a description of each thing released."""
+        return []
 
     @classmethod
     @abc.abstractmethod

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from agent.errors import VolumeGone
 from agent.mount_base import detach_mounts_under_sync, mount_points_under
 from agent.volume import VolumeInfo, VolumeKind
 
@@ -66,6 +67,14 @@ class DirectoryVolume(VolumeKind):
     async def prepare(self, path: Path, size_bytes: int) -> VolumeInfo:
         await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
         return VolumeInfo(kind=self.kind, path=str(path), size_bytes=size_bytes)
+
+    async def attach(self, info: VolumeInfo) -> VolumeInfo:
+        if not self.is_attached(info):
+            raise VolumeGone(f"the session directory {info.path} is gone")
+        return info
+
+    def is_attached(self, info: VolumeInfo) -> bool:
+        return os.path.isdir(info.path)
 
     async def grow(self, info: VolumeInfo, by_bytes: int) -> VolumeInfo:
         info.size_bytes += by_bytes

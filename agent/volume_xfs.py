@@ -7,8 +7,10 @@ takes 300-600 ms without it and 16-18 ms with it (ANCHORS.md), which is what let
 0.5 s poll win the race against a full-speed writer.
 
 Every operation is derived from the mount path alone (backing file by name, loop
-device by `losetup -j`, mount by /proc/self/mountinfo), so `prepare` re-attaches a
-volume after an agent restart and `release` cleans up whatever a crash left.
+device by `losetup --list`, mount by /proc/self/mountinfo), so `attach` re-attaches a
+volume after an agent or host restart and `release` cleans up whatever a crash left.
+Only `prepare` (a start) ever creates a file system; `attach` never does, so a volume
+deleted behind the agent's back is an error, never an empty volume.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from agent.errors import VolumeError
+from agent import crash_points
+from agent.errors import VolumeError, VolumeGone
 from agent.mount_base import detach_mounts_under_sync
 from agent.volume import VolumeInfo, VolumeKind
 
@@ -105,34 +108,65 @@ class XfsLoopVolume(VolumeKind):
 
     async def prepare(self, path: Path, size_bytes: int) -> VolumeInfo:
         image = backing_file(path)
-        if mounted_source(path) is not None:
-            return await self.usage(VolumeInfo(self.kind, str(path), size_bytes))
-        created = False
-        device = ""
+        if mounted_source(path) is not None or image.exists():
+            # A start releases leftovers first; whatever is still here is someone's data.
+            raise VolumeError(f"cannot create a volume at {path}: one is already there")
         try:
             await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
-            if not image.exists():
-                await asyncio.to_thread(_create_sparse, image, size_bytes)
-                created = True
-            devices = await loop_devices_for(image)
-            if devices:
-                device = devices[0]
-            else:
-                device = (
-                    await _run(
-                        "losetup", "--direct-io=on", "--find", "--show", "--nooverlap", str(image)
-                    )
-                ).strip()
-            if created:
-                await _run("mkfs.xfs", "-q", "-f", device)
+            await asyncio.to_thread(_create_sparse, image, size_bytes)
+            device = await self._format(image)
             await _run("mount", "-t", "xfs", "-o", "noatime", device, str(path))
         except BaseException:
-            if created:
-                with contextlib.suppress(Exception):
-                    await self.release(VolumeInfo(self.kind, str(path), size_bytes))
+            with contextlib.suppress(Exception):
+                await self.release(VolumeInfo(self.kind, str(path), size_bytes))
             raise
-        info = VolumeInfo(self.kind, str(path), size_bytes)
+        return await self.usage(VolumeInfo(self.kind, str(path), size_bytes))
+
+    async def _format(self, image: Path) -> str:
+        """Attach `image` to a free loop device and make the file system on it.
+
+        A device that a lazily unmounted file system of a crashed session still holds
+        looks free to `losetup --find` on some kernels and then refuses mkfs with EBUSY:
+        give it back and take another, a few times."""
+        error: VolumeError | None = None
+        for _ in range(3):
+            device = (
+                await _run(
+                    "losetup", "--direct-io=on", "--find", "--show", "--nooverlap", str(image)
+                )
+            ).strip()
+            try:
+                await _run("mkfs.xfs", "-q", "-f", device)
+                return device
+            except VolumeError as exc:
+                error = exc
+                await _run("losetup", "-d", device, check=False)
+                if "busy" not in str(exc).lower():
+                    raise
+        assert error is not None
+        raise error
+
+    async def attach(self, info: VolumeInfo) -> VolumeInfo:
+        path = Path(info.path)
+        if mounted_source(path) is not None:
+            return await self.usage(info)
+        image = backing_file(path)
+        if not image.exists():
+            raise VolumeGone(
+                f"the volume file {image} is gone (its data cannot be recovered on this host)"
+            )
+        devices = await loop_devices_for(image)
+        device = (
+            devices[0]
+            if devices
+            else (await _run("losetup", "--direct-io=on", "--find", "--show", str(image))).strip()
+        )
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        await _run("mount", "-t", "xfs", "-o", "noatime", device, str(path))
         return await self.usage(info)
+
+    def is_attached(self, info: VolumeInfo) -> bool:
+        return mounted_source(Path(info.path)) is not None
 
     async def grow(self, info: VolumeInfo, by_bytes: int) -> VolumeInfo:
         path = Path(info.path)
@@ -187,10 +221,31 @@ class XfsLoopVolume(VolumeKind):
                 # Still busy (an overlay on top of it, a shell in it): detach lazily so
                 # the device is freed as soon as the last user goes.
                 await _run("umount", "-l", str(path))
+            crash_points.reached("release:unmounted")
         for device in await loop_devices_for(image):
             await _run("losetup", "-d", device, check=False)
         await asyncio.to_thread(image.unlink, missing_ok=True)
         await asyncio.to_thread(shutil.rmtree, path, True)
+
+    async def sweep(self, under: Path, live: set[str]) -> list[str]:
+        out = await _run(
+            "losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE", check=False
+        )
+        prefix = str(under) + "/"  # the state dir is absolute (StateDir)
+        swept = []
+        for line in out.splitlines():
+            device, _, back = line.strip().partition(" ")
+            back = back.strip().removesuffix(" (deleted)")
+            if not back.startswith(prefix) or not back.endswith(".xfs"):
+                continue
+            path = back.removesuffix(".xfs")
+            if path in live:
+                continue
+            if mounted_source(Path(path)) == device:
+                await _run("umount", "-l", path, check=False)
+            await _run("losetup", "-d", device, check=False)
+            swept.append(f"loop device {device} of {back}")
+        return swept
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

@@ -16,6 +16,7 @@ import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent, AgentConfig
+from agent.errors import VolumeError, VolumeGone
 from agent.volume import GIB, VolumeInfo
 from agent.volume_xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
@@ -80,9 +81,12 @@ async def test_prepare_grow_release(vroot: Path) -> None:
     assert 0 < info.used_bytes < 200 * 1024**2
     # Sparse: 2 GiB of volume costs a few MiB on the host.
     assert os.stat(backing_file(path)).st_blocks * 512 < 200 * 1024**2
-    # Idempotent: a second prepare (agent restart) re-attaches, no second loop device.
-    again = await vol.prepare(path, 2 * GIB)
-    assert again.size_bytes == 2 * GIB
+    # A second prepare never formats over a volume that is there.
+    with pytest.raises(VolumeError, match="already there"):
+        await vol.prepare(path, 2 * GIB)
+    # Attach (agent restart) of a mounted volume changes nothing: no second loop device.
+    again = await vol.attach(VolumeInfo(vol.kind, str(path), 2 * GIB))
+    assert again.size_bytes == 2 * GIB and vol.is_attached(again)
     assert len(await loop_devices_for(backing_file(path))) == 1
     grown = await vol.grow(info, 2 * GIB)
     assert grown.size_bytes == 4 * GIB
@@ -103,9 +107,23 @@ async def test_reattach_after_unmount(vroot: Path) -> None:
         subprocess.run(["umount", str(path)], check=True)
         subprocess.run(["losetup", "-d", dev], check=True)
     assert mounted_source(path) is None
-    await vol.prepare(path, 2 * GIB)
+    assert not vol.is_attached(VolumeInfo(vol.kind, str(path), 2 * GIB))
+    await vol.attach(VolumeInfo(vol.kind, str(path), 2 * GIB))
     assert (path / "keep").read_text() == "data"
     await vol.release(VolumeInfo(vol.kind, str(path), 2 * GIB))
+
+
+async def test_attach_never_creates_a_volume_whose_file_is_gone(vroot: Path) -> None:
+    """After a crash that lost the backing file, recovery must not hand the session an
+    empty volume (a checkpoint of it would replace the studio's data)."""
+    vol = XfsLoopVolume()
+    path = vroot / "s3" / "root"
+    info = await vol.prepare(path, 2 * GIB)
+    (path / "keep").write_text("data")
+    await vol.release(info)
+    with pytest.raises(VolumeGone, match="is gone"):
+        await vol.attach(info)
+    assert not backing_file(path).exists() and mounted_source(path) is None
 
 
 async def _xfs_agent(tmp_path: Path, controller: FakeController, **kw: object) -> Agent:
