@@ -10,6 +10,8 @@ controller's test-only fault hook `STUDIOS_TEST_FAULT=drop-acks=1` loses that ac
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.conftest import ControllerHarness
 from tests.e2e_harness import Stack
 from tests.fake_agent import FakeAgent
 from tests.fake_controller import FakeController, desired
+from tests.integration import require
 
 RECORDED = pb.CHECKPOINT_ACK_RESULT_RECORDED
 REFUSED = pb.CHECKPOINT_ACK_RESULT_REFUSED
@@ -97,6 +100,82 @@ async def test_controller_acks_after_commit_once_per_copy(
         assert refused.result == REFUSED and "deadbeef" in refused.message
     finally:
         await agent.close()
+
+
+async def test_copies_racing_through_two_controllers_record_once(tmp_path: Path) -> None:
+    """Two controllers sharing a PostgreSQL database receive copies of one run's events at
+    the same time (an agent re-sending after a lost ack while its old stream still drains):
+    the catalogue holds the run once and every copy is acked."""
+    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL", "")
+    require(
+        bool(url),
+        "STUDIOS_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against "
+        '(eval "$(scripts/test-postgres start)")',
+    )
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from controller.config import normalize_database_url
+
+    base = make_url(normalize_database_url(url))
+    name = f"studios_ack_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(
+        host=base.host,
+        port=base.port or 5432,
+        user=base.username,
+        password=base.password,
+        database=base.database or "postgres",
+    )
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    database = base.set(database=name).render_as_string(False)
+    # One data directory: controllers sharing a database share its keys and tokens.
+    first = ControllerHarness(tmp_path / "data", database_url=database)
+    second = ControllerHarness(tmp_path / "data", database_url=database)
+    agents: list[FakeAgent] = []
+    try:
+        await first.start()
+        await second.start(with_compute_env=False)
+        owner = FakeAgent(
+            first.grpc_target,
+            first.agent_token,
+            agent_id="pg-1",
+            compute_env_id=first.compute_env_id,
+        )
+        agents.append(owner)
+        await owner.connect(inventory=[])
+        sid = await _running_studio(first, owner, "raced")
+        other = FakeAgent(
+            second.grpc_target,
+            second.agent_token,
+            agent_id="pg-2",
+            compute_env_id=first.compute_env_id,
+        )
+        agents.append(other)
+        await other.connect(inventory=[])
+
+        keys = [f"manifests/{sid}/r{i}" for i in range(4)]
+        for agent in agents:
+            for key in keys:
+                await agent.checkpoint(sid, 1, key, INTERIM)
+        for agent in agents:
+            for key in keys:
+                ack = await agent.wait_ack(sid, key, timeout=30)
+                assert ack.result in (RECORDED, pb.CHECKPOINT_ACK_RESULT_SUPERSEDED)
+        [row] = await _catalogue(first, sid)
+        # Which refresh is newest depends on the second each copy was stamped in.
+        assert row["status"] == "interim" and row["path"].rsplit("/", 1)[-1] in {
+            "r0",
+            "r1",
+            "r2",
+            "r3",
+        }
+    finally:
+        for agent in agents:
+            await agent.close()
+        await second.close()
+        await first.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 # ---------------------------------------------------------------- the agent's side
