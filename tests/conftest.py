@@ -4,6 +4,10 @@ Controller tests: `controller_harness` runs the real controller in-process
 (REST + gRPC on free ports of 127.0.0.1) on a temporary SQLite file, with an
 API client for the bootstrap admin and a compute environment ready.
 
+`postgres_url`: STUDIOS_TEST_POSTGRES_URL when set (scripts/test sets it as root), else,
+as root, a throw-away PostgreSQL that this test session starts and stops; elsewhere the
+tests that need it skip through `tests.integration.require`.
+
 Every response the harness sees is checked against `controller/openapi.yaml`
 (`check_response`): the path and method must be documented, the status must be
 one of the operation's responses, and a JSON body must validate against its
@@ -14,8 +18,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
-from collections.abc import AsyncIterator
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,8 +36,10 @@ from openapi_schema_validator import OAS30Validator
 
 from controller.app import Controller
 from controller.config import ControllerConfig
+from tests.integration import require
 
-SPEC_PATH = Path(__file__).resolve().parent.parent / "controller" / "openapi.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+SPEC_PATH = ROOT / "controller" / "openapi.yaml"
 # Every (method, path template, status) the controller tests saw.
 SEEN: set[tuple[str, str, int]] = set()
 
@@ -174,3 +185,41 @@ async def controller_harness(tmp_path: Path) -> AsyncIterator[ControllerHarness]
         yield harness
     finally:
         await harness.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server where the user may CREATE DATABASE, as a SQLAlchemy URL."""
+    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL", "")
+    if url:
+        yield url
+        return
+    require(
+        os.geteuid() == 0,
+        "STUDIOS_TEST_POSTGRES_URL is not set and starting a throw-away PostgreSQL needs "
+        'root (or: eval "$(sudo scripts/test-postgres start)")',
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Not under pytest's own temporary directory: its parents are closed to the
+    # `postgres` user the server runs as.
+    data_dir = Path(f"/tmp/studios-test-postgres-{secrets.token_hex(4)}")
+    env = {
+        **os.environ,
+        "STUDIOS_TEST_POSTGRES_DIR": str(data_dir),
+        "STUDIOS_TEST_POSTGRES_PORT": str(port),
+    }
+    tool = str(ROOT / "scripts" / "test-postgres")
+    out = subprocess.run(
+        [tool, "start"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    try:
+        require(
+            out.returncode == 0,
+            f"a throw-away PostgreSQL could not be started: {out.stderr.strip()}",
+        )
+        yield out.stdout.strip().partition("=")[2]
+    finally:
+        subprocess.run([tool, "stop"], env=env, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from alembic.migration import MigrationContext
 from controller.db import Database
 from controller.models import Base
 from tests.conftest import ControllerHarness
-from tests.integration import require
 
 
 async def test_models_match_migrations(tmp_path: Path) -> None:
@@ -32,14 +30,9 @@ async def test_models_match_migrations(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_postgresql(tmp_path: Path) -> None:
-    """Set STUDIOS_TEST_POSTGRES_URL (a server where the user may CREATE DATABASE)."""
-    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL", "")
-    require(
-        bool(url),
-        "STUDIOS_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against "
-        '(scripts/test starts one as root; or eval "$(scripts/test-postgres start)")',
-    )
+async def test_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    """Against a real server (`postgres_url` in tests/conftest.py says which)."""
+    url = postgres_url
     import asyncpg
     from sqlalchemy.engine import make_url
 
