@@ -7,7 +7,9 @@ volume; nothing is mocked. Checked: the first run prints the studio's URL and it
 through it; Ctrl-C exits 0 and leaves no process, mount or loop device of the run; a second
 run brings the same studio back with a file restored byte for byte; and after a simulated
 reboot (every process of a run SIGKILLed, its mounts and loop devices detached) the next run
-starts the studio again from its last checkpoint.
+starts the studio again from its last checkpoint. Also: Ctrl-C while the studio is still
+starting, SIGTERM, a second run on the same state directory (refused while one runs, waiting
+while one stops), the demo's front or runner SIGKILLed, and the terminal closed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import termios
@@ -59,13 +63,19 @@ class PtyRun:
         self.master = master
         self._chunks: list[bytes] = []
         self._lock = threading.Lock()
+        self._hung_up = threading.Event()
         self.returncode: int | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        while True:
+        # select with a timeout, so that hang_up can stop this thread before it closes the
+        # master: a read blocked on it would keep the terminal open.
+        while not self._hung_up.is_set():
             try:
+                ready, _, _ = select.select([self.master], [], [], 0.2)
+                if not ready:
+                    continue
                 data = os.read(self.master, 65536)
             except OSError:  # EIO: every holder of the terminal's slave side is gone
                 return
@@ -91,6 +101,12 @@ class PtyRun:
     def ctrl_c(self) -> None:
         os.write(self.master, b"\x03")
 
+    def hang_up(self) -> None:
+        """Close the terminal, as closing its window does: the kernel sends SIGHUP."""
+        self._hung_up.set()
+        self._reader.join(timeout=5)
+        os.close(self.master)
+
     async def expect(self, pattern: re.Pattern[str] | str, limit: float) -> re.Match[str]:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + limit
@@ -98,8 +114,9 @@ class PtyRun:
             found = regex.search(self.output)
             if found:
                 return found
-            if self.poll() is not None:
-                await asyncio.sleep(0.2)  # let the reader drain what is left
+            # The reader ends when no process holds the terminal any more (the runner may
+            # still print after its front was killed): only then can nothing more come.
+            if self.poll() is not None and not self._reader.is_alive():
                 found = regex.search(self.output)
                 if found:
                     return found
@@ -132,9 +149,8 @@ class PtyRun:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-        self._reader.join(timeout=10)
-        with contextlib.suppress(OSError):
-            os.close(self.master)
+        if not self._hung_up.is_set():
+            self.hang_up()
 
 
 # ---------------------------------------------------------------------- what a run leaves
@@ -511,8 +527,22 @@ async def test_quickstart_interrupted_start_sigterm_lock_and_killed_parts(tmp_pa
         assert third_sid == sid
         _, adopted_pid = await running_root(state, sid)
         assert adopted_pid == tool_pid, "the tool left running was not re-adopted"
+
+        # The terminal closed: the same orderly stop, with nowhere left to print.
         pids = snapshot(state, run.pid, tool_pid)
-        await ctrl_c(run)
+        run.hang_up()
+        assert await run.wait(SHUT_DOWN_SECONDS) == 0
         assert_nothing_left(state, pids)
+        with contextlib.closing(sqlite3.connect(state / "controller" / "studios.db")) as db:
+            status, generation = db.execute(
+                "SELECT status, generation FROM studios WHERE session_id = ?", (sid,)
+            ).fetchone()
+            newest = db.execute(
+                "SELECT status, generation FROM checkpoints WHERE session_id = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (sid,),
+            ).fetchone()
+        assert status == "stopped"
+        assert newest == ("finalized", generation)
     finally:
         demo.cleanup()
