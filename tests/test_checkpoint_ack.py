@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
+from agent import controller_link
 from agent.daemon import Agent
 from tests.agent_fixtures import kill_leftover_tools, make_agent_config
 from tests.conftest import ControllerHarness
@@ -282,6 +283,26 @@ async def _written_heartbeat(fc: FakeController, stream: int) -> None:
         lambda: any(n == stream and m.WhichOneof("message") == "heartbeat" for n, m in fc.received),
         timeout=30,
     )
+
+
+async def test_late_ack_resends_on_the_live_stream(
+    tmp_path: Path,
+    fc: FakeController,
+    agent_and_state: tuple[Agent, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The controller took the event but its transaction failed (no ack, stream intact).
+    monkeypatch.setattr(controller_link, "_ACK_LATE_SECONDS", 1.0)
+    _, state_dir = agent_and_state
+    sid = "acca0004"
+    fc.drop_acks = 1
+    fc.push(desired(sid, checkpoint_base_uri=f"file://{tmp_path}/work/.studios/checkpoints"))
+    await fc.wait_status(sid, pb.SESSION_STATUS_RUNNING)
+    await fc.wait_for(lambda: len(_events(fc, sid)) >= 2, timeout=30)
+    await fc.wait_for(lambda: not _outbox(state_dir), timeout=10)
+    first, second = _events(fc, sid)[:2]
+    assert first.key == second.key and fc.streams == 1
+    assert [a.key for a in fc.acks_for(sid)] == [first.key]
 
 
 async def test_refused_event_ends_and_is_not_resent(
