@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def say(text: str, *, err: bool = False) -> None:
 # ------------------------------------------------------------------ child processes
 
 
-def _parent_death_signal() -> Any:
+def _parent_death_signal() -> Callable[[], None]:
     """A pre-exec hook that asks the kernel to SIGTERM the child when the runner dies.
 
     The libc function is looked up here, before any fork: only the call itself runs in the
