@@ -172,50 +172,52 @@ def _mount_points_below(root: str) -> set[str]:
 
 
 def _walk(root: str, warnings: list[str]) -> list[tuple[str, os.stat_result]]:
-    """Pre-order walk with sorted names; stays on the root's file system (no mounts),
-    and keeps excluded directories and mount points as empty directories."""
+    """Pre-order walk, siblings by name (the manifest's order, so no sort of the whole
+    tree afterwards); stays on the root's file system (no mounts), and keeps excluded
+    directories and mount points as empty directories."""
     st = os.lstat(root)
     out = [(".", st)]
     root_dev = st.st_dev
     mounts = _mount_points_below(root)
     real_root = os.path.realpath(root)
-    stack = [("", root)]
-    while stack:
-        rel, abspath = stack.pop()
+    isdir = stat.S_ISDIR
+    # Depth first with an explicit stack of directory iterators: a directory's subtree
+    # is emitted right after it, before its next sibling.
+    stack: list[tuple[str, list[os.DirEntry[str]], int]] = []
+
+    def listing(abspath: str) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(abspath) as it:
-                items = sorted(it, key=lambda d: d.name)
+                return sorted(it, key=lambda d: d.name)
+        except FileNotFoundError:
+            return []
+
+    stack.append(("", listing(root), 0))
+    while stack:
+        rel, items, i = stack[-1]
+        if i >= len(items):
+            stack.pop()
+            continue
+        de = items[i]
+        stack[-1] = (rel, items, i + 1)
+        name = de.name
+        r = f"{rel}/{name}" if rel else name
+        if "\n" in name or "\r" in name:
+            warnings.append(f"skipped {r!r}: newline in name")
+            continue
+        try:
+            s = de.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        subdirs = []
-        for de in items:
-            name = de.name
-            r = f"{rel}/{name}" if rel else name
-            if "\n" in name or "\r" in name:
-                warnings.append(f"skipped {r!r}: newline in name")
+        out.append((r, s))
+        if isdir(s.st_mode):
+            if s.st_dev != root_dev or r in EXCLUDED_DIRS:
+                # A mount point (data-links): keep the directory, never its content.
                 continue
-            try:
-                s = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
+            if mounts and os.path.join(real_root, r) in mounts:
                 continue
-            out.append((r, s))
-            if stat.S_ISDIR(s.st_mode):
-                if s.st_dev != root_dev or r in EXCLUDED_DIRS:
-                    # A mount point (data-links): keep the directory, never its content.
-                    continue
-                if mounts and os.path.join(real_root, r) in mounts:
-                    continue
-                subdirs.append((r, de.path))
-        # The order of the walk itself does not matter: _sort_preorder fixes it.
-        stack.extend(subdirs)
+            stack.append((r, listing(de.path), 0))
     return out
-
-
-def _sort_preorder(items: list[tuple[str, os.stat_result]]) -> list[tuple[str, os.stat_result]]:
-    # Sorting by path components gives parents before children, siblings by name.
-    head, rest = items[0], items[1:]
-    rest.sort(key=lambda it: it[0].split("/"))
-    return [head, *rest]
 
 
 def _batches(todo: list[Entry], files: int = 256, size: int = 4 << 20) -> list[list[Entry]]:
@@ -396,19 +398,54 @@ class _Backup:
 
     def _run(self, t0: float) -> BackupResult:
         # The lock is taken before the index is read: GC relies on this order.
-        self.known = self.repo.load_indexes()
-        items = _sort_preorder(_walk(self.source, self.warnings))
+        self.known, known_ids = self.repo.load_indexes_and_ids()
+        items = _walk(self.source, self.warnings)
         prev: dict[str, Entry] = {}
         if self.parent is not None:
-            prev = {p.path: p for p in self.parent.entries if p.type == "file"}
+            prev = {p.path: p for p in self.parent.entries}
+        # A reused file's chunks must all still be stored (GC may have removed some).
+        stored = known_ids.issuperset
+        fromhex = bytes.fromhex
         entries: list[Entry] = []
         todo: list[Entry] = []
         links: dict[tuple[int, int], str] = {}
         total = 0
         reused = 0
+        reused_bytes = 0
+        isdir, isreg, islnk, imode = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK, stat.S_IMODE
         for rel, st in items:
             mode = st.st_mode
-            path = self.source if rel == "." else os.path.join(self.source, rel)
+            p = prev.get(rel)
+            # Unchanged since the parent (any write, chmod, chown, rename into place or
+            # xattr change moves the ctime): the parent's entry is taken as it is.
+            if (
+                p is not None
+                and p.ctime_ns == st.st_ctime_ns
+                and (p.mtime_ns, p.mode, p.uid, p.gid)
+                == (st.st_mtime_ns, imode(mode), st.st_uid, st.st_gid)
+            ):
+                if isreg(mode):
+                    if (
+                        st.st_nlink == 1
+                        and p.type == "file"
+                        and not p.inconsistent
+                        and (p.size, p.ino) == (st.st_size, st.st_ino)
+                        and stored(p.chunks)
+                    ):
+                        entries.append(p)
+                        total += st.st_size
+                        reused += 1
+                        reused_bytes += st.st_size
+                        continue
+                elif (isdir(mode) and p.type == "dir") or (islnk(mode) and p.type == "symlink"):
+                    entries.append(p)
+                    continue
+            # Setting an xattr changes the ctime: same inode, same ctime, same xattrs
+            # (one listxattr syscall less per unchanged entry).
+            if p is not None and p.ctime_ns == st.st_ctime_ns and p.ino in (0, st.st_ino):
+                xattrs = p.xattrs
+            else:
+                xattrs = _xattrs(self.source if rel == "." else os.path.join(self.source, rel))
             e = Entry(
                 path=rel,
                 type="dir",
@@ -417,7 +454,7 @@ class _Backup:
                 gid=st.st_gid,
                 mtime_ns=st.st_mtime_ns,
                 ctime_ns=st.st_ctime_ns,
-                xattrs=_xattrs(path),
+                xattrs=xattrs,
             )
             if stat.S_ISDIR(mode):
                 pass
@@ -431,22 +468,22 @@ class _Backup:
                     links[key] = rel
                 e.type, e.size, e.ino = "file", st.st_size, st.st_ino
                 total += st.st_size
-                p = prev.get(rel)
                 if (
                     p is not None
+                    and p.type == "file"
                     and not p.inconsistent
                     and (p.size, p.mtime_ns, p.ctime_ns, p.ino)
                     == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                    and all(bytes.fromhex(c) in self.known for c in p.chunks)
+                    and stored(p.chunks)
                 ):
                     e.chunks = list(p.chunks)
                     reused += 1
-                    self.progress.add(st.st_size)
+                    reused_bytes += st.st_size
                 else:
                     todo.append(e)
             elif stat.S_ISLNK(mode):
                 try:
-                    e.type, e.target = "symlink", os.readlink(path)
+                    e.type, e.target = "symlink", os.readlink(os.path.join(self.source, rel))
                 except FileNotFoundError:
                     continue
             elif stat.S_ISFIFO(mode):
@@ -458,6 +495,7 @@ class _Backup:
                 continue
             entries.append(e)
         self.progress.total = total
+        self.progress.add(reused_bytes)
 
         # Large files spread over `threads` workers (hashing and zstd release the GIL);
         # small files go in batches to at most two workers, since for them the GIL
@@ -494,21 +532,22 @@ class _Backup:
 
         packs: set[str] = set()
         size = 0
-        seen: set[bytes] = set()
+        # Each distinct blob once (set.update runs in C; most files are one chunk).
+        distinct: set[str] = set()
         for e in entries:
-            for c in e.chunks:
-                b = bytes.fromhex(c)
-                if b in seen:
-                    continue
-                seen.add(b)
-                nb = self.new_blobs.get(b)
-                if nb is not None:
-                    packs.add(nb[0])
-                    size += nb[1].length
-                else:
-                    ie = self.known[b]
-                    packs.add(ie.pack)
-                    size += ie.length
+            if e.chunks:
+                distinct.update(e.chunks)
+        new_blobs, known_blobs = self.new_blobs.get, self.known.__getitem__
+        for c in distinct:
+            b = fromhex(c)
+            nb = new_blobs(b)
+            if nb is not None:
+                packs.add(nb[0])
+                size += nb[1].length
+            else:
+                ie = known_blobs(b)
+                packs.add(ie.pack)
+                size += ie.length
 
         if self.new_packs:
             iid, idata = encode_index(self.new_packs)
@@ -531,6 +570,7 @@ class _Backup:
         mdata = encode_manifest(m)
         # Last: the checkpoint exists from this moment.
         self.repo.backend.save(self.repo.manifest_name(self.session_id, key), mdata)
+        self.repo.remember_manifest(m)
         self.added += len(mdata)
         return BackupResult(
             key=key,
@@ -575,7 +615,11 @@ def backup_sync(
     parent_m = None
     if parent:
         try:
-            parent_m = _load_manifest_uri(parent, storage_options)
+            pbase, psession, pkey = split_checkpoint_uri(parent)
+            if pbase.rstrip("/") == repo.base_uri:
+                parent_m = repo.recent_manifest(psession, pkey)
+            if parent_m is None:
+                parent_m = _load_manifest_uri(parent, storage_options)
         except CheckpointError:
             # A missing parent only costs re-reading every file.
             parent_m = None

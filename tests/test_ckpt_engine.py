@@ -399,3 +399,78 @@ async def test_missing_checkpoint(tmp_path: Path) -> None:
         await E.restore(f"{uri}/manifests/s/nope", tmp_path / "out")
     base, sess, key = split_checkpoint_uri(f"{uri}/manifests/s/k1")
     assert (base, sess, key) == (uri, "s", "k1")
+
+
+async def test_incremental_sees_metadata_changes_and_reuses_the_rest(tmp_path: Path) -> None:
+    """Unchanged entries are taken from the parent as they are (no read, no listxattr);
+    anything that moves an inode's ctime is looked at again, whether the parent manifest
+    comes from this process's cache or from the store."""
+    uri = f"file://{tmp_path}/repo"
+    src = tmp_path / "upper"
+    make_rich_tree(src)
+    (src / "keep").mkdir()
+    for i in range(50):
+        (src / f"keep/f{i}.txt").write_text(f"unchanged {i}\n" * 100)
+    r1 = await E.backup(uri, "s", src)
+    r2 = await E.backup(uri, "s", src, r1.uri)
+    assert r2.read_bytes == 0 and r2.added_bytes < 64 * 1024
+    # Metadata-only changes: content and size stay the same.
+    (src / "etc/empty").chmod(0o600)
+    os.setxattr(src / "keep/f1.txt", "user.tag", b"new")
+    os.utime(src / "keep/f2.txt", ns=(1_300_000_000_000_000_000, 1_300_000_000_000_000_000))
+    (src / "bin/rel").unlink()
+    (src / "bin/rel").symlink_to("python")
+    (src / "keep").chmod(0o700)
+    os.removexattr(src / "opaque-user", "user.overlay.opaque")
+    r3 = await E.backup(uri, "s", src, r2.uri)
+    # Only the files whose inode changed are read again.
+    assert r3.read_bytes == (src / "keep/f1.txt").stat().st_size * 2
+    assert r3.reused_files == r2.reused_files - 3
+    out = tmp_path / "out"
+    await E.restore(r3.uri, out)
+    assert snapshot_tree(out) == snapshot_tree(src)
+
+    def entries(u: str) -> list[Any]:
+        return [e.to_json() for e in E._load_manifest_uri(u, None).entries]
+
+    # Parent from the store (a fresh process): the same manifest as from the cache.
+    cached = await E.backup(uri, "s", src, r3.uri)
+    E._repos.clear()
+    fresh = await E.backup(uri, "s", src, r3.uri)
+    assert cached.read_bytes == fresh.read_bytes == 0
+    assert entries(cached.uri) == entries(fresh.uri) == entries(r3.uri)
+
+
+async def test_manifest_of_an_earlier_encoding_restores(tmp_path: Path) -> None:
+    """Manifests written before entries' texts were reused (one json.dumps, zstd level 6)
+    still restore, and serve as the parent of an incremental."""
+    import json
+
+    import zstandard
+
+    uri = f"file://{tmp_path}/repo"
+    src = tmp_path / "upper"
+    make_rich_tree(src)
+    r1 = await E.backup(uri, "s", src)
+    m = E._load_manifest_uri(r1.uri, None)
+    doc = {
+        "version": 1,
+        "session": m.session_id,
+        "key": m.key,
+        "created_ns": m.created_ns,
+        "parent": m.parent,
+        "chunker": m.chunker,
+        "stats": m.stats,
+        "packs": m.packs,
+        "entries": [e.to_json() for e in m.entries],
+    }
+    old = zstandard.ZstdCompressor(level=6).compress(json.dumps(doc).encode())
+    _base, session, key = split_checkpoint_uri(r1.uri)
+    repo = E.get_repository(uri)
+    repo.backend.save(repo.manifest_name(session, key), old, overwrite=True)
+    E._repos.clear()
+    out = tmp_path / "out"
+    await E.restore(r1.uri, out)
+    assert snapshot_tree(out) == snapshot_tree(src)
+    r2 = await E.backup(uri, "s", src, r1.uri)
+    assert r2.read_bytes == 0
