@@ -19,12 +19,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import psutil
 import pytest
 
 from agent import crash_points
+from agent.runtime_local import LABEL_ENV
+from agent.runtime_podman import LABEL_SESSION
 from agent.volume_xfs import XfsLoopVolume, mounted_source
+from tests.agent_fixtures import kill_leftover_tools
 from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient
 from tests.integration import require
 
@@ -90,7 +93,13 @@ class Rig:
 
     def check(self, context: str) -> None:
         got = _tree(self.root_dir() / "work")
-        assert got == self.expected, f"{context}: the studio's files differ after the restart"
+        differ = sorted(
+            k for k in got.keys() | self.expected.keys() if got.get(k) != self.expected.get(k)
+        )
+        assert not differ, (
+            f"{context}: the studio's files differ after the restart: {differ}\n"
+            f"{self.agent.log_tail(60)}"
+        )
 
     async def crash_at(self, point: str, action: str) -> None:
         """Arm the hook, trigger `action`, wait for the agent's SIGKILL at `point`."""
@@ -117,8 +126,35 @@ def _tree(root: Path) -> dict[str, str]:
     }
 
 
-def _release_leftovers(state_dir: Path) -> None:
-    """What a failed test may leave mounted (overlays, XFS volumes, loop devices)."""
+def _tools_of(rig: Rig) -> list[str]:
+    """Processes labelled as the studio's tools, and its containers."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if f"/{rig.session_id}/" in proc.environ().get(LABEL_ENV, ""):
+                found.append(f"pid {proc.pid}")
+    out = subprocess.run(
+        ["podman", "ps", "-aq", "--filter", f"label={LABEL_SESSION}={rig.session_id}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found + [f"container {c}" for c in out.stdout.split()]
+
+
+def _release_leftovers(state_dir: Path, session_id: str) -> None:
+    """What a failed test may leave running or mounted (tools, containers, overlays, XFS
+    volumes, loop devices): a running tool would keep its volume busy for ever."""
+    kill_leftover_tools(state_dir)
+    if session_id:
+        out = subprocess.run(
+            ["podman", "ps", "-aq", "--filter", f"label={LABEL_SESSION}={session_id}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for cid in out.stdout.split():
+            subprocess.run(["podman", "rm", "-f", "-t", "0", cid], capture_output=True, check=False)
     sessions = state_dir / "sessions"
     if not sessions.is_dir():
         return
@@ -143,6 +179,7 @@ async def _rig(tmp: Path, runtime: str) -> AsyncIterator[Rig]:
     controller.start()
     api: RestClient | None = None
     agent: AgentProcess | None = None
+    rig: Rig | None = None
     try:
         await controller.wait_ready()
         api = RestClient(controller.url, controller.admin_token)
@@ -181,7 +218,7 @@ async def _rig(tmp: Path, runtime: str) -> AsyncIterator[Rig]:
         if agent is not None:
             agent.stop()
         controller.stop()
-        _release_leftovers(tmp / "agent")
+        _release_leftovers(tmp / "agent", rig.session_id if rig is not None else "")
 
 
 async def _kill_at_every_step(rig: Rig, template: str, extra_start_points: list[str]) -> None:
@@ -218,10 +255,13 @@ async def _kill_at_every_step(rig: Rig, template: str, extra_start_points: list[
         studio = await rig.api.wait_status(rig.session_id, {"running", "errored"}, timeout=90)
         assert studio["statusInfo"]["status"] == "running", (point, studio["statusInfo"])
         rig.check(f"agent killed at {point}")
-    status: dict[str, Any] = rig.agent.cli("status")
-    # Nothing of an interrupted start outlived it unnoticed: no orphan was left to reap
-    # in the end, or the reaper said what it removed.
-    assert isinstance(status["reaped"], list)
+    await rig.api.request("PUT", f"/studios/{rig.session_id}/stop", {}, expect=200)
+    await rig.api.wait_status(rig.session_id, "stopped", timeout=90)
+    # Nothing of the interrupted starts is left behind: no tool of the studio runs, and
+    # neither its volume nor its overlay is mounted.
+    assert _tools_of(rig) == []
+    assert mounted_source(rig.agent.state_dir / "sessions" / rig.session_id / "root") is None
+    assert mounted_source(rig.agent.state_dir / "sessions" / rig.session_id / "merged") is None
 
 
 def _require_xfs() -> None:
