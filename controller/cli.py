@@ -43,6 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc", default="127.0.0.1:8081", metavar="HOST:PORT")
     serve.add_argument("--database", default=None, metavar="URL")
     serve.add_argument("--public-url", default=None, metavar="URL")
+    serve.add_argument(
+        "--s3-endpoint",
+        default=None,
+        metavar="URL",
+        help="S3-compatible endpoint of s3:// checkpoint stores (else STUDIOS_S3_ENDPOINT)",
+    )
+    serve.add_argument(
+        "--checkpoint-gc-interval-seconds",
+        type=float,
+        default=6 * 3600.0,
+        help="how often every checkpoint store is collected (default: 6 hours)",
+    )
+    serve.add_argument(
+        "--checkpoint-gc-grace-seconds",
+        type=float,
+        default=3600.0,
+        help="unreferenced checkpoint data younger than this is kept (default: 1 hour)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     user = sub.add_parser("user", help="manage users")
@@ -84,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             grpc_port=grpc_port,
             database_url=args.database,
             public_url=args.public_url,
+            s3_endpoint=args.s3_endpoint,
+            checkpoint_gc_interval_seconds=args.checkpoint_gc_interval_seconds,
+            checkpoint_gc_grace_seconds=args.checkpoint_gc_grace_seconds,
         )
         return asyncio.run(_serve(config))
     if args.command == "user" and args.user_command == "add":
