@@ -126,13 +126,14 @@ class ObservationHandler:
                 status = Status(studio.status)
                 if status not in lifecycle.ACTIVE:
                     continue
-                placed_at = as_utc(studio.placed_at)
-                if (
-                    status == Status.STARTING
-                    and placed_at is not None
-                    and placed_at >= stream.connected_at
-                ):
-                    # Placed on this very stream: the inventory may predate it.
+                if status == Status.STARTING:
+                    # A start the agent does not know yet: placed on this very stream
+                    # (the inventory may predate it), or it never received it (a
+                    # controller killed between the placement's commit and the send, an
+                    # agent killed before it saved the session). Nothing of this
+                    # generation has run there, so the agent is told again and starts it;
+                    # erroring it would fail a start that nothing went wrong with.
+                    resend.add(studio.session_id)
                     continue
                 lifecycle.transition(
                     studio,
