@@ -136,6 +136,7 @@ class FakeAgent:
         *,
         uri: str | None = None,
         size: int = 1234,
+        saved_at: int | None = None,
     ) -> None:
         await self.send(
             pb.ConnectRequest(
@@ -146,7 +147,7 @@ class FakeAgent:
                     uri=uri or f"file:///work/.studios/checkpoints/{key}",
                     status=status,  # type: ignore[arg-type]
                     size_bytes=size,
-                    saved_at=int(time.time()),
+                    saved_at=int(time.time()) if saved_at is None else saved_at,
                 )
             )
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -225,9 +226,12 @@ async def test_lifecycle_with_agent(
     # object); a late re-send of the older refresh does not take it back.
     # Each event is acked once its transaction has committed, saying what became of it.
     mark = len(agent.responses)
-    await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM, size=99)
-    await agent.checkpoint(sid, 2, "ckpt-b", pb.CHECKPOINT_STATUS_INTERIM)
-    await agent.checkpoint(sid, 2, "ckpt-d", pb.CHECKPOINT_STATUS_FINALIZED, size=77)
+    now = int(time.time())
+    await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM, size=99, saved_at=now)
+    await agent.checkpoint(sid, 2, "ckpt-b", pb.CHECKPOINT_STATUS_INTERIM, saved_at=now - 60)
+    await agent.checkpoint(
+        sid, 2, "ckpt-d", pb.CHECKPOINT_STATUS_FINALIZED, size=77, saved_at=now + 1
+    )
     ack_c = await agent.wait_ack(sid, "ckpt-c", start=mark)
     ack_b = await agent.wait_ack(sid, "ckpt-b", start=mark)
     ack_d = await agent.wait_ack(sid, "ckpt-d", start=mark)
@@ -340,6 +344,32 @@ async def test_inventory_without_a_running_session_errors_it(
     await h.request("PUT", f"/studios/{sid}/start", expect=200)
     desired = await again.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
     assert desired.generation == 2
+
+
+async def test_start_the_agent_never_saw_is_sent_again_not_lost(
+    controller_harness: ControllerHarness, make_agent: AgentFactory
+) -> None:
+    """A start placed on an agent that then reconnects without it (the desired state never
+    reached it, or it was killed before saving the session) stays `starting` and is sent
+    again; it is not "lost", since nothing of it ran."""
+    h = controller_harness
+    agent = make_agent()
+    await agent.connect(inventory=[])
+    _, body = await h.request(
+        "POST", "/studios", {"name": "unseen", "computeEnvId": h.compute_env_id}, expect=200
+    )
+    sid = body["studio"]["sessionId"]
+    desired = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING)
+    await agent.close()
+
+    again = make_agent()
+    await again.connect(inventory=[])
+    resent = await again.wait_desired(sid, pb.DESIRED_STATUS_RUNNING)
+    assert resent.generation == desired.generation
+    studio = await _status(h, sid)
+    assert studio["statusInfo"]["status"] == "starting", studio["statusInfo"]
+    await again.report(sid, desired.generation, pb.SESSION_STATUS_RUNNING)
+    await _wait_status(h, sid, "running")
 
 
 async def test_controller_restart_keeps_studios(
