@@ -106,7 +106,7 @@ class StateDir:
     DIR/agent.sock                 admin socket (0600)
     DIR/agent.lock                 one agent per state directory
     DIR/connect-key                last Welcome.connect_token_key (0600)
-    DIR/outbox/<hash>.json         checkpoint events not yet taken by the stream
+    DIR/outbox/<ns>-<digest>.pb    checkpoint events, until the controller acks them
     DIR/sessions/<sid>/handle.json the session handle
     DIR/sessions/<sid>/root/       the session directory (what the tool sees as /)
     DIR/sessions/<sid>/tool.log    the tool's stdout and stderr

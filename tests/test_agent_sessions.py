@@ -342,7 +342,7 @@ async def test_reconnect_after_controller_restart_sends_full_inventory(
     assert agent.link.connected
 
 
-async def test_checkpoint_events_are_resent_on_reconnect(
+async def test_an_older_controller_without_acks_gets_events_resent_on_reconnect(
     controller: FakeController, agent: Agent, tmp_path: Path
 ) -> None:
     controller.push(desired("ffff0002", checkpoint_base_uri=str(tmp_path / "ck")))
