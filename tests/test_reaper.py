@@ -127,7 +127,9 @@ async def test_orphaned_labelled_container_is_reaped_at_agent_start(
     try:
         await agent.start()
         assert agent.manager is not None
-        await _until(lambda: _podman("container", "exists", orphan).returncode != 0)
+        # 1: no such container (125 would be podman failing to answer).
+        await _until(lambda: _podman("container", "exists", orphan).returncode == 1)
+        await _until(lambda: agent.manager.reaped)  # type: ignore[union-attr]
         [entry] = agent.manager.reaped
         assert entry["sessionId"] == "dead0003" and entry["what"].startswith(
             f"container {orphan[:12]}"
