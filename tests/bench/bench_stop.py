@@ -11,13 +11,19 @@ runtime, the agent's default volume kind: an XFS loop volume as root, else a dir
   1 MiB files, one file of about 1 MiB rewritten) → sync → `PUT /studios/{id}/stop`, polled
   every 20 ms until `stopped`.
 
-The agent's log (millisecond timestamps) splits each stop into steps. In the same run, on a
-copy of the same tree with the same changes: restic 0.14's incremental `restic backup` into
-a local repository (the anchor), and the checkpoint engine alone (agent/ckpt_engine.py,
-incremental against its previous checkpoint from the same process, as the agent does).
-Medians over `--runs`; prints one JSON document.
+The agent's log (millisecond timestamps) splits each stop into steps: the PUT until the
+agent begins (controller, desired-state push), the tool's stop (SIGTERM, its exit seen,
+data-links unmounted, handle saved), the final checkpoint as the agent logs it (engine,
+checkpoint event persisted, handle saved), the volume's release until the agent logs
+`stopped`, and from there until the API shows it. In the same run, on a copy of the same
+tree in TMPDIR with the same changes: restic 0.14's incremental `restic backup` into a
+local repository (the anchor, whole command as a user runs it), and the checkpoint engine
+alone (agent/ckpt_engine.py, incremental against its previous checkpoint from the same
+process, as the agent does). Medians over `--runs`; prints one JSON document.
 
     .venv/bin/python tests/bench/bench_stop.py [--runs 5] [--venv DIR] [--volume-kind KIND]
+        [--profile DIR]   # py-spy profiles of the agent during each stop (pip install py-spy)
+        [--no-anchor]     # the stops only
 """
 
 from __future__ import annotations
