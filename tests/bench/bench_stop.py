@@ -177,7 +177,7 @@ async def wait_first_checkpoint(stack: LocalStack, sid: str, timeout: float = 30
     raise TimeoutError(f"first checkpoint of {sid} not written after {timeout}s")
 
 
-async def timed_stop(stack: LocalStack, sid: str) -> tuple[float, float]:
+async def timed_stop(stack: LocalStack, sid: str, poll: float) -> tuple[float, float]:
     api = stack.api
     assert api is not None
     t_put = time.time()
@@ -190,7 +190,7 @@ async def timed_stop(stack: LocalStack, sid: str) -> tuple[float, float]:
             return t_put, time.time()
         if status == "errored":
             raise RuntimeError(f"stop errored: {studio['statusInfo']}")
-        await asyncio.sleep(POLL)
+        await asyncio.sleep(poll)
     raise TimeoutError("stop did not finish in 300 s")
 
 
@@ -207,6 +207,7 @@ def start_py_spy(agent: Any, out: Path) -> subprocess.Popen[bytes]:
             "--rate",
             "250",
             "--idle",
+            "--nonblocking",
             "--threads",
             "--format",
             "raw",
@@ -296,7 +297,13 @@ async def anchor(tmp: Path, venv: Path, picks: list[Path], runs: int) -> dict[st
 
 
 async def measure_stops(
-    tmp: Path, venv: Path, picks: list[Path], runs: int, volume_kind: str, profile: Path | None
+    tmp: Path,
+    venv: Path,
+    picks: list[Path],
+    runs: int,
+    volume_kind: str,
+    profile: Path | None,
+    poll: float,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The real controller and agent: `runs` stops of a studio holding the tree."""
     stops: list[dict[str, Any]] = []
@@ -332,7 +339,7 @@ async def measure_stops(
             spy = None
             if profile is not None:
                 spy = start_py_spy(stack.agent, profile / f"stop-{rep}.txt")
-            t_put, t_stopped = await timed_stop(stack, sid)
+            t_put, t_stopped = await timed_stop(stack, sid, poll)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=30)
@@ -350,13 +357,14 @@ async def run(
     volume_kind: str,
     profile: Path | None = None,
     no_anchor: bool = False,
+    poll: float = POLL,
 ) -> dict[str, Any]:
     files, size = tree_stats(venv)
     picks = victims(venv, runs + 1)
     with tempfile.TemporaryDirectory(prefix="studios-bench-stop-") as tmp_name:
         tmp = Path(tmp_name)
         anchors = {} if no_anchor else await anchor(tmp, venv, picks, runs)
-        volume, stops = await measure_stops(tmp, venv, picks, runs, volume_kind, profile)
+        volume, stops = await measure_stops(tmp, venv, picks, runs, volume_kind, profile, poll)
 
     ours = [s["total_s"] for s in stops]
     step_names = [k for k in stops[0] if k.endswith("_s") and k != "total_s"]
@@ -371,6 +379,7 @@ async def run(
         "volume_kind": volume,
         "store": "file:// (local disk)",
         "change": "10 new files of 1 MiB + one ~1 MiB file rewritten",
+        "api_poll_s": poll,
         "stop_to_stopped_s": {"median": median(ours), "all": [round(x, 3) for x in ours]},
         "stop_steps_median_s": {k: median([s[k] for s in stops if k in s]) for k in step_names},
         "stop_steps_all": stops,
@@ -394,12 +403,16 @@ if __name__ == "__main__":
         "--profile", type=Path, help="write py-spy profiles of the agent's stops (collapsed)"
     )
     parser.add_argument("--no-anchor", action="store_true", help="skip restic and the engine")
+    parser.add_argument(
+        "--poll", type=float, default=POLL, help="seconds between GETs while stopping"
+    )
     ns = parser.parse_args()
     if not os.path.exists(RESTIC):
         sys.exit(f"{RESTIC} is missing (scripts/install installs Debian's restic)")
     venv_dir = ensure_venv(ns.venv)
     print(
         json.dumps(
-            asyncio.run(run(ns.runs, venv_dir, ns.volume_kind, ns.profile, ns.no_anchor)), indent=2
+            asyncio.run(run(ns.runs, venv_dir, ns.volume_kind, ns.profile, ns.no_anchor, ns.poll)),
+            indent=2,
         )
     )
