@@ -39,7 +39,8 @@ REPO_VERSION = 1
 MANIFESTS = "manifests/"
 # Manifests this process wrote last, one per session: the parent of a session's next
 # backup is almost always its previous one, and decoding 10,000 entries costs ~0.2 s.
-MANIFEST_CACHE_SESSIONS = 32
+# Bounded by entries (~0.6 KiB each in memory); the newest manifest is always kept.
+MANIFEST_CACHE_ENTRIES = 500_000
 
 
 def pack_name(pack: str) -> str:
@@ -114,8 +115,9 @@ class Repository:
         with self._lock:
             self._manifests.pop(m.session_id, None)
             self._manifests[m.session_id] = m
-            while len(self._manifests) > MANIFEST_CACHE_SESSIONS:
-                self._manifests.popitem(last=False)
+            held = sum(len(c.entries) for c in self._manifests.values())
+            while held > MANIFEST_CACHE_ENTRIES and len(self._manifests) > 1:
+                held -= len(self._manifests.popitem(last=False)[1].entries)
 
     def recent_manifest(self, session_id: str, key: str) -> Manifest | None:
         """The manifest `remember_manifest` kept for this checkpoint, if any. Only a

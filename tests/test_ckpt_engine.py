@@ -474,3 +474,34 @@ async def test_manifest_of_an_earlier_encoding_restores(tmp_path: Path) -> None:
     assert snapshot_tree(out) == snapshot_tree(src)
     r2 = await E.backup(uri, "s", src, r1.uri)
     assert r2.read_bytes == 0
+
+
+def test_manifest_cache_is_bounded_by_entries(tmp_path: Path, monkeypatch: Any) -> None:
+    """The manifests kept for the next backup's parent stay within their entry budget,
+    oldest session first, and the newest one is kept whatever its size."""
+    from agent import ckpt_repo
+    from agent.ckpt_manifest import Entry, Manifest
+
+    monkeypatch.setattr(ckpt_repo, "MANIFEST_CACHE_ENTRIES", 10)
+    repo = E.get_repository(f"file://{tmp_path}/repo")
+
+    def manifest(session: str, key: str, n: int) -> Manifest:
+        entries = [Entry(".", "dir"), *(Entry(f"f{i}", "file") for i in range(n - 1))]
+        return Manifest(session, key, 0, None, entries, [], {})
+
+    repo.remember_manifest(manifest("a", "k1", 4))
+    repo.remember_manifest(manifest("b", "k1", 4))
+    assert repo.recent_manifest("a", "k1") is not None
+    # A newer checkpoint of a session replaces its older one.
+    repo.remember_manifest(manifest("a", "k2", 4))
+    assert repo.recent_manifest("a", "k1") is None
+    assert repo.recent_manifest("a", "k2") is not None
+    # Over budget: the least recently written session goes first.
+    repo.remember_manifest(manifest("c", "k1", 4))
+    assert repo.recent_manifest("b", "k1") is None
+    assert repo.recent_manifest("a", "k2") is not None
+    assert repo.recent_manifest("c", "k1") is not None
+    # One manifest larger than the budget is still kept, alone.
+    repo.remember_manifest(manifest("d", "k1", 50))
+    assert repo.recent_manifest("d", "k1") is not None
+    assert repo.recent_manifest("a", "k2") is None and repo.recent_manifest("c", "k1") is None
