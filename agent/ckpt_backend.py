@@ -92,6 +92,14 @@ def _mtime(info: dict[str, Any]) -> float:
     return 0.0
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FsspecBackend(Backend):
     def __init__(self, base_uri: str, storage_options: dict[str, Any] | None = None):
         if "://" not in base_uri:
@@ -122,7 +130,12 @@ class FsspecBackend(Backend):
             tmp = f"{path}.tmp-{secrets.token_hex(6)}"
             with open(tmp, "wb") as f:
                 f.write(data)
+                # Durable before the rename: a stop releases the session volume once the
+                # manifest is saved, so a host crash must not take the objects with it.
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
             return
         # S3 and memory PUTs are atomic: the object appears whole or not at all.
         self.fs.pipe_file(path, data)

@@ -399,10 +399,17 @@ class _Backup:
     def _run(self, t0: float) -> BackupResult:
         # The lock is taken before the index is read: GC relies on this order.
         self.known, known_ids = self.repo.load_indexes_and_ids()
+        walk_started_ns = time.time_ns()
         items = _walk(self.source, self.warnings)
         prev: dict[str, Entry] = {}
+        # Racily clean entries (git's term): a file changed in the same clock tick just
+        # after the parent's walk read it keeps its size, mtime and ctime, since file
+        # times move in coarse ticks. Only entries whose ctime is older than the parent's
+        # walk by more than a tick are trusted from their stat; the rest are read again.
+        trusted_before = 0
         if self.parent is not None:
             prev = {p.path: p for p in self.parent.entries}
+            trusted_before = _trusted_before(self.parent)
         # A reused file's chunks must all still be stored (GC may have removed some).
         stored = known_ids.issuperset
         fromhex = bytes.fromhex
@@ -421,6 +428,7 @@ class _Backup:
             if (
                 p is not None
                 and p.ctime_ns == st.st_ctime_ns
+                and p.ctime_ns < trusted_before
                 and (p.mtime_ns, p.mode, p.uid, p.gid)
                 == (st.st_mtime_ns, imode(mode), st.st_uid, st.st_gid)
             ):
@@ -472,6 +480,7 @@ class _Backup:
                     p is not None
                     and p.type == "file"
                     and not p.inconsistent
+                    and p.ctime_ns < trusted_before
                     and (p.size, p.mtime_ns, p.ctime_ns, p.ino)
                     == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                     and stored(p.chunks)
@@ -565,7 +574,12 @@ class _Backup:
             entries=entries,
             packs=sorted(packs),
             chunker=self.repo.params.to_json(),
-            stats={"files": len(todo) + reused, "bytes": total, "stored_bytes": size},
+            stats={
+                "files": len(todo) + reused,
+                "bytes": total,
+                "stored_bytes": size,
+                "walk_started_ns": walk_started_ns,
+            },
         )
         mdata = encode_manifest(m)
         # Last: the checkpoint exists from this moment.
@@ -586,6 +600,29 @@ class _Backup:
             inconsistent=sorted(self.inconsistent),
             warnings=self.warnings,
         )
+
+
+# How far file times may lag the clock: the kernel stamps them from its coarse clock
+# (CLOCK_REALTIME_COARSE, id 5 on Linux; Python does not name it), one jiffy at most.
+def _coarse_tick_ns() -> int:
+    try:
+        return int(time.clock_getres(5) * 1e9)
+    except OSError:
+        return 0
+
+
+_TICK_NS = max(2 * _coarse_tick_ns(), 10_000_000)
+# Manifests written before the walk's start was recorded: their creation time is after
+# their walk, by at most the time a backup takes; this much earlier is trusted.
+_OLD_MANIFEST_MARGIN_NS = 120 * 1_000_000_000
+
+
+def _trusted_before(parent: Manifest) -> int:
+    """Entries of `parent` with a ctime before this may be reused on an equal stat."""
+    started = parent.stats.get("walk_started_ns")
+    if isinstance(started, int) and started > 0:
+        return started - _TICK_NS
+    return parent.created_ns - _OLD_MANIFEST_MARGIN_NS
 
 
 def _load_manifest_uri(uri: str, storage_options: dict[str, Any] | None) -> Manifest:

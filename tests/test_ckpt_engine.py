@@ -29,6 +29,11 @@ ROOT = os.geteuid() == 0
 Store = tuple[str, dict[str, Any] | None]
 
 
+# Files written this long before a backup are trusted from their stat by the next
+# incremental (the engine re-reads those changed within a clock tick of its walk).
+_SETTLE = 0.05
+
+
 def snapshot_tree(root: Path, times: bool = True) -> dict[str, tuple[Any, ...]]:
     """Everything a checkpoint must carry, per path (inode numbers become link groups)."""
     out: dict[str, tuple[Any, ...]] = {}
@@ -185,6 +190,7 @@ async def test_incremental_uploads_only_new_chunks(store: Store, tmp_path: Path)
         (src / f"f{i}.bin").write_bytes(os.urandom(512 * 1024))
     big = os.urandom(8 << 20)
     (src / "big.bin").write_bytes(big)
+    time.sleep(_SETTLE)
     r1 = await E.backup(uri, "s", src, storage_options=opts)
     assert r1.added_bytes > 18 << 20
     # Nothing changed: nothing re-read, only a manifest uploaded.
@@ -283,6 +289,7 @@ async def test_100k_small_files(fast_tmp: Path) -> None:
         sub.mkdir(parents=True)
         for i in range(1000):
             (sub / f"f{i:04}.txt").write_bytes(f"file {d}/{i}\n".encode() * (1 + i % 7))
+    time.sleep(_SETTLE)
     t = time.monotonic()
     r = await E.backup(uri, "s", src)
     t_full = time.monotonic() - t
@@ -411,6 +418,7 @@ async def test_incremental_sees_metadata_changes_and_reuses_the_rest(tmp_path: P
     (src / "keep").mkdir()
     for i in range(50):
         (src / f"keep/f{i}.txt").write_text(f"unchanged {i}\n" * 100)
+    time.sleep(_SETTLE)
     r1 = await E.backup(uri, "s", src)
     r2 = await E.backup(uri, "s", src, r1.uri)
     assert r2.read_bytes == 0 and r2.added_bytes < 64 * 1024
@@ -422,6 +430,7 @@ async def test_incremental_sees_metadata_changes_and_reuses_the_rest(tmp_path: P
     (src / "bin/rel").symlink_to("python")
     (src / "keep").chmod(0o700)
     os.removexattr(src / "opaque-user", "user.overlay.opaque")
+    time.sleep(_SETTLE)
     r3 = await E.backup(uri, "s", src, r2.uri)
     # Only the files whose inode changed are read again.
     assert r3.read_bytes == (src / "keep/f1.txt").stat().st_size * 2
@@ -451,6 +460,7 @@ async def test_manifest_of_an_earlier_encoding_restores(tmp_path: Path) -> None:
     uri = f"file://{tmp_path}/repo"
     src = tmp_path / "upper"
     make_rich_tree(src)
+    time.sleep(_SETTLE)
     r1 = await E.backup(uri, "s", src)
     m = E._load_manifest_uri(r1.uri, None)
     doc = {
@@ -505,3 +515,25 @@ def test_manifest_cache_is_bounded_by_entries(tmp_path: Path, monkeypatch: Any) 
     repo.remember_manifest(manifest("d", "k1", 50))
     assert repo.recent_manifest("d", "k1") is not None
     assert repo.recent_manifest("a", "k2") is None and repo.recent_manifest("c", "k1") is None
+
+
+async def test_racily_clean_entries_are_read_again(tmp_path: Path, monkeypatch: Any) -> None:
+    """File times move in coarse ticks: a file written again in the tick in which the
+    parent's walk read it keeps its size, mtime and ctime. Entries whose ctime is not
+    older than the parent's walk by a tick are therefore read again, not trusted."""
+    uri = f"file://{tmp_path}/repo"
+    src = tmp_path / "upper"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_bytes(os.urandom(8192))
+    time.sleep(_SETTLE)
+    r1 = await E.backup(uri, "s", src)
+    # Written well before the walk: trusted.
+    r2 = await E.backup(uri, "s", src, r1.uri)
+    assert (r2.read_bytes, r2.reused_files) == (0, 2)
+    # The same files as if the parent's walk had started within a tick of their writes.
+    monkeypatch.setattr(E, "_TICK_NS", 10**15)
+    r3 = await E.backup(uri, "s", src, r2.uri)
+    assert (r3.read_bytes, r3.reused_files) == (2 * 8192, 0)
+    # Read again, they deduplicate: nothing new is stored but the manifest.
+    assert r3.added_bytes < 8192
