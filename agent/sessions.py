@@ -203,6 +203,8 @@ class SessionManager:
         self._unsaved_retry_at: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
+        # Volume releases that follow a reported stop (see `_stop`).
+        self._releases: set[asyncio.Task[None]] = set()
         # Orphans: tools labelled as this agent's that no live handle owns, and what ended
         # generations left (mounts, loop devices); looked for at start, then per interval.
         self.reap_interval_seconds = reap_interval_seconds
@@ -320,6 +322,8 @@ class SessionManager:
     async def close(self) -> None:
         """Stop managing; running tools are left running for the next agent process."""
         self._closed = True
+        if self._releases:
+            await asyncio.wait(set(self._releases), timeout=30)
         tasks = [
             *self._ops.values(),
             *self._watchers.values(),
@@ -977,8 +981,9 @@ class SessionManager:
         3. final manifest committed         -> checkpoints again (same data: the volume
                                                is untouched until step 4)
         4. `final_uri` saved                -> skips the checkpoint, releases the volume
-        5. volume released (idempotent)     -> releases again, reports `stopped`
-        6. status `stopped` saved
+        5. status `stopped` saved, reported -> (ended) the reaper or the next start
+                                               releases the volume
+        6. volume released (idempotent), the handle saved without it
 
         The volume is released only after step 4, so no crash can make a restarted agent
         checkpoint a released (empty) volume over the run's final checkpoint.
@@ -1032,13 +1037,25 @@ class SessionManager:
                 self._unsaved_retry_at[sid] = time.monotonic() + self.unsaved_retry_seconds
                 await self._save_and_report(h)
                 return
+        # The data is safe in the store and the handle says so: the studio is stopped now.
+        # Releasing the volume (unmount and delete: ~0.6 s on XFS) follows in the same
+        # operation, so a new start of this session waits for it; a crash before it ends
+        # leaves an ended handle with a volume, which any start or the reaper releases.
         _set_step(h, STEP_RELEASE, "in_progress")
-        await self._release(h)
-        crash_points.reached("stop:released")
-        _set_step(h, STEP_RELEASE, "succeeded")
-        h.status, h.message, h.volume, h.unsaved = "stopped", "stopped", {}, False
+        h.status, h.message, h.unsaved = "stopped", "stopped", False
         await self._save_and_report(h)
         log.info("session %s: stopped", sid)
+        crash_points.reached("stop:reported")
+        # Shielded, and waited for by `close`: an agent shut down right after a stop still
+        # leaves nothing mounted.
+        release = asyncio.create_task(self._release(h), name=f"release-{sid}")
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
+        await asyncio.shield(release)
+        crash_points.reached("stop:released")
+        _set_step(h, STEP_RELEASE, "succeeded")
+        h.volume = {}
+        await self._save_and_report(h)
 
     async def _retry_unsaved(self, h: SessionHandle) -> None:
         self._unsaved_retry_at[h.session_id] = time.monotonic() + self.unsaved_retry_seconds
@@ -1058,6 +1075,9 @@ class SessionManager:
         self._unwatch(sid)
         if h is not None:
             await self._unmount_data(h)
+            if h.volume or self._root_exists(h):
+                # Its loop device too: deleting the directory alone would leave it attached.
+                await self._release(h)
         await asyncio.to_thread(self.state.forget_session, sid)
         self._handles.pop(sid, None)
         self._unsaved_retry_at.pop(sid, None)
@@ -1089,15 +1109,7 @@ class SessionManager:
         reaped: list[dict[str, Any]] = []
 
         def note(sid: str, generation: int, what: str) -> None:
-            log.warning(
-                "reaped %s of session %s generation %d: no live session owns it",
-                what,
-                sid,
-                generation,
-            )
-            reaped.append(
-                {"at": int(time.time()), "sessionId": sid, "generation": generation, "what": what}
-            )
+            reaped.append(self._note_reaped(sid, generation, what))
 
         for tool in await self.runtime.labelled_tools():
             sid = tool.session_id
@@ -1112,15 +1124,29 @@ class SessionManager:
                 live.add(h.root_dir)
                 continue
             merged = str(h.runtime_data.get("merged") or "")
-            if await asyncio.to_thread(_has_leftovers, h.root_dir, merged):
-                await self.runtime.reap(_runtime_handle(h))
-                await self._release(h)
-                note(h.session_id, h.generation, f"leftover volume {h.root_dir}")
+            if h.volume or await asyncio.to_thread(_has_leftovers, h.root_dir, merged):
+                live.add(h.root_dir)  # released below, not swept behind its back
+                if h.session_id not in self._ops and self._handles.get(h.session_id) is h:
+                    # An operation of the session, so a start of it waits for the release.
+                    self._spawn(h.session_id, self._release_leftovers(h))
         for what in await self.volumes.sweep(self.state.sessions_dir, live):
             note("-", 0, what)
-        if reaped:
-            self.reaped = (self.reaped + reaped)[-50:]
         return reaped
+
+    async def _release_leftovers(self, h: SessionHandle) -> None:
+        await self.runtime.reap(_runtime_handle(h))
+        await self._release(h)
+        h.volume = {}
+        await self._save_and_report(h)
+        self._note_reaped(h.session_id, h.generation, f"leftover volume {h.root_dir}")
+
+    def _note_reaped(self, sid: str, generation: int, what: str) -> dict[str, Any]:
+        log.warning(
+            "reaped %s of session %s generation %d: no live session owns it", what, sid, generation
+        )
+        entry = {"at": int(time.time()), "sessionId": sid, "generation": generation, "what": what}
+        self.reaped = [*self.reaped, entry][-50:]
+        return entry
 
     async def _refresh_usage(self) -> None:
         for h in list(self._handles.values()):

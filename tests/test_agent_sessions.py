@@ -169,6 +169,11 @@ async def test_stop_checkpoints_before_stopped_and_restore_brings_files_back(
     # The manifest is the checkpoint; its data is in content-addressed packs beside it.
     assert Path(base, event.key).is_file()
     assert list(Path(base, "data").rglob("*"))
+    # `stopped` is reported once the final checkpoint is recorded; the release follows in
+    # the same operation and is reported again (without a volume).
+    await controller.wait_for(
+        lambda: (o := controller.latest("bbbb0001")) and o.status == STOPPED and not o.volume.path
+    )
     assert not root.exists(), "the session directory must be released after the checkpoint"
     handle = agent.manager.get("bbbb0001")  # type: ignore[union-attr]
     assert handle is not None and not psutil.pid_exists(handle.pid)

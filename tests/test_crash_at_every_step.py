@@ -42,6 +42,7 @@ STOP_POINTS = [
     "stop:tool-stopped",
     "final-checkpoint:committed",
     "final-checkpoint:recorded",
+    "stop:reported",
     "release:unmounted",
     "stop:released",
 ]
@@ -260,8 +261,14 @@ async def _kill_at_every_step(rig: Rig, template: str, extra_start_points: list[
     # Nothing of the interrupted starts is left behind: no tool of the studio runs, and
     # neither its volume nor its overlay is mounted.
     assert _tools_of(rig) == []
-    assert mounted_source(rig.agent.state_dir / "sessions" / rig.session_id / "root") is None
-    assert mounted_source(rig.agent.state_dir / "sessions" / rig.session_id / "merged") is None
+    # The volume's release follows the `stopped` report within the same operation.
+    session_dir = rig.agent.state_dir / "sessions" / rig.session_id
+    for _ in range(300):
+        if mounted_source(session_dir / "root") is None:
+            break
+        await asyncio.sleep(0.1)
+    assert mounted_source(session_dir / "root") is None
+    assert mounted_source(session_dir / "merged") is None
 
 
 def _require_xfs() -> None:

@@ -138,6 +138,12 @@ async def test_studio_runs_in_a_container_and_opt_lands_in_the_upper_dir(
         await controller.wait_status("cccc0001", STOPPED, timeout=60)
         assert _containers("cccc0001") == []
         assert mounted_source(Path(obs.root_dir)) is None
+        # The volume's release follows the `stopped` report, reported without a volume.
+        await controller.wait_for(
+            lambda: (
+                (o := controller.latest("cccc0001")) and o.status == STOPPED and not o.volume.path
+            )
+        )
         assert mounted_source(Path(obs.volume.path)) is None
 
 

@@ -18,7 +18,7 @@ from agent.volume import GIB
 from agent.volume_xfs import backing_file, loop_devices_for
 from tests.agent_fixtures import controller_fixture  # noqa: F401  (fixture by name)
 from tests.fake_controller import FakeController, desired
-from tests.test_volume_xfs import _cleanup_agent, _require_xfs, _xfs_agent
+from tests.test_volume_xfs import _cleanup_agent, _released, _require_xfs, _xfs_agent
 
 RUNNING = pb.SESSION_STATUS_RUNNING
 STOPPED = pb.SESSION_STATUS_STOPPED
@@ -84,6 +84,7 @@ async def test_a_grown_session_restores_with_2_gib_free_and_a_restore_that_does_
         want = await asyncio.to_thread(_write_data, data)
         controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED))
         await controller.wait_status(sid, STOPPED, timeout=300)
+        await _released(controller, sid)
         first = _final_uri(controller, sid, 1)
 
         # Started from that checkpoint: all of it back, and still about 2 GiB free.
@@ -99,6 +100,7 @@ async def test_a_grown_session_restores_with_2_gib_free_and_a_restore_that_does_
         assert await asyncio.to_thread(_sha256, Path(obs.volume.path) / "data.bin") == want
         controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED, generation=2))
         await controller.wait_status(sid, STOPPED, generation=2, timeout=300)
+        await _released(controller, sid)
         second = _final_uri(controller, sid, 2)
 
         # Another session holds 2 GiB of a 6 GiB budget: the restore (3 GiB + 2 GiB free
@@ -117,6 +119,7 @@ async def test_a_grown_session_restores_with_2_gib_free_and_a_restore_that_does_
         assert await loop_devices_for(backing_file(root)) == []
         controller.push(desired(other, status=pb.DESIRED_STATUS_STOPPED))
         await controller.wait_status(other, STOPPED, timeout=60)
+        await _released(controller, other)
 
         # A restore larger than its volume (the estimate forced low) grows it on the way.
         assert agent.manager is not None

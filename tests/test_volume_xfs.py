@@ -126,6 +126,13 @@ async def test_attach_never_creates_a_volume_whose_file_is_gone(vroot: Path) -> 
     assert not backing_file(path).exists() and mounted_source(path) is None
 
 
+async def _released(controller: FakeController, session_id: str) -> None:
+    """`stopped` comes first; the volume's release follows, reported without a volume."""
+    await controller.wait_for(
+        lambda: (o := controller.latest(session_id)) and o.status == STOPPED and not o.volume.path
+    )
+
+
 async def _xfs_agent(tmp_path: Path, controller: FakeController, **kw: object) -> Agent:
     config: AgentConfig = make_agent_config(
         tmp_path, controller, volume_kind="xfs-loop", disk_watch_seconds=0.5, **kw
@@ -164,6 +171,7 @@ async def test_writer_never_sees_enospc_while_the_volume_grows(
         )
         controller.push(desired("bbbb0001", status=pb.DESIRED_STATUS_STOPPED))
         await controller.wait_status("bbbb0001", STOPPED, timeout=120)
+        await _released(controller, "bbbb0001")
         assert await loop_devices_for(backing_file(Path(obs.volume.path))) == []
     finally:
         await _cleanup_agent(agent)
@@ -221,6 +229,7 @@ async def test_volume_file_deleted_behind_the_agents_back(
         assert latest.status == RUNNING and "deleted" in latest.message
         controller.push(desired("bbbb0004", status=pb.DESIRED_STATUS_STOPPED))
         await controller.wait_status("bbbb0004", STOPPED, timeout=120)
+        await _released(controller, "bbbb0004")
         assert mounted_source(path) is None
         assert await loop_devices_for(backing_file(path)) == []
     finally:
