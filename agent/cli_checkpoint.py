@@ -28,9 +28,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from agent.ckpt_engine import get_repository, restore_sync, verify_sync
-from agent.ckpt_repo import split_checkpoint_uri
-from agent.ckpt_store import is_archive_uri, storage_options_for
+from agent.checkpoints.content_store import is_archive_uri, storage_options_for
+from agent.checkpoints.engine import get_repository, restore_sync, verify_sync
+from agent.checkpoints.repo import split_checkpoint_uri
 from agent.errors import CheckpointError
 
 __all__ = ["add_parser", "run"]

@@ -22,12 +22,12 @@ from agent.controller_link import ControllerLink
 from agent.datalinks import DataLinkMounter, backend_named, data_links_json
 from agent.errors import AgentError
 from agent.host import doctor_report, host_capacity
-from agent.mount_base import MountBackend
+from agent.host_mounts import MountBackend
 from agent.proxy import ConnectProxy
 from agent.runtime import RuntimeOptions, create_runtime
 from agent.sessions import SessionManager
 from agent.state import SessionHandle, StateDir
-from agent.volume import GIB, VolumeInfo, create_volume_kind
+from agent.volumes import GIB, VolumeInfo, create_volume_kind
 
 __all__ = ["Agent", "AgentConfig", "session_json"]
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import psutil
 
-from agent.datalinks import backend_named, backends, fuse_usable
-from agent.volume_directory import DirectoryVolume
-from agent.volume_xfs import XfsLoopVolume
+from agent.datalinks.mounter import backend_named, backends, fuse_usable
+from agent.volumes.directory import DirectoryVolume
+from agent.volumes.xfs import XfsLoopVolume
 
 __all__ = ["doctor_report", "host_capacity"]
 

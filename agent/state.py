@@ -189,7 +189,7 @@ class StateDir:
         return handles
 
     def forget_session(self, session_id: str) -> None:
-        from agent.mount_base import detach_mounts_under_sync
+        from agent.host_mounts import detach_mounts_under_sync
 
         # A data-link still mounted here would have its bucket emptied by rmtree.
         detach_mounts_under_sync(self.session_dir(session_id))

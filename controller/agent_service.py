@@ -34,7 +34,6 @@ import grpc
 from sqlalchemy import Select, select
 from studios.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from agent.connect_token import derive_agent_key
 from controller import lifecycle
 from controller.agent_hub import FULL, AgentHub, AgentStream
 from controller.auth import check_enrollment_token
@@ -43,6 +42,7 @@ from controller.desired import build_desired_state
 from controller.models import Agent, ComputeEnv, Studio, utcnow
 from controller.observed import ObservationHandler, capacity_dict
 from controller.reconciler import Reconciler
+from studios_shared.connect_token import derive_agent_key
 
 __all__ = ["SUPPORTED_PROTOCOLS", "TEST_FAULTS", "AgentService", "pause_for_test"]
 

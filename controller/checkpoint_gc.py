@@ -14,7 +14,7 @@ collection of a store:
    - manifests of sessions the catalogue does not know are kept (another controller,
      or a studio created before its first event arrived);
 2. deletes those manifests;
-3. runs `agent.ckpt_gc.gc` with every remaining manifest live. Packs that no live
+3. runs `agent.checkpoints.gc.gc` with every remaining manifest live. Packs that no live
    manifest names are deleted (after the engine's grace period, and never while a
    backup holds its lock). Clones reference their parent's data by content, so the
    parent's packs stay as long as a clone's manifests do.
@@ -35,10 +35,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from agent.ckpt_engine import get_repository
-from agent.ckpt_gc import DEFAULT_GRACE_S, gc
-from agent.ckpt_repo import Repository, split_checkpoint_uri
-from agent.ckpt_store import storage_options_for
+from agent.checkpoints.content_store import storage_options_for
+from agent.checkpoints.engine import get_repository
+from agent.checkpoints.gc import DEFAULT_GRACE_S, gc
+from agent.checkpoints.repo import Repository, split_checkpoint_uri
 from agent.errors import CheckpointError
 from controller.db import Database
 from controller.desired import checkpoint_base_uri

@@ -42,7 +42,6 @@ from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from agent.connect_token import derive_agent_key, sign_connect_token
 from controller import lifecycle
 from controller.agent_hub import AgentHub
 from controller.agent_service import pause_for_test
@@ -82,6 +81,7 @@ from controller.schemas import (
 )
 from controller.templates import ResolvedTemplate, is_newer_version, resolve_template
 from controller.views import checkpoint_dto, compute_env_dto, status_info, studio_dto
+from studios_shared.connect_token import derive_agent_key, sign_connect_token
 
 __all__ = ["DEFAULT_WORKSPACE_ID", "Page", "StudioService", "parse_search"]
 

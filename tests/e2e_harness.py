@@ -542,7 +542,7 @@ class Stack:
             if str(self.tmp) in cmdline:
                 proc.kill()
         if any(agent.runtime == "podman" for agent in self.agents) and shutil.which("podman"):
-            from agent.runtime_podman import LABEL_SESSION
+            from agent.runtime.podman import LABEL_SESSION
 
             for sid in self.session_ids:
                 out = subprocess.run(
@@ -556,7 +556,7 @@ class Stack:
                         ["podman", "rm", "-f", "-t", "0", cid], capture_output=True, check=False
                     )
         if os.geteuid() == 0:
-            from agent.mount_base import detach_mounts_under_sync
+            from agent.host_mounts import detach_mounts_under_sync
 
             detach_mounts_under_sync(self.tmp)
             for image in self.tmp.rglob("*.xfs"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.checkpoint_archive import ArchiveCheckpointStore
+from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
 from agent.errors import CheckpointError, UnsafeArchive
 
 

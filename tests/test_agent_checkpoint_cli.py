@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 from tests import s3_server as _s3
 from tests.s3_server import S3Server
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 from agent.daemon import Agent, AgentConfig
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     controller_fixture,
@@ -218,7 +218,7 @@ async def test_restore_of_a_corrupt_checkpoint_errors_the_start_naming_the_pack(
 
 KILLED_BACKUP = """
 import os, sys
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 E.backup_sync(sys.argv[1], "c5c50001", sys.argv[2], upload_concurrency=1)
 """
 
@@ -271,8 +271,8 @@ async def test_refresh_interval_setting(tmp_path: Path, controller: FakeControll
 async def test_a_start_after_a_failed_final_checkpoint_saves_and_restores_it_first(
     tmp_path: Path, controller: FakeController, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.ckpt_backend import StoreUnavailable
-    from agent.ckpt_store import ContentCheckpointStore
+    from agent.checkpoints.backend import StoreUnavailable
+    from agent.checkpoints.content_store import ContentCheckpointStore
 
     down = {"on": False}
     original = ContentCheckpointStore.save

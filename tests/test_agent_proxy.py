@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent.connect_token import sign_connect_token
 from agent.daemon import Agent
+from studios_shared.connect_token import sign_connect_token
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_config_fixture,
     agent_fixture,

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from agent import ckpt_engine as E
-from agent.ckpt_backend import open_backend
-from agent.ckpt_pack import CorruptPack
-from agent.ckpt_repo import split_checkpoint_uri
+from agent.checkpoints import engine as E
+from agent.checkpoints.backend import open_backend
+from agent.checkpoints.pack import CorruptPack
+from agent.checkpoints.repo import split_checkpoint_uri
 from agent.errors import CheckpointError
 from tests import s3_server as _s3
 
@@ -489,8 +489,8 @@ async def test_manifest_of_an_earlier_encoding_restores(tmp_path: Path) -> None:
 def test_manifest_cache_is_bounded_by_entries(tmp_path: Path, monkeypatch: Any) -> None:
     """The manifests kept for the next backup's parent stay within their entry budget,
     oldest session first, and the newest one is kept whatever its size."""
-    from agent import ckpt_repo
-    from agent.ckpt_manifest import Entry, Manifest
+    from agent.checkpoints import repo as ckpt_repo
+    from agent.checkpoints.manifest import Entry, Manifest
 
     monkeypatch.setattr(ckpt_repo, "MANIFEST_CACHE_ENTRIES", 10)
     repo = E.get_repository(f"file://{tmp_path}/repo")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent import ckpt_engine as E
-from agent.ckpt_gc import gc
+from agent.checkpoints import engine as E
+from agent.checkpoints.gc import gc
 
 
 def _tree(root: Path, **files: bytes) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import ckpt_engine as E
-from agent.ckpt_backend import StoreUnavailable
+from agent.checkpoints import engine as E
+from agent.checkpoints.backend import StoreUnavailable
 from tests.s3_server import S3Server, require_weed
 
 

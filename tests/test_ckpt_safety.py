@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import ckpt_engine as E
-from agent.ckpt_manifest import Entry, Manifest, encode_manifest
+from agent.checkpoints import engine as E
+from agent.checkpoints.manifest import Entry, Manifest, encode_manifest
 from agent.errors import CheckpointError, UnsafeArchive
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent import ckpt_engine as E
-from agent.checkpoint import CheckpointStore
-from agent.checkpoint_archive import ArchiveCheckpointStore
-from agent.ckpt_store import ContentCheckpointStore, storage_options_for
+from agent.checkpoints import engine as E
+from agent.checkpoints.content_store import ContentCheckpointStore, storage_options_for
+from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
+from agent.checkpoints.store import CheckpointStore
 
 
 async def test_store_save_is_incremental_and_restores(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent.connect_token import derive_agent_key, verify_connect_token
+from studios_shared.connect_token import derive_agent_key, verify_connect_token
 from tests.conftest import ControllerHarness
 from tests.fake_agent import FakeAgent, observed
 

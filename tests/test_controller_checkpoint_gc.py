@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 from controller.bootstrap import bootstrap
 from controller.checkpoint_gc import CheckpointGc, gc_run_json, last_gc_runs
 from controller.db import Database

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent.connect_token import verify_connect_token
 from controller.models import ApiToken
 from controller.signin import SIGNIN_KEY, derive_session_key, safe_next, sign_session
+from studios_shared.connect_token import verify_connect_token
 from tests.conftest import ControllerHarness, check_response
 from tests.fake_agent import FakeAgent
 

@@ -24,9 +24,9 @@ import psutil
 import pytest
 
 from agent import crash_points
-from agent.runtime_local import LABEL_ENV
-from agent.runtime_podman import LABEL_SESSION
-from agent.volume_xfs import XfsLoopVolume, mounted_source
+from agent.runtime.local import LABEL_ENV
+from agent.runtime.podman import LABEL_SESSION
+from agent.volumes.xfs import XfsLoopVolume, mounted_source
 from tests.agent_fixtures import kill_leftover_tools
 from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient
 from tests.integration import require

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 from agent.daemon import Agent
-from agent.datalinks import DataLinkMounter, backend_named, fuse_usable
-from agent.mount_base import (
+from agent.datalinks.mounter import DataLinkMounter, backend_named, fuse_usable
+from agent.host_mounts import (
     detach_mounts_under_sync,
     is_mount_point,
     mount_points_under,
@@ -33,7 +33,7 @@ from agent.mount_base import (
 )
 from agent.sessions import SessionManager
 from agent.state import SessionHandle, StateDir
-from agent.volume_directory import DirectoryVolume
+from agent.volumes.directory import DirectoryVolume
 from tests import s3_server as _s3
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     controller_fixture,
@@ -43,6 +43,7 @@ from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
 from tests.fake_controller import FakeController, desired
 from tests.integration import require
 from tests.s3_server import S3Server, require_weed
+from tests.test_volume_xfs import _released
 
 pytestmark = [pytest.mark.root]
 # The shared SeaweedFS of the test session (a fixture by name).
@@ -337,8 +338,8 @@ def test_checkpoint_walk_skips_workspace_data_and_mount_points(tmp_path: Path) -
 
 
 def test_local_binds_without_root_are_symlinks_and_never_go_through_one(tmp_path: Path) -> None:
-    from agent.mount_binds import expose_binds
     from agent.runtime import BindMount
+    from agent.runtime.binds import expose_binds
 
     root, source = tmp_path / "root", tmp_path / "bucket-mount"
     root.mkdir()
@@ -573,6 +574,7 @@ async def test_podman_session_sees_data_links_and_the_upper_dir_does_not(
                 desired(sid, status=pb.DESIRED_STATUS_STOPPED, checkpoint_base_uri=base)
             )
             await controller.wait_status(sid, STOPPED, timeout=90)
+            await _released(controller, sid)
             assert not mount_points_under(agent.state.root)
             final = [e for e in controller.messages("checkpoint") if e.status == FINALIZED][-1]
             paths = _manifest_paths(final.uri)

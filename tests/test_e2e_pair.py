@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from agent.ckpt_repo import split_checkpoint_uri
+from agent.checkpoints.repo import split_checkpoint_uri
 from tests import s3_server as _s3
 from tests.e2e_harness import RestClient, Stack, agent_session, open_studio, script
 from tests.integration import require
@@ -145,7 +145,7 @@ def _require_podman() -> None:
 
 
 def _container_of(sid: str) -> str:
-    from agent.runtime_podman import LABEL_SESSION
+    from agent.runtime.podman import LABEL_SESSION
 
     out = _podman("ps", "-q", "--filter", f"label={LABEL_SESSION}={sid}")
     ids = out.stdout.split()
@@ -246,7 +246,7 @@ async def test_s3_checkpoint_store_through_the_pair(tmp_path: Path, s3_server: S
 
 
 def _require_data_links() -> None:
-    from agent.datalinks import fuse_usable
+    from agent.datalinks.mounter import fuse_usable
 
     ok, why = fuse_usable()
     require(ok, f"FUSE mounts: {why}")

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.connect_token import sign_connect_token
+from studios_shared.connect_token import sign_connect_token
 from tests.e2e_harness import LocalStack, RestClient, script
 from tests.integration import require
 
@@ -273,7 +273,7 @@ async def test_two_users_drive_jupyterlab_through_the_proxy(stack: LocalStack) -
 def test_without_jupyterlab_the_tool_exits_naming_the_package(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent import jupyter_tool
+    from agent.runtime import jupyter_tool
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -17,8 +17,8 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent, AgentConfig
 from agent.host import doctor_report
-from agent.runtime_podman import LABEL_SESSION
-from agent.volume_xfs import XfsLoopVolume, mounted_source
+from agent.runtime.podman import LABEL_SESSION
+from agent.volumes.xfs import XfsLoopVolume, mounted_source
 from tests.agent_fixtures import controller_fixture, make_agent_config  # noqa: F401
 from tests.fake_controller import FakeController, desired
 from tests.integration import require

@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent.connect_token import sign_connect_token
 from agent.daemon import Agent
 from agent.proxy import ConnectProxy
+from studios_shared.connect_token import sign_connect_token
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_config_fixture,
     agent_fixture,

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.connect_token import sign_connect_token
 from agent.proxy import ConnectProxy
+from studios_shared.connect_token import sign_connect_token
 from tests.agent_fixtures import proxy_in_front_of
 from tests.bench import bench_proxy_idle_ws as bench
 

@@ -20,11 +20,11 @@ import psutil
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent
-from agent.runtime_local import LABEL_ENV
-from agent.runtime_podman import LABEL_GENERATION, LABEL_OWNER, LABEL_SESSION
+from agent.runtime.local import LABEL_ENV
+from agent.runtime.podman import LABEL_GENERATION, LABEL_OWNER, LABEL_SESSION
 from agent.state import SessionHandle, StateDir
-from agent.volume import GIB, VolumeInfo
-from agent.volume_xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
+from agent.volumes import GIB, VolumeInfo
+from agent.volumes.xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
 from tests.agent_fixtures import controller_fixture, make_agent_config  # noqa: F401
 from tests.fake_controller import FakeController
 from tests.test_podman_runtime import IMAGE, _require_podman

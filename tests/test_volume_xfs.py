@@ -17,8 +17,8 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent, AgentConfig
 from agent.errors import VolumeError, VolumeGone
-from agent.volume import GIB, VolumeInfo
-from agent.volume_xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
+from agent.volumes import GIB, VolumeInfo
+from agent.volumes.xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     controller_fixture,
     kill_leftover_tools,

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 from tests.s3_server import S3Server
 
 MiB = 1024 * 1024

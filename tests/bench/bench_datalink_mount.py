@@ -30,14 +30,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.mount_base import (
+from agent.datalinks.rclone import RcloneBackend
+from agent.datalinks.s3fs import S3fsBackend
+from agent.host_mounts import (
     MountTarget,
     detach_mounts_under_sync,
     is_mount_point,
     unmount_sync,
 )
-from agent.mount_rclone import RcloneBackend
-from agent.mount_s3fs import S3fsBackend
 from tests.s3_server import S3Server
 
 BLOCK = 1 << 20

@@ -20,9 +20,9 @@ import urllib.request
 from pathlib import Path
 
 from agent.runtime import RuntimeOptions, StartSpec, free_tcp_port
-from agent.runtime_podman import PodmanClient, PodmanRuntime
-from agent.volume import GIB
-from agent.volume_xfs import XfsLoopVolume
+from agent.runtime.podman import PodmanClient, PodmanRuntime
+from agent.volumes import GIB
+from agent.volumes.xfs import XfsLoopVolume
 
 IMAGE = "localhost/studios/busybox-httpd:1.36-0.1"
 SOCKET = Path("/run/podman/podman.sock")

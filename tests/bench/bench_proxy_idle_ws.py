@@ -243,7 +243,7 @@ async def _wait_stdin_closed() -> None:
 
 
 def cookie_for(user_id: int = 1) -> str:
-    from agent.connect_token import sign_connect_token
+    from studios_shared.connect_token import sign_connect_token
 
     return sign_connect_token(
         KEY, session_id=SID, user_id=user_id, user_name="bench", ttl_seconds=3600, purpose="cookie"

@@ -46,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent import ckpt_engine as E
+from agent.checkpoints import engine as E
 from tests.e2e_harness import LocalStack
 
 MiB = 1024 * 1024

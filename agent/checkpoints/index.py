@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from agent.ckpt_pack import PackEntry, pack_id
+from agent.checkpoints.pack import PackEntry, pack_id
 
 __all__ = ["IndexEntry", "decode_index", "encode_index"]
 

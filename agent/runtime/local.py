@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from agent.errors import RuntimeStartError
-from agent.runtime import (
+from agent.runtime.base import (
     ExitStatus,
     LabelledTool,
     Runtime,
@@ -29,7 +29,6 @@ from agent.runtime import (
     RuntimeOptions,
     StartSpec,
     ToolState,
-    register_runtime,
 )
 
 __all__ = ["BUILTIN_TEMPLATES", "LocalRuntime", "LocalTemplate", "load_templates"]
@@ -65,9 +64,15 @@ BUILTIN_TEMPLATES: dict[str, LocalTemplate] = {
         tool="python-http",
     ),
     # JupyterLab from PyPI (`pip install studios[jupyter]`), set up for the connect proxy
-    # by agent/jupyter_tool.py; without the package the start fails naming it.
+    # by agent/runtime/jupyter_tool.py; without the package the start fails naming it.
     "studios/jupyterlab": LocalTemplate(
-        command=("{python}", "-m", "agent.jupyter_tool", "--port={port}", "--root-dir={root_dir}"),
+        command=(
+            "{python}",
+            "-m",
+            "agent.runtime.jupyter_tool",
+            "--port={port}",
+            "--root-dir={root_dir}",
+        ),
         tool="jupyter",
     ),
 }
@@ -252,7 +257,7 @@ class LocalRuntime(Runtime):
 
 async def _expose_mounts(spec: StartSpec) -> None:
     """Data-links and file-system mounts at their paths below the session root."""
-    from agent.mount_binds import expose_binds
+    from agent.runtime.binds import expose_binds
 
     try:
         await asyncio.to_thread(expose_binds, spec.root_dir, spec.mounts)
@@ -327,4 +332,5 @@ def _tail(path: Path, max_lines: int) -> str:
     return "\n".join(lines[-max_lines:])
 
 
-register_runtime("local", LocalRuntime)
+def create_local_runtime(options: RuntimeOptions) -> Runtime:
+    return LocalRuntime(options)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from agent import crash_points
 from agent.errors import VolumeError, VolumeGone
-from agent.mount_base import detach_mounts_under_sync
-from agent.volume import VolumeInfo, VolumeKind
+from agent.host_mounts import detach_mounts_under_sync, mounted_source
+from agent.volumes.base import VolumeInfo, VolumeKind
 
 __all__ = ["XfsLoopVolume", "backing_file", "loop_devices_for", "mounted_source", "xfs_usage"]
 
@@ -38,36 +38,6 @@ _MOUNT_OPTIONS = "noatime,allocsize=1m"
 
 def backing_file(path: Path) -> Path:
     return path.with_name(path.name + ".xfs")
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounted_source(path: Path) -> str | None:
-    """The source (device) mounted at `path`, or None when nothing is mounted there."""
-    target = os.path.realpath(path)
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 10 or _unescape(fields[4]) != target:
-                    continue
-                sep = fields.index("-")
-                found = _unescape(fields[sep + 2])  # the last mount on top wins
-    except OSError:
-        return None
-    return found
 
 
 async def _run(*argv: str, check: bool = True) -> str:

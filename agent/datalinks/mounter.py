@@ -48,7 +48,7 @@ from typing import Any
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent.errors import AgentError
-from agent.mount_base import (
+from agent.host_mounts import (
     MountBackend,
     MountTarget,
     is_mount_point,
@@ -151,8 +151,8 @@ def data_links_json(statuses: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def backends() -> dict[str, MountBackend]:
-    from agent.mount_rclone import RcloneBackend
-    from agent.mount_s3fs import S3fsBackend
+    from agent.datalinks.rclone import RcloneBackend
+    from agent.datalinks.s3fs import S3fsBackend
 
     # Order = preference (measured: see the module docstring).
     return {"s3fs": S3fsBackend(), "rclone": RcloneBackend()}

@@ -30,8 +30,8 @@ from typing import Any
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent import crash_points
-from agent.checkpoint import CheckpointStore, SavedCheckpoint
-from agent.ckpt_store import LATEST, ContentCheckpointStore, storage_options_for
+from agent.checkpoints.content_store import LATEST, ContentCheckpointStore, storage_options_for
+from agent.checkpoints.store import CheckpointStore, SavedCheckpoint
 from agent.datalinks import (
     DATA_DIR,
     STATE_FAILED,
@@ -49,7 +49,7 @@ from agent.errors import (
     VolumeError,
     VolumeGone,
 )
-from agent.mount_base import detach_mounts_under_sync
+from agent.host_mounts import detach_mounts_under_sync
 from agent.runtime import (
     BindMount,
     ExitStatus,
@@ -59,7 +59,7 @@ from agent.runtime import (
     free_tcp_port,
 )
 from agent.state import SessionHandle, StateDir
-from agent.volume import GIB, VolumeInfo, VolumeKind
+from agent.volumes import GIB, VolumeInfo, VolumeKind
 
 __all__ = ["SessionManager", "StoreFactory"]
 

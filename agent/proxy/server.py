@@ -43,13 +43,13 @@ from urllib.parse import parse_qsl, urlencode
 
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent.connect_token import (
+from agent.state import SessionHandle
+from studios_shared.connect_token import (
     ConnectClaims,
     InvalidConnectToken,
     sign_connect_token,
     verify_connect_token,
 )
-from agent.state import SessionHandle
 
 __all__ = [
     "COOKIE_NAME",

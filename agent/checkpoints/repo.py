@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.ckpt_backend import Backend, open_backend
-from agent.ckpt_chunker import DEFAULT_PARAMS, ChunkerParams
-from agent.ckpt_index import IndexEntry, decode_index
-from agent.ckpt_manifest import Manifest, decode_manifest
+from agent.checkpoints.backend import Backend, open_backend
+from agent.checkpoints.chunker import DEFAULT_PARAMS, ChunkerParams
+from agent.checkpoints.index import IndexEntry, decode_index
+from agent.checkpoints.manifest import Manifest, decode_manifest
 from agent.errors import CheckpointError
 
 __all__ = [

@@ -24,6 +24,7 @@ __all__ = [
     "detach_mounts_under_sync",
     "is_mount_point",
     "mount_points_under",
+    "mounted_source",
     "parse_resource_ref",
     "unmount",
 ]
@@ -97,8 +98,9 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def _mount_table() -> list[tuple[str, str]]:
-    """(mount point, file system type) of every mount this process can see."""
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, file system type, source) of every mount this process can see, in
+    mount order (a later mount on the same point is on top)."""
     try:
         text = MOUNTINFO.read_text()
     except OSError:
@@ -107,10 +109,26 @@ def _mount_table() -> list[tuple[str, str]]:
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
         fields = left.split()
-        if not sep or len(fields) < 5:
+        after = right.split()
+        if not sep or len(fields) < 5 or len(after) < 2:
             continue
-        out.append((_unescape(fields[4]), right.split(" ", 1)[0]))
+        out.append((_unescape(fields[4]), after[0], _unescape(after[1])))
     return out
+
+
+def _mount_table() -> list[tuple[str, str]]:
+    """(mount point, file system type) of every mount this process can see."""
+    return [(point, fstype) for point, fstype, _ in _mounts()]
+
+
+def mounted_source(path: Path | str) -> str | None:
+    """The source (device) mounted at `path` (the one on top), or None when nothing is."""
+    target = os.path.realpath(path)
+    found = None
+    for point, _, source in _mounts():
+        if point == target:
+            found = source
+    return found
 
 
 def mount_points_under(directory: Path | str) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GIB", "VolumeInfo", "VolumeKind", "create_volume_kind", "volume_kinds"]
+__all__ = ["GIB", "VolumeInfo", "VolumeKind"]
 
 GIB = 1024**3
 
@@ -82,29 +82,3 @@ class VolumeKind(abc.ABC):
     @abc.abstractmethod
     def available(cls) -> tuple[bool, str]:
         """Whether this kind can be used on this host, and why (for `doctor`)."""
-
-
-def volume_kinds() -> dict[str, type[VolumeKind]]:
-    from agent.volume_directory import DirectoryVolume
-    from agent.volume_xfs import XfsLoopVolume
-
-    return {"directory": DirectoryVolume, "xfs-loop": XfsLoopVolume}
-
-
-def create_volume_kind(name: str) -> VolumeKind:
-    """`auto` = xfs-loop where it works here (root, losetup, mkfs.xfs), else directory."""
-    from agent.errors import VolumeError
-
-    kinds = volume_kinds()
-    if name == "auto":
-        ok, _ = kinds["xfs-loop"].available()
-        return kinds["xfs-loop" if ok else "directory"]()
-    try:
-        cls = kinds[name]
-    except KeyError:
-        known = ", ".join(kinds)
-        raise VolumeError(f"unknown volume kind {name!r} (known: auto, {known})") from None
-    ok, why = cls.available()
-    if not ok:
-        raise VolumeError(f"volume kind {name} is not usable here: {why}")
-    return cls()

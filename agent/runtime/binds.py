@@ -14,8 +14,8 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from agent.mount_base import is_mount_point
-from agent.runtime import BindMount
+from agent.host_mounts import is_mount_point
+from agent.runtime.base import BindMount
 
 __all__ = ["expose_binds", "session_path"]
 

@@ -35,7 +35,8 @@ import psutil
 
 from agent import crash_points
 from agent.errors import RuntimeStartError, RuntimeUnavailable
-from agent.runtime import (
+from agent.host_mounts import mounted_source
+from agent.runtime.base import (
     ExitStatus,
     LabelledTool,
     Runtime,
@@ -43,9 +44,7 @@ from agent.runtime import (
     RuntimeOptions,
     StartSpec,
     ToolState,
-    register_runtime,
 )
-from agent.volume_xfs import mounted_source
 
 __all__ = ["PodmanClient", "PodmanError", "PodmanRuntime", "parse_ulimit"]
 
@@ -506,6 +505,3 @@ def create_podman_runtime(options: RuntimeOptions) -> Runtime:
     if not options.podman_socket:
         raise RuntimeUnavailable("the podman runtime needs --podman-socket")
     return PodmanRuntime(options)
-
-
-register_runtime("podman", create_podman_runtime)

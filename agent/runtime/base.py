@@ -1,4 +1,4 @@
-"""The runtime backend interface (after Nomad's task drivers) and the registry by name.
+"""The runtime backend interface (after Nomad's task drivers).
 
 A backend starts a session's tool, waits for it, stops and destroys it, and — the
 part a node agent needs beyond JupyterHub's spawner — recovers a handle persisted by
@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import abc
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from agent.errors import RuntimeUnavailable
 
 __all__ = [
     "BindMount",
     "ExitStatus",
     "LabelledTool",
     "Runtime",
-    "RuntimeFactory",
     "RuntimeHandle",
     "RuntimeOptions",
     "StartSpec",
     "ToolState",
-    "create_runtime",
     "free_tcp_port",
-    "register_runtime",
-    "runtime_names",
 ]
 
 
@@ -185,29 +178,3 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-RuntimeFactory = Callable[[RuntimeOptions], Runtime]
-_REGISTRY: dict[str, RuntimeFactory] = {}
-
-
-def register_runtime(name: str, factory: RuntimeFactory) -> None:
-    _REGISTRY[name] = factory
-
-
-def runtime_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_runtime(name: str, options: RuntimeOptions) -> Runtime:
-    # Imported here so the registry is filled without import cycles.
-    import agent.runtime_local
-    import agent.runtime_podman  # noqa: F401
-
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise RuntimeUnavailable(
-            f"unknown runtime {name!r} (known: {', '.join(runtime_names())})"
-        ) from None
-    return factory(options)

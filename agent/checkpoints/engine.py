@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.ckpt_backend import StoreUnavailable
-from agent.ckpt_chunker import Chunker
-from agent.ckpt_index import IndexEntry, encode_index
-from agent.ckpt_manifest import Entry, Manifest, encode_manifest, validate
-from agent.ckpt_pack import (
+from agent.checkpoints.backend import StoreUnavailable
+from agent.checkpoints.chunker import Chunker
+from agent.checkpoints.index import IndexEntry, encode_index
+from agent.checkpoints.manifest import Entry, Manifest, encode_manifest, validate
+from agent.checkpoints.pack import (
     BLOB_DATA,
     TRAILER_SIZE,
     CorruptPack,
@@ -39,14 +39,14 @@ from agent.ckpt_pack import (
     parse_pack_table,
     parse_trailer,
 )
-from agent.ckpt_repo import (
+from agent.checkpoints.repo import (
     CheckpointInfo,
     Repository,
     new_checkpoint_key,
     pack_name,
     split_checkpoint_uri,
 )
-from agent.ckpt_safefs import DirFds, safe_open
+from agent.checkpoints.safefs import DirFds, safe_open
 from agent.errors import CheckpointError, UnsafeArchive
 
 __all__ = [
@@ -166,7 +166,7 @@ EXCLUDED_DIRS = frozenset({"workspace/data"})
 def _mount_points_below(root: str) -> set[str]:
     """Mount points strictly below `root`: a bind mount of a directory of the same file
     system has the same st_dev, so the st_dev check alone would read into it."""
-    from agent.mount_base import mount_points_under
+    from agent.host_mounts import mount_points_under
 
     return {p for p, _ in mount_points_under(root)}
 

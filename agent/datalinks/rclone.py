@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.mount_base import MountBackend, MountTarget
+from agent.host_mounts import MountBackend, MountTarget
 
 __all__ = ["RcloneBackend"]
 

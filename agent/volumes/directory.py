@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from agent.errors import VolumeGone
-from agent.mount_base import detach_mounts_under_sync, mount_points_under
-from agent.volume import VolumeInfo, VolumeKind
+from agent.host_mounts import detach_mounts_under_sync, mount_points_under
+from agent.volumes.base import VolumeInfo, VolumeKind
 
 __all__ = ["DirectoryVolume", "directory_usage"]
 

@@ -1,6 +1,6 @@
 """JupyterLab as a session tool behind the connect proxy (the `studios/jupyterlab` template).
 
-`python -m agent.jupyter_tool --port P --root-dir DIR [jupyter args...]` runs JupyterLab on
+`python -m agent.runtime.jupyter_tool --port P --root-dir DIR [jupyter args...]` runs JupyterLab on
 127.0.0.1:P with the settings it needs behind the proxy:
 
 - Jupyter's own login is off (`IdentityProvider.token=''`, no password): the proxy has
@@ -47,7 +47,7 @@ def jupyter_argv(port: int, root_dir: str) -> list[str]:
         "--allow-root",
         "--IdentityProvider.token=",
         "--ServerApp.password=",
-        "--ServerApp.identity_provider_class=agent.jupyter_tool.StudiosIdentityProvider",
+        "--ServerApp.identity_provider_class=agent.runtime.jupyter_tool.StudiosIdentityProvider",
         # No "open this URL with a token" banner and no update checks from a session.
         "--LabApp.news_url=",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -83,7 +83,7 @@ def __getattr__(name: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.jupyter_tool")
+    parser = argparse.ArgumentParser(prog="python -m agent.runtime.jupyter_tool")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--root-dir", required=True)
     args, extra = parser.parse_known_args(argv)

@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.ckpt_engine import get_repository
-from agent.ckpt_index import decode_index, encode_index
-from agent.ckpt_pack import PackEntry
-from agent.ckpt_repo import Repository, pack_name, split_checkpoint_uri
+from agent.checkpoints.engine import get_repository
+from agent.checkpoints.index import decode_index, encode_index
+from agent.checkpoints.pack import PackEntry
+from agent.checkpoints.repo import Repository, pack_name, split_checkpoint_uri
 
 __all__ = ["GcReport", "gc", "gc_sync"]
 

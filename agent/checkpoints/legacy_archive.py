@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec import AbstractFileSystem
 
-from agent.checkpoint import CheckpointStore, SavedCheckpoint, on_disk_bytes
+from agent.checkpoints.store import CheckpointStore, SavedCheckpoint, on_disk_bytes
 from agent.errors import CheckpointError, UnsafeArchive
 
 __all__ = ["ArchiveCheckpointStore", "check_archive_members", "open_fs"]

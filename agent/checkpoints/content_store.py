@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.checkpoint import CheckpointStore, SavedCheckpoint, on_disk_bytes
-from agent.ckpt_engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
-from agent.ckpt_repo import split_checkpoint_uri
+from agent.checkpoints.engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
+from agent.checkpoints.repo import split_checkpoint_uri
+from agent.checkpoints.store import CheckpointStore, SavedCheckpoint, on_disk_bytes
 from agent.errors import CheckpointError
 
 __all__ = [
@@ -104,7 +104,7 @@ class ContentCheckpointStore(CheckpointStore):
 
     async def restored_size(self, uri: str) -> int:
         if is_archive_uri(uri):
-            from agent.checkpoint_archive import ArchiveCheckpointStore
+            from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
 
             tmp = self.tmp_dir or Path(tempfile.gettempdir())
             return await ArchiveCheckpointStore(self.base_uri, tmp).restored_size(uri)
@@ -122,7 +122,7 @@ class ContentCheckpointStore(CheckpointStore):
 
     async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
         if is_archive_uri(uri):
-            from agent.checkpoint_archive import ArchiveCheckpointStore
+            from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
 
             tmp = self.tmp_dir or Path(tempfile.gettempdir())
             await ArchiveCheckpointStore(self.base_uri, tmp).restore(uri, target_dir)

@@ -1,0 +1,1 @@
+"""Code that both the controller and the agent run: what one signs, the other checks."""
