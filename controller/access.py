@@ -95,6 +95,8 @@ async def notify_workspaces(
         ).all()
     by_agent: dict[str, set[str]] = {}
     for agent_id, session_id in rows:
+        if agent_id is None:  # excluded by the query; narrows the column's type
+            continue
         by_agent.setdefault(agent_id, set()).add(session_id)
     for agent_id, session_ids in by_agent.items():
         hub.notify(agent_id, session_ids)

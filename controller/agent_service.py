@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from sqlalchemy import Select, select
@@ -43,6 +43,10 @@ from controller.models import Agent, ComputeEnv, Studio, utcnow
 from controller.observed import ObservationHandler, capacity_dict
 from controller.reconciler import Reconciler
 from studios_shared.connect_token import derive_agent_key
+
+if TYPE_CHECKING:
+    # Requests are Any: `read()` also returns `grpc.aio.EOF`, which the stubs leave out.
+    _Context = grpc.aio.ServicerContext[Any, agent_pb2.ConnectResponse]
 
 __all__ = ["SUPPORTED_PROTOCOLS", "TEST_FAULTS", "AgentService", "pause_for_test"]
 
@@ -123,7 +127,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if late:
             log.warning("%d agent stream(s) did not end within %.0f s", len(late), grace_s)
 
-    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def Connect(self, request_iterator: Any, context: _Context) -> None:
         """Welcome + full DesiredState, then updates, until the agent goes away."""
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
@@ -229,9 +233,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 agent.capacity = capacity_dict(hello.capacity)
         return True
 
-    async def _read_loop(
-        self, stream: AgentStream, context: grpc.aio.ServicerContext, out: _Writer
-    ) -> None:
+    async def _read_loop(self, stream: AgentStream, context: _Context, out: _Writer) -> None:
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
@@ -336,7 +338,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 class _Writer:
     """Serialises the writes of a stream's reader (acks) and writer (desired state)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: _Context) -> None:
         self._context = context
         self._lock = asyncio.Lock()
 
@@ -362,7 +364,7 @@ async def _to_completion(work: Coroutine[Any, Any, _T]) -> _T:
         raise
 
 
-def _select_active_on(agent_id: str) -> Select[tuple[Studio]]:
+def _select_active_on(agent_id: str) -> Select[Studio]:
     return select(Studio).where(
         Studio.agent_id == agent_id,
         Studio.deleted.is_(False),

@@ -113,7 +113,10 @@ class Controller:
             cfg.heartbeat_interval_seconds,
         )
         self.grpc_server = grpc.aio.server(options=_GRPC_OPTIONS)
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, self.grpc_server)
+        # The generated gRPC module carries no annotations.
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            agent_service, self.grpc_server
+        )
         grpc_address = _join(cfg.grpc_host, cfg.grpc_port)
         self.grpc_port = self.grpc_server.add_insecure_port(grpc_address)
         if self.grpc_port == 0:

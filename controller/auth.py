@@ -197,6 +197,9 @@ async def workspace_roles(
         direct = direct.where(Participant.user_id.in_(wanted))
         via_team = via_team.where(TeamMember.user_id.in_(wanted))
     best: dict[int, Role] = {}
+    # A compound select's rows are untyped; these are the two selected columns.
+    user_id: int | None
+    text: str
     for user_id, text in (await session.execute(union_all(direct, via_team))).all():
         if user_id is None or text not in Role._value2member_map_:
             continue

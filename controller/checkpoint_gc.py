@@ -190,11 +190,11 @@ class CheckpointGc(PeriodicPass):
             sid_base: dict[str, str] = {}
             needed_ids: set[int] = set()
             for st in studios:
-                base = env_base.get(st.compute_env_id)
-                if base is None:
+                studio_base = env_base.get(st.compute_env_id)
+                if studio_base is None:
                     continue
-                plan = by_base[base]
-                sid_base[st.session_id] = base
+                plan = by_base[studio_base]
+                sid_base[st.session_id] = studio_base
                 if st.deleted:
                     plan.deleted_sessions.add(st.session_id)
                     deleted = as_utc(st.date_deleted)
@@ -211,9 +211,9 @@ class CheckpointGc(PeriodicPass):
                 name = _manifest_name(cp.uri)
                 if name is None:
                     continue  # an archive of the first format: not the engine's
-                base = sid_base.get(cp.session_id)
-                if base is not None:
-                    by_base[base].names.setdefault(cp.session_id, set()).add(name)
+                cp_base = sid_base.get(cp.session_id)
+                if cp_base is not None:
+                    by_base[cp_base].names.setdefault(cp.session_id, set()).add(name)
                 if cp.id in needed_ids:
                     # Names are unique per store; a clone may sit in another store.
                     for plan in by_base.values():

@@ -29,6 +29,7 @@ platform and work directory (so the studio's checkpoints stay reachable).
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import secrets
@@ -411,9 +412,9 @@ class StudioService:
             await self.placer.place_pending([session_id])
             await pause_for_test("create.placed")
         async with self.db.transaction() as session:
-            studio = await session.get(Studio, session_id)
-            assert studio is not None
-            return await self._dto(session, studio)
+            created = await session.get(Studio, session_id)
+            assert created is not None
+            return await self._dto(session, created)
 
     @staticmethod
     def _clone_template(parent: Studio, tool_url: str | None) -> ResolvedTemplate:
@@ -576,10 +577,10 @@ class StudioService:
         await self.placer.place_pending([session_id])
         await pause_for_test("start.placed")
         async with self.db.transaction() as session:
-            studio = await session.get(Studio, session_id)
-            assert studio is not None
+            started = await session.get(Studio, session_id)
+            assert started is not None
             return DataStudioStartResponse(
-                job_submitted=True, session_id=session_id, status_info=status_info(studio)
+                job_submitted=True, session_id=session_id, status_info=status_info(started)
             )
 
     async def _apply_start_overrides(
@@ -668,7 +669,7 @@ class StudioService:
 
     async def compatible_compute_envs(
         self, principal: Principal, session_id: str, workspace_id: int | None
-    ) -> list[ComputeEnvDto]:
+    ) -> builtins.list[ComputeEnvDto]:
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, workspace_id)
             current = await session.get(ComputeEnv, studio.compute_env_id)
@@ -692,7 +693,7 @@ class StudioService:
         org_id: int | None,
         status: str | None,
         exclude: str | None,
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         async with self.db.transaction() as session:
             if org_id is not None and workspace_id is None:
                 candidates = (
@@ -739,7 +740,7 @@ class StudioService:
         workspace_id: int | None,
         page: Page,
         search: str | None = None,
-    ) -> tuple[list[CheckpointDto], int]:
+    ) -> tuple[builtins.list[CheckpointDto], int]:
         words, keywords = parse_search(search, _CHECKPOINT_KEYWORDS)
         conditions: list[Any] = [_like(Checkpoint.name, w) for w in words]
         if "status" in keywords:

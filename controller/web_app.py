@@ -98,7 +98,7 @@ def make_app(db: Database, services: Any) -> web.Application:
 
 
 def json_response(body: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
-    data = body.dump() if hasattr(body, "dump") else body  # type: ignore[union-attr]
+    data = body.dump() if hasattr(body, "dump") else body
     return web.json_response(data, status=status)
 
 
