@@ -309,7 +309,8 @@ class ControllerLink:
     async def _connect_once(self) -> None:
         token = await asyncio.to_thread(self._read_token)
         async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = pb_grpc.AgentServiceStub(channel)
+            # grpcio-tools writes the service stub without annotations (no .pyi for it).
+            stub = pb_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
             try:
                 await self._session(call)

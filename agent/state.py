@@ -177,7 +177,7 @@ class StateDir:
         atomic_write_json(self.session_dir(handle.session_id) / "handle.json", handle.to_json())
 
     def load_handles(self) -> list[SessionHandle]:
-        handles = []
+        handles: list[SessionHandle] = []
         if not self.sessions_dir.is_dir():
             return handles
         for entry in sorted(self.sessions_dir.iterdir()):

@@ -114,7 +114,7 @@ class FsspecBackend(Backend):
         self.location = base_uri
         if proto in ("s3", "s3a"):
             # s3fs retries 5 times on its own; our RetryBackend decides instead.
-            self.fs.retries = 1  # type: ignore[attr-defined]
+            self.fs.retries = 1
         self._local = proto in ("file", "local")
         if self._local:
             self.fs.makedirs(self.root, exist_ok=True)

@@ -467,13 +467,13 @@ class _Backup:
             if stat.S_ISDIR(mode):
                 pass
             elif stat.S_ISREG(mode):
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in links:
-                    e.type, e.target = "hardlink", links[key]
+                inode = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and inode in links:
+                    e.type, e.target = "hardlink", links[inode]
                     entries.append(e)
                     continue
                 if st.st_nlink > 1:
-                    links[key] = rel
+                    links[inode] = rel
                 e.type, e.size, e.ino = "file", st.st_size, st.st_ino
                 total += st.st_size
                 if (
@@ -781,9 +781,9 @@ class _Restore:
                 )
             )
             blobs: dict[bytes, tuple[str, PackEntry]] = {}
-            for pack, (_, entries) in tables.items():
-                for e in entries:
-                    blobs.setdefault(e.blob, (pack, e))
+            for pack, (_, pentries) in tables.items():
+                for pentry in pentries:
+                    blobs.setdefault(pentry.blob, (pack, pentry))
             # pack -> blob -> [(file, offset)]: where each needed blob goes.
             plan: dict[str, dict[bytes, tuple[PackEntry, list[tuple[str, int]]]]] = {}
             total = 0

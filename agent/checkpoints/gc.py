@@ -143,10 +143,10 @@ def gc_sync(
         keep = idx_packs - dead
         if keep:
             by_pack: dict[str, list[PackEntry]] = {}
-            for b, e in idx.items():
-                if e.pack in keep:
-                    by_pack.setdefault(e.pack, []).append(
-                        PackEntry(b, e.kind, e.compressed, e.offset, e.length, e.raw_length)
+            for b, ie in idx.items():
+                if ie.pack in keep:
+                    by_pack.setdefault(ie.pack, []).append(
+                        PackEntry(b, ie.kind, ie.compressed, ie.offset, ie.length, ie.raw_length)
                     )
             iid, data = encode_index(by_pack)
             try:

@@ -36,7 +36,8 @@ def open_fs(uri: str) -> tuple[AbstractFileSystem, str]:
 
 
 def _full_uri(fs: AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path)
+    uri: str = fs.unstrip_protocol(path)
+    return uri
 
 
 def check_archive_members(members: list[tarfile.TarInfo]) -> None:

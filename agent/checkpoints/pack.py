@@ -156,7 +156,7 @@ def parse_pack_table(pack: str, tail: bytes, pack_size: int | None = None) -> li
     entries = [PackEntry(b, k, bool(c), o, ln, r) for b, k, c, o, ln, r in ENTRY.iter_unpack(table)]
     if pack_size is not None:
         data_end = pack_size - n - TRAILER_SIZE
-        for e in entries:
-            if e.offset + e.length > data_end:
+        for pe in entries:
+            if pe.offset + pe.length > data_end:
                 raise CorruptPack(pack, "truncated (blob beyond the data section)")
     return entries

@@ -25,9 +25,11 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+_libc: ctypes.CDLL | None
 try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-    _libc.syscall.restype = ctypes.c_long
+    _cdll = ctypes.CDLL(None, use_errno=True)
+    _cdll.syscall.restype = ctypes.c_long
+    _libc = _cdll
 except OSError:
     _libc = None
 _have_openat2 = _libc is not None

@@ -381,7 +381,11 @@ class DataLinkMounter:
                 continue
             self._probing.add(path)
             probe = asyncio.ensure_future(asyncio.to_thread(_probe_sync, path))
-            probe.add_done_callback(lambda _f, p=path: self._probing.discard(p))
+
+            def _probed(_f: asyncio.Future[str], p: str = path) -> None:
+                self._probing.discard(p)
+
+            probe.add_done_callback(_probed)
             try:
                 why = await asyncio.wait_for(asyncio.shield(probe), timeout=5.0)
             except TimeoutError:

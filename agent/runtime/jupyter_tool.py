@@ -58,11 +58,11 @@ def _identity_provider() -> type[Any]:
     from jupyter_server.auth.identity import IdentityProvider, User
     from traitlets import List
 
-    class StudiosIdentityProvider(IdentityProvider):  # type: ignore[misc]
+    class StudiosIdentityProvider(IdentityProvider):
         """The user the proxy vouches for; nobody without the proxy's header."""
 
         # Users are made afresh from the header on every request: nothing to update.
-        updatable_fields = List(default_value=[])
+        updatable_fields: List[str] = List(default_value=[])
 
         def get_user(self, handler: Any) -> User | None:
             name = handler.request.headers.get(USER_HEADER, "").strip()

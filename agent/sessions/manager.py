@@ -460,7 +460,7 @@ class SessionManager:
     async def _save(
         self,
         h: SessionHandle,
-        status: int,
+        status: pb.CheckpointStatus,
         progress: Callable[[int, int], None] | None = None,
     ) -> SavedCheckpoint:
         """Write the session directory as a checkpoint and report it with `status`.
@@ -1124,7 +1124,7 @@ class SessionManager:
                 live.add(h.root_dir)
                 continue
             merged = str(h.runtime_data.get("merged") or "")
-            if h.volume or await asyncio.to_thread(_has_leftovers, h.root_dir, merged):
+            if bool(h.volume) or await asyncio.to_thread(_has_leftovers, h.root_dir, merged):
                 live.add(h.root_dir)  # released below, not swept behind its back
                 if h.session_id not in self._ops and self._handles.get(h.session_id) is h:
                     # An operation of the session, so a start of it waits for the release.
