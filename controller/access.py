@@ -1,4 +1,4 @@
-"""Who may use a session's connect proxy now: `SessionDesired.access`.
+"""Who may use a session's connect proxy now: who `SessionDesired.access` names.
 
 The list is the users for whom the connect endpoint would issue a token:
 `auth.workspace_roles` (direct and team roles) filtered by
@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from studios.agent.v1 import agent_pb2
 
 from controller.agent_hub import AgentHub
 from controller.auth import Permission, Role, studio_access_denial, workspace_roles
@@ -28,8 +27,8 @@ from controller.lifecycle import ACTIVE, Status
 from controller.models import Participant, Studio
 
 __all__ = [
-    "add_session_access",
-    "connect_user_ids",
+    "allowed_users",
+    "connect_access",
     "notify_team_workspaces",
     "notify_workspaces",
 ]
@@ -46,30 +45,20 @@ def allowed_users(studio: Studio, roles: Mapping[int, Role]) -> list[int]:
     )
 
 
-async def connect_user_ids(session: AsyncSession, studio: Studio) -> list[int]:
-    """The users who may connect to `studio` now."""
-    return allowed_users(studio, await workspace_roles(session, studio.workspace_id))
+async def connect_access(session: AsyncSession, studios: Iterable[Studio]) -> dict[str, list[int]]:
+    """{session id: users who may connect} of the active, live studios among `studios`.
 
-
-async def add_session_access(
-    session: AsyncSession, desired: agent_pb2.DesiredState, studios: Mapping[str, Studio]
-) -> None:
-    """Fill `access` of the active, live sessions in `desired` (by session id in `studios`)."""
+    The agent-facing modules put it on the wire (`controller.desired`).
+    """
     roles: dict[int, dict[int, Role]] = {}
-    for msg in desired.sessions:
-        studio = studios.get(msg.session_id)
-        if (
-            studio is None
-            or studio.deleted
-            or msg.status == agent_pb2.DESIRED_STATUS_DELETED
-            or Status(studio.status) not in ACTIVE
-        ):
+    access: dict[str, list[int]] = {}
+    for studio in studios:
+        if studio.deleted or Status(studio.status) not in ACTIVE:
             continue
         if studio.workspace_id not in roles:
             roles[studio.workspace_id] = await workspace_roles(session, studio.workspace_id)
-        # Present even when empty: an empty list means "nobody", absent means "not narrowed".
-        msg.access.SetInParent()
-        msg.access.user_ids.extend(allowed_users(studio, roles[studio.workspace_id]))
+        access[studio.session_id] = allowed_users(studio, roles[studio.workspace_id])
+    return access
 
 
 async def notify_workspaces(

@@ -65,9 +65,6 @@ class AgentHub:
             return True
         return False
 
-    def is_current(self, stream: AgentStream) -> bool:
-        return self._streams.get(stream.agent_id) is stream
-
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._streams
 

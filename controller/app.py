@@ -28,6 +28,7 @@ from controller.agent_hub import AgentHub
 from controller.agent_service import AgentService
 from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key
 from controller.checkpoint_gc import CheckpointGc
+from controller.compute_envs_service import ComputeEnvService
 from controller.config import ControllerConfig
 from controller.db import Database
 from controller.lifespan import LifespanEnforcer
@@ -62,6 +63,7 @@ class Services:
 
     studios: StudioService
     workspaces: WorkspaceService
+    compute_envs: ComputeEnvService
     hub: AgentHub
 
 
@@ -133,7 +135,12 @@ class Controller:
         )
         app = make_app(
             db,
-            Services(studios=self.studios, workspaces=WorkspaceService(db, self.hub), hub=self.hub),
+            Services(
+                studios=self.studios,
+                workspaces=WorkspaceService(db, self.hub),
+                compute_envs=ComputeEnvService(db, self.hub),
+                hub=self.hub,
+            ),
         )
         # Browser sign-in cookies are signed with a key of their own, derived from the master key.
         signin = app[SIGNIN_KEY] = SignInSettings(key=derive_session_key(master_key))

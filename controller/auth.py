@@ -26,7 +26,7 @@ from enum import StrEnum
 from sqlalchemy import select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.errors import BadRequest, Forbidden, Unauthorized
+from controller.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from controller.models import (
     ApiToken,
     EnrollmentToken,
@@ -51,6 +51,7 @@ __all__ = [
     "require",
     "studio_access_denial",
     "workspace_role",
+    "workspace_role_or_404",
     "workspace_roles",
 ]
 
@@ -174,6 +175,19 @@ async def check_enrollment_token(session: AsyncSession, token: str) -> bool:
 async def workspace_role(session: AsyncSession, user_id: int, workspace_id: int) -> Role | None:
     """The user's highest role in the workspace (direct or through a team), None if none."""
     return (await workspace_roles(session, workspace_id, [user_id])).get(user_id)
+
+
+async def workspace_role_or_404(
+    session: AsyncSession, user_id: int, workspace_id: int, not_found: str | None = None
+) -> Role:
+    """The user's highest role in the workspace; NotFound when they have none.
+
+    Not Forbidden: someone outside a workspace is not told that it exists.
+    """
+    role = await workspace_role(session, user_id, workspace_id)
+    if role is None:
+        raise NotFound(not_found or f"workspace {workspace_id} not found")
+    return role
 
 
 async def workspace_roles(

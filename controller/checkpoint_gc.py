@@ -45,7 +45,7 @@ from controller.desired import checkpoint_base_uri
 from controller.models import Checkpoint, CheckpointGcRun, ComputeEnv, Studio, as_utc, utcnow
 from controller.periodic import PeriodicPass
 
-__all__ = ["CheckpointGc", "StorePlan", "gc_run_json", "last_gc_runs"]
+__all__ = ["CheckpointGc", "StorePlan", "last_gc_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +72,6 @@ def _manifest_name(uri: str) -> str | None:
     except CheckpointError:
         return None
     return f"manifests/{session_id}/{key}"
-
-
-def gc_run_json(run: CheckpointGcRun | None) -> dict[str, Any] | None:
-    if run is None:
-        return None
-    finished = as_utc(run.finished_at)
-    started = as_utc(run.started_at)
-    return {
-        "baseUri": run.base_uri,
-        "startedAt": started.isoformat().replace("+00:00", "Z") if started else None,
-        "finishedAt": finished.isoformat().replace("+00:00", "Z") if finished else None,
-        "ok": run.ok,
-        "attempts": run.attempts,
-        "deletedManifests": run.deleted_manifests,
-        "deletedPacks": run.deleted_packs,
-        "freedBytes": run.freed_bytes,
-        "failed": [list(f) for f in run.failed or []],
-        "message": run.message,
-    }
 
 
 async def last_gc_runs(session: Any, compute_env_ids: list[str]) -> dict[str, CheckpointGcRun]:

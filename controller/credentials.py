@@ -28,7 +28,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.auth import Permission, Principal, Role, require, workspace_role
+from controller.auth import (
+    Permission,
+    Principal,
+    Role,
+    require,
+    workspace_role,
+    workspace_role_or_404,
+)
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Credentials, DataLink, utcnow
@@ -67,9 +74,7 @@ async def workspace_access(
     session: AsyncSession, principal: Principal, workspace_id: int, permission: Permission
 ) -> Role:
     """The caller's role in the workspace (404 without one, 403 below `permission`)."""
-    role = await workspace_role(session, principal.user_id, workspace_id)
-    if role is None:
-        raise NotFound(f"workspace {workspace_id} not found")
+    role = await workspace_role_or_404(session, principal.user_id, workspace_id)
     require(role, permission)
     return role
 

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["Database", "alembic_config"]
+__all__ = ["Database", "alembic_config", "escape_like"]
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +98,8 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def escape_like(text: str) -> str:
+    """`text` matched literally by a LIKE pattern written with ``escape="\\"``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

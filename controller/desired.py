@@ -7,13 +7,13 @@ agent: the agent is to stop it and forget every local trace.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from studios.agent.v1 import agent_pb2
 
-from controller.access import add_session_access
+from controller.access import connect_access
 from controller.models import Checkpoint, ComputeEnv, Studio
 from controller.mounts import data_link_mounts, file_system_mount_specs
 
@@ -134,5 +134,24 @@ async def build_desired_state(
             )
         )
     # Who may connect now, for the sessions whose proxy route is live.
-    await add_session_access(session, out, by_id)
+    await _add_session_access(session, out, by_id)
     return out
+
+
+async def _add_session_access(
+    session: AsyncSession, desired: agent_pb2.DesiredState, studios: Mapping[str, Studio]
+) -> None:
+    """Fill `access` of the active, live sessions in `desired` (by session id in `studios`)."""
+    shown = [
+        studios[msg.session_id]
+        for msg in desired.sessions
+        if msg.status != agent_pb2.DESIRED_STATUS_DELETED and msg.session_id in studios
+    ]
+    access = await connect_access(session, shown)
+    for msg in desired.sessions:
+        users = access.get(msg.session_id)
+        if users is None or msg.status == agent_pb2.DESIRED_STATUS_DELETED:
+            continue
+        # Present even when empty: an empty list means "nobody", absent means "not narrowed".
+        msg.access.SetInParent()
+        msg.access.user_ids.extend(users)

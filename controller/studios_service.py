@@ -53,9 +53,10 @@ from controller.auth import (
     check_studio_access,
     require,
     workspace_role,
+    workspace_role_or_404,
 )
 from controller.datalink_views import check_mount_data, mounted_data_link_views
-from controller.db import Database
+from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.lifecycle import Status
 from controller.lifespan import base_lifespan_hours
@@ -125,7 +126,7 @@ def parse_search(
 
 
 def _like(column: Any, word: str) -> Any:
-    return func.lower(column).like(f"%{_escape_like(word.lower())}%", escape="\\")
+    return func.lower(column).like(f"%{escape_like(word.lower())}%", escape="\\")
 
 
 def _parse_time(keyword: str, value: str) -> datetime:
@@ -166,10 +167,7 @@ class StudioService:
     # ------------------------------------------------------------ helpers
 
     async def _role(self, session: AsyncSession, principal: Principal, workspace_id: int) -> Role:
-        role = await workspace_role(session, principal.user_id, workspace_id)
-        if role is None:
-            raise NotFound(f"workspace {workspace_id} not found")
-        return role
+        return await workspace_role_or_404(session, principal.user_id, workspace_id)
 
     async def _studio(
         self,
@@ -878,7 +876,3 @@ async def _by_id(session: AsyncSession, model: Any, column: Any, ids: set[Any]) 
         return {}
     rows = (await session.scalars(select(model).where(column.in_(ids)))).all()
     return {getattr(r, column.key): r for r in rows}
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -10,6 +10,7 @@ from controller.models import (
     Agent,
     ApiToken,
     Checkpoint,
+    CheckpointGcRun,
     ComputeEnv,
     Studio,
     User,
@@ -37,6 +38,7 @@ __all__ = [
     "agent_dto",
     "checkpoint_dto",
     "compute_env_dto",
+    "gc_run_json",
     "iso",
     "status_info",
     "studio_dto",
@@ -199,3 +201,23 @@ def access_token_dto(token: ApiToken) -> AccessTokenDto:
         date_created=iso(token.date_created) or "",
         last_used=iso(token.last_used),
     )
+
+
+def gc_run_json(run: CheckpointGcRun | None) -> dict[str, Any] | None:
+    """A checkpoint GC run as shown in a compute environment's `checkpointGc`."""
+    if run is None:
+        return None
+    finished = as_utc(run.finished_at)
+    started = as_utc(run.started_at)
+    return {
+        "baseUri": run.base_uri,
+        "startedAt": started.isoformat().replace("+00:00", "Z") if started else None,
+        "finishedAt": finished.isoformat().replace("+00:00", "Z") if finished else None,
+        "ok": run.ok,
+        "attempts": run.attempts,
+        "deletedManifests": run.deleted_manifests,
+        "deletedPacks": run.deleted_packs,
+        "freedBytes": run.freed_bytes,
+        "failed": [list(f) for f in run.failed or []],
+        "message": run.message,
+    }

@@ -26,8 +26,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.access import notify_team_workspaces, notify_workspaces
 from controller.agent_hub import AgentHub
-from controller.auth import Permission, Principal, Role, require, workspace_role
-from controller.db import Database
+from controller.auth import (
+    Permission,
+    Principal,
+    Role,
+    require,
+    workspace_role,
+    workspace_role_or_404,
+)
+from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from controller.models import Participant, Team, TeamMember, User, Workspace, utcnow
 from controller.schemas import (
@@ -45,10 +52,6 @@ __all__ = ["NEW_PARTICIPANT_ROLE", "WorkspaceService"]
 NEW_PARTICIPANT_ROLE = Role.LAUNCH
 
 
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 class WorkspaceService:
     def __init__(self, db: Database, hub: AgentHub | None = None) -> None:
         self.db = db
@@ -61,13 +64,11 @@ class WorkspaceService:
     async def _workspace(
         session: AsyncSession, principal: Principal, org_id: int, workspace_id: int
     ) -> tuple[Workspace, Role]:
-        missing = NotFound(f"workspace {workspace_id} of organization {org_id} not found")
+        missing = f"workspace {workspace_id} of organization {org_id} not found"
         workspace = await session.get(Workspace, workspace_id)
         if workspace is None or workspace.org_id != org_id:
-            raise missing
-        role = await workspace_role(session, principal.user_id, workspace_id)
-        if role is None:
-            raise missing
+            raise NotFound(missing)
+        role = await workspace_role_or_404(session, principal.user_id, workspace_id, missing)
         return workspace, role
 
     @staticmethod
@@ -143,7 +144,7 @@ class WorkspaceService:
                 .where(Participant.workspace_id == workspace_id)
             )
             for word in (search or "").split():
-                pattern = f"%{_escape_like(word.lower())}%"
+                pattern = f"%{escape_like(word.lower())}%"
                 query = query.where(
                     or_(
                         func.lower(User.user_name).like(pattern, escape="\\"),

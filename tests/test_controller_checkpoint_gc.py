@@ -12,9 +12,10 @@ from sqlalchemy import select
 
 from agent.checkpoints import engine as E
 from controller.bootstrap import bootstrap
-from controller.checkpoint_gc import CheckpointGc, gc_run_json, last_gc_runs
+from controller.checkpoint_gc import CheckpointGc, last_gc_runs
 from controller.db import Database
 from controller.models import Checkpoint, CheckpointGcRun, ComputeEnv, Studio, utcnow
+from controller.views import gc_run_json
 from tests import s3_server as _s3
 from tests.conftest import ControllerHarness
 from tests.s3_server import S3Server
