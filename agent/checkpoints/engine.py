@@ -55,8 +55,6 @@ __all__ = [
     "ProgressFn",
     "RestoreResult",
     "VerifyReport",
-    "alatest_checkpoint",
-    "alist_checkpoints",
     "backup",
     "backup_sync",
     "get_repository",
@@ -1141,20 +1139,4 @@ async def verify(
         storage_options=storage_options,
         progress=_threadsafe(progress),
         threads=threads,
-    )
-
-
-async def alist_checkpoints(
-    base_uri: str, session_id: str | None = None, *, storage_options: dict[str, Any] | None = None
-) -> list[CheckpointInfo]:
-    return await asyncio.to_thread(
-        list_checkpoints, base_uri, session_id, storage_options=storage_options
-    )
-
-
-async def alatest_checkpoint(
-    base_uri: str, session_id: str, *, storage_options: dict[str, Any] | None = None
-) -> str | None:
-    return await asyncio.to_thread(
-        latest_checkpoint, base_uri, session_id, storage_options=storage_options
     )

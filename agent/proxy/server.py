@@ -835,19 +835,6 @@ class ConnectProxy:
             if a.tunnels > 0 or a.last_activity >= horizon
         ]
 
-    def revoke(self, session_id: str, user_ids: Iterable[int] | None = None) -> int:
-        """End connections to a session (of some users only); returns how many."""
-        wanted = None if user_ids is None else set(user_ids)
-        ended = 0
-        for client in list(self._clients):
-            if client.sid != session_id:
-                continue
-            if wanted is not None and (client.bound is None or client.bound[1] not in wanted):
-                continue
-            client.close()
-            ended += 1
-        return ended
-
     # ------------------------------------------------------------ access
 
     def allowed(self, session_id: str | None, user_id: int) -> bool:

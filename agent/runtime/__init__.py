@@ -9,7 +9,6 @@ from agent.runtime.base import (
     RuntimeHandle,
     RuntimeOptions,
     StartSpec,
-    ToolState,
     free_tcp_port,
 )
 from agent.runtime.registry import create_runtime, runtime_names
@@ -22,7 +21,6 @@ __all__ = [
     "RuntimeHandle",
     "RuntimeOptions",
     "StartSpec",
-    "ToolState",
     "create_runtime",
     "free_tcp_port",
     "runtime_names",

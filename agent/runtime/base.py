@@ -21,7 +21,6 @@ __all__ = [
     "RuntimeHandle",
     "RuntimeOptions",
     "StartSpec",
-    "ToolState",
     "free_tcp_port",
 ]
 
@@ -88,13 +87,6 @@ class LabelledTool:
 
 
 @dataclass(frozen=True)
-class ToolState:
-    running: bool
-    pid: int
-    exit: ExitStatus | None = None
-
-
-@dataclass(frozen=True)
 class RuntimeOptions:
     """Agent configuration a backend may need."""
 
@@ -138,9 +130,6 @@ class Runtime(abc.ABC):
         """Kill at once and free every backend resource of the tool."""
 
     @abc.abstractmethod
-    async def inspect(self, handle: RuntimeHandle) -> ToolState: ...
-
-    @abc.abstractmethod
     async def recover(self, handle: RuntimeHandle) -> bool:
         """Re-attach to a tool started by an earlier agent process.
 
@@ -149,10 +138,6 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:
         """The last lines of the tool's output."""
-
-    def capabilities(self) -> dict[str, bool]:
-        """Optional features, reported by `doctor` and `status`."""
-        return {}
 
     async def reap(self, handle: RuntimeHandle) -> None:
         """Remove what a start killed between creating the tool and recording its

@@ -28,7 +28,6 @@ from agent.runtime.base import (
     RuntimeHandle,
     RuntimeOptions,
     StartSpec,
-    ToolState,
 )
 
 __all__ = ["BUILTIN_TEMPLATES", "LocalRuntime", "LocalTemplate", "load_templates"]
@@ -218,10 +217,6 @@ class LocalRuntime(Runtime):
             await asyncio.wait_for(self.wait(handle), timeout=10)
         self._children.pop(handle.pid, None)
 
-    async def inspect(self, handle: RuntimeHandle) -> ToolState:
-        status = await self.poll(handle)
-        return ToolState(running=status is None, pid=handle.pid, exit=status)
-
     async def recover(self, handle: RuntimeHandle) -> bool:
         if handle.pid <= 0:
             return False
@@ -250,9 +245,6 @@ class LocalRuntime(Runtime):
         for tool in await self.labelled_tools():
             if tool.session_id == handle.session_id:
                 await self.remove_labelled(tool)
-
-    def capabilities(self) -> dict[str, bool]:
-        return {"isolation": False, "customImages": False}
 
 
 async def _expose_mounts(spec: StartSpec) -> None:

@@ -43,7 +43,6 @@ from agent.runtime.base import (
     RuntimeHandle,
     RuntimeOptions,
     StartSpec,
-    ToolState,
 )
 
 __all__ = ["PodmanClient", "PodmanError", "PodmanRuntime", "parse_ulimit"]
@@ -462,10 +461,6 @@ class PodmanRuntime(Runtime):
         if merged:
             await self.unmount_rootfs(Path(merged))
 
-    async def inspect(self, handle: RuntimeHandle) -> ToolState:
-        status = await self.poll(handle)
-        return ToolState(running=status is None, pid=handle.pid, exit=status)
-
     async def recover(self, handle: RuntimeHandle) -> bool:
         try:
             data = await self.client.request("GET", f"/containers/{self._ref(handle)}/json")
@@ -484,9 +479,6 @@ class PodmanRuntime(Runtime):
 
     async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:
         return await asyncio.to_thread(_tail_k8s_log, Path(handle.log_path), max_lines)
-
-    def capabilities(self) -> dict[str, bool]:
-        return {"isolation": True, "customImages": True}
 
 
 def _tail_k8s_log(path: Path, max_lines: int) -> str:

@@ -61,11 +61,9 @@ from agent.runtime import (
 from agent.state import SessionHandle, StateDir
 from agent.volumes import GIB, VolumeInfo, VolumeKind
 
-__all__ = ["SessionManager", "StoreFactory"]
+__all__ = ["SessionManager"]
 
 log = logging.getLogger(__name__)
-
-StoreFactory = Callable[[str], CheckpointStore]
 
 _STATUS_TO_PB = {
     "starting": pb.SESSION_STATUS_STARTING,
@@ -161,7 +159,6 @@ class SessionManager:
         grow_step_bytes: int = 2 * GIB,
         grow_below_free_bytes: int = 1 * GIB,
         disk_cap_bytes: int = 30 * GIB,
-        store_factory: StoreFactory | None = None,
         watch_interval_seconds: float = 5.0,
         checkpoint_interval_seconds: float = 300.0,
         unsaved_retry_seconds: float = _UNSAVED_RETRY_SECONDS,
@@ -185,7 +182,6 @@ class SessionManager:
         self.s3_endpoint = s3_endpoint
         # FUSE mounts of data-links (None: none can be mounted on this host).
         self.datalinks = datalinks or DataLinkMounter(backend_named("auto"))
-        self._store_factory = store_factory or self._default_store
         self._stores: dict[str, CheckpointStore] = {}
         self._handles: dict[str, SessionHandle] = {}
         self._desired: dict[str, pb.SessionDesired] = {}
@@ -430,7 +426,7 @@ class SessionManager:
         base = str(h.spec.get("checkpoint_base_uri") or self.state.default_checkpoint_dir)
         store = self._stores.get(base)
         if store is None:
-            store = self._stores[base] = self._store_factory(base)
+            store = self._stores[base] = self._default_store(base)
         return store
 
     def _default_store(self, base_uri: str) -> CheckpointStore:
