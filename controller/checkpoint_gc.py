@@ -38,7 +38,7 @@ from sqlalchemy import func, select
 from agent.checkpoints.content_store import storage_options_for
 from agent.checkpoints.engine import get_repository
 from agent.checkpoints.gc import DEFAULT_GRACE_S, gc
-from agent.checkpoints.repo import Repository, split_checkpoint_uri
+from agent.checkpoints.repo import Repository, manifest_name, split_checkpoint_uri
 from agent.errors import CheckpointError
 from controller.db import Database
 from controller.desired import checkpoint_base_uri
@@ -71,7 +71,7 @@ def _manifest_name(uri: str) -> str | None:
         _, session_id, key = split_checkpoint_uri(uri)
     except CheckpointError:
         return None
-    return f"manifests/{session_id}/{key}"
+    return manifest_name(session_id, key)
 
 
 async def last_gc_runs(session: Any, compute_env_ids: list[str]) -> dict[str, CheckpointGcRun]:

@@ -41,18 +41,15 @@ from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Credentials, DataLink, utcnow
 from controller.schemas import (
     CreateCredentialsRequest,
-    CredentialsDto,
     UpdateCredentialsRequest,
 )
 from controller.secret_box import SecretBox
-from controller.views import iso
 
 __all__ = [
     "PROVIDERS",
     "CredentialsService",
     "check_base_url",
     "check_region",
-    "credentials_dto",
     "workspace_access",
 ]
 
@@ -126,20 +123,6 @@ def _check_name(name: str) -> None:
         raise BadRequest("credentials.name: must not be blank or contain control characters")
 
 
-def credentials_dto(cred: Credentials) -> CredentialsDto:
-    return CredentialsDto(
-        id=cred.id,
-        name=cred.name,
-        description=cred.description,
-        provider=cred.provider,
-        base_url=cred.base_url,
-        region=cred.region,
-        date_created=iso(cred.date_created) or "",
-        last_updated=iso(cred.last_updated) or "",
-        last_used=iso(cred.last_used),
-    )
-
-
 class CredentialsService:
     def __init__(self, db: Database, box: SecretBox) -> None:
         self.db = db
@@ -208,7 +191,7 @@ class CredentialsService:
 
     async def list(
         self, principal: Principal, workspace_id: int | None, provider: str | None
-    ) -> list[CredentialsDto]:
+    ) -> list[Credentials]:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
         async with self.db.transaction() as session:
             await workspace_access(session, principal, workspace_id, Permission.READ)
@@ -216,16 +199,16 @@ class CredentialsService:
             if provider:
                 query = query.where(Credentials.provider == provider)
             rows = (await session.scalars(query.order_by(Credentials.name))).all()
-            return [credentials_dto(c) for c in rows]
+            return list(rows)
 
     async def get(
         self, principal: Principal, credentials_id: str, workspace_id: int | None
-    ) -> CredentialsDto:
+    ) -> Credentials:
         async with self.db.transaction() as session:
             cred = await self._credentials(
                 session, principal, credentials_id, workspace_id, Permission.READ
             )
-            return credentials_dto(cred)
+            return cred
 
     async def update(
         self,

@@ -21,6 +21,7 @@ session keeps its mount until it stops; the next start skips it and says so.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -29,15 +30,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.auth import Permission, Principal
 from controller.credentials import PROVIDERS, check_region, workspace_access, workspace_object
-from controller.datalink_views import data_link_dto
-from controller.db import Database
+from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Credentials, DataLink, utcnow
 from controller.mounts import normalize_resource_ref
-from controller.schemas import DataLinkCreateRequest, DataLinkDto, DataLinkUpdateRequest
+from controller.schemas import DataLinkCreateRequest, DataLinkUpdateRequest
 from controller.studios_service import Page, parse_search
 
-__all__ = ["DataLinkService"]
+__all__ = ["DataLinkRow", "DataLinkService"]
 
 DEFAULT_WORKSPACE_ID = 1
 DEFAULT_PAGE_SIZE = 50
@@ -46,8 +46,15 @@ _KEYWORDS = {"region": "region", "provider": "provider"}
 
 def _contains(column: Any, word: str) -> Any:
     """Case-insensitive substring match, LIKE wildcards in `word` taken literally."""
-    escaped = word.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return func.lower(column).like(f"%{escaped}%", escape="\\")
+    return func.lower(column).like(f"%{escape_like(word.lower())}%", escape="\\")
+
+
+@dataclass(frozen=True, slots=True)
+class DataLinkRow:
+    """A data-link and its credentials (None for a public bucket)."""
+
+    link: DataLink
+    credentials: Credentials | None
 
 
 def _check_name(name: str, field: str) -> str:
@@ -96,7 +103,7 @@ class DataLinkService:
 
     async def create(
         self, principal: Principal, workspace_id: int | None, body: DataLinkCreateRequest
-    ) -> DataLinkDto:
+    ) -> DataLinkRow:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
         name = _check_name(body.name, "name")
         provider = body.provider or "aws"
@@ -137,7 +144,7 @@ class DataLinkService:
                 )
                 session.add(link)
                 await session.flush()
-                return data_link_dto(link, cred)
+                return DataLinkRow(link, cred)
         except IntegrityError:
             raise taken from None
 
@@ -148,7 +155,7 @@ class DataLinkService:
         credentials_id: str | None,
         search: str | None,
         page: Page,
-    ) -> tuple[list[DataLinkDto], int]:
+    ) -> tuple[list[DataLinkRow], int]:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
         words, keywords = parse_search(search, _KEYWORDS)
         async with self.db.transaction() as session:
@@ -193,7 +200,7 @@ class DataLinkService:
                 if cred_ids
                 else {}
             )
-            items = [data_link_dto(link, creds.get(link.credentials_id or "")) for link in links]
+            items = [DataLinkRow(link, creds.get(link.credentials_id or "")) for link in links]
             return items, int(total or 0)
 
     async def get(
@@ -202,13 +209,13 @@ class DataLinkService:
         link_id: str,
         workspace_id: int | None,
         credentials_id: str | None,
-    ) -> DataLinkDto:
+    ) -> DataLinkRow:
         async with self.db.transaction() as session:
             link = await self._link(session, principal, link_id, workspace_id, Permission.READ)
             if credentials_id:
                 await self._credentials(session, link.workspace_id, credentials_id)
             cred = await session.get(Credentials, link.credentials_id or "")
-            return data_link_dto(link, cred)
+            return DataLinkRow(link, cred)
 
     async def update(
         self,
@@ -216,7 +223,7 @@ class DataLinkService:
         link_id: str,
         workspace_id: int | None,
         body: DataLinkUpdateRequest,
-    ) -> DataLinkDto:
+    ) -> DataLinkRow:
         taken = Conflict(f"a data-link named {body.name!r} already exists in the workspace")
         try:
             async with self.db.transaction() as session:
@@ -237,7 +244,7 @@ class DataLinkService:
                 link.last_updated = utcnow()
                 await session.flush()
                 cred = await session.get(Credentials, link.credentials_id or "")
-                return data_link_dto(link, cred)
+                return DataLinkRow(link, cred)
         except IntegrityError:
             raise taken from None
 

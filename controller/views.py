@@ -12,6 +12,7 @@ from controller.models import (
     Checkpoint,
     CheckpointGcRun,
     ComputeEnv,
+    Credentials,
     Studio,
     User,
     Workspace,
@@ -23,6 +24,7 @@ from controller.schemas import (
     AgentDto,
     CheckpointDto,
     ComputeEnvDto,
+    CredentialsDto,
     DataStudioComputeEnvDto,
     DataStudioDto,
     DataStudioProgressStep,
@@ -38,6 +40,7 @@ __all__ = [
     "agent_dto",
     "checkpoint_dto",
     "compute_env_dto",
+    "credentials_dto",
     "gc_run_json",
     "iso",
     "status_info",
@@ -221,3 +224,17 @@ def gc_run_json(run: CheckpointGcRun | None) -> dict[str, Any] | None:
         "failed": [list(f) for f in run.failed or []],
         "message": run.message,
     }
+
+
+def credentials_dto(cred: Credentials) -> CredentialsDto:
+    return CredentialsDto(
+        id=cred.id,
+        name=cred.name,
+        description=cred.description,
+        provider=cred.provider,
+        base_url=cred.base_url,
+        region=cred.region,
+        date_created=iso(cred.date_created) or "",
+        last_updated=iso(cred.last_updated) or "",
+        last_used=iso(cred.last_used),
+    )

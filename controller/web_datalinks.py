@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controller.credentials import CredentialsService
+from controller.datalink_views import data_link_dto
 from controller.datalinks_service import DataLinkService
 from controller.db import Database
 from controller.schemas import (
@@ -24,6 +25,7 @@ from controller.schemas import (
 )
 from controller.secret_box import SecretBox
 from controller.studios_service import Page
+from controller.views import credentials_dto
 from controller.web_app import json_response, parse_body, principal, query_int
 
 __all__ = ["routes", "setup"]
@@ -68,15 +70,15 @@ async def list_credentials(request: web.Request) -> web.Response:
     items = await request.app[_CREDENTIALS].list(
         principal(request), _workspace(request), request.query.get("platformId") or None
     )
-    return json_response(CredentialsListResponse(credentials=items))
+    return json_response(CredentialsListResponse(credentials=[credentials_dto(c) for c in items]))
 
 
 @routes.get("/credentials/{credentialsId}")
 async def get_credentials(request: web.Request) -> web.Response:
-    dto = await request.app[_CREDENTIALS].get(
+    cred = await request.app[_CREDENTIALS].get(
         principal(request), request.match_info["credentialsId"], _workspace(request)
     )
-    return json_response(CredentialsResponse(credentials=dto))
+    return json_response(CredentialsResponse(credentials=credentials_dto(cred)))
 
 
 @routes.put("/credentials/{credentialsId}")
@@ -106,8 +108,8 @@ async def create_data_link(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     body = await parse_body(request, DataLinkCreateRequest)
     assert body is not None
-    dto = await request.app[_DATA_LINKS].create(principal(request), workspace_id, body)
-    return json_response(dto)
+    row = await request.app[_DATA_LINKS].create(principal(request), workspace_id, body)
+    return json_response(data_link_dto(row.link, row.credentials))
 
 
 @routes.get("/data-links")
@@ -121,18 +123,19 @@ async def list_data_links(request: web.Request) -> web.Response:
         request.query.get("search"),
         page,
     )
-    return json_response(DataLinksListResponse(data_links=items, total_size=total))
+    dtos = [data_link_dto(r.link, r.credentials) for r in items]
+    return json_response(DataLinksListResponse(data_links=dtos, total_size=total))
 
 
 @routes.get("/data-links/{dataLinkId}")
 async def get_data_link(request: web.Request) -> web.Response:
-    dto = await request.app[_DATA_LINKS].get(
+    row = await request.app[_DATA_LINKS].get(
         principal(request),
         request.match_info["dataLinkId"],
         _workspace(request),
         request.query.get("credentialsId") or None,
     )
-    return json_response(DataLinkResponse(data_link=dto))
+    return json_response(DataLinkResponse(data_link=data_link_dto(row.link, row.credentials)))
 
 
 @routes.put("/data-links/{dataLinkId}")
@@ -140,10 +143,10 @@ async def update_data_link(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     body = await parse_body(request, DataLinkUpdateRequest)
     assert body is not None
-    dto = await request.app[_DATA_LINKS].update(
+    row = await request.app[_DATA_LINKS].update(
         principal(request), request.match_info["dataLinkId"], workspace_id, body
     )
-    return json_response(dto)
+    return json_response(data_link_dto(row.link, row.credentials))
 
 
 @routes.delete("/data-links/{dataLinkId}")
