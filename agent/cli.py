@@ -16,6 +16,7 @@ from rich.table import Table
 
 from agent import cli_checkpoint
 from agent.admin import AgentNotRunning, admin_get
+from agent.cli_checkpoint import human_size
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
 from agent.host import doctor_report
@@ -139,17 +140,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
-
-
 def _print_status(data: dict[str, Any], console: Console) -> None:
     table = Table(show_header=False, box=None)
     ctl = data["controller"]
@@ -171,9 +161,12 @@ def _print_status(data: dict[str, Any], console: Console) -> None:
             ", ".join(f"{k} {v}" for k, v in sessions.items() if k != "total") or "none",
         ),
         ("cpus", str(cap["cpus"])),
-        ("memory", f"{_size(cap['memoryAvailableBytes'])} free of {_size(cap['memoryBytes'])}"),
-        ("disk free", _size(cap["diskFreeBytes"])),
-        ("volume budget free", _size(cap["diskBudgetFreeBytes"])),
+        (
+            "memory",
+            f"{human_size(cap['memoryAvailableBytes'])} free of {human_size(cap['memoryBytes'])}",
+        ),
+        ("disk free", human_size(cap["diskFreeBytes"])),
+        ("volume budget free", human_size(cap["diskBudgetFreeBytes"])),
     ]
     for item in data.get("reaped", [])[-5:]:
         rows.append(("reaped", f"{item['what']} of session {item['sessionId']}"))
@@ -197,8 +190,8 @@ def _print_sessions(data: dict[str, Any], console: Console) -> None:
             s["runtime"],
             str(s["toolPort"] or "-"),
             vol.get("kind", "-"),
-            _size(vol.get("sizeBytes")),
-            _size(vol.get("usedBytes")),
+            human_size(vol.get("sizeBytes")),
+            human_size(vol.get("usedBytes")),
             s["rootDir"],
         )
     console.print(table)
@@ -216,7 +209,8 @@ def _print_sessions(data: dict[str, Any], console: Console) -> None:
 
 def _print_disk(data: dict[str, Any], console: Console) -> None:
     table = Table(
-        title=f"volumes (budget free {_size(data['budgetFreeBytes'])} of {_size(data['capBytes'])})"
+        title=f"volumes (budget free {human_size(data['budgetFreeBytes'])}"
+        f" of {human_size(data['capBytes'])})"
     )
     for col in ("id", "status", "kind", "size", "used", "grown"):
         table.add_column(col, no_wrap=True)
@@ -228,8 +222,8 @@ def _print_disk(data: dict[str, Any], console: Console) -> None:
             s["id"],
             s["status"],
             vol.get("kind", "-"),
-            _size(vol.get("sizeBytes")),
-            _size(vol.get("usedBytes")),
+            human_size(vol.get("sizeBytes")),
+            human_size(vol.get("usedBytes")),
             str(len(growth)),
             vol.get("path", "-"),
         )
@@ -237,7 +231,7 @@ def _print_disk(data: dict[str, Any], console: Console) -> None:
     for s in data["sessions"]:
         for ev in s.get("growth") or []:
             console.print(
-                f"{s['id']}: grown {_size(ev['fromBytes'])} -> {_size(ev['toBytes'])} "
+                f"{s['id']}: grown {human_size(ev['fromBytes'])} -> {human_size(ev['toBytes'])} "
                 f"in {ev['seconds'] * 1000:.0f} ms",
                 highlight=False,
             )

@@ -119,15 +119,16 @@ def _list(args: argparse.Namespace) -> int:
             r["key"],
             r["savedAt"],
             str(r.get("files", "")),
-            _size(r.get("bytes")),
-            _size(r.get("storedBytes")),
+            human_size(r.get("bytes")),
+            human_size(r.get("storedBytes")),
             str(r.get("packs", "")),
         )
     Console().print(table)
     return 0
 
 
-def _size(n: int | None) -> str:
+def human_size(n: int | None) -> str:
+    """Bytes for a person: "-" for unknown, else B, KiB ... TiB."""
     if n is None:
         return "-"
     value = float(n)
@@ -162,7 +163,7 @@ def _verify(args: argparse.Namespace) -> int:
         if report.ok:
             console.print(
                 f"[green]ok[/green]: {report.packs_checked} packs, "
-                f"{_size(report.bytes_checked)} re-hashed",
+                f"{human_size(report.bytes_checked)} re-hashed",
                 highlight=False,
             )
         else:
@@ -192,7 +193,7 @@ def _restore(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         Console().print(
-            f"restored {result.files} files ({_size(result.bytes)}) into {target} "
+            f"restored {result.files} files ({human_size(result.bytes)}) into {target} "
             f"in {result.seconds:.1f} s",
             highlight=False,
         )

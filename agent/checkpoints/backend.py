@@ -15,7 +15,7 @@ import posixpath
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -173,16 +173,43 @@ class FsspecBackend(Backend):
         self.fs.rm_file(self._path(name))
 
 
-def _s3_options(opts: dict[str, Any]) -> dict[str, Any]:
-    # The endpoint and keys come from storage options first, then the environment,
-    # so that one agent config works with AWS and with SeaweedFS/MinIO.
-    client = dict(opts.get("client_kwargs") or {})
-    endpoint = (
-        opts.pop("endpoint_url", None)
-        or os.environ.get("STUDIOS_S3_ENDPOINT")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
+def s3_endpoint_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The S3 endpoint the environment names: ours first, then the AWS SDK's own
+    variables, so that one agent config works with AWS and with SeaweedFS/MinIO."""
+    env = os.environ if env is None else env
+    return (
+        env.get("STUDIOS_S3_ENDPOINT")
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+        or None
     )
+
+
+def storage_options_for(
+    uri: str, s3_endpoint: str | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """fsspec storage options for a store URI: S3 keys and endpoint from the agent's
+    settings (`--s3-endpoint`) and the environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, `s3_endpoint_from_env`); None for other schemes."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    env = os.environ if env is None else env
+    opts: dict[str, Any] = {}
+    if env.get("AWS_ACCESS_KEY_ID"):
+        opts["key"] = env["AWS_ACCESS_KEY_ID"]
+    if env.get("AWS_SECRET_ACCESS_KEY"):
+        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+    endpoint = s3_endpoint or s3_endpoint_from_env(env)
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts or None
+
+
+def _s3_options(opts: dict[str, Any]) -> dict[str, Any]:
+    # The endpoint comes from the storage options first, then the environment (a
+    # backend made without `storage_options_for`, e.g. by a test or the GC).
+    client = dict(opts.get("client_kwargs") or {})
+    endpoint = opts.pop("endpoint_url", None) or s3_endpoint_from_env()
     if endpoint and "endpoint_url" not in client:
         client["endpoint_url"] = endpoint
     opts["client_kwargs"] = client

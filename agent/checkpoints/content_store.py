@@ -11,12 +11,12 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.checkpoints.backend import storage_options_for
 from agent.checkpoints.engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
-from agent.checkpoints.repo import split_checkpoint_uri
+from agent.checkpoints.repo import manifest_name, split_checkpoint_uri
 from agent.checkpoints.store import CheckpointStore, SavedCheckpoint, on_disk_bytes
 from agent.errors import CheckpointError
 
@@ -34,26 +34,6 @@ LATEST = "latest"
 def is_archive_uri(uri: str) -> bool:
     """A checkpoint of the first (tar.gz archive) format."""
     return uri.endswith(".tar.gz")
-
-
-def storage_options_for(
-    uri: str, s3_endpoint: str | None = None, env: Mapping[str, str] | None = None
-) -> dict[str, Any] | None:
-    """fsspec storage options for a store URI: S3 keys and endpoint from the agent's
-    settings (`--s3-endpoint`) and the environment (AWS_ACCESS_KEY_ID,
-    AWS_SECRET_ACCESS_KEY, STUDIOS_S3_ENDPOINT); None for other schemes."""
-    if not uri.startswith(("s3://", "s3a://")):
-        return None
-    env = os.environ if env is None else env
-    opts: dict[str, Any] = {}
-    if env.get("AWS_ACCESS_KEY_ID"):
-        opts["key"] = env["AWS_ACCESS_KEY_ID"]
-    if env.get("AWS_SECRET_ACCESS_KEY"):
-        opts["secret"] = env["AWS_SECRET_ACCESS_KEY"]
-    endpoint = s3_endpoint or env.get("STUDIOS_S3_ENDPOINT")
-    if endpoint:
-        opts["endpoint_url"] = endpoint
-    return opts or None
 
 
 class ContentCheckpointStore(CheckpointStore):
@@ -96,7 +76,7 @@ class ContentCheckpointStore(CheckpointStore):
         )
         # The key is the manifest's object name below the base URI.
         return SavedCheckpoint(
-            key=f"manifests/{session_id}/{r.key}",
+            key=manifest_name(session_id, r.key),
             uri=r.uri,
             size_bytes=r.size_bytes,
             saved_at=int(time.time()),

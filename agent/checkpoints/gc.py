@@ -21,7 +21,7 @@ from typing import Any
 from agent.checkpoints.engine import get_repository
 from agent.checkpoints.index import decode_index, encode_index
 from agent.checkpoints.pack import PackEntry
-from agent.checkpoints.repo import Repository, pack_name, split_checkpoint_uri
+from agent.checkpoints.repo import MANIFESTS, Repository, pack_name, split_checkpoint_uri
 
 __all__ = ["GcReport", "gc", "gc_sync"]
 
@@ -46,7 +46,7 @@ class GcReport:
 
 
 def _manifest_names(repo: Repository) -> set[str]:
-    return {o.name for o in repo.backend.list("manifests/") if o.name.count("/") == 2}
+    return {o.name for o in repo.backend.list(MANIFESTS) if o.name.count("/") == 2}
 
 
 def _packs_of(repo: Repository, names: Iterable[str]) -> set[str]:

@@ -27,9 +27,11 @@ from agent.checkpoints.manifest import Manifest, decode_manifest
 from agent.errors import CheckpointError
 
 __all__ = [
+    "MANIFESTS",
     "REPO_VERSION",
     "CheckpointInfo",
     "Repository",
+    "manifest_name",
     "new_checkpoint_key",
     "pack_name",
     "split_checkpoint_uri",
@@ -41,6 +43,11 @@ MANIFESTS = "manifests/"
 # backup is almost always its previous one, and decoding 10,000 entries costs ~0.2 s.
 # Bounded by entries (~0.6 KiB each in memory); the newest manifest is always kept.
 MANIFEST_CACHE_ENTRIES = 500_000
+
+
+def manifest_name(session_id: str, key: str) -> str:
+    """The object name of a checkpoint's manifest below the base URI."""
+    return f"{MANIFESTS}{session_id}/{key}"
 
 
 def pack_name(pack: str) -> str:
@@ -102,7 +109,7 @@ class Repository:
         return cls(backend, base_uri, ChunkerParams.from_json(cfg["chunker"]))
 
     def manifest_name(self, session_id: str, key: str) -> str:
-        return f"{MANIFESTS}{session_id}/{key}"
+        return manifest_name(session_id, key)
 
     def checkpoint_uri(self, session_id: str, key: str) -> str:
         return f"{self.base_uri}/{self.manifest_name(session_id, key)}"
