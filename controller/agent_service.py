@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +38,7 @@ from controller.agent_hub import FULL, AgentHub, AgentStream
 from controller.auth import check_enrollment_token
 from controller.db import Database
 from controller.desired import build_desired_state
+from controller.fault_injection import TEST_FAULTS
 from controller.models import Agent, ComputeEnv, Studio, utcnow
 from controller.observed import ObservationHandler, capacity_dict
 from controller.reconciler import Reconciler
@@ -48,51 +48,13 @@ if TYPE_CHECKING:
     # Requests are Any: `read()` also returns `grpc.aio.EOF`, which the stubs leave out.
     _Context = grpc.aio.ServicerContext[Any, agent_pb2.ConnectResponse]
 
-__all__ = ["SUPPORTED_PROTOCOLS", "TEST_FAULTS", "AgentService", "pause_for_test"]
+__all__ = ["SUPPORTED_PROTOCOLS", "AgentService"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 SUPPORTED_PROTOCOLS = frozenset({agent_pb2.PROTOCOL_VERSION_V1})
-
-
-class _TestFaults:
-    """Fault injection for the crash tests only; inert unless STUDIOS_TEST_FAULT is set.
-
-    The tests must hit windows too narrow to hit by timing (between a commit and
-    the answer that follows it). `STUDIOS_TEST_FAULT` is a comma-separated list of
-    `drop-acks=N` (the first N checkpoint acks of this process are not sent,
-    the events being committed all the same) and `pause=POINT` (the handler
-    reaching POINT waits forever, for the test to SIGKILL the process; points:
-    create.committed, create.placed, start.committed, start.placed, stop.committed,
-    delete.committed: "committed" right after the operation's transaction, "placed"
-    after the session was placed and its agent told, both before the client's answer).
-    """
-
-    def __init__(self, spec: str) -> None:
-        items = dict(item.strip().partition("=")[::2] for item in spec.split(",") if item.strip())
-        self.acks_to_drop = int(items.get("drop-acks", "0") or 0)
-        self.pause_at = items.get("pause", "")
-        if spec:
-            log.warning("TEST FAULTS ACTIVE (STUDIOS_TEST_FAULT=%s): not for production", spec)
-
-    def drop_ack(self, ack: agent_pb2.CheckpointAck) -> bool:
-        if self.acks_to_drop <= 0:
-            return False
-        self.acks_to_drop -= 1
-        log.warning("test fault: dropped the ack of checkpoint %s/%s", ack.session_id, ack.key)
-        return True
-
-
-TEST_FAULTS = _TestFaults(os.environ.get("STUDIOS_TEST_FAULT", ""))
-
-
-async def pause_for_test(point: str) -> None:
-    """Wait forever at `point` when a test asked for it (see _TestFaults)."""
-    if TEST_FAULTS.pause_at == point:
-        log.warning("test fault: paused at %s", point)
-        await asyncio.Event().wait()
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -247,7 +209,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 # (a checkpoint event left without its ack on the next connect).
                 log.exception("agent %s: handling %s failed", stream.agent_id, kind)
                 continue
-            if ack is not None and not TEST_FAULTS.drop_ack(ack):
+            if ack is not None and not TEST_FAULTS.drop_ack(ack.session_id, ack.key):
                 # Only now: the transaction that recorded the checkpoint has committed.
                 await out.write(agent_pb2.ConnectResponse(checkpoint_ack=ack))
 

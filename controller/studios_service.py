@@ -45,7 +45,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller import lifecycle
 from controller.agent_hub import AgentHub
-from controller.agent_service import pause_for_test
 from controller.auth import (
     Permission,
     Principal,
@@ -58,6 +57,7 @@ from controller.auth import (
 from controller.datalink_views import check_mount_data, mounted_data_link_views
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, NotFound
+from controller.fault_injection import pause_for_test
 from controller.lifecycle import Status
 from controller.lifespan import base_lifespan_hours
 from controller.models import (
