@@ -17,7 +17,7 @@ from typing import Any
 from agent.checkpoints.backend import storage_options_for
 from agent.checkpoints.engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
 from agent.checkpoints.repo import manifest_name, split_checkpoint_uri
-from agent.checkpoints.store import CheckpointStore, SavedCheckpoint, on_disk_bytes
+from agent.checkpoints.store import LATEST, CheckpointStore, SavedCheckpoint, on_disk_bytes
 from agent.errors import CheckpointError
 
 __all__ = [
@@ -26,9 +26,6 @@ __all__ = [
     "is_archive_uri",
     "storage_options_for",
 ]
-
-# Default parent: the session's own latest checkpoint, so every save is incremental.
-LATEST = "latest"
 
 
 def is_archive_uri(uri: str) -> bool:
@@ -105,8 +102,6 @@ class ContentCheckpointStore(CheckpointStore):
             from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
 
             tmp = self.tmp_dir or Path(tempfile.gettempdir())
-            await ArchiveCheckpointStore(self.base_uri, tmp).restore(uri, target_dir)
-            if progress is not None:
-                progress(1, 1)
+            await ArchiveCheckpointStore(self.base_uri, tmp).restore(uri, target_dir, progress)
             return
         await restore(uri, target_dir, storage_options=self.storage_options, progress=progress)

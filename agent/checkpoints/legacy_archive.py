@@ -21,7 +21,13 @@ from pathlib import Path
 import fsspec
 from fsspec import AbstractFileSystem
 
-from agent.checkpoints.store import CheckpointStore, SavedCheckpoint, on_disk_bytes
+from agent.checkpoints.store import (
+    LATEST,
+    CheckpointStore,
+    ProgressFn,
+    SavedCheckpoint,
+    on_disk_bytes,
+)
 from agent.errors import CheckpointError, UnsafeArchive
 
 __all__ = ["ArchiveCheckpointStore", "check_archive_members", "open_fs"]
@@ -120,8 +126,18 @@ class ArchiveCheckpointStore(CheckpointStore):
             key=key, uri=_full_uri(self.fs, final), size_bytes=size, saved_at=int(time.time())
         )
 
-    async def save(self, session_id: str, source_dir: Path) -> SavedCheckpoint:
-        return await asyncio.to_thread(self._save_sync, session_id, source_dir)
+    async def save(
+        self,
+        session_id: str,
+        source_dir: Path,
+        parent: str | None = LATEST,
+        progress: ProgressFn | None = None,
+    ) -> SavedCheckpoint:
+        # An archive is a whole copy: it has no parent, and its progress is all or nothing.
+        saved = await asyncio.to_thread(self._save_sync, session_id, source_dir)
+        if progress is not None:
+            progress(1, 1)
+        return saved
 
     def _restore_sync(self, uri: str, target_dir: Path) -> None:
         fs, path = open_fs(uri)
@@ -143,8 +159,10 @@ class ArchiveCheckpointStore(CheckpointStore):
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def restore(self, uri: str, target_dir: Path) -> None:
+    async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
         await asyncio.to_thread(self._restore_sync, uri, target_dir)
+        if progress is not None:
+            progress(1, 1)
 
     def _restored_size_sync(self, uri: str) -> int:
         fs, path = open_fs(uri)

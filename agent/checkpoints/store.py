@@ -10,10 +10,24 @@ is only read any more (old `.tar.gz` checkpoint URIs).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BLOCK_BYTES", "INODE_BYTES", "CheckpointStore", "SavedCheckpoint", "on_disk_bytes"]
+__all__ = [
+    "BLOCK_BYTES",
+    "INODE_BYTES",
+    "LATEST",
+    "CheckpointStore",
+    "ProgressFn",
+    "SavedCheckpoint",
+    "on_disk_bytes",
+]
+
+# progress(done, total), in bytes.
+ProgressFn = Callable[[int, int], None]
+# Default parent of a save: the session's own latest checkpoint, so every save is incremental.
+LATEST = "latest"
 
 # What one file costs a file system beyond its data: XFS's default inode is 512 bytes,
 # and data is allocated in 4 KiB blocks.
@@ -38,8 +52,17 @@ class SavedCheckpoint:
 
 class CheckpointStore(abc.ABC):
     @abc.abstractmethod
-    async def save(self, session_id: str, source_dir: Path) -> SavedCheckpoint:
-        """Write everything below `source_dir` as a new checkpoint; raise CheckpointError."""
+    async def save(
+        self,
+        session_id: str,
+        source_dir: Path,
+        parent: str | None = LATEST,
+        progress: ProgressFn | None = None,
+    ) -> SavedCheckpoint:
+        """Write everything below `source_dir` as a new checkpoint; raise CheckpointError.
+
+        `parent`: the checkpoint URI to write against (LATEST: the session's latest,
+        None: none); a store that writes whole copies has no use for it."""
 
     @abc.abstractmethod
     async def restored_size(self, uri: str) -> int:
@@ -47,7 +70,7 @@ class CheckpointStore(abc.ABC):
         metadata), read without restoring: what the session's volume must hold."""
 
     @abc.abstractmethod
-    async def restore(self, uri: str, target_dir: Path) -> None:
+    async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
         """Restore the checkpoint at `uri` into `target_dir`.
 
         Never writes outside `target_dir`: raises UnsafeArchive (before writing

@@ -465,13 +465,10 @@ class SessionManager:
         store = self._store(h)
         t0 = time.monotonic()
         try:
-            if isinstance(store, ContentCheckpointStore):
-                parent = h.checkpoint_uri or h.restore_uri or LATEST
-                saved = await store.save(
-                    h.session_id, self._checkpoint_dir(h), parent=parent, progress=progress
-                )
-            else:
-                saved = await store.save(h.session_id, self._checkpoint_dir(h))
+            parent = h.checkpoint_uri or h.restore_uri or LATEST
+            saved = await store.save(
+                h.session_id, self._checkpoint_dir(h), parent=parent, progress=progress
+            )
         except CheckpointError:
             raise
         except Exception as exc:
@@ -737,14 +734,11 @@ class SessionManager:
                 _set_step(h, step, "in_progress", h.restore_uri)
                 await self._save_and_report(h)
                 store = self._store(h)
-                if isinstance(store, ContentCheckpointStore):
-                    await store.restore(
-                        h.restore_uri,
-                        self._checkpoint_dir(h),
-                        progress=self._progress(h, step, "restored"),
-                    )
-                else:
-                    await store.restore(h.restore_uri, self._checkpoint_dir(h))
+                await store.restore(
+                    h.restore_uri,
+                    self._checkpoint_dir(h),
+                    progress=self._progress(h, step, "restored"),
+                )
                 for s in h.progress:
                     if s["name"] == step:
                         s["percent"] = 100
