@@ -11,7 +11,7 @@ from agent.runtime.base import (
     StartSpec,
     free_tcp_port,
 )
-from agent.runtime.registry import create_runtime, runtime_names
+from agent.runtime.registry import create_runtime, runtime_class, runtime_names
 
 __all__ = [
     "BindMount",
@@ -23,5 +23,6 @@ __all__ = [
     "StartSpec",
     "create_runtime",
     "free_tcp_port",
+    "runtime_class",
     "runtime_names",
 ]

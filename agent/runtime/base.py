@@ -103,6 +103,12 @@ class Runtime(abc.ABC):
     stopping or destroying a tool that is already gone succeeds."""
 
     name: str
+
+    @classmethod
+    @abc.abstractmethod
+    def available(cls, options: RuntimeOptions) -> tuple[bool, str]:
+        """Whether this backend can run tools on this host, and why (for `doctor`)."""
+
     # This agent's id: every tool is labelled with it (and its session and generation),
     # so the reaper finds tools no handle knows without touching another agent's.
     owner: str = ""

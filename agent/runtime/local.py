@@ -105,6 +105,10 @@ def _describe_returncode(code: int) -> str:
 class LocalRuntime(Runtime):
     name = "local"
 
+    @classmethod
+    def available(cls, options: RuntimeOptions) -> tuple[bool, str]:
+        return True, "tools run as plain processes in the session directory (no isolation)"
+
     def __init__(self, options: RuntimeOptions) -> None:
         self.templates = load_templates(options.local_templates)
         # Our own children, so we can read their exit status. Recovered tools are not

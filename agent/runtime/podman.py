@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,18 @@ async def _run(*argv: str) -> None:
 
 class PodmanRuntime(Runtime):
     name = "podman"
+
+    @classmethod
+    def available(cls, options: RuntimeOptions) -> tuple[bool, str]:
+        reasons = [f"podman binary: {shutil.which('podman') or 'not found'}"]
+        ok, why = _podman_socket_answers(options.podman_socket)
+        reasons.append(
+            why if ok else f"{why} (start `podman system service`, scripts/podman-setup)"
+        )
+        if os.geteuid() != 0:
+            ok = False
+            reasons.append("not root: the agent mounts each session's overlay root file system")
+        return ok, "; ".join(reasons)
 
     def __init__(self, options: RuntimeOptions) -> None:
         self.client = PodmanClient(options.podman_socket)
@@ -491,6 +505,21 @@ def _tail_k8s_log(path: Path, max_lines: int) -> str:
         return ""
     lines = [_K8S_LOG_PREFIX.sub("", line) for line in data.decode("utf-8", "replace").splitlines()]
     return "\n".join(lines[-max_lines:])
+
+
+def _podman_socket_answers(socket_path: Path) -> tuple[bool, str]:
+    # A blocking ping on purpose: doctor runs it once, outside any event loop's hot path.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(3)
+            sock.connect(str(socket_path))
+            sock.sendall(b"GET /v4.0.0/libpod/_ping HTTP/1.0\r\nHost: podman\r\n\r\n")
+            answer = sock.recv(64)
+    except OSError as exc:
+        return False, f"podman socket {socket_path}: {exc.strerror or exc}"
+    if b" 200 " not in answer.split(b"\r\n", 1)[0]:
+        return False, f"podman socket {socket_path}: unexpected answer {answer[:40]!r}"
+    return True, f"podman answers on {socket_path}"
 
 
 def create_podman_runtime(options: RuntimeOptions) -> Runtime:

@@ -2,6 +2,13 @@
 `xfs-loop` kinds."""
 
 from agent.volumes.base import GIB, VolumeInfo, VolumeKind
-from agent.volumes.registry import create_volume_kind, volume_kinds
+from agent.volumes.registry import auto_volume_kind, create_volume_kind, volume_kinds
 
-__all__ = ["GIB", "VolumeInfo", "VolumeKind", "create_volume_kind", "volume_kinds"]
+__all__ = [
+    "GIB",
+    "VolumeInfo",
+    "VolumeKind",
+    "auto_volume_kind",
+    "create_volume_kind",
+    "volume_kinds",
+]

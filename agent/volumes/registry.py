@@ -7,19 +7,24 @@ from agent.volumes.base import VolumeKind
 from agent.volumes.directory import DirectoryVolume
 from agent.volumes.xfs import XfsLoopVolume
 
-__all__ = ["create_volume_kind", "volume_kinds"]
+__all__ = ["auto_volume_kind", "create_volume_kind", "volume_kinds"]
 
 
 def volume_kinds() -> dict[str, type[VolumeKind]]:
-    return {"directory": DirectoryVolume, "xfs-loop": XfsLoopVolume}
+    """Every kind, in the order `auto` prefers them."""
+    return {"xfs-loop": XfsLoopVolume, "directory": DirectoryVolume}
+
+
+def auto_volume_kind() -> str:
+    """What `--volume-kind auto` picks: the first kind usable here (a directory always is)."""
+    return next((n for n, k in volume_kinds().items() if k.available()[0]), "directory")
 
 
 def create_volume_kind(name: str) -> VolumeKind:
     """`auto` = xfs-loop where it works here (root, losetup, mkfs.xfs), else directory."""
     kinds = volume_kinds()
     if name == "auto":
-        ok, _ = kinds["xfs-loop"].available()
-        return kinds["xfs-loop" if ok else "directory"]()
+        return kinds[auto_volume_kind()]()
     try:
         cls = kinds[name]
     except KeyError:
