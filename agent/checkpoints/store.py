@@ -3,7 +3,7 @@
 A store writes a session directory as one checkpoint below a base URI and restores
 one into an empty directory. A checkpoint is complete or absent: a reader never sees
 half of one. The agent's store is the incremental, content-addressed engine
-(`ckpt_store.ContentCheckpointStore`); the first format, an archive (`checkpoint_archive`),
+(`content_store.ContentCheckpointStore`); the first format, an archive (`legacy_archive`),
 is only read any more (old `.tar.gz` checkpoint URIs).
 """
 
