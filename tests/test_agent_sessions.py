@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import psutil
@@ -404,10 +403,6 @@ async def test_second_agent_on_the_same_state_dir_is_refused(
 ) -> None:
     with pytest.raises(AgentError, match="already running"):
         await Agent(agent_config).start()
-
-
-def test_time_is_sane() -> None:
-    assert time.time() > 0
 
 
 async def test_a_malicious_restore_errors_the_start(

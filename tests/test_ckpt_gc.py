@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from agent.checkpoints import engine as E
 from agent.checkpoints.gc import gc
+from agent.errors import CheckpointError
 
 
 def _tree(root: Path, **files: bytes) -> Path:
@@ -95,10 +98,8 @@ async def test_gc_interrupted_backup_garbage(tmp_path: Path) -> None:
 
     r.backend.save = die  # type: ignore[method-assign]
     try:
-        try:
+        with pytest.raises(CheckpointError, match="killed"):
             await E.backup(uri, "dead", _tree(tmp_path / "d", d=os.urandom(1 << 20)))
-        except Exception:
-            pass
     finally:
         r.backend.save = real  # type: ignore[method-assign]
     assert _packs(repo) > before
