@@ -30,10 +30,15 @@ from controller.schemas import (
     DataStudioProgressStep,
     DataStudioStatusInfo,
     DataStudioTemplate,
+    DataStudioWorkspaceSettingsResponse,
+    MemberDto,
     ParentCheckpoint,
+    ParticipantDto,
+    TeamDto,
     UserInfo,
 )
 from controller.templates import CATALOGUE
+from controller.workspaces_service import ParticipantRow, TeamRow
 
 __all__ = [
     "access_token_dto",
@@ -43,9 +48,13 @@ __all__ = [
     "credentials_dto",
     "gc_run_json",
     "iso",
+    "member_dto",
+    "participant_dto",
     "status_info",
     "studio_dto",
+    "team_dto",
     "user_info",
+    "workspace_settings_dto",
 ]
 
 
@@ -237,4 +246,47 @@ def credentials_dto(cred: Credentials) -> CredentialsDto:
         date_created=iso(cred.date_created) or "",
         last_updated=iso(cred.last_updated) or "",
         last_used=iso(cred.last_used),
+    )
+
+
+def participant_dto(row: ParticipantRow) -> ParticipantDto:
+    p = row.participant
+    if p.team_id is not None:
+        return ParticipantDto(
+            participant_id=p.id,
+            type="TEAM",
+            wsp_role=p.role,
+            team_id=p.team_id,
+            team_name=row.team.name if row.team else None,
+        )
+    return ParticipantDto(
+        participant_id=p.id,
+        type="MEMBER",
+        wsp_role=p.role,
+        member_id=p.user_id,
+        user_name=row.user.user_name if row.user else None,
+        email=row.user.email if row.user else None,
+        org_role="member",
+    )
+
+
+def team_dto(row: TeamRow) -> TeamDto:
+    return TeamDto(
+        team_id=row.team.id,
+        name=row.team.name,
+        description=row.team.description,
+        members_count=row.members_count,
+    )
+
+
+def member_dto(user: User) -> MemberDto:
+    return MemberDto(member_id=user.id, user_name=user.user_name, email=user.email)
+
+
+def workspace_settings_dto(workspace: Workspace) -> DataStudioWorkspaceSettingsResponse:
+    return DataStudioWorkspaceSettingsResponse(
+        org_id=workspace.org_id,
+        wsp_id=workspace.id,
+        lifespan_hours=workspace.lifespan_hours,
+        private_studio_by_default=workspace.private_studio_by_default,
     )

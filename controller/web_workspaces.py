@@ -17,6 +17,7 @@ from controller.schemas import (
     TeamsListResponse,
     UpdateParticipantRoleRequest,
 )
+from controller.views import member_dto, participant_dto, team_dto, workspace_settings_dto
 from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
 from controller.workspaces_service import WorkspaceService
 
@@ -53,7 +54,8 @@ async def list_participants(request: web.Request) -> web.Response:
         query_int(request, "max", maximum=1000),
         query_int(request, "offset") or 0,
     )
-    return json_response(ListParticipantsResponse(participants=items, total_size=total))
+    dtos = [participant_dto(r) for r in items]
+    return json_response(ListParticipantsResponse(participants=dtos, total_size=total))
 
 
 @routes.delete(_WSP + "/participants")
@@ -68,8 +70,8 @@ async def add_participant(request: web.Request) -> web.Response:
     org_id, workspace_id = _ids(request)
     body = await parse_body(request, AddParticipantRequest)
     assert body is not None
-    dto = await _service(request).add_participant(principal(request), org_id, workspace_id, body)
-    return json_response(AddParticipantResponse(participant=dto))
+    row = await _service(request).add_participant(principal(request), org_id, workspace_id, body)
+    return json_response(AddParticipantResponse(participant=participant_dto(row)))
 
 
 @routes.delete(_WSP + "/participants/{participantId}")
@@ -96,8 +98,8 @@ async def update_participant_role(request: web.Request) -> web.Response:
 @routes.get(_WSP + "/settings/studios")
 async def get_studio_settings(request: web.Request) -> web.Response:
     org_id, workspace_id = _ids(request)
-    settings = await _service(request).studio_settings(principal(request), org_id, workspace_id)
-    return json_response(settings)
+    workspace = await _service(request).studio_settings(principal(request), org_id, workspace_id)
+    return json_response(workspace_settings_dto(workspace))
 
 
 @routes.put(_WSP + "/settings/studios")
@@ -115,13 +117,15 @@ async def create_team(request: web.Request) -> web.Response:
     body = await parse_body(request, TeamCreateRequest)
     assert body is not None
     team = await _service(request).create_team(principal(request), org_id, body.team)
-    return json_response(TeamResponse(team=team))
+    return json_response(TeamResponse(team=team_dto(team)))
 
 
 @routes.get("/orgs/{orgId}/teams")
 async def list_teams(request: web.Request) -> web.Response:
     teams = await _service(request).list_teams(principal(request), _path_id(request, "orgId"))
-    return json_response(TeamsListResponse(teams=teams, total_size=len(teams)))
+    return json_response(
+        TeamsListResponse(teams=[team_dto(t) for t in teams], total_size=len(teams))
+    )
 
 
 @routes.post("/orgs/{orgId}/teams/{teamId}/members")
@@ -132,7 +136,7 @@ async def add_team_member(request: web.Request) -> web.Response:
     member = await _service(request).add_team_member(
         principal(request), org_id, team_id, body.user_name_or_email
     )
-    return json_response(AddTeamMemberResponse(member=member))
+    return json_response(AddTeamMemberResponse(member=member_dto(member)))
 
 
 @routes.delete("/orgs/{orgId}/teams/{teamId}/members/{memberId}")

@@ -20,6 +20,8 @@ a connect access list narrows (or widens) within seconds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,16 +42,27 @@ from controller.models import Participant, Team, TeamMember, User, Workspace, ut
 from controller.schemas import (
     AddParticipantRequest,
     DataStudioWorkspaceSettingsRequest,
-    DataStudioWorkspaceSettingsResponse,
-    MemberDto,
-    ParticipantDto,
     TeamCreateBody,
-    TeamDto,
 )
 
-__all__ = ["NEW_PARTICIPANT_ROLE", "WorkspaceService"]
+__all__ = ["NEW_PARTICIPANT_ROLE", "ParticipantRow", "TeamRow", "WorkspaceService"]
 
 NEW_PARTICIPANT_ROLE = Role.LAUNCH
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantRow:
+    """A participant and who it is: a team, or a user (None if since deleted)."""
+
+    participant: Participant
+    team: Team | None = None
+    user: User | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TeamRow:
+    team: Team
+    members_count: int
 
 
 class WorkspaceService:
@@ -103,26 +116,10 @@ class WorkspaceService:
             raise Forbidden(f"role '{caller}' may not {what} a participant with role '{target}'")
 
     @staticmethod
-    async def _dto(session: AsyncSession, row: Participant) -> ParticipantDto:
+    async def _row(session: AsyncSession, row: Participant) -> ParticipantRow:
         if row.team_id is not None:
-            team = await session.get(Team, row.team_id)
-            return ParticipantDto(
-                participant_id=row.id,
-                type="TEAM",
-                wsp_role=row.role,
-                team_id=row.team_id,
-                team_name=team.name if team else None,
-            )
-        user = await session.get(User, row.user_id or -1)
-        return ParticipantDto(
-            participant_id=row.id,
-            type="MEMBER",
-            wsp_role=row.role,
-            member_id=row.user_id,
-            user_name=user.user_name if user else None,
-            email=user.email if user else None,
-            org_role="member",
-        )
+            return ParticipantRow(row, team=await session.get(Team, row.team_id))
+        return ParticipantRow(row, user=await session.get(User, row.user_id or -1))
 
     # ------------------------------------------------------------ participants
 
@@ -134,7 +131,7 @@ class WorkspaceService:
         search: str | None,
         max_: int | None,
         offset: int,
-    ) -> tuple[list[ParticipantDto], int]:
+    ) -> tuple[list[ParticipantRow], int]:
         async with self.db.transaction() as session:
             await self._workspace(session, principal, org_id, workspace_id)
             query = (
@@ -159,11 +156,11 @@ class WorkspaceService:
             if max_ is not None:
                 query = query.limit(max_)
             rows = (await session.scalars(query)).all()
-            return [await self._dto(session, r) for r in rows], int(total or 0)
+            return [await self._row(session, r) for r in rows], int(total or 0)
 
     async def add_participant(
         self, principal: Principal, org_id: int, workspace_id: int, body: AddParticipantRequest
-    ) -> ParticipantDto:
+    ) -> ParticipantRow:
         given = [
             v for v in (body.member_id, body.team_id, body.user_name_or_email) if v is not None
         ]
@@ -204,12 +201,12 @@ class WorkspaceService:
                 row.date_created = utcnow()
                 session.add(row)
                 await session.flush()
-                dto = await self._dto(session, row)
+                added = await self._row(session, row)
         except IntegrityError:
             raise Conflict("already a participant of the workspace") from None
         # A new role can widen who may connect (agents refuse users not listed).
         await notify_workspaces(self.db, self.hub, [workspace_id])
-        return dto
+        return added
 
     async def delete_participant(
         self, principal: Principal, org_id: int, workspace_id: int, participant_id: int
@@ -263,11 +260,11 @@ class WorkspaceService:
 
     async def studio_settings(
         self, principal: Principal, org_id: int, workspace_id: int
-    ) -> DataStudioWorkspaceSettingsResponse:
+    ) -> Workspace:
         async with self.db.transaction() as session:
             workspace, role = await self._workspace(session, principal, org_id, workspace_id)
             require(role, Permission.READ)
-            return _settings(workspace)
+            return workspace
 
     async def update_studio_settings(
         self,
@@ -300,18 +297,13 @@ class WorkspaceService:
         return max(roles, key=lambda r: r.rank)
 
     @staticmethod
-    async def _team_dto(session: AsyncSession, team: Team) -> TeamDto:
+    async def _team_row(session: AsyncSession, team: Team) -> TeamRow:
         count = await session.scalar(
             select(func.count()).select_from(TeamMember).where(TeamMember.team_id == team.id)
         )
-        return TeamDto(
-            team_id=team.id,
-            name=team.name,
-            description=team.description,
-            members_count=int(count or 0),
-        )
+        return TeamRow(team, int(count or 0))
 
-    async def create_team(self, principal: Principal, org_id: int, body: TeamCreateBody) -> TeamDto:
+    async def create_team(self, principal: Principal, org_id: int, body: TeamCreateBody) -> TeamRow:
         conflict = Conflict(f"a team named {body.name!r} already exists")
         try:
             async with self.db.transaction() as session:
@@ -323,17 +315,17 @@ class WorkspaceService:
                 team = Team(org_id=org_id, name=body.name, description=body.description)
                 session.add(team)
                 await session.flush()
-                return await self._team_dto(session, team)
+                return await self._team_row(session, team)
         except IntegrityError:
             raise conflict from None
 
-    async def list_teams(self, principal: Principal, org_id: int) -> list[TeamDto]:
+    async def list_teams(self, principal: Principal, org_id: int) -> list[TeamRow]:
         async with self.db.transaction() as session:
             await self._org_role(session, principal, org_id)
             teams = (
                 await session.scalars(select(Team).where(Team.org_id == org_id).order_by(Team.name))
             ).all()
-            return [await self._team_dto(session, t) for t in teams]
+            return [await self._team_row(session, t) for t in teams]
 
     async def _team(self, session: AsyncSession, org_id: int, team_id: int) -> Team:
         team = await session.get(Team, team_id)
@@ -343,7 +335,7 @@ class WorkspaceService:
 
     async def add_team_member(
         self, principal: Principal, org_id: int, team_id: int, user_name_or_email: str
-    ) -> MemberDto:
+    ) -> User:
         conflict = Conflict("already a member of the team")
         try:
             async with self.db.transaction() as session:
@@ -363,11 +355,10 @@ class WorkspaceService:
                 ):
                     raise conflict
                 session.add(TeamMember(team_id=team.id, user_id=user.id))
-                member = MemberDto(member_id=user.id, user_name=user.user_name, email=user.email)
         except IntegrityError:
             raise conflict from None
         await notify_team_workspaces(self.db, self.hub, team_id)
-        return member
+        return user
 
     async def remove_team_member(
         self, principal: Principal, org_id: int, team_id: int, member_id: int
@@ -384,12 +375,3 @@ class WorkspaceService:
                 raise NotFound(f"member {member_id} of team {team_id} not found")
             await session.delete(row)
         await notify_team_workspaces(self.db, self.hub, team_id)
-
-
-def _settings(workspace: Workspace) -> DataStudioWorkspaceSettingsResponse:
-    return DataStudioWorkspaceSettingsResponse(
-        org_id=workspace.org_id,
-        wsp_id=workspace.id,
-        lifespan_hours=workspace.lifespan_hours,
-        private_studio_by_default=workspace.private_studio_by_default,
-    )
