@@ -7,7 +7,6 @@ the same state directory re-adopts them from their handles.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -321,14 +320,3 @@ class Agent:
         return doctor_report(
             self.manager.runtime.name, self.manager.volumes.kind, self.config.podman_socket
         )
-
-
-@contextlib.asynccontextmanager
-async def running_agent(config: AgentConfig) -> Any:
-    """An agent started for the duration of a `with` block (tests, embedding)."""
-    agent = Agent(config)
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        await agent.close()
