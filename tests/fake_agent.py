@@ -94,9 +94,16 @@ class FakeAgent:
         self._channel = grpc.aio.insecure_channel(self.target)
         stub = pb_grpc.AgentServiceStub(self._channel)
         self._call = stub.Connect(metadata=(("authorization", f"Bearer {self.token}"),))
-        await self._call.write(first or pb.ConnectRequest(hello=self.hello()))
-        if inventory is not None:
-            await self.send(pb.ConnectRequest(inventory=pb.Inventory(sessions=list(inventory))))
+        try:
+            await self._call.write(first or pb.ConnectRequest(hello=self.hello()))
+            if inventory is not None:
+                await self.send(pb.ConnectRequest(inventory=pb.Inventory(sessions=list(inventory))))
+        except grpc.aio.AioRpcError as exc:
+            # The controller may refuse the stream (bad token, bad Hello) before a write
+            # goes through: the refusal is the answer, for `wait_error` to see.
+            if wait_welcome:
+                raise
+            self.error = exc
         self._reader = asyncio.create_task(self._read())
         if wait_welcome:
             await self.wait_for(lambda r: r.HasField("welcome"))
