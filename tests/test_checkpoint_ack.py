@@ -10,7 +10,6 @@ controller's test-only fault hook `STUDIOS_TEST_FAULT=drop-acks=1` loses that ac
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +25,6 @@ from tests.conftest import ControllerHarness
 from tests.e2e_harness import Stack
 from tests.fake_agent import FakeAgent
 from tests.fake_controller import FakeController, desired
-from tests.integration import require
 
 RECORDED = pb.CHECKPOINT_ACK_RESULT_RECORDED
 REFUSED = pb.CHECKPOINT_ACK_RESULT_REFUSED
@@ -103,16 +101,14 @@ async def test_controller_acks_after_commit_once_per_copy(
         await agent.close()
 
 
-async def test_copies_racing_through_two_controllers_record_once(tmp_path: Path) -> None:
+async def test_copies_racing_through_two_controllers_record_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
     """Two controllers sharing a PostgreSQL database receive copies of one run's events at
     the same time (an agent re-sending after a lost ack while its old stream still drains):
-    the catalogue holds the run once and every copy is acked."""
-    url = os.environ.get("STUDIOS_TEST_POSTGRES_URL", "")
-    require(
-        bool(url),
-        "STUDIOS_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against "
-        '(eval "$(scripts/test-postgres start)")',
-    )
+    the catalogue holds the run once and every copy is acked. The server is the
+    `postgres_url` fixture's (tests/conftest.py)."""
+    url = postgres_url
     import asyncpg
     from sqlalchemy.engine import make_url
 
