@@ -223,3 +223,28 @@ def postgres_url() -> Iterator[str]:
     finally:
         subprocess.run([tool, "stop"], env=env, capture_output=True, timeout=60, check=False)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def postgres_database(postgres_url: str) -> AsyncIterator[str]:
+    """A new, empty database on the `postgres_url` server (a SQLAlchemy URL), dropped after."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from controller.config import normalize_database_url
+
+    base = make_url(normalize_database_url(postgres_url))
+    name = f"studios_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(
+        host=base.host,
+        port=base.port or 5432,
+        user=base.username,
+        password=base.password,
+        database=base.database or "postgres",
+    )
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.set(database=name).render_as_string(False)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -10,7 +10,6 @@ controller's test-only fault hook `STUDIOS_TEST_FAULT=drop-acks=1` loses that ac
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -102,29 +101,12 @@ async def test_controller_acks_after_commit_once_per_copy(
 
 
 async def test_copies_racing_through_two_controllers_record_once(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, postgres_database: str
 ) -> None:
     """Two controllers sharing a PostgreSQL database receive copies of one run's events at
     the same time (an agent re-sending after a lost ack while its old stream still drains):
-    the catalogue holds the run once and every copy is acked. The server is the
-    `postgres_url` fixture's (tests/conftest.py)."""
-    url = postgres_url
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    from controller.config import normalize_database_url
-
-    base = make_url(normalize_database_url(url))
-    name = f"studios_ack_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(
-        host=base.host,
-        port=base.port or 5432,
-        user=base.username,
-        password=base.password,
-        database=base.database or "postgres",
-    )
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    database = base.set(database=name).render_as_string(False)
+    the catalogue holds the run once and every copy is acked."""
+    database = postgres_database
     # One data directory: controllers sharing a database share its keys and tokens.
     first = ControllerHarness(tmp_path / "data", database_url=database)
     second = ControllerHarness(tmp_path / "data", database_url=database)
@@ -171,8 +153,6 @@ async def test_copies_racing_through_two_controllers_record_once(
             await agent.close()
         await second.close()
         await first.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # ---------------------------------------------------------------- the agent's side

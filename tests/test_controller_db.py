@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
@@ -30,50 +29,28 @@ async def test_models_match_migrations(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_postgresql(tmp_path: Path, postgres_url: str) -> None:
+async def test_postgresql(tmp_path: Path, postgres_database: str) -> None:
     """Against a real server (`postgres_url` in tests/conftest.py says which)."""
-    url = postgres_url
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    from controller.config import normalize_database_url
-
-    base = make_url(normalize_database_url(url))
-    name = f"studios_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(
-        host=base.host,
-        port=base.port or 5432,
-        user=base.username,
-        password=base.password,
-        database=base.database or "postgres",
-    )
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    harness = ControllerHarness(tmp_path / "data", database_url=postgres_database)
+    await harness.start()
     try:
-        harness = ControllerHarness(
-            tmp_path / "data", database_url=base.set(database=name).render_as_string(False)
+        _, body = await harness.request(
+            "POST",
+            "/studios?autoStart=false",
+            {"name": "pg studio", "computeEnvId": harness.compute_env_id},
+            expect=200,
         )
-        await harness.start()
-        try:
-            _, body = await harness.request(
-                "POST",
-                "/studios?autoStart=false",
-                {"name": "pg studio", "computeEnvId": harness.compute_env_id},
-                expect=200,
-            )
-            sid = body["studio"]["sessionId"]
-            await harness.request(
-                "POST",
-                "/studios",
-                {"name": "pg studio", "computeEnvId": harness.compute_env_id},
-                expect=409,
-            )
-            await harness.restart()
-            _, body = await harness.request("GET", f"/studios/{sid}", expect=200)
-            assert body["name"] == "pg studio"
-            _, body = await harness.request("GET", "/studios?search=PG", expect=200)
-            assert body["totalSize"] == 1
-        finally:
-            await harness.close()
+        sid = body["studio"]["sessionId"]
+        await harness.request(
+            "POST",
+            "/studios",
+            {"name": "pg studio", "computeEnvId": harness.compute_env_id},
+            expect=409,
+        )
+        await harness.restart()
+        _, body = await harness.request("GET", f"/studios/{sid}", expect=200)
+        assert body["name"] == "pg studio"
+        _, body = await harness.request("GET", "/studios?search=PG", expect=200)
+        assert body["totalSize"] == 1
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await harness.close()
