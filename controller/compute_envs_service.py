@@ -22,7 +22,7 @@ from controller.db import Database
 from controller.errors import BadRequest, Conflict
 from controller.models import Agent, CheckpointGcRun, ComputeEnv, Workspace, utcnow
 from controller.mounts import validate_allowed_buckets, validate_file_system_mounts
-from controller.schemas import ComputeEnvCreateBody
+from controller.requests import ComputeEnvCreateBody
 
 __all__ = ["PLATFORM", "AgentListing", "ComputeEnvListing", "ComputeEnvService"]
 

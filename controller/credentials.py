@@ -39,10 +39,7 @@ from controller.auth import (
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Credentials, DataLink, utcnow
-from controller.schemas import (
-    CreateCredentialsRequest,
-    UpdateCredentialsRequest,
-)
+from controller.requests import CreateCredentialsRequest, UpdateCredentialsRequest
 from controller.secret_box import SecretBox
 
 __all__ = [

@@ -29,7 +29,8 @@ from controller.mounts import (
     plan_mounts,
     validate_sub_path,
 )
-from controller.schemas import DataLinkCredentialsDto, DataLinkDto, DataStudioConfiguration
+from controller.requests import DataStudioConfiguration
+from controller.responses import DataLinkCredentialsDto, DataLinkDto
 
 __all__ = ["check_mount_data", "data_link_dto", "mounted_data_link_views"]
 

@@ -34,7 +34,7 @@ from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import Credentials, DataLink, utcnow
 from controller.mounts import normalize_resource_ref
-from controller.schemas import DataLinkCreateRequest, DataLinkUpdateRequest
+from controller.requests import DataLinkCreateRequest, DataLinkUpdateRequest
 from controller.studios_service import Page, parse_search
 
 __all__ = ["DataLinkRow", "DataLinkService"]

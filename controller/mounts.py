@@ -39,7 +39,7 @@ from studios.agent.v1 import agent_pb2
 
 from controller.errors import BadRequest
 from controller.models import ComputeEnv, Credentials, DataLink, Studio
-from controller.schemas import FileSystemMountBody
+from controller.requests import FileSystemMountBody
 from controller.secret_box import SecretError, box_for
 
 __all__ = [

@@ -70,16 +70,18 @@ from controller.models import (
     utcnow,
 )
 from controller.placement import PLACING_STEP, Placer
-from controller.schemas import (
-    CheckpointDto,
-    ComputeEnvDto,
+from controller.requests import (
     DataStudioConfiguration,
     DataStudioCreateRequest,
-    DataStudioDto,
     DataStudioStartRequest,
+    DataStudioUpdateRequest,
+)
+from controller.responses import (
+    CheckpointDto,
+    ComputeEnvDto,
+    DataStudioDto,
     DataStudioStartResponse,
     DataStudioStopResponse,
-    DataStudioUpdateRequest,
 )
 from controller.templates import ResolvedTemplate, is_newer_version, resolve_template
 from controller.views import checkpoint_dto, compute_env_dto, status_info, studio_dto

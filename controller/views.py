@@ -18,7 +18,7 @@ from controller.models import (
     Workspace,
     as_utc,
 )
-from controller.schemas import (
+from controller.responses import (
     AccessTokenDto,
     ActiveConnection,
     AgentDto,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from controller.auth import Principal
 from controller.db import Database
 from controller.errors import BadRequest, StudiosError, Unauthorized
-from controller.schemas import validation_message
+from controller.requests import validation_message
 from controller.signin import authenticate_request, browser_sign_in_redirect
 
 __all__ = [

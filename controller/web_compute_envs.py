@@ -9,9 +9,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from controller.compute_envs_service import PLATFORM, ComputeEnvService
-from controller.schemas import (
+from controller.requests import ComputeEnvCreateRequest
+from controller.responses import (
     AgentsListResponse,
-    ComputeEnvCreateRequest,
     ComputeEnvCreateResponse,
     ComputeEnvsListResponse,
 )

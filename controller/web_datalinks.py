@@ -12,16 +12,18 @@ from controller.credentials import CredentialsService
 from controller.datalink_views import data_link_dto
 from controller.datalinks_service import DataLinkService
 from controller.db import Database
-from controller.schemas import (
+from controller.requests import (
     CreateCredentialsRequest,
+    DataLinkCreateRequest,
+    DataLinkUpdateRequest,
+    UpdateCredentialsRequest,
+)
+from controller.responses import (
     CreateCredentialsResponse,
     CredentialsListResponse,
     CredentialsResponse,
-    DataLinkCreateRequest,
     DataLinkResponse,
     DataLinksListResponse,
-    DataLinkUpdateRequest,
-    UpdateCredentialsRequest,
 )
 from controller.secret_box import SecretBox
 from controller.studios_service import Page

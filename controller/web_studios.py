@@ -5,18 +5,20 @@ from __future__ import annotations
 from aiohttp import web
 
 from controller.errors import BadRequest
-from controller.schemas import (
+from controller.requests import (
     CheckpointUpdateRequest,
-    ComputeEnvsListResponse,
     DataStudioCreateRequest,
+    DataStudioStartRequest,
+    DataStudioUpdateRequest,
+)
+from controller.responses import (
+    ComputeEnvsListResponse,
     DataStudioCreateResponse,
     DataStudioListCheckpointsResponse,
     DataStudioListResponse,
     DataStudioMountedLinksResponse,
-    DataStudioStartRequest,
     DataStudioTemplate,
     DataStudioTemplatesListResponse,
-    DataStudioUpdateRequest,
 )
 from controller.studios_service import Page, StudioService
 from controller.templates import CATALOGUE

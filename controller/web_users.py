@@ -14,8 +14,8 @@ from sqlalchemy import select
 from controller.auth import hash_token, new_token
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.models import ApiToken, Participant, TeamMember, User, utcnow
-from controller.schemas import (
-    CreateAccessTokenRequest,
+from controller.requests import CreateAccessTokenRequest
+from controller.responses import (
     CreateAccessTokenResponse,
     DescribeUserResponse,
     ListAccessTokensResponse,

@@ -5,17 +5,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from controller.errors import BadRequest
-from controller.schemas import (
+from controller.requests import (
     AddParticipantRequest,
-    AddParticipantResponse,
     AddTeamMemberRequest,
-    AddTeamMemberResponse,
     DataStudioWorkspaceSettingsRequest,
-    ListParticipantsResponse,
     TeamCreateRequest,
+    UpdateParticipantRoleRequest,
+)
+from controller.responses import (
+    AddParticipantResponse,
+    AddTeamMemberResponse,
+    ListParticipantsResponse,
     TeamResponse,
     TeamsListResponse,
-    UpdateParticipantRoleRequest,
 )
 from controller.views import member_dto, participant_dto, team_dto, workspace_settings_dto
 from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int

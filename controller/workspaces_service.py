@@ -39,7 +39,7 @@ from controller.auth import (
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from controller.models import Participant, Team, TeamMember, User, Workspace, utcnow
-from controller.schemas import (
+from controller.requests import (
     AddParticipantRequest,
     DataStudioWorkspaceSettingsRequest,
     TeamCreateBody,
