@@ -39,7 +39,7 @@ from studios.agent.v1 import agent_pb2
 
 from controller.errors import BadRequest
 from controller.models import ComputeEnv, Credentials, DataLink, Studio
-from controller.requests import FileSystemMountBody
+from controller.requests import DataStudioConfiguration, FileSystemMountBody
 from controller.secret_box import SecretError, box_for
 
 __all__ = [
@@ -47,7 +47,9 @@ __all__ = [
     "MOUNT_REQUIRED",
     "WORK_DIR",
     "PlannedMount",
+    "StudioMount",
     "bucket_allowed",
+    "check_mount_data",
     "data_link_mounts",
     "file_system_mount_specs",
     "mount_entries",
@@ -56,6 +58,7 @@ __all__ = [
     "parse_allowed_bucket",
     "plan_mounts",
     "split_resource_ref",
+    "studio_mounts",
     "validate_allowed_buckets",
     "validate_file_system_mounts",
     "validate_sub_path",
@@ -287,6 +290,99 @@ async def load_credentials(
         return {}
     rows = await session.scalars(select(Credentials).where(Credentials.id.in_(wanted)))
     return {c.id: c for c in rows.all()}
+
+
+@dataclass(frozen=True, slots=True)
+class StudioMount:
+    """A data-link of a studio's configuration: the plan, and how the current run mounted it."""
+
+    planned: PlannedMount
+    credentials: Credentials | None
+    # The agent's report of the current generation; None unless the session is active.
+    reported: dict[str, Any] | None
+    # Starting, running or stopping: a mount the agent made may still be in place.
+    active: bool
+
+    @property
+    def state(self) -> str | None:
+        """What the agent reports: "mounted", "read-only", "failed", "unmounted", or None."""
+        return self.reported.get("state") if self.reported else None
+
+    @property
+    def mount_name(self) -> str | None:
+        return self.planned.mount_name or (
+            self.reported.get("mountName") if self.reported else None
+        )
+
+    @property
+    def problem(self) -> str | None:
+        """Why the session runs (or will run) without this data-link; None when it is fine."""
+        message = self.planned.problem
+        if message and self.active and self.state in ("mounted", "read-only"):
+            message += "; the running session keeps its mount until it stops"
+        if self.state == "failed":
+            message = (self.reported or {}).get("message") or "the mount failed"
+        return message
+
+
+async def studio_mounts(
+    session: AsyncSession, studios: Sequence[Studio], envs: dict[str, ComputeEnv]
+) -> dict[str, list[StudioMount]]:
+    """Per session id: its data-links in configuration order (see `StudioMount`)."""
+    by_workspace = await load_links(session, studios)
+    creds = await load_credentials(session, by_workspace)
+    out: dict[str, list[StudioMount]] = {}
+    for studio in studios:
+        status = studio.data_link_status or {}
+        current = status.get("generation") == studio.generation
+        reported = {str(m.get("dataLinkId")): m for m in (status.get("mounts") or []) if current}
+        active = studio.status in ("starting", "running", "stopping")
+        out[studio.session_id] = [
+            StudioMount(
+                planned,
+                creds.get(planned.link.credentials_id or "") if planned.link else None,
+                reported.get(planned.data_link_id) if active else None,
+                active,
+            )
+            for planned in plan_mounts(
+                studio.configuration,
+                by_workspace.get(str(studio.workspace_id), {}),
+                envs.get(studio.compute_env_id),
+            )
+        ]
+    return out
+
+
+async def check_mount_data(
+    session: AsyncSession, workspace_id: int, configuration: DataStudioConfiguration | None
+) -> None:
+    """400 naming the entry unless every data-link of the configuration is in the workspace."""
+    if configuration is None:
+        return
+    wanted: list[tuple[str, str]] = []
+    for n, mount in enumerate(configuration.mount_data_v2 or []):
+        field = f"configuration.mountDataV2.{n}"
+        if mount.path is not None:
+            validate_sub_path(mount.path, f"{field}.path")
+        wanted.append((mount.data_link_id, f"{field}.dataLinkId"))
+    for n, link_id in enumerate(configuration.mount_data or []):
+        wanted.append((link_id, f"configuration.mountData.{n}"))
+    if not wanted:
+        return
+    found = set(
+        (
+            await session.scalars(
+                select(DataLink.id).where(
+                    DataLink.id.in_({i for i, _ in wanted}), DataLink.workspace_id == workspace_id
+                )
+            )
+        ).all()
+    )
+    for link_id, field in wanted:
+        if link_id not in found:
+            raise BadRequest(
+                f"{field}: data-link {link_id!r} not found in workspace {workspace_id}"
+            )
 
 
 async def data_link_mounts(

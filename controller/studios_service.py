@@ -54,7 +54,6 @@ from controller.auth import (
     workspace_role,
     workspace_role_or_404,
 )
-from controller.datalink_views import check_mount_data, mounted_data_link_views
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.fault_injection import pause_for_test
@@ -69,6 +68,7 @@ from controller.models import (
     Workspace,
     utcnow,
 )
+from controller.mounts import StudioMount, check_mount_data, studio_mounts
 from controller.placement import PLACING_STEP, Placer
 from controller.requests import (
     DataStudioConfiguration,
@@ -76,18 +76,19 @@ from controller.requests import (
     DataStudioStartRequest,
     DataStudioUpdateRequest,
 )
-from controller.responses import (
-    CheckpointDto,
-    ComputeEnvDto,
-    DataStudioDto,
-    DataStudioStartResponse,
-    DataStudioStopResponse,
-)
 from controller.templates import ResolvedTemplate, is_newer_version, resolve_template
-from controller.views import checkpoint_dto, compute_env_dto, status_info, studio_dto
 from studios_shared.connect_token import derive_agent_key, sign_connect_token
 
-__all__ = ["DEFAULT_WORKSPACE_ID", "Page", "StudioService", "parse_search"]
+__all__ = [
+    "DEFAULT_WORKSPACE_ID",
+    "CheckpointRow",
+    "CompatibleEnvs",
+    "Page",
+    "StudioDetails",
+    "StudioRun",
+    "StudioService",
+    "parse_search",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,41 @@ _INHERITED = ("condaEnvironment", "lifespanHours")
 class Page:
     max: int | None
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class StudioDetails:
+    """A studio and the rows its API view refers to (None: since deleted)."""
+
+    studio: Studio
+    owner: User | None
+    compute_env: ComputeEnv | None
+    workspace: Workspace | None
+    allowed_users: list[User]
+    # The checkpoint a studio added as new started from, and that checkpoint's studio.
+    parent: tuple[Checkpoint, Studio] | None
+    mounts: list[StudioMount]
+
+
+@dataclass(frozen=True, slots=True)
+class StudioRun:
+    """The outcome of a start or stop: whether a job was submitted, and the studio after it."""
+
+    submitted: bool
+    studio: Studio
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRow:
+    checkpoint: Checkpoint
+    # None when the author is unknown or since deleted.
+    author: User | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompatibleEnvs:
+    workspace_name: str
+    envs: list[ComputeEnv]
 
 
 def parse_search(
@@ -193,11 +229,13 @@ class StudioService:
             raise missing
         return studio, role
 
-    async def _dto(self, session: AsyncSession, studio: Studio) -> DataStudioDto:
-        return (await self._dtos(session, [studio]))[0]
+    async def _details(self, session: AsyncSession, studio: Studio) -> StudioDetails:
+        return (await self._details_of(session, [studio]))[0]
 
-    async def _dtos(self, session: AsyncSession, studios: Sequence[Studio]) -> list[DataStudioDto]:
-        """Response bodies of `studios`, with what they refer to loaded in a few queries."""
+    async def _details_of(
+        self, session: AsyncSession, studios: Sequence[Studio]
+    ) -> list[StudioDetails]:
+        """`studios` with what they refer to, loaded in a few queries."""
         if not studios:
             return []
         parent_ids = {s.parent_checkpoint_id for s in studios if s.parent_checkpoint_id}
@@ -217,17 +255,16 @@ class StudioService:
         workspaces = await _by_id(
             session, Workspace, Workspace.id, {s.workspace_id for s in studios}
         )
-        mounted = await mounted_data_link_views(session, studios, envs)
+        mounts = await studio_mounts(session, studios, envs)
         return [
-            studio_dto(
-                s,
-                users.get(s.user_id),
-                envs.get(s.compute_env_id),
-                workspaces.get(s.workspace_id),
-                self.public_url,
+            StudioDetails(
+                studio=s,
+                owner=users.get(s.user_id),
+                compute_env=envs.get(s.compute_env_id),
+                workspace=workspaces.get(s.workspace_id),
                 allowed_users=[users[u] for u in (s.allowed_user_ids or []) if u in users],
                 parent=parents.get(s.parent_checkpoint_id or -1),
-                mounted_data_links=mounted.get(s.session_id),
+                mounts=mounts.get(s.session_id, []),
             )
             for s in studios
         ]
@@ -331,7 +368,7 @@ class StudioService:
         body: DataStudioCreateRequest,
         *,
         auto_start: bool,
-    ) -> DataStudioDto:
+    ) -> StudioDetails:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
         try:
             async with self.db.transaction() as session:
@@ -414,7 +451,7 @@ class StudioService:
         async with self.db.transaction() as session:
             created = await session.get(Studio, session_id)
             assert created is not None
-            return await self._dto(session, created)
+            return await self._details(session, created)
 
     @staticmethod
     def _clone_template(parent: Studio, tool_url: str | None) -> ResolvedTemplate:
@@ -448,14 +485,14 @@ class StudioService:
 
     async def get(
         self, principal: Principal, session_id: str, workspace_id: int | None
-    ) -> DataStudioDto:
+    ) -> StudioDetails:
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, workspace_id)
-            return await self._dto(session, studio)
+            return await self._details(session, studio)
 
     async def list(
         self, principal: Principal, workspace_id: int | None, search: str | None, page: Page
-    ) -> tuple[list[DataStudioDto], int]:
+    ) -> tuple[list[StudioDetails], int]:
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
         async with self.db.transaction() as session:
             await self._role(session, principal, workspace_id)
@@ -476,7 +513,7 @@ class StudioService:
                 .limit(page.max if page.max is not None else DEFAULT_PAGE_SIZE)
             )
             studios = (await session.scalars(query)).all()
-            return await self._dtos(session, studios), int(total or 0)
+            return await self._details_of(session, studios), int(total or 0)
 
     async def validate_name(
         self, principal: Principal, workspace_id: int | None, name: str | None
@@ -495,7 +532,7 @@ class StudioService:
         session_id: str,
         workspace_id: int | None,
         body: DataStudioUpdateRequest,
-    ) -> DataStudioDto:
+    ) -> StudioDetails:
         try:
             async with self.db.transaction() as session:
                 studio, role = await self._studio(
@@ -548,7 +585,7 @@ class StudioService:
         self.hub.notify(agent_id, [session_id])
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, None)
-            return await self._dto(session, studio)
+            return await self._details(session, studio)
 
     async def start(
         self,
@@ -556,7 +593,7 @@ class StudioService:
         session_id: str,
         workspace_id: int | None,
         body: DataStudioStartRequest | None,
-    ) -> DataStudioStartResponse:
+    ) -> StudioRun:
         try:
             async with self.db.transaction() as session:
                 studio, role = await self._studio(
@@ -579,9 +616,7 @@ class StudioService:
         async with self.db.transaction() as session:
             started = await session.get(Studio, session_id)
             assert started is not None
-            return DataStudioStartResponse(
-                job_submitted=True, session_id=session_id, status_info=status_info(started)
-            )
+            return StudioRun(submitted=True, studio=started)
 
     async def _apply_start_overrides(
         self, session: AsyncSession, studio: Studio, body: DataStudioStartRequest
@@ -608,7 +643,7 @@ class StudioService:
 
     async def stop(
         self, principal: Principal, session_id: str, workspace_id: int | None
-    ) -> DataStudioStopResponse:
+    ) -> StudioRun:
         async with self.db.transaction() as session:
             studio, role = await self._studio(
                 session, principal, session_id, workspace_id, for_update=True
@@ -626,12 +661,9 @@ class StudioService:
                 # Errored or stopped while the agent was told to run: tell it
                 # to stop, so nothing lingers there.
                 studio.desired_status = "stopped"
-            info = status_info(studio)
         await pause_for_test("stop.committed")
         self.hub.notify(agent_id, [session_id])
-        return DataStudioStopResponse(
-            job_submitted=submitted, session_id=session_id, status_info=info
-        )
+        return StudioRun(submitted=submitted, studio=studio)
 
     async def delete(self, principal: Principal, session_id: str, workspace_id: int | None) -> None:
         async with self.db.transaction() as session:
@@ -652,7 +684,7 @@ class StudioService:
 
     async def extend_lifespan(
         self, principal: Principal, session_id: str, workspace_id: int | None
-    ) -> DataStudioDto:
+    ) -> StudioDetails:
         async with self.db.transaction() as session:
             studio, role = await self._studio(
                 session, principal, session_id, workspace_id, for_update=True
@@ -665,11 +697,11 @@ class StudioService:
             studio.lifespan_extra_hours = int(studio.lifespan_extra_hours or 0) + base
             studio.last_updated = utcnow()
             log.info("studio %s: lifespan extended by %d h", session_id, base)
-            return await self._dto(session, studio)
+            return await self._details(session, studio)
 
     async def compatible_compute_envs(
         self, principal: Principal, session_id: str, workspace_id: int | None
-    ) -> builtins.list[ComputeEnvDto]:
+    ) -> CompatibleEnvs:
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, workspace_id)
             current = await session.get(ComputeEnv, studio.compute_env_id)
@@ -683,8 +715,9 @@ class StudioService:
                     .order_by(ComputeEnv.name)
                 )
             ).all()
-            name = workspace.name if workspace else ""
-            return [compute_env_dto(e, name) for e in envs if _compatible(current, e)]
+            return CompatibleEnvs(
+                workspace.name if workspace else "", [e for e in envs if _compatible(current, e)]
+            )
 
     async def mounted_data_links(
         self,
@@ -740,7 +773,7 @@ class StudioService:
         workspace_id: int | None,
         page: Page,
         search: str | None = None,
-    ) -> tuple[builtins.list[CheckpointDto], int]:
+    ) -> tuple[builtins.list[CheckpointRow], int]:
         words, keywords = parse_search(search, _CHECKPOINT_KEYWORDS)
         conditions: list[Any] = [_like(Checkpoint.name, w) for w in words]
         if "status" in keywords:
@@ -762,7 +795,7 @@ class StudioService:
                 query = query.limit(page.max)
             rows = (await session.scalars(query)).all()
             authors = await _by_id(session, User, User.id, {c.author_user_id for c in rows})
-            return [checkpoint_dto(c, authors.get(c.author_user_id or -1)) for c in rows], int(
+            return [CheckpointRow(c, authors.get(c.author_user_id or -1)) for c in rows], int(
                 total or 0
             )
 
@@ -778,12 +811,12 @@ class StudioService:
 
     async def get_checkpoint(
         self, principal: Principal, session_id: str, workspace_id: int | None, checkpoint_id: int
-    ) -> CheckpointDto:
+    ) -> CheckpointRow:
         async with self.db.transaction() as session:
             studio, _role = await self._studio(session, principal, session_id, workspace_id)
             checkpoint = await self._checkpoint(session, studio, checkpoint_id)
             author = await session.get(User, checkpoint.author_user_id or -1)
-            return checkpoint_dto(checkpoint, author)
+            return CheckpointRow(checkpoint, author)
 
     async def rename_checkpoint(
         self,
@@ -792,7 +825,7 @@ class StudioService:
         workspace_id: int | None,
         checkpoint_id: int,
         name: str,
-    ) -> CheckpointDto:
+    ) -> CheckpointRow:
         new_name = _checkpoint_name(name)
         conflict = Conflict(f"studio {session_id} already has a checkpoint named {new_name!r}")
         try:
@@ -812,7 +845,7 @@ class StudioService:
                     checkpoint.name = new_name
                     await session.flush()
                 author = await session.get(User, checkpoint.author_user_id or -1)
-                return checkpoint_dto(checkpoint, author)
+                return CheckpointRow(checkpoint, author)
         except IntegrityError:
             raise conflict from None
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from controller.datalink_views import mounted_data_link_view
 from controller.lifespan import effective_lifespan_hours
 from controller.models import (
     Agent,
     ApiToken,
-    Checkpoint,
     CheckpointGcRun,
     ComputeEnv,
     Credentials,
@@ -28,7 +28,9 @@ from controller.responses import (
     DataStudioComputeEnvDto,
     DataStudioDto,
     DataStudioProgressStep,
+    DataStudioStartResponse,
     DataStudioStatusInfo,
+    DataStudioStopResponse,
     DataStudioTemplate,
     DataStudioWorkspaceSettingsResponse,
     MemberDto,
@@ -37,6 +39,7 @@ from controller.responses import (
     TeamDto,
     UserInfo,
 )
+from controller.studios_service import CheckpointRow, CompatibleEnvs, StudioDetails, StudioRun
 from controller.templates import CATALOGUE
 from controller.workspaces_service import ParticipantRow, TeamRow
 
@@ -44,13 +47,16 @@ __all__ = [
     "access_token_dto",
     "agent_dto",
     "checkpoint_dto",
+    "compatible_env_dtos",
     "compute_env_dto",
     "credentials_dto",
     "gc_run_json",
     "iso",
     "member_dto",
     "participant_dto",
+    "start_response",
     "status_info",
+    "stop_response",
     "studio_dto",
     "team_dto",
     "user_info",
@@ -81,24 +87,28 @@ def status_info(studio: Studio) -> DataStudioStatusInfo:
     )
 
 
-def studio_dto(
-    studio: Studio,
-    user: User | None,
-    compute_env: ComputeEnv | None,
-    workspace: Workspace | None,
-    public_url: str,
-    *,
-    allowed_users: list[User] | None = None,
-    parent: tuple[Checkpoint, Studio] | None = None,
-    mounted_data_links: list[dict[str, Any]] | None = None,
-) -> DataStudioDto:
+def start_response(session_id: str, run: StudioRun) -> DataStudioStartResponse:
+    return DataStudioStartResponse(
+        job_submitted=run.submitted, session_id=session_id, status_info=status_info(run.studio)
+    )
+
+
+def stop_response(session_id: str, run: StudioRun) -> DataStudioStopResponse:
+    return DataStudioStopResponse(
+        job_submitted=run.submitted, session_id=session_id, status_info=status_info(run.studio)
+    )
+
+
+def studio_dto(details: StudioDetails, public_url: str) -> DataStudioDto:
+    studio, compute_env, parent = details.studio, details.compute_env, details.parent
+    mounted_data_links = [mounted_data_link_view(m) for m in details.mounts]
     catalogue = {t.repository: t for t in CATALOGUE}
     entry = catalogue.get(studio.template_repository)
-    lifespan = effective_lifespan_hours(studio, workspace)
+    lifespan = effective_lifespan_hours(studio, details.workspace)
     info = status_info(studio)
     problems = [
         str(m["message"])
-        for m in mounted_data_links or []
+        for m in mounted_data_links
         if m.get("status") == "INVALID" and m.get("message")
     ]
     if problems and studio.status in ("starting", "running"):
@@ -107,7 +117,7 @@ def studio_dto(
     return DataStudioDto(
         session_id=studio.session_id,
         workspace_id=studio.workspace_id,
-        user=user_info(user) or UserInfo(id=studio.user_id, user_name="", email=""),
+        user=user_info(details.owner) or UserInfo(id=studio.user_id, user_name="", email=""),
         name=studio.name,
         description=studio.description,
         template=DataStudioTemplate(
@@ -145,7 +155,7 @@ def studio_dto(
             for c in (studio.active_connections or [])
         ],
         is_private=studio.is_private,
-        allowed_users=[u for u in map(user_info, allowed_users or []) if u is not None],
+        allowed_users=[u for u in map(user_info, details.allowed_users) if u is not None],
         effective_lifespan_hours=lifespan,
         parent_checkpoint=(
             ParentCheckpoint(
@@ -157,18 +167,19 @@ def studio_dto(
             if parent is not None
             else None
         ),
-        mounted_data_links=list(mounted_data_links or []),
+        mounted_data_links=mounted_data_links,
         labels=None,
     )
 
 
-def checkpoint_dto(checkpoint: Checkpoint, author: User | None) -> CheckpointDto:
+def checkpoint_dto(row: CheckpointRow) -> CheckpointDto:
+    checkpoint = row.checkpoint
     return CheckpointDto(
         id=checkpoint.id,
         name=checkpoint.name,
         path=checkpoint.uri,
         status=checkpoint.status,
-        author=user_info(author),
+        author=user_info(row.author),
         date_created=iso(checkpoint.date_created) or "",
         date_saved=iso(checkpoint.date_saved) or "",
     )
@@ -190,6 +201,10 @@ def compute_env_dto(env: ComputeEnv, workspace_name: str) -> ComputeEnvDto:
             "fileSystemMounts": list(env.file_system_mounts or []),
         },
     )
+
+
+def compatible_env_dtos(compatible: CompatibleEnvs) -> list[ComputeEnvDto]:
+    return [compute_env_dto(e, compatible.workspace_name) for e in compatible.envs]
 
 
 def agent_dto(agent: Agent, connected: bool) -> AgentDto:

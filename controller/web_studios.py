@@ -1,4 +1,8 @@
-"""REST handlers under /studios."""
+"""REST handlers under /studios.
+
+The decisions are `controller.studios_service`'s; this module parses requests
+and gives the results their REST shape (`controller.views`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,13 @@ from controller.responses import (
 )
 from controller.studios_service import Page, StudioService
 from controller.templates import CATALOGUE
+from controller.views import (
+    checkpoint_dto,
+    compatible_env_dtos,
+    start_response,
+    stop_response,
+    studio_dto,
+)
 from controller.web_app import (
     SERVICES_KEY,
     json_response,
@@ -40,6 +51,10 @@ MAX_PAGE_SIZE = 1000
 
 def _service(request: web.Request) -> StudioService:
     return request.app[SERVICES_KEY].studios  # type: ignore[no-any-return]
+
+
+def _public_url(request: web.Request) -> str:
+    return _service(request).public_url
 
 
 def _workspace(request: web.Request) -> int | None:
@@ -102,10 +117,10 @@ async def create_studio(request: web.Request) -> web.Response:
     auto_start = query_bool(request, "autoStart", True)
     body = await parse_body(request, DataStudioCreateRequest)
     assert body is not None
-    dto = await _service(request).create(
+    details = await _service(request).create(
         principal(request), workspace_id, body, auto_start=auto_start
     )
-    return json_response(DataStudioCreateResponse(studio=dto))
+    return json_response(DataStudioCreateResponse(studio=studio_dto(details, _public_url(request))))
 
 
 @routes.get("/studios")
@@ -115,15 +130,17 @@ async def list_studios(request: web.Request) -> web.Response:
     studios, total = await _service(request).list(
         principal(request), workspace_id, request.query.get("search"), page
     )
-    return json_response(DataStudioListResponse(studios=studios, total_size=total))
+    public_url = _public_url(request)
+    dtos = [studio_dto(s, public_url) for s in studios]
+    return json_response(DataStudioListResponse(studios=dtos, total_size=total))
 
 
 @routes.get("/studios/{sessionId}")
 async def get_studio(request: web.Request) -> web.Response:
-    dto = await _service(request).get(
+    details = await _service(request).get(
         principal(request), request.match_info["sessionId"], _workspace(request)
     )
-    return json_response(dto)
+    return json_response(studio_dto(details, _public_url(request)))
 
 
 @routes.put("/studios/{sessionId}")
@@ -131,44 +148,42 @@ async def update_studio(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     body = await parse_body(request, DataStudioUpdateRequest)
     assert body is not None
-    dto = await _service(request).update(
+    details = await _service(request).update(
         principal(request), request.match_info["sessionId"], workspace_id, body
     )
-    return json_response(dto)
+    return json_response(studio_dto(details, _public_url(request)))
 
 
 @routes.get("/studios/{sessionId}/compatible-ce")
 async def compatible_compute_envs(request: web.Request) -> web.Response:
-    envs = await _service(request).compatible_compute_envs(
+    compatible = await _service(request).compatible_compute_envs(
         principal(request), request.match_info["sessionId"], _workspace(request)
     )
-    return json_response(ComputeEnvsListResponse(compute_envs=envs))
+    return json_response(ComputeEnvsListResponse(compute_envs=compatible_env_dtos(compatible)))
 
 
 @routes.post("/studios/{sessionId}/lifespan")
 async def extend_lifespan(request: web.Request) -> web.Response:
-    dto = await _service(request).extend_lifespan(
+    details = await _service(request).extend_lifespan(
         principal(request), request.match_info["sessionId"], _workspace(request)
     )
-    return json_response(dto)
+    return json_response(studio_dto(details, _public_url(request)))
 
 
 @routes.put("/studios/{sessionId}/start")
 async def start_studio(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     body = await parse_body(request, DataStudioStartRequest, optional=True)
-    answer = await _service(request).start(
-        principal(request), request.match_info["sessionId"], workspace_id, body
-    )
-    return json_response(answer)
+    session_id = request.match_info["sessionId"]
+    run = await _service(request).start(principal(request), session_id, workspace_id, body)
+    return json_response(start_response(session_id, run))
 
 
 @routes.put("/studios/{sessionId}/stop")
 async def stop_studio(request: web.Request) -> web.Response:
-    answer = await _service(request).stop(
-        principal(request), request.match_info["sessionId"], _workspace(request)
-    )
-    return json_response(answer)
+    session_id = request.match_info["sessionId"]
+    run = await _service(request).stop(principal(request), session_id, _workspace(request))
+    return json_response(stop_response(session_id, run))
 
 
 @routes.delete("/studios/{sessionId}")
@@ -183,23 +198,24 @@ async def delete_studio(request: web.Request) -> web.Response:
 async def list_checkpoints(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     page = _page(request)
-    items, total = await _service(request).checkpoints(
+    rows, total = await _service(request).checkpoints(
         principal(request),
         request.match_info["sessionId"],
         workspace_id,
         page,
         request.query.get("search"),
     )
+    items = [checkpoint_dto(r) for r in rows]
     return json_response(DataStudioListCheckpointsResponse(checkpoints=items, total_size=total))
 
 
 @routes.get("/studios/{sessionId}/checkpoints/{checkpointId}")
 async def get_checkpoint(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
-    dto = await _service(request).get_checkpoint(
+    row = await _service(request).get_checkpoint(
         principal(request), request.match_info["sessionId"], workspace_id, _checkpoint_id(request)
     )
-    return json_response(dto)
+    return json_response(checkpoint_dto(row))
 
 
 @routes.put("/studios/{sessionId}/checkpoints/{checkpointId}")
@@ -208,10 +224,10 @@ async def rename_checkpoint(request: web.Request) -> web.Response:
     checkpoint_id = _checkpoint_id(request)
     body = await parse_body(request, CheckpointUpdateRequest)
     assert body is not None
-    dto = await _service(request).rename_checkpoint(
+    row = await _service(request).rename_checkpoint(
         principal(request), request.match_info["sessionId"], workspace_id, checkpoint_id, body.name
     )
-    return json_response(dto)
+    return json_response(checkpoint_dto(row))
 
 
 @routes.get("/studios/{sessionId}/connect")
