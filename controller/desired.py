@@ -15,7 +15,12 @@ from studios.agent.v1 import agent_pb2
 
 from controller.access import connect_access
 from controller.models import Checkpoint, ComputeEnv, Studio
-from controller.mounts import data_link_mounts, file_system_mount_specs
+from controller.mounts import (
+    DataLinkMountSpec,
+    FileSystemMountSpec,
+    data_link_mounts,
+    file_system_mount_specs,
+)
 
 __all__ = ["build_desired_state", "checkpoint_base_uri", "session_desired"]
 
@@ -31,11 +36,31 @@ def checkpoint_base_uri(work_dir: str) -> str:
     return work_dir.rstrip("/") + "/.studios/checkpoints"
 
 
+def _data_link_mount(spec: DataLinkMountSpec) -> agent_pb2.DataLinkMount:
+    return agent_pb2.DataLinkMount(
+        data_link_id=spec.data_link_id,
+        mount_name=spec.mount_name,
+        resource_ref=spec.resource_ref,
+        read_only=spec.read_only,
+        region=spec.region,
+        required=spec.required,
+        endpoint=spec.endpoint,
+        access_key_id=spec.access_key_id,
+        secret_access_key=spec.secret_access_key,
+    )
+
+
+def _file_system_mount(spec: FileSystemMountSpec) -> agent_pb2.FileSystemMount:
+    return agent_pb2.FileSystemMount(
+        host_path=spec.host_path, mount_path=spec.mount_path, read_only=spec.read_only
+    )
+
+
 def session_desired(
     studio: Studio,
     compute_env: ComputeEnv | None,
     restore: Checkpoint | None,
-    data_links: Iterable[agent_pb2.DataLinkMount] = (),
+    data_links: Iterable[DataLinkMountSpec] = (),
 ) -> agent_pb2.SessionDesired:
     config = studio.configuration or {}
     status = "deleted" if studio.deleted else studio.desired_status
@@ -55,8 +80,10 @@ def session_desired(
             boot_disk_size_gb=compute_env.boot_disk_size_gb if compute_env else 0,
             # Mounts (controller.mounts): data-links of the configuration, and
             # the compute environment's file-system mounts.
-            data_links=list(data_links),
-            file_system_mounts=file_system_mount_specs(compute_env),
+            data_links=[_data_link_mount(m) for m in data_links],
+            file_system_mounts=[
+                _file_system_mount(m) for m in file_system_mount_specs(compute_env)
+            ],
         ),
     )
     if restore is not None:

@@ -2,7 +2,8 @@
 
 Data-links: the entries of a studio's `configuration.mountDataV2` (then the
 deprecated `mountData` ids), in that order, each once. Each becomes a
-`DataLinkMount` at `/workspace/data/<mount name>`:
+`DataLinkMountSpec` (sent to the agent by `controller.desired`) at
+`/workspace/data/<mount name>`:
 
 - mount name: the data-link's name in lower case, every character outside
   ``[a-z0-9._-]`` replaced by ``-``, leading ``.``, ``_`` and ``-`` dropped
@@ -30,12 +31,11 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from studios.agent.v1 import agent_pb2
 
 from controller.errors import BadRequest
 from controller.models import ComputeEnv, Credentials, DataLink, Studio
@@ -46,6 +46,8 @@ __all__ = [
     "DATA_DIR",
     "MOUNT_REQUIRED",
     "WORK_DIR",
+    "DataLinkMountSpec",
+    "FileSystemMountSpec",
     "PlannedMount",
     "StudioMount",
     "bucket_allowed",
@@ -385,10 +387,27 @@ async def check_mount_data(
             )
 
 
+@dataclass(frozen=True, slots=True)
+class DataLinkMountSpec:
+    """A data-link mount an agent is to make; "" where there is nothing to say."""
+
+    data_link_id: str
+    mount_name: str
+    resource_ref: str
+    read_only: bool
+    region: str
+    # The S3-compatible store's endpoint ("" for AWS itself).
+    endpoint: str
+    # Kept out of the repr: a logged spec must not carry the keys.
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
+    required: bool = MOUNT_REQUIRED
+
+
 async def data_link_mounts(
     session: AsyncSession, studios: Iterable[Studio], envs: dict[str, ComputeEnv]
-) -> dict[str, list[agent_pb2.DataLinkMount]]:
-    """The DataLinkMount messages of the studios to be run, credentials decrypted.
+) -> dict[str, list[DataLinkMountSpec]]:
+    """The data-link mounts of the studios to be run, credentials decrypted.
 
     Only studios the agent is to run get them: the keys travel no further
     than needed. Another workspace's data-link is never mounted.
@@ -397,43 +416,49 @@ async def data_link_mounts(
     by_workspace = await load_links(session, running)
     creds = await load_credentials(session, by_workspace)
     box = box_for(session)
-    out: dict[str, list[agent_pb2.DataLinkMount]] = {}
+    out: dict[str, list[DataLinkMountSpec]] = {}
     for studio in running:
         links = by_workspace.get(str(studio.workspace_id), {})
         mounts = []
         for planned in plan_mounts(studio.configuration, links, envs.get(studio.compute_env_id)):
             if planned.link is None or planned.mount_name is None:
                 continue
-            mount = agent_pb2.DataLinkMount(
-                data_link_id=planned.data_link_id,
-                mount_name=planned.mount_name,
-                resource_ref=planned.resource_ref,
-                read_only=planned.read_only,
-                region=planned.link.region or "",
-                required=MOUNT_REQUIRED,
-            )
+            region = planned.link.region or ""
+            endpoint = access_key_id = secret_access_key = ""
             cred = creds.get(planned.link.credentials_id or "")
             if cred is not None:
-                mount.endpoint = cred.base_url or ""
-                mount.region = mount.region or cred.region or ""
-                _add_keys(mount, cred, box)
-            mounts.append(mount)
+                endpoint = cred.base_url or ""
+                region = region or cred.region or ""
+                access_key_id, secret_access_key = _keys(cred, box)
+            mounts.append(
+                DataLinkMountSpec(
+                    data_link_id=planned.data_link_id,
+                    mount_name=planned.mount_name,
+                    resource_ref=planned.resource_ref,
+                    read_only=planned.read_only,
+                    region=region,
+                    endpoint=endpoint,
+                    access_key_id=access_key_id,
+                    secret_access_key=secret_access_key,
+                    required=MOUNT_REQUIRED,
+                )
+            )
         out[studio.session_id] = mounts
     return out
 
 
-def _add_keys(mount: agent_pb2.DataLinkMount, cred: Credentials, box: Any) -> None:
+def _keys(cred: Credentials, box: Any) -> tuple[str, str]:
+    """(access key id, secret access key); empty when they cannot be decrypted."""
     if box is None:
         log.error("no credentials key registered: data-link %s mounts without keys", cred.id)
-        return
+        return "", ""
     try:
         keys = box.open(cred.secret, cred.id)
     except SecretError as exc:
         # The agent's mount then fails and reports it; the key file is the fix.
         log.error("credentials %s: %s", cred.id, exc)
-        return
-    mount.access_key_id = str(keys.get("accessKey", ""))
-    mount.secret_access_key = str(keys.get("secretKey", ""))
+        return "", ""
+    return str(keys.get("accessKey", "")), str(keys.get("secretKey", ""))
 
 
 # ------------------------------------------------------------ file-system mounts
@@ -479,11 +504,18 @@ def validate_file_system_mounts(mounts: Sequence[FileSystemMountBody]) -> list[d
     return out
 
 
-def file_system_mount_specs(env: ComputeEnv | None) -> list[agent_pb2.FileSystemMount]:
+@dataclass(frozen=True, slots=True)
+class FileSystemMountSpec:
+    host_path: str
+    mount_path: str
+    read_only: bool
+
+
+def file_system_mount_specs(env: ComputeEnv | None) -> list[FileSystemMountSpec]:
     if env is None:
         return []
     return [
-        agent_pb2.FileSystemMount(
+        FileSystemMountSpec(
             host_path=str(m["hostPath"]),
             mount_path=str(m["mountPath"]),
             read_only=bool(m.get("readOnly", False)),
