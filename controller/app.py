@@ -39,6 +39,7 @@ from controller.reconciler import Reconciler
 from controller.secret_box import SecretBox, load_or_create_credentials_key, register_box
 from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
 from controller.studios_service import StudioService
+from controller.users_service import UserService
 from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
 
@@ -64,6 +65,7 @@ class Services:
     studios: StudioService
     workspaces: WorkspaceService
     compute_envs: ComputeEnvService
+    users: UserService
     hub: AgentHub
 
 
@@ -139,6 +141,7 @@ class Controller:
                 studios=self.studios,
                 workspaces=WorkspaceService(db, self.hub),
                 compute_envs=ComputeEnvService(db, self.hub),
+                users=UserService(db),
                 hub=self.hub,
             ),
         )
