@@ -57,11 +57,20 @@ from agent.host import host_capacity
 from agent.sessions import SessionManager
 from agent.state import StateDir, atomic_write_bytes
 
-__all__ = ["ControllerLink", "Outbox"]
+__all__ = ["PROTOCOL_VERSION", "ControllerLink", "Outbox", "runtime_kind"]
 
 log = logging.getLogger(__name__)
 
 _WELCOME_TIMEOUT = 30.0
+# The protocol version this agent speaks (agent.proto ProtocolVersion): V2 has the
+# runtime, volume kinds and mount states as enums. A controller older than V2
+# refuses it: controllers are upgraded before agents.
+PROTOCOL_VERSION = pb.PROTOCOL_VERSION_V2
+# The runtime backends' names (agent/runtime/registry.py) as Hello.runtime_kind.
+_RUNTIME_KIND = {
+    "local": pb.RUNTIME_KIND_LOCAL,
+    "podman": pb.RUNTIME_KIND_PODMAN,
+}
 # With a controller that does not ack (an older one): how long an event is re-sent
 # on reconnects after a stream took it.
 _OUTBOX_RESEND_SECONDS = 300.0
@@ -71,6 +80,11 @@ _ACK_LATE_SECONDS = 60.0
 # A temporary file of an interrupted `add` is this old before it is removed (an
 # `add` in progress in another thread must not lose its file).
 _STALE_TMP_SECONDS = 600.0
+
+
+def runtime_kind(name: str) -> pb.RuntimeKind:
+    """A runtime backend's name as the wire's enum (UNSPECIFIED for a name it lacks)."""
+    return _RUNTIME_KIND.get(name, pb.RUNTIME_KIND_UNSPECIFIED)
 
 
 def _digest(session_id: str, key: str) -> str:
@@ -282,7 +296,14 @@ class ControllerLink:
                         self.token_file,
                     )
                 elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.error("controller %s refused this agent: %s", self.target, exc.details())
+                    # The controller does not speak this agent's protocol version: an
+                    # older controller (upgrade it first), or a much newer one.
+                    self.last_error += (
+                        f" (this agent {__version__} speaks protocol "
+                        f"{pb.ProtocolVersion.Name(PROTOCOL_VERSION)}: upgrade the controller "
+                        "before its agents)"
+                    )
+                    log.error("controller %s refused this agent: %s", self.target, self.last_error)
                 else:
                     log.warning("controller link: %s", self.last_error)
             except Exception as exc:
@@ -319,11 +340,11 @@ class ControllerLink:
 
     async def _session(self, call: Any) -> None:
         hello = pb.Hello(
-            protocol_version=pb.PROTOCOL_VERSION_V1,
+            protocol_version=PROTOCOL_VERSION,
             agent_id=self.agent_id,
             hostname=socket.gethostname(),
             compute_env_id=self.compute_env_id,
-            runtime=self.runtime_name,
+            runtime_kind=runtime_kind(self.runtime_name),
             proxy_url=self.proxy_url,
             agent_version=__version__,
             capacity=self._capacity(),

@@ -11,6 +11,11 @@ compute environment does not exist; the agent should retry later), ABORTED
 (a newer stream of the same agent replaced this one), UNAVAILABLE (the
 controller is shutting down; the agent reconnects with backoff).
 
+Protocol versions (docs/contract-notes.md "Protocol versions"): V1 and V2 agents
+are served; the Welcome answers in the agent's version. A V1 agent's Hello has
+its runtime only as the retired string field, which this side no longer reads:
+the agent's runtime is then what it was (or empty for a new agent).
+
 Checkpoint events are acknowledged: the reader records each one in its own
 transaction and, once that has committed, writes a CheckpointAck (Welcome says
 so with `checkpoint_acks`); the agent drops an event from its outbox only then.
@@ -54,7 +59,27 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SUPPORTED_PROTOCOLS = frozenset({agent_pb2.PROTOCOL_VERSION_V1})
+# The current version and the one before it: agents of either version connect, so
+# a rolling upgrade (controllers first, then agents) never cuts an agent off.
+SUPPORTED_PROTOCOLS = frozenset({agent_pb2.PROTOCOL_VERSION_V1, agent_pb2.PROTOCOL_VERSION_V2})
+
+# Hello.runtime_kind as the runtime name stored and shown (GET /agents `runtime`).
+_RUNTIME_NAME = {
+    agent_pb2.RUNTIME_KIND_LOCAL: "local",
+    agent_pb2.RUNTIME_KIND_PODMAN: "podman",
+}
+
+
+def runtime_name(hello: agent_pb2.Hello) -> str | None:
+    """The Hello's runtime name; None when not known (V1 agents, unknown values)."""
+    return _RUNTIME_NAME.get(hello.runtime_kind)
+
+
+def _version_name(version: int) -> str:
+    try:
+        return agent_pb2.ProtocolVersion.Name(version)
+    except ValueError:
+        return str(version)
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -109,10 +134,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             )
         hello: agent_pb2.Hello = first.hello
         if hello.protocol_version not in SUPPORTED_PROTOCOLS:
+            spoken = ", ".join(_version_name(v) for v in sorted(SUPPORTED_PROTOCOLS))
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {hello.protocol_version} is not supported "
-                f"(supported: {sorted(SUPPORTED_PROTOCOLS)})",
+                f"protocol version {hello.protocol_version} "
+                f"({_version_name(hello.protocol_version)}) is not supported "
+                f"(supported: {sorted(SUPPORTED_PROTOCOLS)}: {spoken}); "
+                "upgrade controllers before their agents",
             )
         if not hello.agent_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.agent_id is empty")
@@ -126,16 +154,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 f"compute environment {hello.compute_env_id!r} does not exist",
             )
         log.info(
-            "agent %s connected (host %s, compute env %s, runtime %s, proxy %s)",
+            "agent %s connected (host %s, compute env %s, runtime %s, proxy %s, protocol %s)",
             hello.agent_id,
             hello.hostname,
             hello.compute_env_id,
-            hello.runtime,
+            runtime_name(hello) or "not reported",
             hello.proxy_url,
+            _version_name(hello.protocol_version),
         )
         welcome = agent_pb2.ConnectResponse(
             welcome=agent_pb2.Welcome(
-                protocol_version=agent_pb2.PROTOCOL_VERSION_V1,
+                # This stream speaks the agent's version.
+                protocol_version=hello.protocol_version,
                 agent_id=hello.agent_id,
                 heartbeat_interval_seconds=self.heartbeat_interval_seconds,
                 connect_token_key=derive_agent_key(self.master_key, hello.agent_id),
@@ -186,7 +216,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 session.add(agent)
             agent.hostname = hello.hostname
             agent.compute_env_id = hello.compute_env_id
-            agent.runtime = hello.runtime
+            # A V1 agent does not say (in a form this side reads): keep what is known.
+            agent.runtime = runtime_name(hello) or agent.runtime or ""
             agent.proxy_url = hello.proxy_url
             agent.agent_version = hello.agent_version
             agent.connected = True

@@ -6,6 +6,11 @@ not allow from the current one is logged and ignored (the rest of the
 observation is still stored). Each method runs in its own transaction and
 returns the agents and sessions whose desired state must be (re)sent, which
 the caller hands to the hub after the commit.
+
+The wire's enums become the strings stored and shown (`_VOLUME_KIND`,
+`_MOUNT_STATE`). A V1 agent sends volume kinds and mount states only as the
+retired strings, which read here as UNSPECIFIED: the value stored before is kept
+(docs/contract-notes.md "Protocol versions").
 """
 
 from __future__ import annotations
@@ -46,6 +51,22 @@ _CHECKPOINT_STATUS = {
 }
 
 
+# Volume.volume_kind as stored in `studios.volume["kind"]`.
+_VOLUME_KIND = {
+    agent_pb2.VOLUME_KIND_DIRECTORY: "directory",
+    agent_pb2.VOLUME_KIND_XFS_LOOP: "xfs-loop",
+}
+
+# DataLinkMountStatus.mount_state as stored in `studios.data_link_status` and shown
+# as `mountState`.
+_MOUNT_STATE = {
+    agent_pb2.DATA_LINK_MOUNT_STATE_MOUNTED: "mounted",
+    agent_pb2.DATA_LINK_MOUNT_STATE_READ_ONLY: "read-only",
+    agent_pb2.DATA_LINK_MOUNT_STATE_FAILED: "failed",
+    agent_pb2.DATA_LINK_MOUNT_STATE_UNMOUNTED: "unmounted",
+}
+
+
 def capacity_dict(capacity: agent_pb2.HostCapacity) -> dict[str, Any]:
     return {
         "cpus": capacity.cpus,
@@ -76,6 +97,26 @@ def _progress(steps: Iterable[agent_pb2.ProgressStep]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _mount_state(
+    mount: agent_pb2.DataLinkMountStatus, before: dict[str, Any] | None, generation: int
+) -> str | None:
+    """A mount's state to store; UNSPECIFIED (a V1 agent) keeps the run's earlier one.
+
+    None when nothing is known: shown as a null `mountState`, as before any report.
+    """
+    state = _MOUNT_STATE.get(mount.mount_state)
+    if state is not None or not before or before.get("generation") != generation:
+        return state
+    for earlier in before.get("mounts") or []:
+        if (earlier.get("dataLinkId"), earlier.get("mountName")) == (
+            mount.data_link_id,
+            mount.mount_name,
+        ):
+            known = earlier.get("state")
+            return known if isinstance(known, str) else None
+    return None
 
 
 class ObservationHandler:
@@ -173,8 +214,10 @@ class ObservationHandler:
         if observed.root_dir:
             studio.root_dir = observed.root_dir
         if observed.HasField("volume"):
+            before = studio.volume or {}
             studio.volume = {
-                "kind": observed.volume.kind,
+                # UNSPECIFIED (a V1 agent): the kind known before, if any.
+                "kind": _VOLUME_KIND.get(observed.volume.volume_kind) or before.get("kind", ""),
                 "path": observed.volume.path,
                 "sizeBytes": observed.volume.size_bytes,
                 "usedBytes": observed.volume.used_bytes,
@@ -189,7 +232,7 @@ class ObservationHandler:
                     {
                         "dataLinkId": m.data_link_id,
                         "mountName": m.mount_name,
-                        "state": m.state,
+                        "state": _mount_state(m, studio.data_link_status, observed.generation),
                         "message": m.message or None,
                     }
                     for m in observed.data_links

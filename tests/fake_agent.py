@@ -3,6 +3,10 @@
 It does nothing on its own: a test tells it what to report (`report`,
 `checkpoint`, `inventory`) and waits for what the controller sends
 (`wait_desired`). Everything received is kept in `responses`.
+
+It speaks the current protocol version; a test plays an older agent by
+overriding `hello_request` and `response_type` with messages generated from an
+older copy of agent.proto (tests/test_protocol_upgrade.py).
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ from typing import Any
 
 import grpc
 from studios.agent.v1 import agent_pb2 as pb
-from studios.agent.v1 import agent_pb2_grpc as pb_grpc
 
-__all__ = ["FakeAgent", "observed"]
+__all__ = ["CONNECT_METHOD", "FakeAgent", "observed"]
+
+# The one RPC, by path: the fake writes any message class that encodes agent.proto.
+CONNECT_METHOD = "/studios.agent.v1.AgentService/Connect"
+
+
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
 
 
 def observed(
@@ -43,6 +54,9 @@ def observed(
 
 
 class FakeAgent:
+    # What the controller's answers are decoded as.
+    response_type: Any = pb.ConnectResponse
+
     def __init__(
         self,
         target: str,
@@ -52,7 +66,7 @@ class FakeAgent:
         compute_env_id: str,
         proxy_url: str = "http://localhost:7070",
         memory_available: int = 8 << 30,
-        protocol_version: int = pb.PROTOCOL_VERSION_V1,
+        protocol_version: int = pb.PROTOCOL_VERSION_V2,
     ) -> None:
         self.target = target
         self.token = token
@@ -75,13 +89,16 @@ class FakeAgent:
             agent_id=self.agent_id,
             hostname="fake-host",
             compute_env_id=self.compute_env_id,
-            runtime="local",
+            runtime_kind=pb.RUNTIME_KIND_LOCAL,
             proxy_url=self.proxy_url,
             agent_version="test",
             capacity=pb.HostCapacity(
                 cpus=4, memory_bytes=16 << 30, memory_available_bytes=self.memory_available
             ),
         )
+
+    def hello_request(self) -> Any:
+        return pb.ConnectRequest(hello=self.hello())
 
     async def connect(
         self,
@@ -92,10 +109,14 @@ class FakeAgent:
     ) -> None:
         """Open the stream, send Hello (or `first`) and optionally an Inventory."""
         self._channel = grpc.aio.insecure_channel(self.target)
-        stub = pb_grpc.AgentServiceStub(self._channel)
-        self._call = stub.Connect(metadata=(("authorization", f"Bearer {self.token}"),))
+        connect = self._channel.stream_stream(
+            CONNECT_METHOD,
+            request_serializer=_serialize,
+            response_deserializer=self.response_type.FromString,
+        )
+        self._call = connect(metadata=(("authorization", f"Bearer {self.token}"),))
         try:
-            await self._call.write(first or pb.ConnectRequest(hello=self.hello()))
+            await self._call.write(first or self.hello_request())
             if inventory is not None:
                 await self.send(pb.ConnectRequest(inventory=pb.Inventory(sessions=list(inventory))))
         except grpc.aio.AioRpcError as exc:
@@ -123,7 +144,7 @@ class FakeAgent:
         finally:
             self._changed.set()
 
-    async def send(self, request: pb.ConnectRequest) -> None:
+    async def send(self, request: Any) -> None:
         await self._call.write(request)
 
     async def report(self, session_id: str, generation: int, status: int, **kwargs: Any) -> None:

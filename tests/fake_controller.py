@@ -59,11 +59,14 @@ class FakeController(pb_grpc.AgentServiceServicer):
         heartbeat: int = 1,
         *,
         acks: bool = False,
+        protocols: frozenset[int] = frozenset({pb.PROTOCOL_VERSION_V1, pb.PROTOCOL_VERSION_V2}),
     ) -> None:
         self.token = token
         self.key = key
         self.heartbeat = heartbeat
         self.acks = acks
+        # The protocol versions it speaks: {V1} plays a controller older than V2.
+        self.protocols = protocols
         self.drop_acks = 0
         self.refuse: set[str] = set()
         # Every ack sent, in order: (stream number, ack).
@@ -168,10 +171,17 @@ class FakeController(pb_grpc.AgentServiceServicer):
         if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be Hello")
         self._record(stream, first)
+        if first.hello.protocol_version not in self.protocols:
+            # What a controller that does not speak the version answers (a V1 one's words).
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {first.hello.protocol_version} is not supported "
+                f"(supported: {sorted(self.protocols)})",
+            )
         await context.write(
             pb.ConnectResponse(
                 welcome=pb.Welcome(
-                    protocol_version=pb.PROTOCOL_VERSION_V1,
+                    protocol_version=first.hello.protocol_version,
                     agent_id=first.hello.agent_id,
                     heartbeat_interval_seconds=self.heartbeat,
                     connect_token_key=self.key,

@@ -805,15 +805,19 @@ async def test_mount_report_and_a_data_link_deleted_while_mounted(
                 tool_port=41000,
                 data_links=[
                     pb.DataLinkMountStatus(
-                        data_link_id=keep["id"], mount_name="keep", state="mounted"
+                        data_link_id=keep["id"],
+                        mount_name="keep",
+                        mount_state=pb.DATA_LINK_MOUNT_STATE_MOUNTED,
                     ),
                     pb.DataLinkMountStatus(
-                        data_link_id=doomed["id"], mount_name="doomed", state="read-only"
+                        data_link_id=doomed["id"],
+                        mount_name="doomed",
+                        mount_state=pb.DATA_LINK_MOUNT_STATE_READ_ONLY,
                     ),
                     pb.DataLinkMountStatus(
                         data_link_id=broken["id"],
                         mount_name="broken",
-                        state="failed",
+                        mount_state=pb.DATA_LINK_MOUNT_STATE_FAILED,
                         message=failure,
                     ),
                 ],

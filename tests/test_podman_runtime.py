@@ -114,7 +114,7 @@ async def test_studio_runs_in_a_container_and_opt_lands_in_the_upper_dir(
         d.spec.cpu, d.spec.memory_mib = 1, 256
         controller.push(d)
         obs = await controller.wait_status("cccc0001", RUNNING, timeout=60)
-        assert obs.runtime == "podman" and obs.volume.kind == "xfs-loop"
+        assert obs.runtime == "podman" and obs.volume.volume_kind == pb.VOLUME_KIND_XFS_LOOP
         assert _get(obs.tool_port) == b"studios busybox httpd\n"
         [container] = _containers("cccc0001")
         cid = str(container["Id"])

@@ -67,6 +67,7 @@ __all__ = [
     "data_links_json",
     "fuse_usable",
     "spec_json",
+    "state_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,19 @@ STATE_MOUNTED = "mounted"
 STATE_READ_ONLY = "read-only"
 STATE_FAILED = "failed"
 STATE_UNMOUNTED = "unmounted"
+# The states as DataLinkMountStatus.mount_state (the wire has no strings for them).
+_STATE_TO_PB = {
+    STATE_MOUNTED: pb.DATA_LINK_MOUNT_STATE_MOUNTED,
+    STATE_READ_ONLY: pb.DATA_LINK_MOUNT_STATE_READ_ONLY,
+    STATE_FAILED: pb.DATA_LINK_MOUNT_STATE_FAILED,
+    STATE_UNMOUNTED: pb.DATA_LINK_MOUNT_STATE_UNMOUNTED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def state_of(status: pb.DataLinkMountStatus) -> str:
+    """The state a DataLinkMountStatus carries, as a STATE_* string ("" when unset)."""
+    return _STATE_FROM_PB.get(status.mount_state, "")
 
 
 class DataLinkError(AgentError):
@@ -106,7 +120,7 @@ class MountStatus:
         return pb.DataLinkMountStatus(
             data_link_id=self.data_link_id,
             mount_name=self.mount_name,
-            state=self.state,
+            mount_state=_STATE_TO_PB.get(self.state, pb.DATA_LINK_MOUNT_STATE_UNSPECIFIED),
             message=self.message,
         )
 

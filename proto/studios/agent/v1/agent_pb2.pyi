@@ -11,6 +11,13 @@ class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
     PROTOCOL_VERSION_V1: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_V2: _ClassVar[ProtocolVersion]
+
+class RuntimeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUNTIME_KIND_UNSPECIFIED: _ClassVar[RuntimeKind]
+    RUNTIME_KIND_LOCAL: _ClassVar[RuntimeKind]
+    RUNTIME_KIND_PODMAN: _ClassVar[RuntimeKind]
 
 class SessionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +35,20 @@ class StepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATUS_IN_PROGRESS: _ClassVar[StepStatus]
     STEP_STATUS_SUCCEEDED: _ClassVar[StepStatus]
     STEP_STATUS_ERRORED: _ClassVar[StepStatus]
+
+class VolumeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VOLUME_KIND_UNSPECIFIED: _ClassVar[VolumeKind]
+    VOLUME_KIND_DIRECTORY: _ClassVar[VolumeKind]
+    VOLUME_KIND_XFS_LOOP: _ClassVar[VolumeKind]
+
+class DataLinkMountState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_LINK_MOUNT_STATE_UNSPECIFIED: _ClassVar[DataLinkMountState]
+    DATA_LINK_MOUNT_STATE_MOUNTED: _ClassVar[DataLinkMountState]
+    DATA_LINK_MOUNT_STATE_READ_ONLY: _ClassVar[DataLinkMountState]
+    DATA_LINK_MOUNT_STATE_FAILED: _ClassVar[DataLinkMountState]
+    DATA_LINK_MOUNT_STATE_UNMOUNTED: _ClassVar[DataLinkMountState]
 
 class CheckpointStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +73,10 @@ class DesiredStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DESIRED_STATUS_DELETED: _ClassVar[DesiredStatus]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_V1: ProtocolVersion
+PROTOCOL_VERSION_V2: ProtocolVersion
+RUNTIME_KIND_UNSPECIFIED: RuntimeKind
+RUNTIME_KIND_LOCAL: RuntimeKind
+RUNTIME_KIND_PODMAN: RuntimeKind
 SESSION_STATUS_UNSPECIFIED: SessionStatus
 SESSION_STATUS_STARTING: SessionStatus
 SESSION_STATUS_RUNNING: SessionStatus
@@ -63,6 +88,14 @@ STEP_STATUS_PENDING: StepStatus
 STEP_STATUS_IN_PROGRESS: StepStatus
 STEP_STATUS_SUCCEEDED: StepStatus
 STEP_STATUS_ERRORED: StepStatus
+VOLUME_KIND_UNSPECIFIED: VolumeKind
+VOLUME_KIND_DIRECTORY: VolumeKind
+VOLUME_KIND_XFS_LOOP: VolumeKind
+DATA_LINK_MOUNT_STATE_UNSPECIFIED: DataLinkMountState
+DATA_LINK_MOUNT_STATE_MOUNTED: DataLinkMountState
+DATA_LINK_MOUNT_STATE_READ_ONLY: DataLinkMountState
+DATA_LINK_MOUNT_STATE_FAILED: DataLinkMountState
+DATA_LINK_MOUNT_STATE_UNMOUNTED: DataLinkMountState
 CHECKPOINT_STATUS_UNSPECIFIED: CheckpointStatus
 CHECKPOINT_STATUS_EMPTY: CheckpointStatus
 CHECKPOINT_STATUS_INTERIM: CheckpointStatus
@@ -96,24 +129,24 @@ class ConnectRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., connections: _Optional[_Union[SessionConnections, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "runtime", "proxy_url", "agent_version", "capacity")
+    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "proxy_url", "agent_version", "capacity", "runtime_kind")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_ENV_ID_FIELD_NUMBER: _ClassVar[int]
-    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     PROXY_URL_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_KIND_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     agent_id: str
     hostname: str
     compute_env_id: str
-    runtime: str
     proxy_url: str
     agent_version: str
     capacity: HostCapacity
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., runtime: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ...) -> None: ...
+    runtime_kind: RuntimeKind
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., runtime_kind: _Optional[_Union[RuntimeKind, str]] = ...) -> None: ...
 
 class Inventory(_message.Message):
     __slots__ = ("sessions",)
@@ -136,16 +169,16 @@ class ProgressStep(_message.Message):
     def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., message: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., percent: _Optional[int] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("kind", "path", "size_bytes", "used_bytes")
-    KIND_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("path", "size_bytes", "used_bytes", "volume_kind")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
-    kind: str
+    VOLUME_KIND_FIELD_NUMBER: _ClassVar[int]
     path: str
     size_bytes: int
     used_bytes: int
-    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    volume_kind: VolumeKind
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., volume_kind: _Optional[_Union[VolumeKind, str]] = ...) -> None: ...
 
 class SessionObserved(_message.Message):
     __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code", "data_links")
@@ -178,16 +211,16 @@ class SessionObserved(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMountStatus, _Mapping]]] = ...) -> None: ...
 
 class DataLinkMountStatus(_message.Message):
-    __slots__ = ("data_link_id", "mount_name", "state", "message")
+    __slots__ = ("data_link_id", "mount_name", "message", "mount_state")
     DATA_LINK_ID_FIELD_NUMBER: _ClassVar[int]
     MOUNT_NAME_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_STATE_FIELD_NUMBER: _ClassVar[int]
     data_link_id: str
     mount_name: str
-    state: str
     message: str
-    def __init__(self, data_link_id: _Optional[str] = ..., mount_name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    mount_state: DataLinkMountState
+    def __init__(self, data_link_id: _Optional[str] = ..., mount_name: _Optional[str] = ..., message: _Optional[str] = ..., mount_state: _Optional[_Union[DataLinkMountState, str]] = ...) -> None: ...
 
 class ActiveConnection(_message.Message):
     __slots__ = ("user_id", "user_name", "connections", "last_active")

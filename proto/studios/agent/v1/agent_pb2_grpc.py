@@ -48,9 +48,11 @@ class AgentServiceServicer:
         """Connect is the one long-lived stream an agent keeps open to the
         controller. The agent dials; it authenticates with its enrollment token in
         the `authorization: Bearer <token>` metadata entry (UNAUTHENTICATED
-        otherwise). The agent's first message must be a Hello; the controller
-        answers with a Welcome followed by a full DesiredState. A second stream
-        from the same agent id replaces the first.
+        otherwise). The agent's first message must be a Hello (INVALID_ARGUMENT
+        otherwise, or when its agent_id is empty; NOT_FOUND when its compute
+        environment does not exist); the controller answers with a Welcome
+        followed by a full DesiredState. A second stream from the same agent id
+        replaces the first (the first ends with ABORTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
