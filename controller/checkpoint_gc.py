@@ -41,9 +41,9 @@ from agent.checkpoints.gc import DEFAULT_GRACE_S, gc
 from agent.checkpoints.repo import Repository, manifest_name, split_checkpoint_uri
 from agent.errors import CheckpointError
 from controller.db import Database
-from controller.desired import checkpoint_base_uri
 from controller.models import Checkpoint, CheckpointGcRun, ComputeEnv, Studio, as_utc, utcnow
 from controller.periodic import PeriodicPass
+from controller.stores import checkpoint_base_uri
 
 __all__ = ["CheckpointGc", "StorePlan", "last_gc_runs"]
 

@@ -21,19 +21,15 @@ from controller.mounts import (
     data_link_mounts,
     file_system_mount_specs,
 )
+from controller.stores import checkpoint_base_uri
 
-__all__ = ["build_desired_state", "checkpoint_base_uri", "session_desired"]
+__all__ = ["build_desired_state", "session_desired"]
 
 _DESIRED = {
     "running": agent_pb2.DESIRED_STATUS_RUNNING,
     "stopped": agent_pb2.DESIRED_STATUS_STOPPED,
     "deleted": agent_pb2.DESIRED_STATUS_DELETED,
 }
-
-
-def checkpoint_base_uri(work_dir: str) -> str:
-    """``<workDir>/.studios/checkpoints``; workDir may be a path or a URI."""
-    return work_dir.rstrip("/") + "/.studios/checkpoints"
 
 
 def _data_link_mount(spec: DataLinkMountSpec) -> agent_pb2.DataLinkMount:
