@@ -33,7 +33,7 @@ import hashlib
 import hmac
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -49,9 +49,11 @@ __all__ = [
     "SIGNIN_KEY",
     "SIGN_IN_PATH",
     "SignInSettings",
+    "SignedIn",
     "authenticate_request",
     "browser_sign_in_redirect",
     "derive_session_key",
+    "open_session",
     "safe_next",
     "sign_session",
     "token_row",
@@ -187,6 +189,34 @@ async def verify_session(
 async def token_row(session: AsyncSession, token: str) -> ApiToken | None:
     """The API token row of a token value, as bearer authentication finds it."""
     return await session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    user_id: int
+    user_name: str
+    # The cookie's value: it stands in for the API token, so it stays out of the repr.
+    cookie: str = field(repr=False)
+    # Unix time.
+    expires_at: int
+
+
+async def open_session(session: AsyncSession, settings: SignInSettings, token: str) -> SignedIn:
+    """A signed session cookie for the API token `token`; Unauthorized when it is not one."""
+    row = await token_row(session, token)
+    user = await session.get(User, row.user_id) if row is not None else None
+    if row is None or user is None:
+        raise Unauthorized("invalid API token")
+    row.last_used = utcnow()
+    expires_at = int(time.time()) + settings.ttl_seconds
+    value = sign_session(
+        settings.key,
+        token_id=row.id,
+        user_id=user.id,
+        token_hash=row.token_hash,
+        expires_at=expires_at,
+    )
+    return SignedIn(user.id, user.user_name, value, expires_at)
 
 
 async def authenticate_request(request: web.Request, session: AsyncSession) -> Principal:

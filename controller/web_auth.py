@@ -19,7 +19,6 @@ posts carry the Origin that check reads.
 from __future__ import annotations
 
 import html
-import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -29,14 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controller.auth import Principal
 from controller.errors import BadRequest, Forbidden, StudiosError, Unauthorized
-from controller.models import User, utcnow
 from controller.signin import (
     SIGN_IN_PATH,
     SIGNIN_KEY,
     SignInSettings,
+    open_session,
     safe_next,
-    sign_session,
-    token_row,
     verify_session,
 )
 from controller.web_app import DB_KEY, parse_body
@@ -198,20 +195,7 @@ async def sign_in(request: web.Request) -> web.Response:
         body, is_form = await _read_sign_in(request)
         next_path = safe_next(body.next)
         async with request.app[DB_KEY].transaction() as session:
-            token = await token_row(session, body.token.strip())
-            user = await session.get(User, token.user_id) if token is not None else None
-            if token is None or user is None:
-                raise Unauthorized("invalid API token")
-            token.last_used = utcnow()
-            expires_at = int(time.time()) + settings.ttl_seconds
-            value = sign_session(
-                settings.key,
-                token_id=token.id,
-                user_id=user.id,
-                token_hash=token.token_hash,
-                expires_at=expires_at,
-            )
-            user_id, user_name = user.id, user.user_name
+            signed = await open_session(session, settings, body.token.strip())
     except StudiosError as exc:
         if not is_form:
             raise
@@ -223,13 +207,15 @@ async def sign_in(request: web.Request) -> web.Response:
         response = web.Response(status=303, headers={"Location": location, **_PAGE_HEADERS})
     else:
         answer: dict[str, Any] = {
-            "userId": user_id,
-            "userName": user_name,
-            "expiresAt": datetime.fromtimestamp(expires_at, UTC).isoformat().replace("+00:00", "Z"),
+            "userId": signed.user_id,
+            "userName": signed.user_name,
+            "expiresAt": datetime.fromtimestamp(signed.expires_at, UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
             "next": next_path,
         }
         response = web.json_response(answer, headers={"Cache-Control": "no-store"})
-    settings.set_cookie(response, value)
+    settings.set_cookie(response, signed.cookie)
     return response
 
 
