@@ -24,8 +24,8 @@ from agent.host import doctor_report, host_capacity
 from agent.host_mounts import MountBackend
 from agent.proxy import ConnectProxy
 from agent.runtime import RuntimeOptions, create_runtime
-from agent.sessions import SessionManager
-from agent.state import SessionHandle, StateDir
+from agent.sessions import SessionHandle, SessionManager, SessionSettings
+from agent.state import StateDir
 from agent.volumes import GIB, VolumeInfo, create_volume_kind
 
 __all__ = ["Agent", "AgentConfig", "session_json"]
@@ -80,10 +80,9 @@ def _data_link_backend(name: str) -> MountBackend | None:
     return backend
 
 
-def _volume_json(volume: dict[str, Any]) -> dict[str, Any] | None:
-    if not volume:
+def _volume_json(v: VolumeInfo | None) -> dict[str, Any] | None:
+    if v is None:
         return None
-    v = VolumeInfo.from_json(volume)
     return {"kind": v.kind, "path": v.path, "sizeBytes": v.size_bytes, "usedBytes": v.used_bytes}
 
 
@@ -95,11 +94,11 @@ def session_json(h: SessionHandle) -> dict[str, Any]:
         "status": h.status,
         "message": h.message,
         "runtime": h.runtime,
-        "image": h.spec.get("image", ""),
-        "tool": h.spec.get("tool", ""),
+        "image": h.spec.image,
+        "tool": h.spec.tool,
         "toolPort": h.port,
         "pid": h.pid,
-        "rootDir": h.runtime_data.get("merged") or h.root_dir,
+        "rootDir": h.visible_root,
         "logPath": h.log_path,
         "volume": _volume_json(h.volume),
         "startedAt": h.started_at,
@@ -108,9 +107,9 @@ def session_json(h: SessionHandle) -> dict[str, Any]:
         "unsaved": h.unsaved,
         # This run's newest checkpoint (the parent of its next, incremental one).
         "checkpointUri": h.checkpoint_uri,
-        "dataLinks": data_links_json(h.data_links),
+        "dataLinks": data_links_json(s.to_json() for s in h.data_links),
         "progress": [
-            {"name": s["name"], "status": s["status"], "message": s["message"]} for s in h.progress
+            {"name": s.name, "status": s.status, "message": s.message} for s in h.progress
         ],
     }
 
@@ -171,13 +170,15 @@ class Agent:
                 state=self.state,
                 runtime=runtime,
                 volumes=volumes,
-                stop_grace_seconds=cfg.stop_grace_seconds,
-                start_timeout_seconds=cfg.start_timeout_seconds,
-                disk_cap_bytes=cfg.disk_cap_bytes,
-                watch_interval_seconds=cfg.disk_watch_seconds,
-                checkpoint_interval_seconds=cfg.checkpoint_interval_seconds,
-                unsaved_retry_seconds=cfg.unsaved_retry_seconds,
-                s3_endpoint=cfg.s3_endpoint,
+                settings=SessionSettings(
+                    stop_grace_seconds=cfg.stop_grace_seconds,
+                    start_timeout_seconds=cfg.start_timeout_seconds,
+                    disk_cap_bytes=cfg.disk_cap_bytes,
+                    watch_interval_seconds=cfg.disk_watch_seconds,
+                    checkpoint_interval_seconds=cfg.checkpoint_interval_seconds,
+                    unsaved_retry_seconds=cfg.unsaved_retry_seconds,
+                    s3_endpoint=cfg.s3_endpoint,
+                ),
                 datalinks=DataLinkMounter(_data_link_backend(cfg.data_link_mounter)),
             )
             await self.manager.recover()
@@ -295,8 +296,8 @@ class Agent:
         out = []
         for h in self.manager.handles():
             vol = _volume_json(h.volume)
-            if vol is not None:
-                fresh = await self.manager.volumes.usage(VolumeInfo.from_json(h.volume))
+            if vol is not None and h.volume is not None:
+                fresh = await self.manager.volumes.usage(h.volume)
                 vol["sizeBytes"], vol["usedBytes"] = fresh.size_bytes, fresh.used_bytes
             out.append(
                 {
@@ -305,12 +306,12 @@ class Agent:
                     "message": h.message,
                     "volume": vol,
                     "capBytes": self.manager.disk_cap_for(h),
-                    "growth": list(self.manager.disk_events.get(h.session_id, [])),
+                    "growth": self.manager.disk_events(h.session_id),
                 }
             )
         return {
             "volumeKind": self.manager.volumes.kind,
-            "capBytes": self.manager.disk_cap_bytes,
+            "capBytes": self.manager.settings.disk_cap_bytes,
             "budgetFreeBytes": max(0, self.manager.disk_budget_free()),
             "sessions": out,
         }

@@ -1,4 +1,4 @@
-"""Local, crash-safe state of the agent: its identity and the session handles.
+"""Local, crash-safe state of the agent: its identity and where the session handles live.
 
 Handles are written *before* the agent reports a change (Nomad's rule), atomically
 (temp file + fsync + rename), so that an agent killed at any point finds either the
@@ -13,13 +13,11 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "ENDED_STATUSES",
-    "SessionHandle",
     "StateDir",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -48,55 +46,6 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:
     atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode(), mode)
-
-
-@dataclass
-class SessionHandle:
-    """What the agent must remember about one session to recover it after a restart."""
-
-    session_id: str
-    generation: int
-    # starting | running | stopping | stopped | errored
-    status: str
-    runtime: str
-    spec: dict[str, Any]
-    restore_uri: str = ""
-    message: str = ""
-    pid: int = 0
-    create_time: float = 0.0
-    port: int = 0
-    root_dir: str = ""
-    log_path: str = ""
-    volume: dict[str, Any] = field(default_factory=dict)
-    progress: list[dict[str, Any]] = field(default_factory=list)
-    started_at: int = 0
-    exited: bool = False
-    exit_code: int = 0
-    # True while the session directory holds data that no checkpoint has taken yet
-    # (the final checkpoint failed); the directory is kept until one succeeds.
-    unsaved: bool = False
-    # URI of this run's newest checkpoint: the parent of the next (incremental) one.
-    checkpoint_uri: str = ""
-    # This run's final checkpoint, once its manifest is committed in the store. Saved
-    # before the volume is released: a stop that finds it set never writes another final
-    # checkpoint (the volume may be half released), it only finishes the release.
-    final_uri: str = ""
-    # Opaque per-runtime data (Nomad's driver blob).
-    runtime_data: dict[str, Any] = field(default_factory=dict)
-    # One `datalinks.MountStatus` (as JSON) per data-link of the spec, in its order.
-    data_links: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ended(self) -> bool:
-        return self.status in ENDED_STATUSES
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SessionHandle:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class StateDir:
@@ -173,17 +122,17 @@ class StateDir:
         atomic_write_bytes(path, (value + "\n").encode())
         return value
 
-    def save_handle(self, handle: SessionHandle) -> None:
-        atomic_write_json(self.session_dir(handle.session_id) / "handle.json", handle.to_json())
+    def save_handle_json(self, session_id: str, handle: dict[str, Any]) -> None:
+        atomic_write_json(self.session_dir(session_id) / "handle.json", handle)
 
-    def load_handles(self) -> list[SessionHandle]:
-        handles: list[SessionHandle] = []
+    def load_handle_jsons(self) -> list[dict[str, Any]]:
+        """Every session's handle as written (agent.sessions.handle gives them types)."""
+        handles: list[dict[str, Any]] = []
         if not self.sessions_dir.is_dir():
             return handles
         for entry in sorted(self.sessions_dir.iterdir()):
-            path = entry / "handle.json"
             try:
-                handles.append(SessionHandle.from_json(json.loads(path.read_text())))
+                handles.append(json.loads((entry / "handle.json").read_text()))
             except FileNotFoundError:
                 continue
         return handles

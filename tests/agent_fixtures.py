@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agent.daemon import Agent, AgentConfig
 from agent.proxy import ConnectProxy
+from agent.sessions.handle import load_handles
 from agent.state import StateDir
 from tests.fake_controller import FakeController
 
@@ -119,7 +120,7 @@ def make_agent_config(
 
 def kill_leftover_tools(state_dir: Path) -> None:
     """Agents leave tools running on purpose; tests must not."""
-    for handle in StateDir(state_dir).load_handles():
+    for handle in load_handles(StateDir(state_dir)):
         if not handle.pid:
             continue
         try:

@@ -256,7 +256,7 @@ async def test_refresh_interval_setting(tmp_path: Path, controller: FakeControll
     a = Agent(config)
     await a.start()
     try:
-        assert a.manager is not None and a.manager.checkpoint_interval_seconds == 300.0
+        assert a.manager is not None and a.manager.settings.checkpoint_interval_seconds == 300.0
         controller.push(desired("c6c60001", checkpoint_base_uri=str(tmp_path / "ck")))
         await controller.wait_status("c6c60001", RUNNING)
         # One checkpoint at start; the next would come 5 minutes later.

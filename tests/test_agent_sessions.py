@@ -46,11 +46,11 @@ async def test_hello_then_inventory(controller: FakeController, agent: Agent) ->
     first = controller.received[0][1]
     assert first.WhichOneof("message") == "hello"
     hello = first.hello
-    assert hello.protocol_version == pb.PROTOCOL_VERSION_V1
+    assert hello.protocol_version == pb.PROTOCOL_VERSION_V2
     assert hello.agent_id == agent.agent_id
     assert hello.agent_id == (agent.config.state_dir / "agent-id").read_text().strip()
     assert hello.compute_env_id == "0123456789abcdef"
-    assert hello.runtime == "local"
+    assert hello.runtime_kind == pb.RUNTIME_KIND_LOCAL
     assert hello.proxy_url == f"http://localhost:{agent.proxy_port}"
     assert hello.capacity.cpus >= 1 and hello.capacity.memory_bytes > 0
     assert controller.received[1][1].WhichOneof("message") == "inventory"
@@ -79,7 +79,7 @@ async def test_running_only_after_the_tool_answers(
     assert all(o.status in (STARTING, RUNNING) for o in history)
     assert obs.generation == 1
     assert obs.runtime == "local"
-    assert obs.volume.kind == "directory"
+    assert obs.volume.volume_kind == pb.VOLUME_KIND_DIRECTORY
     assert obs.volume.size_bytes == 2 * 1024**3
     assert obs.root_dir == str(agent.config.state_dir / "sessions" / "aaaa0001" / "root")
     assert all(s.status == pb.STEP_STATUS_SUCCEEDED for s in obs.progress)
@@ -114,7 +114,7 @@ async def test_unknown_image_errors_the_start(controller: FakeController, agent:
 
 
 async def test_start_timeout_errors_and_releases(controller: FakeController, agent: Agent) -> None:
-    agent.manager.start_timeout_seconds = 1.0  # type: ignore[union-attr]
+    agent.manager.settings.start_timeout_seconds = 1.0  # type: ignore[union-attr]
     controller.push(desired("aaaa0004", image="test/silent:1"))
     obs = await controller.wait_status("aaaa0004", ERRORED)
     assert "did not answer on port" in obs.message

@@ -24,7 +24,7 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.checkpoints import engine as E
 from agent.daemon import Agent
-from agent.datalinks.mounter import DataLinkMounter, backend_named, fuse_usable
+from agent.datalinks.mounter import DataLinkMounter, backend_named, fuse_usable, state_of
 from agent.host_mounts import (
     detach_mounts_under_sync,
     is_mount_point,
@@ -32,7 +32,8 @@ from agent.host_mounts import (
     parse_resource_ref,
 )
 from agent.sessions import SessionManager
-from agent.state import SessionHandle, StateDir
+from agent.sessions.handle import SessionHandle, save_handle
+from agent.state import StateDir
 from agent.volumes.directory import DirectoryVolume
 from tests import s3_server as _s3
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
@@ -280,10 +281,9 @@ async def test_leftover_mounts_are_cleaned_at_agent_start(
     # A stopped session's handle (the agent died between the tool's end and the unmount),
     # and a running one whose tool still runs.
     for sid, status in (("dead0001", "stopped"), ("live0001", "running")):
-        state.save_handle(
-            SessionHandle(
-                session_id=sid, generation=1, status=status, runtime="local", spec={}, pid=0
-            )
+        save_handle(
+            state,
+            SessionHandle(session_id=sid, generation=1, status=status, runtime="local", pid=0),
         )
     manager = SessionManager(
         state=state, runtime=_NeverRunning(), volumes=DirectoryVolume(), datalinks=m
@@ -404,7 +404,7 @@ async def test_session_data_reaches_the_bucket_and_never_the_checkpoint(
     d.spec.file_system_mounts.add(host_path=str(shared), mount_path="/mnt/efs", read_only=True)
     controller.push(d)
     obs = await controller.wait_status(sid, RUNNING)
-    assert [(s.mount_name, s.state) for s in obs.data_links] == [
+    assert [(s.mount_name, state_of(s)) for s in obs.data_links] == [
         ("results", "mounted"),
         ("reference", "read-only"),
         ("broken", "failed"),
@@ -426,7 +426,7 @@ async def test_session_data_reaches_the_bucket_and_never_the_checkpoint(
 
     controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED, checkpoint_base_uri=base))
     stopped = await controller.wait_status(sid, STOPPED)
-    assert [s.state for s in stopped.data_links] == ["unmounted", "unmounted", "failed"]
+    assert [state_of(s) for s in stopped.data_links] == ["unmounted", "unmounted", "failed"]
     assert not mount_points_under(dl_agent.state.root)
     assert not (shared / "x").exists() and (shared / "shared.txt").exists()
     final = [e for e in controller.messages("checkpoint") if e.status == FINALIZED][-1]
@@ -471,7 +471,7 @@ async def test_required_data_link_that_fails_errors_the_start(
     )
     obs = await controller.wait_status(sid, ERRORED)
     assert "id-needed" in obs.message and "http://127.0.0.1:9" in obs.message
-    assert [(s.mount_name, s.state) for s in obs.data_links] == [
+    assert [(s.mount_name, state_of(s)) for s in obs.data_links] == [
         ("ok", "unmounted"),
         ("needed", "failed"),
         ("later", "unmounted"),
@@ -504,7 +504,7 @@ async def test_mounts_cleaned_after_agent_crash_when_the_tool_died(
         inv = controller.messages("inventory")[-1]
         [sess] = [x for x in inv.sessions if x.session_id == sid]
         assert sess.status == RUNNING
-        assert [x.state for x in sess.data_links] == ["mounted"]
+        assert [state_of(x) for x in sess.data_links] == ["mounted"]
         assert mount_points_under(config.state_dir)
     finally:
         await again.close()
@@ -548,7 +548,7 @@ async def test_podman_session_sees_data_links_and_the_upper_dir_does_not(
             d.spec.file_system_mounts.add(host_path=str(shared), mount_path="/mnt/efs")
             controller.push(d)
             obs = await controller.wait_status(sid, RUNNING, timeout=90)
-            assert [s.state for s in obs.data_links] == ["mounted", "read-only"]
+            assert [state_of(s) for s in obs.data_links] == ["mounted", "read-only"]
             cid = _podman("ps", "-q", "--filter", f"name=studios-{sid}").stdout.split()[0]
             script = (
                 "echo from-container > /workspace/data/results/c.txt && "
@@ -610,7 +610,7 @@ async def test_store_gone_the_session_survives_and_stops(
         controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED))
         stopped = await controller.wait_status(sid, STOPPED, timeout=90)
         assert time.monotonic() - t0 < 60
-        assert [s.state for s in stopped.data_links] == ["unmounted"]
+        assert [state_of(s) for s in stopped.data_links] == ["unmounted"]
         assert not mount_points_under(dl_agent.state.root)
     finally:
         srv.stop()
@@ -625,7 +625,7 @@ async def test_a_dead_mount_helper_is_reported_and_the_session_still_stops(
     sid = "d1a10005"
     controller.push(_with_links(desired(sid), _link(s3_server, f"s3://{bucket}", "dies")))
     obs = await controller.wait_status(sid, RUNNING)
-    assert obs.data_links[0].state == "mounted"
+    assert state_of(obs.data_links[0]) == "mounted"
     host_path = str(dl_agent.state.session_dir(sid) / "datalinks" / "dies")
     [helper] = [
         p for p in psutil.process_iter(["cmdline"]) if host_path in (p.info["cmdline"] or [])
@@ -635,7 +635,7 @@ async def test_a_dead_mount_helper_is_reported_and_the_session_still_stops(
 
     def failed() -> pb.SessionObserved | None:
         o = controller.latest(sid)
-        return o if o is not None and o.data_links[0].state == "failed" else None
+        return o if o is not None and state_of(o.data_links[0]) == "failed" else None
 
     obs = await controller.wait_for(failed, timeout=20)
     assert obs.status == RUNNING

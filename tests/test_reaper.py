@@ -22,7 +22,8 @@ from studios.agent.v1 import agent_pb2 as pb
 from agent.daemon import Agent
 from agent.runtime.local import LABEL_ENV
 from agent.runtime.podman import LABEL_GENERATION, LABEL_OWNER, LABEL_SESSION
-from agent.state import SessionHandle, StateDir
+from agent.sessions.handle import SessionHandle, save_handle
+from agent.state import StateDir
 from agent.volumes import GIB, VolumeInfo
 from agent.volumes.xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
 from tests.agent_fixtures import controller_fixture, make_agent_config  # noqa: F401
@@ -162,12 +163,11 @@ async def test_leftovers_of_ended_generations_are_released_unsaved_data_is_kept(
             generation=2,
             status="errored" if unsaved else "stopped",
             runtime="local",
-            spec={},
             root_dir=str(root),
-            volume=info.to_json(),
+            volume=info,
             unsaved=unsaved,
         )
-        state.save_handle(h)
+        save_handle(state, h)
     # A loop device whose backing file a crashed agent deleted while it was attached.
     lost = state.root_dir("dead0006")
     await vol.prepare(lost, 2 * GIB)

@@ -123,11 +123,11 @@ async def test_a_grown_session_restores_with_2_gib_free_and_a_restore_that_does_
 
         # A restore larger than its volume (the estimate forced low) grows it on the way.
         assert agent.manager is not None
-        agent.manager.volume_size_for = lambda restore_bytes: 2 * GIB  # type: ignore[method-assign]
+        agent.manager.context.volume_size_for = lambda restore_bytes: 2 * GIB  # type: ignore[method-assign]
         controller.push(_spec(sid, ck, 4, 30, restore=second))
         obs = await controller.wait_status(sid, RUNNING, generation=4, timeout=300)
         assert await asyncio.to_thread(_sha256, Path(obs.volume.path) / "data.bin") == want
-        grown = agent.manager.disk_events[sid]
+        grown = agent.manager.disk_events(sid)
         assert grown and grown[0]["fromBytes"] == 2 * GIB, grown
         controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED, generation=4))
         await controller.wait_status(sid, STOPPED, generation=4, timeout=300)

@@ -156,13 +156,14 @@ async def test_writer_never_sees_enospc_while_the_volume_grows(
     try:
         controller.push(desired("bbbb0001", image="test/slow:1", environment={"SLOW_SECONDS": "0"}))
         obs = await controller.wait_status("bbbb0001", RUNNING)
-        assert obs.volume.kind == "xfs-loop" and obs.volume.size_bytes == 2 * GIB
+        assert obs.volume.volume_kind == pb.VOLUME_KIND_XFS_LOOP
+        assert obs.volume.size_bytes == 2 * GIB
         result: dict[str, object] = {}
         await asyncio.to_thread(_write, Path(obs.volume.path) / "big", 3 * GIB, result)
         assert "errno" not in result, f"writer failed: {os.strerror(int(result['errno']))}"
         assert result["written"] == 3 * GIB
         assert agent.manager is not None
-        events = agent.manager.disk_events["bbbb0001"]
+        events = agent.manager.disk_events("bbbb0001")
         sizes = [e["toBytes"] for e in events]
         # Step by step, 2 GiB at a time.
         assert sizes[:2] == [4 * GIB, 6 * GIB], events

@@ -23,9 +23,21 @@ from agent.errors import CheckpointError
 __all__ = [
     "LATEST",
     "ContentCheckpointStore",
+    "checkpoint_session",
     "is_archive_uri",
     "storage_options_for",
 ]
+
+
+def checkpoint_session(uri: str) -> str:
+    """The session id a checkpoint URI of either format belongs to ("" when it cannot tell)."""
+    if is_archive_uri(uri):
+        parts = uri.rstrip("/").split("/")
+        return parts[-2] if len(parts) >= 2 else ""
+    try:
+        return split_checkpoint_uri(uri)[1]
+    except CheckpointError:
+        return ""
 
 
 def is_archive_uri(uri: str) -> bool:

@@ -8,7 +8,6 @@ from agent.datalinks.mounter import (
     MountStatus,
     backend_named,
     data_links_json,
-    spec_json,
 )
 
 __all__ = [
@@ -19,5 +18,4 @@ __all__ = [
     "MountStatus",
     "backend_named",
     "data_links_json",
-    "spec_json",
 ]

@@ -16,7 +16,7 @@ binds it at `/workspace/data/<mount_name>` in the session. Per mount:
 A data-link that cannot be mounted fails the start when it is `required`, else the
 session starts without it and its status says why. Unmounting (stop, delete, and at
 agent start for sessions no longer running) never hangs: `mount_base.unmount`.
-Credentials are never persisted: `spec_json` drops them from what the handle keeps.
+Credentials are never persisted: the handle keeps `sessions.handle.DataLinkSpec`, without them.
 
 Why s3fs-fuse (tests/bench/bench_datalink_mount.py, 256 MiB against SeaweedFS, three
 runs on a shared machine): it is the only candidate that both has a file complete in the
@@ -66,7 +66,6 @@ __all__ = [
     "backends",
     "data_links_json",
     "fuse_usable",
-    "spec_json",
     "state_of",
 ]
 
@@ -131,22 +130,6 @@ class MountStatus:
     def from_json(cls, data: dict[str, Any]) -> MountStatus:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def spec_json(links: Iterable[pb.DataLinkMount]) -> list[dict[str, Any]]:
-    """What a handle keeps of the data-links: everything but the keys."""
-    return [
-        {
-            "data_link_id": d.data_link_id,
-            "mount_name": d.mount_name,
-            "resource_ref": d.resource_ref,
-            "read_only": d.read_only,
-            "endpoint": d.endpoint,
-            "region": d.region,
-            "required": d.required,
-        }
-        for d in links
-    ]
 
 
 def data_links_json(statuses: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -38,12 +38,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 from studios.agent.v1 import agent_pb2 as pb
 
-from agent.state import SessionHandle
 from studios_shared.connect_token import (
     ConnectClaims,
     InvalidConnectToken,
@@ -56,6 +55,7 @@ __all__ = [
     "TOKEN_PARAM",
     "USER_HEADER",
     "ConnectProxy",
+    "ProxiedSession",
     "UserActivity",
     "safe_location",
 ]
@@ -733,11 +733,21 @@ def _user_header(claims: ConnectClaims) -> bytes:
     return USER_HEADER.encode() + b": " + name.encode()
 
 
+class ProxiedSession(Protocol):
+    """What the proxy reads of a session: whether it runs, and its tool's port."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 class ConnectProxy:
     def __init__(
         self,
         *,
-        lookup: Callable[[str], SessionHandle | None],
+        lookup: Callable[[str], ProxiedSession | None],
         key: Callable[[], bytes | None],
         on_activity: Callable[[str], None] | None = None,
     ) -> None:

@@ -1,0 +1,145 @@
+"""What every session runner of one agent shares: the host's pieces, settings and sinks.
+
+A runner owns one session; the context is how it reaches what is not its own (the
+runtime, the volume kind, the checkpoint stores, the controller link's sinks) and the
+one figure that needs every session at once: how much of the disk budget is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from studios.agent.v1 import agent_pb2 as pb
+
+from agent.checkpoints.content_store import ContentCheckpointStore, storage_options_for
+from agent.checkpoints.store import CheckpointStore
+from agent.datalinks import DataLinkMounter
+from agent.runtime import Runtime
+from agent.sessions.handle import SessionHandle, SessionSpec, save_handle
+from agent.sessions.report import observed
+from agent.state import StateDir
+from agent.volumes import GIB, VolumeKind
+
+__all__ = ["SessionContext", "SessionSettings"]
+
+_FS_RESERVE_BYTES = 64 * 1024**2
+_VOLUME_ROUNDING = 64 * 1024**2
+
+
+@dataclass
+class SessionSettings:
+    """The agent's settings for its sessions (the daemon fills them from its config)."""
+
+    stop_grace_seconds: float = 30.0
+    start_timeout_seconds: float = 60.0
+    volume_size_bytes: int = 2 * GIB
+    grow_step_bytes: int = 2 * GIB
+    grow_below_free_bytes: int = 1 * GIB
+    disk_cap_bytes: int = 30 * GIB
+    # The accounting tick: usage, data-link health, retries, reconcile.
+    watch_interval_seconds: float = 5.0
+    # Interim checkpoints: one right after the tool answers, then one per interval.
+    checkpoint_interval_seconds: float = 300.0
+    unsaved_retry_seconds: float = 60.0
+    reap_interval_seconds: float = 60.0
+    s3_endpoint: str | None = None
+
+
+class SessionContext:
+    def __init__(
+        self,
+        *,
+        state: StateDir,
+        runtime: Runtime,
+        volumes: VolumeKind,
+        datalinks: DataLinkMounter,
+        settings: SessionSettings,
+        budget_used: Callable[[], int],
+    ) -> None:
+        self.state = state
+        self.runtime = runtime
+        self.volumes = volumes
+        self.datalinks = datalinks
+        self.settings = settings
+        self._budget_used = budget_used
+        self._stores: dict[str, CheckpointStore] = {}
+        # Sinks set by the controller link; the checkpoint sink must persist the event
+        # before it returns (the session directory is deleted right after).
+        self.on_observed: Callable[[pb.SessionObserved], None] = lambda obs: None
+        self.on_checkpoint: Callable[[pb.CheckpointEvent], None] = lambda ev: None
+        # Set by the manager: every finished operation reconciles again.
+        self.reconcile: Callable[[], None] = lambda: None
+
+    async def save_and_report(self, h: SessionHandle) -> None:
+        # Persist first: a report must never get ahead of what a restart would find.
+        await asyncio.to_thread(save_handle, self.state, h)
+        self.on_observed(observed(h))
+
+    async def save(self, h: SessionHandle) -> None:
+        await asyncio.to_thread(save_handle, self.state, h)
+
+    def report(self, h: SessionHandle) -> None:
+        """Report without persisting: progress only, a restart finds the step as it was."""
+        self.on_observed(observed(h))
+
+    def store_for(self, spec: SessionSpec) -> CheckpointStore:
+        base = spec.checkpoint_base_uri or str(self.state.default_checkpoint_dir)
+        store = self._stores.get(base)
+        if store is None:
+            store = self._stores[base] = ContentCheckpointStore(
+                base,
+                storage_options_for(base, self.settings.s3_endpoint),
+                tmp_dir=self.state.tmp_dir,
+            )
+        return store
+
+    def checkpoint_dir(self, h: SessionHandle) -> Path:
+        """What checkpoints read and restores fill: the volume, or the overlay's upper
+        directory on it (podman)."""
+        return self.runtime.checkpoint_dir(Path(h.root_dir))
+
+    def disk_cap_for(self, spec: SessionSpec) -> int:
+        """The compute environment's cap on this host: its bootDiskSizeGb, else the default."""
+        gb = spec.boot_disk_size_gb
+        return gb * GIB if gb > 0 else self.settings.disk_cap_bytes
+
+    def disk_budget_free(self, cap_bytes: int | None = None) -> int:
+        cap = self.settings.disk_cap_bytes if cap_bytes is None else cap_bytes
+        return cap - self._budget_used()
+
+    def volume_size_for(self, restore_bytes: int) -> int:
+        """A fresh session's volume, or one that holds a restore and still has the same
+        free space: the data, the free space, and XFS's own share (log, inodes, free-space
+        trees: about 1 % plus a few MiB at these sizes), rounded up to 64 MiB."""
+        base = self.settings.volume_size_bytes
+        if restore_bytes <= 0:
+            return base
+        need = restore_bytes + base
+        need += need // 50 + _FS_RESERVE_BYTES
+        return -(-need // _VOLUME_ROUNDING) * _VOLUME_ROUNDING
+
+    def progress_sink(
+        self, h: SessionHandle, step_name: str, verb: str
+    ) -> Callable[[int, int], None]:
+        """Percent and bytes of a restore or checkpoint, on `step_name`, twice a second."""
+        last = [0.0]
+
+        def fn(done: int, total: int) -> None:
+            step = h.step(step_name)
+            if step is not None and step.status == "in_progress":
+                step.percent = min(100, done * 100 // total) if total > 0 else -1
+                step.message = f"{verb} {_mib(done)} of {_mib(total)}"
+            now = time.monotonic()
+            if now - last[0] >= 0.5 or (total and done >= total):
+                last[0] = now
+                self.report(h)
+
+        return fn
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
