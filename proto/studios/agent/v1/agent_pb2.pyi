@@ -110,6 +110,58 @@ DESIRED_STATUS_RUNNING: DesiredStatus
 DESIRED_STATUS_STOPPED: DesiredStatus
 DESIRED_STATUS_DELETED: DesiredStatus
 
+class EndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndpointsResponse(_message.Message):
+    __slots__ = ("agent_endpoint", "server_names")
+    AGENT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    agent_endpoint: str
+    server_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_endpoint: _Optional[str] = ..., server_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("agent_id", "compute_env_id", "csr_pem", "hostname", "capacity")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_ENV_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    compute_env_id: str
+    csr_pem: bytes
+    hostname: str
+    capacity: HostCapacity
+    def __init__(self, agent_id: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., hostname: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("agent_id", "certificate_pem", "ca_certificate_pem", "not_after")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    certificate_pem: bytes
+    ca_certificate_pem: bytes
+    not_after: int
+    def __init__(self, agent_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., not_after: _Optional[int] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateResponse(_message.Message):
+    __slots__ = ("certificate_pem", "not_after")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    not_after: int
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., not_after: _Optional[int] = ...) -> None: ...
+
 class ConnectRequest(_message.Message):
     __slots__ = ("hello", "inventory", "session", "checkpoint", "capacity", "heartbeat", "connections")
     HELLO_FIELD_NUMBER: _ClassVar[int]

@@ -26,7 +26,15 @@ if _version_not_supported:
 
 
 class AgentServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Two TLS listeners, both with the controller's own CA (docs/contract-notes.md
+    "Agent enrollment"); there is no plaintext one. The enrollment endpoint (what
+    `studio-agent --controller` names) serves Endpoints and Enroll with server TLS;
+    the agent pins the CA by the hash in its join token before it sends anything.
+    The agent endpoint requires mutual TLS with an enrolled agent certificate and
+    serves RenewCertificate and Connect: an agent's id and compute environment are
+    its certificate's, never a claim. (Two listeners because a gRPC server cannot
+    ask for a client certificate without requiring one.)
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -34,6 +42,21 @@ class AgentServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Endpoints = channel.unary_unary(
+                '/studios.agent.v1.AgentService/Endpoints',
+                request_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.EndpointsRequest.SerializeToString,
+                response_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.EndpointsResponse.FromString,
+                _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/studios.agent.v1.AgentService/Enroll',
+                request_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/studios.agent.v1.AgentService/RenewCertificate',
+                request_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
         self.Connect = channel.stream_stream(
                 '/studios.agent.v1.AgentService/Connect',
                 request_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.ConnectRequest.SerializeToString,
@@ -42,17 +65,53 @@ class AgentServiceStub:
 
 
 class AgentServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Two TLS listeners, both with the controller's own CA (docs/contract-notes.md
+    "Agent enrollment"); there is no plaintext one. The enrollment endpoint (what
+    `studio-agent --controller` names) serves Endpoints and Enroll with server TLS;
+    the agent pins the CA by the hash in its join token before it sends anything.
+    The agent endpoint requires mutual TLS with an enrolled agent certificate and
+    serves RenewCertificate and Connect: an agent's id and compute environment are
+    its certificate's, never a claim. (Two listeners because a gRPC server cannot
+    ask for a client certificate without requiring one.)
+    """
+
+    def Endpoints(self, request, context):
+        """Endpoints says where the agent endpoint is (enrollment endpoint; no auth).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Enroll(self, request, context):
+        """Enroll (enrollment endpoint) exchanges a join token (`authorization:
+        Bearer <token>`) and a certificate signing request for a client
+        certificate. The key stays on the agent. UNAUTHENTICATED: no, wrong, expired or used-up token;
+        PERMISSION_DENIED: a token bound to another compute environment, or an
+        agent id that is enrolled already (revoke it first); NOT_FOUND: no such
+        compute environment; INVALID_ARGUMENT: a malformed request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """RenewCertificate (agent endpoint) issues a new certificate for the
+        caller's identity (mutual TLS with its current, unexpired and unrevoked
+        certificate), for a new key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Connect(self, request_iterator, context):
-        """Connect is the one long-lived stream an agent keeps open to the
-        controller. The agent dials; it authenticates with its enrollment token in
-        the `authorization: Bearer <token>` metadata entry (UNAUTHENTICATED
-        otherwise). The agent's first message must be a Hello (INVALID_ARGUMENT
-        otherwise, or when its agent_id is empty; NOT_FOUND when its compute
-        environment does not exist); the controller answers with a Welcome
-        followed by a full DesiredState. A second stream from the same agent id
-        replaces the first (the first ends with ABORTED).
+        """Connect (agent endpoint) is the one long-lived stream an agent keeps open
+        to the controller, over mutual TLS with its enrolled certificate
+        (UNAUTHENTICATED without one, or when it is revoked). The agent's first
+        message must be a Hello (INVALID_ARGUMENT otherwise; PERMISSION_DENIED when
+        its agent_id or compute_env_id is not the certificate's; NOT_FOUND when
+        its compute environment does not exist); the controller answers with a
+        Welcome followed by a full DesiredState. A second stream from the same
+        agent id replaces the first (the first ends with ABORTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +120,21 @@ class AgentServiceServicer:
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Endpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.Endpoints,
+                    request_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.EndpointsRequest.FromString,
+                    response_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.EndpointsResponse.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.EnrollRequest.FromString,
+                    response_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.EnrollResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=studios_dot_agent_dot_v1_dot_agent__pb2.RenewCertificateResponse.SerializeToString,
+            ),
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
                     request_deserializer=studios_dot_agent_dot_v1_dot_agent__pb2.ConnectRequest.FromString,
@@ -75,7 +149,96 @@ def add_AgentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
-    """Missing associated documentation comment in .proto file."""
+    """Two TLS listeners, both with the controller's own CA (docs/contract-notes.md
+    "Agent enrollment"); there is no plaintext one. The enrollment endpoint (what
+    `studio-agent --controller` names) serves Endpoints and Enroll with server TLS;
+    the agent pins the CA by the hash in its join token before it sends anything.
+    The agent endpoint requires mutual TLS with an enrolled agent certificate and
+    serves RenewCertificate and Connect: an agent's id and compute environment are
+    its certificate's, never a claim. (Two listeners because a gRPC server cannot
+    ask for a client certificate without requiring one.)
+    """
+
+    @staticmethod
+    def Endpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studios.agent.v1.AgentService/Endpoints',
+            studios_dot_agent_dot_v1_dot_agent__pb2.EndpointsRequest.SerializeToString,
+            studios_dot_agent_dot_v1_dot_agent__pb2.EndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studios.agent.v1.AgentService/Enroll',
+            studios_dot_agent_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+            studios_dot_agent_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/studios.agent.v1.AgentService/RenewCertificate',
+            studios_dot_agent_dot_v1_dot_agent__pb2.RenewCertificateRequest.SerializeToString,
+            studios_dot_agent_dot_v1_dot_agent__pb2.RenewCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Connect(request_iterator,
