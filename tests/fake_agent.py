@@ -6,7 +6,7 @@ It does nothing on its own: a test tells it what to report (`report`,
 
 It speaks the current protocol version; a test plays an older agent by
 overriding `hello_request` and `response_type` with messages generated from an
-older copy of agent.proto (tests/test_protocol_upgrade.py).
+older copy of agent.proto (tests/controller/test_protocol_upgrade.py).
 """
 
 from __future__ import annotations

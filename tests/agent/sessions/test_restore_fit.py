@@ -16,9 +16,9 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.volumes import GIB
 from agent.volumes.xfs import backing_file, loop_devices_for
+from tests.agent.volumes.test_xfs import _cleanup_agent, _released, _require_xfs, _xfs_agent
 from tests.agent_fixtures import controller_fixture  # noqa: F401  (fixture by name)
 from tests.fake_controller import FakeController, desired
-from tests.test_volume_xfs import _cleanup_agent, _released, _require_xfs, _xfs_agent
 
 RUNNING = pb.SESSION_STATUS_RUNNING
 STOPPED = pb.SESSION_STATUS_STOPPED

@@ -36,6 +36,7 @@ from agent.sessions.handle import SessionHandle, save_handle
 from agent.state import StateDir
 from agent.volumes.directory import DirectoryVolume
 from tests import s3_server as _s3
+from tests.agent.volumes.test_xfs import _released
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     controller_fixture,
     kill_leftover_tools,
@@ -44,7 +45,6 @@ from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
 from tests.fake_controller import FakeController, desired
 from tests.integration import require
 from tests.s3_server import S3Server, require_weed
-from tests.test_volume_xfs import _released
 
 pytestmark = [pytest.mark.root]
 # The shared SeaweedFS of the test session (a fixture by name).
@@ -526,7 +526,14 @@ async def test_mounts_cleaned_after_agent_crash_when_the_tool_died(
 async def test_podman_session_sees_data_links_and_the_upper_dir_does_not(
     s3_server: S3Server, controller: FakeController, tmp_path: Path
 ) -> None:
-    from tests.test_podman_runtime import IMAGE, _agent, _cleanup, _config, _podman, _require_podman
+    from tests.agent.runtime.test_podman import (
+        IMAGE,
+        _agent,
+        _cleanup,
+        _config,
+        _podman,
+        _require_podman,
+    )
 
     _require_podman()
     bucket = _bucket(s3_server)

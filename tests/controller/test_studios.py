@@ -11,8 +11,8 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from controller.models import Studio
 from tests.conftest import ControllerHarness
+from tests.controller.test_roles import add_checkpoint, add_user, create, mark_running
 from tests.fake_agent import FakeAgent
-from tests.test_controller_roles import add_checkpoint, add_user, create, mark_running
 
 
 async def _db_studio(h: ControllerHarness, sid: str, **changes: object) -> None:
@@ -81,7 +81,7 @@ async def test_validate_name(controller_harness: ControllerHarness) -> None:
 
 
 async def test_mounted_data_links(controller_harness: ControllerHarness) -> None:
-    from tests.test_controller_datalinks import add_credentials, add_link
+    from tests.controller.test_datalinks import add_credentials, add_link
 
     h = controller_harness
     keys = await add_credentials(h)

@@ -6,9 +6,9 @@ import asyncio
 import time
 from typing import Any
 
+from tests.e2e.test_stack import TEMPLATE, Stack, _open_studio
+from tests.e2e.test_stack import stack as stack
 from tests.e2e_harness import RestClient
-from tests.test_e2e import TEMPLATE, Stack, _open_studio
-from tests.test_e2e import stack as stack
 
 
 async def _wait(api: RestClient, sid: str, check: Any, timeout: float = 20.0) -> dict[str, Any]:

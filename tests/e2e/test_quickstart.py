@@ -32,12 +32,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import REPO_ROOT
 from tests.e2e_harness import RestClient, free_port, script
 from tests.integration import require
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 DEMO = ROOT / "scripts" / "demo.py"
 URL_LINE = re.compile(r"sample studio\s+(http://\S+/studios/([0-9a-f]{8})/connect)")
 # A start that restores a checkpoint, on a shared two-core machine.

@@ -25,8 +25,8 @@ from controller.models import Credentials, Workspace
 from controller.mounts import bucket_allowed, mount_names
 from controller.secret_box import SecretBox, SecretError
 from tests.conftest import ControllerHarness
+from tests.controller.test_roles import add_user, create, mark_running
 from tests.fake_agent import FakeAgent
-from tests.test_controller_roles import add_user, create, mark_running
 
 ACCESS_KEY = "AKIAEXAMPLEACCESS42"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYSECRET42"

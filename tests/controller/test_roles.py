@@ -6,7 +6,7 @@ and other workspaces (404, never 403).
 Connecting is checked on a studio recorded as running on an agent that is not
 connected: an allowed caller gets past authorisation to 409 ("agent not
 connected"), a refused one gets 403. The data-links row of the table is
-exercised for all six roles in tests/test_controller_datalinks.py.
+exercised for all six roles in tests/controller/test_datalinks.py.
 """
 
 from __future__ import annotations

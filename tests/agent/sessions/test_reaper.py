@@ -26,10 +26,10 @@ from agent.sessions.handle import SessionHandle, save_handle
 from agent.state import StateDir
 from agent.volumes import GIB, VolumeInfo
 from agent.volumes.xfs import XfsLoopVolume, backing_file, loop_devices_for, mounted_source
+from tests.agent.runtime.test_podman import IMAGE, _require_podman
+from tests.agent.volumes.test_xfs import _force_cleanup, _require_xfs
 from tests.agent_fixtures import controller_fixture, make_agent_config  # noqa: F401
 from tests.fake_controller import FakeController
-from tests.test_podman_runtime import IMAGE, _require_podman
-from tests.test_volume_xfs import _force_cleanup, _require_xfs
 
 
 def _labelled_sleeper(label: str) -> subprocess.Popen[bytes]:

@@ -19,10 +19,11 @@ from agent.daemon import Agent, AgentConfig
 from agent.host import doctor_report
 from agent.runtime.podman import LABEL_SESSION
 from agent.volumes.xfs import XfsLoopVolume, mounted_source
+from tests import REPO_ROOT
+from tests.agent.volumes.test_xfs import _force_cleanup
 from tests.agent_fixtures import controller_fixture, make_agent_config  # noqa: F401
 from tests.fake_controller import FakeController, desired
 from tests.integration import require
-from tests.test_volume_xfs import _force_cleanup
 
 IMAGE = os.environ.get("STUDIOS_TEST_IMAGE", "localhost/studios/busybox-httpd:1.36-0.1")
 SOCKET = Path(os.environ.get("STUDIOS_PODMAN_SOCKET", "/run/podman/podman.sock"))
@@ -269,7 +270,7 @@ class _agent:
 
 def test_podman_setup_script_is_idempotent() -> None:
     _require_podman()
-    script = Path(__file__).parent.parent / "scripts" / "podman-setup"
+    script = REPO_ROOT / "scripts" / "podman-setup"
     env = dict(os.environ, STUDIOS_PODMAN_SOCKET=str(SOCKET))
     out = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr

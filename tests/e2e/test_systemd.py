@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import REPO_ROOT
 from tests.integration import require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.checkpoints import engine as E
+from tests import REPO_ROOT
 from tests import s3_server as _s3
 from tests.s3_server import S3Server
 
@@ -26,7 +27,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         text=True,
         timeout=120,
         env=dict(env or os.environ, COLUMNS="200"),
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=REPO_ROOT,
     )
 
 

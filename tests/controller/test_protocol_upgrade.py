@@ -38,13 +38,14 @@ from agent.runtime import runtime_names
 from agent.volumes import VolumeInfo, volume_kinds
 from controller import agent_service
 from controller.models import Studio
+from tests import REPO_ROOT
 from tests.conftest import ControllerHarness
+from tests.controller.test_datalinks import add_credentials, add_link
 from tests.fake_agent import FakeAgent
 from tests.fake_controller import FakeController
 from tests.integration import require
-from tests.test_controller_datalinks import add_credentials, add_link
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 V1_PROTO = ROOT / "tests" / "proto" / "agent_v1.proto"
 
 

@@ -21,7 +21,7 @@ from tests.e2e_harness import AgentProcess, Stack, agent_session, open_studio
 pytestmark = pytest.mark.e2e
 
 TEMPLATE = "studios/python-http:3.11-0.1"
-# Names other test modules import from here (tests/test_connect_e2e.py).
+# Names other test modules import from here (tests/e2e/test_connect.py).
 __all__ = ["TEMPLATE", "Stack", "_open_studio", "stack"]
 _open_studio = open_studio
 

@@ -18,6 +18,7 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.checkpoints import engine as E
 from agent.daemon import Agent, AgentConfig
+from tests import REPO_ROOT
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     controller_fixture,
     kill_leftover_tools,
@@ -231,7 +232,7 @@ def test_agent_killed_mid_upload_leaves_no_checkpoint(tmp_path: Path) -> None:
         (src / f"f{i}.bin").write_bytes(os.urandom(16 << 20))
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILLED_BACKUP), base, str(src)],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=REPO_ROOT,
     )
     try:
         deadline = time.monotonic() + 60
