@@ -343,18 +343,20 @@ class ConnectResponse(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredState, _Mapping]] = ..., checkpoint_ack: _Optional[_Union[CheckpointAck, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key", "checkpoint_acks")
+    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key", "checkpoint_acks", "connect_cookie_max_seconds")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ACKS_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_COOKIE_MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     agent_id: str
     heartbeat_interval_seconds: int
     connect_token_key: bytes
     checkpoint_acks: bool
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ..., checkpoint_acks: _Optional[bool] = ...) -> None: ...
+    connect_cookie_max_seconds: int
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ..., checkpoint_acks: _Optional[bool] = ..., connect_cookie_max_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckpointAck(_message.Message):
     __slots__ = ("session_id", "key", "generation", "result", "message")
