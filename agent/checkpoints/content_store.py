@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from agent.checkpoints.backend import storage_options_for
 from agent.checkpoints.engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
-from agent.checkpoints.repo import manifest_name, split_checkpoint_uri
+from agent.checkpoints.repo import MANIFESTS, manifest_name, split_checkpoint_uri
 from agent.checkpoints.store import LATEST, CheckpointStore, SavedCheckpoint, on_disk_bytes
 from agent.errors import CheckpointError
 
@@ -26,6 +27,8 @@ __all__ = [
     "checkpoint_session",
     "is_archive_uri",
     "storage_options_for",
+    "store_refusal",
+    "within_store",
 ]
 
 
@@ -43,6 +46,61 @@ def checkpoint_session(uri: str) -> str:
 def is_archive_uri(uri: str) -> bool:
     """A checkpoint of the first (tar.gz archive) format."""
     return uri.endswith(".tar.gz")
+
+
+def _store_root(base_uri: str) -> str:
+    """A store's base URI as its checkpoints' URIs begin: a plain path becomes
+    ``file://<absolute path>`` (as `ContentCheckpointStore` opens it), no trailing ``/``."""
+    if "://" not in base_uri:
+        return "file://" + os.path.abspath(base_uri)
+    scheme, _, rest = base_uri.partition("://")
+    if scheme.lower() == "file":
+        rest = posixpath.normpath(rest) if rest.startswith("/") else rest
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
+
+
+def store_refusal(uri: str, base_uri: str, *, session_id: str = "", archives: bool = True) -> str:
+    """Why `uri` is not a checkpoint of the store at `base_uri` ("" when it is one).
+
+    A checkpoint lies at ``<base>/manifests/<session>/<key>`` (the engine) or, with
+    `archives`, ``<base>/<session>/<name>.tar.gz`` (the first format, only read any
+    more); with `session_id`, only that session's. The URI is compared as written,
+    never resolved: a ``.`` or ``..`` segment, an empty one, a backslash, a query or a
+    control character refuses it, so nothing that names the store by a detour (or
+    another scheme, bucket or directory) passes. Both sides use this: the controller
+    for the events it records and the restore points it sends, the agent for the
+    restores it is told to do (docs/contract-notes.md "Which agent may say what").
+    """
+    root = _store_root(base_uri)
+    if not uri:
+        return "no checkpoint URI"
+    if any(c in uri for c in "\\?#") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        return "the URI has a backslash, a query or a control character"
+    full = uri if "://" in uri else ("file://" + uri if uri.startswith("/") else uri)
+    scheme, sep, rest = full.partition("://")
+    if not sep:
+        return "the URI is neither absolute nor has a scheme"
+    full = f"{scheme.lower()}://{rest}"
+    if not full.startswith(root + "/"):
+        return f"the URI is not below the store {root}"
+    parts = full[len(root) + 1 :].split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "the URI has an empty, '.' or '..' segment"
+    if len(parts) == 3 and parts[0] == MANIFESTS.rstrip("/"):
+        owner = parts[1]
+    elif archives and len(parts) == 2 and is_archive_uri(parts[1]):
+        owner = parts[0]
+    else:
+        expected = "<session>/<key>" if not archives else "<session>/<key> or <session>/*.tar.gz"
+        return f"the URI is not a checkpoint of the store ({MANIFESTS}{expected})"
+    if session_id and owner != session_id:
+        return f"the URI is a checkpoint of session {owner}, not of {session_id}"
+    return ""
+
+
+def within_store(uri: str, base_uri: str, *, session_id: str = "", archives: bool = True) -> bool:
+    """`uri` is a checkpoint of the store at `base_uri` (of `session_id`): `store_refusal`."""
+    return not store_refusal(uri, base_uri, session_id=session_id, archives=archives)
 
 
 class ContentCheckpointStore(CheckpointStore):

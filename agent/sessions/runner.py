@@ -24,7 +24,7 @@ from typing import Any
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent import crash_points
-from agent.checkpoints.content_store import checkpoint_session
+from agent.checkpoints.content_store import checkpoint_session, store_refusal
 from agent.checkpoints.store import SavedCheckpoint
 from agent.datalinks import DATA_DIR, STATE_FAILED, DataLinkError
 from agent.errors import (
@@ -262,6 +262,9 @@ class SessionRunner:
         ctx, sid = self.ctx, self.session_id
         prev = self.handle
         restore_uri = d.restore.uri
+        # Only a checkpoint of this session's own store is restored (the controller checks
+        # the same before it sends one): anything else errors the start, nothing restored.
+        refusal = self._restore_refusal(d)
         if prev is not None and prev.unsaved and self._root_exists(prev):
             # The last generation's data was never checkpointed: save it before a fresh
             # volume replaces it, or refuse the start; no data is thrown away.
@@ -275,7 +278,7 @@ class SessionRunner:
             await self._release_volume(prev)
             # The controller's restore point predates this save (it is the studio's own
             # latest checkpoint): what was just saved is newer.
-            if not restore_uri or checkpoint_session(restore_uri) == sid:
+            if not refusal and (not restore_uri or checkpoint_session(restore_uri) == sid):
                 restore_uri = saved.uri
         spec = SessionSpec.from_pb(d.spec)
         h = SessionHandle(
@@ -303,6 +306,9 @@ class SessionRunner:
         step = STEP_VOLUME
         rh: RuntimeHandle | None = None
         try:
+            if refusal:
+                step = STEP_RESTORE
+                raise CheckpointError(refusal)
             h.set_step(step, "in_progress")
             await ctx.save_and_report(h)
             # Leftovers of an ended generation (a tool a crashed start left, its overlay,
@@ -408,6 +414,19 @@ class SessionRunner:
         self._watch(h)
         # The first checkpoint of the run, then one per interval.
         self.checkpointer.start(h, initial=True)
+
+    def _restore_refusal(self, d: pb.SessionDesired) -> str:
+        """Why the controller's restore point is not to be restored ("" when it may be)."""
+        uri = d.restore.uri
+        if not uri:
+            return ""
+        # The store `ctx.store_for` opens for this spec.
+        base = d.spec.checkpoint_base_uri or str(self.ctx.state.default_checkpoint_dir)
+        reason = store_refusal(uri, base)
+        if not reason:
+            return ""
+        # Logged by the failed start, with this message.
+        return f"restore URI {uri} is outside the session's checkpoint store {base}: {reason}"
 
     async def _restore_size(self, h: SessionHandle) -> int:
         try:

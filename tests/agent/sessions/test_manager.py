@@ -14,6 +14,7 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
+from studios_shared.agent_pki import format_join_token
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_config_fixture,
     agent_fixture,
@@ -383,7 +384,10 @@ async def test_an_older_controller_without_acks_gets_events_resent_on_reconnect(
 async def test_unauthenticated_keeps_retrying_until_the_token_is_fixed(
     controller: FakeController, agent_config: AgentConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent_config.token_file.write_text("wrong-token\n")
+    # A join token for this controller's CA with a secret it does not know.
+    agent_config.token_file.write_text(
+        format_join_token("wrong-secret-0123456789", controller.ca.hash) + "\n"
+    )
     a = Agent(agent_config)
     await a.start()
     try:
@@ -411,12 +415,18 @@ async def test_a_malicious_restore_errors_the_start(
     import io
     import tarfile
 
-    archive = tmp_path / "evil.tar.gz"
+    # Inside the session's store (the first format's layout): the archive's own checks
+    # refuse it (a restore URI outside the store never gets that far: test_restore_uri).
+    base = tmp_path / "ck"
+    archive = base / "abab0001" / "evil.tar.gz"
+    archive.parent.mkdir(parents=True)
     with tarfile.open(archive, "w:gz") as tar:
         info = tarfile.TarInfo("../../escaped.txt")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"evil"))
-    controller.push(desired("abab0001", restore_uri=f"file://{archive}"))
+    controller.push(
+        desired("abab0001", restore_uri=f"file://{archive}", checkpoint_base_uri=str(base))
+    )
     obs = await controller.wait_status("abab0001", ERRORED)
     assert "'..'" in obs.message
     step = next(s for s in obs.progress if s.name == "restoring the checkpoint")
