@@ -57,6 +57,10 @@ def _openat2(root_fd: int, rel: str, flags: int, mode: int) -> int:
 
 def _walk_open(root_fd: int, rel: str, flags: int, mode: int) -> int:
     parts = rel.split("/")
+    # O_NOFOLLOW says nothing about "..": refuse it (and an absolute path) as
+    # RESOLVE_BENEATH does, with EXDEV, or "../x" opens beside the root, not below it.
+    if rel.startswith("/") or ".." in parts:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), rel)
     fd = root_fd
     try:
         for p in parts[:-1]:
@@ -65,6 +69,9 @@ def _walk_open(root_fd: int, rel: str, flags: int, mode: int) -> int:
                 os.close(fd)
             fd = nfd
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    except OSError as e:
+        # Name the whole path, as openat2 does, not just the component that failed.
+        raise OSError(e.errno, e.strerror, rel) from None
     finally:
         if fd != root_fd:
             os.close(fd)
