@@ -77,7 +77,11 @@ from controller.requests import (
     DataStudioUpdateRequest,
 )
 from controller.templates import ResolvedTemplate, is_newer_version, resolve_template
-from studios_shared.connect_token import derive_agent_key, sign_connect_token
+from studios_shared.connect_token import (
+    CONNECT_TOKEN_MAX_SECONDS,
+    derive_agent_key,
+    sign_connect_token,
+)
 
 __all__ = [
     "DEFAULT_WORKSPACE_ID",
@@ -874,7 +878,8 @@ class StudioService:
             session_id=session_id,
             user_id=principal.user_id,
             user_name=principal.user_name,
-            ttl_seconds=self.connect_token_ttl,
+            # The proxy refuses tokens valid for longer.
+            ttl_seconds=min(self.connect_token_ttl, CONNECT_TOKEN_MAX_SECONDS),
         )
         return f"{scheme}://{session_id}.{host}:{port}/?studio-token={token}"
 

@@ -6,6 +6,13 @@ short-lived, single-use `?studio-token=` signed for (session, user) with this
 agent's key; the proxy trades it for an HttpOnly cookie of its own and redirects
 to the clean URL.
 
+Bounds: a connect token may be valid for at most `CONNECT_TOKEN_MAX_SECONDS` and a
+cookie for at most the controller's browser session cookie lifetime
+(`Welcome.connect_cookie_max_seconds`, else 12 h), counted from its issue time
+and from now, whoever signed it (`verify_connect_token(max_lifetime=...)`). The
+cookie the proxy sets lives exactly that long (Max-Age and Expires), is HttpOnly,
+SameSite=Lax, host-only, and Secure when the proxy serves TLS.
+
 Relaying is a byte splice, not a re-issued request: the first authenticated
 request on a client connection opens a TCP connection to the session's tool and
 binds the client connection to that session for its lifetime (later requests go
@@ -35,15 +42,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 from studios.agent.v1 import agent_pb2 as pb
 
 from studios_shared.connect_token import (
+    CONNECT_TOKEN_MAX_SECONDS,
+    DEFAULT_COOKIE_MAX_SECONDS,
     ConnectClaims,
     InvalidConnectToken,
     sign_connect_token,
@@ -65,7 +76,6 @@ log = logging.getLogger(__name__)
 COOKIE_NAME = "studios-connect"
 TOKEN_PARAM = "studio-token"
 USER_HEADER = "X-Studios-User"
-COOKIE_TTL_SECONDS = 12 * 3600
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 4096
 # An HTTP keep-alive connection with no traffic either way for this long is closed
@@ -504,7 +514,13 @@ class _Client(asyncio.Protocol):
         if key is None or self.sid is None:
             return False
         try:
-            claims = verify_connect_token(key, cookie, session_id=self.sid, purpose="cookie")
+            claims = verify_connect_token(
+                key,
+                cookie,
+                session_id=self.sid,
+                purpose="cookie",
+                max_lifetime=self.proxy.cookie_max_seconds(),
+            )
         except InvalidConnectToken:
             return False
         if self.bound is None or claims.user_id != self.bound[1]:
@@ -606,7 +622,13 @@ class _Client(asyncio.Protocol):
             self._reply(401, "not signed in to this session: open it through its studio URL")
             return
         try:
-            claims = verify_connect_token(key, cookie_value, session_id=sid, purpose="cookie")
+            claims = verify_connect_token(
+                key,
+                cookie_value,
+                session_id=sid,
+                purpose="cookie",
+                max_lifetime=proxy.cookie_max_seconds(),
+            )
         except InvalidConnectToken as exc:
             self._reply(401, f"session cookie refused: {exc}; open the studio URL again")
             return
@@ -618,7 +640,12 @@ class _Client(asyncio.Protocol):
             return
         self.sid, self.claims, self.cookie = sid, claims, cookie_value
         self.user_header = _user_header(claims)
-        self.forwarded = b"X-Forwarded-Proto: http\r\nX-Forwarded-For: " + self.peer.encode()
+        self.forwarded = (
+            b"X-Forwarded-Proto: "
+            + (b"https" if proxy.secure else b"http")
+            + b"\r\nX-Forwarded-For: "
+            + self.peer.encode()
+        )
         self.state = "connecting"
         self.buf[:0] = head.raw
         self.pause("connecting")
@@ -627,7 +654,12 @@ class _Client(asyncio.Protocol):
     def _sign_in(self, head: _Head, sid: str, key: bytes, target: str) -> None:
         query = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
         try:
-            claims = verify_connect_token(key, query.get(TOKEN_PARAM, ""), session_id=sid)
+            claims = verify_connect_token(
+                key,
+                query.get(TOKEN_PARAM, ""),
+                session_id=sid,
+                max_lifetime=CONNECT_TOKEN_MAX_SECONDS,
+            )
         except InvalidConnectToken as exc:
             self._reply(401, f"connect token refused: {exc}")
             return
@@ -637,13 +669,16 @@ class _Client(asyncio.Protocol):
         if not self.proxy._remember_nonce(claims):
             self._reply(401, "connect token refused: it has already been used")
             return
+        ttl = self.proxy.cookie_max_seconds()
+        now = time.time()
         cookie = sign_connect_token(
             key,
             session_id=sid,
             user_id=claims.user_id,
             user_name=claims.user_name,
-            ttl_seconds=COOKIE_TTL_SECONDS,
+            ttl_seconds=ttl,
             purpose="cookie",
+            now=now,
         )
         self.proxy._users(sid).setdefault(
             claims.user_id, UserActivity(claims.user_id, claims.user_name)
@@ -655,11 +690,7 @@ class _Client(asyncio.Protocol):
                 302,
                 headers=[
                     ("Location", safe_location(target)),
-                    (
-                        "Set-Cookie",
-                        f"{COOKIE_NAME}={cookie}; HttpOnly; Max-Age={COOKIE_TTL_SECONDS};"
-                        " Path=/; SameSite=Lax",
-                    ),
+                    ("Set-Cookie", self.proxy.set_cookie_value(cookie, ttl, now)),
                     ("Cache-Control", "no-store"),
                 ],
                 close=bool(has_body),
@@ -750,9 +781,14 @@ class ConnectProxy:
         lookup: Callable[[str], ProxiedSession | None],
         key: Callable[[], bytes | None],
         on_activity: Callable[[str], None] | None = None,
+        cookie_max: Callable[[], float | None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._key = key
+        # The controller's bound on cookie lifetimes (None or 0: not sent).
+        self._cookie_max = cookie_max
+        # Served over TLS (`start(tls=...)`): cookies are Secure.
+        self.secure = False
         self._on_activity = on_activity
         self.active_seconds = ACTIVE_SECONDS
         # Nonces of connect tokens already exchanged, until they expire (single use).
@@ -769,13 +805,14 @@ class ConnectProxy:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Client(self), host, port, reuse_address=True, backlog=1024
+            lambda: _Client(self), host, port, reuse_address=True, backlog=1024, ssl=tls
         )
+        self.secure = tls is not None
         bound = int(self._server.sockets[0].getsockname()[1])
-        self.url = f"http://{host}:{bound}"
+        self.url = f"{'https' if self.secure else 'http'}://{host}:{bound}"
         self._sweeper = asyncio.create_task(self._sweep_loop())
         return bound
 
@@ -798,6 +835,29 @@ class ConnectProxy:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ cookies
+
+    def cookie_max_seconds(self) -> float:
+        """How long a cookie may live: the controller's bound, else the default."""
+        sent = self._cookie_max() if self._cookie_max is not None else None
+        return float(sent) if sent and sent > 0 else float(DEFAULT_COOKIE_MAX_SECONDS)
+
+    def set_cookie_value(self, cookie: str, ttl: float, now: float) -> str:
+        """The Set-Cookie value: host-only (no Domain), so it never reaches another
+        session's host; HttpOnly; Secure over TLS; Lax, so that the navigation
+        following the controller's (cross-site) redirect to the proxy carries it."""
+        parts = [
+            f"{COOKIE_NAME}={cookie}",
+            f"Max-Age={int(ttl)}",
+            f"Expires={formatdate(now + int(ttl), usegmt=True)}",
+            "Path=/",
+            "HttpOnly",
+            "SameSite=Lax",
+        ]
+        if self.secure:
+            parts.append("Secure")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------ activity
 
