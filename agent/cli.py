@@ -97,12 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# S3 and HTTP clients log request headers at DEBUG: botocore's Authorization header
+# names the access key id of a data-link (or of the checkpoint store).
+CLIENT_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "urllib3", "aiohttp.client")
+
+
+def quiet_client_loggers() -> None:
+    """Keep the storage clients' loggers at INFO or above, whatever --log-level says:
+    data-link keys never reach a log (docs/contract-notes.md "Which agent may say what")."""
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_client_loggers()
     proxy_host, proxy_port = args.proxy
     config = AgentConfig(
         controller=args.controller,

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -41,8 +41,9 @@ class MountTarget:
     prefix: str
     endpoint: str
     region: str
-    access_key_id: str
-    secret_access_key: str
+    # Kept out of the repr: a logged or raised target must not carry the keys.
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
     read_only: bool
 
     @property

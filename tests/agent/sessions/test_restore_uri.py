@@ -9,7 +9,7 @@ by the fake controller.
 
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.checkpoints import engine as E
 from agent.checkpoints.content_store import store_refusal, within_store
+from agent.cli import quiet_client_loggers
 from agent.daemon import Agent
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_config_fixture,
@@ -131,3 +132,37 @@ async def test_without_a_store_in_the_spec_the_agents_default_store_is_the_one(
     assert "outside the session's checkpoint store" in obs.message
     default = str(agent.config.state_dir)
     assert default in obs.message
+
+
+async def test_data_link_keys_reach_no_log_and_no_report(
+    controller: FakeController, agent: Agent, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one place the keys are on the agent is the desired message in memory: a start
+    whose data-link cannot be mounted says why without them, in its logs and reports."""
+    caplog.set_level(logging.DEBUG)
+    quiet_client_loggers()  # as `studio-agent serve` does, even with --log-level debug
+    access, secret = "AKIAAGENTSIDEKEY42", "agent/side+SECRET/never-logged-42"
+    d = desired("abcd0004", checkpoint_base_uri=str(tmp_path / "ck"))
+    d.spec.data_links.append(
+        pb.DataLinkMount(
+            data_link_id="v1-user-keys",
+            mount_name="keys",
+            resource_ref="s3://keys-bucket",
+            read_only=True,
+            endpoint="http://127.0.0.1:9",
+            access_key_id=access,
+            secret_access_key=secret,
+            required=False,
+        )
+    )
+    controller.push(d)
+    obs = await controller.wait_status("abcd0004", RUNNING)
+    [mount] = obs.data_links
+    assert mount.mount_state == pb.DATA_LINK_MOUNT_STATE_FAILED and "v1-user-keys" in mount.message
+    handle = (agent.config.state_dir / "sessions" / "abcd0004" / "handle.json").read_text()
+    for text in (
+        [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+        + [str(m) for _, m in controller.received]
+        + [handle]
+    ):
+        assert access not in text and secret not in text
