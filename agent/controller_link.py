@@ -213,6 +213,7 @@ class ControllerLink:
         self._unacked: dict[Path, float] = {}
         # The proxy reads this; kept on disk so it keeps working while disconnected.
         self.connect_token_key: bytes | None = state.load_connect_key()
+        self.connect_cookie_max_seconds = 0  # Welcome's bound on proxy cookies (0: not sent)
         self._queue: collections.OrderedDict[tuple[str, str], pb.ConnectRequest] = (
             collections.OrderedDict()
         )
@@ -402,6 +403,7 @@ class ControllerLink:
         self.controller_acks = welcome.checkpoint_acks
         if welcome.heartbeat_interval_seconds > 0:
             self.heartbeat_interval = float(welcome.heartbeat_interval_seconds)
+        self.connect_cookie_max_seconds = welcome.connect_cookie_max_seconds
         if welcome.connect_token_key and welcome.connect_token_key != self.connect_token_key:
             self.connect_token_key = bytes(welcome.connect_token_key)
             self.state.save_connect_key(self.connect_token_key)

@@ -187,6 +187,7 @@ class Agent:
                 lookup=self.manager.get,
                 key=self._connect_key,
                 on_activity=self._report_connections,
+                cookie_max=lambda: self.link.connect_cookie_max_seconds if self.link else None,
             )
             self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
             self.link = ControllerLink(

@@ -38,7 +38,7 @@ import grpc
 from sqlalchemy import Select, select
 from studios.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from controller import lifecycle
+from controller import lifecycle, signin
 from controller.agent_hub import FULL, AgentHub, AgentStream
 from controller.auth import check_enrollment_token
 from controller.db import Database
@@ -170,6 +170,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 heartbeat_interval_seconds=self.heartbeat_interval_seconds,
                 connect_token_key=derive_agent_key(self.master_key, hello.agent_id),
                 checkpoint_acks=True,
+                connect_cookie_max_seconds=signin.DEFAULT_TTL_SECONDS,
             )
         )
         tasks: set[asyncio.Task[Any]] = set()

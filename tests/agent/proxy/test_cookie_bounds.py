@@ -28,14 +28,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from studios.agent.v1 import agent_pb2 as pb
 
+from agent.daemon import Agent
 from agent.proxy import ConnectProxy
 from studios_shared.connect_token import (
     CONNECT_TOKEN_MAX_SECONDS,
     DEFAULT_COOKIE_MAX_SECONDS,
     sign_connect_token,
 )
-from tests.agent_fixtures import proxy_in_front_of
+from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
+    agent_config_fixture,
+    agent_fixture,
+    controller_fixture,
+    proxy_in_front_of,
+)
 
 KEY = b"b" * 32
 SID = "c00c1e01"
@@ -229,6 +236,17 @@ async def test_the_controllers_bound_replaces_the_default(
     assert p.cookie_max_seconds() == DEFAULT_COOKIE_MAX_SECONDS
     p._cookie_max = lambda: None
     assert p.cookie_max_seconds() == DEFAULT_COOKIE_MAX_SECONDS
+
+
+async def test_the_agent_takes_its_bound_from_welcome(agent: Agent) -> None:
+    """The daemon's proxy reads the bound the link keeps from the last Welcome."""
+    assert agent.proxy is not None and agent.link is not None
+    # The fake controller, like an older one, does not send it: the default.
+    assert agent.proxy.cookie_max_seconds() == DEFAULT_COOKIE_MAX_SECONDS
+    agent.link._on_welcome(pb.Welcome(connect_cookie_max_seconds=1800))
+    assert agent.proxy.cookie_max_seconds() == 1800
+    agent.link._on_welcome(pb.Welcome())
+    assert agent.proxy.cookie_max_seconds() == DEFAULT_COOKIE_MAX_SECONDS
 
 
 # ------------------------------------------------------------------ what the proxy signs
