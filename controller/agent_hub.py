@@ -39,6 +39,9 @@ class AgentStream:
     foreign_sessions: set[str] = field(default_factory=set)
     # Set when a newer stream of the same agent replaced this one.
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set (with the reason) when the agent was revoked: the stream ends, UNAUTHENTICATED.
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
+    revoked_message: str = ""
 
 
 class AgentHub:
@@ -64,6 +67,16 @@ class AgentHub:
             del self._streams[stream.agent_id]
             return True
         return False
+
+    def end_revoked(self, agent_id: str, message: str) -> bool:
+        """End the stream of a revoked agent (its handler refuses it); False if none."""
+        stream = self._streams.get(agent_id)
+        if stream is None or stream.revoked.is_set():
+            return False
+        log.warning("agent %s: ending its stream (%s)", agent_id, message)
+        stream.revoked_message = message
+        stream.revoked.set()
+        return True
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._streams

@@ -1,12 +1,23 @@
-"""The gRPC endpoint agents connect to: `AgentService.Connect`.
+"""The gRPC endpoints agents talk to (docs/contract-notes.md "Agent enrollment").
 
-One bidirectional stream per agent. Per stream a reader task applies what
-the agent reports, and a writer task sends what the hub queued (the Welcome,
-then full or partial DesiredState built from the database at send time).
+Two listeners, both TLS with the controller's CA (controller.agent_ca):
+`EnrollmentEndpoint` (server TLS: Endpoints and Enroll, a join token for a
+certificate) and `AgentEndpoint` (mutual TLS with an enrolled certificate:
+RenewCertificate and Connect). Both delegate to one `AgentService`. Each RPC
+refuses on the wrong listener: a gRPC server cannot ask for a client certificate
+without requiring one, so only the agent endpoint ever sees one.
 
-Status codes: UNAUTHENTICATED (no or wrong enrollment token),
+Connect: one bidirectional stream per agent. The agent is who its certificate
+says (agent id and compute environment); the Hello must claim the same. Per
+stream a reader task applies what the agent reports, and a writer task sends
+what the hub queued (the Welcome, then full or partial DesiredState built from
+the database at send time).
+
+Status codes: UNAUTHENTICATED (no enrolled certificate, not this controller's,
+or the agent was revoked; a revoked agent's open stream ends with it too),
 INVALID_ARGUMENT (first message not a Hello, empty agent id),
-FAILED_PRECONDITION (protocol version not spoken), NOT_FOUND (the Hello's
+PERMISSION_DENIED (the Hello's agent id or compute environment is not the
+certificate's), FAILED_PRECONDITION (protocol version not spoken), NOT_FOUND (the
 compute environment does not exist; the agent should retry later), ABORTED
 (a newer stream of the same agent replaced this one), UNAVAILABLE (the
 controller is shutting down; the agent reconnects with backoff).
@@ -31,29 +42,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from sqlalchemy import Select, select
 from studios.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from controller import lifecycle, signin
+from controller import enrollment, lifecycle, signin
+from controller.agent_ca import AgentCA
 from controller.agent_hub import FULL, AgentHub, AgentStream
-from controller.auth import check_enrollment_token
 from controller.db import Database
 from controller.desired import build_desired_state
+from controller.enrollment import EnrollmentRefused, Refusal
 from controller.fault_injection import TEST_FAULTS
 from controller.models import Agent, ComputeEnv, Studio, utcnow
 from controller.observed import ObservationHandler, capacity_dict
+from controller.placement import clamp_capacity, default_capacity_cap
 from controller.reconciler import Reconciler
+from studios_shared.agent_pki import AgentIdentity
 from studios_shared.connect_token import derive_agent_key
 
 if TYPE_CHECKING:
     # Requests are Any: `read()` also returns `grpc.aio.EOF`, which the stubs leave out.
     _Context = grpc.aio.ServicerContext[Any, agent_pb2.ConnectResponse]
 
-__all__ = ["SUPPORTED_PROTOCOLS", "AgentService"]
+__all__ = [
+    "SUPPORTED_PROTOCOLS",
+    "AgentEndpoint",
+    "AgentService",
+    "EnrollmentEndpoint",
+    "EnrollmentSettings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +97,27 @@ def runtime_name(hello: agent_pb2.Hello) -> str | None:
     return _RUNTIME_NAME.get(hello.runtime_kind)
 
 
+_CODES = {
+    Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Refusal.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Refusal.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Refusal.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+_USE_AGENT_ENDPOINT = "connect on the agent endpoint with an enrolled certificate"
+
+
+@dataclass(frozen=True)
+class EnrollmentSettings:
+    """What enrollment needs besides the database: the CA and what Endpoints says."""
+
+    ca: AgentCA
+    cert_lifetime: timedelta
+    # host:port of the agent endpoint, an empty host meaning the enrollment host.
+    agent_endpoint: str
+    server_names: Sequence[str]
+
+
 def _version_name(version: int) -> str:
     try:
         return agent_pb2.ProtocolVersion.Name(version)
@@ -82,7 +125,9 @@ def _version_name(version: int) -> str:
         return str(version)
 
 
-class AgentService(agent_pb2_grpc.AgentServiceServicer):
+class AgentService:
+    """The logic of both listeners (EnrollmentEndpoint, AgentEndpoint)."""
+
     def __init__(
         self,
         db: Database,
@@ -91,8 +136,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         reconciler: Reconciler,
         master_key: bytes,
         heartbeat_interval_seconds: int,
+        settings: EnrollmentSettings,
     ) -> None:
         self.db = db
+        self.settings = settings
         self.hub = hub
         self.observations = observations
         self.reconciler = reconciler
@@ -114,7 +161,98 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if late:
             log.warning("%d agent stream(s) did not end within %.0f s", len(late), grace_s)
 
-    async def Connect(self, request_iterator: Any, context: _Context) -> None:
+    # ------------------------------------------------------------ enrollment endpoint
+
+    async def endpoints(self) -> agent_pb2.EndpointsResponse:
+        return agent_pb2.EndpointsResponse(
+            agent_endpoint=self.settings.agent_endpoint,
+            server_names=list(self.settings.server_names),
+        )
+
+    async def enroll(
+        self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.EnrollResponse:
+        token = _bearer(context.invocation_metadata())
+        try:
+            enrolled = await _to_completion(
+                enrollment.enroll(
+                    self.db,
+                    self.settings.ca,
+                    token=token,
+                    agent_id=request.agent_id,
+                    compute_env_id=request.compute_env_id,
+                    csr_pem=request.csr_pem,
+                    hostname=request.hostname,
+                    capacity=(
+                        capacity_dict(request.capacity) if request.HasField("capacity") else None
+                    ),
+                    lifetime=self.settings.cert_lifetime,
+                )
+            )
+        except EnrollmentRefused as exc:
+            log.warning(
+                "enrollment refused (peer %s, agent id %r, compute env %r): %s",
+                context.peer(),
+                request.agent_id,
+                request.compute_env_id,
+                exc.message,
+            )
+            await context.abort(_CODES[exc.code], exc.message)
+        return agent_pb2.EnrollResponse(
+            agent_id=enrolled.agent_id,
+            certificate_pem=enrolled.certificate_pem,
+            ca_certificate_pem=self.settings.ca.certificate_pem,
+            not_after=int(enrolled.not_after.timestamp()),
+        )
+
+    # ------------------------------------------------------------ agent endpoint
+
+    async def _identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentIdentity:
+        """Who the verified client certificate names; UNAUTHENTICATED when none of ours."""
+        pems = list((context.auth_context() or {}).get("x509_pem_cert") or [])
+        found = self.settings.ca.agent_of(pems[0]) if pems else None
+        if found is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no agent certificate of this controller's CA; " + _USE_AGENT_ENDPOINT,
+            )
+        assert found is not None
+        return found[0]
+
+    async def _admitted(self, identity: AgentIdentity) -> str | None:
+        """Why `identity` may not connect now (revoked, not enrolled), else None."""
+        async with self.db.transaction() as session:
+            try:
+                await enrollment.admitted(session, identity)
+            except EnrollmentRefused as exc:
+                return exc.message
+        return None
+
+    async def renew_certificate(
+        self,
+        request: agent_pb2.RenewCertificateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_pb2.RenewCertificateResponse:
+        identity = await self._identity(context)
+        try:
+            renewed = await _to_completion(
+                enrollment.renew(
+                    self.db,
+                    self.settings.ca,
+                    identity,
+                    request.csr_pem,
+                    self.settings.cert_lifetime,
+                )
+            )
+        except EnrollmentRefused as exc:
+            log.warning("agent %s: renewal refused: %s", identity.agent_id, exc.message)
+            await context.abort(_CODES[exc.code], exc.message)
+        return agent_pb2.RenewCertificateResponse(
+            certificate_pem=renewed.certificate_pem,
+            not_after=int(renewed.not_after.timestamp()),
+        )
+
+    async def connect(self, request_iterator: Any, context: _Context) -> None:
         """Welcome + full DesiredState, then updates, until the agent goes away."""
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
@@ -122,10 +260,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if handler is not None:
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
-        token = _bearer(context.invocation_metadata())
-        valid = token is not None and await _to_completion(self._enrollment_valid(token))
-        if not valid:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid enrollment token")
+        identity = await self._identity(context)
+        refused = await _to_completion(self._admitted(identity))
+        if refused is not None:
+            log.warning("agent %s refused: %s", identity.agent_id, refused)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
 
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
@@ -144,11 +283,29 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             )
         if not hello.agent_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.agent_id is empty")
+        if (hello.agent_id, hello.compute_env_id) != (identity.agent_id, identity.compute_env_id):
+            log.warning(
+                "agent %s (compute env %s by its certificate) claimed agent %r of compute env "
+                "%r in its Hello: refused (peer %s)",
+                identity.agent_id,
+                identity.compute_env_id,
+                hello.agent_id,
+                hello.compute_env_id,
+                context.peer(),
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the certificate names agent {identity.agent_id} of compute environment "
+                f"{identity.compute_env_id}; the Hello claims agent {hello.agent_id!r} of "
+                f"{hello.compute_env_id!r}",
+            )
         async with self._lock(hello.agent_id):
-            known_env = await _to_completion(self._upsert_agent(hello))
-            if known_env:
-                stream = self.hub.register(hello.agent_id, hello.compute_env_id)
-        if not known_env:
+            upserted = await _to_completion(self._upsert_agent(hello, identity))
+            if upserted is None:
+                stream = self.hub.register(identity.agent_id, identity.compute_env_id)
+        if upserted is not None and upserted != _NO_ENV:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, upserted)
+        if upserted is not None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"compute environment {hello.compute_env_id!r} does not exist",
@@ -166,9 +323,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             welcome=agent_pb2.Welcome(
                 # This stream speaks the agent's version.
                 protocol_version=hello.protocol_version,
-                agent_id=hello.agent_id,
+                agent_id=identity.agent_id,
                 heartbeat_interval_seconds=self.heartbeat_interval_seconds,
-                connect_token_key=derive_agent_key(self.master_key, hello.agent_id),
+                # Keyed on the enrolled identity: a stolen agent forges access to its own
+                # sessions only.
+                connect_token_key=derive_agent_key(self.master_key, identity.agent_id),
                 checkpoint_acks=True,
                 connect_cookie_max_seconds=signin.DEFAULT_TTL_SECONDS,
             )
@@ -183,8 +342,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             reader = asyncio.create_task(self._read_loop(stream, context, out), name="agent-reader")
             writer = asyncio.create_task(self._write_loop(stream, out), name="agent-writer")
             replaced = asyncio.create_task(stream.replaced.wait(), name="agent-replaced")
+            revoked = asyncio.create_task(stream.revoked.wait(), name="agent-revoked")
             closing = asyncio.create_task(self._closing.wait(), name="agent-closing")
-            tasks = {reader, writer, replaced, closing}
+            tasks = {reader, writer, replaced, revoked, closing}
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
@@ -196,6 +356,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         for task in (reader, writer):
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.warning("agent %s stream failed: %r", stream.agent_id, task.exception())
+        if stream.revoked.is_set():
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, stream.revoked_message)
         if stream.replaced.is_set():
             await context.abort(
                 grpc.StatusCode.ABORTED, "replaced by a newer stream of the same agent"
@@ -203,18 +365,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
 
-    async def _enrollment_valid(self, token: str) -> bool:
-        async with self.db.transaction() as session:
-            return await check_enrollment_token(session, token)
-
-    async def _upsert_agent(self, hello: agent_pb2.Hello) -> bool:
+    async def _upsert_agent(self, hello: agent_pb2.Hello, identity: AgentIdentity) -> str | None:
+        """Record the connect; None, or why not (_NO_ENV: no such compute environment)."""
         async with self.db.transaction() as session:
             if await session.get(ComputeEnv, hello.compute_env_id) is None:
-                return False
-            agent = await session.get(Agent, hello.agent_id, with_for_update=True)
-            if agent is None:
-                agent = Agent(agent_id=hello.agent_id, compute_env_id=hello.compute_env_id)
-                session.add(agent)
+                return _NO_ENV
+            # Again, locked: a revocation since the first check wins.
+            agent = await session.get(Agent, identity.agent_id, with_for_update=True)
+            try:
+                await enrollment.admitted(session, identity)
+            except EnrollmentRefused as exc:
+                return exc.message
+            assert agent is not None
             agent.hostname = hello.hostname
             agent.compute_env_id = hello.compute_env_id
             # A V1 agent does not say (in a form this side reads): keep what is known.
@@ -224,8 +386,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             agent.connected = True
             agent.last_seen = utcnow()
             if hello.HasField("capacity"):
-                agent.capacity = capacity_dict(hello.capacity)
-        return True
+                reported = capacity_dict(hello.capacity)
+                if not agent.capacity_cap:
+                    # Enrollment carried no capacity: the first Hello's is the cap.
+                    agent.capacity_cap = default_capacity_cap(reported)
+                agent.capacity = clamp_capacity(reported, agent.capacity_cap)
+        return None
 
     async def _read_loop(self, stream: AgentStream, context: _Context, out: _Writer) -> None:
         while True:
@@ -327,6 +493,68 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     )
         except Exception:
             log.exception("recording the disconnection of agent %s failed", stream.agent_id)
+
+
+_NO_ENV = "no such compute environment"
+
+
+class EnrollmentEndpoint(agent_pb2_grpc.AgentServiceServicer):
+    """The server-TLS listener (`--grpc`): Endpoints and Enroll."""
+
+    def __init__(self, service: AgentService) -> None:
+        self.service = service
+
+    async def Endpoints(
+        self, request: agent_pb2.EndpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.EndpointsResponse:
+        return await self.service.endpoints()
+
+    async def Enroll(
+        self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.EnrollResponse:
+        return await self.service.enroll(request, context)
+
+    async def RenewCertificate(
+        self,
+        request: agent_pb2.RenewCertificateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_pb2.RenewCertificateResponse:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _USE_AGENT_ENDPOINT)
+        raise AssertionError("unreachable")
+
+    async def Connect(self, request_iterator: Any, context: _Context) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _USE_AGENT_ENDPOINT)
+
+
+class AgentEndpoint(agent_pb2_grpc.AgentServiceServicer):
+    """The mutual-TLS listener (`--grpc-agents`): RenewCertificate and Connect."""
+
+    def __init__(self, service: AgentService) -> None:
+        self.service = service
+
+    async def Endpoints(
+        self, request: agent_pb2.EndpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.EndpointsResponse:
+        return await self.service.endpoints()
+
+    async def Enroll(
+        self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.EnrollResponse:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "enroll at the enrollment endpoint (what `studio-agent --controller` names)",
+        )
+        raise AssertionError("unreachable")
+
+    async def RenewCertificate(
+        self,
+        request: agent_pb2.RenewCertificateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> agent_pb2.RenewCertificateResponse:
+        return await self.service.renew_certificate(request, context)
+
+    async def Connect(self, request_iterator: Any, context: _Context) -> None:
+        await self.service.connect(request_iterator, context)
 
 
 class _Writer:

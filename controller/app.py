@@ -1,14 +1,20 @@
-"""The controller process: database, gRPC server, HTTP server, reconciler.
+"""The controller process: database, gRPC servers, HTTP server, reconciler.
 
 Started in that order and stopped in reverse, so a systemd stop ends
 cleanly: the reconciler first, then the agent streams (each records its
 agent as disconnected), then the REST API, then the database.
+
+Two gRPC servers, both TLS with the agent CA (docs/contract-notes.md "Agent
+enrollment"): the enrollment endpoint (`--grpc`, server TLS) and the agent
+endpoint (`--grpc-agents`, mutual TLS). There is no plaintext listener.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
 from aiohttp import web
@@ -25,8 +31,13 @@ from controller import (
     web_workspaces,
 )
 from controller.agent_hub import AgentHub
-from controller.agent_service import AgentService
-from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key
+from controller.agent_service import (
+    AgentEndpoint,
+    AgentService,
+    EnrollmentEndpoint,
+    EnrollmentSettings,
+)
+from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key, open_ca
 from controller.checkpoint_gc import CheckpointGc
 from controller.compute_envs_service import ComputeEnvService
 from controller.config import ControllerConfig
@@ -43,7 +54,7 @@ from controller.users_service import UserService
 from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
 
-__all__ = ["Controller", "Services"]
+__all__ = ["Controller", "Services", "default_server_names"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,23 @@ _GRPC_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+_WILDCARDS = {"", "0.0.0.0", "::"}
+
+
+def default_server_names(*bind_hosts: str) -> list[str]:
+    """The server certificate's names when `--grpc-advertise` is not given.
+
+    localhost and the loopback addresses, each specific bind host, and this host's names
+    when a listener binds every address."""
+    names = ["localhost", "127.0.0.1", "::1"]
+    for host in bind_hosts:
+        if host in _WILDCARDS:
+            names += [socket.gethostname(), socket.getfqdn()]
+        else:
+            names.append(host)
+    return sorted({n for n in names if n})
 
 
 @dataclass(slots=True)
@@ -76,9 +104,14 @@ class Controller:
         self.hub = AgentHub()
         self.reconciler: Reconciler | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_agents_server: grpc.aio.Server | None = None
         self.runner: web.AppRunner | None = None
         self.http_port: int = config.http_port
+        # The enrollment endpoint's and the agent endpoint's bound ports.
         self.grpc_port: int = config.grpc_port
+        self.grpc_agents_port: int = config.grpc_agents_port
+        # PEM of the agent CA (tests trust it).
+        self.ca_certificate_pem: bytes = b""
         self.public_url: str = ""
         self.studios: StudioService | None = None
         self.checkpoint_gc: CheckpointGc | None = None
@@ -92,6 +125,10 @@ class Controller:
         self.db = db = Database(cfg.effective_database_url)
         await db.migrate()
         await bootstrap(db, cfg.data_dir)
+        ca = open_ca(cfg.data_dir)
+        self.ca_certificate_pem = ca.certificate_pem
+        names = cfg.grpc_advertise or default_server_names(cfg.grpc_host, cfg.grpc_agents_host)
+        key_pem, chain_pem = ca.server_credentials(names)
         # Data-link credentials are sealed with this key (controller.secret_box).
         secret_box = SecretBox(load_or_create_credentials_key(cfg.data_dir))
         register_box(db.engine, secret_box)
@@ -108,6 +145,19 @@ class Controller:
             lifespans=LifespanEnforcer(db, self.hub),
             lifespan_interval=cfg.lifespan_check_interval_seconds,
         )
+        # The agent endpoint first: Endpoints names its bound port.
+        self.grpc_agents_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        agents_address = _join(cfg.grpc_agents_host, cfg.grpc_agents_port)
+        self.grpc_agents_port = self.grpc_agents_server.add_secure_port(
+            agents_address,
+            grpc.ssl_server_credentials(
+                [(key_pem, chain_pem)],
+                root_certificates=ca.certificate_pem,
+                require_client_auth=True,
+            ),
+        )
+        if self.grpc_agents_port == 0:
+            raise OSError(f"cannot listen for agents (gRPC, mutual TLS) on {agents_address}")
         self.agent_service = agent_service = AgentService(
             db,
             self.hub,
@@ -115,16 +165,28 @@ class Controller:
             self.reconciler,
             master_key,
             cfg.heartbeat_interval_seconds,
+            EnrollmentSettings(
+                ca=ca,
+                cert_lifetime=timedelta(seconds=cfg.agent_cert_lifetime_seconds),
+                agent_endpoint=cfg.grpc_agents_advertise or f":{self.grpc_agents_port}",
+                server_names=names,
+            ),
         )
-        self.grpc_server = grpc.aio.server(options=_GRPC_OPTIONS)
         # The generated gRPC module carries no annotations.
         agent_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            agent_service, self.grpc_server
+            AgentEndpoint(agent_service), self.grpc_agents_server
+        )
+        self.grpc_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            EnrollmentEndpoint(agent_service), self.grpc_server
         )
         grpc_address = _join(cfg.grpc_host, cfg.grpc_port)
-        self.grpc_port = self.grpc_server.add_insecure_port(grpc_address)
+        self.grpc_port = self.grpc_server.add_secure_port(
+            grpc_address, grpc.ssl_server_credentials([(key_pem, chain_pem)])
+        )
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen for gRPC on {grpc_address}")
+            raise OSError(f"cannot listen for enrollment (gRPC, TLS) on {grpc_address}")
+        await self.grpc_agents_server.start()
         await self.grpc_server.start()
 
         self.studios = StudioService(
@@ -180,10 +242,15 @@ class Controller:
         )
         self.checkpoint_gc.start()
         log.info(
-            "studio-controller listening: HTTP on http://%s, gRPC on %s (public URL %s)",
+            "studio-controller listening: HTTP on http://%s, gRPC enrollment (TLS) on %s, "
+            "gRPC agents (mutual TLS) on %s (public URL %s; server certificate names %s; "
+            "agent CA sha256 %s)",
             _join(cfg.http_host, self.http_port),
             _join(cfg.grpc_host, self.grpc_port),
+            _join(cfg.grpc_agents_host, self.grpc_agents_port),
             self.public_url,
+            ",".join(names),
+            ca.hash,
         )
 
     async def stop(self) -> None:
@@ -195,9 +262,10 @@ class Controller:
         if self.agent_service is not None:
             await self.agent_service.drain(grace_s=5.0)
             self.agent_service = None
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(grace=2.0)
-            self.grpc_server = None
+        for server in (self.grpc_server, self.grpc_agents_server):
+            if server is not None:
+                await server.stop(grace=2.0)
+        self.grpc_server = self.grpc_agents_server = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

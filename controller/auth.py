@@ -29,7 +29,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from controller.models import (
     ApiToken,
-    EnrollmentToken,
     Participant,
     Studio,
     TeamMember,
@@ -43,7 +42,6 @@ __all__ = [
     "Principal",
     "Role",
     "authenticate",
-    "check_enrollment_token",
     "check_studio_access",
     "hash_token",
     "new_token",
@@ -160,16 +158,6 @@ async def authenticate(session: AsyncSession, header: str | None) -> Principal:
     api_token, user = row
     api_token.last_used = utcnow()
     return Principal(user_id=user.id, user_name=user.user_name, email=user.email)
-
-
-async def check_enrollment_token(session: AsyncSession, token: str) -> bool:
-    row = await session.scalar(
-        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(token))
-    )
-    if row is None:
-        return False
-    row.last_used = utcnow()
-    return True
 
 
 async def workspace_role(session: AsyncSession, user_id: int, workspace_id: int) -> Role | None:

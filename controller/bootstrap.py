@@ -2,8 +2,14 @@
 
 On an empty database: organisation `default` (id 1), workspace `default`
 (id 1), user `admin` (owner of workspace 1), an API token for it in
-`DIR/admin-token` and an agent enrollment token in `DIR/agent-token`. The
-master connect key lives in `DIR/connect-key`. All three files are mode 0600.
+`DIR/admin-token` and a join token in `DIR/agent-token` (`sjt1.<CA hash>.<secret>`:
+it admits any compute environment of workspace 1, and pins the agent CA). The
+master connect key lives in `DIR/connect-key`. All three files are mode 0600. The
+agent CA (controller.agent_ca) lives in `DIR/pki/`, created on first start.
+
+A data directory of an older controller holds a plain enrollment token in
+`DIR/agent-token`: it is rewritten as a join token with the same secret, so copying
+the file to the agents again is the whole upgrade.
 
 On a database that already has an organisation nothing is rewritten: the
 tokens exist only hashed, so a lost token file cannot be recreated, and a new
@@ -18,7 +24,9 @@ import secrets
 from pathlib import Path
 
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.agent_ca import AgentCA, DirectoryCaFiles
 from controller.auth import Role, hash_token, new_token
 from controller.db import Database
 from controller.models import (
@@ -29,14 +37,17 @@ from controller.models import (
     User,
     Workspace,
 )
+from studios_shared.agent_pki import format_join_token, parse_join_token
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
     "AGENT_TOKEN_FILE",
     "CONNECT_KEY_FILE",
+    "PKI_DIR",
     "bootstrap",
     "ensure_data_dir",
     "load_or_create_connect_key",
+    "open_ca",
     "write_secret",
 ]
 
@@ -45,6 +56,12 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin-token"
 AGENT_TOKEN_FILE = "agent-token"
 CONNECT_KEY_FILE = "connect-key"
+PKI_DIR = "pki"
+
+
+def open_ca(data_dir: Path) -> AgentCA:
+    """The agent CA of this data directory, created on first use (keys 0600)."""
+    return AgentCA.open(DirectoryCaFiles(data_dir / PKI_DIR))
 
 
 def ensure_data_dir(data_dir: Path) -> None:
@@ -80,9 +97,11 @@ def load_or_create_connect_key(data_dir: Path) -> bytes:
 
 async def bootstrap(db: Database, data_dir: Path) -> bool:
     """Create the defaults on an empty database. True when it did."""
+    ca = open_ca(data_dir)
     async with db.transaction() as session:
         if await session.scalar(select(func.count()).select_from(Organization)):
             _check_files(data_dir)
+            await _upgrade_agent_token(session, data_dir, ca)
             return False
         admin_token, agent_token = new_token(), new_token()
         session.add(Organization(id=1, name="default"))
@@ -92,11 +111,13 @@ async def bootstrap(db: Database, data_dir: Path) -> bool:
         await session.flush()
         session.add(Participant(workspace_id=1, user_id=1, role=Role.OWNER.value))
         session.add(ApiToken(user_id=1, name="bootstrap", token_hash=hash_token(admin_token)))
-        session.add(EnrollmentToken(name="bootstrap", token_hash=hash_token(agent_token)))
+        session.add(
+            EnrollmentToken(name="bootstrap", token_hash=hash_token(agent_token), workspace_id=1)
+        )
         # Files before commit: if writing fails, the database stays empty and
         # the next start tries again instead of leaving an admin nobody can use.
         write_secret(data_dir / ADMIN_TOKEN_FILE, admin_token)
-        write_secret(data_dir / AGENT_TOKEN_FILE, agent_token)
+        write_secret(data_dir / AGENT_TOKEN_FILE, format_join_token(agent_token, ca.hash))
     if not db.is_sqlite:
         # Explicit ids do not advance PostgreSQL sequences; SQLite needs nothing.
         await _advance_sequences(db)
@@ -118,6 +139,44 @@ async def _advance_sequences(db: Database) -> None:
                     f"(SELECT MAX(id) FROM {table}))"
                 )
             )
+
+
+async def _upgrade_agent_token(session: AsyncSession, data_dir: Path, ca: AgentCA) -> None:
+    """Rewrite `DIR/agent-token` as a join token of this CA when it is not one (yet).
+
+    Only a token this database knows is rewritten, with its own secret: an older
+    controller's plain token, or a join token of a CA that was replaced."""
+    path = data_dir / AGENT_TOKEN_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return
+    try:
+        join = parse_join_token(text)
+    except ValueError:
+        secret = text
+    else:
+        if join.ca_hash == ca.hash:
+            return
+        secret = join.secret
+    row = await session.scalar(
+        select(EnrollmentToken.id).where(EnrollmentToken.token_hash == hash_token(secret))
+    )
+    if row is None:
+        log.warning("%s holds no token this controller knows; left as it is", path)
+        return
+    try:
+        upgraded = format_join_token(secret, ca.hash)
+        parse_join_token(upgraded)
+    except ValueError:
+        log.warning("%s: the token cannot be written as a join token; left as it is", path)
+        return
+    write_secret(path, upgraded)
+    log.info(
+        "%s rewritten as a join token (same secret, CA sha256 %s...): copy it to the agents",
+        path,
+        ca.hash[:12],
+    )
 
 
 def _check_files(data_dir: Path) -> None:

@@ -1,29 +1,43 @@
 """`studio-controller`: the command line.
 
     studio-controller serve --data-dir DIR [--http HOST:PORT] [--grpc HOST:PORT]
+                            [--grpc-agents HOST:PORT] [--grpc-advertise NAME[,NAME...]]
+                            [--grpc-agents-advertise HOST:PORT] [--agent-cert-lifetime 30d]
                             [--database URL] [--public-url URL]
     studio-controller user add --data-dir DIR --name NAME --email EMAIL
                                [--workspace ID] [--role ROLE] [--database URL]
+    studio-controller agent token create --data-dir DIR [--compute-env ID] [--ttl 24h]
+                                         [--uses N] [--name NAME] [--database URL]
+    studio-controller agent list --data-dir DIR [--json] [--database URL]
+    studio-controller agent revoke ID --data-dir DIR [--database URL]
 
 `serve` logs to stderr and stops cleanly on SIGTERM and SIGINT. `user add`
-prints the new user's API token on stdout, once.
+prints the new user's API token on stdout, once; `agent token create` a join token.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 
+from controller import enrollment
 from controller.app import Controller
 from controller.auth import Role, hash_token, new_token
-from controller.bootstrap import bootstrap, ensure_data_dir
-from controller.config import ControllerConfig, parse_host_port
+from controller.bootstrap import bootstrap, ensure_data_dir, open_ca
+from controller.config import (
+    DEFAULT_AGENT_CERT_LIFETIME_SECONDS,
+    ControllerConfig,
+    parse_duration,
+    parse_host_port,
+)
 from controller.db import Database
 from controller.errors import Conflict, NotFound, StudiosError
 from controller.models import ApiToken, Participant, User, Workspace
@@ -40,7 +54,39 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the controller (REST + gRPC)")
     serve.add_argument("--data-dir", required=True, type=Path)
     serve.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT")
-    serve.add_argument("--grpc", default="127.0.0.1:8081", metavar="HOST:PORT")
+    serve.add_argument(
+        "--grpc",
+        default="127.0.0.1:8081",
+        metavar="HOST:PORT",
+        help="the enrollment endpoint (TLS), what `studio-agent --controller` names",
+    )
+    serve.add_argument(
+        "--grpc-agents",
+        default="127.0.0.1:8082",
+        metavar="HOST:PORT",
+        help="the agent endpoint (mutual TLS with enrolled certificates); port 0: a free one",
+    )
+    serve.add_argument(
+        "--grpc-advertise",
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="names (DNS or IP) of the controller's server certificate, as agents dial it "
+        "(default: localhost, 127.0.0.1, ::1, the bind hosts, this host's names when binding "
+        "every address)",
+    )
+    serve.add_argument(
+        "--grpc-agents-advertise",
+        default=None,
+        metavar="HOST:PORT",
+        help="where agents reach the agent endpoint (default: the host they enrolled at, "
+        "the bound agents port)",
+    )
+    serve.add_argument(
+        "--agent-cert-lifetime",
+        default=str(int(DEFAULT_AGENT_CERT_LIFETIME_SECONDS)),
+        metavar="DURATION",
+        help="lifetime of agent certificates, seconds or e.g. 30d, 12h (default: 30 days)",
+    )
     serve.add_argument("--database", default=None, metavar="URL")
     serve.add_argument("--public-url", default=None, metavar="URL")
     serve.add_argument(
@@ -77,6 +123,36 @@ def _parser() -> argparse.ArgumentParser:
         choices=[r.value for r in Role],
         help="role in the workspace (default: launch, as in Seqera Platform)",
     )
+
+    agent = sub.add_parser("agent", help="agent enrollment: join tokens, enrolled agents")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True)
+    token = agent_sub.add_parser("token", help="join tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a join token and print it once")
+    create.add_argument("--data-dir", required=True, type=Path)
+    create.add_argument("--database", default=None, metavar="URL")
+    create.add_argument(
+        "--compute-env",
+        default=None,
+        metavar="ID",
+        help="bind the token to this compute environment (default: any of --workspace)",
+    )
+    create.add_argument("--workspace", type=int, default=1, metavar="ID")
+    create.add_argument(
+        "--ttl", default="24h", help="valid for this long (seconds or e.g. 24h, 7d; 0: forever)"
+    )
+    create.add_argument("--uses", type=int, default=None, metavar="N", help="at most N enrollments")
+    create.add_argument("--name", default="cli", help="shown in logs and refusals")
+    listing = agent_sub.add_parser("list", help="enrolled agents")
+    listing.add_argument("--data-dir", required=True, type=Path)
+    listing.add_argument("--database", default=None, metavar="URL")
+    listing.add_argument("--json", action="store_true")
+    revoke = agent_sub.add_parser(
+        "revoke", help="revoke an agent for good; its active sessions become errored"
+    )
+    revoke.add_argument("agent_id", metavar="ID")
+    revoke.add_argument("--data-dir", required=True, type=Path)
+    revoke.add_argument("--database", default=None, metavar="URL")
     return parser
 
 
@@ -91,15 +167,27 @@ def main(argv: list[str] | None = None) -> int:
         try:
             http_host, http_port = parse_host_port(args.http, what="--http")
             grpc_host, grpc_port = parse_host_port(args.grpc, what="--grpc")
+            agents_host, agents_port = parse_host_port(args.grpc_agents, what="--grpc-agents")
+            if args.grpc_agents_advertise:
+                parse_host_port(args.grpc_agents_advertise, what="--grpc-agents-advertise")
+            lifetime = parse_duration(args.agent_cert_lifetime, what="--agent-cert-lifetime")
+            if lifetime < 10:
+                raise ValueError("--agent-cert-lifetime: at least 10 seconds")
         except ValueError as exc:
             print(f"studio-controller: {exc}", file=sys.stderr)
             return 2
+        advertise = [n.strip() for n in (args.grpc_advertise or "").split(",") if n.strip()]
         config = ControllerConfig(
             data_dir=args.data_dir,
             http_host=http_host,
             http_port=http_port,
             grpc_host=grpc_host,
             grpc_port=grpc_port,
+            grpc_agents_host=agents_host,
+            grpc_agents_port=agents_port,
+            grpc_advertise=advertise or None,
+            grpc_agents_advertise=args.grpc_agents_advertise,
+            agent_cert_lifetime_seconds=lifetime,
             database_url=args.database,
             public_url=args.public_url,
             s3_endpoint=args.s3_endpoint,
@@ -123,7 +211,76 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(token)
         return 0
+    if args.command == "agent":
+        return asyncio.run(_agent_command(args))
     return 2
+
+
+async def _agent_command(args: argparse.Namespace) -> int:
+    config = ControllerConfig(data_dir=args.data_dir, database_url=args.database)
+    ensure_data_dir(config.data_dir)
+    db = Database(config.effective_database_url)
+    try:
+        await db.migrate()
+        await bootstrap(db, config.data_dir)
+        if args.agent_command == "token":
+            ttl = parse_duration(args.ttl, what="--ttl")
+            if args.uses is not None and args.uses < 1:
+                raise ValueError("--uses: at least 1")
+            token = await enrollment.create_token(
+                db,
+                open_ca(config.data_dir),
+                name=args.name,
+                compute_env_id=args.compute_env,
+                workspace_id=args.workspace,
+                ttl=timedelta(seconds=ttl) if ttl else None,
+                uses=args.uses,
+            )
+            print(token)
+        elif args.agent_command == "list":
+            rows = await enrollment.list_agents(db)
+            if args.json:
+                print(json.dumps([r.as_json() for r in rows], indent=2))
+            else:
+                _print_agents(rows)
+        elif args.agent_command == "revoke":
+            revoked = await enrollment.revoke_agent(db, args.agent_id)
+            when = enrollment.format_time(revoked.revoked_at)
+            if revoked.already:
+                print(f"agent {revoked.agent_id} was revoked already, at {when}")
+            else:
+                print(
+                    f"agent {revoked.agent_id} revoked at {when}; sessions errored: "
+                    f"{', '.join(revoked.errored) or 'none'}"
+                )
+        return 0
+    except ValueError as exc:
+        print(f"studio-controller: {exc}", file=sys.stderr)
+        return 2
+    except StudiosError as exc:
+        print(f"studio-controller: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
+
+
+def _print_agents(rows: list[enrollment.AgentRow]) -> None:
+    header = ("ID", "HOST", "COMPUTE ENV", "ENROLLED", "CERT EXPIRES", "CONNECTED", "REVOKED")
+    table = [header] + [
+        (
+            r.agent_id,
+            r.hostname,
+            r.compute_env_id,
+            enrollment.format_time(r.enrolled_at) or "-",
+            enrollment.format_time(r.cert_not_after) or "-",
+            "yes" if r.connected else "no",
+            enrollment.format_time(r.revoked_at) or "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def _serve(config: ControllerConfig) -> int:

@@ -109,7 +109,7 @@ class ComputeEnvService:
         return ComputeEnvListing(workspace.name if workspace else "", envs, gc_runs)
 
     async def agents(self, principal: Principal, workspace_id: int) -> list[AgentListing]:
-        """Agents of the workspace's compute environments, by id."""
+        """Agents of the workspace's compute environments that have connected, by id."""
         async with self.db.transaction() as session:
             role = await workspace_role_or_404(session, principal.user_id, workspace_id)
             require(role, Permission.READ)
@@ -117,7 +117,11 @@ class ComputeEnvService:
                 await session.scalars(
                     select(Agent)
                     .join(ComputeEnv, ComputeEnv.id == Agent.compute_env_id)
-                    .where(ComputeEnv.workspace_id == workspace_id)
+                    .where(
+                        ComputeEnv.workspace_id == workspace_id,
+                        # Enrolled but never connected: `studio-controller agent list`.
+                        Agent.last_seen.is_not(None),
+                    )
                     .order_by(Agent.agent_id)
                 )
             ).all()

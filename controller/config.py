@@ -5,7 +5,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ControllerConfig", "normalize_database_url", "parse_host_port"]
+__all__ = [
+    "DEFAULT_AGENT_CERT_LIFETIME_SECONDS",
+    "ControllerConfig",
+    "normalize_database_url",
+    "parse_duration",
+    "parse_host_port",
+]
+
+DEFAULT_AGENT_CERT_LIFETIME_SECONDS = 30 * 86400.0
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, what: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``30m``, ``24h`` or ``30d``."""
+    value = text.strip().lower()
+    unit = 1
+    if value and value[-1] in _UNITS:
+        unit = _UNITS[value[-1]]
+        value = value[:-1]
+    try:
+        seconds = float(value) * unit
+    except ValueError:
+        raise ValueError(f"{what}: expected seconds or e.g. 30d, 24h, 15m, got {text!r}") from None
+    if seconds < 0:
+        raise ValueError(f"{what}: must not be negative, got {text!r}")
+    return seconds
 
 
 def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
@@ -39,8 +65,19 @@ class ControllerConfig:
     data_dir: Path
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # The enrollment endpoint (server TLS: Endpoints and Enroll): what agents are told.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 8081
+    # The agent endpoint (mutual TLS: RenewCertificate and Connect).
+    grpc_agents_host: str = "127.0.0.1"
+    grpc_agents_port: int = 8082
+    # Names of the server certificate; None: controller.app.default_server_names.
+    grpc_advertise: list[str] | None = None
+    # What Endpoints answers (HOST:PORT); None: ":<bound agents port>" (an empty host is
+    # the host the agent reached the enrollment endpoint at).
+    grpc_agents_advertise: str | None = None
+    # Lifetime of agent certificates; agents renew at two thirds of it.
+    agent_cert_lifetime_seconds: float = DEFAULT_AGENT_CERT_LIFETIME_SECONDS
     # None: sqlite+aiosqlite:///<data_dir>/studios.db
     database_url: str | None = None
     # None: http://<http host>:<bound http port>

@@ -19,6 +19,7 @@ __all__ = [
     "ACTIVE",
     "Status",
     "StopReason",
+    "agent_revoked_message",
     "check_delete",
     "check_extend_lifespan",
     "check_start",
@@ -102,6 +103,11 @@ def transition(
     studio.status_updated_at = now
     studio.last_updated = now
     return True
+
+
+def agent_revoked_message(agent_id: str, when: datetime) -> str:
+    """A session's message when its agent is revoked (controller.enrollment)."""
+    return f"agent {agent_id} revoked at {when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
 def set_message(studio: Studio, message: str | None) -> bool:

@@ -147,7 +147,11 @@ class ApiToken(Base):
 
 
 class EnrollmentToken(Base):
-    """Tokens agents present in the `authorization` metadata of their stream."""
+    """Join tokens: an agent exchanges one for its certificate (controller.enrollment).
+
+    The secret part only, hashed (the CA hash of a join token is the controller's own).
+    A token admits the compute environment it is bound to, or (unbound) any compute
+    environment of its workspace; it may expire, be used up or be revoked."""
 
     __tablename__ = "enrollment_tokens"
 
@@ -156,6 +160,13 @@ class EnrollmentToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     last_used: Mapped[datetime | None] = mapped_column(default=None)
+    compute_env_id: Mapped[str | None] = mapped_column(String(16), default=None)
+    workspace_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # None: any number of enrollments.
+    max_uses: Mapped[int | None] = mapped_column(Integer, default=None)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ComputeEnv(Base):
@@ -188,8 +199,18 @@ class Agent(Base):
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     connected: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    # What the agent reports, clamped to `capacity_cap` (placement.clamp_capacity).
     capacity: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    # Enrollment (controller.enrollment): when, the newest certificate's serial (hex) and
+    # end; a revoked agent is refused and its id never comes back.
+    enrolled_at: Mapped[datetime | None] = mapped_column(default=None)
+    cert_serial: Mapped[str | None] = mapped_column(String(64), default=None)
+    cert_not_after: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The operator's cap on reported capacity, field by field (the capacity's keys);
+    # by default what the host reported at enrollment. {}: none yet.
+    capacity_cap: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
 
 
 class Studio(Base):

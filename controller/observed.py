@@ -130,10 +130,13 @@ class ObservationHandler:
                 agent.last_seen = utcnow()
 
     async def capacity(self, agent_id: str, capacity: agent_pb2.HostCapacity) -> None:
+        # Placement trusts what is stored: never more than the agent's cap (issue 12).
+        from controller.placement import clamp_capacity
+
         async with self.db.transaction() as session:
             agent = await session.get(Agent, agent_id)
             if agent is not None:
-                agent.capacity = capacity_dict(capacity)
+                agent.capacity = clamp_capacity(capacity_dict(capacity), agent.capacity_cap or {})
                 agent.last_seen = utcnow()
 
     async def session_observed(

@@ -11,6 +11,7 @@ periodically.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,11 +22,38 @@ from controller.db import Database
 from controller.lifecycle import Status
 from controller.models import Agent, Studio, utcnow
 
-__all__ = ["PLACING_STEP", "Placer", "waiting_message"]
+__all__ = ["PLACING_STEP", "Placer", "clamp_capacity", "default_capacity_cap", "waiting_message"]
 
 log = logging.getLogger(__name__)
 
 PLACING_STEP = "placing the session on an agent"
+
+
+# Reported "available" amounts and the totals they can never exceed.
+_AVAILABLE_OF = {"memoryAvailableBytes": "memoryBytes"}
+
+
+def default_capacity_cap(reported: dict[str, Any]) -> dict[str, int]:
+    """The cap an agent gets at enrollment: what its host reported then.
+
+    Amounts that come and go (available memory) are capped by their total instead of the
+    moment's value, so a busy host at enrollment is not held to its busiest hour."""
+    cap = {key: int(value or 0) for key, value in reported.items()}
+    for available, total in _AVAILABLE_OF.items():
+        if available in cap or total in cap:
+            cap[available] = max(cap.get(available, 0), cap.get(total, 0))
+    return cap
+
+
+def clamp_capacity(reported: dict[str, Any], cap: dict[str, Any]) -> dict[str, Any]:
+    """`reported` with each field no larger than its cap (a field without a cap is kept).
+
+    Placement trusts stored capacity: no report can buy more than the operator allows."""
+    out = dict(reported)
+    for key, limit in cap.items():
+        if key in out and limit is not None:
+            out[key] = min(int(out[key] or 0), int(limit))
+    return out
 
 
 def waiting_message(compute_env_id: str) -> str:
@@ -79,7 +107,11 @@ class Placer:
         candidates = self.hub.connected_agents(compute_env_id)
         if not candidates:
             return None
-        agents = (await session.scalars(select(Agent).where(Agent.agent_id.in_(candidates)))).all()
+        agents = (
+            await session.scalars(
+                select(Agent).where(Agent.agent_id.in_(candidates), Agent.revoked_at.is_(None))
+            )
+        ).all()
         if not agents:
             return None
         return max(

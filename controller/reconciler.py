@@ -1,6 +1,8 @@
 """The reconciler: a periodic pass that drives observed state toward desired.
 
-Each pass places pending starts and stops sessions past their lifespan; every
+Each pass places pending starts, ends the streams of agents revoked meanwhile (by
+`studio-controller agent revoke`, possibly on another controller) and stops sessions
+past their lifespan; every
 `resync_interval` it also queues the full desired set for every connected
 agent (messages are idempotent, so a lost one is repaired without anyone
 noticing). An agent connecting wakes it early.
@@ -12,8 +14,11 @@ import asyncio
 import logging
 import time
 
+from sqlalchemy import select
+
 from controller.agent_hub import AgentHub
 from controller.lifespan import LifespanEnforcer
+from controller.models import Agent, as_utc, utcnow
 from controller.periodic import PeriodicPass
 from controller.placement import Placer
 
@@ -45,6 +50,7 @@ class Reconciler(PeriodicPass):
         self._last_resync = time.monotonic()
 
     async def run_once(self) -> None:
+        await self.end_revoked_streams()
         await self.placer.place_pending()
         # Lifespans are hours long: checking every `lifespan_interval` is plenty.
         if (
@@ -53,6 +59,26 @@ class Reconciler(PeriodicPass):
         ):
             self._last_lifespan_check = time.monotonic()
             await self.lifespans.enforce_once()
+
+    async def end_revoked_streams(self) -> int:
+        """End the open streams of revoked agents; how many."""
+        connected = self.hub.connected_agents()
+        if not connected:
+            return 0
+        async with self.placer.db.transaction() as session:
+            rows = (
+                await session.execute(
+                    select(Agent.agent_id, Agent.revoked_at).where(
+                        Agent.agent_id.in_(connected), Agent.revoked_at.is_not(None)
+                    )
+                )
+            ).all()
+        ended = 0
+        for agent_id, revoked_at in rows:
+            when = as_utc(revoked_at) or utcnow()
+            message = f"agent {agent_id} was revoked at {when.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            ended += self.hub.end_revoked(agent_id, message)
+        return ended
 
     async def tick(self) -> None:
         await self.run_once()

@@ -1,8 +1,10 @@
 """Shared fixtures.
 
 Controller tests: `controller_harness` runs the real controller in-process
-(REST + gRPC on free ports of 127.0.0.1) on a temporary SQLite file, with an
-API client for the bootstrap admin and a compute environment ready.
+(REST, the gRPC enrollment endpoint and the mutual-TLS agent endpoint on free
+ports of 127.0.0.1) on a temporary SQLite file, with an API client for the
+bootstrap admin and a compute environment ready. `tests.fake_agent.FakeAgent`
+enrolls with the bootstrap join token (`agent_token`) at `grpc_target`.
 
 `postgres_url`: STUDIOS_TEST_POSTGRES_URL when set (scripts/test sets it as root), else,
 as root, a throw-away PostgreSQL that this test session starts and stops; elsewhere the
@@ -83,9 +85,16 @@ def check_response(method: str, path: str, status: int, content_type: str, body:
 
 
 class ControllerHarness:
-    def __init__(self, data_dir: Path, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        database_url: str | None = None,
+        *,
+        agent_cert_lifetime_seconds: float | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.database_url = database_url
+        self.agent_cert_lifetime_seconds = agent_cert_lifetime_seconds
         self.controller: Controller | None = None
         self.http: aiohttp.ClientSession | None = None
         self.compute_env_id = ""
@@ -97,8 +106,20 @@ class ControllerHarness:
 
     @property
     def grpc_target(self) -> str:
+        """The enrollment endpoint (server TLS)."""
         assert self.controller is not None
         return f"127.0.0.1:{self.controller.grpc_port}"
+
+    @property
+    def grpc_agents_target(self) -> str:
+        """The agent endpoint (mutual TLS)."""
+        assert self.controller is not None
+        return f"127.0.0.1:{self.controller.grpc_agents_port}"
+
+    @property
+    def ca_pem(self) -> bytes:
+        assert self.controller is not None
+        return self.controller.ca_certificate_pem
 
     @property
     def admin_token(self) -> str:
@@ -113,9 +134,12 @@ class ControllerHarness:
             data_dir=self.data_dir,
             http_port=0,
             grpc_port=0,
+            grpc_agents_port=0,
             database_url=self.database_url,
             reconcile_interval_seconds=0.2,
         )
+        if self.agent_cert_lifetime_seconds is not None:
+            config.agent_cert_lifetime_seconds = self.agent_cert_lifetime_seconds
         self.controller = Controller(config)
         await self.controller.start()
         if self.http is None:

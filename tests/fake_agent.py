@@ -7,20 +7,168 @@ It does nothing on its own: a test tells it what to report (`report`,
 It speaks the current protocol version; a test plays an older agent by
 overriding `hello_request` and `response_type` with messages generated from an
 older copy of agent.proto (tests/controller/test_protocol_upgrade.py).
+
+Like the real agent it enrolls first: `target` is the controller's enrollment
+endpoint and `token` a join token. It fetches the controller's certificate chain,
+keeps the CA whose hash the token pins (a token that pins nothing, like "wrong",
+trusts the chain's root: the controller's refusal is what such a test is after),
+asks `Endpoints` where the agent endpoint is, enrolls with a fresh key, and
+connects there over mutual TLS. What it got is kept per (CA, agent id), as an
+agent keeps it in its state directory, so a second FakeAgent of the same id
+(a reconnect) presents the same certificate. `credentials=` presents given ones
+(an attacker with another agent's certificate).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from studios.agent.v1 import agent_pb2 as pb
+from studios.agent.v1 import agent_pb2_grpc
 
-__all__ = ["CONNECT_METHOD", "FakeAgent", "observed"]
+from studios_shared.agent_pki import AgentIdentity, new_key_and_csr, parse_join_token
+
+__all__ = [
+    "CONNECT_METHOD",
+    "AgentCredentials",
+    "FakeAgent",
+    "agent_endpoint",
+    "enroll",
+    "fetch_ca",
+    "forget_credentials",
+    "observed",
+]
+
+# A host that is generous with its capacity at enrollment (the cap placement honours);
+# capacity-cap tests pass `enroll_capacity`.
+BIG_HOST = pb.HostCapacity(
+    cpus=64,
+    memory_bytes=1 << 40,
+    memory_available_bytes=1 << 40,
+    disk_free_bytes=1 << 44,
+    disk_budget_free_bytes=1 << 44,
+)
+
+
+@dataclass(frozen=True)
+class AgentCredentials:
+    """What an enrolled agent keeps: its key and certificate, and the CA."""
+
+    agent_id: str
+    key_pem: bytes
+    certificate_pem: bytes
+    ca_pem: bytes
+    not_after: int
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=self.key_pem,
+            certificate_chain=self.certificate_pem,
+        )
+
+
+# (CA hash, agent id) -> credentials: the fake agents' "state directories".
+_ENROLLED: dict[tuple[str, str], AgentCredentials] = {}
+
+
+def forget_credentials() -> None:
+    _ENROLLED.clear()
+
+
+def _split(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _chain_der(target: str) -> list[bytes]:
+    """The certificate chain the server at `target` presents (not verified: pinned next)."""
+    host, port = _split(target)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        # Public from Python 3.13 on (SSLSocket.get_unverified_chain).
+        chain = tls._sslobj.get_unverified_chain()  # type: ignore[union-attr]
+        return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+
+
+async def fetch_ca(target: str, pin: str | None) -> bytes:
+    """PEM of the CA in the server's chain whose SHA-256 is `pin` (the chain's last
+    certificate when there is no pin); ValueError when none matches."""
+    chain = await asyncio.to_thread(_chain_der, target)
+    for der in reversed(chain):
+        if pin is None or hashlib.sha256(der).hexdigest() == pin:
+            return ssl.DER_cert_to_PEM_cert(der).encode()
+    raise ValueError(f"{target}: no certificate of the server's chain has the pinned hash")
+
+
+async def agent_endpoint(enrollment_target: str, ca_pem: bytes) -> str:
+    """Where the agent endpoint is, as `Endpoints` says (asked on every connect)."""
+    async with grpc.aio.secure_channel(
+        enrollment_target, grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    ) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        answer = await stub.Endpoints(pb.EndpointsRequest(), timeout=10)
+    host, _, port = answer.agent_endpoint.rpartition(":")
+    if not host:
+        host = enrollment_target.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
+async def enroll(
+    target: str,
+    token: str,
+    *,
+    agent_id: str,
+    compute_env_id: str,
+    capacity: pb.HostCapacity | None = None,
+    csr_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+) -> AgentCredentials:
+    """Enroll at the enrollment endpoint `target`; AioRpcError when refused."""
+    try:
+        pin: str | None = parse_join_token(token).ca_hash
+    except ValueError:
+        pin = None
+    ca_pem = await fetch_ca(target, pin)
+    if csr_pem is None:
+        key_pem, csr_pem = new_key_and_csr(AgentIdentity(agent_id or "new", compute_env_id))
+    async with grpc.aio.secure_channel(
+        target, grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    ) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        answer = await stub.Enroll(
+            pb.EnrollRequest(
+                agent_id=agent_id,
+                compute_env_id=compute_env_id,
+                csr_pem=csr_pem,
+                hostname="fake-host",
+                capacity=capacity if capacity is not None else BIG_HOST,
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
+    return AgentCredentials(
+        agent_id=answer.agent_id,
+        key_pem=key_pem or b"",
+        certificate_pem=answer.certificate_pem,
+        ca_pem=answer.ca_certificate_pem,
+        not_after=answer.not_after,
+    )
 
 # The one RPC, by path: the fake writes any message class that encodes agent.proto.
 CONNECT_METHOD = "/studios.agent.v1.AgentService/Connect"
@@ -67,8 +215,13 @@ class FakeAgent:
         proxy_url: str = "http://localhost:7070",
         memory_available: int = 8 << 30,
         protocol_version: int = pb.PROTOCOL_VERSION_V2,
+        credentials: AgentCredentials | None = None,
+        enroll_capacity: pb.HostCapacity | None = None,
     ) -> None:
         self.target = target
+        # Given (an attacker presenting another agent's certificate), or enrolled by connect.
+        self.credentials = credentials
+        self.enroll_capacity = enroll_capacity
         self.token = token
         self.agent_id = agent_id
         self.compute_env_id = compute_env_id
@@ -107,14 +260,27 @@ class FakeAgent:
         first: pb.ConnectRequest | None = None,
         wait_welcome: bool = True,
     ) -> None:
-        """Open the stream, send Hello (or `first`) and optionally an Inventory."""
-        self._channel = grpc.aio.insecure_channel(self.target)
+        """Enroll unless enrolled, open the stream, send Hello (or `first`) and optionally
+        an Inventory."""
+        try:
+            credentials = self.credentials or await self._enrolled()
+            endpoint = await agent_endpoint(self.target, credentials.ca_pem)
+        except grpc.aio.AioRpcError as exc:
+            # Refused at enrollment (bad token, unknown compute environment): the
+            # refusal is the answer, for `wait_error` to see.
+            if wait_welcome:
+                raise
+            self.error = exc
+            self._reader = asyncio.create_task(asyncio.sleep(0))
+            return
+        self.credentials = credentials
+        self._channel = grpc.aio.secure_channel(endpoint, credentials.channel_credentials())
         connect = self._channel.stream_stream(
             CONNECT_METHOD,
             request_serializer=_serialize,
             response_deserializer=self.response_type.FromString,
         )
-        self._call = connect(metadata=(("authorization", f"Bearer {self.token}"),))
+        self._call = connect()
         try:
             await self._call.write(first or self.hello_request())
             if inventory is not None:
@@ -128,6 +294,26 @@ class FakeAgent:
         self._reader = asyncio.create_task(self._read())
         if wait_welcome:
             await self.wait_for(lambda r: r.HasField("welcome"))
+
+    async def _enrolled(self) -> AgentCredentials:
+        try:
+            ca_hash = parse_join_token(self.token).ca_hash
+        except ValueError:
+            ca_hash = ""
+        key = (ca_hash, self.agent_id)
+        known = _ENROLLED.get(key) if ca_hash else None
+        if known is not None:
+            return known
+        credentials = await enroll(
+            self.target,
+            self.token,
+            agent_id=self.agent_id,
+            compute_env_id=self.compute_env_id,
+            capacity=self.enroll_capacity,
+        )
+        if ca_hash:
+            _ENROLLED[key] = credentials
+        return credentials
 
     async def _read(self) -> None:
         try:
