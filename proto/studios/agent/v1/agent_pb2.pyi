@@ -381,7 +381,7 @@ class CheckpointRef(_message.Message):
     def __init__(self, checkpoint_id: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb", "data_links", "file_system_mounts")
+    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb", "data_links", "file_system_mounts", "session_disk_cap_gb")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +400,7 @@ class SessionSpec(_message.Message):
     BOOT_DISK_SIZE_GB_FIELD_NUMBER: _ClassVar[int]
     DATA_LINKS_FIELD_NUMBER: _ClassVar[int]
     FILE_SYSTEM_MOUNTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_DISK_CAP_GB_FIELD_NUMBER: _ClassVar[int]
     image: str
     tool: str
     environment: _containers.ScalarMap[str, str]
@@ -411,7 +412,8 @@ class SessionSpec(_message.Message):
     boot_disk_size_gb: int
     data_links: _containers.RepeatedCompositeFieldContainer[DataLinkMount]
     file_system_mounts: _containers.RepeatedCompositeFieldContainer[FileSystemMount]
-    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMount, _Mapping]]] = ..., file_system_mounts: _Optional[_Iterable[_Union[FileSystemMount, _Mapping]]] = ...) -> None: ...
+    session_disk_cap_gb: int
+    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMount, _Mapping]]] = ..., file_system_mounts: _Optional[_Iterable[_Union[FileSystemMount, _Mapping]]] = ..., session_disk_cap_gb: _Optional[int] = ...) -> None: ...
 
 class DataLinkMount(_message.Message):
     __slots__ = ("data_link_id", "mount_name", "resource_ref", "read_only", "endpoint", "region", "access_key_id", "secret_access_key", "required")
