@@ -226,7 +226,10 @@ class Stack:
         self.state: Path = opts.state_dir
         self.lock = lock
         self.controller = QuickController(
-            self.state / "controller", http_port=opts.http_port, grpc_port=opts.grpc_port
+            self.state / "controller",
+            http_port=opts.http_port,
+            grpc_port=opts.grpc_port,
+            grpc_agents_port=opts.grpc_agents_port,
         )
         self.proxy_port: int = opts.proxy_port
         self.agent: QuickAgent | None = None
@@ -618,7 +621,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"where the controller, the agent and the studio keep their state ({DEFAULT_STATE})",
     )
     parser.add_argument("--http-port", type=int, default=8080, help="the controller's REST API")
-    parser.add_argument("--grpc-port", type=int, default=8081, help="the controller's gRPC port")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=8081,
+        help="the controller's enrollment endpoint (gRPC, TLS), what the agent is given",
+    )
+    parser.add_argument(
+        "--grpc-agents-port",
+        type=int,
+        default=None,
+        help="the controller's agent endpoint (gRPC, mutual TLS; default: a free port)",
+    )
     parser.add_argument("--proxy-port", type=int, default=7070, help="the agent's connect proxy")
     # Internal: set by the front for the runner (the read end of the pipe it watches).
     parser.add_argument("--runner-fd", type=int, default=None, help=argparse.SUPPRESS)

@@ -134,11 +134,15 @@ class ControllerProcess(_Process):
         database: str | None = None,
         http_port: int | None = None,
         grpc_port: int | None = None,
+        grpc_agents_port: int | None = None,
         env: Mapping[str, str] | None = None,
+        extra_args: Iterable[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.http_port = http_port or free_port()
+        # The enrollment endpoint (what agents are given) and the mutual-TLS agent endpoint.
         self.grpc_port = grpc_port or free_port()
+        self.grpc_agents_port = grpc_agents_port or free_port()
         argv = [
             script("studio-controller"),
             "serve",
@@ -148,6 +152,9 @@ class ControllerProcess(_Process):
             f"127.0.0.1:{self.http_port}",
             "--grpc",
             f"127.0.0.1:{self.grpc_port}",
+            "--grpc-agents",
+            f"127.0.0.1:{self.grpc_agents_port}",
+            *extra_args,
         ]
         if database:
             argv += ["--database", database]
@@ -161,7 +168,12 @@ class ControllerProcess(_Process):
 
     @property
     def grpc_address(self) -> str:
+        """The enrollment endpoint, what `studio-agent --controller` names."""
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def grpc_agents_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_agents_port}"
 
     @property
     def admin_token(self) -> str:
@@ -221,6 +233,10 @@ class AgentProcess(_Process):
             runtime,
             "--proxy",
             f"127.0.0.1:{self.proxy_port}",
+            # Local tools as the agent's user: pytest's temporary directories (0700) are
+            # out of a per-session user's reach (tests/agent/runtime/test_local_unprivileged.py).
+            "--local-tool-user",
+            "agent",
             *extra_args,
         ]
         super().__init__(
