@@ -96,6 +96,10 @@ class RuntimeOptions:
     podman_socket: Path = Path("/run/podman/podman.sock")
     oci_runtime: str = ""
     ulimits: tuple[str, ...] = ()
+    # podman: each session's network (`--podman-network`): "bridge", a bridge network of
+    # its own (isolated from the others, the tool published on the host's 127.0.0.1), or
+    # "host", the host's network (unsafe: sessions reach each other and the host's loopback).
+    podman_network: str = "bridge"
 
 
 class Runtime(abc.ABC):

@@ -14,9 +14,21 @@ Layout next to the volume mounted at `DIR/sessions/<sid>/root`:
 
 Containers are named `studios-<sid>` and labelled `studios.session-id`,
 `studios.generation` and `studios.agent-id` (the reaper lists this agent's containers by
-the last); the handle keeps the container id. They use the host network
-(the proxy talks to 127.0.0.1:$CONNECT_TOOL_PORT; a bridge adds ~210 ms per start)
-and a k8s-file log at the session's log path, which outlives the container.
+the last); the handle keeps the container id. They log to a k8s-file log at the session's
+log path, which outlives the container.
+
+Networking (`--podman-network`, docs/contract-notes.md "Session networking"): by default each
+session gets a bridge network of its own, `studios-<sid>` (netavark, `isolate=true`, no DNS,
+labelled like the container), and its tool is published on the host's 127.0.0.1 only, at the
+same port number it listens on inside ($CONNECT_TOOL_PORT). So the proxy and the runner's
+readiness check still dial 127.0.0.1:<handle.port> (netavark's DNAT refuses while the tool
+does not listen), while from inside a session the host's loopback, other sessions' published
+ports and other sessions' bridges are unreachable; outbound traffic is NATed. Containers get
+no CAP_NET_RAW / CAP_NET_ADMIN: netavark turns route_localnet on for the bridge (for the
+127.0.0.1 DNAT), so a container able to write raw frames could reach the host's loopback.
+`host` is the earlier behaviour: the host's network, nothing isolated (unsafe).
+slirp4netns isolates as well but its port forwarder accepts connections before the tool
+listens, which defeats the readiness check; measured in tests/bench/bench_podman_network.py.
 """
 
 from __future__ import annotations
@@ -56,6 +68,11 @@ _POLL_INTERVAL = 0.2
 LABEL_SESSION = "studios.session-id"
 LABEL_GENERATION = "studios.generation"
 LABEL_OWNER = "studios.agent-id"
+# `--podman-network`: the first is the default.
+NETWORK_MODES = ("bridge", "host")
+# Capabilities a session never gets, whatever podman's defaults on the host say.
+_DROPPED_CAPS = ["CAP_NET_RAW", "CAP_NET_ADMIN"]
+_NETWORK_REF = "network:"
 _K8S_LOG_PREFIX = re.compile(r"^\S+ (stdout|stderr) [FP] ")
 
 
@@ -177,6 +194,12 @@ class PodmanRuntime(Runtime):
         self.client = PodmanClient(options.podman_socket)
         self.oci_runtime = options.oci_runtime
         self.rlimits = [parse_ulimit(u) for u in options.ulimits]
+        if options.podman_network not in NETWORK_MODES:
+            raise RuntimeUnavailable(
+                f"unknown podman network {options.podman_network!r} "
+                f"(known: {', '.join(NETWORK_MODES)})"
+            )
+        self.network = options.podman_network
 
     # ------------------------------------------------------------ layout
 
@@ -190,6 +213,9 @@ class PodmanRuntime(Runtime):
     @staticmethod
     def container_name(session_id: str) -> str:
         return f"studios-{session_id}"
+
+    # A session's own bridge network carries the container's name.
+    network_name = container_name
 
     # ------------------------------------------------------------ image and rootfs
 
@@ -268,11 +294,24 @@ class PodmanRuntime(Runtime):
                 LABEL_GENERATION: str(spec.generation),
                 LABEL_OWNER: self.owner,
             },
-            "netns": {"nsmode": "host"},
+            "cap_drop": list(_DROPPED_CAPS),
             "stop_signal": 15,
             "stop_timeout": 30,
             "log_configuration": {"driver": "k8s-file", "path": str(spec.log_path)},
         }
+        if self.network == "host":
+            body["netns"] = {"nsmode": "host"}
+        else:
+            body["netns"] = {"nsmode": "bridge"}
+            body["Networks"] = {self.network_name(spec.session_id): {}}
+            body["portmappings"] = [
+                {
+                    "host_ip": "127.0.0.1",
+                    "host_port": spec.port,
+                    "container_port": spec.port,
+                    "protocol": "tcp",
+                }
+            ]
         if spec.mounts:
             # rprivate: nothing mounted later on the host side (or in the container)
             # propagates across. The mount point directories runc creates land in the
@@ -318,10 +357,16 @@ class PodmanRuntime(Runtime):
         env["CONNECT_TOOL_PORT"] = str(spec.port)
         body = self._create_body(spec, image, self.merged_dir(spec.root_dir), env)
         await asyncio.to_thread(spec.log_path.parent.mkdir, parents=True, exist_ok=True)
-        # A container of an earlier, crashed start of this session is in the way.
+        # A container (and network) of an earlier, crashed start of this session is in the way.
         await self._remove(self.container_name(spec.session_id))
+        network = ""
+        if self.network == "bridge":
+            network = self.network_name(spec.session_id)
+            await self._remove_network(network)
         merged = await self.mount_rootfs(spec.root_dir, layers)
         try:
+            if network:
+                await self._create_network(network, spec)
             created = await self.client.request("POST", "/containers/create", body=body)
             cid = str(created["Id"])
             crash_points.reached("podman:created")
@@ -330,6 +375,9 @@ class PodmanRuntime(Runtime):
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._remove(self.container_name(spec.session_id))
+            if network:
+                with contextlib.suppress(Exception):
+                    await self._remove_network(network)
             with contextlib.suppress(Exception):
                 await self.unmount_rootfs(merged)
             raise
@@ -347,6 +395,8 @@ class PodmanRuntime(Runtime):
             data={
                 "container_id": cid,
                 "container_name": self.container_name(spec.session_id),
+                # The session's own network ("" on the host's network).
+                "network": network,
                 "merged": str(merged),
                 "upper": str(spec.root_dir / "upper"),
                 "volume_root": str(spec.root_dir),
@@ -431,6 +481,7 @@ class PodmanRuntime(Runtime):
             },
         )
         tools = []
+        sessions_with_container = set()
         for item in found or []:
             labels = item.get("Labels") or {}
             session = labels.get(LABEL_SESSION)
@@ -441,6 +492,7 @@ class PodmanRuntime(Runtime):
             except ValueError:
                 generation = 0
             cid = str(item.get("Id") or "")
+            sessions_with_container.add(session)
             tools.append(
                 LabelledTool(
                     session_id=session,
@@ -449,10 +501,65 @@ class PodmanRuntime(Runtime):
                     description=f"container {cid[:12]} ({item.get('State') or 'unknown state'})",
                 )
             )
+        # A network left without its container (an agent killed between the two creates).
+        networks = await self.client.request(
+            "GET",
+            "/networks/json",
+            params={"filters": json.dumps({"label": [f"{LABEL_OWNER}={self.owner}"]})},
+        )
+        for net in networks or []:
+            labels = net.get("labels") or {}
+            session = labels.get(LABEL_SESSION)
+            if not session or session in sessions_with_container:
+                continue
+            try:
+                generation = int(labels.get(LABEL_GENERATION) or 0)
+            except ValueError:
+                generation = 0
+            name = str(net.get("name") or "")
+            tools.append(
+                LabelledTool(
+                    session_id=session,
+                    generation=generation,
+                    ref=f"{_NETWORK_REF}{name}",
+                    description=f"network {name} (no container)",
+                )
+            )
         return tools
 
     async def remove_labelled(self, tool: LabelledTool) -> None:
+        if tool.ref.startswith(_NETWORK_REF):
+            await self._remove_network(tool.ref.removeprefix(_NETWORK_REF))
+            return
         await self._remove(tool.ref)
+        # Its network goes with it (refused while another container uses it: none does).
+        with contextlib.suppress(PodmanError):
+            await self._remove_network(self.network_name(tool.session_id))
+
+    async def _create_network(self, name: str, spec: StartSpec) -> None:
+        body = {
+            "name": name,
+            "driver": "bridge",
+            # netavark: no forwarding between this network and any other isolated one.
+            "options": {"isolate": "true"},
+            # Nothing to resolve among a session's containers; the host's resolvers serve.
+            "dns_enabled": False,
+            "labels": {
+                LABEL_SESSION: spec.session_id,
+                LABEL_GENERATION: str(spec.generation),
+                LABEL_OWNER: self.owner,
+            },
+        }
+        await self.client.request("POST", "/networks/create", body=body)
+
+    async def _remove_network(self, name: str) -> None:
+        await self.client.request(
+            "DELETE",
+            f"/networks/{name}",
+            # Never forced: a forced removal would remove the containers using it.
+            timeout=60,
+            ok=(200, 204, 404),
+        )
 
     async def _remove(self, ref: str) -> None:
         await self.client.request(
@@ -469,6 +576,11 @@ class PodmanRuntime(Runtime):
             await self._remove(self._ref(handle))
         with contextlib.suppress(PodmanError):
             await self._remove(self.container_name(handle.session_id))
+        # A handle of a start killed before it returned has no data: try the default name.
+        network = str(handle.data.get("network", self.network_name(handle.session_id)))
+        if network:
+            with contextlib.suppress(PodmanError):
+                await self._remove_network(network)
         merged = handle.data.get("merged") or (
             str(self.merged_dir(Path(handle.root_dir))) if handle.root_dir else ""
         )
