@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=SOFT[:HARD]",
         help="container ulimit, repeatable (e.g. nofile=1024:1024)",
     )
+    serve.add_argument(
+        "--podman-network",
+        default="bridge",
+        choices=("bridge", "host"),
+        help="each podman session's network: bridge (a network of its own: other sessions "
+        "and the host's loopback unreachable) or host (UNSAFE: no isolation)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     for name, text in (
@@ -134,6 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         podman_socket=args.podman_socket,
         podman_runtime=args.podman_runtime,
         container_ulimits=tuple(args.container_ulimit),
+        podman_network=args.podman_network,
         checkpoint_interval_seconds=args.checkpoint_interval_seconds,
         s3_endpoint=args.s3_endpoint,
     )

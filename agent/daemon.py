@@ -58,6 +58,9 @@ class AgentConfig:
     podman_socket: Path = Path("/run/podman/podman.sock")
     podman_runtime: str = ""
     container_ulimits: tuple[str, ...] = ()
+    # Each podman session's network (`--podman-network`): bridge (a network of its own,
+    # isolated) or host (unsafe: sessions reach each other and the host's loopback).
+    podman_network: str = "bridge"
     # Interim checkpoints of a running session (`--checkpoint-interval-seconds`).
     checkpoint_interval_seconds: float = 300.0
     # S3-compatible endpoint for s3:// checkpoint stores (`--s3-endpoint`); keys come
@@ -157,6 +160,7 @@ class Agent:
                 podman_socket=cfg.podman_socket,
                 oci_runtime=cfg.podman_runtime,
                 ulimits=tuple(cfg.container_ulimits),
+                podman_network=cfg.podman_network,
             ),
         )
         volumes = create_volume_kind(cfg.volume_kind)
