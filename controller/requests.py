@@ -10,16 +10,26 @@ checked) and ignored: there are no labels yet, responses carry `labels: null`.
 Known fields are validated strictly: a wrong JSON type (a string for an
 integer, a number for a boolean, ...) is refused, not coerced. Validation
 errors become 400 with a message naming the field (`validation_message`).
+
+No string field takes control characters (C0: NUL, CR, LF, ESC, ...; DEL):
+names, identifiers, paths and URLs are one line (`SafeStr`); descriptions and
+the conda environment are free text of several lines, so they take TAB and LF
+but nothing else (`MultiLine`; CR neither: send LF line endings).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from studios_shared.environment import environment_refusal
 
 __all__ = [
+    "CONTROL_CHARACTERS",
     "AddParticipantRequest",
     "AddTeamMemberRequest",
     "CheckpointUpdateRequest",
@@ -40,10 +50,13 @@ __all__ = [
     "DataStudioWorkspaceSettingsRequest",
     "FileSystemMountBody",
     "MountData",
+    "MultiLine",
+    "SafeStr",
     "TeamCreateBody",
     "TeamCreateRequest",
     "UpdateCredentialsRequest",
     "UpdateParticipantRoleRequest",
+    "control_name",
     "validation_message",
 ]
 
@@ -69,21 +82,53 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts) or "invalid request body"
 
 
+# A regular expression class: C0 control characters and DEL.
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f]"
+_CONTROL = re.compile(CONTROL_CHARACTERS)
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL_NAMES = {0x00: "NUL", 0x09: "TAB", 0x0A: "LF", 0x0D: "CR", 0x1B: "ESC", 0x7F: "DEL"}
+
+
+def control_name(char: str) -> str:
+    """A control character as people name it: "NUL", "LF", "U+0001"."""
+    return _CONTROL_NAMES.get(ord(char), f"U+{ord(char):04X}")
+
+
+def _refuse(pattern: re.Pattern[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        found = pattern.search(value)
+        if found is not None:
+            raise PydanticCustomError(
+                "control_character",
+                "control character {what} at position {at} is not allowed",
+                {"what": control_name(found.group()), "at": found.start()},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+# One line of text: names, identifiers, paths, URLs, keys. No control character at all.
+SafeStr = Annotated[str, _refuse(_CONTROL)]
+# Free text of several lines (descriptions, the conda environment): TAB and LF, no other.
+MultiLine = Annotated[str, _refuse(_CONTROL_IN_TEXT)]
+
+
 NonNegInt = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
-Name = Annotated[str, Field(min_length=1, max_length=80)]
+Name = Annotated[SafeStr, Field(min_length=1, max_length=80)]
 
 
-Description = Annotated[str, Field(max_length=2048)]
+Description = Annotated[MultiLine, Field(max_length=2048)]
 
 
 class MountData(_Request):
-    data_link_id: str
-    path: str | None = None
+    data_link_id: SafeStr
+    path: SafeStr | None = None
 
 
 class DataStudioConfiguration(_Request):
@@ -93,10 +138,19 @@ class DataStudioConfiguration(_Request):
     memory: NonNegInt | None = None
     environment: dict[str, str] | None = None
     lifespan_hours: NonNegInt | None = None
-    conda_environment: Annotated[str, Field(max_length=2048)] | None = None
+    conda_environment: Annotated[MultiLine, Field(max_length=2048)] | None = None
     mount_data_v2: list[MountData] | None = None
     # Deprecated in the reference (data-link ids); kept as given.
-    mount_data: list[str] | None = None
+    mount_data: list[SafeStr] | None = None
+
+    @field_validator("environment")
+    @classmethod
+    def _environment_rule(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # The agent checks the same rule before it starts a tool (studios_shared.environment).
+        refusal = environment_refusal(value) if value is not None else ""
+        if refusal:
+            raise PydanticCustomError("environment", "{reason}", {"reason": refusal})
+        return value
 
     def stored(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -104,8 +158,8 @@ class DataStudioConfiguration(_Request):
 
 class DataStudioCreateRequest(_Request):
     name: Name
-    compute_env_id: Annotated[str, Field(min_length=1, max_length=64)]
-    data_studio_tool_url: Annotated[str, Field(max_length=1024)] | None = None
+    compute_env_id: Annotated[SafeStr, Field(min_length=1, max_length=64)]
+    data_studio_tool_url: Annotated[SafeStr, Field(max_length=1024)] | None = None
     description: Description | None = None
     configuration: DataStudioConfiguration | None = None
     is_private: bool | None = None
@@ -125,34 +179,34 @@ class DataStudioStartRequest(_Request):
 class DataStudioUpdateRequest(_Request):
     name: Name | None = None
     description: Description | None = None
-    compute_env_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    compute_env_id: Annotated[SafeStr, Field(min_length=1, max_length=64)] | None = None
     configuration: DataStudioConfiguration | None = None
     label_ids: list[Id] | None = None
 
 
 class CheckpointUpdateRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[SafeStr, Field(min_length=1, max_length=200)]
 
 
 class DataStudioWorkspaceSettingsRequest(_Request):
     lifespan_hours: NonNegInt | None = None
     private_studio_by_default: bool | None = None
-    container_repository: str | None = None
-    name_strategy: str | None = None
+    container_repository: SafeStr | None = None
+    name_strategy: SafeStr | None = None
 
 
 class CreateAccessTokenRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=50)]
+    name: Annotated[SafeStr, Field(min_length=1, max_length=50)]
 
 
 class AddParticipantRequest(_Request):
     member_id: Id | None = None
     team_id: Id | None = None
-    user_name_or_email: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    user_name_or_email: Annotated[SafeStr, Field(min_length=1, max_length=255)] | None = None
 
 
 class UpdateParticipantRoleRequest(_Request):
-    role: Annotated[str, Field(min_length=1, max_length=16)]
+    role: Annotated[SafeStr, Field(min_length=1, max_length=16)]
 
 
 class TeamCreateBody(_Request):
@@ -165,52 +219,52 @@ class TeamCreateRequest(_Request):
 
 
 class AddTeamMemberRequest(_Request):
-    user_name_or_email: Annotated[str, Field(min_length=1, max_length=255)]
+    user_name_or_email: Annotated[SafeStr, Field(min_length=1, max_length=255)]
 
 
 class FileSystemMountBody(_Request):
     """A host directory (EFS-like shared volume) seen at `mountPath` in sessions."""
 
-    host_path: Annotated[str, Field(min_length=1, max_length=4096)]
-    mount_path: Annotated[str, Field(min_length=1, max_length=4096)]
+    host_path: Annotated[SafeStr, Field(min_length=1, max_length=4096)]
+    mount_path: Annotated[SafeStr, Field(min_length=1, max_length=4096)]
     read_only: bool = False
 
 
 class ComputeEnvConfig(_Request):
-    work_dir: Annotated[str, Field(min_length=1, max_length=2048)]
+    work_dir: Annotated[SafeStr, Field(min_length=1, max_length=2048)]
     boot_disk_size_gb: Annotated[int, Field(ge=1, le=65536)] = 30
-    allowed_buckets: list[str] = []
+    allowed_buckets: list[SafeStr] = []
     file_system_mounts: list[FileSystemMountBody] = []
 
 
 class ComputeEnvCreateBody(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=100)]
-    platform: str = "studio-agent"
+    name: Annotated[SafeStr, Field(min_length=1, max_length=100)]
+    platform: SafeStr = "studio-agent"
     config: ComputeEnvConfig
-    description: str | None = None
+    description: Description | None = None
 
 
 class ComputeEnvCreateRequest(_Request):
     compute_env: ComputeEnvCreateBody
 
 
-Text100 = Annotated[str, Field(min_length=1, max_length=100)]
+Text100 = Annotated[SafeStr, Field(min_length=1, max_length=100)]
 
 
 class CredentialsKeys(_Request):
     """The secret part: stored encrypted, never returned."""
 
-    access_key: Annotated[str, Field(min_length=1, max_length=256)]
-    secret_key: Annotated[str, Field(min_length=1, max_length=1024)]
+    access_key: Annotated[SafeStr, Field(min_length=1, max_length=256)]
+    secret_key: Annotated[SafeStr, Field(min_length=1, max_length=1024)]
 
 
 class CredentialsBody(_Request):
     name: Text100
-    provider: Annotated[str, Field(min_length=1, max_length=32)]
+    provider: Annotated[SafeStr, Field(min_length=1, max_length=32)]
     description: Description | None = None
     # Endpoint of an S3-compatible store (SeaweedFS, MinIO, ...); absent for AWS.
-    base_url: Annotated[str, Field(max_length=2048)] | None = None
-    region: Annotated[str, Field(max_length=64)] | None = None
+    base_url: Annotated[SafeStr, Field(max_length=2048)] | None = None
+    region: Annotated[SafeStr, Field(max_length=64)] | None = None
     keys: CredentialsKeys
 
 
@@ -223,8 +277,8 @@ class CredentialsUpdateBody(_Request):
 
     name: Text100 | None = None
     description: Description | None = None
-    base_url: Annotated[str, Field(max_length=2048)] | None = None
-    region: Annotated[str, Field(max_length=64)] | None = None
+    base_url: Annotated[SafeStr, Field(max_length=2048)] | None = None
+    region: Annotated[SafeStr, Field(max_length=64)] | None = None
     keys: CredentialsKeys | None = None
 
 
@@ -234,17 +288,17 @@ class UpdateCredentialsRequest(_Request):
 
 class DataLinkCreateRequest(_Request):
     name: Text100
-    resource_ref: Annotated[str, Field(min_length=1, max_length=1024)]
+    resource_ref: Annotated[SafeStr, Field(min_length=1, max_length=1024)]
     description: Description | None = None
-    provider: Annotated[str, Field(max_length=32)] | None = None
-    type: Annotated[str, Field(max_length=32)] | None = None
-    credentials_id: Annotated[str, Field(max_length=64)] | None = None
+    provider: Annotated[SafeStr, Field(max_length=32)] | None = None
+    type: Annotated[SafeStr, Field(max_length=32)] | None = None
+    credentials_id: Annotated[SafeStr, Field(max_length=64)] | None = None
     public_accessible: bool | None = None
     # Not in the reference request: the bucket's region (default the credentials').
-    region: Annotated[str, Field(max_length=64)] | None = None
+    region: Annotated[SafeStr, Field(max_length=64)] | None = None
 
 
 class DataLinkUpdateRequest(_Request):
     name: Text100 | None = None
     description: Description | None = None
-    credentials_id: Annotated[str, Field(max_length=64)] | None = None
+    credentials_id: Annotated[SafeStr, Field(max_length=64)] | None = None
