@@ -31,6 +31,7 @@ __all__ = [
     "connect_access",
     "notify_team_workspaces",
     "notify_workspaces",
+    "team_workspaces",
 ]
 
 _ACTIVE = sorted(s.value for s in ACTIVE)

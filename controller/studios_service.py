@@ -23,6 +23,12 @@ The clone inherits the template, compute environment, `condaEnvironment` and
 may move to a newer version of the same tool. Its first start restores the
 parent checkpoint (later starts restore its own newest checkpoint).
 
+Private studios beyond the roles (docs/contract-notes.md, "Authorization rules
+beyond roles"): only the creator widens `allowedUserIds` (at start; edits carry
+no such field); cloning a private studio's checkpoint needs the right to
+connect to it, and the clone is private to the cloning user (open at most to
+those who could connect to the parent) unless the parent's creator clones it.
+
 Compatible compute environments: those of the same workspace with the same
 platform and work directory (so the studio's checkpoints stay reachable).
 """
@@ -51,11 +57,12 @@ from controller.auth import (
     Role,
     check_studio_access,
     require,
+    studio_access_denial,
     workspace_role,
     workspace_role_or_404,
 )
 from controller.db import Database, escape_like
-from controller.errors import BadRequest, Conflict, NotFound
+from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from controller.fault_injection import pause_for_test
 from controller.lifecycle import Status
 from controller.lifespan import base_lifespan_hours
@@ -325,6 +332,47 @@ class StudioService:
                 stored[key] = studio.configuration[key]
         return stored
 
+    @staticmethod
+    def _check_widening(studio: Studio, principal: Principal, wanted: list[int]) -> None:
+        """Forbidden unless the caller is the private studio's creator or adds nobody.
+
+        Admins and owners may start a private studio they cannot connect to; naming
+        themselves (or anyone else new) in its allowedUserIds would let them in.
+        Keeping or narrowing the list is anyone's who may start it."""
+        if not studio.is_private or principal.user_id == studio.user_id:
+            return
+        added = sorted(set(wanted) - set(studio.allowed_user_ids or []))
+        if added:
+            raise Forbidden(
+                f"allowedUserIds: studio {studio.session_id} is private: only its creator may "
+                f"widen who can connect to it (would add {', '.join(map(str, added))})"
+            )
+
+    @staticmethod
+    def _clone_privacy(
+        parent: Studio, principal: Principal, is_private: bool | None, allowed: list[int]
+    ) -> bool | None:
+        """The privacy of a clone of `parent` (None: the workspace default).
+
+        A clone of a private studio is private to the user who clones it, unless its
+        creator does: not public, and open to nobody who could not connect to the
+        parent (its creator and allowed users may be named)."""
+        if not parent.is_private or principal.user_id == parent.user_id:
+            return is_private
+        if is_private is False:
+            raise Forbidden(
+                f"isPrivate: studio {parent.session_id} is private: a clone of it is private "
+                "to the user who clones it unless its creator clones it"
+            )
+        could_connect = {parent.user_id, *(parent.allowed_user_ids or [])}
+        outside = sorted(set(allowed) - could_connect)
+        if outside:
+            raise Forbidden(
+                f"allowedUserIds: studio {parent.session_id} is private: a clone of it may be "
+                f"open only to users who can connect to it (not {', '.join(map(str, outside))})"
+            )
+        return True
+
     async def _restore_point(self, session: AsyncSession, studio: Studio) -> int | None:
         """The studio's newest restorable checkpoint, else (a clone) its parent checkpoint."""
         own = await session.scalar(
@@ -351,6 +399,15 @@ class StudioService:
         if parent is None or parent.deleted or parent.workspace_id != workspace_id:
             raise missing
         check_studio_access(parent, role, principal, Permission.CLONE)
+        if parent.is_private:
+            # A clone holds the private studio's data: who may not connect to it may
+            # not copy it either (admins and owners included).
+            why = studio_access_denial(parent, role, principal.user_id, Permission.CONNECT)
+            if why is not None:
+                raise Forbidden(
+                    f"initialCheckpointId: cloning a checkpoint of a private studio needs "
+                    f"the right to connect to it ({why})"
+                )
         if checkpoint.status not in _RESTORABLE:
             raise BadRequest(
                 f"initialCheckpointId: checkpoint {checkpoint_id} is {checkpoint.status}: "
@@ -407,6 +464,9 @@ class StudioService:
                 allowed = await self._check_allowed_users(
                     session, workspace_id, body.allowed_user_ids or []
                 )
+                is_private = body.is_private
+                if parent is not None:
+                    is_private = self._clone_privacy(parent[1], principal, is_private, allowed)
                 workspace = await session.get(Workspace, workspace_id)
                 now = utcnow()
                 studio = Studio(
@@ -421,8 +481,8 @@ class StudioService:
                     compute_env_id=env.id,
                     configuration=stored,
                     is_private=(
-                        body.is_private
-                        if body.is_private is not None
+                        is_private
+                        if is_private is not None
                         else bool(workspace and workspace.private_studio_by_default)
                     ),
                     allowed_user_ids=allowed,
@@ -606,7 +666,7 @@ class StudioService:
                 check_studio_access(studio, role, principal, Permission.EXECUTE)
                 lifecycle.check_start(studio)
                 if body is not None:
-                    await self._apply_start_overrides(session, studio, body)
+                    await self._apply_start_overrides(session, studio, principal, body)
                 previous_agent = studio.agent_id
                 self._start(studio, principal)
                 studio.restore_checkpoint_id = await self._restore_point(session, studio)
@@ -623,7 +683,11 @@ class StudioService:
             return StudioRun(submitted=True, studio=started)
 
     async def _apply_start_overrides(
-        self, session: AsyncSession, studio: Studio, body: DataStudioStartRequest
+        self,
+        session: AsyncSession,
+        studio: Studio,
+        principal: Principal,
+        body: DataStudioStartRequest,
     ) -> None:
         if body.name is not None and body.name != studio.name:
             if await self._name_taken(
@@ -641,9 +705,11 @@ class StudioService:
             else:
                 studio.configuration = body.configuration.stored()
         if body.allowed_user_ids is not None:
-            studio.allowed_user_ids = await self._check_allowed_users(
+            wanted = await self._check_allowed_users(
                 session, studio.workspace_id, body.allowed_user_ids
             )
+            self._check_widening(studio, principal, wanted)
+            studio.allowed_user_ids = wanted
 
     async def stop(
         self, principal: Principal, session_id: str, workspace_id: int | None

@@ -9,8 +9,12 @@ role": maintain and above): nobody grants a role above their own or changes
 or removes a participant whose role is above their own (403), and a
 workspace keeps at least one owner among its user participants (400). New
 participants get `launch`, as in Seqera Platform. Teams belong to an
-organisation; they are managed (`/orgs/{orgId}/teams`, an addition without a
-counterpart in the reference) by the admins and owners of its workspaces.
+organisation; they are created (`/orgs/{orgId}/teams`, an addition without a
+counterpart in the reference) by the admins and owners of its workspaces. Who
+is in a team changes only by a user who is owner of every workspace the team
+takes part in (a team in no workspace: its admins and owners too), since the
+team's role reaches each of them (docs/contract-notes.md, "Authorization rules
+beyond roles").
 Anything of a workspace the caller has no role in is 404.
 
 Every change of who holds which role pushes a fresh desired state to the
@@ -26,7 +30,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.access import notify_team_workspaces, notify_workspaces
+from controller.access import notify_team_workspaces, notify_workspaces, team_workspaces
 from controller.agent_hub import AgentHub
 from controller.auth import (
     Permission,
@@ -172,7 +176,9 @@ class WorkspaceService:
                 require(role, Permission.PARTICIPANTS)
                 row = Participant(workspace_id=workspace_id, role=NEW_PARTICIPANT_ROLE.value)
                 if body.team_id is not None:
-                    team = await session.get(Team, body.team_id)
+                    # Locked: a concurrent change of the team's members waits (their
+                    # check reads the workspaces the team takes part in).
+                    team = await session.get(Team, body.team_id, with_for_update=True)
                     if team is None or team.org_id != org_id:
                         raise NotFound(f"team {body.team_id} not found")
                     taken = Participant.team_id == team.id
@@ -327,10 +333,39 @@ class WorkspaceService:
             ).all()
             return [await self._team_row(session, t) for t in teams]
 
-    async def _team(self, session: AsyncSession, org_id: int, team_id: int) -> Team:
-        team = await session.get(Team, team_id)
+    async def _team(
+        self, session: AsyncSession, org_id: int, team_id: int, *, for_update: bool = False
+    ) -> Team:
+        team = await session.get(Team, team_id, with_for_update=for_update or None)
         if team is None or team.org_id != org_id:
             raise NotFound(f"team {team_id} not found")
+        return team
+
+    async def _team_for_membership_change(
+        self, session: AsyncSession, principal: Principal, org_id: int, team_id: int
+    ) -> Team:
+        """The team, locked, once the caller may change who is in it; Forbidden otherwise.
+
+        A team carries its role into every workspace it takes part in, so a change of
+        its members is a change of roles there: only a user who is owner of every one of
+        those workspaces may make it (an admin of one workspace would otherwise grant
+        herself the team's role in another). A team that takes part in no workspace
+        gives nobody a role: the organisation's workspace admins manage it, as they
+        create teams. Locked: a concurrent add of the team to a workspace waits.
+        """
+        role = await self._org_role(session, principal, org_id)
+        team = await self._team(session, org_id, team_id, for_update=True)
+        workspace_ids = await team_workspaces(session, team.id)
+        if not workspace_ids:
+            require(role, Permission.ADMIN)
+            return team
+        for workspace_id in workspace_ids:
+            if await workspace_role(session, principal.user_id, workspace_id) != Role.OWNER:
+                raise Forbidden(
+                    f"team {team.name!r} takes part in {len(workspace_ids)} workspace(s): "
+                    "only a user who is owner of every workspace the team takes part in "
+                    "may change its members"
+                )
         return team
 
     async def add_team_member(
@@ -339,8 +374,7 @@ class WorkspaceService:
         conflict = Conflict("already a member of the team")
         try:
             async with self.db.transaction() as session:
-                require(await self._org_role(session, principal, org_id), Permission.ADMIN)
-                team = await self._team(session, org_id, team_id)
+                team = await self._team_for_membership_change(session, principal, org_id, team_id)
                 user = await session.scalar(
                     select(User).where(
                         or_(User.user_name == user_name_or_email, User.email == user_name_or_email)
@@ -364,8 +398,7 @@ class WorkspaceService:
         self, principal: Principal, org_id: int, team_id: int, member_id: int
     ) -> None:
         async with self.db.transaction() as session:
-            require(await self._org_role(session, principal, org_id), Permission.ADMIN)
-            team = await self._team(session, org_id, team_id)
+            team = await self._team_for_membership_change(session, principal, org_id, team_id)
             row = await session.scalar(
                 select(TeamMember).where(
                     TeamMember.team_id == team.id, TeamMember.user_id == member_id
