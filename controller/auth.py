@@ -18,6 +18,7 @@ delete any private studio.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -134,13 +135,29 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# RFC 6750's b64token, as long as any token of ours can be (join tokens are the longest).
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]{1,512}=*")
+
+
 def parse_bearer(header: str | None) -> str:
+    """The token of ``Authorization: Bearer <token>``; Unauthorized for anything else.
+
+    A token is printable ASCII of RFC 6750's alphabet: a header with non-ASCII
+    bytes, control characters, spaces inside or an over-long token is refused
+    here, before it is hashed or looked up.
+    """
     if not header:
         raise Unauthorized("missing Authorization header (expected 'Bearer <token>')")
     scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Unauthorized("Authorization header must be 'Bearer <token>'")
-    return token.strip()
+    if not _BEARER_TOKEN.fullmatch(token):
+        raise Unauthorized(
+            "malformed bearer token (expected ASCII letters, digits and -._~+/, "
+            "at most 512 characters)"
+        )
+    return token
 
 
 async def authenticate(session: AsyncSession, header: str | None) -> Principal:

@@ -13,6 +13,7 @@ __all__ = [
     "Forbidden",
     "InvalidTransition",
     "NotFound",
+    "PayloadTooLarge",
     "StudiosError",
     "Unauthorized",
 ]
@@ -46,6 +47,12 @@ class NotFound(StudiosError):
 
 class Conflict(StudiosError):
     status = 409
+
+
+class PayloadTooLarge(StudiosError):
+    """A request body over the limit (`controller.json_body`)."""
+
+    status = 413
 
 
 class InvalidTransition(Conflict):

@@ -4,23 +4,27 @@ Every request but `GET /openapi.yaml` and the sign-in pages needs
 ``Authorization: Bearer <token>`` (401 otherwise); GET and HEAD also accept the
 browser session cookie (`controller.signin`). Errors are ``{"message": "..."}``
 with the status of the `controller.errors` leaf; anything unexpected is logged
-and answered 500 without details: never a stack trace to a client.
+and answered 500 without details: never a stack trace to a client. Bad input
+never gets that far: bodies through `parse_body` (`controller.json_body`: size,
+nesting, malformed JSON), control characters in the path or the query refused
+by `input_middleware`, in body fields by the request models.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from controller import json_body
 from controller.auth import Principal
 from controller.db import Database
-from controller.errors import BadRequest, StudiosError, Unauthorized
-from controller.requests import validation_message
+from controller.errors import BadRequest, PayloadTooLarge, StudiosError, Unauthorized
+from controller.requests import CONTROL_CHARACTERS, control_name, validation_message
 from controller.signin import authenticate_request, browser_sign_in_redirect
 
 __all__ = [
@@ -33,6 +37,8 @@ __all__ = [
     "principal",
     "query_bool",
     "query_int",
+    "read_body",
+    "validate",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ DB_KEY = web.AppKey("db", Database)
 SERVICES_KEY: web.AppKey[Any] = web.AppKey("services", object)
 PUBLIC_PATHS = frozenset({"/openapi.yaml", "/", "/auth/sign-in", "/auth/sign-out"})
 _PRINCIPAL = web.RequestKey("principal", Principal)
+_CONTROL = re.compile(CONTROL_CHARACTERS)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -70,6 +77,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(500, "internal error")
 
 
+def _control_character(text: str) -> str | None:
+    """The first C0 control character or DEL in `text`, as a name (e.g. "NUL"), or None."""
+    found = _CONTROL.search(text)
+    return None if found is None else control_name(found.group())
+
+
+@web.middleware
+async def input_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Control characters in the path or the query: 400 naming the parameter, never stored."""
+    what = _control_character(request.path)
+    if what is not None:
+        raise BadRequest(f"path: control character {what} is not allowed")
+    for name, value in request.query.items():
+        what = _control_character(name) or _control_character(value)
+        if what is not None:
+            label = repr(name) if _CONTROL.search(name) else name
+            raise BadRequest(f"{label}: control character {what} is not allowed")
+    return await handler(request)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in PUBLIC_PATHS:
@@ -91,7 +118,11 @@ def principal(request: web.Request) -> Principal:
 
 def make_app(db: Database, services: Any) -> web.Application:
     # The error middleware is outermost, so authentication errors are mapped too.
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(
+        middlewares=[error_middleware, input_middleware, auth_middleware],
+        # parse_body refuses bodies over json_body.MAX_BODY_BYTES with its own message.
+        client_max_size=4 * json_body.MAX_BODY_BYTES,
+    )
     app[DB_KEY] = db
     app[SERVICES_KEY] = services
     return app
@@ -102,23 +133,40 @@ def json_response(body: BaseModel | dict[str, Any], status: int = 200) -> web.Re
     return web.json_response(data, status=status)
 
 
+async def read_body(request: web.Request, limit: int = json_body.MAX_BODY_BYTES) -> bytes:
+    """The raw request body, at most `limit` bytes (PayloadTooLarge otherwise)."""
+    json_body.check_size(request.content_length, limit)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body too large (at most {limit} bytes)") from None
+    json_body.check_size(len(raw), limit)
+    return raw
+
+
 async def parse_body(
     request: web.Request, model: type[M], *, optional: bool = False, prefix: str = ""
 ) -> M | None:
-    """The request body validated as `model`; BadRequest naming the field."""
-    raw = await request.read()
+    """The request body validated as `model`; BadRequest naming the field.
+
+    Every JSON body goes through here: size and nesting limits, malformed JSON
+    (`controller.json_body`), then the model.
+    """
+    raw = await read_body(request)
     if not raw.strip():
         if optional:
             return None
         raise BadRequest("request body is required")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    data = json_body.loads(raw)
     if data is None and optional:
         return None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    return validate(model, data, prefix)
+
+
+def validate(model: type[M], data: Any, prefix: str = "") -> M:
+    """`data` validated as `model`; BadRequest naming the field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:

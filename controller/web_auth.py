@@ -21,7 +21,7 @@ from __future__ import annotations
 import html
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,7 +36,7 @@ from controller.signin import (
     safe_next,
     verify_session,
 )
-from controller.web_app import DB_KEY, parse_body
+from controller.web_app import DB_KEY, parse_body, read_body, validate
 
 __all__ = ["routes"]
 
@@ -55,6 +55,8 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 _MAX_FORM_BYTES = 8192
+# What a browser's form posts; aiohttp says octet-stream when there is no Content-Type.
+_FORM_TYPES = ("application/x-www-form-urlencoded", "application/octet-stream")
 
 
 class SignInRequest(BaseModel):
@@ -156,22 +158,31 @@ def _check_same_origin(request: web.Request, what: str) -> None:
 
 
 async def _read_sign_in(request: web.Request) -> tuple[SignInRequest, bool]:
-    """(the request, whether it came from a form)."""
+    """(the request, whether it came from a form).
+
+    A form is ``application/x-www-form-urlencoded`` (what a browser's form posts), read
+    here strictly: UTF-8 and at most `_MAX_FORM_BYTES`, 400 otherwise.
+    """
     if request.content_type == "application/json":
         body = await parse_body(request, SignInRequest)
         assert body is not None
         return body, False
-    if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
-        raise BadRequest("request body too large")
-    form = await request.post()
-    token, next_value = form.get("token"), form.get("next")
-    if not isinstance(token, str) or not token.strip():
+    raw = await read_body(request, _MAX_FORM_BYTES)
+    if request.content_type not in _FORM_TYPES:
+        raise BadRequest(
+            f"unsupported content type {request.content_type!r} "
+            "(application/json or application/x-www-form-urlencoded)"
+        )
+    try:
+        form = dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("malformed form: not UTF-8 URL-encoded") from None
+    token, next_value = form.get("token", ""), form.get("next")
+    if not token.strip():
         raise BadRequest("token: an API token is required")
     if len(token) > 512:
         raise BadRequest("token: too long to be an API token")
-    return SignInRequest(
-        token=token.strip(), next=next_value if isinstance(next_value, str) else None
-    ), True
+    return validate(SignInRequest, {"token": token.strip(), "next": next_value}), True
 
 
 @routes.get(SIGN_IN_PATH)
