@@ -2,12 +2,22 @@
 
 A compute environment of platform ``studio-agent`` is a named pool of agents
 sharing a work directory (checkpoints go to ``<workDir>/.studios/checkpoints``)
-and a disk budget per host (`bootDiskSizeGb`). Results are database rows; the
-web layer (`controller.web_compute_envs`) gives them their REST shape.
+and a disk budget per host (`bootDiskSizeGb`), optionally with a cap per session
+(`sessionDiskCapGb`, an addition: the most one session's volume may grow to on a
+host; absent, the whole budget). Results are database rows; the web layer
+(`controller.web_compute_envs`) gives them their REST shape.
+
+File-system mounts' host paths (`host_path_refusal`): absolute, normalised (no
+``.``, ``..`` or empty segments; one trailing ``/`` is dropped) and none of the plainly unsafe:
+the host's root, its system directories (or a directory holding one), container
+stores and the state of Studios itself (``/var/lib/studios*``). This is only the
+controller's sieve: the agent mounts nothing outside the prefixes its operator
+allows (``--allow-host-path``), whatever the database says.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +34,70 @@ from controller.models import Agent, CheckpointGcRun, ComputeEnv, Workspace, utc
 from controller.mounts import validate_allowed_buckets, validate_file_system_mounts
 from controller.requests import ComputeEnvCreateBody
 
-__all__ = ["PLATFORM", "AgentListing", "ComputeEnvListing", "ComputeEnvService"]
+__all__ = [
+    "PLATFORM",
+    "UNSAFE_HOST_DIRS",
+    "AgentListing",
+    "ComputeEnvListing",
+    "ComputeEnvService",
+    "host_path_refusal",
+]
 
 PLATFORM = "studio-agent"
+
+# Never a host path of a file-system mount, nor anything inside or above one of them
+# (bind-mounted read-write into a container whose tool may run as root).
+UNSAFE_HOST_DIRS = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib/containers",
+    "/var/lib/docker",
+    "/var/run",
+)
+# The state of Studios' agents and controller (/var/lib/studios, /var/lib/studios-agent...).
+_STUDIOS_STATE = re.compile(r"^/var/lib/studios[^/]*(/|$)")
+_STUDIOS_STATE_PARENT = "/var/lib/studios"
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def host_path_refusal(path: str) -> str | None:
+    """Why `path` is a plainly unsafe host path for a file-system mount; None if it is not."""
+    if not path.startswith("/"):
+        return f"must be an absolute path, got {path!r}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "must not contain control characters"
+    if path == "/":
+        return "/ is the host's root directory"
+    # One trailing "/" is how many write a directory: it is stored without it.
+    segments = path.removesuffix("/").split("/")[1:]
+    if ".." in segments:
+        return "must not contain '..'"
+    if any(s in ("", ".") for s in segments):
+        return f"{path!r} is not a normalised path (no '.' or empty segments)"
+    path = path.removesuffix("/")
+    for unsafe in UNSAFE_HOST_DIRS:
+        if _inside(path, unsafe):
+            return f"{path} is inside the host's system directory {unsafe}"
+        if _inside(unsafe, path):
+            return f"{path} holds the host's system directory {unsafe}"
+    if _STUDIOS_STATE.match(path) or _inside(_STUDIOS_STATE_PARENT, path):
+        return f"{path} is or holds the state of Studios (/var/lib/studios*)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +125,19 @@ class ComputeEnvService:
         """Store a new compute environment; returns its id."""
         if body.platform != PLATFORM:
             raise BadRequest(f"computeEnv.platform: must be {PLATFORM!r}, got {body.platform!r}")
+        config = body.config
         # Checked before anything is stored (controller.mounts says what is refused and why).
-        fs_mounts = validate_file_system_mounts(body.config.file_system_mounts)
+        for n, mount in enumerate(config.file_system_mounts):
+            why = host_path_refusal(mount.host_path)
+            if why is not None:
+                raise BadRequest(f"config.fileSystemMounts.{n}.hostPath: {why}")
+        fs_mounts = validate_file_system_mounts(config.file_system_mounts)
+        cap = config.session_disk_cap_gb
+        if cap is not None and cap > config.boot_disk_size_gb:
+            raise BadRequest(
+                f"config.sessionDiskCapGb: {cap} is more than the whole budget "
+                f"(bootDiskSizeGb {config.boot_disk_size_gb})"
+            )
         allowed_buckets = validate_allowed_buckets(body.config.allowed_buckets)
         try:
             async with self.db.transaction() as session:
@@ -81,6 +163,7 @@ class ComputeEnvService:
                         platform=PLATFORM,
                         work_dir=body.config.work_dir,
                         boot_disk_size_gb=body.config.boot_disk_size_gb,
+                        session_disk_cap_gb=cap,
                         allowed_buckets=allowed_buckets,
                         file_system_mounts=fs_mounts,
                         date_created=now,

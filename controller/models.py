@@ -181,6 +181,8 @@ class ComputeEnv(Base):
     platform: Mapped[str] = mapped_column(String(32))
     work_dir: Mapped[str] = mapped_column(Text)
     boot_disk_size_gb: Mapped[int] = mapped_column(Integer, default=30)
+    # The most one session may grow to on a host; None: the whole budget (sessionDiskCapGb).
+    session_disk_cap_gb: Mapped[int | None] = mapped_column(Integer, default=None)
     allowed_buckets: Mapped[list[str]] = mapped_column(JSON, default=list)
     # [{"hostPath", "mountPath", "readOnly"}] (controller.mounts validates them).
     file_system_mounts: Mapped[list[Any]] = mapped_column(JSON, default=list)

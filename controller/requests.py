@@ -233,6 +233,9 @@ class FileSystemMountBody(_Request):
 class ComputeEnvConfig(_Request):
     work_dir: Annotated[SafeStr, Field(min_length=1, max_length=2048)]
     boot_disk_size_gb: Annotated[int, Field(ge=1, le=65536)] = 30
+    # An addition (no counterpart in the reference): the most one session's volume may
+    # grow to on a host, at most bootDiskSizeGb; None: the whole budget.
+    session_disk_cap_gb: Annotated[int, Field(ge=1, le=65536)] | None = None
     allowed_buckets: list[SafeStr] = []
     file_system_mounts: list[FileSystemMountBody] = []
 

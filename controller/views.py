@@ -197,6 +197,7 @@ def compute_env_dto(env: ComputeEnv, workspace_name: str) -> ComputeEnvDto:
         config={
             "workDir": env.work_dir,
             "bootDiskSizeGb": env.boot_disk_size_gb,
+            "sessionDiskCapGb": env.session_disk_cap_gb,
             "allowedBuckets": list(env.allowed_buckets or []),
             "fileSystemMounts": list(env.file_system_mounts or []),
         },
