@@ -65,7 +65,10 @@ def open_ca(data_dir: Path) -> AgentCA:
 
 
 def ensure_data_dir(data_dir: Path) -> None:
+    """The data directory, the owner's alone (0700), also when an older controller made it wider."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o777 != 0o700:
+        os.chmod(data_dir, 0o700)
 
 
 def write_secret(path: Path, content: str) -> None:

@@ -6,11 +6,17 @@ serialised up front instead of failing with "database is locked" when two
 read-then-write transactions race; WAL mode keeps readers of other processes
 (`studio-controller user add`) unblocked. SQLite's `lower()` is replaced by
 Python's, so case-insensitive search folds non-ASCII letters as PostgreSQL does.
+
+A SQLite database file is the owner's alone (0600): created so before SQLite
+opens it, and narrowed if an older controller left it wider. SQLite gives its
+-wal, -shm and -journal files the database file's mode, and those already
+there are narrowed too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +24,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -27,11 +33,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-__all__ = ["Database", "alembic_config", "escape_like"]
+__all__ = ["DATABASE_FILE_MODE", "Database", "alembic_config", "escape_like", "secure_sqlite_file"]
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+DATABASE_FILE_MODE = 0o600
+_SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
@@ -66,12 +74,40 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def secure_sqlite_file(path: Path) -> None:
+    """`path` (a SQLite database) and its companion files exist only with mode 0600."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, DATABASE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != DATABASE_FILE_MODE:
+            os.fchmod(fd, DATABASE_FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in _SQLITE_COMPANIONS:
+        companion = path.with_name(path.name + suffix)
+        try:
+            if companion.stat().st_mode & 0o777 != DATABASE_FILE_MODE:
+                os.chmod(companion, DATABASE_FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
+            path = _sqlite_file(url)
+            if path is not None:
+                secure_sqlite_file(path)
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs["pool_pre_ping"] = True
