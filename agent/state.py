@@ -67,10 +67,16 @@ class StateDir:
         self.root = root.absolute()
 
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.sessions_dir.mkdir(exist_ok=True)
-        self.outbox_dir.mkdir(exist_ok=True)
-        self.tmp_dir.mkdir(exist_ok=True)
+        """Create the layout: DIR and its directories 0700 (owner only).
+
+        An existing directory that others may read or write is narrowed to 0700 too; one
+        that others may only pass through (0711: the local runtime opens the way to a
+        session directory for the tool's own user) is left so.
+        """
+        for directory in (self.root, self.sessions_dir, self.outbox_dir, self.tmp_dir):
+            directory.mkdir(mode=0o700, parents=directory is self.root, exist_ok=True)
+            if os.stat(directory).st_mode & 0o066:
+                os.chmod(directory, 0o700)
 
     @property
     def socket_path(self) -> Path:
