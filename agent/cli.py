@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--proxy", default=("127.0.0.1", 7070), type=_host_port, metavar="HOST:PORT")
     serve.add_argument("--proxy-domain", default="localhost")
     serve.add_argument("--local-templates", type=Path, metavar="FILE")
+    serve.add_argument(
+        "--local-tool-user",
+        default="session",
+        choices=("session", "agent"),
+        help="who runs local tools: session (as root, a uid of its own per session) or "
+        "agent (the agent's own user: no separation, development only)",
+    )
     serve.add_argument("--stop-grace-seconds", type=float, default=30.0)
     serve.add_argument("--start-timeout-seconds", type=float, default=60.0)
     serve.add_argument(
@@ -134,6 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_port=proxy_port,
         proxy_domain=args.proxy_domain,
         local_templates=args.local_templates,
+        local_tool_user=args.local_tool_user,
         stop_grace_seconds=args.stop_grace_seconds,
         start_timeout_seconds=args.start_timeout_seconds,
         volume_kind=args.volume_kind,

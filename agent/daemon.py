@@ -45,6 +45,9 @@ class AgentConfig:
     proxy_port: int = 7070
     proxy_domain: str = "localhost"
     local_templates: Path | None = None
+    # Who runs local tools (`--local-tool-user`): session (a uid per session when root)
+    # or agent (the agent's own user; development only).
+    local_tool_user: str = "session"
     stop_grace_seconds: float = 30.0
     start_timeout_seconds: float = 60.0
     backoff_initial: float = 0.5
@@ -157,6 +160,7 @@ class Agent:
             cfg.runtime,
             RuntimeOptions(
                 local_templates=cfg.local_templates,
+                local_tool_user=cfg.local_tool_user,
                 podman_socket=cfg.podman_socket,
                 oci_runtime=cfg.podman_runtime,
                 ulimits=tuple(cfg.container_ulimits),
@@ -324,5 +328,8 @@ class Agent:
     async def _doctor(self) -> dict[str, Any]:
         assert self.manager is not None
         return doctor_report(
-            self.manager.runtime.name, self.manager.volumes.kind, self.config.podman_socket
+            self.manager.runtime.name,
+            self.manager.volumes.kind,
+            self.config.podman_socket,
+            local_tool_user=self.config.local_tool_user,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -11,9 +12,21 @@ import psutil
 
 from agent.datalinks.mounter import backend_named, backends, fuse_usable
 from agent.runtime import RuntimeOptions, runtime_class, runtime_names
+from agent.runtime.local import tools_run_as
 from agent.volumes import auto_volume_kind, volume_kinds
 
-__all__ = ["doctor_report", "host_capacity"]
+__all__ = ["doctor_report", "host_capacity", "local_tools"]
+
+
+def local_tools(options: RuntimeOptions) -> dict[str, Any]:
+    """Who runs the `local` runtime's tools here: `separate` when each session has a
+    user of its own; `reason` in words (also the local runtime's `doctor` reason)."""
+    separate = os.geteuid() == 0 and options.local_tool_user == "session"
+    return {
+        "toolUser": options.local_tool_user,
+        "separate": separate,
+        "reason": tools_run_as(options),
+    }
 
 
 def host_capacity(state_dir: Path, disk_budget_free_bytes: int) -> dict[str, int]:
@@ -43,12 +56,13 @@ def doctor_report(
     runtime_in_use: str | None = None,
     volume_in_use: str | None = None,
     podman_socket: Path | None = None,
+    local_tool_user: str = "session",
 ) -> dict[str, Any]:
     """Which runtimes and volume kinds are usable here, and why: each registered one
-    is asked (`available`)."""
-    options = (
-        RuntimeOptions() if podman_socket is None else RuntimeOptions(podman_socket=podman_socket)
-    )
+    is asked (`available`). `localTools` says who runs the `local` runtime's tools."""
+    options = RuntimeOptions(local_tool_user=local_tool_user)
+    if podman_socket is not None:
+        options = dataclasses.replace(options, podman_socket=podman_socket)
     runtimes = []
     for name in runtime_names():
         ok, why = runtime_class(name).available(options)
@@ -76,6 +90,7 @@ def doctor_report(
         mounters.append({"name": name, "usable": ok and fuse_ok, "reason": why, "inUse": in_use})
     return {
         "runtimes": runtimes,
+        "localTools": local_tools(options),
         # Data-link mounts: FUSE on this host, and the mount tools (first usable = used).
         "dataLinks": {"fuseUsable": fuse_ok, "reason": fuse_why, "mounters": mounters},
         "volumeKinds": volume_kinds_out,

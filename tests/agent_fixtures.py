@@ -112,6 +112,10 @@ def make_agent_config(
         disk_watch_seconds=0.5,
         # Plain directories unless a test asks for xfs-loop (which needs root).
         volume_kind="directory",
+        # Tools as the agent's user: pytest's 0700 temporary directories (the state and
+        # the tool scripts) are out of a per-session user's reach. The per-session users
+        # are tested in tests/agent/runtime/test_local_unprivileged.py.
+        local_tool_user="agent",
     )
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.errors import RuntimeStartError
+from studios_shared.environment import environment_refusal
+
 __all__ = [
+    "SESSION_UIDS",
+    "TOOL_USERS",
     "BindMount",
     "ExitStatus",
     "LabelledTool",
@@ -52,6 +57,14 @@ class StartSpec:
     # Bind mounts into the session; never part of a checkpoint.
     mounts: tuple[BindMount, ...] = ()
 
+    def __post_init__(self) -> None:
+        # The studio's `configuration.environment`, checked by the controller already;
+        # checked again here whatever the database says, so no runtime ever starts a
+        # tool with a loader or interpreter hook or over one of the agent's own names.
+        refusal = environment_refusal(self.environment)
+        if refusal:
+            raise RuntimeStartError(f"cannot start the tool: {refusal}")
+
 
 @dataclass
 class RuntimeHandle:
@@ -86,11 +99,24 @@ class LabelledTool:
     description: str
 
 
+# Who runs a `local` tool (`--local-tool-user`): "session", a user of its own per
+# session when the agent is root (the agent's own user otherwise); "agent", the agent's
+# own user always (development on a host whose interpreter or state directory other
+# users cannot reach; no separation from the agent or between sessions).
+TOOL_USERS = ("session", "agent")
+# The per-session uids (and gids, the same numbers): (first, count). 0x70000000 is just
+# above systemd-nspawn's container range and below 2^31 (systemd's UIDS-GIDS.md), and
+# apart from the subordinate ranges rootful podman takes (2^31 - 1 and up).
+SESSION_UIDS = (0x70000000, 65536)
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """Agent configuration a backend may need."""
 
     local_templates: Path | None = None
+    local_tool_user: str = "session"
+    local_uids: tuple[int, int] = SESSION_UIDS
     # podman: the REST API socket, the OCI runtime name ("" = podman's default) and
     # container ulimits ("nofile=1024:1024"), all agent settings of the host.
     podman_socket: Path = Path("/run/podman/podman.sock")

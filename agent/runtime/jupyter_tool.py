@@ -43,7 +43,9 @@ def jupyter_argv(port: int, root_dir: str) -> list[str]:
         "--ServerApp.port_retries=0",
         f"--ServerApp.root_dir={root_dir}",
         "--ServerApp.allow_remote_access=True",
-        # The local runtime runs tools as the agent's user, root under systemd.
+        # Jupyter refuses root without it. Tools run as root only where the operator
+        # chose it (`--local-tool-user agent` of an agent running as root); otherwise as
+        # a per-session user or the agent's unprivileged one, where it changes nothing.
         "--allow-root",
         "--IdentityProvider.token=",
         "--ServerApp.password=",

@@ -16,7 +16,16 @@ from agent.errors import VolumeGone
 from agent.host_mounts import detach_mounts_under_sync, mount_points_under
 from agent.volumes.base import VolumeInfo, VolumeKind
 
-__all__ = ["DirectoryVolume", "directory_usage"]
+__all__ = ["DirectoryVolume", "directory_usage", "make_session_root"]
+
+
+def make_session_root(path: Path) -> None:
+    """`path` (the session root) and its parent (the session directory) made and closed
+    to everyone but the agent: 0700 both, whatever the umask or an earlier run left. The
+    runtime opens them to the session's user when it hands the tree over."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    os.chmod(path, 0o700)
 
 
 def directory_usage(path: Path) -> int:
@@ -65,7 +74,7 @@ class DirectoryVolume(VolumeKind):
     kind = "directory"
 
     async def prepare(self, path: Path, size_bytes: int) -> VolumeInfo:
-        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(make_session_root, path)
         return VolumeInfo(kind=self.kind, path=str(path), size_bytes=size_bytes)
 
     async def attach(self, info: VolumeInfo) -> VolumeInfo:

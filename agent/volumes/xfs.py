@@ -25,6 +25,7 @@ from agent import crash_points
 from agent.errors import VolumeError, VolumeGone
 from agent.host_mounts import detach_mounts_under_sync, mounted_source
 from agent.volumes.base import VolumeInfo, VolumeKind
+from agent.volumes.directory import make_session_root
 
 __all__ = ["XfsLoopVolume", "backing_file", "loop_devices_for", "mounted_source", "xfs_usage"]
 
@@ -87,10 +88,13 @@ class XfsLoopVolume(VolumeKind):
             # A start releases leftovers first; whatever is still here is someone's data.
             raise VolumeError(f"cannot create a volume at {path}: one is already there")
         try:
-            await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(make_session_root, path)
             await asyncio.to_thread(_create_sparse, image, size_bytes)
             device = await self._format(image)
             await _run("mount", "-t", "xfs", "-o", _MOUNT_OPTIONS, device, str(path))
+            # The new file system's root (root:root 0755 from mkfs), closed like the
+            # directory it covers.
+            await asyncio.to_thread(os.chmod, path, 0o700)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.release(VolumeInfo(self.kind, str(path), size_bytes))
