@@ -3,17 +3,29 @@
 Built from the database every time it is sent. A session is described to an
 agent as DELETED when the studio is deleted, unknown, or placed on another
 agent: the agent is to stop it and forget every local trace.
+
+Secrets and trust (docs/contract-notes.md "Which agent may say what"):
+- data-link keys go only into the spec of a start: a studio placed on the agent
+  the message is for, desired RUNNING and still starting; every other message
+  (stops, deletes, later copies of a running session's state) carries none;
+- a restore point is sent only when it lies in the studio's compute-environment
+  checkpoint store (`controller.stores.checkpoint_refusal`, the check the agent
+  applies too). A start whose restore point lies elsewhere (a row an older
+  controller recorded from any agent) errors with the reason; nothing is restored.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from studios.agent.v1 import agent_pb2
 
+from controller import lifecycle
 from controller.access import connect_access
+from controller.lifecycle import Status
 from controller.models import Checkpoint, ComputeEnv, Studio
 from controller.mounts import (
     DataLinkMountSpec,
@@ -21,9 +33,11 @@ from controller.mounts import (
     data_link_mounts,
     file_system_mount_specs,
 )
-from controller.stores import checkpoint_base_uri
+from controller.stores import checkpoint_base_uri, checkpoint_refusal
 
 __all__ = ["build_desired_state", "session_desired"]
+
+log = logging.getLogger(__name__)
 
 _DESIRED = {
     "running": agent_pb2.DESIRED_STATUS_RUNNING,
@@ -60,6 +74,8 @@ def session_desired(
 ) -> agent_pb2.SessionDesired:
     config = studio.configuration or {}
     status = "deleted" if studio.deleted else studio.desired_status
+    if status != "running":
+        data_links = ()  # the keys go only with a start
     msg = agent_pb2.SessionDesired(
         session_id=studio.session_id,
         status=_DESIRED[status],
@@ -135,7 +151,9 @@ async def build_desired_state(
         if restore_ids
         else {}
     )
-    mounts = await data_link_mounts(session, [s for s in studios if s.agent_id == agent_id], envs)
+    mounts = await data_link_mounts(
+        session, [s for s in studios if s.agent_id == agent_id and _is_start(s)], envs
+    )
     out = agent_pb2.DesiredState(full=full)
     for sid in sorted(set(by_id) | wanted):
         studio = by_id.get(sid)
@@ -149,17 +167,62 @@ async def build_desired_state(
                 )
             )
             continue
+        env = envs.get(studio.compute_env_id)
+        restore = restores.get(studio.restore_checkpoint_id or -1)
+        if restore is not None:
+            why = _restore_refusal(restore, env)
+            if why:
+                restore = None
+                await _refuse_start(session, studio, why)
         out.sessions.append(
-            session_desired(
-                studio,
-                envs.get(studio.compute_env_id),
-                restores.get(studio.restore_checkpoint_id or -1),
-                mounts.get(studio.session_id, ()),
-            )
+            session_desired(studio, env, restore, mounts.get(studio.session_id, ()))
         )
     # Who may connect now, for the sessions whose proxy route is live.
     await _add_session_access(session, out, by_id)
     return out
+
+
+def _is_start(studio: Studio) -> bool:
+    """The studio's desired state is a start its agent may still be carrying out."""
+    return (
+        not studio.deleted
+        and studio.desired_status == "running"
+        and Status(studio.status) in (Status.STARTING, Status.BUILDING)
+    )
+
+
+def _restore_refusal(restore: Checkpoint, env: ComputeEnv | None) -> str:
+    """Why the studio's restore point is not to be sent ("" when it may be)."""
+    if env is None:
+        return f"checkpoint {restore.name} has no compute environment store to lie in"
+    why = checkpoint_refusal(restore.uri, env.work_dir)
+    if not why:
+        return ""
+    return (
+        f"checkpoint {restore.name} ({restore.uri}) lies outside the compute environment's "
+        f"checkpoint store {checkpoint_base_uri(env.work_dir)}: {why}"
+    )
+
+
+async def _refuse_start(session: AsyncSession, studio: Studio, why: str) -> None:
+    """Error a start whose restore point is refused (sent as STOPPED: nothing runs)."""
+    if not _is_start(studio):
+        # A run that has started already keeps running; its restore point is simply not sent.
+        log.debug("studio %s: restore point not sent: %s", studio.session_id, why)
+        return
+    restore_id, generation = studio.restore_checkpoint_id, studio.generation
+    await session.refresh(studio, with_for_update=True)
+    if (
+        not _is_start(studio)
+        or studio.restore_checkpoint_id != restore_id
+        or studio.generation != generation
+    ):
+        return  # changed meanwhile: the next message is built from what it is now
+    log.warning("studio %s: start refused: %s", studio.session_id, why)
+    lifecycle.transition(
+        studio, Status.ERRORED, message=f"cannot start: {why}; it was not restored"
+    )
+    studio.desired_status = "stopped"
 
 
 async def _add_session_access(

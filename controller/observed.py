@@ -1,7 +1,10 @@
 """Applying what agents report (observed state) to the database.
 
-Rules (docs/contract-notes.md "Generations"): observations of a generation
-older than the studio's current one are ignored; a status the lifecycle does
+Rules (docs/contract-notes.md "Generations", "Which agent may say what"): every
+message is first decided by `controller.agent_authorizer` (only what concerns a
+studio placed on the sending agent is applied; a refusal is logged with the agent,
+the session and the reason); observations of a generation older than the studio's
+current one are ignored; a status the lifecycle does
 not allow from the current one is logged and ignored (the rest of the
 observation is still stored). Each method runs in its own transaction and
 returns the agents and sessions whose desired state must be (re)sent, which
@@ -24,11 +27,13 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from studios.agent.v1 import agent_pb2
 
+from controller import agent_authorizer as authorizer
 from controller import lifecycle
+from controller.agent_authorizer import Decision, Verdict
 from controller.agent_hub import AgentStream
 from controller.db import Database
 from controller.lifecycle import Status
-from controller.models import Agent, Checkpoint, Studio, User, as_utc, utcnow
+from controller.models import Agent, Checkpoint, ComputeEnv, Studio, User, as_utc, utcnow
 
 __all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name"]
 
@@ -119,6 +124,17 @@ def _mount_state(
     return None
 
 
+def _log_refusal(agent_id: str, session_id: str, what: str, decision: Decision) -> None:
+    log.log(
+        logging.DEBUG if decision.quiet else logging.WARNING,
+        "agent %s: %s of session %s ignored: %s",
+        agent_id,
+        what,
+        session_id,
+        decision.reason,
+    )
+
+
 class ObservationHandler:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -194,23 +210,20 @@ class ObservationHandler:
     ) -> set[str]:
         sid = observed.session_id
         studio = await session.get(Studio, sid, with_for_update=True)
-        if studio is None or studio.deleted or studio.agent_id != stream.agent_id:
-            # Unknown, deleted or placed elsewhere: the agent gets DELETED.
-            stream.foreign_sessions.add(sid)
-            return {sid}
-        stream.foreign_sessions.discard(sid)
-        if observed.generation < studio.generation:
+        decision = authorizer.session_observed(stream.agent_id, sid, observed.generation, studio)
+        if decision.verdict is Verdict.STALE:
             log.debug("studio %s: old generation %d ignored", sid, observed.generation)
             return set()
-        if observed.generation > studio.generation:
-            log.warning(
-                "studio %s: agent %s reports generation %d, newer than %d; ignored",
-                sid,
-                stream.agent_id,
-                observed.generation,
-                studio.generation,
-            )
+        if not decision.accepted:
+            _log_refusal(stream.agent_id, sid, "state", decision)
+            if decision.foreign:
+                # Unknown, deleted or placed elsewhere: the agent gets DELETED (never
+                # this studio's spec), and nothing it says changes the studio.
+                stream.foreign_sessions.add(sid)
+                return {sid}
             return set()
+        assert studio is not None
+        stream.foreign_sessions.discard(sid)
         now = utcnow()
         if observed.tool_port:
             studio.tool_port = observed.tool_port
@@ -282,8 +295,11 @@ class ObservationHandler:
         """Who is connected to a studio through the agent's proxy (a full list)."""
         async with self.db.transaction() as session:
             studio = await session.get(Studio, conns.session_id, with_for_update=True)
-            if studio is None or studio.deleted or studio.agent_id != stream.agent_id:
+            decision = authorizer.connections(stream.agent_id, conns.session_id, studio)
+            if not decision.accepted:
+                _log_refusal(stream.agent_id, conns.session_id, "connections", decision)
                 return
+            assert studio is not None
             entries = list(conns.connections) if studio.status == Status.RUNNING else []
             users = (
                 {
@@ -341,18 +357,19 @@ class ObservationHandler:
             # The studio row's lock serialises the events of one session across
             # controllers sharing a database: two copies of an event never both insert.
             studio = await session.get(Studio, event.session_id, with_for_update=True)
-            if studio is None:
-                log.warning(
-                    "checkpoint %s of unknown session %s from agent %s refused",
-                    event.key,
-                    event.session_id,
-                    stream.agent_id,
+            env = await session.get(ComputeEnv, studio.compute_env_id) if studio else None
+            decision = authorizer.checkpoint_event(
+                stream.agent_id, event.session_id, event.generation, event.uri, studio, env
+            )
+            if not decision.accepted:
+                _log_refusal(
+                    stream.agent_id, event.session_id, f"checkpoint {event.key!r}", decision
                 )
-                # Nothing can ever make this session known: the agent stops re-sending.
-                return (
-                    agent_pb2.CHECKPOINT_ACK_RESULT_REFUSED,
-                    f"session {event.session_id} is unknown to the controller",
-                )
+                # Acknowledged as REFUSED, so the agent drops it: nothing of it is kept
+                # here, and an event that is not the agent's to send never becomes so
+                # by being sent again (docs/contract-notes.md "Which agent may say what").
+                return agent_pb2.CHECKPOINT_ACK_RESULT_REFUSED, decision.reason
+            assert studio is not None
             status = _CHECKPOINT_STATUS.get(event.status, "empty")
             saved = datetime.fromtimestamp(event.saved_at, UTC) if event.saved_at > 0 else utcnow()
             # One checkpoint per session run: the agent refreshes the run's checkpoint

@@ -39,9 +39,11 @@ from studios_shared.agent_pki import AgentIdentity, new_key_and_csr, parse_join_
 
 __all__ = [
     "CONNECT_METHOD",
+    "HARNESS_STORE",
     "AgentCredentials",
     "FakeAgent",
     "agent_endpoint",
+    "checkpoint_uri",
     "enroll",
     "fetch_ca",
     "forget_credentials",
@@ -201,6 +203,17 @@ def observed(
     )
 
 
+# The checkpoint store of the harness's compute environment (workDir file:///tmp/work):
+# the controller records only checkpoints in the studio's store (agent_authorizer).
+HARNESS_STORE = "file:///tmp/work/.studios/checkpoints"
+
+
+def checkpoint_uri(session_id: str, key: str, store: str = HARNESS_STORE) -> str:
+    """Where an agent of the harness's compute environment keeps checkpoint `key`:
+    ``<store>/manifests/<session>/<last part of key>``."""
+    return f"{store}/manifests/{session_id}/{key.rsplit('/', 1)[-1]}"
+
+
 class FakeAgent:
     # What the controller's answers are decoded as.
     response_type: Any = pb.ConnectResponse
@@ -358,7 +371,7 @@ class FakeAgent:
                     session_id=session_id,
                     generation=generation,
                     key=key,
-                    uri=uri or f"file:///work/.studios/checkpoints/{key}",
+                    uri=uri or checkpoint_uri(session_id, key),
                     status=status,  # type: ignore[arg-type]
                     size_bytes=size,
                     saved_at=int(time.time()) if saved_at is None else saved_at,

@@ -202,7 +202,7 @@ async def test_lifecycle_with_agent(
     assert body["totalSize"] == 1
     [ckpt] = body["checkpoints"]
     assert ckpt["status"] == "finalized" and ckpt["name"] == "my_studio_1"
-    assert ckpt["path"] == "file:///work/.studios/checkpoints/ckpt-a"
+    assert ckpt["path"] == f"file:///tmp/work/.studios/checkpoints/manifests/{sid}/ckpt-a"
     assert ckpt["author"]["userName"] == "admin"
     status, _ = await h.request("GET", f"/studios/{sid}/connect")
     assert status == 409
@@ -213,7 +213,7 @@ async def test_lifecycle_with_agent(
     assert body["statusInfo"]["status"] == "starting"
     desired = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
     assert desired.generation == 2
-    assert desired.restore.uri == "file:///work/.studios/checkpoints/ckpt-a"
+    assert desired.restore.uri == f"file:///tmp/work/.studios/checkpoints/manifests/{sid}/ckpt-a"
     assert desired.restore.checkpoint_id == ckpt["id"]
     await agent.checkpoint(sid, 2, "ckpt-b", pb.CHECKPOINT_STATUS_INTERIM)
     await agent.report(sid, 2, pb.SESSION_STATUS_ERRORED, message="tool exited with status 3")
@@ -242,7 +242,7 @@ async def test_lifecycle_with_agent(
     assert body["totalSize"] == 2
     assert [c["name"] for c in body["checkpoints"]] == ["my_studio_2", "my_studio_1"]
     newest = body["checkpoints"][0]
-    assert newest["path"] == "file:///work/.studios/checkpoints/ckpt-d"
+    assert newest["path"] == f"file:///tmp/work/.studios/checkpoints/manifests/{sid}/ckpt-d"
     assert newest["status"] == "finalized"
     mark = len(agent.responses)
     await agent.checkpoint(sid, 2, "ckpt-c", pb.CHECKPOINT_STATUS_INTERIM)

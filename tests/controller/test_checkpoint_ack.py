@@ -66,7 +66,7 @@ async def test_controller_acks_after_commit_once_per_copy(
         assert (ack.result, ack.generation, ack.message) == (RECORDED, 1, "")
         # The ack follows the commit: the catalogue holds it the moment the ack is read.
         [row] = await _catalogue(h, sid)
-        assert row["path"].endswith("/manifests/k1") and row["status"] == "interim"
+        assert row["path"].endswith(f"/manifests/{sid}/k1") and row["status"] == "interim"
 
         # Copies after a lost ack (same stream, then a new one): each is acked again and
         # the catalogue still holds the checkpoint once, the same row.
@@ -90,7 +90,7 @@ async def test_controller_acks_after_commit_once_per_copy(
             assert (await agent.wait_ack(sid, "manifests/k2", start=mark)).result == RECORDED
         [final] = await _catalogue(h, sid)
         assert final["id"] == row["id"] and final["status"] == "finalized"
-        assert final["path"].endswith("/manifests/k2")
+        assert final["path"].endswith(f"/manifests/{sid}/k2")
 
         # An unknown session can never be recorded: refused for good, with the reason.
         await agent.checkpoint("deadbeef", 1, "manifests/x", FINALIZED)
@@ -123,10 +123,12 @@ async def test_copies_racing_through_two_controllers_record_once(
         agents.append(owner)
         await owner.connect(inventory=[])
         sid = await _running_studio(first, owner, "raced")
+        # The same agent (only the studio's own agent may send its events), its new
+        # stream on the second controller while the old one still drains on the first.
         other = FakeAgent(
             second.grpc_target,
             second.agent_token,
-            agent_id="pg-2",
+            agent_id="pg-1",
             compute_env_id=first.compute_env_id,
         )
         agents.append(other)

@@ -228,7 +228,7 @@ async def test_a_v1_agent_connects_and_its_sessions_run_and_stop(
                 session_id=sid,
                 generation=gen,
                 key="k-old-1",
-                uri="file:///tmp/work/.studios/checkpoints/k-old-1",
+                uri=f"file:///tmp/work/.studios/checkpoints/manifests/{sid}/k-old-1",
                 status=v1.CHECKPOINT_STATUS_INTERIM,
                 size_bytes=10,
                 saved_at=1,

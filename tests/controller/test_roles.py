@@ -28,6 +28,7 @@ from controller.models import (
     Workspace,
 )
 from tests.conftest import ControllerHarness
+from tests.fake_agent import checkpoint_uri
 
 ROLES = [r.value for r in Role]
 
@@ -69,7 +70,7 @@ async def add_checkpoint(h: ControllerHarness, sid: str, name: str, generation: 
             session_id=sid,
             name=name,
             key=f"key-{name}",
-            uri=f"file:///work/.studios/checkpoints/{name}",
+            uri=checkpoint_uri(sid, name),
             status="finalized",
             generation=generation,
         )
