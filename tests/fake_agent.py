@@ -104,7 +104,7 @@ def _chain_der(target: str) -> list[bytes]:
         context.wrap_socket(raw, server_hostname=host) as tls,
     ):
         # Public from Python 3.13 on (SSLSocket.get_unverified_chain).
-        chain = tls._sslobj.get_unverified_chain()  # type: ignore[union-attr]
+        chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
         return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
 
 
@@ -171,6 +171,7 @@ async def enroll(
         ca_pem=answer.ca_certificate_pem,
         not_after=answer.not_after,
     )
+
 
 # The one RPC, by path: the fake writes any message class that encodes agent.proto.
 CONNECT_METHOD = "/studios.agent.v1.AgentService/Connect"

@@ -110,6 +110,8 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             f"127.0.0.1:{http_port}",
             "--grpc",
             f"127.0.0.1:{grpc_port}",
+            "--grpc-agents",
+            "127.0.0.1:0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
