@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import grp
 import json
+import logging
 import os
 import pwd
 import signal
@@ -64,6 +65,8 @@ __all__ = [
     "load_templates",
     "tool_environment",
 ]
+
+log = logging.getLogger(__name__)
 
 _POLL_INTERVAL = 0.2
 _FIRST_POLL_INTERVAL = 0.005
@@ -347,6 +350,15 @@ class LocalRuntime(Runtime):
         if alive and uid is not None:
             with self._uid_lock:
                 self._uids[handle.session_id] = uid
+            # systemd's StateDirectoryMode, or the agent's own StateDir.ensure, may have
+            # closed DIR again since the tool started: its user must still get through.
+            user = ToolUser(uid, int(handle.data.get("gid", uid)), f"studios-{uid}", True)
+            try:
+                await asyncio.to_thread(_open_path_to, Path(handle.root_dir).parent, user)
+            except (OSError, RuntimeStartError) as exc:
+                log.warning(
+                    "session %s: its tool's user cannot reach it: %s", handle.session_id, exc
+                )
         return alive
 
     async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:

@@ -77,6 +77,9 @@ class Serve:
             f"127.0.0.1:{self.proxy_port}",
             "--local-templates",
             str(self.templates),
+            # pytest's 0700 tmp_path is out of a per-session user's reach.
+            "--local-tool-user",
+            "agent",
             "--stop-grace-seconds",
             "5",
             stdout=asyncio.subprocess.DEVNULL,
@@ -130,6 +133,9 @@ async def test_serve_sessions_restart_and_shutdown(
         doctor = await _query(serve.state_dir, "doctor")
         runtimes = {r["name"]: r for r in doctor["runtimes"]}
         assert runtimes["local"]["usable"] and runtimes["local"]["inUse"]
+        # Who runs the tools: the flag given to serve, not the default.
+        assert doctor["localTools"]["toolUser"] == "agent"
+        assert doctor["localTools"]["separate"] is False
         assert {v["name"] for v in doctor["volumeKinds"]} == {"directory", "xfs-loop"}
 
         rc, out, _ = await _run("sessions", "--state-dir", str(serve.state_dir))
