@@ -20,6 +20,7 @@ from agent.cli_checkpoint import human_size
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
 from agent.host import doctor_report
+from agent.sessions.context import normalised_absolute
 from agent.state import StateDir
 
 __all__ = ["build_parser", "main"]
@@ -30,6 +31,14 @@ def _host_port(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host or "127.0.0.1", int(port)
+
+
+def _host_path_prefix(value: str) -> str:
+    if not normalised_absolute(value) or value == "/":
+        raise argparse.ArgumentTypeError(
+            f"expected an absolute, normalised directory other than /, got {value!r}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="each podman session's network: bridge (a network of its own: other sessions "
         "and the host's loopback unreachable) or host (UNSAFE: no isolation)",
     )
+    serve.add_argument(
+        "--allow-host-path",
+        action="append",
+        default=[],
+        type=_host_path_prefix,
+        metavar="PREFIX",
+        help="host directory under which compute environments' fileSystemMounts may lie, "
+        "repeatable (none by default: no file-system mount is made)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     for name, text in (
@@ -152,6 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         podman_network=args.podman_network,
         checkpoint_interval_seconds=args.checkpoint_interval_seconds,
         s3_endpoint=args.s3_endpoint,
+        allowed_host_paths=tuple(args.allow_host_path),
     )
 
     async def run() -> None:

@@ -74,6 +74,9 @@ class AgentConfig:
     unsaved_retry_seconds: float = 60.0
     # FUSE helper for data-links (`--data-link-mounter`): auto | s3fs | rclone.
     data_link_mounter: str = "auto"
+    # Host directories file-system mounts may lie under (`--allow-host-path`, repeatable);
+    # none: the agent makes no file-system mount.
+    allowed_host_paths: tuple[str, ...] = ()
 
 
 def _data_link_backend(name: str) -> MountBackend | None:
@@ -186,6 +189,7 @@ class Agent:
                     checkpoint_interval_seconds=cfg.checkpoint_interval_seconds,
                     unsaved_retry_seconds=cfg.unsaved_retry_seconds,
                     s3_endpoint=cfg.s3_endpoint,
+                    allowed_host_paths=tuple(cfg.allowed_host_paths),
                 ),
                 datalinks=DataLinkMounter(_data_link_backend(cfg.data_link_mounter)),
             )

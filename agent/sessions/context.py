@@ -3,11 +3,18 @@
 A runner owns one session; the context is how it reaches what is not its own (the
 runtime, the volume kind, the checkpoint stores, the controller link's sinks) and the
 one figure that needs every session at once: how much of the disk budget is free.
+
+Two limits of the operator's and the compute environment's that no desired state can
+lift: host directories are bind-mounted only under a prefix the operator allows
+(`host_path_refusal`, ``studio-agent serve --allow-host-path``, none by default), and a
+session's volume grows at most to the compute environment's per-session cap
+(`session_cap_for`), within its budget on the host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +31,7 @@ from agent.sessions.report import observed
 from agent.state import StateDir
 from agent.volumes import GIB, VolumeKind
 
-__all__ = ["SessionContext", "SessionSettings"]
+__all__ = ["SessionContext", "SessionSettings", "normalised_absolute"]
 
 _FS_RESERVE_BYTES = 64 * 1024**2
 _VOLUME_ROUNDING = 64 * 1024**2
@@ -47,6 +54,20 @@ class SessionSettings:
     unsaved_retry_seconds: float = 60.0
     reap_interval_seconds: float = 60.0
     s3_endpoint: str | None = None
+    # Host directories that file-system mounts may lie under (`--allow-host-path`);
+    # none: no file-system mount is made.
+    allowed_host_paths: tuple[str, ...] = ()
+
+
+def normalised_absolute(path: str) -> bool:
+    """Absolute, without '.', '..' or empty segments, no trailing '/' (except "/")."""
+    if not path.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return False
+    return path == "/" or all(s not in ("", ".", "..") for s in path.split("/")[1:])
+
+
+def _within(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 class SessionContext:
@@ -106,6 +127,40 @@ class SessionContext:
         """The compute environment's cap on this host: its bootDiskSizeGb, else the default."""
         gb = spec.boot_disk_size_gb
         return gb * GIB if gb > 0 else self.settings.disk_cap_bytes
+
+    def session_cap_for(self, spec: SessionSpec) -> int:
+        """The most this session's volume may grow to: its compute environment's
+        per-session cap (sessionDiskCapGb), never more than the budget on this host."""
+        budget = self.disk_cap_for(spec)
+        gb = spec.session_disk_cap_gb
+        return min(budget, gb * GIB) if gb > 0 else budget
+
+    def host_path_refusal(self, host_path: str) -> tuple[str, str | None]:
+        """(the directory to bind, after symlinks; why it may not be, or None).
+
+        Whatever the controller sent: the path, written normalised, must resolve
+        (symlinks followed) under a prefix the operator allows, and neither lie in
+        this agent's state directory nor hold it."""
+        allowed = self.settings.allowed_host_paths
+        if not normalised_absolute(host_path):
+            return host_path, f"host path {host_path!r} is not a normalised absolute path"
+        if not allowed:
+            return host_path, (
+                f"host path {host_path} is not allowed on this host: the agent allows no "
+                "host paths (studio-agent serve --allow-host-path PREFIX)"
+            )
+        real = os.path.realpath(host_path)
+        prefixes = [os.path.realpath(p) for p in allowed]
+        if not any(_within(real, p) for p in prefixes):
+            shown = host_path if real == host_path else f"{host_path} (that is {real})"
+            return real, (
+                f"host path {shown} is not under a prefix this agent allows "
+                f"({', '.join(allowed)}; studio-agent serve --allow-host-path)"
+            )
+        state = os.path.realpath(self.state.root)
+        if _within(real, state) or _within(state, real):
+            return real, f"host path {host_path} is or holds the agent's state directory"
+        return real, None
 
     def disk_budget_free(self, cap_bytes: int | None = None) -> int:
         cap = self.settings.disk_cap_bytes if cap_bytes is None else cap_bytes

@@ -2,7 +2,9 @@
 
 A full-speed writer fills 1 GiB in 0.25-0.5 s, so a volume kind that can fill up
 (`poll_seconds` set, xfs-loop polls every 0.1 s) gets a watcher per session that grows
-the volume before the writer hits ENOSPC, within the compute environment's budget.
+the volume before the writer hits ENOSPC, within the compute environment's budget and
+never beyond its per-session cap (sessionDiskCapGb, when it has one): a writer past the
+cap gets ENOSPC, and the session's message says why.
 """
 
 from __future__ import annotations
@@ -82,7 +84,10 @@ class DiskWatcher:
             message = ""
             if free < settings.grow_below_free_bytes:
                 cap = ctx.disk_cap_for(h.spec)
-                step = min(settings.grow_step_bytes, ctx.disk_budget_free(cap))
+                session_cap = ctx.session_cap_for(h.spec)
+                room = session_cap - vol.size_bytes
+                budget_free = ctx.disk_budget_free(cap)
+                step = min(settings.grow_step_bytes, budget_free, room)
                 if step > 0:
                     started = time.monotonic()
                     try:
@@ -107,6 +112,13 @@ class DiskWatcher:
                             }
                         )
                         del self.events[:-_EVENTS_KEPT]
+                elif room <= 0 and session_cap < cap:
+                    message = (
+                        f"running; the volume is at the session's disk cap: "
+                        f"{vol.size_bytes / GIB:.1f} GiB, and the compute environment lets "
+                        f"one session grow to {session_cap / GIB:.0f} GiB (sessionDiskCapGb), "
+                        "so it cannot grow (free space in the session, or ask for a larger cap)"
+                    )
                 else:
                     message = (
                         f"running; the volume is at the disk budget: {vol.size_bytes / GIB:.1f} "

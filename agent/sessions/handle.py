@@ -73,6 +73,8 @@ class SessionSpec:
     environment: dict[str, str] = field(default_factory=dict)
     checkpoint_base_uri: str = ""
     boot_disk_size_gb: int = 0
+    # The most this session's volume may grow to (GB); 0 = the whole budget.
+    session_disk_cap_gb: int = 0
     studio_name: str = ""
     # Limits; 0 = none.
     cpu: int = 0
@@ -93,6 +95,7 @@ class SessionSpec:
             environment=dict(spec.environment),
             checkpoint_base_uri=spec.checkpoint_base_uri,
             boot_disk_size_gb=spec.boot_disk_size_gb,
+            session_disk_cap_gb=spec.session_disk_cap_gb,
             studio_name=spec.studio_name,
             cpu=spec.cpu,
             memory_mib=spec.memory_mib,
@@ -119,6 +122,7 @@ class SessionSpec:
             environment={str(k): str(v) for k, v in (data.get("environment") or {}).items()},
             checkpoint_base_uri=str(data.get("checkpoint_base_uri") or ""),
             boot_disk_size_gb=int(data.get("boot_disk_size_gb") or 0),
+            session_disk_cap_gb=int(data.get("session_disk_cap_gb") or 0),
             studio_name=str(data.get("studio_name") or ""),
             cpu=int(data.get("cpu") or 0),
             memory_mib=int(data.get("memory_mib") or 0),

@@ -198,12 +198,17 @@ class SessionRunner:
             target = fsm.mount_path
             if not target.startswith("/") or ".." in target.split("/"):
                 raise VolumeError(f"file-system mount {target!r}: the path must be absolute")
-            if not await asyncio.to_thread(Path(fsm.host_path).is_dir):
+            # Only under a prefix the operator allows, whatever the controller sent; the
+            # directory bound is the one checked (symlinks resolved).
+            source, refusal = await asyncio.to_thread(self.ctx.host_path_refusal, fsm.host_path)
+            if refusal is not None:
+                raise VolumeError(f"file-system mount {target}: {refusal}")
+            if not await asyncio.to_thread(Path(source).is_dir):
                 raise VolumeError(
                     f"file-system mount {target}: host path {fsm.host_path} is not a directory "
                     "on this host"
                 )
-            binds.append(BindMount(Path(fsm.host_path), target, fsm.read_only))
+            binds.append(BindMount(Path(source), target, fsm.read_only))
         return binds
 
     async def _release_volume(self, h: SessionHandle) -> None:

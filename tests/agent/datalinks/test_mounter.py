@@ -363,7 +363,13 @@ def test_local_binds_without_root_are_symlinks_and_never_go_through_one(tmp_path
 
 @pytest.fixture
 async def dl_agent(tmp_path: Path, controller: FakeController) -> AsyncIterator[Agent]:
-    config = make_agent_config(tmp_path, controller, checkpoint_interval_seconds=3600.0)
+    config = make_agent_config(
+        tmp_path,
+        controller,
+        checkpoint_interval_seconds=3600.0,
+        # The tests' file-system mounts lie under tmp_path (the operator's allowed prefix).
+        allowed_host_paths=(str(tmp_path / "efs"),),
+    )
     a = Agent(config)
     await a.start()
     await controller.wait_for(lambda: controller.messages("inventory"))
@@ -544,6 +550,7 @@ async def test_podman_session_sees_data_links_and_the_upper_dir_does_not(
     shared.mkdir()
     (shared / "shared.txt").write_bytes(b"shared\n")
     config = _config(tmp_path, controller)
+    config.allowed_host_paths = (str(shared),)
     sid = "d1a1c001"
     try:
         async with _agent(config) as agent:

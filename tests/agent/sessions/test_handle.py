@@ -98,10 +98,11 @@ def test_an_old_handle_loads_typed_and_is_written_back_the_same(tmp_path: Path) 
 
     save_handle(state, h)
     written = json.loads((state.session_dir("abcd0001") / "handle.json").read_text())
-    # What the old agent did not know yet (limits) appears with its defaults; nothing else moves.
-    assert {k: v for k, v in written["spec"].items() if k not in ("cpu", "memory_mib", "gpu")} == (
-        _OLD_HANDLE["spec"]
-    )
+    # What the old agent did not know yet (limits, the per-session disk cap) appears with its
+    # defaults; nothing else moves.
+    newer = ("cpu", "memory_mib", "gpu", "session_disk_cap_gb")
+    assert written["spec"]["session_disk_cap_gb"] == 0
+    assert {k: v for k, v in written["spec"].items() if k not in newer} == _OLD_HANDLE["spec"]
     assert {k: v for k, v in written.items() if k != "spec"} == {
         k: v for k, v in _OLD_HANDLE.items() if k != "spec"
     }
