@@ -1,9 +1,9 @@
 """Benchmark (JSON): what a session's own network namespace costs, beside today's host network
 measured in the same run (issue 13).
 
-For each candidate, N times: libpod REST create + start of the busybox image -> first HTTP 200
-on 127.0.0.1:<host port> (the path the agent's proxy dials), then the container (and its
-network) removed. Candidates:
+For each candidate, N times (the candidates interleaved, run by run): libpod REST create +
+start of the busybox image -> first HTTP 200 on 127.0.0.1:<host port> (the path the agent's
+proxy dials), then the container (and its network) removed. Candidates:
   host            netns host: the anchor (what sessions did before issue 13)
   slirp4netns     own netns, user-mode networking, tool published on 127.0.0.1 only
   bridge_shared   the default `podman` bridge network, published on 127.0.0.1 (for reference:
@@ -145,17 +145,32 @@ async def _remove(client: PodmanClient, cid: str, candidate: str, network: str) 
         await client.request("DELETE", f"/networks/{network}", ok=(200, 204, 404))
 
 
-async def candidate_runs(client: PodmanClient, candidate: str, runs: int) -> dict[str, Any]:
-    starts, removes = [], []
-    before = _helpers()
-    helpers = 0
+async def start_runs(client: PodmanClient, runs: int) -> dict[str, dict[str, Any]]:
+    """Start and removal times, the candidates interleaved run by run (a shared machine's
+    load drifts; interleaving spreads it over all of them alike)."""
+    out: dict[str, dict[str, Any]] = {
+        c: {"starts": [], "removes": [], "helpers": 0} for c in CANDIDATES
+    }
     for i in range(runs):
-        elapsed, cid, network, _ = await _one(client, candidate, i)
-        starts.append(elapsed)
-        helpers = len(_helpers() - before)
-        t0 = time.monotonic()
-        await _remove(client, cid, candidate, network)
-        removes.append(time.monotonic() - t0)
+        for candidate in CANDIDATES:
+            before = _helpers()
+            elapsed, cid, network, _ = await _one(client, candidate, i)
+            out[candidate]["starts"].append(elapsed)
+            out[candidate]["helpers"] = len(_helpers() - before)
+            t0 = time.monotonic()
+            await _remove(client, cid, candidate, network)
+            out[candidate]["removes"].append(time.monotonic() - t0)
+    return {
+        c: {
+            "create_start_to_first_200": _summary(r["starts"]),
+            "remove": _summary(r["removes"]),
+            "helper_processes_per_session": r["helpers"],
+        }
+        for c, r in out.items()
+    }
+
+
+async def candidate_checks(client: PodmanClient, candidate: str, runs: int) -> dict[str, Any]:
     # The tool starts listening 1 s after its start: is the host port refused meanwhile?
     late = ["sh", "-c", "sleep 1; exec busybox httpd -f -p PORT -h /www"]
     _, cid, network, port = await _one(client, candidate, runs, late)
@@ -173,15 +188,22 @@ async def candidate_runs(client: PodmanClient, candidate: str, runs: int) -> dic
     speeds = [await asyncio.to_thread(_download_mib_s, port) for _ in range(3)]
     await _remove(client, cid, candidate, network)
     return {
-        "create_start_to_first_200": _summary(starts),
-        "remove": _summary(removes),
         "host_port_refused_before_tool_listens": refused,
         "download_64mib_mib_per_s": round(statistics.median(speeds)),
-        "helper_processes_per_session": helpers,
     }
 
 
-async def ours(network: str, runs: int, work: Path) -> dict[str, float]:
+async def ours(runs: int, work: Path) -> dict[str, dict[str, float]]:
+    """Through the agent's PodmanRuntime (overlay rootfs, and for `bridge` the session's
+    network created and removed), each `--podman-network` setting, interleaved."""
+    times: dict[str, list[float]] = {n: [] for n in NETWORK_MODES}
+    for i in range(runs):
+        for network in NETWORK_MODES:
+            times[network].append(await _ours_once(network, i, work))
+    return {n: _summary(v) for n, v in times.items()}
+
+
+async def _ours_once(network: str, i: int, work: Path) -> float:
     rt = PodmanRuntime(
         RuntimeOptions(
             podman_socket=SOCKET,
@@ -191,17 +213,15 @@ async def ours(network: str, runs: int, work: Path) -> dict[str, float]:
         )
     )
     rt.owner = "bench"
-    out = []
-    for i in range(runs):
-        root = work / f"{network}{i}" / "root"
-        root.mkdir(parents=True)
-        port = free_tcp_port()
-        t0 = time.monotonic()
-        spec = StartSpec(f"bench{i:03d}", IMAGE, "httpd", {}, root, root.parent / "log", port)
-        h = await rt.start(spec)
-        out.append(await _first_200(h.port, t0))
-        await rt.destroy(h)
-    return _summary(out)
+    root = work / f"{network}{i}" / "root"
+    root.mkdir(parents=True)
+    port = free_tcp_port()
+    t0 = time.monotonic()
+    spec = StartSpec(f"bench{i:03d}", IMAGE, "httpd", {}, root, root.parent / "log", port)
+    h = await rt.start(spec)
+    elapsed = await _first_200(h.port, t0)
+    await rt.destroy(h)
+    return elapsed
 
 
 async def main() -> None:
@@ -213,10 +233,10 @@ async def main() -> None:
     result: dict[str, Any] = {
         "machine_note": "one measurement at a time; host network (the anchor) in the same run",
         "runs": args.runs,
-        "candidates": {},
+        "candidates": await start_runs(client, args.runs),
     }
     for candidate in CANDIDATES:
-        result["candidates"][candidate] = await candidate_runs(client, candidate, args.runs)
+        result["candidates"][candidate].update(await candidate_checks(client, candidate, args.runs))
     anchor = result["candidates"]["host"]["create_start_to_first_200"]["median_ms"]
     result["start_ratio_vs_host"] = {
         c: round(r["create_start_to_first_200"]["median_ms"] / anchor, 2)
@@ -225,9 +245,11 @@ async def main() -> None:
     if args.ours:
         work = Path(tempfile.mkdtemp(prefix="bench-podman-net-"))
         try:
-            result["studios_podman_runtime"] = {
-                n: await ours(n, args.runs, work) for n in NETWORK_MODES
-            }
+            result["studios_podman_runtime"] = await ours(args.runs, work)
+            r = result["studios_podman_runtime"]
+            result["studios_bridge_vs_host"] = round(
+                r["bridge"]["median_ms"] / r["host"]["median_ms"], 2
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
