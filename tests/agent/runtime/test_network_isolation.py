@@ -109,9 +109,6 @@ def pconfig_fixture(tmp_path: Path, controller: FakeController) -> Iterator[Agen
     config = _config(tmp_path, controller)
     yield config
     _cleanup(config.state_dir)
-    out = _podman("network", "ls", "-q", "--filter", f"label={LABEL_SESSION}")
-    for name in out.stdout.split():
-        _podman("network", "rm", "-f", name)
 
 
 async def _two_sessions(controller: FakeController) -> tuple[pb.SessionObserved, ...]:

@@ -73,6 +73,10 @@ def _cleanup(state_dir: Path) -> None:
     out = _podman("ps", "-aq", "--filter", f"label={LABEL_SESSION}")
     for cid in out.stdout.split():
         _podman("rm", "-f", "-t", "0", cid)
+    # Each session's own network (`--podman-network bridge`) goes with its container.
+    out = _podman("network", "ls", "-q", "--filter", f"label={LABEL_SESSION}")
+    for name in out.stdout.split():
+        _podman("network", "rm", "-f", name)
     sessions = state_dir / "sessions"
     if sessions.is_dir():
         for merged in sessions.glob("*/merged"):
