@@ -3,8 +3,9 @@
 Valid and invalid data (``--mode all``) for every documented operation, in every phase
 (examples, coverage, fuzzing, stateful: links inferred from the spec), at most
 `MAX_EXAMPLES` generated cases per operation so that the run stays within a few minutes on
-two cores. The check is `not_a_server_error`: no answer is a 5xx, and no handler logged an
-unexpected error. Authenticated as the bootstrap admin (owner of the default workspace);
+two cores. The checks: `not_a_server_error` (no answer is a 5xx, and no handler logged an
+unexpected error), and the answers' status codes, content types and bodies are the ones
+openapi.yaml documents. Authenticated as the bootstrap admin (owner of the default workspace);
 path parameters draw, half of the time, the ids of a seeded studio, checkpoint, data-link,
 credentials, team, user and token, so that operations on one thing reach their logic
 instead of a 404. `tests/controller/schemathesis_hooks.py` keeps the run from deleting
@@ -33,6 +34,12 @@ from tests.controller.test_roles import add_checkpoint, add_user, create
 
 MAX_EXAMPLES = int(os.environ.get("STUDIOS_FUZZ_EXAMPLES", "12"))
 SEED = int(os.environ.get("STUDIOS_FUZZ_SEED", "13"))
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+)
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 ST = Path(sys.executable).with_name("st")
 
@@ -114,8 +121,9 @@ async def test_schemathesis_finds_no_server_error(
         str(MAX_EXAMPLES),
         "--seed",
         str(SEED),
+        # No 5xx; and every answer is one openapi.yaml documents (status, type, schema).
         "--checks",
-        "not_a_server_error",
+        ",".join(CHECKS),
         # One worker: the controller shares this test's event loop and its two cores.
         "--workers",
         "1",
