@@ -188,6 +188,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certificate_text(ctl: dict[str, Any]) -> str:
+    if ctl.get("revoked"):
+        return f"revoked ({ctl['revoked']})"
+    cert = ctl.get("certificate")
+    if not cert:
+        return "not enrolled yet"
+    return f"valid until {cert['notAfter']}, renewed from {cert['renewAt']}"
+
+
 def _print_status(data: dict[str, Any], console: Console) -> None:
     table = Table(show_header=False, box=None)
     ctl = data["controller"]
@@ -200,6 +209,7 @@ def _print_status(data: dict[str, Any], console: Console) -> None:
         ("agent id", data["agentId"]),
         ("version", data["version"]),
         ("controller", f"{ctl['address']}: {link}"),
+        ("certificate", _certificate_text(ctl)),
         ("compute env", data["computeEnv"]),
         ("runtime", data["runtime"]),
         ("proxy", data["proxyUrl"]),

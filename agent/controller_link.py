@@ -31,6 +31,14 @@ temporary file, fsynced, renamed into place and the directory fsynced before
 right after); a kill before the rename leaves only a temporary file, which the
 agent removes later, and the checkpoint's manifest is then still in the store but
 not in the catalogue, just as for a kill before the manifest was written.
+
+Trust (agent/enrollment.py): every attempt first makes sure the agent has a
+certificate (enrolling with the join token when it has none, or when it has expired),
+asks the enrollment endpoint (`--controller`, server TLS with the pinned CA) where the
+agent endpoint is, and opens the stream there over mutual TLS with that certificate.
+The certificate is renewed on the agent endpoint once a third of its lifetime is left;
+the stream then reconnects at once with the new one (sessions are not touched). A
+revoked agent keeps trying, slowly, and says so in `studio-agent status`.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +62,24 @@ from studios.agent.v1 import agent_pb2 as pb
 from studios.agent.v1 import agent_pb2_grpc as pb_grpc
 
 from agent import __version__
+from agent.enrollment import (
+    Credentials,
+    Enroller,
+    EnrollmentError,
+    PkiFiles,
+    agent_endpoint_target,
+    describe_tls_failure,
+    expiry_message,
+    fetch_endpoints,
+    not_after_text,
+    renew,
+    renewal_retry_delay,
+    seconds_until,
+)
 from agent.host import host_capacity
 from agent.sessions import SessionManager
 from agent.state import StateDir, atomic_write_bytes
+from studios_shared.agent_pki import AgentIdentity
 
 __all__ = ["PROTOCOL_VERSION", "ControllerLink", "Outbox", "runtime_kind"]
 
@@ -170,8 +194,17 @@ class Outbox:
                 os.utime(path)
 
 
-class _Unauthenticated(Exception):
-    pass
+class _Refused(Exception):
+    """The controller will not take this agent as it is; the message says why and what to
+    do. `slow`: retry at the longest backoff (nothing here will change soon)."""
+
+    def __init__(self, message: str, *, slow: bool = False) -> None:
+        super().__init__(message)
+        self.slow = slow
+
+
+class _Rotated(Exception):
+    """The certificate was renewed: reconnect now with the new one."""
 
 
 class ControllerLink:
@@ -213,6 +246,16 @@ class ControllerLink:
         self._unacked: dict[Path, float] = {}
         # The proxy reads this; kept on disk so it keeps working while disconnected.
         self.connect_token_key: bytes | None = state.load_connect_key()
+        self.pki = PkiFiles(state)
+        self.enroller = Enroller(target=target, token_file=token_file, pki=self.pki)
+        # This agent's certificate once loaded or issued; where the agent endpoint is.
+        self.credentials: Credentials | None = None
+        self.agent_endpoint = ""
+        self.renewals = 0
+        # The controller's words when it last refused this agent as revoked.
+        self.revoked = ""
+        # Set by the daemon: the controller enrolled this agent under another id.
+        self.on_agent_id: Callable[[str], None] | None = None
         self.connect_cookie_max_seconds = 0  # Welcome's bound on proxy cookies (0: not sent)
         self._queue: collections.OrderedDict[tuple[str, str], pb.ConnectRequest] = (
             collections.OrderedDict()
@@ -263,40 +306,54 @@ class ControllerLink:
         self.connected = False
 
     def status(self) -> dict[str, Any]:
+        creds = self.credentials
         return {
             "address": self.target,
+            "agentEndpoint": self.agent_endpoint,
             "connected": self.connected,
             "connectedSince": int(self.connected_since) if self.connected else 0,
             "lastError": self.last_error,
             "connects": self.connects,
+            "enrolled": creds is not None,
+            "certificate": (
+                {
+                    "agentId": creds.identity.agent_id,
+                    "computeEnv": creds.identity.compute_env_id,
+                    "serial": format(creds.serial, "x"),
+                    "notAfter": not_after_text(creds.not_after),
+                    "renewAt": not_after_text(creds.renew_at),
+                    "renewals": self.renewals,
+                }
+                if creds is not None
+                else None
+            ),
+            "revoked": self.revoked,
         }
 
     async def _run(self) -> None:
         attempt = 0
         while True:
+            slow = False
             try:
                 await self._connect_once()
                 self.last_error = "controller closed the stream"
             except asyncio.CancelledError:
                 raise
-            except _Unauthenticated as exc:
+            except _Rotated:
+                self.connected = False
+                attempt = 0
+                log.info("reconnecting to %s with the renewed certificate", self.target)
+                continue
+            except _Refused as exc:
+                self.last_error = str(exc)
+                slow = exc.slow
+                log.error("%s", exc)
+            except EnrollmentError as exc:
                 self.last_error = str(exc)
                 log.error("%s", exc)
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
-                if exc.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                ):
-                    log.error(
-                        "controller %s refused this agent's token (%s: %s); check --token-file "
-                        "%s; retrying",
-                        self.target,
-                        exc.code().name,
-                        exc.details(),
-                        self.token_file,
-                    )
-                elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     # The controller does not speak this agent's protocol version: an
                     # older controller (upgrade it first), or a much newer one.
                     self.last_error += (
@@ -315,31 +372,165 @@ class ControllerLink:
             self.connected = False
             delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
             delay *= random.uniform(0.5, 1.0)
+            if slow:
+                delay = self.backoff_max
             attempt = min(attempt + 1, 30)
             log.info("reconnecting to %s in %.1f s", self.target, delay)
             await asyncio.sleep(delay)
 
-    def _read_token(self) -> str:
-        try:
-            token = self.token_file.read_text().strip()
-        except OSError as exc:
-            raise _Unauthenticated(f"cannot read token file {self.token_file}: {exc}") from None
-        if not token:
-            raise _Unauthenticated(f"token file {self.token_file} is empty")
-        return token
+    # ------------------------------------------------------------ trust
+
+    def _adopt(self, creds: Credentials) -> None:
+        """Use `creds` from now on; the agent id is the certificate's."""
+        self.credentials = creds
+        agent_id = creds.identity.agent_id
+        if agent_id != self.agent_id:
+            log.warning(
+                "the controller enrolled this agent as %s (it asked for %s); kept in %s",
+                agent_id,
+                self.agent_id,
+                self.state.agent_id_path,
+            )
+            self.state.save_agent_id(agent_id)
+            self.agent_id = agent_id
+            if self.on_agent_id is not None:
+                self.on_agent_id(agent_id)
+
+    async def _ensure_credentials(self) -> Credentials:
+        """This agent's certificate: the stored one, else one from enrolling."""
+        creds = self.credentials or await asyncio.to_thread(self.pki.load)
+        why = ""
+        agent_id = self.agent_id
+        if creds is not None:
+            if creds.identity.compute_env_id != self.compute_env_id:
+                raise _Refused(
+                    f"this agent's certificate names compute environment "
+                    f"{creds.identity.compute_env_id}, but --compute-env is "
+                    f"{self.compute_env_id}: to move the agent, revoke it on the controller, "
+                    f"remove {self.state.pki_dir} and start it again with a join token",
+                    slow=True,
+                )
+            if creds.expired():
+                # The controller never enrolls an id again (revoked or not): a new id, and
+                # the old one is the operator's to revoke.
+                agent_id = uuid.uuid4().hex
+                why = (
+                    f"{expiry_message(creds)} (the agent was down too long to renew it); "
+                    f"enrolling again with the join token as agent {agent_id} (revoke the "
+                    f"old one: studio-controller agent revoke {creds.identity.agent_id})"
+                )
+                log.warning("%s", why)
+                creds = None
+        if creds is None:
+            creds = await self.enroller.enroll(
+                AgentIdentity(agent_id, self.compute_env_id),
+                socket.gethostname(),
+                self._capacity(),
+                why,
+            )
+        self._adopt(creds)
+        return creds
+
+    def _refusal(self, exc: grpc.aio.AioRpcError, target: str) -> Exception:
+        """What a failed RPC on the agent endpoint (or Endpoints) means for the operator."""
+        tls = describe_tls_failure(exc, target)
+        if tls is not None:
+            return _Refused(tls)
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details.lower():
+            self.revoked = details
+            return _Refused(
+                f"controller {self.target} refused this agent: it is revoked "
+                f"(UNAUTHENTICATED: {details}). Retrying every {self.backoff_max:.0f} s; to "
+                f"enroll this host again (a revoked id never comes back), remove "
+                f"{self.state.pki_dir} and {self.state.agent_id_path} and restart the agent "
+                "with a valid join token",
+                slow=True,
+            )
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return _Refused(
+                f"controller {self.target} refused this agent's certificate "
+                f"({code.name}: {details}); retrying"
+            )
+        return exc
+
+    async def _renew(self, channel: grpc.aio.Channel, creds: Credentials) -> Credentials:
+        key_pem, cert_pem = await renew(channel, creds.identity)
+        new = await asyncio.to_thread(self.pki.store, creds.ca_pem, key_pem, cert_pem)
+        self.renewals += 1
+        log.info(
+            "certificate renewed (serial %x, valid until %s)",
+            new.serial,
+            not_after_text(new.not_after),
+        )
+        self._adopt(new)
+        return new
+
+    async def _renewer(self, channel: grpc.aio.Channel, creds: Credentials) -> None:
+        """Renew the stream's certificate when it is due, then end the stream (_Rotated).
+
+        A renewal that fails leaves the stream up (the controller checks certificates at
+        the handshake only) and is tried again; once the certificate has expired that can
+        only fail, and the next connect enrolls again."""
+        while True:
+            await asyncio.sleep(seconds_until(creds.renew_at))
+            try:
+                await self._renew(channel, creds)
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, EnrollmentError) as exc:
+                reason = (
+                    f"{exc.code().name}: {exc.details()}"
+                    if isinstance(exc, grpc.aio.AioRpcError)
+                    else str(exc)
+                )
+                delay = renewal_retry_delay(creds)
+                self.last_error = f"renewing this agent's certificate failed ({reason})"
+                if creds.expired():
+                    self.last_error = f"{expiry_message(creds)}; {self.last_error}"
+                log.warning("%s; trying again in %.0f s", self.last_error, delay)
+                await asyncio.sleep(delay)
+                continue
+            raise _Rotated()
 
     async def _connect_once(self) -> None:
-        token = await asyncio.to_thread(self._read_token)
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        creds = await self._ensure_credentials()
+        try:
+            endpoints = await fetch_endpoints(self.target, creds.ca_pem)
+        except grpc.aio.AioRpcError as exc:
+            raise self._refusal(exc, self.target) from None
+        target = agent_endpoint_target(self.target, endpoints.agent_endpoint)
+        self.agent_endpoint = target
+        if creds.renewal_due():
+            # The agent was down when it was due: renew before the stream.
+            async with grpc.aio.secure_channel(target, creds.channel_credentials()) as channel:
+                try:
+                    creds = await self._renew(channel, creds)
+                except grpc.aio.AioRpcError as exc:
+                    refusal = self._refusal(exc, target)
+                    if refusal is not exc:
+                        raise refusal from None
+                    # Still valid: connect with it; the stream's renewer tries again.
+                    log.warning(
+                        "renewing this agent's certificate failed (%s: %s); connecting with "
+                        "the current one",
+                        exc.code().name,
+                        exc.details(),
+                    )
+        async with grpc.aio.secure_channel(target, creds.channel_credentials()) as channel:
             # grpcio-tools writes the service stub without annotations (no .pyi for it).
             stub = pb_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
-            call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
+            call = stub.Connect()
             try:
-                await self._session(call)
+                await self._session(call, lambda: self._renewer(channel, creds))
+            except grpc.aio.AioRpcError as exc:
+                raise self._refusal(exc, target) from None
             finally:
                 call.cancel()
 
-    async def _session(self, call: Any) -> None:
+    async def _session(
+        self, call: Any, renewer: Callable[[], Coroutine[Any, Any, None]] | None = None
+    ) -> None:
         hello = pb.Hello(
             protocol_version=PROTOCOL_VERSION,
             agent_id=self.agent_id,
@@ -364,7 +555,13 @@ class ControllerLink:
         self.connected_since = time.time()
         self.connects += 1
         self.last_error = ""
-        log.info("connected to controller %s as agent %s", self.target, self.agent_id)
+        self.revoked = ""
+        log.info(
+            "connected to controller %s (agent endpoint %s) as agent %s",
+            self.target,
+            self.agent_endpoint,
+            self.agent_id,
+        )
 
         # Resync: the inventory carries the newest state of every session, so the
         # coalesced observations are obsolete; unacknowledged checkpoints go again.
@@ -385,6 +582,8 @@ class ControllerLink:
             asyncio.create_task(self._writer(call), name="link-writer"),
             asyncio.create_task(self._ticker(), name="link-ticker"),
         ]
+        if renewer is not None:
+            tasks.append(asyncio.create_task(renewer(), name="link-renewer"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:

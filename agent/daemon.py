@@ -214,6 +214,7 @@ class Agent:
                 backoff_initial=cfg.backoff_initial,
                 backoff_max=cfg.backoff_max,
             )
+            self.link.on_agent_id = self._on_agent_id
             self.link.on_desired = self.proxy.apply_desired_access
             self.link.connections_snapshot = self.proxy.all_connections
             self.link.start()
@@ -259,6 +260,14 @@ class Agent:
         finally:
             log.info("shutting down; running sessions are left running")
             await self.close()
+
+    def _on_agent_id(self, agent_id: str) -> None:
+        """The controller enrolled this agent under another id than the one it asked for.
+        New sessions carry the new id; tools labelled with the old one (from before a
+        re-enrollment) are no longer this agent's to recover or reap."""
+        self.agent_id = agent_id
+        if self.manager is not None:
+            self.manager.runtime.owner = agent_id
 
     def _connect_key(self) -> bytes | None:
         return self.link.connect_token_key if self.link is not None else None

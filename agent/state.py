@@ -55,6 +55,9 @@ class StateDir:
     DIR/agent.sock                 admin socket (0600)
     DIR/agent.lock                 one agent per state directory
     DIR/connect-key                last Welcome.connect_token_key (0600)
+    DIR/pki/ca.crt                 the controller's CA (the one the join token pins)
+    DIR/pki/agent.key              this agent's private key (0600, never leaves the host)
+    DIR/pki/agent.crt              its certificate from the controller (agent id, compute env)
     DIR/outbox/<ns>-<digest>.pb    checkpoint events, until the controller acks them
     DIR/sessions/<sid>/handle.json the session handle
     DIR/sessions/<sid>/root/       the session directory (what the tool sees as /)
@@ -91,6 +94,26 @@ class StateDir:
         return self.root / "connect-key"
 
     @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.pki_dir / "ca.crt"
+
+    @property
+    def agent_key_path(self) -> Path:
+        return self.pki_dir / "agent.key"
+
+    @property
+    def agent_cert_path(self) -> Path:
+        return self.pki_dir / "agent.crt"
+
+    @property
+    def agent_id_path(self) -> Path:
+        return self.root / "agent-id"
+
+    @property
     def sessions_dir(self) -> Path:
         return self.root / "sessions"
 
@@ -117,7 +140,7 @@ class StateDir:
 
     def agent_id(self) -> str:
         """The stable agent id, generated on first use."""
-        path = self.root / "agent-id"
+        path = self.agent_id_path
         try:
             value = path.read_text().strip()
             if value:
@@ -125,8 +148,12 @@ class StateDir:
         except FileNotFoundError:
             pass
         value = uuid.uuid4().hex
-        atomic_write_bytes(path, (value + "\n").encode())
+        self.save_agent_id(value)
         return value
+
+    def save_agent_id(self, value: str) -> None:
+        """The id the controller assigned at enrollment (when it differs from ours)."""
+        atomic_write_bytes(self.agent_id_path, (value + "\n").encode())
 
     def save_handle_json(self, session_id: str, handle: dict[str, Any]) -> None:
         atomic_write_json(self.session_dir(session_id) / "handle.json", handle)
