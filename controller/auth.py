@@ -12,7 +12,9 @@ Private studios (`check_studio_access`): connecting needs the connect role
 included: they cannot connect either). Start, stop, edit, delete and clone of
 a private studio need the role of the action and, below admin, also being the
 creator or an allowed user; admins and owners may start, stop, edit and
-delete any private studio.
+delete any private studio. What `studios_service` adds on top (widening
+`allowedUserIds`, clones of private studios) and the team rule of
+`workspaces_service`: docs/contract-notes.md, "Authorization rules beyond roles".
 """
 
 from __future__ import annotations
