@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,9 +99,10 @@ class EnrollRefused(EnrollmentError):
 class Credentials:
     """What the agent proves itself with on the agent endpoint."""
 
-    ca_pem: bytes
-    key_pem: bytes
-    cert_pem: bytes
+    ca_pem: bytes = field(repr=False)
+    # Never in a repr: a log line or a traceback must not carry the key.
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
     identity: AgentIdentity
     not_after: datetime
     # The start of the lifetime the renewal rule counts (see the module docstring).
@@ -312,11 +313,15 @@ def fetch_pinned_ca(target: str, pin: str) -> bytes:
             context.wrap_socket(raw, server_hostname=host) as tls,
         ):
             chain = _presented_chain(tls)
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
         raise EnrollmentError(
-            f"cannot reach the controller's enrollment endpoint {target} over TLS: {exc} "
+            f"no TLS handshake with the controller's enrollment endpoint {target}: {exc} "
             "(a controller older than TLS on the agent endpoint must be upgraded first)"
         ) from None
+    except OSError as exc:
+        # Not the operator's to fix here (the controller is down, or not there yet): the
+        # link retries and logs it as it does any unreachable controller.
+        raise ConnectionError(f"cannot reach the controller at {target}: {exc}") from None
     certs = []
     for der in chain:
         with contextlib.suppress(ValueError):

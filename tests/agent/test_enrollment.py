@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import socket
 import stat
 import sys
 import time
@@ -74,8 +76,9 @@ def _error_of(agent: Agent) -> str:
 
 
 async def test_enrolls_once_then_restarts_with_its_certificate(
-    controller: FakeController, agent_config: AgentConfig
+    controller: FakeController, agent_config: AgentConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     state = StateDir(agent_config.state_dir)
     first = await _started(agent_config)
     try:
@@ -123,6 +126,28 @@ async def test_enrolls_once_then_restarts_with_its_certificate(
         assert controller.stream_certificates[1] == controller.stream_certificates[0]
     finally:
         await second.close()
+    # Neither the token's secret nor the key reached a log line.
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "enrolled as agent" in logged
+    assert controller.secret not in logged and "PRIVATE KEY" not in logged
+
+
+async def test_enrolls_once_the_controller_is_up(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    controller = FakeController()
+    config = make_agent_config(tmp_path, controller)
+    config.controller = f"127.0.0.1:{port}"
+    agent = await _started(config)
+    try:
+        await controller.wait_for(lambda: "cannot reach" in _error_of(agent), timeout=10)
+        await controller.start(port)
+        await controller.wait_for(lambda: agent.link is not None and agent.link.connected)
+        assert len(controller.enrollments) == 1
+    finally:
+        await agent.close()
+        await controller.stop()
 
 
 async def test_a_man_in_the_middle_never_sees_the_token(
