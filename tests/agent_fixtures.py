@@ -39,13 +39,17 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", port), http.server.Simple
 server.serve_forever()
 """
 
-# Echoes request headers and bodies, and WebSocket messages.
+# Echoes request headers (every copy, in order, as [name, value] pairs: a dict would
+# keep one copy of a repeated header, and tools see them all), bodies and WebSocket
+# messages.
 ECHO_TOOL = """
 import os
 from aiohttp import web
 
 async def headers(request):
-    return web.json_response({k: v for k, v in request.headers.items()})
+    return web.json_response(
+        [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
+    )
 
 async def echo(request):
     return web.Response(body=await request.read())

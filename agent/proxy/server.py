@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -97,9 +98,19 @@ BUFFER_HIGH = 1024 * 1024
 
 _TOKEN_BYTES = TOKEN_PARAM.encode() + b"="
 _COOKIE_BYTES = COOKIE_NAME.encode()
+# Headers the proxy owns: every copy a client sends is dropped, whatever its case and
+# with `_` for `-` too (some servers read `X_Studios_User` as `X-Studios-User`).
 _DROP = frozenset(
     {b"x-studios-user", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
 )
+# RFC 9110/9112 syntax. A request head is CRLF lines only: the head is split on CRLF and
+# no CR or LF may be left in any line (the control-character classes below exclude them),
+# so a bare LF or CR anywhere, an obs-fold, whitespace before a colon, a field name that
+# is not a token or a control character in a value refuse the request.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/1\.[0-9])")
+_FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):([^\x00-\x08\x0a-\x1f\x7f]*)")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _REASONS = {
     302: "Found",
     400: "Bad Request",
@@ -149,18 +160,51 @@ class _Head:
         return None
 
 
+def _line_error(line: bytes, what: str) -> str:
+    """Why a line of a request head (or a chunk line, a trailer) is refused."""
+    if b"\n" in line:
+        return f"bare LF in the {what} (only CRLF ends a line)"
+    if b"\r" in line:
+        return f"bare CR in the {what} (only CRLF ends a line)"
+    if line[:1] in (b" ", b"\t"):
+        return f"obs-fold (a line starting with whitespace) in the {what}"
+    name, colon, _value = line.partition(b":")
+    if colon and name != name.rstrip(b" \t"):
+        return f"whitespace before the colon in the {what}"
+    if not colon or re.fullmatch(_TOKEN, name) is None:
+        return f"malformed field name in the {what}"
+    return f"control character in a field value in the {what}"
+
+
+def _parse_field(line: bytes, what: str) -> tuple[bytes, bytes, bytes]:
+    match = _FIELD_LINE.fullmatch(line)
+    if match is None:
+        raise _BadRequest(_line_error(line, what))
+    name = match.group(1)
+    return (name.lower(), name, match.group(2).strip(b" \t"))
+
+
 def _parse_head(raw: bytes) -> _Head:
+    """A request head ending in CRLF CRLF, parsed strictly (RFC 9112): anything a
+    lenient server could read another way is a `_BadRequest` (400, connection closed)."""
     lines = raw[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
-        raise _BadRequest("malformed request line")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
-            raise _BadRequest("malformed header line")
-        headers.append((name.lower(), name, value.strip()))
-    return _Head(parts[0], parts[1], parts[2], headers, raw)
+    first = _REQUEST_LINE.fullmatch(lines[0])
+    if first is None:
+        line = lines[0]
+        raise _BadRequest(
+            _line_error(line, "request line")
+            if b"\n" in line or b"\r" in line
+            else "malformed request line"
+        )
+    headers = [_parse_field(line, "request head") for line in lines[1:]]
+    return _Head(first.group(1), first.group(2), first.group(3), headers, raw)
+
+
+def _bare_cr_or_lf(data: bytes, start: int) -> bool:
+    """An incomplete head `data[start:]` holds a CR or LF that is not part of a CRLF
+    (a CR as its last byte may still be)."""
+    crlf = data.count(b"\r\n", start)
+    return data.count(b"\n", start) != crlf or data.count(b"\r", start, len(data) - 1) > crlf
 
 
 def _session_id_from_host(host: str) -> str | None:
@@ -382,21 +426,24 @@ class _Client(asyncio.Protocol):
                         return
                     break
                 line = data[i:end]
-                out.append(data[i : end + 2])
-                i = end + 2
                 if state == "trailer":
+                    if line and _FIELD_LINE.fullmatch(line) is None:
+                        self._fail(out, 400, _line_error(line, "trailer section"))
+                        return
+                    out.append(data[i : end + 2])
+                    i = end + 2
                     if not line:
                         self.state = "head"
                         self.head_started = time.monotonic()
                     continue
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    self._fail(out, 400, "malformed chunk size")
+                # Hex digits only (int() would also take "0x", "_", signs and spaces).
+                match = _CHUNK_LINE.fullmatch(line)
+                if match is None:
+                    self._fail(out, 400, "malformed chunk size line")
                     return
-                if size < 0:
-                    self._fail(out, 400, "malformed chunk size")
-                    return
+                out.append(data[i : end + 2])
+                i = end + 2
+                size = int(match.group(1), 16)
                 if size == 0:
                     self.state = "trailer"
                 else:
@@ -406,6 +453,10 @@ class _Client(asyncio.Protocol):
                 if end < 0:
                     if n - i > MAX_HEAD_BYTES:
                         self._fail(out, 431, "request head too large")
+                        return
+                    if _bare_cr_or_lf(data, i):
+                        # Refused now: a lenient tool would end this head sooner.
+                        self._fail(out, 400, "bare CR or LF in the request head")
                         return
                     break
                 raw = data[i : end + 4]
@@ -441,28 +492,43 @@ class _Client(asyncio.Protocol):
             if self.upstream is not None and self.upstream.transport is not None:
                 self.upstream.transport.close()
 
-    def _framing(self, head: _Head) -> None:
-        """Set the body state for the request that `head` starts (or raise)."""
-        te = head.get(b"transfer-encoding")
+    @staticmethod
+    def _framing(head: _Head) -> tuple[str, int]:
+        """The body state and length for the request that `head` starts (or raise).
+
+        Refused: Content-Length with Transfer-Encoding, differing or malformed
+        Content-Lengths, a Transfer-Encoding (all its copies read as one list) whose
+        final coding is not `chunked` or that names `chunked` twice, Transfer-Encoding
+        on HTTP/1.0, and several Host headers."""
+        tes = [v for n, _name, v in head.headers if n == b"transfer-encoding"]
         cls = [v for n, _name, v in head.headers if n == b"content-length"]
-        if te is not None:
-            if cls or te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                raise _BadRequest("unsupported request body framing")
-            self.state = "chunk-line"
-        elif cls:
+        if sum(1 for n, _name, _v in head.headers if n == b"host") > 1:
+            raise _BadRequest("several Host headers")
+        if tes:
+            if cls:
+                raise _BadRequest("both Content-Length and Transfer-Encoding")
+            if head.version == b"HTTP/1.0":
+                raise _BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            codings = [c.strip(b" \t").lower() for c in b",".join(tes).split(b",")]
+            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1 or b"" in codings:
+                raise _BadRequest(
+                    "unsupported Transfer-Encoding (chunked must be the final coding)"
+                )
+            return "chunk-line", 0
+        if cls:
             if len(set(cls)) != 1 or not cls[0].isdigit():
                 raise _BadRequest("bad Content-Length")
-            self.remaining = int(cls[0])
-            self.state = "body" if self.remaining else "head"
-        else:
-            self.state = "head"
+            length = int(cls[0])
+            return ("body" if length else "head"), length
+        return "head", 0
 
     def _head(self, raw: bytes, out: list[bytes]) -> bool:
         """Handle one request head; False when forwarding stops here."""
         try:
             head = _parse_head(raw)
+            framing = self._framing(head)  # checked before the tool is ever dialled
         except _BadRequest as exc:
-            self._reply(400, str(exc))
+            self._fail(out, 400, str(exc))
             return False
         if self.upstream is None:
             self._local(head)
@@ -491,11 +557,7 @@ class _Client(asyncio.Protocol):
             out.clear()
             self._reauth_check()
             return False
-        try:
-            self._framing(head)
-        except _BadRequest as exc:
-            self._fail(out, 400, str(exc))
-            return False
+        self.state, self.remaining = framing
         out.append(self._rewrite(head))
         if (
             self.state == "head"
@@ -533,7 +595,7 @@ class _Client(asyncio.Protocol):
     def _rewrite(self, head: _Head) -> bytes:
         lines = [head.raw[: head.raw.index(b"\r\n")]]
         for lname, name, value in head.headers:
-            if lname in _DROP or lname.replace(b"_", b"-") == b"x-studios-user":
+            if lname in _DROP or (b"_" in lname and lname.replace(b"_", b"-") in _DROP):
                 continue
             if lname == b"cookie":
                 value = _strip_our_cookie(value)
