@@ -542,7 +542,10 @@ class ControllerLink:
             capacity=self._capacity(),
         )
         await call.write(pb.ConnectRequest(hello=hello))
-        first = await asyncio.wait_for(call.read(), timeout=_WELCOME_TIMEOUT)
+        # Not asyncio.wait_for: on 3.11 it swallows a cancellation that arrives as the read
+        # completes (the Welcome and `close()` together), and the link then never ends.
+        async with asyncio.timeout(_WELCOME_TIMEOUT):
+            first = await call.read()
         if first is grpc.aio.EOF:
             # The status (e.g. UNAUTHENTICATED) is only known once the call ends.
             code = await call.code()
