@@ -17,7 +17,7 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent, AgentConfig
 from agent.host import doctor_report
-from agent.runtime.podman import LABEL_SESSION
+from agent.runtime.podman import LABEL_OWNER, LABEL_SESSION
 from agent.volumes.xfs import XfsLoopVolume, mounted_source
 from tests import REPO_ROOT
 from tests.agent.volumes.test_xfs import _force_cleanup
@@ -70,13 +70,21 @@ def _containers(session_id: str) -> list[dict[str, object]]:
 
 
 def _cleanup(state_dir: Path) -> None:
-    out = _podman("ps", "-aq", "--filter", f"label={LABEL_SESSION}")
-    for cid in out.stdout.split():
-        _podman("rm", "-f", "-t", "0", cid)
-    # Each session's own network (`--podman-network bridge`) goes with its container.
-    out = _podman("network", "ls", "-q", "--filter", f"label={LABEL_SESSION}")
-    for name in out.stdout.split():
-        _podman("network", "rm", "-f", name)
+    # Only this test's agent's containers and networks: another test process on the
+    # host (or a concurrent CI run) keeps its own.
+    try:
+        owner = (state_dir / "agent-id").read_text().strip()
+    except FileNotFoundError:
+        owner = ""
+    if owner:
+        label = f"label={LABEL_OWNER}={owner}"
+        out = _podman("ps", "-aq", "--filter", label)
+        for cid in out.stdout.split():
+            _podman("rm", "-f", "-t", "0", cid)
+        # Each session's own network (`--podman-network bridge`) goes with its container.
+        out = _podman("network", "ls", "-q", "--filter", label)
+        for name in out.stdout.split():
+            _podman("network", "rm", "-f", name)
     sessions = state_dir / "sessions"
     if sessions.is_dir():
         for merged in sessions.glob("*/merged"):
