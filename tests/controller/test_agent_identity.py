@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,26 +29,10 @@ from controller.models import Agent, Studio
 from studios_shared.agent_pki import AgentIdentity, identity_of, new_key_and_csr
 from studios_shared.connect_token import derive_agent_key
 from tests.conftest import ControllerHarness
+from tests.controller.conftest import AgentFactory
 from tests.fake_agent import AgentCredentials, FakeAgent
 
-AgentFactory = Callable[..., FakeAgent]
 STORE = "file:///tmp/work/.studios/checkpoints"
-
-
-@pytest.fixture
-async def make_agent(controller_harness: ControllerHarness) -> AsyncIterator[AgentFactory]:
-    agents: list[FakeAgent] = []
-
-    def factory(agent_id: str = "agent-1", **kwargs: object) -> FakeAgent:
-        h = controller_harness
-        kwargs.setdefault("compute_env_id", h.compute_env_id)
-        agent = FakeAgent(h.grpc_target, h.agent_token, agent_id=agent_id, **kwargs)  # type: ignore[arg-type]
-        agents.append(agent)
-        return agent
-
-    yield factory
-    for agent in agents:
-        await agent.close()
 
 
 async def _studio(h: ControllerHarness, sid: str) -> dict[str, Any]:

@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
-import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
 from studios_shared.connect_token import derive_agent_key, verify_connect_token
 from tests.conftest import ControllerHarness
+from tests.controller.conftest import AgentFactory
 from tests.fake_agent import FakeAgent, observed
-
-AgentFactory = Callable[..., FakeAgent]
-
-
-@pytest.fixture
-async def make_agent(controller_harness: ControllerHarness) -> AsyncIterator[AgentFactory]:
-    agents: list[FakeAgent] = []
-
-    def factory(agent_id: str = "agent-1", **kwargs: object) -> FakeAgent:
-        h = controller_harness
-        kwargs.setdefault("compute_env_id", h.compute_env_id)
-        agent = FakeAgent(h.grpc_target, h.agent_token, agent_id=agent_id, **kwargs)  # type: ignore[arg-type]
-        agents.append(agent)
-        return agent
-
-    yield factory
-    for agent in agents:
-        await agent.close()
 
 
 async def _status(h: ControllerHarness, sid: str) -> dict:
