@@ -182,7 +182,9 @@ async def proxy_in_front_of(
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         tool_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        handle = SimpleNamespace(status="running", port=tool_port, session_id=session_id)
+        handle = SimpleNamespace(
+            status="running", port=tool_port, proxy_secret="", session_id=session_id
+        )
         proxy = ConnectProxy(
             lookup=lambda sid: handle if sid == session_id else None, key=lambda: key
         )

@@ -64,6 +64,7 @@ from studios_shared.connect_token import (
 
 __all__ = [
     "COOKIE_NAME",
+    "PROXY_SECRET_HEADER",
     "TOKEN_PARAM",
     "USER_HEADER",
     "ConnectProxy",
@@ -77,6 +78,11 @@ log = logging.getLogger(__name__)
 COOKIE_NAME = "studios-connect"
 TOKEN_PARAM = "studio-token"
 USER_HEADER = "X-Studios-User"
+# The per-session secret that proves a request came through this proxy: the tool is
+# started with it ($CONNECT_PROXY_SECRET) and the shipped templates refuse requests
+# without it, so a process on the host (or another session) that reaches the tool's
+# port directly is not believed.
+PROXY_SECRET_HEADER = "X-Studios-Proxy-Secret"
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 4096
 # An HTTP keep-alive connection with no traffic either way for this long is closed
@@ -101,7 +107,13 @@ _COOKIE_BYTES = COOKIE_NAME.encode()
 # Headers the proxy owns: every copy a client sends is dropped, whatever its case and
 # with `_` for `-` too (some servers read `X_Studios_User` as `X-Studios-User`).
 _DROP = frozenset(
-    {b"x-studios-user", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"}
+    {
+        b"x-studios-user",
+        b"x-studios-proxy-secret",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+    }
 )
 # RFC 9110/9112 syntax. A request head is CRLF lines only: the head is split on CRLF and
 # no CR or LF may be left in any line (the control-character classes below exclude them),
@@ -707,6 +719,7 @@ class _Client(asyncio.Protocol):
             + (b"https" if proxy.secure else b"http")
             + b"\r\nX-Forwarded-For: "
             + self.peer.encode()
+            + _secret_header(h.proxy_secret)
         )
         self.state = "connecting"
         self.buf[:0] = head.raw
@@ -821,19 +834,30 @@ def _forbidden(claims: ConnectClaims, sid: str) -> str:
     )
 
 
+def _secret_header(secret: str) -> bytes:
+    # A session started by an agent older than the secret has none: nothing to add.
+    if not secret:
+        return b""
+    return b"\r\n" + PROXY_SECRET_HEADER.encode() + b": " + secret.encode("ascii")
+
+
 def _user_header(claims: ConnectClaims) -> bytes:
     name = claims.user_name.replace("\r", "").replace("\n", "")
     return USER_HEADER.encode() + b": " + name.encode()
 
 
 class ProxiedSession(Protocol):
-    """What the proxy reads of a session: whether it runs, and its tool's port."""
+    """What the proxy reads of a session: whether it runs, its tool's port, and the
+    secret the proxy proves itself to the tool with."""
 
     @property
     def status(self) -> str: ...
 
     @property
     def port(self) -> int: ...
+
+    @property
+    def proxy_secret(self) -> str: ...
 
 
 class ConnectProxy:

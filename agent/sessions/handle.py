@@ -167,6 +167,9 @@ class SessionHandle:
     pid: int = 0
     create_time: float = 0.0
     port: int = 0
+    # What the proxy proves itself to the tool with (see `agent.proxy`); the state
+    # directory holding handle.json is 0700.
+    proxy_secret: str = ""
     root_dir: str = ""
     log_path: str = ""
     volume: VolumeInfo | None = None

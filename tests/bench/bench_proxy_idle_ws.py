@@ -223,7 +223,7 @@ async def _run_proxy(tool_port: int) -> None:
     from agent.proxy import ConnectProxy
 
     raise_fd_limit(1 << 16)
-    handle = SimpleNamespace(status="running", port=tool_port, session_id=SID)
+    handle = SimpleNamespace(status="running", port=tool_port, proxy_secret="", session_id=SID)
     proxy = ConnectProxy(lookup=lambda sid: handle if sid == SID else None, key=lambda: KEY)
     port = await proxy.start("127.0.0.1", 0)
     print(f"READY {port}", flush=True)

@@ -352,7 +352,7 @@ async def test_over_tls_the_cookie_is_secure(tool: _Tool, tmp_path: Path) -> Non
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     tool_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    handle = type("H", (), {"status": "running", "port": tool_port})()
+    handle = type("H", (), {"status": "running", "port": tool_port, "proxy_secret": ""})()
     p = ConnectProxy(lookup=lambda sid: handle if sid == SID else None, key=lambda: KEY)
     try:
         port = await p.start("127.0.0.1", 0, tls=_self_signed(tmp_path))

@@ -175,7 +175,9 @@ async def test_ten_thousand_idle_websockets_with_clients_and_tool_in_their_own_p
     p: ConnectProxy | None = None
     try:
         tool_port = int((await asyncio.to_thread(tool.line)).split()[1])
-        handle = SimpleNamespace(status="running", port=tool_port, session_id=bench.SID)
+        handle = SimpleNamespace(
+            status="running", port=tool_port, proxy_secret="", session_id=bench.SID
+        )
         p = ConnectProxy(
             lookup=lambda sid: handle if sid == bench.SID else None, key=lambda: bench.KEY
         )

@@ -82,7 +82,11 @@ async def tool() -> AsyncIterator[_RawTool]:
 @pytest.fixture
 async def port(tool: _RawTool) -> AsyncIterator[int]:
     assert tool.server is not None
-    handle = type("H", (), {"status": "running", "port": tool.server.sockets[0].getsockname()[1]})
+    handle = type(
+        "H",
+        (),
+        {"status": "running", "port": tool.server.sockets[0].getsockname()[1], "proxy_secret": ""},
+    )
     proxy = ConnectProxy(lookup=lambda sid: handle() if sid == SID else None, key=lambda: KEY)
     bound = await proxy.start("127.0.0.1", 0)
     try:
