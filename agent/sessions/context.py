@@ -177,6 +177,24 @@ class SessionContext:
         need += need // 50 + _FS_RESERVE_BYTES
         return -(-need // _VOLUME_ROUNDING) * _VOLUME_ROUNDING
 
+    def first_volume_size(self, spec: SessionSpec, restore_bytes: int) -> tuple[int, str | None]:
+        """The volume a start prepares, never larger than the session's cap; and why
+        there can be none (a checkpoint whose data alone is over the cap)."""
+        size = self.volume_size_for(restore_bytes)
+        cap = self.session_cap_for(spec)
+        if size <= cap:
+            return size, None
+        need = restore_bytes + restore_bytes // 50 + _FS_RESERVE_BYTES
+        if restore_bytes and need > cap:
+            return size, (
+                f"cannot start: the checkpoint holds {restore_bytes / GIB:.1f} GiB of data, "
+                f"more than fits in this session's disk cap of {cap / GIB:.0f} GiB "
+                "(sessionDiskCapGb of its compute environment)"
+            )
+        # Less free space than a fresh volume has, but all the cap allows; the watcher
+        # grows it no further.
+        return cap // _VOLUME_ROUNDING * _VOLUME_ROUNDING, None
+
     def progress_sink(
         self, h: SessionHandle, step_name: str, verb: str
     ) -> Callable[[int, int], None]:

@@ -321,7 +321,9 @@ class SessionRunner:
             await ctx.runtime.reap(h.runtime_handle())
             await ctx.volumes.release(VolumeInfo(ctx.volumes.kind, h.root_dir, 0))
             restore_bytes = await self._restore_size(h) if h.restore_uri else 0
-            size = ctx.volume_size_for(restore_bytes)
+            size, over_cap = ctx.first_volume_size(spec, restore_bytes)
+            if over_cap:
+                raise VolumeError(over_cap)
             cap = ctx.disk_cap_for(spec)
             left = ctx.disk_budget_free(cap)
             if left < size:

@@ -13,6 +13,7 @@ import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
@@ -20,6 +21,7 @@ from studios.agent.v1 import agent_pb2 as pb
 from agent.cli import build_parser
 from agent.daemon import Agent
 from agent.host_mounts import detach_mounts_under_sync
+from agent.sessions.context import SessionContext, SessionSettings
 from agent.sessions.handle import SessionSpec
 from agent.volumes import GIB
 from tests.agent.volumes.test_xfs import _cleanup_agent, _require_xfs, _write, _xfs_agent
@@ -200,5 +202,50 @@ async def test_a_session_is_not_grown_beyond_its_cap_and_the_message_says_why(
         controller.push(d2)
         await controller.wait_status("ca900002", RUNNING)
         os.unlink(Path(obs.volume.path) / "big")
+    finally:
+        await _cleanup_agent(agent)
+
+
+def _sizing_context(volume_size_bytes: int) -> SessionContext:
+    # Sizing reads only the settings; the other parts are never touched.
+    unused: Any = None
+    return SessionContext(
+        state=unused,
+        runtime=unused,
+        volumes=unused,
+        datalinks=unused,
+        settings=SessionSettings(volume_size_bytes=volume_size_bytes),
+        budget_used=lambda: 0,
+    )
+
+
+def test_the_first_volume_is_never_larger_than_the_cap() -> None:
+    ctx = _sizing_context(volume_size_bytes=2 * GIB)
+    capped = SessionSpec(boot_disk_size_gb=30, session_disk_cap_gb=1)
+    uncapped = SessionSpec(boot_disk_size_gb=30)
+    # A fresh volume larger than the cap is made at the cap.
+    assert ctx.first_volume_size(capped, 0) == (1 * GIB, None)
+    assert ctx.first_volume_size(uncapped, 0) == (2 * GIB, None)
+    # A restore that fits under the cap, with less free space than a fresh volume.
+    size, refusal = ctx.first_volume_size(capped, 512 * 1024**2)
+    assert (size, refusal) == (1 * GIB, None)
+    # A checkpoint whose data alone is over the cap cannot start, and says why.
+    _size, refusal = ctx.first_volume_size(capped, 3 * GIB // 2)
+    assert refusal is not None
+    assert "1.5 GiB" in refusal and "1 GiB" in refusal and "sessionDiskCapGb" in refusal
+
+
+async def test_a_fresh_session_under_a_small_cap_starts_at_the_cap(
+    tmp_path: Path, controller: FakeController
+) -> None:
+    _require_xfs()
+    agent = await _xfs_agent(tmp_path, controller)
+    try:
+        d = desired("ca900003", image="test/slow:1", environment={"SLOW_SECONDS": "0"})
+        d.spec.boot_disk_size_gb = 30
+        d.spec.session_disk_cap_gb = 1
+        controller.push(d)
+        obs = await controller.wait_status("ca900003", RUNNING)
+        assert obs.volume.size_bytes == 1 * GIB
     finally:
         await _cleanup_agent(agent)
