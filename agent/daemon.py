@@ -345,4 +345,5 @@ class Agent:
             self.manager.volumes.kind,
             self.config.podman_socket,
             local_tool_user=self.config.local_tool_user,
+            podman_network=self.config.podman_network,
         )

@@ -57,10 +57,11 @@ def doctor_report(
     volume_in_use: str | None = None,
     podman_socket: Path | None = None,
     local_tool_user: str = "session",
+    podman_network: str = "bridge",
 ) -> dict[str, Any]:
     """Which runtimes and volume kinds are usable here, and why: each registered one
     is asked (`available`). `localTools` says who runs the `local` runtime's tools."""
-    options = RuntimeOptions(local_tool_user=local_tool_user)
+    options = RuntimeOptions(local_tool_user=local_tool_user, podman_network=podman_network)
     if podman_socket is not None:
         options = dataclasses.replace(options, podman_socket=podman_socket)
     runtimes = []

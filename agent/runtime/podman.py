@@ -185,6 +185,20 @@ class PodmanRuntime(Runtime):
         reasons.append(
             why if ok else f"{why} (start `podman system service`, scripts/podman-setup)"
         )
+        if ok and options.podman_network == "bridge":
+            # Per-session isolated bridges are a netavark feature; with CNI every session
+            # would share one network, so the runtime is refused rather than weakened.
+            backend = _podman_network_backend(options.podman_socket)
+            if backend != "netavark":
+                ok = False
+                reasons.append(
+                    f"podman's network backend is {backend or 'unknown'}, not netavark: "
+                    "--podman-network bridge isolates sessions with netavark networks "
+                    "(install netavark and set [network] network_backend in "
+                    "containers.conf, or run with --podman-network host)"
+                )
+            else:
+                reasons.append("network backend netavark (one isolated bridge per session)")
         if os.geteuid() != 0:
             ok = False
             reasons.append("not root: the agent mounts each session's overlay root file system")
@@ -632,6 +646,23 @@ def _podman_socket_answers(socket_path: Path) -> tuple[bool, str]:
     if b" 200 " not in answer.split(b"\r\n", 1)[0]:
         return False, f"podman socket {socket_path}: unexpected answer {answer[:40]!r}"
     return True, f"podman answers on {socket_path}"
+
+
+def _podman_network_backend(socket_path: Path) -> str | None:
+    """podman's network backend (`netavark` or `cni`) from its info, None if unknown."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(socket_path))
+            sock.sendall(b"GET /v4.0.0/libpod/info HTTP/1.0\r\nHost: podman\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        _head, _sep, body = b"".join(chunks).partition(b"\r\n\r\n")
+        backend = json.loads(body).get("host", {}).get("networkBackend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backend if isinstance(backend, str) else None
 
 
 def create_podman_runtime(options: RuntimeOptions) -> Runtime:

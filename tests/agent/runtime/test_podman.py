@@ -7,7 +7,9 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -288,3 +290,37 @@ def test_podman_setup_script_is_idempotent() -> None:
     assert out.returncode == 0, out.stderr
     assert "already answers" in out.stdout and "present" in out.stdout
     assert shutil.which("podman")
+
+
+def test_doctor_names_the_network_backend_that_isolates_sessions() -> None:
+    _require_podman()
+    bridge = doctor_report("podman", "xfs-loop", SOCKET)["runtimes"][1]
+    assert "network backend netavark" in bridge["reason"], bridge
+    host = doctor_report("podman", "xfs-loop", SOCKET, podman_network="host")["runtimes"][1]
+    assert "netavark" not in host["reason"], host
+
+
+def test_doctor_refuses_bridge_sessions_on_a_cni_podman(tmp_path: Path) -> None:
+    # A podman with CNI cannot be installed beside this host's netavark one: a socket
+    # that answers the ping and the info call as such a podman would stands in for it.
+    sock_path = tmp_path / "podman.sock"
+    info = json.dumps({"host": {"networkBackend": "cni"}}).encode()
+
+    def serve(server: socket.socket) -> None:
+        for _ in range(2):
+            conn, _addr = server.accept()
+            with conn:
+                request = conn.recv(4096)
+                body = b"OK" if b"/_ping" in request else info
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(sock_path))
+        server.listen()
+        thread = threading.Thread(target=serve, args=(server,), daemon=True)
+        thread.start()
+        podman = doctor_report("podman", None, sock_path)["runtimes"][1]
+        thread.join(timeout=10)
+    assert podman["name"] == "podman" and not podman["usable"]
+    assert "network backend is cni, not netavark" in podman["reason"], podman
+    assert "--podman-network host" in podman["reason"]
