@@ -26,7 +26,9 @@ from controller import (
     web_compute_envs,
     web_datalinks,
     web_misc,
+    web_orgs,
     web_studios,
+    web_teams,
     web_users,
     web_workspaces,
 )
@@ -45,11 +47,13 @@ from controller.db import Database
 from controller.lifespan import LifespanEnforcer
 from controller.models import Agent
 from controller.observed import ObservationHandler
+from controller.orgs_service import OrgService
 from controller.placement import Placer
 from controller.reconciler import Reconciler
 from controller.secret_box import SecretBox, load_or_create_credentials_key, register_box
 from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
 from controller.studios_service import StudioService
+from controller.teams_service import TeamService
 from controller.users_service import UserService
 from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
@@ -95,6 +99,8 @@ class Services:
     compute_envs: ComputeEnvService
     users: UserService
     hub: AgentHub
+    orgs: OrgService
+    teams: TeamService
 
 
 class Controller:
@@ -203,8 +209,10 @@ class Controller:
                 studios=self.studios,
                 workspaces=WorkspaceService(db, self.hub),
                 compute_envs=ComputeEnvService(db, self.hub),
-                users=UserService(db),
+                users=UserService(db, self.hub),
                 hub=self.hub,
+                orgs=OrgService(db, self.hub),
+                teams=TeamService(db, self.hub),
             ),
         )
         # Browser sign-in cookies are signed with a key of their own, derived from the master key.
@@ -216,6 +224,8 @@ class Controller:
             web_misc,
             web_users,
             web_workspaces,
+            web_orgs,
+            web_teams,
             web_auth,
             web_datalinks,
         ):

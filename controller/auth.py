@@ -172,7 +172,8 @@ async def authenticate(session: AsyncSession, header: str | None) -> Principal:
             .where(ApiToken.token_hash == hash_token(token))
         )
     ).first()
-    if row is None:
+    if row is None or row[1].deleted:
+        # A deleted user's tokens are gone too; the check keeps it so whatever the order.
         raise Unauthorized("invalid API token")
     api_token, user = row
     api_token.last_used = utcnow()

@@ -1,7 +1,7 @@
 """First start: the default organisation, workspace, owner and secrets.
 
 On an empty database: organisation `default` (id 1), workspace `default`
-(id 1), user `admin` (owner of workspace 1), an API token for it in
+(id 1), user `admin` (owner of organisation 1 and of workspace 1), an API token for it in
 `DIR/admin-token` and a join token in `DIR/agent-token` (`sjt1.<CA hash>.<secret>`:
 it admits any compute environment of workspace 1, and pins the agent CA). The
 master connect key lives in `DIR/connect-key`. All three files are mode 0600. The
@@ -33,6 +33,7 @@ from controller.models import (
     ApiToken,
     EnrollmentToken,
     Organization,
+    OrgMember,
     Participant,
     User,
     Workspace,
@@ -107,11 +108,12 @@ async def bootstrap(db: Database, data_dir: Path) -> bool:
             await _upgrade_agent_token(session, data_dir, ca)
             return False
         admin_token, agent_token = new_token(), new_token()
-        session.add(Organization(id=1, name="default"))
+        session.add(Organization(id=1, name="default", full_name="default"))
         await session.flush()
-        session.add(Workspace(id=1, org_id=1, name="default"))
+        session.add(Workspace(id=1, org_id=1, name="default", full_name="default"))
         session.add(User(id=1, user_name="admin", email="admin@localhost"))
         await session.flush()
+        session.add(OrgMember(org_id=1, user_id=1, role="owner"))
         session.add(Participant(workspace_id=1, user_id=1, role=Role.OWNER.value))
         session.add(ApiToken(user_id=1, name="bootstrap", token_hash=hash_token(admin_token)))
         session.add(

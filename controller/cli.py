@@ -40,7 +40,7 @@ from controller.config import (
 )
 from controller.db import Database
 from controller.errors import Conflict, NotFound, StudiosError
-from controller.models import ApiToken, Participant, User, Workspace
+from controller.models import ApiToken, OrgMember, Participant, User, Workspace
 
 __all__ = ["add_user", "main"]
 
@@ -314,13 +314,16 @@ async def add_user(
         await bootstrap(db, config.data_dir)
         token = new_token()
         async with db.transaction() as session:
-            if await session.get(Workspace, workspace_id) is None:
+            workspace = await session.get(Workspace, workspace_id)
+            if workspace is None or workspace.deleted:
                 raise NotFound(f"workspace {workspace_id} not found")
             if await session.scalar(select(User.id).where(User.user_name == name)):
                 raise Conflict(f"user {name!r} already exists")
             user = User(user_name=name, email=email)
             session.add(user)
             await session.flush()
+            # A member of the workspace's organisation (it sees the organisation's teams).
+            session.add(OrgMember(org_id=workspace.org_id, user_id=user.id, role="member"))
             session.add(Participant(workspace_id=workspace_id, user_id=user.id, role=role.value))
             session.add(ApiToken(user_id=user.id, name="cli", token_hash=hash_token(token)))
         return token

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -36,6 +37,7 @@ __all__ = [
     "Credentials",
     "DataLink",
     "EnrollmentToken",
+    "OrgMember",
     "Organization",
     "Participant",
     "Studio",
@@ -65,32 +67,70 @@ class Base(DeclarativeBase):
 
 
 class Organization(Base):
+    """An organisation (controller.orgs_service). A deleted one is kept (its workspaces'
+    studios keep their checkpoints for garbage collection) under a name no live
+    organisation can take (`deleted_name`), so its own name is free again."""
+
     __tablename__ = "organizations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(80), unique=True)
+    full_name: Mapped[str] = mapped_column(String(100), default="", server_default="")
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    location: Mapped[str | None] = mapped_column(String(100), default=None)
+    website: Mapped[str | None] = mapped_column(Text, default=None)
+    logo_id: Mapped[str | None] = mapped_column(String(64), default=None)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_updated: Mapped[datetime | None] = mapped_column(default=None)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Workspace(Base):
+    """A workspace of an organisation; deleted ones are kept as organisations are."""
+
     __tablename__ = "workspaces"
     __table_args__ = (UniqueConstraint("org_id", "name", name="uq_workspaces_org_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
     name: Mapped[str] = mapped_column(String(80))
+    full_name: Mapped[str] = mapped_column(String(100), default="", server_default="")
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    # PRIVATE: its participants only; SHARED: every member of the organisation sees it.
+    visibility: Mapped[str] = mapped_column(String(16), default="PRIVATE", server_default="PRIVATE")
     # Studios workspace settings: 0 = unlimited.
     lifespan_hours: Mapped[int] = mapped_column(Integer, default=0)
     private_studio_by_default: Mapped[bool] = mapped_column(Boolean, default=False)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_updated: Mapped[datetime | None] = mapped_column(default=None)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class User(Base):
+    """A user. Deleted users are kept (studios, checkpoints and audit rows name them) but
+    have no tokens, memberships or roles left, and `deleted` refuses them at sign-in."""
+
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_name: Mapped[str] = mapped_column(String(80), unique=True)
     email: Mapped[str] = mapped_column(String(255))
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    date_deleted: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class OrgMember(Base):
+    """A user's role in an organisation: owner, member or collaborator.
+
+    The API's `memberId` is the user id (unique within an organisation), as it is for
+    workspace participants and team members."""
+
+    __tablename__ = "org_members"
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(16))
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -33,15 +33,13 @@ from controller.responses import (
     DataStudioStopResponse,
     DataStudioTemplate,
     DataStudioWorkspaceSettingsResponse,
-    MemberDto,
     ParentCheckpoint,
     ParticipantDto,
-    TeamDto,
     UserInfo,
 )
 from controller.studios_service import CheckpointRow, CompatibleEnvs, StudioDetails, StudioRun
 from controller.templates import CATALOGUE
-from controller.workspaces_service import ParticipantRow, TeamRow
+from controller.workspaces_service import ParticipantRow
 
 __all__ = [
     "access_token_dto",
@@ -52,13 +50,11 @@ __all__ = [
     "credentials_dto",
     "gc_run_json",
     "iso",
-    "member_dto",
     "participant_dto",
     "start_response",
     "status_info",
     "stop_response",
     "studio_dto",
-    "team_dto",
     "user_info",
     "workspace_settings_dto",
 ]
@@ -284,19 +280,6 @@ def participant_dto(row: ParticipantRow) -> ParticipantDto:
         email=row.user.email if row.user else None,
         org_role="member",
     )
-
-
-def team_dto(row: TeamRow) -> TeamDto:
-    return TeamDto(
-        team_id=row.team.id,
-        name=row.team.name,
-        description=row.team.description,
-        members_count=row.members_count,
-    )
-
-
-def member_dto(user: User) -> MemberDto:
-    return MemberDto(member_id=user.id, user_name=user.user_name, email=user.email)
 
 
 def workspace_settings_dto(workspace: Workspace) -> DataStudioWorkspaceSettingsResponse:

@@ -1,4 +1,4 @@
-"""REST handlers for workspace participants, Studios settings and teams."""
+"""REST handlers for workspace participants and Studios settings (teams: `controller.web_teams`)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,11 @@ from aiohttp import web
 from controller.errors import BadRequest
 from controller.requests import (
     AddParticipantRequest,
-    AddTeamMemberRequest,
     DataStudioWorkspaceSettingsRequest,
-    TeamCreateRequest,
     UpdateParticipantRoleRequest,
 )
-from controller.responses import (
-    AddParticipantResponse,
-    AddTeamMemberResponse,
-    ListParticipantsResponse,
-    TeamResponse,
-    TeamsListResponse,
-)
-from controller.views import member_dto, participant_dto, team_dto, workspace_settings_dto
+from controller.responses import AddParticipantResponse, ListParticipantsResponse
+from controller.views import participant_dto, workspace_settings_dto
 from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
 from controller.workspaces_service import WorkspaceService
 
@@ -110,43 +102,4 @@ async def update_studio_settings(request: web.Request) -> web.Response:
     body = await parse_body(request, DataStudioWorkspaceSettingsRequest)
     assert body is not None
     await _service(request).update_studio_settings(principal(request), org_id, workspace_id, body)
-    return web.Response(status=204)
-
-
-@routes.post("/orgs/{orgId}/teams")
-async def create_team(request: web.Request) -> web.Response:
-    org_id = _path_id(request, "orgId")
-    body = await parse_body(request, TeamCreateRequest)
-    assert body is not None
-    team = await _service(request).create_team(principal(request), org_id, body.team)
-    return json_response(TeamResponse(team=team_dto(team)))
-
-
-@routes.get("/orgs/{orgId}/teams")
-async def list_teams(request: web.Request) -> web.Response:
-    teams = await _service(request).list_teams(principal(request), _path_id(request, "orgId"))
-    return json_response(
-        TeamsListResponse(teams=[team_dto(t) for t in teams], total_size=len(teams))
-    )
-
-
-@routes.post("/orgs/{orgId}/teams/{teamId}/members")
-async def add_team_member(request: web.Request) -> web.Response:
-    org_id, team_id = _path_id(request, "orgId"), _path_id(request, "teamId")
-    body = await parse_body(request, AddTeamMemberRequest)
-    assert body is not None
-    member = await _service(request).add_team_member(
-        principal(request), org_id, team_id, body.user_name_or_email
-    )
-    return json_response(AddTeamMemberResponse(member=member_dto(member)))
-
-
-@routes.delete("/orgs/{orgId}/teams/{teamId}/members/{memberId}")
-async def remove_team_member(request: web.Request) -> web.Response:
-    await _service(request).remove_team_member(
-        principal(request),
-        _path_id(request, "orgId"),
-        _path_id(request, "teamId"),
-        _path_id(request, "memberId"),
-    )
     return web.Response(status=204)

@@ -8,13 +8,11 @@ Rules on top of studio-roles.md ("add, remove participants, change their
 role": maintain and above): nobody grants a role above their own or changes
 or removes a participant whose role is above their own (403), and a
 workspace keeps at least one owner among its user participants (400). New
-participants get `launch`, as in Seqera Platform. Teams belong to an
-organisation; they are created (`/orgs/{orgId}/teams`, an addition without a
-counterpart in the reference) by the admins and owners of its workspaces. Who
-is in a team changes only by a user who is owner of every workspace the team
-takes part in (a team in no workspace: its admins and owners too), since the
-team's role reaches each of them (docs/contract-notes.md, "Authorization rules
-beyond roles").
+participants get `launch`, as in Seqera Platform. Owners of the workspace's
+organisation act as its owners here (reference/studio-roles.md, "Organisation
+roles"); a user added who is not in the organisation becomes a collaborator of
+it. Teams themselves, and who is in them, are the organisation owners'
+(`controller.teams_service`).
 Anything of a workspace the caller has no role in is 404.
 
 Every change of who holds which role pushes a fresh desired state to the
@@ -30,26 +28,16 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.access import notify_team_workspaces, notify_workspaces, team_workspaces
+from controller.access import notify_workspaces
 from controller.agent_hub import AgentHub
-from controller.auth import (
-    Permission,
-    Principal,
-    Role,
-    require,
-    workspace_role,
-    workspace_role_or_404,
-)
+from controller.auth import Permission, Principal, Role, require
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
-from controller.models import Participant, Team, TeamMember, User, Workspace, utcnow
-from controller.requests import (
-    AddParticipantRequest,
-    DataStudioWorkspaceSettingsRequest,
-    TeamCreateBody,
-)
+from controller.models import Participant, Team, User, Workspace, utcnow
+from controller.org_roles import OrgRole, effective_workspace_role, ensure_org_member
+from controller.requests import AddParticipantRequest, DataStudioWorkspaceSettingsRequest
 
-__all__ = ["NEW_PARTICIPANT_ROLE", "ParticipantRow", "TeamRow", "WorkspaceService"]
+__all__ = ["NEW_PARTICIPANT_ROLE", "ParticipantRow", "WorkspaceService"]
 
 NEW_PARTICIPANT_ROLE = Role.LAUNCH
 
@@ -61,12 +49,6 @@ class ParticipantRow:
     participant: Participant
     team: Team | None = None
     user: User | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TeamRow:
-    team: Team
-    members_count: int
 
 
 class WorkspaceService:
@@ -85,7 +67,9 @@ class WorkspaceService:
         workspace = await session.get(Workspace, workspace_id)
         if workspace is None or workspace.org_id != org_id:
             raise NotFound(missing)
-        role = await workspace_role_or_404(session, principal.user_id, workspace_id, missing)
+        role = await effective_workspace_role(session, principal.user_id, workspace)
+        if role is None:
+            raise NotFound(missing)
         return workspace, role
 
     @staticmethod
@@ -195,10 +179,12 @@ class WorkspaceService:
                                 )
                             )
                         )
-                    if user is None:
+                    if user is None or user.deleted:
                         raise NotFound("user not found")
                     taken = Participant.user_id == user.id
                     row.user_id = user.id
+                    # Someone from outside the organisation takes part as a collaborator.
+                    await ensure_org_member(session, org_id, user.id, OrgRole.COLLABORATOR)
                 exists = await session.scalar(
                     select(Participant.id).where(Participant.workspace_id == workspace_id, taken)
                 )
@@ -286,125 +272,3 @@ class WorkspaceService:
                 workspace.lifespan_hours = body.lifespan_hours
             if body.private_studio_by_default is not None:
                 workspace.private_studio_by_default = body.private_studio_by_default
-
-    # ------------------------------------------------------------ teams
-
-    async def _org_role(self, session: AsyncSession, principal: Principal, org_id: int) -> Role:
-        """The caller's highest role in the organisation's workspaces; 404 without one."""
-        roles = []
-        for workspace_id in (
-            await session.scalars(select(Workspace.id).where(Workspace.org_id == org_id))
-        ).all():
-            role = await workspace_role(session, principal.user_id, workspace_id)
-            if role is not None:
-                roles.append(role)
-        if not roles:
-            raise NotFound(f"organization {org_id} not found")
-        return max(roles, key=lambda r: r.rank)
-
-    @staticmethod
-    async def _team_row(session: AsyncSession, team: Team) -> TeamRow:
-        count = await session.scalar(
-            select(func.count()).select_from(TeamMember).where(TeamMember.team_id == team.id)
-        )
-        return TeamRow(team, int(count or 0))
-
-    async def create_team(self, principal: Principal, org_id: int, body: TeamCreateBody) -> TeamRow:
-        conflict = Conflict(f"a team named {body.name!r} already exists")
-        try:
-            async with self.db.transaction() as session:
-                require(await self._org_role(session, principal, org_id), Permission.ADMIN)
-                if await session.scalar(
-                    select(Team.id).where(Team.org_id == org_id, Team.name == body.name)
-                ):
-                    raise conflict
-                team = Team(org_id=org_id, name=body.name, description=body.description)
-                session.add(team)
-                await session.flush()
-                return await self._team_row(session, team)
-        except IntegrityError:
-            raise conflict from None
-
-    async def list_teams(self, principal: Principal, org_id: int) -> list[TeamRow]:
-        async with self.db.transaction() as session:
-            await self._org_role(session, principal, org_id)
-            teams = (
-                await session.scalars(select(Team).where(Team.org_id == org_id).order_by(Team.name))
-            ).all()
-            return [await self._team_row(session, t) for t in teams]
-
-    async def _team(
-        self, session: AsyncSession, org_id: int, team_id: int, *, for_update: bool = False
-    ) -> Team:
-        team = await session.get(Team, team_id, with_for_update=for_update or None)
-        if team is None or team.org_id != org_id:
-            raise NotFound(f"team {team_id} not found")
-        return team
-
-    async def _team_for_membership_change(
-        self, session: AsyncSession, principal: Principal, org_id: int, team_id: int
-    ) -> Team:
-        """The team, locked, once the caller may change who is in it; Forbidden otherwise.
-
-        A team carries its role into every workspace it takes part in, so a change of
-        its members is a change of roles there: only a user who is owner of every one of
-        those workspaces may make it (an admin of one workspace would otherwise grant
-        herself the team's role in another). A team that takes part in no workspace
-        gives nobody a role: the organisation's workspace admins manage it, as they
-        create teams. Locked: a concurrent add of the team to a workspace waits.
-        """
-        role = await self._org_role(session, principal, org_id)
-        team = await self._team(session, org_id, team_id, for_update=True)
-        workspace_ids = await team_workspaces(session, team.id)
-        if not workspace_ids:
-            require(role, Permission.ADMIN)
-            return team
-        for workspace_id in workspace_ids:
-            if await workspace_role(session, principal.user_id, workspace_id) != Role.OWNER:
-                raise Forbidden(
-                    f"team {team.name!r} takes part in {len(workspace_ids)} workspace(s): "
-                    "only a user who is owner of every workspace the team takes part in "
-                    "may change its members"
-                )
-        return team
-
-    async def add_team_member(
-        self, principal: Principal, org_id: int, team_id: int, user_name_or_email: str
-    ) -> User:
-        conflict = Conflict("already a member of the team")
-        try:
-            async with self.db.transaction() as session:
-                team = await self._team_for_membership_change(session, principal, org_id, team_id)
-                user = await session.scalar(
-                    select(User).where(
-                        or_(User.user_name == user_name_or_email, User.email == user_name_or_email)
-                    )
-                )
-                if user is None:
-                    raise NotFound("user not found")
-                if await session.scalar(
-                    select(TeamMember.id).where(
-                        TeamMember.team_id == team.id, TeamMember.user_id == user.id
-                    )
-                ):
-                    raise conflict
-                session.add(TeamMember(team_id=team.id, user_id=user.id))
-        except IntegrityError:
-            raise conflict from None
-        await notify_team_workspaces(self.db, self.hub, team_id)
-        return user
-
-    async def remove_team_member(
-        self, principal: Principal, org_id: int, team_id: int, member_id: int
-    ) -> None:
-        async with self.db.transaction() as session:
-            team = await self._team_for_membership_change(session, principal, org_id, team_id)
-            row = await session.scalar(
-                select(TeamMember).where(
-                    TeamMember.team_id == team.id, TeamMember.user_id == member_id
-                )
-            )
-            if row is None:
-                raise NotFound(f"member {member_id} of team {team_id} not found")
-            await session.delete(row)
-        await notify_team_workspaces(self.db, self.hub, team_id)

@@ -223,7 +223,7 @@ async def test_team_membership_and_team_role(
 
     # Removed from the team: erin had no other role, frank keeps view (cannot connect).
     mark = len(agent.responses)
-    await h.request("DELETE", f"/orgs/1/teams/{team_id}/members/{erin}", expect=204)
+    await h.request("DELETE", f"/orgs/1/teams/{team_id}/members/{erin}/delete", expect=204)
     access = await wait_access(agent, sid, lambda ids: erin not in ids, start=mark)
     assert access == {1, frank}
 

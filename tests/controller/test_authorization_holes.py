@@ -1,6 +1,7 @@
 """Authorization rules beyond the role table (issue 13), each an attack that worked:
 
-- a workspace admin of workspace 2 put herself in a team that is owner of workspace 1;
+- a workspace admin of workspace 2 put herself in a team that is owner of workspace 1
+  (teams are now the organisation owners' alone, issue 14);
 - an admin who may not connect to a private studio restarted it with
   `allowedUserIds: [self]`, or cloned its checkpoint as a public studio;
 - a compute environment mounted any host path (`/`, `/etc`, the agent's state);
@@ -64,8 +65,10 @@ async def test_a_workspace_admin_cannot_join_a_team_that_owns_another_workspace(
     status, body = await h.request(
         "POST", f"/orgs/1/teams/{team_id}/members", {"userNameOrEmail": "eve"}, token=eve
     )
+    # eve takes part in a workspace only (a collaborator): the organisation's teams are
+    # not hers to see or change.
     assert status == 403, body
-    assert "owner of every workspace" in body["message"]
+    assert "organization role 'collaborator' may not manage teams" in body["message"]
     # Nothing changed: eve still has no role in workspace 1.
     assert (await h.request("GET", f"/studios/{sid}", token=eve))[0] == 404
     _, body = await h.request("GET", "/orgs/1/teams", expect=200)
@@ -77,68 +80,39 @@ async def test_a_workspace_admin_cannot_join_a_team_that_owns_another_workspace(
         "POST", f"/orgs/1/teams/{team_id}/members", {"userNameOrEmail": "victim"}, expect=200
     )
     status, body = await h.request(
-        "DELETE", f"/orgs/1/teams/{team_id}/members/{victim_id}", token=eve
+        "DELETE", f"/orgs/1/teams/{team_id}/members/{victim_id}/delete", token=eve
     )
-    assert status == 403 and "owner of every workspace" in body["message"]
-    # The owner of both workspaces may.
-    await h.request("DELETE", f"/orgs/1/teams/{team_id}/members/{victim_id}", expect=204)
+    assert status == 403 and "may not manage teams" in body["message"]
+    # The organisation's owner may.
+    await h.request("DELETE", f"/orgs/1/teams/{team_id}/members/{victim_id}/delete", expect=204)
 
 
-async def test_owner_of_one_workspace_only_cannot_change_a_team_of_two(
+async def test_only_organisation_owners_change_teams(
     controller_harness: ControllerHarness,
 ) -> None:
+    """Workspace owners, admins and maintainers who are members of the organisation
+    (not owners of it) cannot change who is in a team, nor create one; its owners can."""
     h = controller_harness
     await _workspace2(h)
-    _, wsp2_owner = await add_user(h, "olga", "owner", workspace_id=2)
     await add_user(h, "newbie", None)
-    # The harness admin owns workspace 1 only; the team takes part in both.
-    _, body = await h.request("POST", "/orgs/1/teams", {"team": {"name": "both"}}, expect=200)
-    team_id = int(body["team"]["teamId"])
-    await h.request("PUT", f"{WSP1}/participants/add", {"teamId": team_id}, expect=200)
-    await h.request(
-        "PUT", f"{WSP2}/participants/add", {"teamId": team_id}, token=wsp2_owner, expect=200
-    )
-    for token in ("admin", wsp2_owner):
+    team_id = await _team_in(h, "launchers", {1: "launch"})
+    for name, role in (("olga", "owner"), ("ada", "admin"), ("mark", "maintain")):
+        _, token = await add_user(h, name, role)
+        await h.request("PUT", "/orgs/1/members/add", {"user": name}, expect=200)
         status, body = await h.request(
             "POST", f"/orgs/1/teams/{team_id}/members", {"userNameOrEmail": "newbie"}, token=token
         )
         assert status == 403, body
-        assert "owner of every workspace" in body["message"]
-
-
-async def test_team_members_change_for_owners_and_teams_without_workspaces(
-    controller_harness: ControllerHarness,
-) -> None:
-    h = controller_harness
-    _, maintainer = await add_user(h, "mark", "maintain")
-    _, admin = await add_user(h, "ada", "admin")
-    await add_user(h, "newbie", None)
-    team_id = await _team_in(h, "launchers", {1: "launch"})
-    # Admins of the workspace are not its owners.
-    for token in (maintainer, admin):
+        assert "organization role 'member' may not manage teams" in body["message"]
         status, _ = await h.request(
-            "POST", f"/orgs/1/teams/{team_id}/members", {"userNameOrEmail": "newbie"}, token=token
+            "POST", "/orgs/1/teams", {"team": {"name": f"{name}-team"}}, token=token
         )
         assert status == 403
+        # Members see the teams.
+        await h.request("GET", "/orgs/1/teams", token=token, expect=200)
     await h.request(
         "POST", f"/orgs/1/teams/{team_id}/members", {"userNameOrEmail": "newbie"}, expect=200
     )
-    # A team that takes part in no workspace gives nobody a role: admins manage it (as before).
-    _, body = await h.request(
-        "POST", "/orgs/1/teams", {"team": {"name": "idle"}}, token=admin, expect=200
-    )
-    idle = body["team"]["teamId"]
-    await h.request(
-        "POST",
-        f"/orgs/1/teams/{idle}/members",
-        {"userNameOrEmail": "newbie"},
-        token=admin,
-        expect=200,
-    )
-    status, _ = await h.request(
-        "POST", f"/orgs/1/teams/{idle}/members", {"userNameOrEmail": "mark"}, token=maintainer
-    )
-    assert status == 403
 
 
 # ---------------------------------------------------------------- private studios

@@ -269,7 +269,7 @@ async def test_descriptions_refuse_control_characters_but_take_lines(
     assert status == 400
     assert _error_message(status, answer).startswith(f"description: control character {name}")
     status, answer = await h.request(
-        "POST", "/orgs/1/teams", {"team": {"name": "t", "description": f"x{char}"}}
+        "POST", "/orgs/1/teams", {"team": {"name": "team1", "description": f"x{char}"}}
     )
     assert status == 400
     assert _error_message(status, answer).startswith("team.description: ")
