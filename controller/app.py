@@ -25,6 +25,7 @@ from controller import (
     web_auth,
     web_compute_envs,
     web_datalinks,
+    web_labels,
     web_misc,
     web_orgs,
     web_studios,
@@ -218,6 +219,7 @@ class Controller:
         # Browser sign-in cookies are signed with a key of their own, derived from the master key.
         signin = app[SIGNIN_KEY] = SignInSettings(key=derive_session_key(master_key))
         web_datalinks.setup(app, db, secret_box)
+        web_labels.setup(app, db)
         for module in (
             web_studios,
             web_compute_envs,
@@ -228,6 +230,7 @@ class Controller:
             web_teams,
             web_auth,
             web_datalinks,
+            web_labels,
         ):
             app.add_routes(module.routes)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -37,10 +37,12 @@ __all__ = [
     "Credentials",
     "DataLink",
     "EnrollmentToken",
+    "Label",
     "OrgMember",
     "Organization",
     "Participant",
     "Studio",
+    "StudioLabel",
     "Team",
     "TeamMember",
     "User",
@@ -212,7 +214,16 @@ class EnrollmentToken(Base):
 class ComputeEnv(Base):
     __tablename__ = "compute_envs"
     __table_args__ = (
-        UniqueConstraint("workspace_id", "name", name="uq_compute_envs_workspace_name"),
+        # Names are unique among the live environments of a workspace; a deleted one
+        # (kept: deleted studios still refer to it) frees its name.
+        Index(
+            "uq_compute_envs_workspace_name_live",
+            "workspace_id",
+            "name",
+            unique=True,
+            sqlite_where=text("NOT deleted"),
+            postgresql_where=text("NOT deleted"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -226,6 +237,17 @@ class ComputeEnv(Base):
     allowed_buckets: Mapped[list[str]] = mapped_column(JSON, default=list)
     # [{"hostPath", "mountPath", "readOnly"}] (controller.mounts validates them).
     file_system_mounts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    # The reference's ComputeEnv.Status values we use: AVAILABLE, or DISABLED (no new
+    # starts: controller.placement and the studios service refuse them).
+    status: Mapped[str] = mapped_column(String(16), default="AVAILABLE", server_default="AVAILABLE")
+    # At most one primary environment per workspace (compute_envs_service keeps it so).
+    is_primary: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # When a session of it last started.
+    last_used: Mapped[datetime | None] = mapped_column(default=None)
+    # Deleted environments are kept (studios, live or deleted, refer to them) but gone from
+    # the API.
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     last_updated: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -321,6 +343,34 @@ class Studio(Base):
     last_started: Mapped[datetime | None] = mapped_column(default=None)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     date_deleted: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Label(Base):
+    """A label of a workspace (Seqera's `/labels`): a simple label (a name) or a resource
+    label (`name=value`, `resource`). Simple labels store the value as "" so that the
+    unique constraint covers them too. Default labels go on new studios that name none."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "name", "value", name="uq_labels_workspace_name_value"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    name: Mapped[str] = mapped_column(String(39))
+    value: Mapped[str] = mapped_column(String(39), default="", server_default="")
+    resource: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StudioLabel(Base):
+    """A label attached to a studio."""
+
+    __tablename__ = "studio_labels"
+
+    session_id: Mapped[str] = mapped_column(ForeignKey("studios.session_id"), primary_key=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), primary_key=True, index=True)
 
 
 class Checkpoint(Base):

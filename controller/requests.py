@@ -4,8 +4,8 @@ Field names follow the reference API (camelCase on the wire).
 
 Unknown fields of a request body are *ignored*, everywhere and consistently:
 the reference's clients send fields this controller does not implement
-(spot, remoteConfig, sshEnabled, ...). `labelIds` is accepted (its type is
-checked) and ignored: there are no labels yet, responses carry `labels: null`.
+(spot, remoteConfig, sshEnabled, ...). `labelIds` names resource labels
+(controller.labels_service).
 
 Known fields are validated strictly: a wrong JSON type (a string for an
 integer, a number for a boolean, ...) is refused, not coerced. Validation
@@ -38,6 +38,7 @@ __all__ = [
     "ComputeEnvCreateRequest",
     "CreateAccessTokenRequest",
     "CreateCredentialsRequest",
+    "CreateLabelRequest",
     "CredentialsBody",
     "CredentialsKeys",
     "CredentialsUpdateBody",
@@ -55,6 +56,7 @@ __all__ = [
     "TeamCreateBody",
     "TeamCreateRequest",
     "UpdateCredentialsRequest",
+    "UpdateLabelRequest",
     "UpdateParticipantRoleRequest",
     "control_name",
     "validation_message",
@@ -305,3 +307,21 @@ class DataLinkUpdateRequest(_Request):
     name: Text100 | None = None
     description: Description | None = None
     credentials_id: Annotated[SafeStr, Field(max_length=64)] | None = None
+
+
+# Label names and values: the pattern is checked by controller.labels_service (400 naming
+# the field); here only the type and a generous length.
+LabelText = Annotated[SafeStr, Field(max_length=255)]
+
+
+class CreateLabelRequest(_Request):
+    name: LabelText | None = None
+    value: LabelText | None = None
+    resource: bool = False
+    is_default: bool = False
+
+
+class UpdateLabelRequest(_Request):
+    name: LabelText | None = None
+    value: LabelText | None = None
+    is_default: bool | None = None

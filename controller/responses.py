@@ -25,6 +25,7 @@ __all__ = [
     "ComputeEnvsListResponse",
     "CreateAccessTokenResponse",
     "CreateCredentialsResponse",
+    "CreateLabelResponse",
     "CredentialsDto",
     "CredentialsListResponse",
     "CredentialsResponse",
@@ -46,7 +47,9 @@ __all__ = [
     "DataStudioTemplatesListResponse",
     "DataStudioWorkspaceSettingsResponse",
     "DescribeUserResponse",
+    "LabelDbDto",
     "ListAccessTokensResponse",
+    "ListLabelsResponse",
     "ListParticipantsResponse",
     "MemberDto",
     "ParentCheckpoint",
@@ -54,6 +57,7 @@ __all__ = [
     "TeamDto",
     "TeamResponse",
     "TeamsListResponse",
+    "UpdateLabelResponse",
     "UserInfo",
     "UserResponseDto",
 ]
@@ -359,3 +363,41 @@ class DataLinkResponse(_Response):
 class DataLinksListResponse(_Response):
     data_links: list[DataLinkDto]
     total_size: int
+
+
+class _Sparse(_Response):
+    """A shape whose fields without a value are omitted, never null (the reference does
+    not declare them nullable)."""
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class LabelDbDto(_Sparse):
+    id: int
+    name: str
+    # Resource labels only.
+    value: str | None = None
+    resource: bool
+    is_default: bool
+    date_created: str
+
+
+class ListLabelsResponse(_Sparse):
+    labels: list[LabelDbDto]
+    total_size: int
+
+
+class CreateLabelResponse(_Sparse):
+    id: int
+    name: str
+    value: str | None = None
+    resource: bool
+    is_default: bool
+
+
+class UpdateLabelResponse(_Sparse):
+    id: int
+    name: str
+    value: str | None = None
+    is_default: bool

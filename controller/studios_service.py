@@ -9,8 +9,9 @@ workspace". A user without a role in the studio's workspace gets 404, as if
 the studio did not exist. Roles and private studios: `controller.auth`.
 
 Search (`GET /studios?search=`): whitespace-separated terms, all of which
-must match. `status:S`, `computeEnvId:ID` and `userId:ID-or-user-name` are
-keywords (several values of one keyword: any of them); anything else is free
+must match. `status:S`, `computeEnvId:ID`, `userId:ID-or-user-name` and
+`label:name=value` (or `label:name`, any value) are keywords (several values of
+one keyword: any of them); anything else is free
 text matched, case-insensitively, as a substring of the name or the template
 repository. A double-quoted `"two words"` is one term (also as a keyword's
 value). Checkpoint search: free text on the name, `status:`, `before:` and
@@ -40,7 +41,7 @@ import logging
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,12 +65,19 @@ from controller.auth import (
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from controller.fault_injection import pause_for_test
+from controller.labels_service import (
+    label_search_clause,
+    labels_by_studio,
+    set_studio_labels,
+    studio_labels_for,
+)
 from controller.lifecycle import Status
 from controller.lifespan import base_lifespan_hours
 from controller.models import (
     Agent,
     Checkpoint,
     ComputeEnv,
+    Label,
     Studio,
     User,
     Workspace,
@@ -106,7 +114,12 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE_ID = 1
 DEFAULT_PAGE_SIZE = 50
 _SESSION_ID = re.compile(r"^[0-9a-f]{8}$")
-_SEARCH_KEYWORDS = {"status": "status", "userid": "userId", "computeenvid": "computeEnvId"}
+_SEARCH_KEYWORDS = {
+    "status": "status",
+    "userid": "userId",
+    "computeenvid": "computeEnvId",
+    "label": "label",
+}
 _CHECKPOINT_KEYWORDS = {"status": "status", "before": "before", "after": "after"}
 _TERM = re.compile(r'(?:([A-Za-z]+):)?(?:"([^"]*)"|(\S+))')
 _RESTORABLE = ("finalized", "interim")
@@ -132,6 +145,8 @@ class StudioDetails:
     # The checkpoint a studio added as new started from, and that checkpoint's studio.
     parent: tuple[Checkpoint, Studio] | None
     mounts: list[StudioMount]
+    # Its labels by name and value (controller.labels_service).
+    labels: list[Label] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +282,7 @@ class StudioService:
             session, Workspace, Workspace.id, {s.workspace_id for s in studios}
         )
         mounts = await studio_mounts(session, studios, envs)
+        labels = await labels_by_studio(session, [s.session_id for s in studios])
         return [
             StudioDetails(
                 studio=s,
@@ -276,6 +292,7 @@ class StudioService:
                 allowed_users=[users[u] for u in (s.allowed_user_ids or []) if u in users],
                 parent=parents.get(s.parent_checkpoint_id or -1),
                 mounts=mounts.get(s.session_id, []),
+                labels=labels.get(s.session_id, []),
             )
             for s in studios
         ]
@@ -456,8 +473,13 @@ class StudioService:
                 else:
                     template = resolve_template(body.data_studio_tool_url)
                 env = await session.get(ComputeEnv, body.compute_env_id)
-                if env is None or env.workspace_id != workspace_id:
+                if env is None or env.workspace_id != workspace_id or env.deleted:
                     raise NotFound(f"compute environment {body.compute_env_id} not found")
+                if auto_start:
+                    _check_enabled(env)
+                if body.label_ids:
+                    require(role, Permission.LABELS)
+                labels = await studio_labels_for(session, workspace_id, body.label_ids)
                 await check_mount_data(session, workspace_id, body.configuration)
                 if await self._name_taken(session, workspace_id, body.name):
                     raise Conflict(f"a studio named {body.name!r} already exists in the workspace")
@@ -498,6 +520,7 @@ class StudioService:
                     status_updated_at=now,
                 )
                 session.add(studio)
+                await set_studio_labels(session, studio.session_id, labels)
                 if auto_start:
                     self._start(studio, principal)
                     studio.restore_checkpoint_id = studio.parent_checkpoint_id
@@ -622,7 +645,7 @@ class StudioService:
                         )
                     current = await session.get(ComputeEnv, studio.compute_env_id)
                     env = await session.get(ComputeEnv, body.compute_env_id)
-                    if env is None or env.workspace_id != studio.workspace_id:
+                    if env is None or env.workspace_id != studio.workspace_id or env.deleted:
                         raise NotFound(f"compute environment {body.compute_env_id} not found")
                     if current is not None and not _compatible(current, env):
                         raise BadRequest(
@@ -630,6 +653,13 @@ class StudioService:
                             f"{current.id} (see GET /studios/{session_id}/compatible-ce)"
                         )
                     studio.compute_env_id = env.id
+                if body.label_ids is not None:
+                    require(role, Permission.LABELS)
+                    await set_studio_labels(
+                        session,
+                        studio.session_id,
+                        await studio_labels_for(session, studio.workspace_id, body.label_ids),
+                    )
                 if body.configuration is not None:
                     await check_mount_data(session, studio.workspace_id, body.configuration)
                     if studio.parent_checkpoint_id is not None:
@@ -665,7 +695,12 @@ class StudioService:
                 )
                 check_studio_access(studio, role, principal, Permission.EXECUTE)
                 lifecycle.check_start(studio)
+                env = await session.get(ComputeEnv, studio.compute_env_id)
+                if env is not None:
+                    _check_enabled(env)
                 if body is not None:
+                    if body.label_ids is not None:
+                        require(role, Permission.LABELS)
                     await self._apply_start_overrides(session, studio, principal, body)
                 previous_agent = studio.agent_id
                 self._start(studio, principal)
@@ -704,6 +739,12 @@ class StudioService:
                 studio.configuration = self._merge_inherited(studio, body.configuration)
             else:
                 studio.configuration = body.configuration.stored()
+        if body.label_ids is not None:
+            await set_studio_labels(
+                session,
+                studio.session_id,
+                await studio_labels_for(session, studio.workspace_id, body.label_ids),
+            )
         if body.allowed_user_ids is not None:
             wanted = await self._check_allowed_users(
                 session, studio.workspace_id, body.allowed_user_ids
@@ -781,7 +822,10 @@ class StudioService:
             envs = (
                 await session.scalars(
                     select(ComputeEnv)
-                    .where(ComputeEnv.workspace_id == studio.workspace_id)
+                    .where(
+                        ComputeEnv.workspace_id == studio.workspace_id,
+                        ComputeEnv.deleted.is_(False),
+                    )
                     .order_by(ComputeEnv.name)
                 )
             ).all()
@@ -958,6 +1002,15 @@ def _compatible(current: ComputeEnv, other: ComputeEnv) -> bool:
     )
 
 
+def _check_enabled(env: ComputeEnv) -> None:
+    """No new session starts on a disabled compute environment (POST .../disable)."""
+    if env.status == "DISABLED":
+        raise Conflict(
+            f"compute environment {env.name!r} ({env.id}) is disabled: no new sessions start "
+            "on it until it is enabled again"
+        )
+
+
 def _studio_search(query: Select[Any], search: str | None) -> Select[Any]:
     words, keywords = parse_search(search, _SEARCH_KEYWORDS)
     for word in words:
@@ -973,6 +1026,8 @@ def _studio_search(query: Select[Any], search: str | None) -> Select[Any]:
         names = [v for v in keywords["userId"] if not (v.isascii() and v.isdigit())]
         by_name = select(User.id).where(User.user_name.in_(names))
         query = query.where(or_(Studio.user_id.in_(ids), Studio.user_id.in_(by_name)))
+    if "label" in keywords:
+        query = query.where(label_search_clause(Studio.session_id, keywords["label"]))
     return query
 
 

@@ -13,6 +13,7 @@ from controller.models import (
     CheckpointGcRun,
     ComputeEnv,
     Credentials,
+    Label,
     Studio,
     User,
     Workspace,
@@ -33,6 +34,7 @@ from controller.responses import (
     DataStudioStopResponse,
     DataStudioTemplate,
     DataStudioWorkspaceSettingsResponse,
+    LabelDbDto,
     ParentCheckpoint,
     ParticipantDto,
     UserInfo,
@@ -50,6 +52,7 @@ __all__ = [
     "credentials_dto",
     "gc_run_json",
     "iso",
+    "label_dto",
     "participant_dto",
     "start_response",
     "status_info",
@@ -288,4 +291,16 @@ def workspace_settings_dto(workspace: Workspace) -> DataStudioWorkspaceSettingsR
         wsp_id=workspace.id,
         lifespan_hours=workspace.lifespan_hours,
         private_studio_by_default=workspace.private_studio_by_default,
+    )
+
+
+def label_dto(label: Label) -> LabelDbDto:
+    """The reference's LabelDbDto; a simple label has no `value`."""
+    return LabelDbDto(
+        id=label.id,
+        name=label.name,
+        value=label.value if label.resource else None,
+        resource=label.resource,
+        is_default=label.is_default,
+        date_created=iso(label.date_created) or "",
     )

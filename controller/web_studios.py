@@ -18,17 +18,19 @@ from controller.requests import (
 from controller.responses import (
     ComputeEnvsListResponse,
     DataStudioCreateResponse,
+    DataStudioDto,
     DataStudioListCheckpointsResponse,
     DataStudioListResponse,
     DataStudioMountedLinksResponse,
     DataStudioTemplate,
     DataStudioTemplatesListResponse,
 )
-from controller.studios_service import Page, StudioService
+from controller.studios_service import Page, StudioDetails, StudioService
 from controller.templates import CATALOGUE
 from controller.views import (
     checkpoint_dto,
     compatible_env_dtos,
+    label_dto,
     start_response,
     stop_response,
     studio_dto,
@@ -67,6 +69,31 @@ def _page(request: web.Request) -> Page:
         max=query_int(request, "max", maximum=MAX_PAGE_SIZE),
         offset=query_int(request, "offset") or 0,
     )
+
+
+# The reference's DataStudioQueryAttribute values.
+_ATTRIBUTES = ("labels",)
+
+
+def _wants_labels(request: web.Request) -> bool:
+    """`attributes=labels` (comma-separated or repeated): the studios' labels are shown;
+    without it `labels` is absent (the reference: empty when not asked for)."""
+    wanted = [
+        a.strip() for value in request.query.getall("attributes", []) for a in value.split(",")
+    ]
+    for attribute in wanted:
+        if attribute and attribute not in _ATTRIBUTES:
+            raise BadRequest(
+                f"attributes: must be among {', '.join(_ATTRIBUTES)}, got {attribute!r}"
+            )
+    return "labels" in wanted
+
+
+def _studio(details: StudioDetails, public_url: str, *, labels: bool) -> DataStudioDto:
+    dto = studio_dto(details, public_url)
+    if labels:
+        dto.labels = [label_dto(label).dump() for label in details.labels]
+    return dto
 
 
 def _checkpoint_id(request: web.Request) -> int:
@@ -127,20 +154,22 @@ async def create_studio(request: web.Request) -> web.Response:
 async def list_studios(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     page = _page(request)
+    labels = _wants_labels(request)
     studios, total = await _service(request).list(
         principal(request), workspace_id, request.query.get("search"), page
     )
     public_url = _public_url(request)
-    dtos = [studio_dto(s, public_url) for s in studios]
+    dtos = [_studio(s, public_url, labels=labels) for s in studios]
     return json_response(DataStudioListResponse(studios=dtos, total_size=total))
 
 
 @routes.get("/studios/{sessionId}")
 async def get_studio(request: web.Request) -> web.Response:
+    labels = _wants_labels(request)
     details = await _service(request).get(
         principal(request), request.match_info["sessionId"], _workspace(request)
     )
-    return json_response(studio_dto(details, _public_url(request)))
+    return json_response(_studio(details, _public_url(request), labels=labels))
 
 
 @routes.put("/studios/{sessionId}")

@@ -261,6 +261,10 @@ async def world(controller_harness: ControllerHarness) -> World:
         w.own[role] = await create(h, f"own {role}")
         w.own[role + "-del"] = await create(h, f"own {role} del")
     w.shared = await create(h, "shared")
+    # Label 1, for "edit resource labels".
+    await h.request(
+        "POST", "/labels", {"name": "env", "value": "prod", "resource": True}, expect=200
+    )
     w.checkpoint = await add_checkpoint(h, w.shared, "shared_1")
     w.running = await create(h, "running")
     await mark_running(h, w.running)
