@@ -48,6 +48,8 @@ from studios_shared.environment import (
         "BROWSER",
         "STUDIOS_ANYTHING",
         "CONNECT_TOOL_PORT",
+        # The proxy's secret: a studio must not choose what its tool believes.
+        "CONNECT_PROXY_SECRET",
         "HOME",
         "PATH",
         "USER",

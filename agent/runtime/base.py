@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import RuntimeStartError
+from agent.runtime.tool_guard import PROXY_SECRET_ENV
 from studios_shared.environment import environment_refusal
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "RuntimeHandle",
     "RuntimeOptions",
     "StartSpec",
+    "connect_variables",
     "free_tcp_port",
 ]
 
@@ -56,6 +58,10 @@ class StartSpec:
     gpu: int = 0
     # Bind mounts into the session; never part of a checkpoint.
     mounts: tuple[BindMount, ...] = ()
+    # What the proxy proves itself to the tool with ($CONNECT_PROXY_SECRET, see
+    # agent/runtime/tool_guard.py); "" gives the tool none. Kept out of the repr, so a
+    # spec in a log or a traceback does not show it.
+    proxy_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         # The studio's `configuration.environment`, checked by the controller already;
@@ -192,6 +198,15 @@ class Runtime(abc.ABC):
         """The directory a checkpoint reads and a restore fills, given the session
         volume: the volume itself for `local`, the overlay's upper dir for `podman`."""
         return volume_root
+
+
+def connect_variables(spec: StartSpec) -> dict[str, str]:
+    """The CONNECT_* variables every runtime gives its tool, over anything of the same
+    name (a studio's environment cannot hold one; an image's may)."""
+    env = {"CONNECT_TOOL_PORT": str(spec.port)}
+    if spec.proxy_secret:
+        env[PROXY_SECRET_ENV] = spec.proxy_secret
+    return env
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

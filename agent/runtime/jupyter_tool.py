@@ -4,10 +4,21 @@
 127.0.0.1:P with the settings it needs behind the proxy:
 
 - Jupyter's own login is off (`IdentityProvider.token=''`, no password): the proxy has
-  already authenticated every request, and the server listens on the loopback only.
-  Instead `StudiosIdentityProvider` takes the user from `X-Studios-User`, the header the
-  proxy sets on every request (and removes from what clients send), so JupyterLab shows
-  who is who; a request without it did not come through the proxy and is refused.
+  already authenticated every request. Instead `StudiosIdentityProvider` believes only
+  the proxy: every request must carry the session's proxy secret (`X-Studios-Proxy-Secret`,
+  equal to the `$CONNECT_PROXY_SECRET` the agent started the tool with, compared in
+  constant time) and then takes the user from `X-Studios-User`, the header the proxy sets
+  on every request (and removes from what clients send), so JupyterLab shows who is who.
+  Anything else (a user of the host or another session reaching the port directly, with
+  or without a forged `X-Studios-User`) is answered 403 before any of Jupyter's handlers
+  runs: no page, no API, no kernel, no terminal, no static file (only bare redirects, `/`
+  to `/lab` or a trailing slash, and 405 to a method a route lacks answer without it,
+  serving nothing). Listening on the loopback only is not enough on a host with other
+  users.
+- Without `$CONNECT_PROXY_SECRET` the tool refuses to start (the safe default: a tool
+  that cannot tell the proxy from anyone else must not answer at all). The secret is
+  taken out of the environment before Jupyter starts, so kernels and terminals (the
+  user's code) do not inherit it.
 - `allow_remote_access`: Jupyter otherwise refuses a `Host` that is not `localhost` or an
   IP, and the proxy forwards the browser's `<sessionId>.<proxy domain>` unchanged (which
   also keeps Jupyter's same-origin checks of WebSockets meaningful).
@@ -22,12 +33,24 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from typing import Any
 
+from agent.runtime.tool_guard import (
+    MISSING_SECRET,
+    PROXY_SECRET_HEADER,
+    USER_HEADER,
+    proxy_refusal,
+    take_proxy_secret,
+)
+
 __all__ = ["jupyter_argv", "main"]
 
-USER_HEADER = "X-Studios-User"
+# The proxy's secret, set by `main`: in a module global, never on Jupyter's command line
+# (which every user of the host can read in /proc).
+_proxy_secret = ""
+
 MISSING = (
     "the JupyterLab template needs the Python package 'jupyterlab' in {python}: "
     "install it with `{python} -m pip install jupyterlab` (or `pip install studios[jupyter]`)"
@@ -58,18 +81,35 @@ def jupyter_argv(port: int, root_dir: str) -> list[str]:
 
 def _identity_provider() -> type[Any]:
     from jupyter_server.auth.identity import IdentityProvider, User
+    from jupyter_server.base.handlers import APIHandler
+    from tornado.web import Finish
     from traitlets import List
 
     class StudiosIdentityProvider(IdentityProvider):
-        """The user the proxy vouches for; nobody without the proxy's header."""
+        """The user the proxy vouches for; nobody without the proxy's secret."""
 
         # Users are made afresh from the header on every request: nothing to update.
         updatable_fields: List[str] = List(default_value=[])
 
         def get_user(self, handler: Any) -> User | None:
-            name = handler.request.headers.get(USER_HEADER, "").strip()
-            if not name:
-                return None
+            headers = handler.request.headers
+            refusal = proxy_refusal(
+                _proxy_secret,
+                headers.get_list(PROXY_SECRET_HEADER),
+                headers.get_list(USER_HEADER),
+            )
+            if refusal:
+                # Jupyter calls this in every handler's `prepare`, before the handler
+                # runs: `Finish` ends the request right here, with this answer,
+                # whatever the handler (pages, API, WebSockets, terminals).
+                handler.clear()
+                handler.set_status(403)
+                if isinstance(handler, APIHandler):
+                    # Jupyter's own shape of an API error (its `finish` makes it JSON).
+                    raise Finish(json.dumps({"message": refusal, "reason": "Forbidden"}))
+                handler.set_header("Content-Type", "text/plain; charset=utf-8")
+                raise Finish(refusal + "\n")
+            name = headers.get(USER_HEADER, "").strip()
             return User(username=name, name=name, display_name=name)
 
     return StudiosIdentityProvider
@@ -92,8 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("jupyterlab") is None:
         print(MISSING.format(python=sys.executable), file=sys.stderr, flush=True)
         return 2
+    # Out of the environment before Jupyter starts anything: kernels and terminals
+    # copy os.environ.
+    secret = take_proxy_secret()
+    if not secret:
+        print(MISSING_SECRET, file=sys.stderr, flush=True)
+        return 2
     from jupyterlab.labapp import LabApp
 
+    from agent.runtime import jupyter_tool
+
+    # Jupyter imports the identity provider by its name, from `agent.runtime.jupyter_tool`:
+    # under `python -m` that is another module object than this one (`__main__`).
+    jupyter_tool._proxy_secret = secret
     LabApp.launch_instance(argv=[*jupyter_argv(args.port, args.root_dir), *extra])
     return 0
 

@@ -22,7 +22,8 @@ Who runs a tool (`RuntimeOptions.local_tool_user`):
 Either way the tool's environment is made from nothing, never the agent's (which may
 hold the checkpoint store's keys): a fixed PATH, HOME (the session root), USER,
 LOGNAME, LANG, the studio's `configuration.environment` (checked by
-`studios_shared.environment`) and the runtime's own CONNECT_TOOL_PORT and label.
+`studios_shared.environment`) and the runtime's own CONNECT_TOOL_PORT, CONNECT_PROXY_SECRET
+and label. Other users cannot read it back: /proc/PID/environ is its user's and root's only.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from agent.runtime.base import (
     RuntimeHandle,
     RuntimeOptions,
     StartSpec,
+    connect_variables,
 )
 
 __all__ = [
@@ -105,16 +107,15 @@ class LocalTemplate:
 
 
 BUILTIN_TEMPLATES: dict[str, LocalTemplate] = {
+    # The session's root as web pages (agent/runtime/http_tool.py: Python's http.server
+    # behind a check of the proxy's secret).
     "studios/python-http": LocalTemplate(
         command=(
             "{python}",
             "-m",
-            "http.server",
-            "{port}",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            "{root_dir}",
+            "agent.runtime.http_tool",
+            "--port={port}",
+            "--root-dir={root_dir}",
         ),
         tool="python-http",
     ),
@@ -428,9 +429,9 @@ def tool_environment(spec: StartSpec, user: ToolUser, label: str) -> dict[str, s
         "LOGNAME": user.name,
         "LANG": "C.UTF-8",
     }
-    # Checked (StartSpec): none of the names above but LANG, none of the two below.
+    # Checked (StartSpec): none of the names above but LANG, none of the ones below.
     env.update(spec.environment)
-    env["CONNECT_TOOL_PORT"] = str(spec.port)
+    env.update(connect_variables(spec))
     env[LABEL_ENV] = label
     return env
 

@@ -6,7 +6,9 @@ directories live on the session volume. The container runs on the merged directo
 (`rootfs`), so every change the tool makes to `/` lands in `<volume>/upper`, which is
 what checkpoints read (`checkpoint_dir`). With `rootfs` podman applies none of the
 image's configuration, so the command, environment and working directory are taken
-from the image and passed explicitly.
+from the image and passed explicitly; the agent's own variables (CONNECT_TOOL_PORT and
+CONNECT_PROXY_SECRET, which an image's tool checks on every request to believe only the
+connect proxy: agent/runtime/tool_guard.py) come last, over the image's and the studio's.
 
 Layout next to the volume mounted at `DIR/sessions/<sid>/root`:
     root/upper, root/work   the overlay's upper and work dirs (on the volume)
@@ -57,6 +59,7 @@ from agent.runtime.base import (
     RuntimeHandle,
     RuntimeOptions,
     StartSpec,
+    connect_variables,
 )
 
 __all__ = ["PodmanClient", "PodmanError", "PodmanRuntime", "parse_ulimit"]
@@ -368,7 +371,7 @@ class PodmanRuntime(Runtime):
             key, _, value = str(item).partition("=")
             env[key] = value
         env.update(spec.environment)
-        env["CONNECT_TOOL_PORT"] = str(spec.port)
+        env.update(connect_variables(spec))
         body = self._create_body(spec, image, self.merged_dir(spec.root_dir), env)
         await asyncio.to_thread(spec.log_path.parent.mkdir, parents=True, exist_ok=True)
         # A container (and network) of an earlier, crashed start of this session is in the way.

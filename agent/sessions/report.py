@@ -90,7 +90,9 @@ def observed(h: SessionHandle) -> pb.SessionObserved:
 
 
 def running_message(h: SessionHandle) -> str:
-    message = f"{h.spec.tool or 'tool'} answering on port {h.port}"
+    # Every viewer of the studio reads it: no port (the tool is reached through the
+    # proxy only; operators find the port in `studio-agent sessions`).
+    message = f"{h.spec.tool or 'tool'} is answering"
     failed = [s.message for s in h.data_links if s.state == STATE_FAILED]
     if failed:
         # Optional data-links that could not be mounted: the session runs without.

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -295,6 +296,9 @@ class SessionRunner:
             restore_uri=restore_uri,
             root_dir=str(ctx.state.root_dir(sid)),
             log_path=str(ctx.state.log_path(sid)),
+            # Fresh for every run, saved (handle.json) before the tool starts with it: an
+            # agent restarted mid-run proxies with the secret its tool knows.
+            proxy_secret=secrets.token_urlsafe(32),
             progress=steps(
                 STEP_VOLUME,
                 STEP_RESTORE,
@@ -382,6 +386,7 @@ class SessionRunner:
                     memory_mib=spec.memory_mib,
                     gpu=spec.gpu,
                     mounts=tuple(binds),
+                    proxy_secret=h.proxy_secret,
                 )
             )
             h.pid, h.create_time, h.runtime_data = rh.pid, rh.create_time, rh.data
@@ -391,12 +396,13 @@ class SessionRunner:
             crash_points.reached("start:tool-recorded")
             h.set_step(step, "succeeded", f"pid {rh.pid}")
 
+            # Users never see the tool's port (operators do, in `studio-agent sessions`).
             step = STEP_ANSWER
-            h.set_step(step, "in_progress", f"port {h.port}")
+            h.set_step(step, "in_progress")
             await ctx.save_and_report(h)
             await self._wait_for_answer(rh)
             crash_points.reached("start:answered")
-            h.set_step(step, "succeeded", f"answering on port {h.port}")
+            h.set_step(step, "succeeded", "answering")
         except Exception as exc:
             # Anything that goes wrong errors this start (never a half-started session).
             message = str(exc) if isinstance(exc, AgentError) else f"{step}: {exc}"
@@ -455,7 +461,7 @@ class SessionRunner:
                 code = "unknown" if status.exit_code is None else str(status.exit_code)
                 raise RuntimeStartError(
                     _with_log(
-                        f"tool exited with status {code} before answering on port {rh.port}",
+                        f"tool exited with status {code} before answering",
                         await runtime.logs(rh, _LOG_LINES_IN_MESSAGE),
                     )
                 )
@@ -473,7 +479,7 @@ class SessionRunner:
             if time.monotonic() >= deadline:
                 raise StartTimeout(
                     _with_log(
-                        f"tool did not answer on port {rh.port} within {timeout:g} s",
+                        f"tool did not answer within {timeout:g} s",
                         await runtime.logs(rh, _LOG_LINES_IN_MESSAGE),
                     )
                 )

@@ -163,7 +163,7 @@ def _tool_pid(tmp: Path, session_id: str) -> int:
     pids = [
         proc.pid
         for proc in psutil.process_iter(["cmdline", "cwd"])
-        if "http.server" in " ".join(proc.info["cmdline"] or [])
+        if "agent.runtime.http_tool" in " ".join(proc.info["cmdline"] or [])
         and session_id in (proc.info["cwd"] or "")
         and str(tmp) in (proc.info["cwd"] or "")
     ]

@@ -209,8 +209,11 @@ async def test_tool_runs_as_its_own_uid_with_a_clean_environment(
         "LANG",
         "GREETING",
         "CONNECT_TOOL_PORT",
+        "CONNECT_PROXY_SECRET",
         "STUDIOS_TOOL_LABEL",
     }, env
+    # Its run's own secret (what the proxy proves itself to the tool with).
+    assert env["CONNECT_PROXY_SECRET"] == a.proxy_secret and a.proxy_secret != b.proxy_secret
     assert CANARY not in env and not any(k.startswith("AWS_") for k in env)
     assert os.environ[CANARY] and os.environ["AWS_ACCESS_KEY_ID"]  # the agent has them
     assert env["HOME"] == obs_a.root_dir and env["GREETING"] == "hi"

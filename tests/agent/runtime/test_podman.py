@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -138,6 +139,16 @@ async def test_studio_runs_in_a_container_and_opt_lands_in_the_upper_dir(
         out = _podman("exec", cid, "sh", "-c", "echo from-inside > /opt/hello && env")
         assert out.returncode == 0, out.stderr
         assert "GREETING=hi" in out.stdout and f"CONNECT_TOOL_PORT={obs.tool_port}" in out.stdout
+        # The tool gets the run's proxy secret (an image's tool checks it on every
+        # request: issue 13); what users read shows neither it nor the port.
+        assert agent.manager is not None
+        handle = agent.manager.get("cccc0001")
+        assert handle is not None and len(handle.proxy_secret) >= 43
+        assert f"CONNECT_PROXY_SECRET={handle.proxy_secret}\n" in out.stdout
+        seen = [obs.message, *(s.message for s in obs.progress)]
+        assert obs.message == "python-http is answering"
+        assert not [m for m in seen if re.search(rf"\bport\b|\b{obs.tool_port}\b", m)], seen
+        assert not [m for m in seen if handle.proxy_secret in m], seen
         upper = Path(obs.volume.path) / "upper"
         assert (upper / "opt" / "hello").read_text() == "from-inside\n"
         # On the session volume (the XFS mount), not on the host's disk.

@@ -152,10 +152,7 @@ async def test_store_down_during_a_refresh_keeps_the_session_running(
     await controller.wait_for(lambda: len(_events(controller, "c2c20001", INTERIM)) > n, 60)
     assert (await E.verify(good.uri)).ok
     await controller.wait_for(
-        lambda: (
-            controller.latest("c2c20001").message == "python-http answering on port "  # type: ignore[union-attr]
-            f"{obs.tool_port}"
-        ),
+        lambda: controller.latest("c2c20001").message == "python-http is answering",  # type: ignore[union-attr]
         timeout=10,
     )
     history = [o.status for o in controller.observed("c2c20001")]

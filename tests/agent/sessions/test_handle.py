@@ -95,15 +95,18 @@ def test_an_old_handle_loads_typed_and_is_written_back_the_same(tmp_path: Path) 
     assert h.progress[0].status == "succeeded"
     assert h.visible_root == "/m"
     assert h.runtime_handle().data == {"container_id": "c0ffee", "merged": "/m"}
+    # Started before the proxy had a secret: none, so the proxy adds no header.
+    assert h.proxy_secret == ""
 
     save_handle(state, h)
     written = json.loads((state.session_dir("abcd0001") / "handle.json").read_text())
-    # What the old agent did not know yet (limits, the per-session disk cap) appears with its
-    # defaults; nothing else moves.
+    # What the old agent did not know yet (limits, the per-session disk cap, the proxy's
+    # secret) appears with its defaults; nothing else moves.
     newer = ("cpu", "memory_mib", "gpu", "session_disk_cap_gb")
     assert written["spec"]["session_disk_cap_gb"] == 0
     assert {k: v for k, v in written["spec"].items() if k not in newer} == _OLD_HANDLE["spec"]
-    assert {k: v for k, v in written.items() if k != "spec"} == {
+    assert written["proxy_secret"] == ""
+    assert {k: v for k, v in written.items() if k not in ("spec", "proxy_secret")} == {
         k: v for k, v in _OLD_HANDLE.items() if k != "spec"
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -90,6 +91,13 @@ async def test_running_only_after_the_tool_answers(
     env = psutil.Process(handle.pid).environ()
     assert env["CONNECT_TOOL_PORT"] == str(obs.tool_port)
     assert env["HOME"] == obs.root_dir and env["SLOW_SECONDS"] == "1.5"
+    # The run's own proxy secret (secrets.token_urlsafe(32): 43 characters).
+    assert len(handle.proxy_secret) >= 43 and env["CONNECT_PROXY_SECRET"] == handle.proxy_secret
+    # What users read names no port, and shows no secret.
+    seen = [obs.message, *(s.message for o in history for s in o.progress)]
+    assert obs.message == "python-http is answering"
+    assert not [m for m in seen if re.search(rf"\bport\b|\b{obs.tool_port}\b", m)], seen
+    assert not [m for m in seen if handle.proxy_secret in m], seen
 
 
 async def test_tool_that_exits_at_once_is_errored_with_its_status(
@@ -97,7 +105,8 @@ async def test_tool_that_exits_at_once_is_errored_with_its_status(
 ) -> None:
     controller.push(desired("aaaa0002", image="test/exit3:latest"))
     obs = await controller.wait_status("aaaa0002", ERRORED)
-    assert "tool exited with status 3 before answering on port" in obs.message
+    assert "tool exited with status 3 before answering" in obs.message
+    assert "port" not in obs.message.split(";")[0]
     assert "boom: config missing" in obs.message
     assert obs.exited and obs.exit_code == 3
     assert any(s.status == pb.STEP_STATUS_ERRORED for s in obs.progress)
@@ -118,7 +127,7 @@ async def test_start_timeout_errors_and_releases(controller: FakeController, age
     agent.manager.settings.start_timeout_seconds = 1.0  # type: ignore[union-attr]
     controller.push(desired("aaaa0004", image="test/silent:1"))
     obs = await controller.wait_status("aaaa0004", ERRORED)
-    assert "did not answer on port" in obs.message
+    assert "did not answer within 1 s" in obs.message
     handle = agent.manager.get("aaaa0004")  # type: ignore[union-attr]
     assert handle is not None
     assert not psutil.pid_exists(handle.pid) or (
