@@ -32,6 +32,14 @@ right after); a kill before the rename leaves only a temporary file, which the
 agent removes later, and the checkpoint's manifest is then still in the store but
 not in the catalogue, just as for a kill before the manifest was written.
 
+Connection visits (the connection audit, `publish_visit`) follow the same pattern with
+an outbox of their own (agent/proxy/audit.py): the newest copy of each visit is kept
+until the controller acks that copy, re-sent after the Inventory on each reconnect and
+when its ack is a minute late. Only a controller whose Welcome sets
+`connection_visits` is sent any; for an older one they wait in the (bounded) outbox.
+The Hello carries the proxy's `proxy_instance_id`, by which the controller closes the
+visits a previous run of the proxy left open.
+
 Trust (agent/enrollment.py): every attempt first makes sure the agent has a
 certificate (enrolling with the join token when it has none, or when it has expired),
 asks the enrollment endpoint (`--controller`, server TLS with the pinned CA) where the
@@ -77,6 +85,7 @@ from agent.enrollment import (
     seconds_until,
 )
 from agent.host import host_capacity
+from agent.proxy.audit import VisitOutbox
 from agent.sessions import SessionManager
 from agent.state import StateDir, atomic_write_bytes
 from studios_shared.agent_pki import AgentIdentity
@@ -235,6 +244,12 @@ class ControllerLink:
         self.backoff_max = backoff_max
         self.capacity_interval = capacity_interval
         self.outbox = Outbox(state.outbox_dir)
+        # Connection visits not acknowledged yet; the proxy's run id (Hello), set by the daemon.
+        self.visits = VisitOutbox(state.root / "visits")
+        self.proxy_instance_id = ""
+        self.controller_visits = False
+        # Visits written on this stream and not acked yet: visit id -> when.
+        self._visits_unacked: dict[str, float] = {}
         self.connected = False
         self.last_error = ""
         self.connected_since = 0.0
@@ -285,6 +300,11 @@ class ControllerLink:
         """Who is connected to a session (coalesced per session like observations)."""
         self._enqueue(("conn", conns.session_id), pb.ConnectRequest(connections=conns))
 
+    def publish_visit(self, visit: pb.ConnectionVisit) -> None:
+        """Hold the visit in the outbox and send it if the controller takes visits."""
+        if self.visits.add(visit) and self.connected and self.controller_visits:
+            self._enqueue(("visit", visit.visit_id), pb.ConnectRequest(visit=visit))
+
     def publish_checkpoint(self, event: pb.CheckpointEvent) -> None:
         """Persist the event (fsynced) before returning, then queue it for the stream."""
         path = self.outbox.add(event)
@@ -328,6 +348,7 @@ class ControllerLink:
                 else None
             ),
             "revoked": self.revoked,
+            "connectionVisits": {"pending": len(self.visits), "dropped": self.visits.dropped},
         }
 
     async def _run(self) -> None:
@@ -540,6 +561,7 @@ class ControllerLink:
             proxy_url=self.proxy_url,
             agent_version=__version__,
             capacity=self._capacity(),
+            proxy_instance_id=self.proxy_instance_id,
         )
         await call.write(pb.ConnectRequest(hello=hello))
         # Not asyncio.wait_for: on 3.11 it swallows a cancellation that arrives as the read
@@ -570,10 +592,14 @@ class ControllerLink:
         # coalesced observations are obsolete; unacknowledged checkpoints go again.
         self._queue.clear()
         self._unacked.clear()
+        self._visits_unacked.clear()
         inventory = self.manager.inventory()
         pending = await asyncio.to_thread(self.outbox.pending, acks=self.controller_acks)
         for path, event in pending:
             self._queue[("ckpt", str(path))] = pb.ConnectRequest(checkpoint=event)
+        if self.controller_visits:
+            for visit in self.visits.pending():
+                self._queue[("visit", visit.visit_id)] = pb.ConnectRequest(visit=visit)
         # After the inventory (the controller takes connections only of running studios).
         if self.connections_snapshot is not None:
             for conns in self.connections_snapshot():
@@ -603,6 +629,7 @@ class ControllerLink:
                 "acknowledges" if welcome.checkpoint_acks else "does not acknowledge",
             )
         self.controller_acks = welcome.checkpoint_acks
+        self.controller_visits = welcome.connection_visits
         if welcome.heartbeat_interval_seconds > 0:
             self.heartbeat_interval = float(welcome.heartbeat_interval_seconds)
         self.connect_cookie_max_seconds = welcome.connect_cookie_max_seconds
@@ -620,6 +647,8 @@ class ControllerLink:
                 self._on_welcome(msg.welcome)
             elif kind == "checkpoint_ack":
                 await self._on_ack(msg.checkpoint_ack)
+            elif kind == "visit_ack":
+                self._on_visit_ack(msg.visit_ack)
             elif kind == "desired":
                 sessions = list(msg.desired.sessions)
                 if self.on_desired is not None:
@@ -643,7 +672,9 @@ class ControllerLink:
                     self._queue[key] = msg
                     self._queue.move_to_end(key, last=False)
                 raise
-            if key[0] == "ckpt":
+            if key[0] == "visit":
+                self._visits_unacked[key[1]] = time.monotonic()
+            elif key[0] == "ckpt":
                 if self.controller_acks:
                     self._unacked[Path(key[1])] = time.monotonic()
                 else:
@@ -667,6 +698,29 @@ class ControllerLink:
             )
         else:
             log.debug("checkpoint %s of session %s acknowledged", ack.key, ack.session_id)
+
+    def _on_visit_ack(self, ack: pb.ConnectionVisitAck) -> None:
+        if not self.visits.ack(ack.visit_id, ack.closed_at_ms):
+            return  # an ack of a copy since replaced (the open, once the close is held)
+        self._visits_unacked.pop(ack.visit_id, None)
+        if ack.refused:
+            log.warning(
+                "controller refused connection visit %s for good (%s); not re-sent",
+                ack.visit_id,
+                ack.message or "no reason given",
+            )
+
+    def _resend_late_visits(self) -> None:
+        """Queue again the visits whose ack is late on this stream."""
+        now = time.monotonic()
+        for visit_id, sent in list(self._visits_unacked.items()):
+            if now - sent <= _ACK_LATE_SECONDS:
+                continue
+            del self._visits_unacked[visit_id]
+            visit = self.visits.get(visit_id)
+            if visit is not None:
+                log.info("connection visit %s: no ack yet, sent again", visit_id)
+                self._enqueue(("visit", visit_id), pb.ConnectRequest(visit=visit))
 
     async def _resend_late(self) -> None:
         """Queue again the events whose ack is late on this stream (oldest first)."""
@@ -696,6 +750,8 @@ class ControllerLink:
             )
             if self.controller_acks:
                 await self._resend_late()
+            if self.controller_visits:
+                self._resend_late_visits()
             if time.monotonic() >= next_capacity:
                 next_capacity = time.monotonic() + self.capacity_interval
                 self._enqueue(("capacity", ""), pb.ConnectRequest(capacity=self._capacity()))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from studios.agent.v1 import agent_pb2 as pb
+
 from agent import __version__
 from agent.admin import AdminServer
 from agent.controller_link import ControllerLink
@@ -200,6 +202,7 @@ class Agent:
                 key=self._connect_key,
                 on_activity=self._report_connections,
                 cookie_max=lambda: self.link.connect_cookie_max_seconds if self.link else None,
+                on_visit=self._report_visit,
             )
             self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
             self.link = ControllerLink(
@@ -217,6 +220,7 @@ class Agent:
             self.link.on_agent_id = self._on_agent_id
             self.link.on_desired = self.proxy.apply_desired_access
             self.link.connections_snapshot = self.proxy.all_connections
+            self.link.proxy_instance_id = self.proxy.instance_id
             self.link.start()
             self.admin = AdminServer(
                 self.state.socket_path,
@@ -250,6 +254,7 @@ class Agent:
         if self.link is not None:
             await self.link.close()
         if self.proxy is not None:
+            # The visits it ends now still reach the link's outbox (sent after a restart).
             await self.proxy.close()
         self._unlock()
 
@@ -271,6 +276,10 @@ class Agent:
 
     def _connect_key(self) -> bytes | None:
         return self.link.connect_token_key if self.link is not None else None
+
+    def _report_visit(self, visit: pb.ConnectionVisit) -> None:
+        if self.link is not None:
+            self.link.publish_visit(visit)
 
     def _report_connections(self, session_id: str) -> None:
         if self.link is not None and self.proxy is not None:

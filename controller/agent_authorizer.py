@@ -11,6 +11,11 @@ it sends about a session is decided here before anything of it is applied:
   forget a session that is not its own, which is also how a moved or deleted session
   leaves a host);
 - connections (`SessionConnections`): only for a live studio placed on this agent;
+- connection visits (`ConnectionVisit`, the audit): a new visit only for a studio placed
+  on this agent (a deleted one too while it is still placed there: a visit the stop
+  ended, reported after the delete); a visit already recorded is looked up by this
+  agent's id and the visit id only, so an agent can close its own records and never
+  touch another agent's;
 - checkpoint events: only for a studio placed on this agent (its current generation or
   an earlier one: a late event of an ended run from the agent the studio is still
   placed on), never a generation not started yet, and only a URI inside the studio's
@@ -31,7 +36,14 @@ from dataclasses import dataclass
 from controller.models import ComputeEnv, Studio
 from controller.stores import checkpoint_refusal
 
-__all__ = ["Decision", "Verdict", "checkpoint_event", "connections", "session_observed"]
+__all__ = [
+    "Decision",
+    "Verdict",
+    "checkpoint_event",
+    "connection_visit",
+    "connections",
+    "session_observed",
+]
 
 
 class Verdict(enum.Enum):
@@ -104,6 +116,19 @@ def session_observed(
 
 def connections(agent_id: str, session_id: str, studio: Studio | None) -> Decision:
     """May `agent_id` say who is connected to `session_id` through its proxy?"""
+    return _placement(agent_id, session_id, studio) or ACCEPT
+
+
+def connection_visit(agent_id: str, session_id: str, studio: Studio | None) -> Decision:
+    """May `agent_id` record a new visit to `session_id` through its proxy?
+
+    The rule of `connections`, plus a deleted studio still placed on this agent: the
+    visit happened while it was live, and its report may come late (the stop that ended
+    it, then the delete, while the agent was away). Not tied to a generation or a
+    status: the report of a visit that ended with a stop arrives after it.
+    """
+    if studio is not None and studio.deleted and studio.agent_id == agent_id:
+        return ACCEPT
     return _placement(agent_id, session_id, studio) or ACCEPT
 
 

@@ -42,6 +42,9 @@ class AgentStream:
     # Set (with the reason) when the agent was revoked: the stream ends, UNAUTHENTICATED.
     revoked: asyncio.Event = field(default_factory=asyncio.Event)
     revoked_message: str = ""
+    # Hello.proxy_instance_id: the current run of the agent's connect proxy (an open
+    # visit another run reports has ended with that run).
+    proxy_instance_id: str = ""
 
 
 class AgentHub:

@@ -30,6 +30,9 @@ the agent's runtime is then what it was (or empty for a new agent).
 Checkpoint events are acknowledged: the reader records each one in its own
 transaction and, once that has committed, writes a CheckpointAck (Welcome says
 so with `checkpoint_acks`); the agent drops an event from its outbox only then.
+Connection visits (the audit) likewise, with a ConnectionVisitAck (Welcome:
+`connection_visits`); before the Welcome, the visits a previous run of the
+agent's proxy left open are closed (`Hello.proxy_instance_id`).
 
 Shutdown drains the streams before the gRPC server and the database stop:
 each handler ends its own stream and records the disconnect while the
@@ -59,7 +62,7 @@ from controller.desired import build_desired_state
 from controller.enrollment import EnrollmentRefused, Refusal
 from controller.fault_injection import TEST_FAULTS
 from controller.models import Agent, ComputeEnv, Studio, utcnow
-from controller.observed import ObservationHandler, capacity_dict
+from controller.observed import ObservationHandler, capacity_dict, proxy_instance_id
 from controller.placement import clamp_capacity, default_capacity_cap
 from controller.reconciler import Reconciler
 from studios_shared.agent_pki import AgentIdentity
@@ -303,6 +306,7 @@ class AgentService:
             upserted = await _to_completion(self._upsert_agent(hello, identity))
             if upserted is None:
                 stream = self.hub.register(identity.agent_id, identity.compute_env_id)
+                stream.proxy_instance_id = proxy_instance_id(hello)
         if upserted is not None and upserted != _NO_ENV:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, upserted)
         if upserted is not None:
@@ -330,12 +334,14 @@ class AgentService:
                 connect_token_key=derive_agent_key(self.master_key, identity.agent_id),
                 checkpoint_acks=True,
                 connect_cookie_max_seconds=signin.DEFAULT_TTL_SECONDS,
+                connection_visits=True,
             )
         )
         tasks: set[asyncio.Task[Any]] = set()
         # The reader writes acks and the writer desired state: one write at a time.
         out = _Writer(context)
         try:
+            await self._close_earlier_visits(stream)
             await context.write(welcome)
             stream.queue.put_nowait(FULL)
             self.reconciler.kick()
@@ -364,6 +370,17 @@ class AgentService:
             )
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
+
+    async def _close_earlier_visits(self, stream: AgentStream) -> None:
+        """Close the visits an earlier run of the agent's proxy left open, before the
+        reader records anything of this run."""
+        try:
+            await _to_completion(
+                self.observations.proxy_restarted(stream.agent_id, stream.proxy_instance_id)
+            )
+        except Exception:
+            # The audit must not keep an agent out; its next connect tries again.
+            log.exception("agent %s: closing its proxy's earlier visits failed", stream.agent_id)
 
     async def _upsert_agent(self, hello: agent_pb2.Hello, identity: AgentIdentity) -> str | None:
         """Record the connect; None, or why not (_NO_ENV: no such compute environment)."""
@@ -407,16 +424,20 @@ class AgentService:
                 # (a checkpoint event left without its ack on the next connect).
                 log.exception("agent %s: handling %s failed", stream.agent_id, kind)
                 continue
-            if ack is not None and not TEST_FAULTS.drop_ack(ack.session_id, ack.key):
+            if isinstance(ack, agent_pb2.ConnectionVisitAck):
+                await out.write(agent_pb2.ConnectResponse(visit_ack=ack))
+            elif ack is not None and not TEST_FAULTS.drop_ack(ack.session_id, ack.key):
                 # Only now: the transaction that recorded the checkpoint has committed.
                 await out.write(agent_pb2.ConnectResponse(checkpoint_ack=ack))
 
     async def _handle(
         self, stream: AgentStream, kind: str | None, request: Any
-    ) -> agent_pb2.CheckpointAck | None:
-        """Apply one agent message; for a checkpoint event, the ack to send."""
+    ) -> agent_pb2.CheckpointAck | agent_pb2.ConnectionVisitAck | None:
+        """Apply one agent message; for a checkpoint event or a visit, the ack to send."""
         if kind == "checkpoint":
             return await self.observations.checkpoint(stream, request.checkpoint)
+        if kind == "visit":
+            return await self.observations.visit(stream, request.visit)
         if kind == "inventory":
             resend = await self.observations.inventory(stream, request.inventory)
             self.hub.notify(stream.agent_id, resend)

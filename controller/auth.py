@@ -102,6 +102,8 @@ class Permission(StrEnum):
     ADMIN = "add, rename or delete compute environments"
     DATA_LINKS = "add, edit or remove data-links"
     PARTICIPANTS = "add or remove participants or change their role"
+    # An addition (no row of the reference table): the connection audit.
+    AUDIT = "list who connected to a studio"
 
 
 # The lowest role holding each permission (studio-roles.md).
@@ -117,6 +119,7 @@ MINIMUM_ROLE: dict[Permission, Role] = {
     Permission.ADMIN: Role.ADMIN,
     Permission.DATA_LINKS: Role.MAINTAIN,
     Permission.PARTICIPANTS: Role.MAINTAIN,
+    Permission.AUDIT: Role.ADMIN,
 }
 
 

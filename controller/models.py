@@ -42,6 +42,7 @@ __all__ = [
     "Organization",
     "Participant",
     "Studio",
+    "StudioConnection",
     "StudioLabel",
     "Team",
     "TeamMember",
@@ -465,3 +466,42 @@ class DataLink(Base):
     public_accessible: Mapped[bool] = mapped_column(Boolean, default=False)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StudioConnection(Base):
+    """One visit of a user to a studio through its agent's connect proxy (the
+    connection audit): who, which studio, from where, when, how long.
+
+    Not tied to the studio row (kept after the studio is deleted, with a snapshot of
+    its name), only to the workspace: it goes when the workspace goes. Recorded from
+    the agent's `ConnectionVisit` reports (controller.observed), each (agent, visit id)
+    once.
+    """
+
+    __tablename__ = "studio_connections"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "visit_id", name="uq_studio_connections_agent_visit"),
+        # The listing: a studio's visits, newest first.
+        Index("ix_studio_connections_session_opened", "session_id", "opened_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    session_id: Mapped[str] = mapped_column(String(8))
+    studio_name: Mapped[str] = mapped_column(String(80))
+    # The agent that reported it, its random id for the visit, and the run of its proxy
+    # that saw it (Hello.proxy_instance_id): a new run closes what an old one left open.
+    agent_id: Mapped[str] = mapped_column(String(128))
+    visit_id: Mapped[str] = mapped_column(String(32))
+    proxy_instance_id: Mapped[str] = mapped_column(String(32))
+    # No foreign key: the record outlives whatever happens to the user.
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    user_name: Mapped[str] = mapped_column(String(255))
+    client_address: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[datetime] = mapped_column()
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Why the close time is not the proxy's own: "agentRestart" (the proxy that saw
+    # the visit is gone; closed_at is when the controller learned it). None otherwise.
+    closed_by: Mapped[str | None] = mapped_column(String(16), default=None)

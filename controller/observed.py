@@ -10,6 +10,11 @@ observation is still stored). Each method runs in its own transaction and
 returns the agents and sessions whose desired state must be (re)sent, which
 the caller hands to the hub after the commit.
 
+Connection visits (the audit, `visit`): recorded once per (agent, visit id), the close
+filled in by the copy that carries it; acknowledged (or refused) so that the agent
+drops its copy. `proxy_restarted` closes, at the agent's Hello, the visits a previous
+run of its proxy left open (`closed_by` "agentRestart", closed when learned).
+
 The wire's enums become the strings stored and shown (`_VOLUME_KIND`,
 `_MOUNT_STATE`). A V1 agent sends volume kinds and mount states only as the
 retired strings, which read here as UNSPECIFIED: the value stored before is kept
@@ -18,7 +23,9 @@ retired strings, which read here as UNSPECIFIED: the value stored before is kept
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,9 +40,18 @@ from controller.agent_authorizer import Decision, Verdict
 from controller.agent_hub import AgentStream
 from controller.db import Database
 from controller.lifecycle import Status
-from controller.models import Agent, Checkpoint, ComputeEnv, Studio, User, as_utc, utcnow
+from controller.models import (
+    Agent,
+    Checkpoint,
+    ComputeEnv,
+    Studio,
+    StudioConnection,
+    User,
+    as_utc,
+    utcnow,
+)
 
-__all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name"]
+__all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name", "proxy_instance_id"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +96,49 @@ def capacity_dict(capacity: agent_pb2.HostCapacity) -> dict[str, Any]:
         "diskFreeBytes": capacity.disk_free_bytes,
         "diskBudgetFreeBytes": capacity.disk_budget_free_bytes,
     }
+
+
+# Ids as the agent's proxy draws them (Hello.proxy_instance_id too), a session id, and
+# times an agent may report (ms, 2000-2100). Checked before anything reaches a query:
+# PostgreSQL refuses a NUL in text and an int32 column's parameter beyond int32.
+_VISIT_ID = re.compile(r"[0-9a-f]{32}")
+_INSTANCE_ID = re.compile(r"[0-9a-f]{0,32}")
+_SESSION_ID = re.compile(r"[0-9a-f]{8}")
+_VISIT_MS = (946_684_800_000, 4_102_444_800_000)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+AGENT_RESTART = "agentRestart"
+
+
+def proxy_instance_id(hello: agent_pb2.Hello) -> str:
+    """The Hello's proxy run id, or "" (none, or not one a proxy draws)."""
+    text = hello.proxy_instance_id
+    return text if _INSTANCE_ID.fullmatch(text) else ""
+
+
+def _ms_time(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _visit_malformed(visit: agent_pb2.ConnectionVisit) -> str:
+    """Why a ConnectionVisit cannot be recorded as sent ("" when it can)."""
+    low, high = _VISIT_MS
+    if _VISIT_ID.fullmatch(visit.visit_id) is None:
+        return "visit_id is not 32 lower-case hex digits"
+    if _SESSION_ID.fullmatch(visit.session_id) is None:
+        return f"session_id {visit.session_id[:16]!r} is not a session id"
+    if not 0 < visit.user_id < 2**31:
+        return "user_id is not a user id"
+    if not low <= visit.opened_at_ms < high:
+        return "opened_at_ms is not a time between 2000 and 2100"
+    if visit.closed_at_ms and not low <= visit.closed_at_ms < high:
+        return "closed_at_ms is not a time between 2000 and 2100"
+    if _INSTANCE_ID.fullmatch(visit.proxy_instance_id) is None:
+        return "proxy_instance_id is not at most 32 lower-case hex digits"
+    try:
+        ipaddress.ip_address(visit.client_address)
+    except ValueError:
+        return f"client_address {visit.client_address[:64]!r} is not an IP address"
+    return ""
 
 
 def checkpoint_display_name(studio_name: str, n: int) -> str:
@@ -433,3 +492,112 @@ class ObservationHandler:
                 )
             )
         return recorded, ""
+
+    # ------------------------------------------------------------ the connection audit
+
+    async def proxy_restarted(self, agent_id: str, proxy_instance_id: str) -> int:
+        """Close the visits of `agent_id` that another run of its proxy left open (its
+        clients went with it); how many. Nothing for an agent that names no run."""
+        if not proxy_instance_id:
+            return 0
+        async with self.db.transaction() as session:
+            rows = (
+                await session.scalars(
+                    select(StudioConnection)
+                    .where(
+                        StudioConnection.agent_id == agent_id,
+                        StudioConnection.closed_at.is_(None),
+                        StudioConnection.proxy_instance_id != proxy_instance_id,
+                    )
+                    .with_for_update()
+                )
+            ).all()
+            now = utcnow()
+            for row in rows:
+                row.closed_at = max(now, as_utc(row.opened_at) or now)
+                row.closed_by = AGENT_RESTART
+        if rows:
+            log.info(
+                "agent %s: its proxy restarted; %d visit(s) it left open closed",
+                agent_id,
+                len(rows),
+            )
+        return len(rows)
+
+    async def visit(
+        self, stream: AgentStream, visit: agent_pb2.ConnectionVisit
+    ) -> agent_pb2.ConnectionVisitAck:
+        """Record one ConnectionVisit; the ack to send once this has returned (committed).
+
+        Idempotent by (agent, visit id): the open inserts the row (a close alone does
+        too), the close fills in `closed_at`, a copy changes nothing. A real close time
+        replaces one the controller set when the proxy's run ended (`proxy_restarted`).
+        """
+        why = _visit_malformed(visit) or await self._record_visit(stream, visit)
+        if why:
+            _log_refusal(
+                stream.agent_id,
+                visit.session_id,
+                f"connection visit {visit.visit_id[:32]!r}",
+                Decision(Verdict.REFUSE, why),
+            )
+        return agent_pb2.ConnectionVisitAck(
+            visit_id=visit.visit_id,
+            closed_at_ms=visit.closed_at_ms,
+            refused=bool(why),
+            message=why,
+        )
+
+    async def _record_visit(self, stream: AgentStream, visit: agent_pb2.ConnectionVisit) -> str:
+        """Record `visit` (well-formed); why not ("" when recorded)."""
+        opened = _ms_time(visit.opened_at_ms)
+        closed = max(opened, _ms_time(visit.closed_at_ms)) if visit.closed_at_ms else None
+        async with self.db.transaction() as session:
+            row = await session.scalar(
+                select(StudioConnection)
+                .where(
+                    StudioConnection.agent_id == stream.agent_id,
+                    StudioConnection.visit_id == visit.visit_id,
+                )
+                .with_for_update()
+            )
+            if row is not None:
+                if row.session_id != visit.session_id:
+                    return f"visit {visit.visit_id} is of session {row.session_id}"
+                if closed is not None and (row.closed_at is None or row.closed_by is not None):
+                    row.closed_at, row.closed_by = closed, None
+                return ""
+            studio = await session.get(Studio, visit.session_id)
+            decision = authorizer.connection_visit(stream.agent_id, visit.session_id, studio)
+            if not decision.accepted:
+                return decision.reason
+            assert studio is not None
+            user = await session.get(User, visit.user_id)
+            closed_by = None
+            if closed is None and visit.proxy_instance_id != stream.proxy_instance_id:
+                # Reported open by a run of the proxy that is gone (from the agent's
+                # outbox after a restart): it ended with that run.
+                closed, closed_by = max(utcnow(), opened), AGENT_RESTART
+            session.add(
+                StudioConnection(
+                    workspace_id=studio.workspace_id,
+                    session_id=studio.session_id,
+                    studio_name=studio.name,
+                    agent_id=stream.agent_id,
+                    visit_id=visit.visit_id,
+                    proxy_instance_id=visit.proxy_instance_id,
+                    user_id=visit.user_id,
+                    # The controller's name for the user; the cookie's (which the controller
+                    # signed) for a user it no longer has.
+                    user_name=(
+                        user.user_name
+                        if user is not None
+                        else _CONTROL.sub("", visit.user_name)[:255]
+                    ),
+                    client_address=str(ipaddress.ip_address(visit.client_address)),
+                    opened_at=opened,
+                    closed_at=closed,
+                    closed_by=closed_by,
+                )
+            )
+        return ""

@@ -54,6 +54,9 @@ __all__ = [
     "MemberDto",
     "ParentCheckpoint",
     "ParticipantDto",
+    "StudioConnectionDto",
+    "StudioConnectionUser",
+    "StudioConnectionsListResponse",
     "TeamDto",
     "TeamResponse",
     "TeamsListResponse",
@@ -179,6 +182,33 @@ class CheckpointDto(_Response):
 class DataStudioListCheckpointsResponse(_Response):
     checkpoints: list[CheckpointDto]
     total_size: int
+
+
+class StudioConnectionUser(_Response):
+    id: int
+    user_name: str
+
+
+class StudioConnectionDto(_Response):
+    """One visit of the connection audit (an addition); no `closedAt` while open."""
+
+    id: int
+    user: StudioConnectionUser
+    client_address: str
+    opened_at: str
+    closed_at: str | None = None
+    duration_seconds: int | None = None
+    # "agentRestart": the close time is when the controller learned the visit had ended.
+    closed_by: str | None = None
+
+
+class StudioConnectionsListResponse(_Response):
+    connections: list[StudioConnectionDto]
+    total_size: int
+
+    def dump(self) -> dict[str, Any]:
+        # An open visit has no closedAt: absent, never null.
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class ComputeEnvCreateResponse(_Response):

@@ -32,6 +32,9 @@ those who could connect to the parent) unless the parent's creator clones it.
 
 Compatible compute environments: those of the same workspace with the same
 platform and work directory (so the studio's checkpoints stay reachable).
+
+The connection audit (`connections`, an addition): a studio's visits newest first,
+to workspace admins and owners only (403 below), also once the studio is deleted.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from controller.models import (
     ComputeEnv,
     Label,
     Studio,
+    StudioConnection,
     User,
     Workspace,
     utcnow,
@@ -912,6 +916,41 @@ class StudioService:
             return [CheckpointRow(c, authors.get(c.author_user_id or -1)) for c in rows], int(
                 total or 0
             )
+
+    async def connections(
+        self, principal: Principal, session_id: str, workspace_id: int | None, page: Page
+    ) -> tuple[builtins.list[StudioConnection], int]:
+        """The studio's visits, newest first, and how many there are.
+
+        A deleted studio's too: the audit lives as long as the workspace. Not
+        `_studio`, which hides deleted studios."""
+        missing = NotFound(f"studio {session_id} not found")
+        async with self.db.transaction() as session:
+            studio = (
+                await session.get(Studio, session_id) if _SESSION_ID.match(session_id) else None
+            )
+            if studio is None or workspace_id not in (None, studio.workspace_id):
+                raise missing
+            role = await workspace_role(session, principal.user_id, studio.workspace_id)
+            if role is None:
+                raise missing
+            require(role, Permission.AUDIT)
+            where = (
+                StudioConnection.session_id == studio.session_id,
+                StudioConnection.workspace_id == studio.workspace_id,
+            )
+            total = await session.scalar(
+                select(func.count()).select_from(StudioConnection).where(*where)
+            )
+            query = (
+                select(StudioConnection)
+                .where(*where)
+                .order_by(StudioConnection.opened_at.desc(), StudioConnection.id.desc())
+                .offset(page.offset)
+                .limit(DEFAULT_PAGE_SIZE if page.max is None else page.max)
+            )
+            rows = (await session.scalars(query)).all()
+            return builtins.list(rows), int(total or 0)
 
     async def _checkpoint(
         self, session: AsyncSession, studio: Studio, checkpoint_id: int, *, for_update: bool = False

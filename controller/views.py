@@ -15,6 +15,7 @@ from controller.models import (
     Credentials,
     Label,
     Studio,
+    StudioConnection,
     User,
     Workspace,
     as_utc,
@@ -37,6 +38,8 @@ from controller.responses import (
     LabelDbDto,
     ParentCheckpoint,
     ParticipantDto,
+    StudioConnectionDto,
+    StudioConnectionUser,
     UserInfo,
 )
 from controller.studios_service import CheckpointRow, CompatibleEnvs, StudioDetails, StudioRun
@@ -49,6 +52,7 @@ __all__ = [
     "checkpoint_dto",
     "compatible_env_dtos",
     "compute_env_dto",
+    "connection_dto",
     "credentials_dto",
     "gc_run_json",
     "iso",
@@ -181,6 +185,21 @@ def checkpoint_dto(row: CheckpointRow) -> CheckpointDto:
         author=user_info(row.author),
         date_created=iso(checkpoint.date_created) or "",
         date_saved=iso(checkpoint.date_saved) or "",
+    )
+
+
+def connection_dto(row: StudioConnection) -> StudioConnectionDto:
+    """A visit of the connection audit: `closedAt` and `durationSeconds` once closed."""
+    opened = as_utc(row.opened_at)
+    closed = as_utc(row.closed_at)
+    return StudioConnectionDto(
+        id=row.id,
+        user=StudioConnectionUser(id=row.user_id, user_name=row.user_name),
+        client_address=row.client_address,
+        opened_at=iso(opened) or "",
+        closed_at=iso(closed),
+        duration_seconds=(round((closed - opened).total_seconds()) if closed and opened else None),
+        closed_by=row.closed_by,
     )
 
 

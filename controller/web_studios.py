@@ -24,12 +24,14 @@ from controller.responses import (
     DataStudioMountedLinksResponse,
     DataStudioTemplate,
     DataStudioTemplatesListResponse,
+    StudioConnectionsListResponse,
 )
 from controller.studios_service import Page, StudioDetails, StudioService
 from controller.templates import CATALOGUE
 from controller.views import (
     checkpoint_dto,
     compatible_env_dtos,
+    connection_dto,
     label_dto,
     start_response,
     stop_response,
@@ -257,6 +259,21 @@ async def rename_checkpoint(request: web.Request) -> web.Response:
         principal(request), request.match_info["sessionId"], workspace_id, checkpoint_id, body.name
     )
     return json_response(checkpoint_dto(row))
+
+
+@routes.get("/studios/{sessionId}/connections")
+async def list_connections(request: web.Request) -> web.Response:
+    """The connection audit (an addition): admins and owners only."""
+    workspace_id = _workspace(request)
+    page = _page(request)
+    rows, total = await _service(request).connections(
+        principal(request), request.match_info["sessionId"], workspace_id, page
+    )
+    return json_response(
+        StudioConnectionsListResponse(
+            connections=[connection_dto(r) for r in rows], total_size=total
+        )
+    )
 
 
 @routes.get("/studios/{sessionId}/connect")

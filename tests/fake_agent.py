@@ -231,6 +231,7 @@ class FakeAgent:
         protocol_version: int = pb.PROTOCOL_VERSION_V2,
         credentials: AgentCredentials | None = None,
         enroll_capacity: pb.HostCapacity | None = None,
+        proxy_instance_id: str = "",
     ) -> None:
         self.target = target
         # Given (an attacker presenting another agent's certificate), or enrolled by connect.
@@ -242,6 +243,8 @@ class FakeAgent:
         self.proxy_url = proxy_url
         self.memory_available = memory_available
         self.protocol_version = protocol_version
+        # Hello.proxy_instance_id: the run of the agent's proxy its visits come from.
+        self.proxy_instance_id = proxy_instance_id
         self.responses: list[pb.ConnectResponse] = []
         self.welcome: pb.Welcome | None = None
         self.error: grpc.aio.AioRpcError | None = None
@@ -262,6 +265,7 @@ class FakeAgent:
             capacity=pb.HostCapacity(
                 cpus=4, memory_bytes=16 << 30, memory_available_bytes=self.memory_available
             ),
+            proxy_instance_id=self.proxy_instance_id,
         )
 
     def hello_request(self) -> Any:
@@ -379,6 +383,20 @@ class FakeAgent:
                 )
             )
         )
+
+    async def visit(self, visit: pb.ConnectionVisit) -> pb.ConnectionVisitAck:
+        """Report a connection visit and wait for the controller's ack of that copy."""
+        start = len(self.responses)
+        await self.send(pb.ConnectRequest(visit=visit))
+        msg = await self.wait_for(
+            lambda r: (
+                r.HasField("visit_ack")
+                and r.visit_ack.visit_id == visit.visit_id
+                and r.visit_ack.closed_at_ms == visit.closed_at_ms
+            ),
+            start=start,
+        )
+        return msg.visit_ack
 
     async def wait_for(
         self,

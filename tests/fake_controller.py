@@ -17,6 +17,9 @@ that breaks after the controller's commit would) and `refuse` names sessions who
 events are refused. The default, `acks=False`, plays a controller older than acks
 (the agent then re-sends events on reconnects for a while), which the agent tests
 written before acks existed rely on.
+
+With `visits=True` it takes connection visits (Welcome `connection_visits`) and acks
+each copy; the default plays a controller older than the connection audit.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class FakeController:
         ca: AgentCA | None = None,
         assign_agent_id: str = "",
         chain_extra: bytes = b"",
+        visits: bool = False,
     ) -> None:
         self.ca = ca if ca is not None else AgentCA.open(MemoryCaFiles())
         # The join token an agent's token file holds (its secret is `token`).
@@ -96,6 +100,7 @@ class FakeController:
         self.key = key
         self.heartbeat = heartbeat
         self.acks = acks
+        self.visits = visits
         # The protocol versions it speaks: {V1} plays a controller older than V2.
         self.protocols = protocols
         self.certificate_lifetime = certificate_lifetime
@@ -347,6 +352,7 @@ class FakeController:
                     heartbeat_interval_seconds=self.heartbeat,
                     connect_token_key=self.key,
                     checkpoint_acks=self.acks,
+                    connection_visits=self.visits,
                 )
             )
         )
@@ -369,6 +375,14 @@ class FakeController:
                     if ack is not None:
                         self.acked.append((stream, ack))
                         queue.put_nowait(pb.ConnectResponse(checkpoint_ack=ack))
+                if msg.WhichOneof("message") == "visit" and self.visits:
+                    queue.put_nowait(
+                        pb.ConnectResponse(
+                            visit_ack=pb.ConnectionVisitAck(
+                                visit_id=msg.visit.visit_id, closed_at_ms=msg.visit.closed_at_ms
+                            )
+                        )
+                    )
 
         read_task = asyncio.create_task(reader())
         try:

@@ -35,14 +35,25 @@ session now (`SessionDesired.access`, applied by `apply_desired_access`). Everyo
 else's connections to it end at once and their cookies and tokens are answered
 with 403 until the list lets them in again; a session without a list admits any
 valid cookie (the controller checked the right to connect when it signed it).
+
+The connection audit (`on_visit`): a *visit* is a user's stay on a session from one
+client address, from the first connection bound to the tool to the close of the
+last one. A connection that opens within `visit_grace_seconds` of that close (a page
+reload, a browser replacing an idle keep-alive) continues the visit, so the close is
+reported once the grace has passed, with the time the last connection closed. Each
+visit is reported twice as a `ConnectionVisit`: when it opens and when it closes (the
+same random id; `instance_id` names this proxy's run, so that the controller can
+close what a proxy that is gone left open). `close()` ends every visit at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
+import secrets
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -97,6 +108,9 @@ REAUTH_QUIET = 0.05
 REAUTH_WAIT_SECONDS = 5.0
 # A user counts as connected with an open tunnel (WebSocket) or traffic this recent.
 ACTIVE_SECONDS = 60.0
+# A visit ends this long after its last connection closed unless another one opens:
+# a reload or a browser's fresh keep-alive connection does not make a new visit.
+VISIT_GRACE_SECONDS = 5.0
 # A connection the proxy closed but whose peer does not read what is still buffered
 # for it (so a graceful close never completes) is aborted after this long.
 CLOSE_ABORT_SECONDS = 5.0
@@ -142,6 +156,44 @@ class UserActivity:
     connections: int = 0
     last_activity: float = 0.0
     tunnels: int = 0
+
+
+@dataclass(slots=True)
+class _Visit:
+    """One user's stay on a session from one client address (the connection audit)."""
+
+    visit_id: str
+    session_id: str
+    user_id: int
+    user_name: str
+    address: str
+    opened_at: float
+    connections: int = 0
+    # When the last connection closed; 0 while one is open.
+    idle_since: float = 0.0
+
+    def message(self, instance_id: str, closed_at: float = 0.0) -> pb.ConnectionVisit:
+        return pb.ConnectionVisit(
+            visit_id=self.visit_id,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            user_name=self.user_name,
+            client_address=self.address,
+            opened_at_ms=int(self.opened_at * 1000),
+            closed_at_ms=int(closed_at * 1000) if closed_at else 0,
+            proxy_instance_id=instance_id,
+        )
+
+
+def _client_address(peer: str) -> str:
+    """The client's IP as the audit shows it: an IPv4-mapped IPv6 address as IPv4."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 class _BadRequest(Exception):
@@ -319,6 +371,7 @@ class _Client(asyncio.Protocol):
         self.forwarded = b""
         self.paused: set[str] = set()
         self.bound: tuple[str, int] | None = None
+        self.visit: _Visit | None = None
         self.tunnel_counted = False
         self.reauth_since = 0.0
         self.closing_since = 0.0
@@ -810,9 +863,13 @@ class _Client(asyncio.Protocol):
         act.connections += 1
         act.last_activity = time.time()
         self.bound = (sid, claims.user_id)
+        self.visit = self.proxy._visit_joined(sid, claims, self.peer)
         self.proxy._changed(sid)
 
     def _unbind(self) -> None:
+        if self.visit is not None:
+            self.proxy._visit_left(self.visit)
+            self.visit = None
         if self.bound is None:
             return
         sid, uid = self.bound
@@ -868,6 +925,7 @@ class ConnectProxy:
         key: Callable[[], bytes | None],
         on_activity: Callable[[str], None] | None = None,
         cookie_max: Callable[[], float | None] | None = None,
+        on_visit: Callable[[pb.ConnectionVisit], None] | None = None,
     ) -> None:
         self._lookup = lookup
         self._key = key
@@ -877,6 +935,11 @@ class ConnectProxy:
         self.secure = False
         self._on_activity = on_activity
         self.active_seconds = ACTIVE_SECONDS
+        # The connection audit: where visits are reported, and this run's id (Hello).
+        self.on_visit = on_visit
+        self.instance_id = secrets.token_hex(16)
+        self.visit_grace_seconds = VISIT_GRACE_SECONDS
+        self._visits: dict[tuple[str, int, str], _Visit] = {}
         # Nonces of connect tokens already exchanged, until they expire (single use).
         self._used_nonces: dict[str, float] = {}
         self._activity: dict[str, dict[int, UserActivity]] = {}
@@ -911,6 +974,7 @@ class ConnectProxy:
             self._server.close()
         for client in list(self._clients):
             client.close()
+        self._end_visits(everything=True)
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
@@ -990,6 +1054,73 @@ class ConnectProxy:
             for a in self._activity.get(session_id, {}).values()
             if a.tunnels > 0 or a.last_activity >= horizon
         ]
+
+    # ------------------------------------------------------------ visits (the audit)
+
+    def _visit_joined(self, sid: str, claims: ConnectClaims, peer: str) -> _Visit:
+        """A connection bound to `sid` for `claims`' user: its visit, opened if new."""
+        address = _client_address(peer)
+        key = (sid, claims.user_id, address)
+        visit = self._visits.get(key)
+        if visit is None:
+            visit = self._visits[key] = _Visit(
+                visit_id=secrets.token_hex(16),
+                session_id=sid,
+                user_id=claims.user_id,
+                user_name=claims.user_name,
+                address=address,
+                opened_at=time.time(),
+            )
+            log.info(
+                "session %s: visit %s of user %s (id %d) from %s opened",
+                sid,
+                visit.visit_id,
+                claims.user_name,
+                claims.user_id,
+                address,
+            )
+            self._report_visit(visit.message(self.instance_id))
+        visit.connections += 1
+        visit.idle_since = 0.0
+        return visit
+
+    def _visit_left(self, visit: _Visit) -> None:
+        visit.connections = max(0, visit.connections - 1)
+        if visit.connections == 0:
+            visit.idle_since = time.time()
+
+    def _end_visits(self, *, everything: bool = False) -> None:
+        """Report the close of visits idle for the grace period (all of them, now, with
+        `everything`: the proxy is closing)."""
+        now = time.time()
+        for key, visit in list(self._visits.items()):
+            idle = visit.connections == 0 and now - visit.idle_since >= self.visit_grace_seconds
+            if not (idle or everything):
+                continue
+            del self._visits[key]
+            closed_at = visit.idle_since if visit.connections == 0 else now
+            log.info(
+                "session %s: visit %s of user %s from %s closed after %.0f s",
+                visit.session_id,
+                visit.visit_id,
+                visit.user_name,
+                visit.address,
+                max(0.0, closed_at - visit.opened_at),
+            )
+            self._report_visit(visit.message(self.instance_id, closed_at))
+
+    def _report_visit(self, message: pb.ConnectionVisit) -> None:
+        if self.on_visit is None:
+            return
+        try:
+            self.on_visit(message)
+        except Exception:  # pragma: no cover - an audit sink must not break the proxy
+            log.exception("reporting visit %s failed", message.visit_id)
+
+    def open_visits(self) -> list[pb.ConnectionVisit]:
+        """The visits not closed yet (for the operator), oldest first."""
+        visits = sorted(self._visits.values(), key=lambda v: v.opened_at)
+        return [v.message(self.instance_id) for v in visits]
 
     # ------------------------------------------------------------ access
 
@@ -1107,6 +1238,7 @@ class ConnectProxy:
                     del users[uid]
             if not users:
                 del self._activity[sid]
+        self._end_visits()
         # Report who is connected when that changes; last activity every 30 s at most.
         for sid in set(self._activity) | set(reported) | self._dirty:
             active = frozenset(a.user_id for a in self.active_users(sid))

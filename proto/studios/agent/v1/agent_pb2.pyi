@@ -163,7 +163,7 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[bytes] = ..., not_after: _Optional[int] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("hello", "inventory", "session", "checkpoint", "capacity", "heartbeat", "connections")
+    __slots__ = ("hello", "inventory", "session", "checkpoint", "capacity", "heartbeat", "connections", "visit")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class ConnectRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    VISIT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     inventory: Inventory
     session: SessionObserved
@@ -178,10 +179,11 @@ class ConnectRequest(_message.Message):
     capacity: HostCapacity
     heartbeat: Heartbeat
     connections: SessionConnections
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., connections: _Optional[_Union[SessionConnections, _Mapping]] = ...) -> None: ...
+    visit: ConnectionVisit
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., connections: _Optional[_Union[SessionConnections, _Mapping]] = ..., visit: _Optional[_Union[ConnectionVisit, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "proxy_url", "agent_version", "capacity", "runtime_kind")
+    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "proxy_url", "agent_version", "capacity", "runtime_kind", "proxy_instance_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +192,7 @@ class Hello(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_KIND_FIELD_NUMBER: _ClassVar[int]
+    PROXY_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     agent_id: str
     hostname: str
@@ -198,7 +201,8 @@ class Hello(_message.Message):
     agent_version: str
     capacity: HostCapacity
     runtime_kind: RuntimeKind
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., runtime_kind: _Optional[_Union[RuntimeKind, str]] = ...) -> None: ...
+    proxy_instance_id: str
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., runtime_kind: _Optional[_Union[RuntimeKind, str]] = ..., proxy_instance_id: _Optional[str] = ...) -> None: ...
 
 class Inventory(_message.Message):
     __slots__ = ("sessions",)
@@ -294,6 +298,26 @@ class SessionConnections(_message.Message):
     connections: _containers.RepeatedCompositeFieldContainer[ActiveConnection]
     def __init__(self, session_id: _Optional[str] = ..., connections: _Optional[_Iterable[_Union[ActiveConnection, _Mapping]]] = ...) -> None: ...
 
+class ConnectionVisit(_message.Message):
+    __slots__ = ("visit_id", "session_id", "user_id", "user_name", "client_address", "opened_at_ms", "closed_at_ms", "proxy_instance_id")
+    VISIT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OPENED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    PROXY_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    visit_id: str
+    session_id: str
+    user_id: int
+    user_name: str
+    client_address: str
+    opened_at_ms: int
+    closed_at_ms: int
+    proxy_instance_id: str
+    def __init__(self, visit_id: _Optional[str] = ..., session_id: _Optional[str] = ..., user_id: _Optional[int] = ..., user_name: _Optional[str] = ..., client_address: _Optional[str] = ..., opened_at_ms: _Optional[int] = ..., closed_at_ms: _Optional[int] = ..., proxy_instance_id: _Optional[str] = ...) -> None: ...
+
 class CheckpointEvent(_message.Message):
     __slots__ = ("session_id", "generation", "key", "uri", "status", "size_bytes", "saved_at")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -333,30 +357,34 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at: _Optional[int] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("welcome", "desired", "checkpoint_ack")
+    __slots__ = ("welcome", "desired", "checkpoint_ack", "visit_ack")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ACK_FIELD_NUMBER: _ClassVar[int]
+    VISIT_ACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     desired: DesiredState
     checkpoint_ack: CheckpointAck
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredState, _Mapping]] = ..., checkpoint_ack: _Optional[_Union[CheckpointAck, _Mapping]] = ...) -> None: ...
+    visit_ack: ConnectionVisitAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredState, _Mapping]] = ..., checkpoint_ack: _Optional[_Union[CheckpointAck, _Mapping]] = ..., visit_ack: _Optional[_Union[ConnectionVisitAck, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key", "checkpoint_acks", "connect_cookie_max_seconds")
+    __slots__ = ("protocol_version", "agent_id", "heartbeat_interval_seconds", "connect_token_key", "checkpoint_acks", "connect_cookie_max_seconds", "connection_visits")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TOKEN_KEY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ACKS_FIELD_NUMBER: _ClassVar[int]
     CONNECT_COOKIE_MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_VISITS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     agent_id: str
     heartbeat_interval_seconds: int
     connect_token_key: bytes
     checkpoint_acks: bool
     connect_cookie_max_seconds: int
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ..., checkpoint_acks: _Optional[bool] = ..., connect_cookie_max_seconds: _Optional[int] = ...) -> None: ...
+    connection_visits: bool
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., connect_token_key: _Optional[bytes] = ..., checkpoint_acks: _Optional[bool] = ..., connect_cookie_max_seconds: _Optional[int] = ..., connection_visits: _Optional[bool] = ...) -> None: ...
 
 class CheckpointAck(_message.Message):
     __slots__ = ("session_id", "key", "generation", "result", "message")
@@ -371,6 +399,18 @@ class CheckpointAck(_message.Message):
     result: CheckpointAckResult
     message: str
     def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., generation: _Optional[int] = ..., result: _Optional[_Union[CheckpointAckResult, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ConnectionVisitAck(_message.Message):
+    __slots__ = ("visit_id", "closed_at_ms", "refused", "message")
+    VISIT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    visit_id: str
+    closed_at_ms: int
+    refused: bool
+    message: str
+    def __init__(self, visit_id: _Optional[str] = ..., closed_at_ms: _Optional[int] = ..., refused: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CheckpointRef(_message.Message):
     __slots__ = ("checkpoint_id", "uri")
