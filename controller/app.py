@@ -220,6 +220,7 @@ class Controller:
         signin = app[SIGNIN_KEY] = SignInSettings(key=derive_session_key(master_key))
         web_datalinks.setup(app, db, secret_box)
         web_labels.setup(app, db)
+        web_compute_envs.setup(app, db)
         for module in (
             web_studios,
             web_compute_envs,

@@ -21,29 +21,42 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.agent_hub import AgentHub
-from controller.auth import Permission, Principal, require, workspace_role_or_404
+from controller.auth import (
+    Permission,
+    Principal,
+    require,
+    workspace_role,
+    workspace_role_or_404,
+)
 from controller.checkpoint_gc import last_gc_runs
 from controller.db import Database
-from controller.errors import BadRequest, Conflict
-from controller.models import Agent, CheckpointGcRun, ComputeEnv, Workspace, utcnow
+from controller.errors import BadRequest, Conflict, NotFound
+from controller.models import Agent, CheckpointGcRun, ComputeEnv, Studio, Workspace, utcnow
 from controller.mounts import validate_allowed_buckets, validate_file_system_mounts
 from controller.requests import ComputeEnvCreateBody
 
 __all__ = [
     "PLATFORM",
+    "STATUSES",
     "UNSAFE_HOST_DIRS",
     "AgentListing",
     "ComputeEnvListing",
+    "ComputeEnvOps",
     "ComputeEnvService",
+    "ComputeEnvView",
     "host_path_refusal",
 ]
 
 PLATFORM = "studio-agent"
+# The reference's ComputeEnv.Status values an environment of ours takes.
+STATUSES = ("AVAILABLE", "DISABLED")
 
 # Never a host path of a file-system mount, nor anything inside or above one of them
 # (bind-mounted read-write into a container whose tool may run as root).
@@ -143,11 +156,7 @@ class ComputeEnvService:
             async with self.db.transaction() as session:
                 role = await workspace_role_or_404(session, principal.user_id, workspace_id)
                 require(role, Permission.ADMIN)
-                taken = await session.scalar(
-                    select(ComputeEnv.id).where(
-                        ComputeEnv.workspace_id == workspace_id, ComputeEnv.name == body.name
-                    )
-                )
+                taken = await _name_taken(session, workspace_id, body.name)
                 if taken:
                     raise Conflict(f"a compute environment named {body.name!r} already exists")
                 while True:
@@ -175,18 +184,25 @@ class ComputeEnvService:
             raise Conflict(f"a compute environment named {body.name!r} already exists") from None
         return env_id
 
-    async def list_envs(self, principal: Principal, workspace_id: int) -> ComputeEnvListing:
-        """The workspace's compute environments by name, with their stores' last GC run."""
+    async def list_envs(
+        self, principal: Principal, workspace_id: int, status: str | None = None
+    ) -> ComputeEnvListing:
+        """The workspace's live compute environments by name (of one status, given one),
+        with their stores' last GC run."""
+        filters: list[Any] = [
+            ComputeEnv.workspace_id == workspace_id,
+            ComputeEnv.deleted.is_(False),
+        ]
+        if status:
+            if status.upper() not in STATUSES:
+                raise BadRequest(f"status: must be one of {', '.join(STATUSES)}, got {status!r}")
+            filters.append(ComputeEnv.status == status.upper())
         async with self.db.transaction() as session:
             role = await workspace_role_or_404(session, principal.user_id, workspace_id)
             require(role, Permission.READ)
             workspace = await session.get(Workspace, workspace_id)
             envs = (
-                await session.scalars(
-                    select(ComputeEnv)
-                    .where(ComputeEnv.workspace_id == workspace_id)
-                    .order_by(ComputeEnv.name)
-                )
+                await session.scalars(select(ComputeEnv).where(*filters).order_by(ComputeEnv.name))
             ).all()
             gc_runs = await last_gc_runs(session, [e.id for e in envs])
         return ComputeEnvListing(workspace.name if workspace else "", envs, gc_runs)
@@ -209,3 +225,176 @@ class ComputeEnvService:
                 )
             ).all()
         return [AgentListing(a, self.hub.is_connected(a.agent_id)) for a in agents]
+
+
+def _check_name(name: str | None) -> str:
+    """A compute environment's name: the reference's 1 to 100 characters, not blank."""
+    if name is None or not 1 <= len(name) <= 100 or name != name.strip():
+        raise BadRequest(
+            "name: a compute environment name has 1 to 100 characters, without leading or "
+            f"trailing spaces, got {name!r}"
+        )
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise BadRequest("name: must not contain control characters")
+    return name
+
+
+async def _name_taken(
+    session: AsyncSession, workspace_id: int, name: str, exclude: str | None = None
+) -> bool:
+    query = select(ComputeEnv.id).where(
+        ComputeEnv.workspace_id == workspace_id,
+        ComputeEnv.name == name,
+        ComputeEnv.deleted.is_(False),
+    )
+    if exclude is not None:
+        query = query.where(ComputeEnv.id != exclude)
+    return (await session.scalar(query)) is not None
+
+
+async def _env(
+    session: AsyncSession,
+    principal: Principal,
+    env_id: str,
+    workspace_id: int | None,
+    permission: Permission,
+) -> ComputeEnv:
+    """A live environment the caller may use: 404 for another workspace's, a deleted or an
+    unknown one (never 403, so ids do not leak), 403 below `permission`."""
+    missing = NotFound(f"compute environment {env_id} not found")
+    env = await session.get(ComputeEnv, env_id)
+    if env is None or env.deleted:
+        raise missing
+    if workspace_id is not None and env.workspace_id != workspace_id:
+        raise missing
+    role = await workspace_role(session, principal.user_id, env.workspace_id)
+    if role is None:
+        raise missing
+    require(role, permission)
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeEnvView:
+    env: ComputeEnv
+    workspace: Workspace | None
+
+
+class ComputeEnvOps:
+    """The reference's operations on one compute environment (describe, update, delete,
+    disable, enable, primary, validate) and name validation. Roles: any participant
+    describes and validates names; admins and owners change them (studio-roles.md)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def describe(
+        self, principal: Principal, env_id: str, workspace_id: int | None
+    ) -> ComputeEnvView:
+        async with self.db.transaction() as session:
+            env = await _env(session, principal, env_id, workspace_id, Permission.READ)
+            return ComputeEnvView(env, await session.get(Workspace, env.workspace_id))
+
+    async def validate_name(
+        self, principal: Principal, workspace_id: int, name: str | None
+    ) -> None:
+        _check_name(name)
+        assert name is not None
+        async with self.db.transaction() as session:
+            role = await workspace_role_or_404(session, principal.user_id, workspace_id)
+            require(role, Permission.READ)
+            if await _name_taken(session, workspace_id, name):
+                raise Conflict(f"name: a compute environment named {name!r} already exists")
+
+    async def update(
+        self,
+        principal: Principal,
+        env_id: str,
+        workspace_id: int | None,
+        *,
+        name: str | None,
+        description: str | None,
+    ) -> None:
+        """Rename or re-describe; both are safe while studios use the environment (they
+        refer to it by id)."""
+        if name is not None:
+            _check_name(name)
+        taken = Conflict(f"name: a compute environment named {name!r} already exists")
+        try:
+            async with self.db.transaction() as session:
+                env = await _env(session, principal, env_id, workspace_id, Permission.ADMIN)
+                if name is not None and name != env.name:
+                    if await _name_taken(session, env.workspace_id, name, exclude=env.id):
+                        raise taken
+                    env.name = name
+                if description is not None:
+                    env.description = description or None
+                env.last_updated = utcnow()
+                await session.flush()
+        except IntegrityError:
+            raise taken from None
+
+    async def delete(self, principal: Principal, env_id: str, workspace_id: int | None) -> None:
+        """Delete an environment no live studio uses (409 naming them). The row is kept
+        (deleted studios keep referring to it) and its name freed."""
+        async with self.db.transaction() as session:
+            env = await _env(session, principal, env_id, workspace_id, Permission.ADMIN)
+            users = (
+                await session.execute(
+                    select(Studio.session_id, Studio.name)
+                    .where(Studio.compute_env_id == env.id, Studio.deleted.is_(False))
+                    .order_by(Studio.name)
+                )
+            ).all()
+            if users:
+                named = ", ".join(f"{name!r} ({sid})" for sid, name in users)
+                raise Conflict(
+                    f"compute environment {env.name!r} ({env.id}) is used by studios: {named}; "
+                    "delete them or move them to another environment first"
+                )
+            env.deleted = True
+            env.is_primary = False
+            env.last_updated = utcnow()
+
+    async def set_status(
+        self, principal: Principal, env_id: str, workspace_id: int | None, status: str
+    ) -> None:
+        """Disable (no new starts; no longer primary) or enable again."""
+        async with self.db.transaction() as session:
+            env = await _env(session, principal, env_id, workspace_id, Permission.ADMIN)
+            env.status = status
+            if status == "DISABLED":
+                env.is_primary = False
+            env.last_updated = utcnow()
+
+    async def make_primary(
+        self, principal: Principal, env_id: str, workspace_id: int | None
+    ) -> None:
+        """The workspace's primary environment becomes this one (the others are not)."""
+        async with self.db.transaction() as session:
+            env = await _env(session, principal, env_id, workspace_id, Permission.ADMIN)
+            if env.status == "DISABLED":
+                raise Conflict(
+                    f"compute environment {env.name!r} ({env.id}) is disabled and cannot be "
+                    "primary; enable it first"
+                )
+            await session.execute(
+                update(ComputeEnv)
+                .where(ComputeEnv.workspace_id == env.workspace_id, ComputeEnv.id != env.id)
+                .values(is_primary=False)
+            )
+            env.is_primary = True
+
+    async def validate(
+        self, principal: Principal, env_id: str, workspace_id: int | None
+    ) -> ComputeEnv:
+        """The reference's pre-flight re-check. An environment of ours has no credentials
+        or work directory the controller can probe (its agents check their own), so an
+        enabled one is AVAILABLE; a disabled one cannot be validated (400)."""
+        async with self.db.transaction() as session:
+            env = await _env(session, principal, env_id, workspace_id, Permission.ADMIN)
+            if env.status == "DISABLED":
+                raise BadRequest(
+                    f"compute environment {env.name!r} ({env.id}) is disabled: enable it first"
+                )
+            return env

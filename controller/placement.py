@@ -20,7 +20,7 @@ from controller import lifecycle
 from controller.agent_hub import AgentHub
 from controller.db import Database
 from controller.lifecycle import Status
-from controller.models import Agent, Studio, utcnow
+from controller.models import Agent, ComputeEnv, Studio, utcnow
 
 __all__ = ["PLACING_STEP", "Placer", "clamp_capacity", "default_capacity_cap", "waiting_message"]
 
@@ -79,6 +79,14 @@ class Placer:
                 query = query.where(Studio.session_id.in_(session_ids))
             pending = (await session.scalars(query.with_for_update())).all()
             for studio in pending:
+                env = await session.get(ComputeEnv, studio.compute_env_id)
+                if env is not None and env.status == "DISABLED":
+                    # Disabled after this start was asked for: it waits, saying why,
+                    # until the environment is enabled again (or the studio stopped).
+                    lifecycle.set_message(
+                        studio, f"compute environment {env.name!r} ({env.id}) is disabled"
+                    )
+                    continue
                 agent = await self._choose(session, studio.compute_env_id)
                 now = utcnow()
                 if agent is None:
@@ -89,6 +97,8 @@ class Placer:
                     continue
                 studio.agent_id = agent.agent_id
                 studio.placed_at = now
+                if env is not None:
+                    env.last_used = now
                 studio.progress = [
                     {
                         "message": f"{PLACING_STEP}: placed on agent {agent.agent_id}",

@@ -55,6 +55,7 @@ __all__ = [
     "SafeStr",
     "TeamCreateBody",
     "TeamCreateRequest",
+    "UpdateComputeEnvRequest",
     "UpdateCredentialsRequest",
     "UpdateLabelRequest",
     "UpdateParticipantRoleRequest",
@@ -325,3 +326,11 @@ class UpdateLabelRequest(_Request):
     name: LabelText | None = None
     value: LabelText | None = None
     is_default: bool | None = None
+
+
+class UpdateComputeEnvRequest(_Request):
+    """The reference's update: name and description (credentialsId and
+    fusionMetricsCollectionEnabled have no meaning for our platform: ignored)."""
+
+    name: Annotated[SafeStr, Field(max_length=255)] | None = None
+    description: Annotated[MultiLine, Field(max_length=2000)] | None = None
