@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from studios.agent.v1 import agent_pb2 as pb
 from studios.agent.v1 import agent_pb2_grpc as pb_grpc
 
@@ -175,7 +176,8 @@ class Outbox:
                 event.ParseFromString(path.read_bytes())
             except FileNotFoundError:
                 continue  # acked meanwhile
-            except (OSError, ValueError):
+            except (OSError, DecodeError):
+                # DecodeError is no ValueError: uncaught, one torn file failed every connect.
                 log.warning("outbox: dropping unreadable %s", path)
                 path.unlink(missing_ok=True)
                 continue
