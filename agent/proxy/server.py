@@ -134,9 +134,25 @@ _DROP = frozenset(
 # so a bare LF or CR anywhere, an obs-fold, whitespace before a colon, a field name that
 # is not a token or a control character in a value refuse the request.
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/1\.[0-9])")
+# The target: visible ASCII but `"` (no raw bytes >= 0x80: browsers percent-encode them),
+# in one of RFC 9112's four forms (checked in `_parse_head`).
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([!#-~]+) (HTTP/1\.[0-9])")
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 _FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):([^\x00-\x08\x0a-\x1f\x7f]*)")
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+# chunk-ext (RFC 9112 7.1.1): `; name[=token|quoted-string]`, whitespace around `;` and
+# `=`. Anything else (an unbalanced quote, say) is refused: a tool whose quoted-string
+# scan ran past the CRLF would read a different body than the proxy framed.
+_QUOTED_STRING = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_EXT = (
+    rb"(?:[ \t]*;[ \t]*"
+    + _TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:"
+    + _TOKEN
+    + rb"|"
+    + _QUOTED_STRING
+    + rb"))?)*"
+)
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})" + _CHUNK_EXT)
 _REASONS = {
     302: "Found",
     400: "Bad Request",
@@ -260,8 +276,16 @@ def _parse_head(raw: bytes) -> _Head:
             if b"\n" in line or b"\r" in line
             else "malformed request line"
         )
+    method, target = first.group(1), first.group(2)
+    if not (
+        target.startswith(b"/")
+        or _ABSOLUTE_FORM.match(target)
+        or (method == b"CONNECT")
+        or (target == b"*" and method == b"OPTIONS")
+    ):
+        raise _BadRequest("malformed request target")
     headers = [_parse_field(line, "request head") for line in lines[1:]]
-    return _Head(first.group(1), first.group(2), first.group(3), headers, raw)
+    return _Head(method, target, first.group(3), headers, raw)
 
 
 def _bare_cr_or_lf(data: bytes, start: int) -> bool:
@@ -378,6 +402,8 @@ class _Client(asyncio.Protocol):
         self.last_up_io = 0.0
         self.last_io = time.monotonic()
         self.head_started = self.last_io
+        # When the chunk-size or trailer line now held unfinished in buf began (0: none).
+        self.line_started = 0.0
 
     # -------------------------------------------------------- transport events
 
@@ -489,7 +515,9 @@ class _Client(asyncio.Protocol):
                     if n - i > MAX_CHUNK_LINE:
                         self._fail(out, 400, "chunk line too long")
                         return
+                    self.line_started = self.line_started or time.monotonic()
                     break
+                self.line_started = 0.0
                 line = data[i:end]
                 if state == "trailer":
                     if line and _FIELD_LINE.fullmatch(line) is None:
@@ -1226,6 +1254,8 @@ class ConnectProxy:
             if client.state in ("head", "connecting") and client.buf:
                 if now - client.head_started > HEAD_TIMEOUT_SECONDS:
                     client.close()  # a request head that never ends
+            elif client.line_started and now - client.line_started > HEAD_TIMEOUT_SECONDS:
+                client.close()  # a chunk-size or trailer line that never ends
         for sid, users in list(self._activity.items()):
             ok = running.get(sid)
             if ok is None:

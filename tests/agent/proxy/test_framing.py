@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.proxy import ConnectProxy
+from agent.proxy import ConnectProxy, server
 from studios_shared.connect_token import sign_connect_token
 
 KEY = b"f" * 32
@@ -182,6 +183,10 @@ HEAD_CASES = [
         _request(b"Transfer-Encoding: chunked", line=b"POST /x HTTP/1.0", body=b"0\r\n\r\n"),
     ),
     ("two-hosts", _request(b"Host: other.localhost")),
+    ("quote-in-target", _request(line=b'GET /x"y HTTP/1.1')),
+    ("raw-byte-in-target", _request(line=b"GET /\xe9 HTTP/1.1")),
+    ("target-not-a-path", _request(line=b"GET x HTTP/1.1")),
+    ("asterisk-not-options", _request(line=b"GET * HTTP/1.1")),
 ]
 
 
@@ -220,6 +225,11 @@ CHUNK_CASES = [
     ("too-long", b"1" * 17 + b"\r\nhello\r\n0\r\n\r\n"),
     ("bare-lf-in-trailer", b"0\r\nX: a\n\nGET /smuggled HTTP/1.1\r\nX-Studios-User: carol\r\n\r\n"),
     ("obs-fold-in-trailer", b"0\r\nX: a\r\n smuggled\r\n\r\n"),
+    # A tool whose quoted-string scan ran past the CRLF would read another body.
+    ("unbalanced-quote-in-extension", b'5;e="1\r\nhello\r\n0\r\n\r\n'),
+    ("extension-without-name", b"5;\r\nhello\r\n0\r\n\r\n"),
+    ("extension-value-with-space", b"5;e=a b\r\nhello\r\n0\r\n\r\n"),
+    ("whitespace-after-size", b"5 \r\nhello\r\n0\r\n\r\n"),
 ]
 
 
@@ -279,6 +289,8 @@ async def test_strict_but_valid_requests_still_pass(port: int, tool: _RawTool) -
             _request(
                 b"Content-Length: 5", b"Content-Length: 5", line=b"POST /x HTTP/1.1", body=b"hello"
             ),
+            _request(line=b"OPTIONS * HTTP/1.1"),
+            _request(line=b"GET http://other.example/x?q=%C3%A9 HTTP/1.1"),
             _request(line=b"GET /x?q=1 HTTP/1.0"),
         ):
             writer.write(data)
@@ -291,7 +303,7 @@ async def test_strict_but_valid_requests_still_pass(port: int, tool: _RawTool) -
         writer.close()
     assert b"Foo: a\r\n" in tool.received and b"Bar: x\ty \xe9 z\r\n" in tool.received
     # A chunked body with an extension and a trailer is forwarded whole.
-    sent = b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"
+    sent = b'5;ext=1 ; q = "a\\"b;c"\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n'
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(_request(b"Transfer-Encoding: chunked", line=b"POST /c HTTP/1.1", body=sent))
@@ -303,3 +315,33 @@ async def test_strict_but_valid_requests_still_pass(port: int, tool: _RawTool) -
     finally:
         writer.close()
     assert bytes(tool.received).endswith(sent)
+
+
+async def test_a_chunk_line_that_never_ends_closes_the_connection(
+    port: int, tool: _RawTool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bound connection trickling an endless chunk-size line is closed like a head
+    that never ends, and the unfinished line never reaches the tool."""
+    monkeypatch.setattr(server, "HEAD_TIMEOUT_SECONDS", 1.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(_request(b"Transfer-Encoding: chunked", line=b"POST /c HTTP/1.1"))
+        writer.write(b"5;name=")
+        await writer.drain()
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            await asyncio.sleep(0.3)
+            writer.write(b"v")  # traffic keeps coming, the line never ends
+            await writer.drain()
+            if reader.at_eof() or writer.is_closing():
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 0.01) == b"":
+                    break
+        else:
+            pytest.fail("the proxy kept a never-ending chunk line open")
+    except ConnectionResetError:
+        pass  # closed while we wrote: what the test waits for
+    finally:
+        writer.close()
+    assert len(tool.heads) == 1 and b"name=" not in tool.received
