@@ -47,6 +47,7 @@ from controller.models import (
     Studio,
     StudioConnection,
     User,
+    Workspace,
     as_utc,
     utcnow,
 )
@@ -572,6 +573,9 @@ class ObservationHandler:
             if not decision.accepted:
                 return decision.reason
             assert studio is not None
+            workspace = await session.get(Workspace, studio.workspace_id)
+            if workspace is None or workspace.deleted:
+                return f"the workspace of session {visit.session_id} was deleted"
             user = await session.get(User, visit.user_id)
             closed_by = None
             if closed is None and visit.proxy_instance_id != stream.proxy_instance_id:

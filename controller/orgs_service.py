@@ -41,6 +41,7 @@ from controller.models import (
     OrgMember,
     Participant,
     Studio,
+    StudioConnection,
     Team,
     TeamMember,
     User,
@@ -588,6 +589,11 @@ async def _retire_workspace(
         studio.desired_status = "deleted"
         notices.append((studio.agent_id, studio.session_id))
     await session.execute(delete(Participant).where(Participant.workspace_id == workspace.id))
+    # The connection audit lives as long as its workspace (visits still open are
+    # refused when they close: the workspace is gone).
+    await session.execute(
+        delete(StudioConnection).where(StudioConnection.workspace_id == workspace.id)
+    )
     workspace.deleted = True
     workspace.name = deleted_name(workspace.name, workspace.id)
     workspace.last_updated = now

@@ -195,6 +195,27 @@ async def test_the_audit_outlives_the_studio(
     assert row.studio_name == "short lived"
 
 
+async def test_the_audit_goes_with_its_workspace(
+    controller_harness: ControllerHarness, make_agent: AgentFactory
+) -> None:
+    h = controller_harness
+    agent = await _agent(make_agent, "agent-1", RUN_1)
+    sid, gen = await _start_running(h, agent, name="in a workspace")
+    await agent.visit(_visit(sid, 1))
+    await h.request("PUT", f"/studios/{sid}/stop", expect=200)
+    await agent.wait_desired(sid, pb.DESIRED_STATUS_STOPPED)
+    await agent.report(sid, gen, pb.SESSION_STATUS_STOPPED)
+    await _wait_status(h, sid, "stopped")
+    assert len(await _rows(h, sid)) == 1
+
+    await h.request("DELETE", "/orgs/1/workspaces/1", expect=204)
+    assert await _rows(h, sid) == []
+    # A close that arrives later does not bring the record back.
+    late = await agent.visit(_visit(sid, 1, closed=T0 + 5000))
+    assert late.refused and "workspace" in late.message and "deleted" in late.message
+    assert await _rows(h, sid) == []
+
+
 async def test_a_restarted_proxy_closes_the_visits_its_predecessor_left_open(
     controller_harness: ControllerHarness, make_agent: AgentFactory
 ) -> None:
