@@ -31,7 +31,15 @@ from controller.auth import hash_token, new_token
 from controller.db import Database
 from controller.errors import NotFound
 from controller.lifecycle import Status
-from controller.models import Agent, ComputeEnv, EnrollmentToken, Studio, as_utc, utcnow
+from controller.models import (
+    Agent,
+    ComputeEnv,
+    EnrollmentToken,
+    Studio,
+    StudioConnection,
+    as_utc,
+    utcnow,
+)
 from controller.placement import default_capacity_cap
 from studios_shared.agent_pki import AgentIdentity, format_join_token, parse_join_token
 
@@ -393,6 +401,20 @@ async def revoke_agent(db: Database, agent_id: str) -> Revoked:
             # Nothing is to run there any more; a start places it anew.
             studio.desired_status = "stopped"
             studio.active_connections = []
+        # Its proxy is no longer believed: the visits it left open end now (the audit
+        # would otherwise list them as open for ever).
+        open_visits = (
+            await session.scalars(
+                select(StudioConnection).where(
+                    StudioConnection.agent_id == agent_id, StudioConnection.closed_at.is_(None)
+                )
+            )
+        ).all()
+        for visit in open_visits:
+            visit.closed_at, visit.closed_by = (
+                max(now, as_utc(visit.opened_at) or now),
+                "agentRevoked",
+            )
         errored = [s.session_id for s in studios]
     log.warning("agent %s revoked; sessions errored: %s", agent_id, errored or "none")
     return Revoked(agent_id, now, errored)

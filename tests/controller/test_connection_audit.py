@@ -19,6 +19,7 @@ from sqlalchemy import select
 from studios.agent.v1 import agent_pb2 as pb
 
 from controller import agent_authorizer as authz
+from controller import enrollment
 from controller.models import Studio, StudioConnection, Workspace
 from tests.conftest import ControllerHarness
 from tests.controller.conftest import AgentFactory
@@ -214,6 +215,27 @@ async def test_the_audit_goes_with_its_workspace(
     late = await agent.visit(_visit(sid, 1, closed=T0 + 5000))
     assert late.refused and "workspace" in late.message and "deleted" in late.message
     assert await _rows(h, sid) == []
+
+
+async def test_revoking_an_agent_closes_the_visits_it_left_open(
+    controller_harness: ControllerHarness, make_agent: AgentFactory
+) -> None:
+    h = controller_harness
+    agent = await _agent(make_agent, "agent-1", RUN_1)
+    sid, _gen = await _start_running(h, agent, name="revoked host")
+    await agent.visit(_visit(sid, 1))
+    await agent.visit(_visit(sid, 2, closed=T0 + 2000))
+    assert h.controller is not None and h.controller.db is not None
+    revoked = await enrollment.revoke_agent(h.controller.db, "agent-1")
+
+    closed = {
+        c["clientAddress"] + str(c.get("closedBy")): c
+        for c in (await _connections(h, sid))["connections"]
+    }
+    by_revocation = closed["127.0.0.1agentRevoked"]
+    assert _iso_ms(by_revocation["closedAt"]) == int(revoked.revoked_at.timestamp() * 1000)
+    # A visit the proxy closed itself keeps its own close.
+    assert _iso_ms(closed["127.0.0.1None"]["closedAt"]) == T0 + 2000
 
 
 async def test_a_restarted_proxy_closes_the_visits_its_predecessor_left_open(
