@@ -3,17 +3,23 @@
 `POST /credentials {"credentials": {"name", "provider": "aws", "keys":
 {"accessKey", "secretKey"}, "baseUrl"?, "region"?, "description"?}}` answers
 `{"credentialsId"}`; `PUT /credentials/{id}` with the same object (every
-field optional, `provider` ignored) renames, moves the endpoint or rotates
-the keys (204). `baseUrl` is the endpoint of an S3-compatible store
-(absent for AWS). The keys are sealed with `controller.secret_box` bound to
-the credentials id and never leave the controller except inside the desired
-state sent to the agent that mounts them: no API response carries them, not
-even the access key id.
+field optional, `provider` only the current one) renames, moves the endpoint
+or rotates the keys (204). `baseUrl` is the endpoint of an S3-compatible store
+(absent for AWS). `GET /credentials/validate?name=` says whether a name is
+free (204), taken (409) or not a name (400).
 
-Roles: maintain and above add and delete credentials (the data-links row of
-reference/studio-roles.md), any participant lists and describes them;
-another workspace's credentials are 404. Credentials still used by a
-data-link cannot be deleted (409 naming the data-links).
+The keys are sealed with `controller.secret_box` bound to the credentials id
+and never leave the controller except inside the desired state sent to the
+agent that mounts them: no API response carries them, not even the access key
+id (`controller.credential_responses`).
+
+Roles: reference/studio-roles.md has no row for credentials; here they exist
+only for data-links, so its data-links row applies: maintain and above add,
+edit and delete credentials and read `/keys` (which holds nothing secret, but
+is the reference's way to the keys); any participant lists and describes them
+and validates a name. Another workspace's credentials are 404. Credentials
+still used by a data-link cannot be deleted (409 naming the data-links and the
+studios that mount them: deleting would leave those data-links unmountable).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -36,15 +44,23 @@ from controller.auth import (
     workspace_role,
     workspace_role_or_404,
 )
+from controller.credential_requests import (
+    CreateCredentialsRequest,
+    CredentialsKeys,
+    UpdateCredentialsRequest,
+    name_refusal,
+)
 from controller.db import Database
 from controller.errors import BadRequest, Conflict, NotFound
-from controller.models import Credentials, DataLink, utcnow
-from controller.requests import CreateCredentialsRequest, UpdateCredentialsRequest
+from controller.models import Credentials, DataLink, Studio, utcnow
+from controller.mounts import mount_entries
 from controller.secret_box import SecretBox
 
 __all__ = [
     "PROVIDERS",
+    "CredentialsInUse",
     "CredentialsService",
+    "CredentialsUser",
     "check_base_url",
     "check_region",
     "workspace_access",
@@ -115,9 +131,56 @@ def check_region(text: str | None, field: str) -> str | None:
     return text
 
 
-def _check_name(name: str) -> None:
-    if not name.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise BadRequest("credentials.name: must not be blank or contain control characters")
+def _taken(name: str, field: str = "credentials.name") -> Conflict:
+    return Conflict(f"{field}: credentials named {name!r} already exist in the workspace")
+
+
+def _check_kind(keys: CredentialsKeys, provider: str) -> None:
+    """400 for keys of another kind than the reference's `AwsSecurityKeys` with `mode: keys`."""
+    if keys.discriminator is not None and keys.discriminator != provider:
+        raise BadRequest(
+            f"credentials.keys.discriminator: must be the provider {provider!r}, "
+            f"got {keys.discriminator!r}"
+        )
+    if keys.mode not in (None, "keys") or keys.assume_role_arn:
+        raise BadRequest(
+            "credentials.keys.mode: only 'keys' (an access key and a secret key) is supported; "
+            "IAM roles are not"
+        )
+
+
+def _keys(keys: CredentialsKeys, provider: str) -> dict[str, str]:
+    """The secret to seal (400 naming a missing key)."""
+    _check_kind(keys, provider)
+    if keys.access_key is None:
+        raise BadRequest("credentials.keys.accessKey: Field required")
+    if keys.secret_key is None:
+        raise BadRequest("credentials.keys.secretKey: Field required")
+    return {"accessKey": keys.access_key, "secretKey": keys.secret_key}
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsUser:
+    """What keeps credentials from being deleted: a data-link, or a studio mounting one."""
+
+    id: str
+    name: str
+    # "dataLink" or "studio" (the reference's conflict `type` is free text).
+    type: str
+
+
+class CredentialsInUse(Conflict):
+    """409 of DELETE: the web layer answers the reference's conflict body with `users`."""
+
+    def __init__(self, credentials_id: str, users: list[CredentialsUser]) -> None:
+        links = ", ".join(u.name for u in users if u.type == "dataLink")
+        studios = ", ".join(u.name for u in users if u.type == "studio")
+        message = f"credentials {credentials_id} are used by data-links: {links}"
+        if studios:
+            message += f" (mounted by studios: {studios})"
+        super().__init__(message + "; delete them or give them other credentials first")
+        self.credentials_id = credentials_id
+        self.users = users
 
 
 class CredentialsService:
@@ -147,10 +210,10 @@ class CredentialsService:
                 f"credentials.provider: only 'aws' (S3 and S3-compatible stores) is supported, "
                 f"got {given.provider!r}"
             )
-        _check_name(given.name)
+        secret = _keys(given.keys, given.provider)
         base_url = check_base_url(given.base_url, "credentials.baseUrl")
         region = check_region(given.region, "credentials.region")
-        taken = Conflict(f"credentials named {given.name!r} already exist in the workspace")
+        taken = _taken(given.name)
         try:
             async with self.db.transaction() as session:
                 await workspace_access(session, principal, workspace_id, Permission.DATA_LINKS)
@@ -171,13 +234,7 @@ class CredentialsService:
                         provider=given.provider,
                         base_url=base_url,
                         region=region,
-                        secret=self.box.seal(
-                            {
-                                "accessKey": given.keys.access_key,
-                                "secretKey": given.keys.secret_key,
-                            },
-                            cred_id,
-                        ),
+                        secret=self.box.seal(secret, cred_id),
                         date_created=now,
                         last_updated=now,
                     )
@@ -220,17 +277,27 @@ class CredentialsService:
         of a studio uses the new ones.
         """
         given = body.credentials
-        if given.name is not None:
-            _check_name(given.name)
         # "" clears the endpoint or region; absent keeps it.
         base_url = check_base_url(given.base_url, "credentials.baseUrl")
         region = check_region(given.region, "credentials.region")
-        taken = Conflict(f"credentials named {given.name!r} already exist in the workspace")
+        taken = _taken(given.name or "")
         try:
             async with self.db.transaction() as session:
                 cred = await self._credentials(
                     session, principal, credentials_id, workspace_id, Permission.DATA_LINKS
                 )
+                if given.provider is not None and given.provider != cred.provider:
+                    raise BadRequest(
+                        f"credentials.provider: cannot change ({cred.provider!r}, "
+                        f"got {given.provider!r}); add new credentials instead"
+                    )
+                # Keys without either key (a client sending back {"discriminator": "aws"})
+                # keep the stored ones; with one, both are needed.
+                secret = None
+                if given.keys is not None:
+                    _check_kind(given.keys, cred.provider)
+                    if given.keys.access_key is not None or given.keys.secret_key is not None:
+                        secret = _keys(given.keys, cred.provider)
                 if given.name is not None and given.name != cred.name:
                     if await session.scalar(
                         select(Credentials.id).where(
@@ -246,11 +313,8 @@ class CredentialsService:
                     cred.base_url = base_url
                 if given.region is not None:
                     cred.region = region
-                if given.keys is not None:
-                    cred.secret = self.box.seal(
-                        {"accessKey": given.keys.access_key, "secretKey": given.keys.secret_key},
-                        cred.id,
-                    )
+                if secret is not None:
+                    cred.secret = self.box.seal(secret, cred.id)
                 cred.last_updated = utcnow()
                 await session.flush()
         except IntegrityError:
@@ -263,16 +327,64 @@ class CredentialsService:
             cred = await self._credentials(
                 session, principal, credentials_id, workspace_id, Permission.DATA_LINKS
             )
-            users = (
+            links = (
                 await session.scalars(
-                    select(DataLink.name)
+                    select(DataLink)
                     .where(DataLink.credentials_id == cred.id)
                     .order_by(DataLink.name)
                 )
             ).all()
-            if users:
-                raise Conflict(
-                    f"credentials {cred.id} are used by data-links: {', '.join(users)}; "
-                    "delete them or give them other credentials first"
-                )
+            if links:
+                raise CredentialsInUse(cred.id, await _users(session, cred.workspace_id, links))
             await session.delete(cred)
+
+    async def validate_name(
+        self, principal: Principal, workspace_id: int | None, name: str | None
+    ) -> None:
+        """None when `name` is free in the workspace; 400 when it is no name, 409 when taken."""
+        workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
+        async with self.db.transaction() as session:
+            await workspace_access(session, principal, workspace_id, Permission.READ)
+            if name is None:
+                raise BadRequest("name: required (GET /credentials/validate?name=...)")
+            reason = name_refusal(name)
+            if reason is not None:
+                raise BadRequest(f"name: {reason}")
+            if await session.scalar(
+                select(Credentials.id).where(
+                    Credentials.workspace_id == workspace_id, Credentials.name == name
+                )
+            ):
+                raise _taken(name, "name")
+
+    async def keys(
+        self, principal: Principal, credentials_id: str, workspace_id: int | None
+    ) -> Credentials:
+        """The credentials behind `GET /credentials/{id}/keys`: only those who manage them
+        may ask for their keys, though the answer holds nothing secret (see
+        controller.credential_responses.keys_view)."""
+        async with self.db.transaction() as session:
+            return await self._credentials(
+                session, principal, credentials_id, workspace_id, Permission.DATA_LINKS
+            )
+
+
+async def _users(
+    session: AsyncSession, workspace_id: int, links: Sequence[DataLink]
+) -> list[CredentialsUser]:
+    """The data-links and, after them, the live studios of the workspace that mount one."""
+    users = [CredentialsUser(link.id, link.name, "dataLink") for link in links]
+    ids = {link.id for link in links}
+    studios = (
+        await session.scalars(
+            select(Studio)
+            .where(Studio.workspace_id == workspace_id, Studio.deleted.is_(False))
+            .order_by(Studio.name)
+        )
+    ).all()
+    users += [
+        CredentialsUser(studio.session_id, studio.name, "studio")
+        for studio in studios
+        if any(link_id in ids for link_id, _ in mount_entries(studio.configuration))
+    ]
+    return users

@@ -37,11 +37,7 @@ __all__ = [
     "ComputeEnvCreateBody",
     "ComputeEnvCreateRequest",
     "CreateAccessTokenRequest",
-    "CreateCredentialsRequest",
     "CreateLabelRequest",
-    "CredentialsBody",
-    "CredentialsKeys",
-    "CredentialsUpdateBody",
     "DataLinkCreateRequest",
     "DataLinkUpdateRequest",
     "DataStudioConfiguration",
@@ -56,7 +52,6 @@ __all__ = [
     "TeamCreateBody",
     "TeamCreateRequest",
     "UpdateComputeEnvRequest",
-    "UpdateCredentialsRequest",
     "UpdateLabelRequest",
     "UpdateParticipantRoleRequest",
     "control_name",
@@ -255,41 +250,6 @@ class ComputeEnvCreateRequest(_Request):
 
 
 Text100 = Annotated[SafeStr, Field(min_length=1, max_length=100)]
-
-
-class CredentialsKeys(_Request):
-    """The secret part: stored encrypted, never returned."""
-
-    access_key: Annotated[SafeStr, Field(min_length=1, max_length=256)]
-    secret_key: Annotated[SafeStr, Field(min_length=1, max_length=1024)]
-
-
-class CredentialsBody(_Request):
-    name: Text100
-    provider: Annotated[SafeStr, Field(min_length=1, max_length=32)]
-    description: Description | None = None
-    # Endpoint of an S3-compatible store (SeaweedFS, MinIO, ...); absent for AWS.
-    base_url: Annotated[SafeStr, Field(max_length=2048)] | None = None
-    region: Annotated[SafeStr, Field(max_length=64)] | None = None
-    keys: CredentialsKeys
-
-
-class CreateCredentialsRequest(_Request):
-    credentials: CredentialsBody
-
-
-class CredentialsUpdateBody(_Request):
-    """Absent fields are kept; `keys` replaces both keys; the provider cannot change."""
-
-    name: Text100 | None = None
-    description: Description | None = None
-    base_url: Annotated[SafeStr, Field(max_length=2048)] | None = None
-    region: Annotated[SafeStr, Field(max_length=64)] | None = None
-    keys: CredentialsKeys | None = None
-
-
-class UpdateCredentialsRequest(_Request):
-    credentials: CredentialsUpdateBody
 
 
 class DataLinkCreateRequest(_Request):

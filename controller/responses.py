@@ -24,11 +24,7 @@ __all__ = [
     "ComputeEnvDto",
     "ComputeEnvsListResponse",
     "CreateAccessTokenResponse",
-    "CreateCredentialsResponse",
     "CreateLabelResponse",
-    "CredentialsDto",
-    "CredentialsListResponse",
-    "CredentialsResponse",
     "DataLinkCredentialsDto",
     "DataLinkDto",
     "DataLinkResponse",
@@ -337,31 +333,6 @@ class DescribeUserResponse(_Response):
     user: UserResponseDto
     need_consent: bool
     default_workspace_id: int | None = None
-
-
-class CreateCredentialsResponse(_Response):
-    credentials_id: str
-
-
-class CredentialsDto(_Response):
-    id: str
-    name: str
-    description: str | None = None
-    provider: str
-    base_url: str | None = None
-    region: str | None = None
-    category: str = "cloud"
-    date_created: str
-    last_updated: str
-    last_used: str | None = None
-
-
-class CredentialsResponse(_Response):
-    credentials: CredentialsDto
-
-
-class CredentialsListResponse(_Response):
-    credentials: list[CredentialsDto]
 
 
 class DataLinkCredentialsDto(_Response):

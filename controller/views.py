@@ -12,7 +12,6 @@ from controller.models import (
     ApiToken,
     CheckpointGcRun,
     ComputeEnv,
-    Credentials,
     Label,
     Studio,
     StudioConnection,
@@ -26,7 +25,6 @@ from controller.responses import (
     AgentDto,
     CheckpointDto,
     ComputeEnvDto,
-    CredentialsDto,
     DataStudioComputeEnvDto,
     DataStudioDto,
     DataStudioProgressStep,
@@ -53,7 +51,6 @@ __all__ = [
     "compatible_env_dtos",
     "compute_env_dto",
     "connection_dto",
-    "credentials_dto",
     "gc_run_json",
     "iso",
     "label_dto",
@@ -267,20 +264,6 @@ def gc_run_json(run: CheckpointGcRun | None) -> dict[str, Any] | None:
         "failed": [list(f) for f in run.failed or []],
         "message": run.message,
     }
-
-
-def credentials_dto(cred: Credentials) -> CredentialsDto:
-    return CredentialsDto(
-        id=cred.id,
-        name=cred.name,
-        description=cred.description,
-        provider=cred.provider,
-        base_url=cred.base_url,
-        region=cred.region,
-        date_created=iso(cred.date_created) or "",
-        last_updated=iso(cred.last_updated) or "",
-        last_used=iso(cred.last_used),
-    )
 
 
 def participant_dto(row: ParticipantRow) -> ParticipantDto:

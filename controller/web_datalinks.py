@@ -8,26 +8,24 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controller.credentials import CredentialsService
+from controller.credential_requests import CreateCredentialsRequest, UpdateCredentialsRequest
+from controller.credential_responses import (
+    CreateCredentialsResponse,
+    CredentialsConflict,
+    DeleteCredentialsConflictResponse,
+    DescribeCredentialsResponse,
+    ListCredentialsResponse,
+    credentials_dto,
+    keys_view,
+)
+from controller.credentials import CredentialsInUse, CredentialsService
 from controller.datalink_views import data_link_dto
 from controller.datalinks_service import DataLinkService
 from controller.db import Database
-from controller.requests import (
-    CreateCredentialsRequest,
-    DataLinkCreateRequest,
-    DataLinkUpdateRequest,
-    UpdateCredentialsRequest,
-)
-from controller.responses import (
-    CreateCredentialsResponse,
-    CredentialsListResponse,
-    CredentialsResponse,
-    DataLinkResponse,
-    DataLinksListResponse,
-)
+from controller.requests import DataLinkCreateRequest, DataLinkUpdateRequest
+from controller.responses import DataLinkResponse, DataLinksListResponse
 from controller.secret_box import SecretBox
 from controller.studios_service import Page
-from controller.views import credentials_dto
 from controller.web_app import json_response, parse_body, principal, query_int
 
 __all__ = ["routes", "setup"]
@@ -72,7 +70,16 @@ async def list_credentials(request: web.Request) -> web.Response:
     items = await request.app[_CREDENTIALS].list(
         principal(request), _workspace(request), request.query.get("platformId") or None
     )
-    return json_response(CredentialsListResponse(credentials=[credentials_dto(c) for c in items]))
+    return json_response(ListCredentialsResponse(credentials=[credentials_dto(c) for c in items]))
+
+
+# Before /credentials/{credentialsId}: aiohttp matches routes in the order they are added.
+@routes.get("/credentials/validate")
+async def validate_credentials_name(request: web.Request) -> web.Response:
+    await request.app[_CREDENTIALS].validate_name(
+        principal(request), _workspace(request), request.query.get("name")
+    )
+    return web.Response(status=204)
 
 
 @routes.get("/credentials/{credentialsId}")
@@ -80,7 +87,15 @@ async def get_credentials(request: web.Request) -> web.Response:
     cred = await request.app[_CREDENTIALS].get(
         principal(request), request.match_info["credentialsId"], _workspace(request)
     )
-    return json_response(CredentialsResponse(credentials=credentials_dto(cred)))
+    return json_response(DescribeCredentialsResponse(credentials=credentials_dto(cred)))
+
+
+@routes.get("/credentials/{credentialsId}/keys")
+async def get_credentials_keys(request: web.Request) -> web.Response:
+    cred = await request.app[_CREDENTIALS].keys(
+        principal(request), request.match_info["credentialsId"], _workspace(request)
+    )
+    return json_response(keys_view(cred))
 
 
 @routes.put("/credentials/{credentialsId}")
@@ -96,9 +111,17 @@ async def update_credentials(request: web.Request) -> web.Response:
 
 @routes.delete("/credentials/{credentialsId}")
 async def delete_credentials(request: web.Request) -> web.Response:
-    await request.app[_CREDENTIALS].delete(
-        principal(request), request.match_info["credentialsId"], _workspace(request)
-    )
+    try:
+        await request.app[_CREDENTIALS].delete(
+            principal(request), request.match_info["credentialsId"], _workspace(request)
+        )
+    except CredentialsInUse as exc:
+        # The reference's DeleteCredentialsConflictResponse, with the message every error has.
+        conflicts = [CredentialsConflict(id=u.id, name=u.name, type=u.type) for u in exc.users]
+        body = DeleteCredentialsConflictResponse(
+            message=exc.message, credentials_id=exc.credentials_id, conflicts=conflicts
+        )
+        return json_response(body, status=409)
     return web.Response(status=204)
 
 
