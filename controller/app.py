@@ -55,6 +55,7 @@ from controller.secret_box import SecretBox, load_or_create_credentials_key, reg
 from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
 from controller.studios_service import StudioService
 from controller.teams_service import TeamService
+from controller.templates import load_catalogue
 from controller.users_service import UserService
 from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
@@ -126,6 +127,8 @@ class Controller:
 
     async def start(self) -> None:
         cfg = self.config
+        # First: a broken catalogue stops the controller before it listens or migrates.
+        catalogue = load_catalogue(cfg.templates_file)
         ensure_data_dir(cfg.data_dir)
         master_key = load_or_create_connect_key(cfg.data_dir)
 
@@ -203,6 +206,7 @@ class Controller:
             master_key,
             public_url="",
             connect_token_ttl=cfg.connect_token_ttl_seconds,
+            catalogue=catalogue,
         )
         app = make_app(
             db,

@@ -41,6 +41,7 @@ from controller.config import (
 from controller.db import Database
 from controller.errors import Conflict, NotFound, StudiosError
 from controller.models import ApiToken, OrgMember, Participant, User, Workspace
+from controller.templates import load_catalogue
 
 __all__ = ["add_user", "main"]
 
@@ -106,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=3600.0,
         help="unreferenced checkpoint data younger than this is kept (default: 1 hour)",
+    )
+    serve.add_argument(
+        "--templates",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the template catalogue, YAML (default: the packaged controller/templates.yaml)",
     )
     serve.add_argument("--log-level", default="INFO")
 
@@ -173,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             lifetime = parse_duration(args.agent_cert_lifetime, what="--agent-cert-lifetime")
             if lifetime < 10:
                 raise ValueError("--agent-cert-lifetime: at least 10 seconds")
+            # Read now too, so that a broken catalogue stops the controller with its reason
+            # alone rather than a start-up traceback.
+            load_catalogue(args.templates)
         except ValueError as exc:
             print(f"studio-controller: {exc}", file=sys.stderr)
             return 2
@@ -193,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_endpoint=args.s3_endpoint,
             checkpoint_gc_interval_seconds=args.checkpoint_gc_interval_seconds,
             checkpoint_gc_grace_seconds=args.checkpoint_gc_grace_seconds,
+            templates_file=args.templates,
         )
         return asyncio.run(_serve(config))
     if args.command == "user" and args.user_command == "add":

@@ -99,6 +99,9 @@ class ControllerConfig:
     # S3-compatible endpoint of s3:// checkpoint stores (else STUDIOS_S3_ENDPOINT); keys
     # from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     s3_endpoint: str | None = None
+    # The template catalogue (YAML, controller.templates); None: the packaged
+    # controller/templates.yaml.
+    templates_file: Path | None = None
 
     @property
     def effective_database_url(self) -> str:

@@ -95,7 +95,7 @@ from controller.requests import (
     DataStudioStartRequest,
     DataStudioUpdateRequest,
 )
-from controller.templates import ResolvedTemplate, is_newer_version, resolve_template
+from controller.templates import Catalogue, ResolvedTemplate, Template, default_catalogue
 from studios_shared.connect_token import (
     CONNECT_TOKEN_MAX_SECONDS,
     derive_agent_key,
@@ -151,6 +151,11 @@ class StudioDetails:
     mounts: list[StudioMount]
     # Its labels by name and value (controller.labels_service).
     labels: list[Label] = field(default_factory=list)
+    # Its template's catalogue entry (None: a custom image, or no longer listed), and the
+    # warning a session of a deprecated or experimental template shows in its status
+    # message: computed when shown, so agents' reports never overwrite it.
+    template: Template | None = None
+    template_warning: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,8 @@ class StudioRun:
 
     submitted: bool
     studio: Studio
+    # What the start's statusInfo warns of (a deprecated or experimental template).
+    template_warning: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +231,7 @@ class StudioService:
         *,
         public_url: str,
         connect_token_ttl: float,
+        catalogue: Catalogue | None = None,
     ) -> None:
         self.db = db
         self.hub = hub
@@ -231,6 +239,8 @@ class StudioService:
         self.master_key = master_key
         self.public_url = public_url
         self.connect_token_ttl = connect_token_ttl
+        # The template catalogue (controller.templates): statuses, start refusals and warnings.
+        self.catalogue = catalogue if catalogue is not None else default_catalogue()
 
     # ------------------------------------------------------------ helpers
 
@@ -297,6 +307,8 @@ class StudioService:
                 parent=parents.get(s.parent_checkpoint_id or -1),
                 mounts=mounts.get(s.session_id, []),
                 labels=labels.get(s.session_id, []),
+                template=self.catalogue.get(s.template_repository),
+                template_warning=self.catalogue.start_warning(s.template_repository),
             )
             for s in studios
         ]
@@ -475,12 +487,13 @@ class StudioService:
                     self._check_inherited(parent[1], configuration)
                     stored = self._merge_inherited(parent[1], configuration)
                 else:
-                    template = resolve_template(body.data_studio_tool_url)
+                    template = self.catalogue.resolve(body.data_studio_tool_url)
                 env = await session.get(ComputeEnv, body.compute_env_id)
                 if env is None or env.workspace_id != workspace_id or env.deleted:
                     raise NotFound(f"compute environment {body.compute_env_id} not found")
                 if auto_start:
                     _check_enabled(env)
+                    self._check_template(template.repository)
                 if body.label_ids:
                     require(role, Permission.LABELS)
                 labels = await studio_labels_for(session, workspace_id, body.label_ids)
@@ -544,20 +557,29 @@ class StudioService:
             assert created is not None
             return await self._details(session, created)
 
-    @staticmethod
-    def _clone_template(parent: Studio, tool_url: str | None) -> ResolvedTemplate:
+    def _clone_template(self, parent: Studio, tool_url: str | None) -> ResolvedTemplate:
+        """The template of a studio added as new: its parent's, or a newer version of the
+        same tool (a migration, DESIGN.md "Session lifecycle"); never an older one, whose
+        tool might not read what a newer one wrote."""
         inherited = ResolvedTemplate(
             parent.template_repository, parent.tool, None, None, custom=parent.custom_image
         )
         if tool_url is None or not tool_url.strip() or tool_url.strip() == inherited.repository:
             return inherited
-        wanted = resolve_template(tool_url)
-        if not is_newer_version(parent.template_repository, wanted):
+        wanted = self.catalogue.resolve(tool_url)
+        if not self.catalogue.migration_target(parent.template_repository, wanted):
             raise BadRequest(
                 "dataStudioToolUrl: a studio added as new keeps its parent's template "
                 f"({parent.template_repository}) or moves to a newer version of the same tool"
+                f"; {wanted.repository} is not one"
             )
         return wanted
+
+    def _check_template(self, repository: str) -> None:
+        """No session starts on an unsupported template (409 with the reason)."""
+        refusal = self.catalogue.start_refusal(repository)
+        if refusal is not None:
+            raise Conflict(refusal)
 
     def _start(self, studio: Studio, principal: Principal) -> None:
         """Record a start (the caller places it once committed)."""
@@ -702,6 +724,7 @@ class StudioService:
                 env = await session.get(ComputeEnv, studio.compute_env_id)
                 if env is not None:
                     _check_enabled(env)
+                self._check_template(studio.template_repository)
                 if body is not None:
                     if body.label_ids is not None:
                         require(role, Permission.LABELS)
@@ -719,7 +742,11 @@ class StudioService:
         async with self.db.transaction() as session:
             started = await session.get(Studio, session_id)
             assert started is not None
-            return StudioRun(submitted=True, studio=started)
+            return StudioRun(
+                submitted=True,
+                studio=started,
+                template_warning=self.catalogue.start_warning(started.template_repository),
+            )
 
     async def _apply_start_overrides(
         self,

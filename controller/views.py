@@ -41,7 +41,6 @@ from controller.responses import (
     UserInfo,
 )
 from controller.studios_service import CheckpointRow, CompatibleEnvs, StudioDetails, StudioRun
-from controller.templates import CATALOGUE
 from controller.workspaces_service import ParticipantRow
 
 __all__ = [
@@ -87,9 +86,17 @@ def status_info(studio: Studio) -> DataStudioStatusInfo:
     )
 
 
+def _with_warning(info: DataStudioStatusInfo, studio: Studio, warning: str | None) -> None:
+    """A session of a deprecated or experimental template says so while it starts and runs."""
+    if warning and studio.status in ("starting", "running"):
+        info.message = f"{info.message}; {warning}" if info.message else warning
+
+
 def start_response(session_id: str, run: StudioRun) -> DataStudioStartResponse:
+    info = status_info(run.studio)
+    _with_warning(info, run.studio, run.template_warning)
     return DataStudioStartResponse(
-        job_submitted=run.submitted, session_id=session_id, status_info=status_info(run.studio)
+        job_submitted=run.submitted, session_id=session_id, status_info=info
     )
 
 
@@ -102,10 +109,10 @@ def stop_response(session_id: str, run: StudioRun) -> DataStudioStopResponse:
 def studio_dto(details: StudioDetails, public_url: str) -> DataStudioDto:
     studio, compute_env, parent = details.studio, details.compute_env, details.parent
     mounted_data_links = [mounted_data_link_view(m) for m in details.mounts]
-    catalogue = {t.repository: t for t in CATALOGUE}
-    entry = catalogue.get(studio.template_repository)
+    entry = details.template
     lifespan = effective_lifespan_hours(studio, details.workspace)
     info = status_info(studio)
+    _with_warning(info, studio, details.template_warning)
     problems = [
         str(m["message"])
         for m in mounted_data_links

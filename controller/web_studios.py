@@ -27,7 +27,6 @@ from controller.responses import (
     StudioConnectionsListResponse,
 )
 from controller.studios_service import Page, StudioDetails, StudioService
-from controller.templates import CATALOGUE
 from controller.views import (
     checkpoint_dto,
     compatible_env_dtos,
@@ -112,7 +111,7 @@ async def list_templates(request: web.Request) -> web.Response:
     page = _page(request)
     items = [
         DataStudioTemplate(repository=t.repository, tool=t.tool, status=t.status, icon=t.icon)
-        for t in CATALOGUE
+        for t in _service(request).catalogue.templates
     ]
     window = items[page.offset :]
     if page.max is not None:

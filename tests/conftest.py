@@ -91,10 +91,13 @@ class ControllerHarness:
         database_url: str | None = None,
         *,
         agent_cert_lifetime_seconds: float | None = None,
+        templates_file: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.database_url = database_url
         self.agent_cert_lifetime_seconds = agent_cert_lifetime_seconds
+        # The template catalogue (None: the packaged one).
+        self.templates_file = templates_file
         self.controller: Controller | None = None
         self.http: aiohttp.ClientSession | None = None
         self.compute_env_id = ""
@@ -137,6 +140,7 @@ class ControllerHarness:
             grpc_agents_port=0,
             database_url=self.database_url,
             reconcile_interval_seconds=0.2,
+            templates_file=self.templates_file,
         )
         if self.agent_cert_lifetime_seconds is not None:
             config.agent_cert_lifetime_seconds = self.agent_cert_lifetime_seconds
