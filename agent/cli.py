@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agent import cli_checkpoint
+from agent import cli_checkpoint, cli_images
 from agent.admin import AgentNotRunning, admin_get
 from agent.cli_checkpoint import human_size
 from agent.daemon import Agent, AgentConfig
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", required=True, type=Path)
         p.add_argument("--json", action="store_true", help="print JSON")
     cli_checkpoint.add_parser(sub)
+    cli_images.add_parser(sub)
     return parser
 
 
@@ -359,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "checkpoint":
         return cli_checkpoint.run(args)
+    if args.command == "images":
+        return cli_images.run(args)
     return _query(args)
 
 

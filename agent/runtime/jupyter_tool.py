@@ -32,12 +32,16 @@ line into the session's error message.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
+import os
 import sys
 from typing import Any
 
-from agent.runtime.tool_guard import (
+# Relative: studio images carry this file and tool_guard.py as a package of their own
+# (`studios_connect`, images/README.md), without the rest of the agent.
+from .tool_guard import (
     MISSING_SECRET,
     PROXY_SECRET_HEADER,
     USER_HEADER,
@@ -46,6 +50,11 @@ from agent.runtime.tool_guard import (
 )
 
 __all__ = ["jupyter_argv", "main"]
+
+# This module's importable name (`agent.runtime.jupyter_tool` here, `studios_connect.
+# jupyter_tool` in an image): Jupyter imports the identity provider by it, and under
+# `python -m` `__name__` is `__main__`.
+_MODULE = __spec__.name if __spec__ is not None else __name__
 
 # The proxy's secret, set by `main`: in a module global, never on Jupyter's command line
 # (which every user of the host can read in /proc).
@@ -57,10 +66,12 @@ MISSING = (
 )
 
 
-def jupyter_argv(port: int, root_dir: str) -> list[str]:
+def jupyter_argv(port: int, root_dir: str, ip: str = "127.0.0.1") -> list[str]:
     return [
         "--no-browser",
-        "--ip=127.0.0.1",
+        # The loopback for local tools; a container's tool listens on its own network
+        # namespace's addresses (0.0.0.0), where only the published port reaches it.
+        f"--ip={ip}",
         f"--port={port}",
         # Another free port is never taken instead: the agent probes exactly this one.
         "--ServerApp.port_retries=0",
@@ -72,7 +83,7 @@ def jupyter_argv(port: int, root_dir: str) -> list[str]:
         "--allow-root",
         "--IdentityProvider.token=",
         "--ServerApp.password=",
-        "--ServerApp.identity_provider_class=agent.runtime.jupyter_tool.StudiosIdentityProvider",
+        f"--ServerApp.identity_provider_class={_MODULE}.StudiosIdentityProvider",
         # No "open this URL with a token" banner and no update checks from a session.
         "--LabApp.news_url=",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -125,9 +136,13 @@ def __getattr__(name: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.runtime.jupyter_tool")
-    parser.add_argument("--port", type=int, required=True)
+    parser = argparse.ArgumentParser(prog=f"python -m {_MODULE}")
+    # An image's command cannot expand variables (no shell): the port defaults to the
+    # one the agent gives every tool.
+    port = os.environ.get("CONNECT_TOOL_PORT", "")
+    parser.add_argument("--port", type=int, required=not port, default=port or None)
     parser.add_argument("--root-dir", required=True)
+    parser.add_argument("--ip", default="127.0.0.1")
     args, extra = parser.parse_known_args(argv)
     if importlib.util.find_spec("jupyterlab") is None:
         print(MISSING.format(python=sys.executable), file=sys.stderr, flush=True)
@@ -140,12 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from jupyterlab.labapp import LabApp
 
-    from agent.runtime import jupyter_tool
-
-    # Jupyter imports the identity provider by its name, from `agent.runtime.jupyter_tool`:
-    # under `python -m` that is another module object than this one (`__main__`).
-    jupyter_tool._proxy_secret = secret
-    LabApp.launch_instance(argv=[*jupyter_argv(args.port, args.root_dir), *extra])
+    # Jupyter imports the identity provider by its name (`_MODULE`): under `python -m`
+    # that is another module object than this one (`__main__`).
+    setattr(importlib.import_module(_MODULE), "_proxy_secret", secret)  # noqa: B010
+    LabApp.launch_instance(argv=[*jupyter_argv(args.port, args.root_dir, args.ip), *extra])
     return 0
 
 

@@ -316,6 +316,10 @@ class PodmanRuntime(Runtime):
             "stop_timeout": 30,
             "log_configuration": {"driver": "k8s-file", "path": str(spec.log_path)},
         }
+        if config.get("User"):
+            # The image's user (the project's images: `studio`, uid 1000): with `rootfs`
+            # podman applies none of the image's configuration, so the tool would run as root.
+            body["user"] = str(config["User"])
         if self.network == "host":
             body["netns"] = {"nsmode": "host"}
         else:
