@@ -76,6 +76,9 @@ NETWORK_MODES = ("bridge", "host")
 # Capabilities a session never gets, whatever podman's defaults on the host say.
 _DROPPED_CAPS = ["CAP_NET_RAW", "CAP_NET_ADMIN"]
 _NETWORK_REF = "network:"
+# References of images that only exist where they were built (podman finds the short
+# catalogue names, `studios/...`, as `localhost/studios/...`).
+_BUILT_HERE = ("localhost/", "studios/")
 _K8S_LOG_PREFIX = re.compile(r"^\S+ (stdout|stderr) [FP] ")
 
 
@@ -244,6 +247,13 @@ class PodmanRuntime(Runtime):
         except PodmanError as exc:
             if exc.status != 404:
                 raise
+        if reference.startswith(_BUILT_HERE):
+            # The project's images (images/) are built on each host, never pulled: a pull
+            # would only wait for a registry that does not have them, then fail.
+            raise PodmanError(
+                f"cannot pull image {reference}: it is built on the host, not pulled; "
+                f"build it there with `studio-agent images build {reference}`"
+            )
         log.info("pulling image %s", reference)
         answer = await self.client.request(
             "POST", "/images/pull", params={"reference": reference, "quiet": "true"}, timeout=900

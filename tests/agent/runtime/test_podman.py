@@ -201,6 +201,8 @@ async def test_image_missing_errors_with_podmans_message(
         controller.push(desired("cccc0003", image="localhost/studios/no-such-image:0"))
         obs = await controller.wait_status("cccc0003", ERRORED, timeout=60)
         assert "cannot pull image localhost/studios/no-such-image:0" in obs.message
+        # Images of the project are built on the host, never pulled: the message says how.
+        assert "studio-agent images build localhost/studios/no-such-image:0" in obs.message
         assert not (pconfig.state_dir / "sessions" / "cccc0003" / "root.xfs").exists()
 
 
