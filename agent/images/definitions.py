@@ -11,9 +11,9 @@ Two builders:
   context as the package `studios_connect/`.
 
 An image's content hash covers everything it is built from: its directory (names, bytes,
-executable bits), its connect files, its parent's hash (or a foreign parent's image id)
-and the builder's own version. It is stored in the image as the label `studios.build-hash`,
-so a build with nothing changed builds nothing.
+executable bits), its connect files, the host files it reads (`host_inputs`), its parent's
+hash (or a foreign parent's image id) and the builder's own version. It is stored in the
+image as the label `studios.build-hash`, so a build with nothing changed builds nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class ImageDefinition:
     # Another definition's name, or an image reference present in the host's storage.
     parent: str | None = None
     connect: tuple[str, ...] = ()
+    # Absolute paths on the host the build reads (the host's own CAs): in the hash too.
+    host_inputs: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,6 +110,9 @@ def _load_one(directory: Path) -> ImageDefinition:
     for name in connect:
         if "/" in name or not (CONNECT_DIR / name).is_file():
             raise DefinitionError(f"{path}: connect file {name!r} is not in {CONNECT_DIR}")
+    host_inputs = _str_list(data.get("host_inputs", []), f"{path}: host_inputs")
+    if not all(os.path.isabs(p) for p in host_inputs):
+        raise DefinitionError(f"{path}: host_inputs must be absolute paths")
     if builder == "containerfile":
         if parent is None:
             raise DefinitionError(f"{path}: a containerfile image needs 'from'")
@@ -132,6 +137,7 @@ def _load_one(directory: Path) -> ImageDefinition:
         template=template,
         parent=parent,
         connect=connect,
+        host_inputs=host_inputs,
         settings=settings,
     )
 
@@ -221,6 +227,13 @@ def content_hash(
         part(f"file:{rel}:{'x' if os.access(path, os.X_OK) else '-'}", path.read_bytes())
     for connect in d.connect:
         part(f"connect:{connect}", (CONNECT_DIR / connect).read_bytes())
+    for host_input in d.host_inputs:
+        root = Path(host_input)
+        found = sorted(root.rglob("*")) if root.is_dir() else [root] if root.exists() else []
+        part(f"host:{host_input}", str(len(found)).encode())
+        for path in found:
+            if path.is_file():
+                part(f"host-file:{path}", path.read_bytes())
     if d.parent is not None:
         if d.parent_is_definition:
             part("parent", content_hash(definitions, d.parent, foreign_image_id, memo).encode())

@@ -21,6 +21,7 @@ from agent.images.definitions import (
     CONNECT_DIR,
     DefinitionError,
     build_order,
+    content_hash,
     default_definitions_dir,
     load_definitions,
     resolve_names,
@@ -205,3 +206,27 @@ def test_bad_definitions_are_refused_naming_the_fault(
     assert expected in str(refused.value)
     with pytest.raises(DefinitionError, match="no image definition for 'nothing'"):
         resolve_names({}, ["nothing"])
+
+
+def test_the_hash_covers_the_definition_the_glue_and_host_inputs(tmp_path: Path) -> None:
+    host_ca = tmp_path / "host-ca"
+    _write(host_ca, {"a.crt": "one"})
+    _write(
+        tmp_path / "defs" / "x",
+        {
+            "image.toml": 'reference = "x/x:1"\nbuilder = "containerfile"\nfrom = "x/base:1"\n'
+            f'connect = ["tool_guard.py"]\nhost_inputs = ["{host_ca}"]\n',
+            "Containerfile": "FROM x\n",
+        },
+    )
+
+    def digest() -> str:
+        return content_hash(load_definitions(tmp_path / "defs"), "x", lambda ref: "id-" + ref)
+
+    first = digest()
+    assert digest() == first
+    (host_ca / "a.crt").write_text("two")
+    second = digest()
+    assert second != first
+    (tmp_path / "defs" / "x" / "Containerfile").write_text("FROM y\n")
+    assert digest() not in (first, second)
