@@ -80,6 +80,7 @@ def test_packaged_catalogue() -> None:
     assert statuses == {
         "studios/python-http:3.11-0.1": "recommended",
         "studios/jupyterlab:4.6-0.1": "recommended",
+        "studios/code-server:4.139-0.1": "recommended",
         "studios/r-ide:4.2-0.1": "recommended",
     }
     # A create without dataStudioToolUrl: the first recommended entry, as before.
