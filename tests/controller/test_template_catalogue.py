@@ -82,6 +82,7 @@ def test_packaged_catalogue() -> None:
         "studios/jupyterlab:4.6-0.1": "recommended",
         "studios/code-server:4.139-0.1": "recommended",
         "studios/r-ide:4.2-0.1": "recommended",
+        "studios/xpra:3.1-0.1": "recommended",
     }
     # A create without dataStudioToolUrl: the first recommended entry, as before.
     assert catalogue.default is not None
