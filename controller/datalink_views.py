@@ -3,7 +3,8 @@
 `mountedDataLinks`: one entry per data-link of the configuration, in order:
 a DataLinkDto (the reference's shape) plus `mountName`, `mountPath`,
 `readOnly` and `mountState` (what the agent reports for the current run:
-"mounted", "read-only", "failed", "unmounted", or null). `status` is INVALID
+"mounted", "read-only", "failed", "unmounted"; absent before it reports), the
+name and path absent when the data-link is gone. `status` is INVALID
 with a `message` when the data-link no longer exists or its mount failed
 (`controller.mounts.StudioMount` decides which).
 """
@@ -58,9 +59,14 @@ def mounted_data_link_view(mount: StudioMount) -> dict[str, Any]:
         }
     message = mount.problem
     view["status"] = "INVALID" if message else "VALID"
-    view["message"] = message
-    view["mountName"] = mount_name
-    view["mountPath"] = f"{DATA_DIR}/{mount_name}" if mount_name else None
+    if message:
+        view["message"] = message
+    # Absent rather than null while unknown: no name when the data-link is gone, no
+    # state before the agent reports (issue 14: a field without a value is omitted).
+    if mount_name:
+        view["mountName"] = mount_name
+        view["mountPath"] = f"{DATA_DIR}/{mount_name}"
     view["readOnly"] = planned.read_only
-    view["mountState"] = mount.state
+    if mount.state is not None:
+        view["mountState"] = mount.state
     return view

@@ -3,13 +3,18 @@
 Field names follow the reference API (camelCase on the wire). Only the web
 layer builds them (`controller.views`, `controller.datalink_views`); services
 return rows and domain results.
+
+A field without a value is omitted, never `null` (issue 14): clients generated
+from the reference's schemas break on a `null` where it declares an object, a
+string or an enum. The exceptions are the fields the reference declares
+nullable and where `null` says something (`KEEP_NULL` of a model).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "TeamDto",
     "TeamResponse",
     "TeamsListResponse",
+    "UnknownUser",
     "UpdateLabelResponse",
     "UserInfo",
     "UserResponseDto",
@@ -64,6 +70,16 @@ __all__ = [
 
 class _Response(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+    # Wire names of this model's fields sent as null when they have no value (the
+    # reference declares them nullable and gives null a meaning).
+    KEEP_NULL: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A wrap serializer rather than exclude_none: it applies to nested models too,
+        # each with its own KEEP_NULL.
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k in self.KEEP_NULL}
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -74,6 +90,13 @@ class UserInfo(_Response):
     user_name: str
     email: str
     avatar: str | None = None
+
+
+class UnknownUser(_Response):
+    """A user whose record is gone: only the id, when known (the reference requires the
+    field, e.g. a checkpoint's `author`, but none of UserInfo's properties)."""
+
+    id: int | None = None
 
 
 class ActiveConnection(UserInfo):
@@ -170,7 +193,7 @@ class CheckpointDto(_Response):
     name: str
     path: str
     status: str
-    author: UserInfo | None
+    author: UserInfo | UnknownUser
     date_created: str
     date_saved: str
 
@@ -250,6 +273,9 @@ class DataStudioMountedLinksResponse(_Response):
 
 
 class DataStudioWorkspaceSettingsResponse(_Response):
+    # Null: the platform's default (the reference's nullable fields).
+    KEEP_NULL = frozenset({"containerRepository", "nameStrategy"})
+
     org_id: int
     wsp_id: int
     lifespan_hours: int

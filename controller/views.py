@@ -38,6 +38,7 @@ from controller.responses import (
     ParticipantDto,
     StudioConnectionDto,
     StudioConnectionUser,
+    UnknownUser,
     UserInfo,
 )
 from controller.studios_service import CheckpointRow, CompatibleEnvs, StudioDetails, StudioRun
@@ -61,6 +62,11 @@ __all__ = [
     "user_info",
     "workspace_settings_dto",
 ]
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without those that have no value: absent, never null (issue 14)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def iso(value: datetime | None) -> str | None:
@@ -175,18 +181,19 @@ def studio_dto(details: StudioDetails, public_url: str) -> DataStudioDto:
             else None
         ),
         mounted_data_links=mounted_data_links,
-        labels=None,
     )
 
 
 def checkpoint_dto(row: CheckpointRow) -> CheckpointDto:
     checkpoint = row.checkpoint
+    # The reference requires an author: one whose record is gone is shown by id alone.
+    author = user_info(row.author) or UnknownUser(id=checkpoint.author_user_id)
     return CheckpointDto(
         id=checkpoint.id,
         name=checkpoint.name,
         path=checkpoint.uri,
         status=checkpoint.status,
-        author=user_info(row.author),
+        author=author,
         date_created=iso(checkpoint.date_created) or "",
         date_saved=iso(checkpoint.date_saved) or "",
     )
@@ -216,13 +223,16 @@ def compute_env_dto(env: ComputeEnv, workspace_name: str) -> ComputeEnvDto:
         workspace_name=workspace_name,
         date_created=iso(env.date_created) or "",
         last_updated=iso(env.last_updated) or "",
-        config={
-            "workDir": env.work_dir,
-            "bootDiskSizeGb": env.boot_disk_size_gb,
-            "sessionDiskCapGb": env.session_disk_cap_gb,
-            "allowedBuckets": list(env.allowed_buckets or []),
-            "fileSystemMounts": list(env.file_system_mounts or []),
-        },
+        config=_present(
+            {
+                "workDir": env.work_dir,
+                "bootDiskSizeGb": env.boot_disk_size_gb,
+                # Absent: no cap of the session's own.
+                "sessionDiskCapGb": env.session_disk_cap_gb,
+                "allowedBuckets": list(env.allowed_buckets or []),
+                "fileSystemMounts": list(env.file_system_mounts or []),
+            }
+        ),
     )
 
 
@@ -253,24 +263,22 @@ def access_token_dto(token: ApiToken) -> AccessTokenDto:
     )
 
 
-def gc_run_json(run: CheckpointGcRun | None) -> dict[str, Any] | None:
+def gc_run_json(run: CheckpointGcRun) -> dict[str, Any]:
     """A checkpoint GC run as shown in a compute environment's `checkpointGc`."""
-    if run is None:
-        return None
-    finished = as_utc(run.finished_at)
-    started = as_utc(run.started_at)
-    return {
-        "baseUri": run.base_uri,
-        "startedAt": started.isoformat().replace("+00:00", "Z") if started else None,
-        "finishedAt": finished.isoformat().replace("+00:00", "Z") if finished else None,
-        "ok": run.ok,
-        "attempts": run.attempts,
-        "deletedManifests": run.deleted_manifests,
-        "deletedPacks": run.deleted_packs,
-        "freedBytes": run.freed_bytes,
-        "failed": [list(f) for f in run.failed or []],
-        "message": run.message,
-    }
+    return _present(
+        {
+            "baseUri": run.base_uri,
+            "startedAt": iso(run.started_at),
+            "finishedAt": iso(run.finished_at),
+            "ok": run.ok,
+            "attempts": run.attempts,
+            "deletedManifests": run.deleted_manifests,
+            "deletedPacks": run.deleted_packs,
+            "freedBytes": run.freed_bytes,
+            "failed": [list(f) for f in run.failed or []],
+            "message": run.message,
+        }
+    )
 
 
 def participant_dto(row: ParticipantRow) -> ParticipantDto:

@@ -71,9 +71,12 @@ async def list_compute_envs(request: web.Request) -> web.Response:
     data = ComputeEnvsListResponse(compute_envs=items).dump()
     for entry, env in zip(data["computeEnvs"], listing.envs, strict=True):
         entry.update(_reference_fields(env))
-    # The last checkpoint garbage collection of each environment's store (or null).
+    # The last checkpoint garbage collection of each environment's store (absent before
+    # the first).
     for entry in data["computeEnvs"]:
-        entry["checkpointGc"] = gc_run_json(listing.gc_runs.get(entry["id"]))
+        run = listing.gc_runs.get(entry["id"])
+        if run is not None:
+            entry["checkpointGc"] = gc_run_json(run)
     return json_response(data)
 
 

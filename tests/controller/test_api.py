@@ -104,7 +104,6 @@ async def test_create_without_start_and_dto_shape(controller_harness: Controller
         "repository": "studios/python-http:3.11-0.1",
         "tool": "python-http",
         "status": "recommended",
-        "icon": None,
     }
     assert studio["customImage"] is False
     assert studio["computeEnv"]["id"] == h.compute_env_id
@@ -116,7 +115,9 @@ async def test_create_without_start_and_dto_shape(controller_harness: Controller
     assert studio["studioUrl"] == f"{h.url}/studios/{studio['sessionId']}/connect"
     assert studio["isPrivate"] is True
     assert studio["activeConnections"] == [] and studio["mountedDataLinks"] == []
-    assert studio["parentCheckpoint"] is None
+    # No value, no field (issue 14): never null.
+    assert "parentCheckpoint" not in studio and "labels" not in studio
+    assert "region" not in studio["computeEnv"] and "stopReason" not in studio["statusInfo"]
     assert studio["description"] == "hello"
 
     _, again = await h.request("GET", f"/studios/{studio['sessionId']}", expect=200)

@@ -362,8 +362,8 @@ async def test_session_disk_cap_is_stored_shown_and_sent(
     _, body = await h.request("GET", "/compute-envs", expect=200)
     by_id = {e["id"]: e for e in body["computeEnvs"]}
     assert by_id[env_id]["config"]["sessionDiskCapGb"] == 8
-    # Absent: no cap of its own (the whole budget), shown as null.
-    assert by_id[h.compute_env_id]["config"]["sessionDiskCapGb"] is None
+    # Absent: no cap of its own (the whole budget), and not shown (never null: issue 14).
+    assert "sessionDiskCapGb" not in by_id[h.compute_env_id]["config"]
     assert h.controller is not None and h.controller.db is not None
     async with h.controller.db.transaction() as session:
         env = await session.get(ComputeEnv, env_id)

@@ -620,7 +620,8 @@ async def test_mount_data_validation_on_create_update_start(
     assert [m["id"] for m in body["mountedDataLinks"]] == [link["id"]]
     entry = body["mountedDataLinks"][0]
     assert entry["mountName"] == "ok" and entry["mountPath"] == "/workspace/data/ok"
-    assert entry["readOnly"] is True and entry["mountState"] is None
+    # No report yet: no state (absent, never null).
+    assert entry["readOnly"] is True and "mountState" not in entry
 
 
 async def test_file_system_mounts_validation(controller_harness: ControllerHarness) -> None:
@@ -852,7 +853,7 @@ async def test_mount_report_and_a_data_link_deleted_while_mounted(
     await agent.report(sid, gen, pb.SESSION_STATUS_STOPPED)
     body = await _wait_status(h, sid, "stopped")
     gone = next(m for m in body["mountedDataLinks"] if m["id"] == doomed["id"])
-    assert gone["mountState"] is None and gone["mountName"] is None
+    assert "mountState" not in gone and "mountName" not in gone and "mountPath" not in gone
     assert gone["message"] == f"data-link {doomed['id']} no longer exists"
     mark = len(agent.responses)
     await h.request("PUT", f"/studios/{sid}/start", expect=200)
@@ -863,7 +864,7 @@ async def test_mount_report_and_a_data_link_deleted_while_mounted(
     body = await _wait_status(h, sid, "running")
     assert f"data-link {doomed['id']} no longer exists" in body["statusInfo"]["message"]
     # The previous run's mount report is not shown for this run.
-    assert all(m["mountState"] is None for m in body["mountedDataLinks"])
+    assert all("mountState" not in m for m in body["mountedDataLinks"])
 
 
 async def test_studios_data_links_status_and_exclude_filters(

@@ -214,8 +214,8 @@ async def test_a_v1_agent_connects_and_its_sessions_run_and_stop(
     )
     body = await _wait_status(h, sid, "running")
     [view] = body["mountedDataLinks"]
-    # The state is unknown (a V1 agent's string): null, as before any report.
-    assert view["mountName"] == "scratch" and view["mountState"] is None
+    # The state is unknown (a V1 agent's string): absent, as before any report.
+    assert view["mountName"] == "scratch" and "mountState" not in view
     assert view["status"] == "VALID"
     studio = await _studio_row(h, sid)
     assert studio.volume["kind"] == "" and studio.volume["sizeBytes"] == 2 << 30

@@ -43,7 +43,8 @@ async def test_active_connections_are_listed_and_cleared_at_stop(stack: Stack) -
     assert conn["id"] == user["id"]
     assert conn["userName"] == user["userName"]
     assert conn["email"] == user["email"]
-    assert "avatar" in conn and conn["lastActive"].endswith("Z")
+    # No avatar: absent, never null (issue 14).
+    assert "avatar" not in conn and conn["lastActive"].endswith("Z")
     _, listing = await api.request("GET", "/studios", expect=200)
     (listed,) = [s for s in listing["studios"] if s["sessionId"] == sid]
     assert [c["id"] for c in listed["activeConnections"]] == [user["id"]]
