@@ -281,7 +281,8 @@ class Stack:
                 f"the controller did not start ({_last_line(self.controller.log_path)}); "
                 f"its log: {self.controller.log_path}"
             ) from None
-        self.api = RestClient(self.controller.url, self.controller.admin_token)
+        # Unchecked: the demo runs without the test dependencies (tests.api_contract).
+        self.api = RestClient(self.controller.url, self.controller.admin_token, check=False)
         compute_env_id = await self.ensure_compute_env()
         self.agent = QuickAgent(
             self.controller, compute_env_id, self.state / "agent", proxy_port=self.proxy_port

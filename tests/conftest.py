@@ -13,15 +13,15 @@ tests that need it skip through `tests.integration.require`.
 Every response the harness sees is checked against `controller/openapi.yaml`
 (`check_response`): the path and method must be documented, the status must be
 one of the operation's responses, and a JSON body must validate against its
-schema. A test that provokes an undocumented answer fails.
+schema; where Seqera's reference has the operation, the body must validate
+against the reference's schema too (`tests.api_contract`, issue 14). A test that
+provokes an undocumented answer fails.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -29,59 +29,26 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-import yaml
-from openapi_schema_validator import OAS30Validator
 
 from controller.app import Controller
 from controller.config import ControllerConfig
+from tests import api_contract
 from tests.integration import require
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC_PATH = ROOT / "controller" / "openapi.yaml"
+SPEC_PATH = api_contract.OWN_SPEC_PATH
 # Every (method, path template, status) the controller tests saw.
 SEEN: set[tuple[str, str, int]] = set()
 
 
-@functools.cache
-def _spec() -> tuple[dict[str, Any], list[tuple[re.Pattern[str], str]]]:
-    spec = yaml.safe_load(SPEC_PATH.read_text())
-    routes = []
-    for template in spec["paths"]:
-        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
-        routes.append((re.compile(f"^{pattern}$"), template))
-    # Literal paths (/studios/validate) before templated ones (/studios/{sessionId}).
-    routes.sort(key=lambda r: r[1].count("{"))
-    return spec, routes
-
-
 def check_response(method: str, path: str, status: int, content_type: str, body: Any) -> None:
-    """Assert that the answer is one `controller/openapi.yaml` documents."""
-    spec, routes = _spec()
-    path = urlsplit(path).path
-    template = next((t for rx, t in routes if rx.match(path)), None)
-    assert template is not None, f"{method} {path}: path not in openapi.yaml"
-    operation = spec["paths"][template].get(method.lower())
-    assert operation is not None, f"{method} {template}: method not in openapi.yaml"
-    responses = operation["responses"]
-    response = responses.get(str(status)) or responses.get("default")
-    assert response is not None, f"{method} {template}: status {status} not in openapi.yaml"
-    if "$ref" in response:
-        response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
-    SEEN.add((method.upper(), template, status))
-    schema = response.get("content", {}).get("application/json", {}).get("schema")
-    if content_type != "application/json":
-        return
-    assert schema is not None, f"{method} {template} {status}: JSON body not documented"
-    root = {**schema, "components": spec["components"]}
-    errors = sorted(OAS30Validator(root).iter_errors(body), key=str)
-    assert not errors, (
-        f"{method} {template} {status}: body does not match openapi.yaml: "
-        + "; ".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:3])
-    )
+    """Assert that the answer is one `controller/openapi.yaml` and, where it has the
+    operation, the reference documents (`tests.api_contract`)."""
+    checked = api_contract.check_response(method, path, status, content_type, body)
+    SEEN.add((method.upper(), checked.template, status))
 
 
 class ControllerHarness:

@@ -256,11 +256,17 @@ class AgentProcess(_Process):
 
 
 class RestClient:
-    """A thin REST client with the bearer token of one user."""
+    """A thin REST client with the bearer token of one user.
 
-    def __init__(self, base_url: str, token: str) -> None:
+    With `check` (the tests'), every answer of the controller's API is checked as the
+    controller tests check theirs: documented by controller/openapi.yaml and, where the
+    reference has the operation, as the reference describes it (`tests.api_contract`).
+    """
+
+    def __init__(self, base_url: str, token: str, *, check: bool = True) -> None:
         self.base_url = base_url
         self.token = token
+        self.check = check
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=LocalhostResolver()),
             cookie_jar=aiohttp.CookieJar(unsafe=True),
@@ -278,6 +284,12 @@ class RestClient:
         ) as resp:
             text = await resp.text()
             data = json.loads(text) if text and resp.content_type == "application/json" else text
+            if self.check and not resp.history:
+                # Imported here: the demo uses this client without the test dependencies.
+                from tests import api_contract
+
+                parsed = data if resp.content_type == "application/json" else None
+                api_contract.check_response(method, path, resp.status, resp.content_type, parsed)
             if expect is not None and resp.status != expect:
                 raise AssertionError(f"{method} {path}: {resp.status} {text}")
             return resp.status, data
