@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import yaml
+
+from tests import REPO_ROOT
 from tests.conftest import ControllerHarness
 
 
@@ -164,8 +167,11 @@ async def test_list_search_and_pagination(controller_harness: ControllerHarness)
 async def test_templates(controller_harness: ControllerHarness) -> None:
     _, body = await controller_harness.request("GET", "/studios/templates", expect=200)
     repositories = {t["repository"]: t for t in body["templates"]}
-    assert body["totalSize"] == len(repositories) == 2
-    assert set(repositories) == {"studios/python-http:3.11-0.1", "studios/jupyterlab:4.6-0.1"}
+    shipped = yaml.safe_load((REPO_ROOT / "controller" / "templates.yaml").read_text())
+    # The shipped catalogue, each tool at one version: all recommended.
+    assert body["totalSize"] == len(repositories) == len(shipped["templates"])
+    assert set(repositories) == {t["repository"] for t in shipped["templates"]}
+    assert "studios/jupyterlab:4.6-0.1" in repositories
     assert all(t["status"] == "recommended" for t in body["templates"])
 
 

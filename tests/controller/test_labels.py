@@ -126,9 +126,7 @@ async def test_studio_labels(controller_harness: ControllerHarness) -> None:
     # Labels only when asked for (attributes=labels).
     _, plain = await h.request("GET", f"/studios/{a['sessionId']}", expect=200)
     assert plain.get("labels") is None
-    _, shown = await h.request(
-        "GET", f"/studios/{a['sessionId']}?attributes=labels", expect=200
-    )
+    _, shown = await h.request("GET", f"/studios/{a['sessionId']}?attributes=labels", expect=200)
     assert {x["id"] for x in shown["labels"]} == {prod, team}
     _, listing = await h.request("GET", "/studios?attributes=labels", expect=200)
     assert {s["name"]: len(s["labels"]) for s in listing["studios"]} == {"a": 2, "b": 1, "c": 0}
@@ -165,9 +163,7 @@ async def test_studio_labels(controller_harness: ControllerHarness) -> None:
 
     # Deleting a label takes it off the studios.
     await h.request("DELETE", f"/labels/{dev}", expect=204)
-    _, shown = await h.request(
-        "GET", f"/studios/{a['sessionId']}?attributes=labels", expect=200
-    )
+    _, shown = await h.request("GET", f"/studios/{a['sessionId']}?attributes=labels", expect=200)
     assert shown["labels"] == []
 
 
