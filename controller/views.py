@@ -291,14 +291,17 @@ def participant_dto(row: ParticipantRow) -> ParticipantDto:
             team_id=p.team_id,
             team_name=row.team.name if row.team else None,
         )
+    # The reference's participant types: a collaborator of the organisation is listed as
+    # such, owners and members as MEMBER.
+    collaborator = row.org_role is not None and row.org_role.value == "collaborator"
     return ParticipantDto(
         participant_id=p.id,
-        type="MEMBER",
+        type="COLLABORATOR" if collaborator else "MEMBER",
         wsp_role=p.role,
         member_id=p.user_id,
         user_name=row.user.user_name if row.user else None,
         email=row.user.email if row.user else None,
-        org_role="member",
+        org_role=row.org_role.value if row.org_role else None,
     )
 
 

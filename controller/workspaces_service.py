@@ -34,7 +34,7 @@ from controller.auth import Permission, Principal, Role, require
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from controller.models import Participant, Team, User, Workspace, utcnow
-from controller.org_roles import OrgRole, effective_workspace_role, ensure_org_member
+from controller.org_roles import OrgRole, effective_workspace_role, ensure_org_member, org_role
 from controller.requests import AddParticipantRequest, DataStudioWorkspaceSettingsRequest
 
 __all__ = ["NEW_PARTICIPANT_ROLE", "ParticipantRow", "WorkspaceService"]
@@ -49,6 +49,8 @@ class ParticipantRow:
     participant: Participant
     team: Team | None = None
     user: User | None = None
+    # The user's role in the workspace's organisation (None for a team or a gone user).
+    org_role: OrgRole | None = None
 
 
 class WorkspaceService:
@@ -107,7 +109,14 @@ class WorkspaceService:
     async def _row(session: AsyncSession, row: Participant) -> ParticipantRow:
         if row.team_id is not None:
             return ParticipantRow(row, team=await session.get(Team, row.team_id))
-        return ParticipantRow(row, user=await session.get(User, row.user_id or -1))
+        user = await session.get(User, row.user_id or -1)
+        workspace = await session.get(Workspace, row.workspace_id)
+        role = (
+            await org_role(session, user.id, workspace.org_id)
+            if user is not None and workspace is not None
+            else None
+        )
+        return ParticipantRow(row, user=user, org_role=role)
 
     # ------------------------------------------------------------ participants
 

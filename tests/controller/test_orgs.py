@@ -189,7 +189,12 @@ async def test_workspace_crud_and_participant(controller_harness: ControllerHarn
         {"userNameOrEmail": "bob"},
         expect=200,
     )
-    # Added from outside the organisation: a collaborator of it.
+    # Added from outside the organisation: a collaborator of it, and listed as one.
+    _, body = await h.request("GET", f"/orgs/1/workspaces/{wid}/participants", expect=200)
+    assert sorted((p["userName"], p["type"], p["orgRole"]) for p in body["participants"]) == [
+        ("admin", "MEMBER", "owner"),
+        ("bob", "COLLABORATOR", "collaborator"),
+    ]
     _, body = await h.request("GET", "/orgs/1/collaborators", expect=200)
     assert [(m["userName"], m["role"]) for m in body["members"]] == [("bob", "collaborator")]
     _, body = await h.request("GET", f"/orgs/1/workspaces/{wid}", token=bob, expect=200)

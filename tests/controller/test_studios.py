@@ -467,7 +467,9 @@ async def test_participants(controller_harness: ControllerHarness) -> None:
     }
     _, body = await h.request("PUT", base + "/add", {"memberId": bob_id}, token=maintainer)
     participant = body["participant"]
-    assert participant["type"] == "MEMBER" and participant["wspRole"] == "launch"
+    # bob was in no organisation: added to a workspace, he is a collaborator of it.
+    assert participant["type"] == "COLLABORATOR" and participant["orgRole"] == "collaborator"
+    assert participant["wspRole"] == "launch"
     assert participant["memberId"] == bob_id and participant["userName"] == "bob"
     assert (await h.request("PUT", base + "/add", {"userNameOrEmail": "bob@example.org"}))[0] == 409
     assert (await h.request("PUT", base + "/add", {"userNameOrEmail": "nobody"}))[0] == 404
