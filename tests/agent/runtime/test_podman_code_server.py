@@ -11,35 +11,35 @@ Needs the image built (`studio-agent images build code-server`; scripts/podman-s
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
 
 import aiohttp
 import psutil
 import pytest
-from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import AgentConfig
-from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_ENV, PROXY_SECRET_HEADER
+from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_ENV
+from tests.agent.runtime.image_sessions import (
+    forged_headers,
+    image_agent_config,
+    start_image_session,
+    stop_image_session,
+)
 from tests.agent.runtime.test_podman import (
     _agent,
-    _cleanup,
-    _config,
     _containers,
     _podman,
-    _require_podman,
 )
 from tests.agent.runtime.test_tool_secret import (
-    FORGED,
     _client,
     _cookie,
     _direct,
-    _handle,
     _through_proxy,
 )
 from tests.agent_fixtures import controller_fixture  # noqa: F401
-from tests.fake_controller import FakeController, desired
-from tests.integration import require
+from tests.fake_controller import FakeController
 
 # The catalogue's repository, as the controller sends it: podman finds it as
 # localhost/studios/code-server:4.139-0.1, the reference images/code-server builds.
@@ -51,28 +51,16 @@ WORKBENCH_MARK = "vscode-workbench-web-configuration"
 
 
 @pytest.fixture(name="cconfig")
-def cconfig_fixture(tmp_path: Path, controller: FakeController) -> AgentConfig:
-    _require_podman()
-    require(
-        _podman("image", "exists", BUILT).returncode == 0,
-        f"{BUILT} is not built (studio-agent images build code-server; scripts/podman-setup)",
-    )
-    # code-server takes a few seconds to start, more on a busy test host.
-    config = _config(tmp_path, controller, start_timeout_seconds=120.0)
-    yield config
-    _cleanup(config.state_dir)
+def cconfig_fixture(tmp_path: Path, controller: FakeController) -> Iterator[AgentConfig]:
+    with image_agent_config(tmp_path, controller, BUILT, "code-server") as config:
+        yield config
 
 
 async def test_code_server_image_answers_through_the_proxy_as_studio(
     controller: FakeController, cconfig: AgentConfig
 ) -> None:
     async with _agent(cconfig) as agent, _client() as http:
-        d = desired(SID, image=TEMPLATE)
-        d.spec.tool = "vscode"
-        controller.push(d)
-        obs = await controller.wait_status(SID, pb.SESSION_STATUS_RUNNING, timeout=150)
-        assert obs.runtime == "podman" and obs.message == "vscode is answering"
-        h = _handle(cconfig, SID)
+        h = await start_image_session(controller, cconfig, SID, TEMPLATE, "vscode")
 
         # code-server's health endpoint through the proxy.
         status, text = await _through_proxy(http, agent, controller.key, SID, "GET", "/healthz")
@@ -90,8 +78,7 @@ async def test_code_server_image_answers_through_the_proxy_as_studio(
 
         # The published port without the proxy's secret (or with a wrong one): 403 from the
         # guard, for the page, the health check and the workbench's WebSocket path alike.
-        wrong = {**FORGED, PROXY_SECRET_HEADER: "x" * len(h.proxy_secret)}
-        for headers in (FORGED, wrong):
+        for headers in forged_headers(h):
             for method, p in (("GET", "/"), ("GET", "/healthz"), ("POST", "/logout")):
                 status, body = await _direct(http, h.port, method, p, headers)
                 assert status == 403 and NOT_FROM_PROXY in body, (method, p, status, body)
@@ -112,9 +99,7 @@ async def test_code_server_image_answers_through_the_proxy_as_studio(
                 # The guard's children (code-server and what it starts) never had it.
                 assert PROXY_SECRET_ENV not in proc.environ(), proc.cmdline()
 
-        controller.push(desired(SID, status=pb.DESIRED_STATUS_STOPPED))
-        await controller.wait_status(SID, pb.SESSION_STATUS_STOPPED, timeout=90)
-        assert _containers(SID) == []
+        await stop_image_session(controller, SID)
 
 
 async def _get(

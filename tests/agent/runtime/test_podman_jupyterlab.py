@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import AgentConfig
-from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_ENV, PROXY_SECRET_HEADER
+from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_ENV
+from tests.agent.runtime.image_sessions import (
+    forged_headers,
+    image_agent_config,
+    start_image_session,
+    stop_image_session,
+)
 from tests.agent.runtime.test_podman import (
     _agent,
-    _cleanup,
-    _config,
     _containers,
     _podman,
-    _require_podman,
 )
 from tests.agent.runtime.test_tool_secret import (
     FORGED,
@@ -34,12 +37,10 @@ from tests.agent.runtime.test_tool_secret import (
     _cookie,
     _direct,
     _execute,
-    _handle,
     _through_proxy,
 )
 from tests.agent_fixtures import controller_fixture  # noqa: F401
-from tests.fake_controller import FakeController, desired
-from tests.integration import require
+from tests.fake_controller import FakeController
 
 # The catalogue's repository, as the controller sends it: podman finds it as
 # localhost/studios/jupyterlab:4.6-0.1, the reference images/jupyterlab builds.
@@ -49,28 +50,16 @@ SID = "1ab00001"
 
 
 @pytest.fixture(name="jconfig")
-def jconfig_fixture(tmp_path: Path, controller: FakeController) -> AgentConfig:
-    _require_podman()
-    require(
-        _podman("image", "exists", BUILT).returncode == 0,
-        f"{BUILT} is not built (studio-agent images build jupyterlab; scripts/podman-setup)",
-    )
-    # JupyterLab takes several seconds to start, more on a busy test host.
-    config = _config(tmp_path, controller, start_timeout_seconds=120.0)
-    yield config
-    _cleanup(config.state_dir)
+def jconfig_fixture(tmp_path: Path, controller: FakeController) -> Iterator[AgentConfig]:
+    with image_agent_config(tmp_path, controller, BUILT, "jupyterlab") as config:
+        yield config
 
 
 async def test_jupyterlab_image_answers_through_the_proxy_as_studio(
     controller: FakeController, jconfig: AgentConfig
 ) -> None:
     async with _agent(jconfig) as agent, _client() as http:
-        d = desired(SID, image=TEMPLATE)
-        d.spec.tool = "jupyter"
-        controller.push(d)
-        obs = await controller.wait_status(SID, pb.SESSION_STATUS_RUNNING, timeout=150)
-        assert obs.runtime == "podman" and obs.message == "jupyter is answering"
-        h = _handle(jconfig, SID)
+        h = await start_image_session(controller, jconfig, SID, TEMPLATE, "jupyter")
 
         # Its real UI through the proxy: the status API, and alice as Jupyter's user.
         status, text = await _through_proxy(http, agent, controller.key, SID, "GET", "/api/status")
@@ -79,8 +68,7 @@ async def test_jupyterlab_image_answers_through_the_proxy_as_studio(
         assert status == 200 and json.loads(me)["identity"]["username"] == "alice", me
 
         # The published port without the proxy's secret (or with a wrong one): 403.
-        wrong = {**FORGED, PROXY_SECRET_HEADER: "x" * len(h.proxy_secret)}
-        for headers in (FORGED, wrong):
+        for headers in forged_headers(h):
             for method, path in (("GET", "/api/status"), ("GET", "/lab"), ("POST", "/api/kernels")):
                 status, body = await _direct(http, h.port, method, path, headers)
                 assert status == 403 and NOT_FROM_PROXY in body, (method, path, status, body)
@@ -120,11 +108,10 @@ async def test_jupyterlab_image_answers_through_the_proxy_as_studio(
 
         # What the session wrote is in the upper directory (what checkpoints read), owned
         # by the image's user; the image's own files are not.
-        upper = Path(obs.volume.path) / "upper"
+        assert h.volume is not None
+        upper = Path(h.volume.path) / "upper"
         notes = upper / "workspace" / "notes.txt"
         assert notes.read_text() == "kept" and os.stat(notes).st_uid == 1000
         assert not (upper / "opt" / "jupyter" / "bin").exists()
 
-        controller.push(desired(SID, status=pb.DESIRED_STATUS_STOPPED))
-        await controller.wait_status(SID, pb.SESSION_STATUS_STOPPED, timeout=90)
-        assert _containers(SID) == []
+        await stop_image_session(controller, SID)

@@ -11,21 +11,24 @@ Needs the image built (`studio-agent images build r-ide`; scripts/podman-setup d
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import AgentConfig
-from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_ENV, PROXY_SECRET_HEADER
+from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_ENV
+from tests.agent.runtime.image_sessions import (
+    forged_headers,
+    image_agent_config,
+    start_image_session,
+    stop_image_session,
+)
 from tests.agent.runtime.test_podman import (
     _agent,
-    _cleanup,
-    _config,
     _containers,
     _podman,
-    _require_podman,
 )
 from tests.agent.runtime.test_tool_secret import (
     FORGED,
@@ -33,12 +36,10 @@ from tests.agent.runtime.test_tool_secret import (
     _cookie,
     _direct,
     _execute,
-    _handle,
     _through_proxy,
 )
 from tests.agent_fixtures import controller_fixture  # noqa: F401
-from tests.fake_controller import FakeController, desired
-from tests.integration import require
+from tests.fake_controller import FakeController
 
 # The catalogue's repository, as the controller sends it; podman finds it as the
 # localhost/ reference images/r-ide builds.
@@ -48,28 +49,16 @@ SID = "1ab00002"
 
 
 @pytest.fixture(name="rconfig")
-def rconfig_fixture(tmp_path: Path, controller: FakeController) -> AgentConfig:
-    _require_podman()
-    require(
-        _podman("image", "exists", BUILT).returncode == 0,
-        f"{BUILT} is not built (studio-agent images build r-ide; scripts/podman-setup)",
-    )
-    # JupyterLab takes several seconds to start, more on a busy test host.
-    config = _config(tmp_path, controller, start_timeout_seconds=120.0)
-    yield config
-    _cleanup(config.state_dir)
+def rconfig_fixture(tmp_path: Path, controller: FakeController) -> Iterator[AgentConfig]:
+    with image_agent_config(tmp_path, controller, BUILT, "r-ide") as config:
+        yield config
 
 
 async def test_r_ide_image_runs_r_through_the_proxy_as_studio(
     controller: FakeController, rconfig: AgentConfig
 ) -> None:
     async with _agent(rconfig) as agent, _client() as http:
-        d = desired(SID, image=TEMPLATE)
-        d.spec.tool = "r-ide"
-        controller.push(d)
-        obs = await controller.wait_status(SID, pb.SESSION_STATUS_RUNNING, timeout=150)
-        assert obs.runtime == "podman" and obs.message == "r-ide is answering", obs.message
-        h = _handle(rconfig, SID)
+        h = await start_image_session(controller, rconfig, SID, TEMPLATE, "r-ide")
 
         # R is the default kernel (what a new notebook and a nameless kernel start get);
         # Python is still there as the second choice.
@@ -83,8 +72,7 @@ async def test_r_ide_image_runs_r_through_the_proxy_as_studio(
         assert "python3" in specs["kernelspecs"]
 
         # The published port without the proxy's secret (or with a wrong one): 403.
-        wrong = {**FORGED, PROXY_SECRET_HEADER: "x" * len(h.proxy_secret)}
-        for headers in (FORGED, wrong):
+        for headers in forged_headers(h):
             for method, path in (
                 ("GET", "/api/kernelspecs"),
                 ("GET", "/lab"),
@@ -132,6 +120,4 @@ async def test_r_ide_image_runs_r_through_the_proxy_as_studio(
         for proc in procs:
             assert proc.uids().real == 1000 and proc.uids().effective == 1000, proc.cmdline()
 
-        controller.push(desired(SID, status=pb.DESIRED_STATUS_STOPPED))
-        await controller.wait_status(SID, pb.SESSION_STATUS_STOPPED, timeout=90)
-        assert _containers(SID) == []
+        await stop_image_session(controller, SID)

@@ -14,33 +14,33 @@ import asyncio
 import base64
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import AgentConfig
-from agent.runtime.tool_guard import NOT_FROM_PROXY, PROXY_SECRET_HEADER
+from agent.runtime.tool_guard import NOT_FROM_PROXY
+from tests.agent.runtime.image_sessions import (
+    forged_headers,
+    image_agent_config,
+    start_image_session,
+    stop_image_session,
+)
 from tests.agent.runtime.test_podman import (
     _agent,
-    _cleanup,
-    _config,
     _containers,
     _podman,
-    _require_podman,
 )
 from tests.agent.runtime.test_tool_secret import (
-    FORGED,
     _client,
     _cookie,
     _direct,
-    _handle,
     _through_proxy,
 )
 from tests.agent_fixtures import controller_fixture  # noqa: F401
-from tests.fake_controller import FakeController, desired
-from tests.integration import require
+from tests.fake_controller import FakeController
 
 # The catalogue's repository, as the controller sends it; podman finds it as the
 # localhost/ reference images/xpra builds.
@@ -50,15 +50,9 @@ SID = "1ab00003"
 
 
 @pytest.fixture(name="xconfig")
-def xconfig_fixture(tmp_path: Path, controller: FakeController) -> AgentConfig:
-    _require_podman()
-    require(
-        _podman("image", "exists", BUILT).returncode == 0,
-        f"{BUILT} is not built (studio-agent images build xpra; scripts/podman-setup)",
-    )
-    config = _config(tmp_path, controller, start_timeout_seconds=120.0)
-    yield config
-    _cleanup(config.state_dir)
+def xconfig_fixture(tmp_path: Path, controller: FakeController) -> Iterator[AgentConfig]:
+    with image_agent_config(tmp_path, controller, BUILT, "xpra") as config:
+        yield config
 
 
 async def _upgrade(port: int, headers: dict[str, str]) -> str:
@@ -88,12 +82,7 @@ async def test_xpra_image_serves_its_html5_client_through_the_proxy_as_studio(
     controller: FakeController, xconfig: AgentConfig
 ) -> None:
     async with _agent(xconfig) as agent, _client() as http:
-        d = desired(SID, image=TEMPLATE)
-        d.spec.tool = "xpra"
-        controller.push(d)
-        obs = await controller.wait_status(SID, pb.SESSION_STATUS_RUNNING, timeout=150)
-        assert obs.runtime == "podman" and obs.message == "xpra is answering", obs.message
-        h = _handle(xconfig, SID)
+        h = await start_image_session(controller, xconfig, SID, TEMPLATE, "xpra")
 
         # The HTML5 client through the proxy: its page, its own script and jQuery (a symlink
         # into libjs-jquery, which the image installs by hand).
@@ -123,8 +112,7 @@ async def test_xpra_image_serves_its_html5_client_through_the_proxy_as_studio(
 
         # The published port without the proxy's secret (or with a wrong one): 403, for
         # the page and for the upgrade.
-        wrong = {**FORGED, PROXY_SECRET_HEADER: "x" * len(h.proxy_secret)}
-        for headers in (FORGED, wrong):
+        for headers in forged_headers(h):
             for path in ("/", "/index.html", "/js/Client.js"):
                 status, body = await _direct(http, h.port, "GET", path, headers)
                 assert status == 403 and NOT_FROM_PROXY in body, (path, status, body)
@@ -143,6 +131,4 @@ async def test_xpra_image_serves_its_html5_client_through_the_proxy_as_studio(
             assert proc.uids().real == 1000 and proc.uids().effective == 1000, proc.cmdline()
         assert h.proxy_secret not in names
 
-        controller.push(desired(SID, status=pb.DESIRED_STATUS_STOPPED))
-        await controller.wait_status(SID, pb.SESSION_STATUS_STOPPED, timeout=90)
-        assert _containers(SID) == []
+        await stop_image_session(controller, SID)
