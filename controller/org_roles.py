@@ -14,6 +14,7 @@ not silently added to every private studio's connect list.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy import select
@@ -21,9 +22,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.auth import Role, workspace_role
 from controller.errors import Conflict, Forbidden, NotFound
-from controller.models import Organization, OrgMember, Participant, TeamMember, Workspace, utcnow
+from controller.models import (
+    Organization,
+    OrgMember,
+    Participant,
+    TeamMember,
+    User,
+    Workspace,
+    utcnow,
+)
 
 __all__ = [
+    "MemberRow",
     "OrgRole",
     "check_keeps_owner",
     "effective_workspace_role",
@@ -39,6 +49,14 @@ class OrgRole(StrEnum):
     OWNER = "owner"
     MEMBER = "member"
     COLLABORATOR = "collaborator"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    """A user and their role in an organisation (its members, a team's members)."""
+
+    user: User
+    role: OrgRole
 
 
 async def org_role(session: AsyncSession, user_id: int, org_id: int) -> OrgRole | None:

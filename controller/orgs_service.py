@@ -56,6 +56,7 @@ from controller.org_requests import (
     name_refusal,
 )
 from controller.org_roles import (
+    MemberRow,
     OrgRole,
     check_keeps_owner,
     effective_workspace_role,
@@ -66,7 +67,7 @@ from controller.org_roles import (
     user_org_ids,
 )
 
-__all__ = ["BUSY", "MemberRow", "OrgRow", "OrgService", "OrgWorkspaceRow", "busy_studios"]
+__all__ = ["BUSY", "OrgRow", "OrgService", "OrgWorkspaceRow", "busy_studios"]
 
 _SEES_MEMBERS = {OrgRole.OWNER, OrgRole.MEMBER}
 _OWNER = {OrgRole.OWNER}
@@ -77,12 +78,6 @@ BUSY = sorted(s.value for s in (Status.STARTING, Status.RUNNING, Status.STOPPING
 @dataclass(frozen=True, slots=True)
 class OrgRow:
     org: Organization
-    role: OrgRole
-
-
-@dataclass(frozen=True, slots=True)
-class MemberRow:
-    user: User
     role: OrgRole
 
 

@@ -26,16 +26,25 @@ from controller.agent_hub import AgentHub
 from controller.auth import Principal
 from controller.db import Database, escape_like
 from controller.errors import BadRequest, Conflict, NotFound
-from controller.models import OrgMember, Participant, Team, TeamMember, User, Workspace
+from controller.models import (
+    Organization,
+    OrgMember,
+    Participant,
+    Team,
+    TeamMember,
+    User,
+    Workspace,
+)
 from controller.org_requests import TeamBody, UpdateTeamRequest, name_refusal
 from controller.org_roles import (
+    MemberRow,
     OrgRole,
     ensure_org_member,
     org_role_or_404,
     require_org_role,
 )
 
-__all__ = ["TeamMemberRow", "TeamRow", "TeamService", "TeamWorkspaceRow"]
+__all__ = ["TeamRow", "TeamService", "TeamWorkspaceRow"]
 
 _SEES_TEAMS = {OrgRole.OWNER, OrgRole.MEMBER}
 _OWNER = {OrgRole.OWNER}
@@ -45,12 +54,6 @@ _OWNER = {OrgRole.OWNER}
 class TeamRow:
     team: Team
     members_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class TeamMemberRow:
-    user: User
-    role: OrgRole
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +95,13 @@ class TeamService:
 
     async def _caller(
         self, session: AsyncSession, principal: Principal, org_id: int, allowed: set[OrgRole]
-    ) -> OrgRole:
-        _org, role = await org_role_or_404(session, principal.user_id, org_id)
+    ) -> Organization:
+        """The organisation, once the caller's role in it allows `allowed`."""
+        org, role = await org_role_or_404(session, principal.user_id, org_id)
         require_org_role(
             role, allowed, "manage teams" if allowed == _OWNER else "see the organization's teams"
         )
-        return role
+        return org
 
     async def list_teams(
         self,
@@ -175,7 +179,7 @@ class TeamService:
         search: str | None,
         max_: int | None,
         offset: int,
-    ) -> tuple[list[TeamMemberRow], int]:
+    ) -> tuple[list[MemberRow], int]:
         async with self.db.transaction() as session:
             await self._caller(session, principal, org_id, _SEES_TEAMS)
             team = await self._team(session, org_id, team_id)
@@ -196,13 +200,12 @@ class TeamService:
             rows = (await session.execute(query.order_by(User.id))).all()
             page = rows[offset:] if max_ is None else rows[offset : offset + max_]
             return [
-                TeamMemberRow(user, OrgRole(role or OrgRole.COLLABORATOR.value))
-                for user, role in page
+                MemberRow(user, OrgRole(role or OrgRole.COLLABORATOR.value)) for user, role in page
             ], len(rows)
 
     async def add_member(
         self, principal: Principal, org_id: int, team_id: int, user_name_or_email: str
-    ) -> TeamMemberRow:
+    ) -> MemberRow:
         async with self.db.transaction() as session:
             await self._caller(session, principal, org_id, _OWNER)
             # Locked: a concurrent change of the team waits.
@@ -223,7 +226,7 @@ class TeamService:
                 raise Conflict(f"userNameOrEmail: {user.user_name!r} is already in the team")
             member = await ensure_org_member(session, org_id, user.id, OrgRole.MEMBER)
             session.add(TeamMember(team_id=team.id, user_id=user.id))
-            added = TeamMemberRow(user, OrgRole(member.role))
+            added = MemberRow(user, OrgRole(member.role))
         await notify_team_workspaces(self.db, self.hub, team_id)
         return added
 
@@ -253,8 +256,7 @@ class TeamService:
         offset: int,
     ) -> tuple[list[TeamWorkspaceRow], int]:
         async with self.db.transaction() as session:
-            await self._caller(session, principal, org_id, _SEES_TEAMS)
-            org, _role = await org_role_or_404(session, principal.user_id, org_id)
+            org = await self._caller(session, principal, org_id, _SEES_TEAMS)
             team = await self._team(session, org_id, team_id)
             query = (
                 select(Participant, Workspace)

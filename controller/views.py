@@ -19,6 +19,8 @@ from controller.models import (
     Workspace,
     as_utc,
 )
+from controller.org_responses import MemberDbDto
+from controller.org_roles import MemberRow
 from controller.responses import (
     AccessTokenDto,
     ActiveConnection,
@@ -323,4 +325,15 @@ def label_dto(label: Label) -> LabelDbDto:
         resource=label.resource,
         is_default=label.is_default,
         date_created=iso(label.date_created) or "",
+    )
+
+
+def member_dto(row: MemberRow) -> MemberDbDto:
+    """An organisation member, or a team member with their organisation role."""
+    return MemberDbDto(
+        member_id=row.user.id,
+        user_id=row.user.id,
+        user_name=row.user.user_name,
+        email=row.user.email,
+        role=row.role.value,
     )

@@ -32,19 +32,18 @@ from controller.org_responses import (
     ListOrganizationsResponse,
     ListWorkspacesAndOrgResponse,
     ListWorkspacesResponse,
-    MemberDbDto,
     OrgAndWorkspaceDto,
     OrganizationDbDto,
     UserResponseDto,
     Workspace,
     WorkspaceDbDto,
 )
-from controller.orgs_service import MemberRow, OrgRow, OrgService
+from controller.orgs_service import OrgRow, OrgService
 from controller.users_service import UserService
-from controller.views import iso
+from controller.views import iso, member_dto
 from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
 
-__all__ = ["member_dto", "routes"]
+__all__ = ["routes"]
 
 routes = web.RouteTableDef()
 
@@ -78,16 +77,6 @@ def _org_dto(row: OrgRow, user_id: int) -> OrganizationDbDto:
         logo_id=org.logo_id,
         member_id=user_id,
         member_role=row.role.value,
-    )
-
-
-def member_dto(row: MemberRow) -> MemberDbDto:
-    return MemberDbDto(
-        member_id=row.user.id,
-        user_id=row.user.id,
-        user_name=row.user.user_name,
-        email=row.user.email,
-        role=row.role.value,
     )
 
 

@@ -17,11 +17,11 @@ from controller.org_responses import (
     ListMembersResponse,
     ListTeamResponse,
     ListWorkspacesByTeamResponse,
-    MemberDbDto,
     TeamDbDto,
     WorkspaceParticipantResponseDto,
 )
-from controller.teams_service import TeamMemberRow, TeamRow, TeamService, TeamWorkspaceRow
+from controller.teams_service import TeamRow, TeamService, TeamWorkspaceRow
+from controller.views import member_dto
 from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
 
 __all__ = ["routes"]
@@ -61,16 +61,6 @@ def _team_dto(row: TeamRow) -> TeamDbDto:
         name=row.team.name,
         description=row.team.description,
         members_count=row.members_count,
-    )
-
-
-def _member_dto(row: TeamMemberRow) -> MemberDbDto:
-    return MemberDbDto(
-        member_id=row.user.id,
-        user_id=row.user.id,
-        user_name=row.user.user_name,
-        email=row.user.email,
-        role=row.role.value,
     )
 
 
@@ -144,7 +134,7 @@ async def list_team_members(request: web.Request) -> web.Response:
         principal(request), org_id, team_id, search, max_, offset
     )
     return json_response(
-        ListMembersResponse(members=[_member_dto(r) for r in rows], total_size=total)
+        ListMembersResponse(members=[member_dto(r) for r in rows], total_size=total)
     )
 
 
@@ -156,7 +146,7 @@ async def add_team_member(request: web.Request) -> web.Response:
     row = await _service(request).add_member(
         principal(request), org_id, team_id, body.user_name_or_email
     )
-    return json_response(AddTeamMemberResponse(member=_member_dto(row)))
+    return json_response(AddTeamMemberResponse(member=member_dto(row)))
 
 
 @routes.delete(_TEAM + "/members/{memberId}/delete")
