@@ -34,6 +34,7 @@ __all__ = [
     "json_response",
     "make_app",
     "parse_body",
+    "path_id",
     "principal",
     "query_bool",
     "query_int",
@@ -171,6 +172,14 @@ def validate(model: type[M], data: Any, prefix: str = "") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(validation_message(exc, prefix)) from None
+
+
+def path_id(request: web.Request, name: str, *, minimum: int = 1) -> int:
+    """The integer id in the path's `{name}`; 400 naming it when it is not one."""
+    text = request.match_info[name]
+    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < minimum:
+        raise BadRequest(f"{name}: must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def query_int(

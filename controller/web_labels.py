@@ -9,12 +9,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from controller.db import Database
-from controller.errors import BadRequest
 from controller.labels_service import LabelPage, LabelService
 from controller.requests import CreateLabelRequest, UpdateLabelRequest
 from controller.responses import CreateLabelResponse, ListLabelsResponse, UpdateLabelResponse
 from controller.views import label_dto
-from controller.web_app import json_response, parse_body, principal, query_bool, query_int
+from controller.web_app import json_response, parse_body, path_id, principal, query_bool, query_int
 
 __all__ = ["routes", "setup"]
 
@@ -30,13 +29,6 @@ def setup(app: web.Application, db: Database) -> None:
 
 def _workspace(request: web.Request) -> int | None:
     return query_int(request, "workspaceId", minimum=1, maximum=2**63 - 1)
-
-
-def _label_id(request: web.Request) -> int:
-    text = request.match_info["labelId"]
-    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
-        raise BadRequest(f"labelId: must be a positive integer, got {text!r}")
-    return int(text)
 
 
 @routes.get("/labels")
@@ -84,7 +76,7 @@ async def create_label(request: web.Request) -> web.Response:
 
 @routes.put("/labels/{labelId}")
 async def update_label(request: web.Request) -> web.Response:
-    label_id = _label_id(request)
+    label_id = path_id(request, "labelId")
     body = await parse_body(request, UpdateLabelRequest)
     assert body is not None
     label = await request.app[_LABELS].update(
@@ -103,6 +95,6 @@ async def update_label(request: web.Request) -> web.Response:
 
 @routes.delete("/labels/{labelId}")
 async def delete_label(request: web.Request) -> web.Response:
-    label_id = _label_id(request)
+    label_id = path_id(request, "labelId")
     await request.app[_LABELS].delete(principal(request), label_id, _workspace(request))
     return web.Response(status=204)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controller.errors import BadRequest
 from controller.models import Organization, User
 from controller.models import Workspace as WorkspaceRow
 from controller.org_requests import (
@@ -41,7 +40,14 @@ from controller.org_responses import (
 from controller.orgs_service import OrgRow, OrgService
 from controller.users_service import UserService
 from controller.views import iso, member_dto
-from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
+from controller.web_app import (
+    SERVICES_KEY,
+    json_response,
+    parse_body,
+    path_id,
+    principal,
+    query_int,
+)
 
 __all__ = ["routes"]
 
@@ -56,13 +62,6 @@ def _orgs(request: web.Request) -> OrgService:
 def _users(request: web.Request) -> UserService:
     service: UserService = request.app[SERVICES_KEY].users
     return service
-
-
-def _path_id(request: web.Request, name: str) -> int:
-    text = request.match_info[name]
-    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
-        raise BadRequest(f"{name}: must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def _org_dto(row: OrgRow, user_id: int) -> OrganizationDbDto:
@@ -147,13 +146,13 @@ async def create_org(request: web.Request) -> web.Response:
 @routes.get("/orgs/{orgId}")
 async def describe_org(request: web.Request) -> web.Response:
     caller = principal(request)
-    row = await _orgs(request).describe_org(caller, _path_id(request, "orgId"))
+    row = await _orgs(request).describe_org(caller, path_id(request, "orgId"))
     return json_response(DescribeOrganizationResponse(organization=_org_dto(row, caller.user_id)))
 
 
 @routes.put("/orgs/{orgId}")
 async def update_org(request: web.Request) -> web.Response:
-    org_id = _path_id(request, "orgId")
+    org_id = path_id(request, "orgId")
     body = await parse_body(request, UpdateOrganizationRequest)
     assert body is not None
     await _orgs(request).update_org(principal(request), org_id, body)
@@ -162,7 +161,7 @@ async def update_org(request: web.Request) -> web.Response:
 
 @routes.delete("/orgs/{orgId}")
 async def delete_org(request: web.Request) -> web.Response:
-    await _orgs(request).delete_org(principal(request), _path_id(request, "orgId"))
+    await _orgs(request).delete_org(principal(request), path_id(request, "orgId"))
     return web.Response(status=204)
 
 
@@ -173,7 +172,7 @@ async def _list_members(request: web.Request, *, collaborators: bool) -> web.Res
     search, max_, offset = _paging(request)
     rows, total = await _orgs(request).list_members(
         principal(request),
-        _path_id(request, "orgId"),
+        path_id(request, "orgId"),
         collaborators=collaborators,
         search=search,
         max_=max_,
@@ -196,7 +195,7 @@ async def list_collaborators(request: web.Request) -> web.Response:
 
 @routes.put("/orgs/{orgId}/members/add")
 async def add_member(request: web.Request) -> web.Response:
-    org_id = _path_id(request, "orgId")
+    org_id = path_id(request, "orgId")
     body = await parse_body(request, AddMemberRequest)
     assert body is not None
     row = await _orgs(request).add_member(principal(request), org_id, body.user)
@@ -205,21 +204,21 @@ async def add_member(request: web.Request) -> web.Response:
 
 @routes.delete("/orgs/{orgId}/members/leave")
 async def leave_org(request: web.Request) -> web.Response:
-    await _orgs(request).leave(principal(request), _path_id(request, "orgId"))
+    await _orgs(request).leave(principal(request), path_id(request, "orgId"))
     return web.Response(status=204)
 
 
 @routes.delete("/orgs/{orgId}/members/{memberId}")
 async def delete_member(request: web.Request) -> web.Response:
     await _orgs(request).delete_member(
-        principal(request), _path_id(request, "orgId"), _path_id(request, "memberId")
+        principal(request), path_id(request, "orgId"), path_id(request, "memberId")
     )
     return web.Response(status=204)
 
 
 @routes.put("/orgs/{orgId}/members/{memberId}/role")
 async def update_member_role(request: web.Request) -> web.Response:
-    org_id, member_id = _path_id(request, "orgId"), _path_id(request, "memberId")
+    org_id, member_id = path_id(request, "orgId"), path_id(request, "memberId")
     body = await parse_body(request, UpdateMemberRoleRequest)
     assert body is not None
     await _orgs(request).update_member_role(principal(request), org_id, member_id, body.role)
@@ -232,20 +231,20 @@ async def update_member_role(request: web.Request) -> web.Response:
 @routes.get("/orgs/{orgId}/workspaces/validate")
 async def validate_workspace_name(request: web.Request) -> web.Response:
     await _orgs(request).validate_workspace_name(
-        principal(request), _path_id(request, "orgId"), request.query.get("name")
+        principal(request), path_id(request, "orgId"), request.query.get("name")
     )
     return web.Response(status=204)
 
 
 @routes.get("/orgs/{orgId}/workspaces")
 async def list_workspaces(request: web.Request) -> web.Response:
-    rows = await _orgs(request).list_workspaces(principal(request), _path_id(request, "orgId"))
+    rows = await _orgs(request).list_workspaces(principal(request), path_id(request, "orgId"))
     return json_response(ListWorkspacesResponse(workspaces=[_workspace_db(w) for w in rows]))
 
 
 @routes.post("/orgs/{orgId}/workspaces")
 async def create_workspace(request: web.Request) -> web.Response:
-    org_id = _path_id(request, "orgId")
+    org_id = path_id(request, "orgId")
     body = await parse_body(request, CreateWorkspaceRequest)
     assert body is not None
     row = await _orgs(request).create_workspace(principal(request), org_id, body.workspace)
@@ -255,14 +254,14 @@ async def create_workspace(request: web.Request) -> web.Response:
 @routes.get("/orgs/{orgId}/workspaces/{workspaceId}")
 async def describe_workspace(request: web.Request) -> web.Response:
     row = await _orgs(request).describe_workspace(
-        principal(request), _path_id(request, "orgId"), _path_id(request, "workspaceId")
+        principal(request), path_id(request, "orgId"), path_id(request, "workspaceId")
     )
     return json_response(DescribeWorkspaceResponse(workspace=_workspace(row)))
 
 
 @routes.put("/orgs/{orgId}/workspaces/{workspaceId}")
 async def update_workspace(request: web.Request) -> web.Response:
-    org_id, workspace_id = _path_id(request, "orgId"), _path_id(request, "workspaceId")
+    org_id, workspace_id = path_id(request, "orgId"), path_id(request, "workspaceId")
     body = await parse_body(request, UpdateWorkspaceRequest)
     assert body is not None
     row = await _orgs(request).update_workspace(principal(request), org_id, workspace_id, body)
@@ -272,7 +271,7 @@ async def update_workspace(request: web.Request) -> web.Response:
 @routes.delete("/orgs/{orgId}/workspaces/{workspaceId}")
 async def delete_workspace(request: web.Request) -> web.Response:
     await _orgs(request).delete_workspace(
-        principal(request), _path_id(request, "orgId"), _path_id(request, "workspaceId")
+        principal(request), path_id(request, "orgId"), path_id(request, "workspaceId")
     )
     return web.Response(status=204)
 
@@ -298,7 +297,7 @@ def _org_and_workspace(
 
 @routes.get("/user/{userId}/workspaces")
 async def user_workspaces(request: web.Request) -> web.Response:
-    rows = await _orgs(request).user_workspaces(principal(request), _path_id(request, "userId"))
+    rows = await _orgs(request).user_workspaces(principal(request), path_id(request, "userId"))
     return json_response(
         ListWorkspacesAndOrgResponse(
             orgs_and_workspaces=[_org_and_workspace(r.org, r.workspace, r.role) for r in rows]
@@ -318,7 +317,7 @@ def _user_dto(user: User) -> UserResponseDto:
 
 @routes.get("/users/{userId}")
 async def describe_user(request: web.Request) -> web.Response:
-    summary = await _users(request).describe_user(principal(request), _path_id(request, "userId"))
+    summary = await _users(request).describe_user(principal(request), path_id(request, "userId"))
     return json_response(
         DescribeUserResponse(
             user=_user_dto(summary.user),
@@ -330,5 +329,5 @@ async def describe_user(request: web.Request) -> web.Response:
 
 @routes.delete("/users/{userId}")
 async def delete_user(request: web.Request) -> web.Response:
-    await _users(request).delete_user(principal(request), _path_id(request, "userId"))
+    await _users(request).delete_user(principal(request), path_id(request, "userId"))
     return web.Response(status=204)

@@ -40,6 +40,7 @@ from controller.web_app import (
     SERVICES_KEY,
     json_response,
     parse_body,
+    path_id,
     principal,
     query_bool,
     query_int,
@@ -95,13 +96,6 @@ def _studio(details: StudioDetails, public_url: str, *, labels: bool) -> DataStu
     if labels:
         dto.labels = [label_dto(label).dump() for label in details.labels]
     return dto
-
-
-def _checkpoint_id(request: web.Request) -> int:
-    text = request.match_info["checkpointId"]
-    if not text.isascii() or not text.isdigit() or len(text) > 18:
-        raise BadRequest(f"checkpointId: must be a positive integer, got {text!r}")
-    return int(text)
 
 
 # Registered before /studios/{sessionId} so that "templates" is not a session id.
@@ -243,7 +237,10 @@ async def list_checkpoints(request: web.Request) -> web.Response:
 async def get_checkpoint(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     row = await _service(request).get_checkpoint(
-        principal(request), request.match_info["sessionId"], workspace_id, _checkpoint_id(request)
+        principal(request),
+        request.match_info["sessionId"],
+        workspace_id,
+        path_id(request, "checkpointId", minimum=0),
     )
     return json_response(checkpoint_dto(row))
 
@@ -251,7 +248,7 @@ async def get_checkpoint(request: web.Request) -> web.Response:
 @routes.put("/studios/{sessionId}/checkpoints/{checkpointId}")
 async def rename_checkpoint(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
-    checkpoint_id = _checkpoint_id(request)
+    checkpoint_id = path_id(request, "checkpointId", minimum=0)
     body = await parse_body(request, CheckpointUpdateRequest)
     assert body is not None
     row = await _service(request).rename_checkpoint(

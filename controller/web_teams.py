@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controller.errors import BadRequest
 from controller.org_requests import CreateTeamMemberRequest, CreateTeamRequest, UpdateTeamRequest
 from controller.org_responses import (
     AddTeamMemberResponse,
@@ -22,7 +21,14 @@ from controller.org_responses import (
 )
 from controller.teams_service import TeamRow, TeamService, TeamWorkspaceRow
 from controller.views import member_dto
-from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
+from controller.web_app import (
+    SERVICES_KEY,
+    json_response,
+    parse_body,
+    path_id,
+    principal,
+    query_int,
+)
 
 __all__ = ["routes"]
 
@@ -36,15 +42,8 @@ def _service(request: web.Request) -> TeamService:
     return service
 
 
-def _path_id(request: web.Request, name: str) -> int:
-    text = request.match_info[name]
-    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
-        raise BadRequest(f"{name}: must be a positive integer, got {text!r}")
-    return int(text)
-
-
 def _ids(request: web.Request) -> tuple[int, int]:
-    return _path_id(request, "orgId"), _path_id(request, "teamId")
+    return path_id(request, "orgId"), path_id(request, "teamId")
 
 
 def _paging(request: web.Request) -> tuple[str | None, int | None, int]:
@@ -80,7 +79,7 @@ def _workspace_dto(row: TeamWorkspaceRow) -> WorkspaceParticipantResponseDto:
 @routes.get("/orgs/{orgId}/teams/validate")
 async def validate_team_name(request: web.Request) -> web.Response:
     await _service(request).validate_name(
-        principal(request), _path_id(request, "orgId"), request.query.get("name")
+        principal(request), path_id(request, "orgId"), request.query.get("name")
     )
     return web.Response(status=204)
 
@@ -89,14 +88,14 @@ async def validate_team_name(request: web.Request) -> web.Response:
 async def list_teams(request: web.Request) -> web.Response:
     search, max_, offset = _paging(request)
     rows, total = await _service(request).list_teams(
-        principal(request), _path_id(request, "orgId"), search, max_, offset
+        principal(request), path_id(request, "orgId"), search, max_, offset
     )
     return json_response(ListTeamResponse(teams=[_team_dto(r) for r in rows], total_size=total))
 
 
 @routes.post("/orgs/{orgId}/teams")
 async def create_team(request: web.Request) -> web.Response:
-    org_id = _path_id(request, "orgId")
+    org_id = path_id(request, "orgId")
     body = await parse_body(request, CreateTeamRequest)
     assert body is not None
     row = await _service(request).create_team(principal(request), org_id, body.team)
@@ -153,7 +152,7 @@ async def add_team_member(request: web.Request) -> web.Response:
 async def remove_team_member(request: web.Request) -> web.Response:
     org_id, team_id = _ids(request)
     await _service(request).remove_member(
-        principal(request), org_id, team_id, _path_id(request, "memberId")
+        principal(request), org_id, team_id, path_id(request, "memberId")
     )
     return web.Response(status=204)
 

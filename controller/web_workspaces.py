@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controller.errors import BadRequest
 from controller.requests import (
     AddParticipantRequest,
     DataStudioWorkspaceSettingsRequest,
@@ -12,7 +11,14 @@ from controller.requests import (
 )
 from controller.responses import AddParticipantResponse, ListParticipantsResponse
 from controller.views import participant_dto, workspace_settings_dto
-from controller.web_app import SERVICES_KEY, json_response, parse_body, principal, query_int
+from controller.web_app import (
+    SERVICES_KEY,
+    json_response,
+    parse_body,
+    path_id,
+    principal,
+    query_int,
+)
 from controller.workspaces_service import WorkspaceService
 
 __all__ = ["routes"]
@@ -26,15 +32,8 @@ def _service(request: web.Request) -> WorkspaceService:
     return request.app[SERVICES_KEY].workspaces  # type: ignore[no-any-return]
 
 
-def _path_id(request: web.Request, name: str) -> int:
-    text = request.match_info[name]
-    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
-        raise BadRequest(f"{name}: must be a positive integer, got {text!r}")
-    return int(text)
-
-
 def _ids(request: web.Request) -> tuple[int, int]:
-    return _path_id(request, "orgId"), _path_id(request, "workspaceId")
+    return path_id(request, "orgId"), path_id(request, "workspaceId")
 
 
 @routes.get(_WSP + "/participants")
@@ -72,7 +71,7 @@ async def add_participant(request: web.Request) -> web.Response:
 async def delete_participant(request: web.Request) -> web.Response:
     org_id, workspace_id = _ids(request)
     await _service(request).delete_participant(
-        principal(request), org_id, workspace_id, _path_id(request, "participantId")
+        principal(request), org_id, workspace_id, path_id(request, "participantId")
     )
     return web.Response(status=204)
 
@@ -80,7 +79,7 @@ async def delete_participant(request: web.Request) -> web.Response:
 @routes.put(_WSP + "/participants/{participantId}/role")
 async def update_participant_role(request: web.Request) -> web.Response:
     org_id, workspace_id = _ids(request)
-    participant_id = _path_id(request, "participantId")
+    participant_id = path_id(request, "participantId")
     body = await parse_body(request, UpdateParticipantRoleRequest)
     assert body is not None
     await _service(request).update_role(
