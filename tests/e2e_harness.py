@@ -183,6 +183,32 @@ class ControllerProcess(_Process):
     def agent_token_file(self) -> Path:
         return self.data_dir / "agent-token"
 
+    def add_user(self, name: str, role: str) -> str:
+        """A user with `role` in workspace 1, made by `studio-controller user add` as an
+        operator would; their API token."""
+        out = subprocess.run(
+            [
+                script("studio-controller"),
+                "user",
+                "add",
+                "--data-dir",
+                str(self.data_dir),
+                "--name",
+                name,
+                "--email",
+                f"{name}@example.org",
+                "--workspace",
+                "1",
+                "--role",
+                role,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
     async def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:

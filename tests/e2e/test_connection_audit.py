@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -18,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e_harness import AgentProcess, LocalhostResolver, RestClient, Stack, script
+from tests.e2e_harness import AgentProcess, LocalhostResolver, RestClient, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -75,31 +74,6 @@ def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def _add_user(stack: Stack, name: str, role: str) -> str:
-    out = subprocess.run(
-        [
-            script("studio-controller"),
-            "user",
-            "add",
-            "--data-dir",
-            str(stack.controller.data_dir),
-            "--name",
-            name,
-            "--email",
-            f"{name}@example.org",
-            "--workspace",
-            "1",
-            "--role",
-            role,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 async def test_a_visit_through_the_proxy_is_audited(stack: Stack) -> None:
     await stack.start()
     api = stack.api
@@ -125,7 +99,7 @@ async def test_a_visit_through_the_proxy_is_audited(stack: Stack) -> None:
     assert "closedBy" not in visit
 
     # Refused to a maintain user (admins and owners only).
-    maintainer = RestClient(api.base_url, _add_user(stack, "maintainer", "maintain"))
+    maintainer = RestClient(api.base_url, stack.controller.add_user("maintainer", "maintain"))
     try:
         status, body = await maintainer.request("GET", f"/studios/{sid}/connections")
         assert status == 403, body

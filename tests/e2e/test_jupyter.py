@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ import aiohttp
 import pytest
 
 from studios_shared.connect_token import sign_connect_token
-from tests.e2e_harness import LocalStack, RestClient, script
+from tests.e2e_harness import LocalStack, RestClient
 from tests.integration import require
 
 pytestmark = pytest.mark.e2e
@@ -40,31 +39,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
     )
     async with LocalStack(tmp_path) as s:
         yield s
-
-
-def _add_user(stack: LocalStack, name: str, role: str) -> str:
-    out = subprocess.run(
-        [
-            script("studio-controller"),
-            "user",
-            "add",
-            "--data-dir",
-            str(stack.controller.data_dir),
-            "--name",
-            name,
-            "--email",
-            f"{name}@example.org",
-            "--workspace",
-            "1",
-            "--role",
-            role,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
 
 
 class JupyterUser:
@@ -164,7 +138,7 @@ async def test_two_users_drive_jupyterlab_through_the_proxy(stack: LocalStack) -
     admin = stack.api
     assert admin is not None
     tokens = {
-        name: await asyncio.to_thread(_add_user, stack, name, role)
+        name: await asyncio.to_thread(stack.controller.add_user, name, role)
         for name, role in (("alice", "connect"), ("bob", "maintain"), ("carol", "view"))
     }
     _, body = await admin.request(
