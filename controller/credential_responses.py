@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict
-from pydantic.alias_generators import to_camel
+from typing import Literal
 
 from controller.models import Credentials, as_utc
+from controller.response_model import ResponseModel as _Response
 
 __all__ = [
     "CreateCredentialsResponse",
@@ -33,13 +31,6 @@ __all__ = [
     "credentials_dto",
     "keys_view",
 ]
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class CredentialsDto(_Response):

@@ -6,10 +6,9 @@ is omitted, never null (`dump`). Only the web layer builds them (`controller.web
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-from pydantic.alias_generators import to_camel
+from controller.response_model import ResponseModel as _Response
 
 __all__ = [
     "AddMemberResponse",
@@ -39,14 +38,6 @@ __all__ = [
 
 OrgRole = Literal["owner", "member", "collaborator"]
 Visibility = Literal["PRIVATE", "SHARED"]
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-
-    def dump(self) -> dict[str, Any]:
-        # The reference declares none of these fields nullable: no value, no field.
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class OrganizationDbDto(_Response):

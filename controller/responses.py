@@ -12,10 +12,9 @@ nullable and where `null` says something (`KEEP_NULL` of a model).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
-from pydantic.alias_generators import to_camel
+from controller.response_model import ResponseModel as _Response
 
 __all__ = [
     "AccessTokenDto",
@@ -66,23 +65,6 @@ __all__ = [
     "UserInfo",
     "UserResponseDto",
 ]
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-    # Wire names of this model's fields sent as null when they have no value (the
-    # reference declares them nullable and gives null a meaning).
-    KEEP_NULL: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A wrap serializer rather than exclude_none: it applies to nested models too,
-        # each with its own KEEP_NULL.
-        data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if v is not None or k in self.KEEP_NULL}
-
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
 
 
 class UserInfo(_Response):
@@ -224,10 +206,6 @@ class StudioConnectionDto(_Response):
 class StudioConnectionsListResponse(_Response):
     connections: list[StudioConnectionDto]
     total_size: int
-
-    def dump(self) -> dict[str, Any]:
-        # An open visit has no closedAt: absent, never null.
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class ComputeEnvCreateResponse(_Response):
@@ -392,15 +370,7 @@ class DataLinksListResponse(_Response):
     total_size: int
 
 
-class _Sparse(_Response):
-    """A shape whose fields without a value are omitted, never null (the reference does
-    not declare them nullable)."""
-
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-class LabelDbDto(_Sparse):
+class LabelDbDto(_Response):
     id: int
     name: str
     # Resource labels only.
@@ -410,12 +380,12 @@ class LabelDbDto(_Sparse):
     date_created: str
 
 
-class ListLabelsResponse(_Sparse):
+class ListLabelsResponse(_Response):
     labels: list[LabelDbDto]
     total_size: int
 
 
-class CreateLabelResponse(_Sparse):
+class CreateLabelResponse(_Response):
     id: int
     name: str
     value: str | None = None
@@ -423,7 +393,7 @@ class CreateLabelResponse(_Sparse):
     is_default: bool
 
 
-class UpdateLabelResponse(_Sparse):
+class UpdateLabelResponse(_Response):
     id: int
     name: str
     value: str | None = None
