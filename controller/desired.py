@@ -91,6 +91,7 @@ def session_desired(
             checkpoint_base_uri=checkpoint_base_uri(compute_env.work_dir) if compute_env else "",
             boot_disk_size_gb=compute_env.boot_disk_size_gb if compute_env else 0,
             session_disk_cap_gb=(compute_env.session_disk_cap_gb or 0) if compute_env else 0,
+            conda_environment=str(config.get("condaEnvironment") or ""),
             # Mounts (controller.mounts): data-links of the configuration, and
             # the compute environment's file-system mounts.
             data_links=[_data_link_mount(m) for m in data_links],

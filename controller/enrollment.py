@@ -367,7 +367,7 @@ class Revoked:
 
 
 # A session on these may hold resources on its agent (a build runs there too).
-_ON_AGENT = [s.value for s in (*lifecycle.ACTIVE, Status.BUILDING)]
+_ON_AGENT = [s.value for s in lifecycle.ACTIVE]
 
 
 async def revoke_agent(db: Database, agent_id: str) -> Revoked:

@@ -49,15 +49,22 @@ class StopReason(StrEnum):
     LIFESPAN_EXPIRED = "LIFESPAN_EXPIRED"
 
 
-# Statuses in which a session may hold resources on its agent.
-ACTIVE = frozenset({Status.STARTING, Status.RUNNING, Status.STOPPING})
+# Statuses in which a session may hold resources on its agent (a build is one).
+ACTIVE = frozenset({Status.BUILDING, Status.STARTING, Status.RUNNING, Status.STOPPING})
 
 _ALLOWED: dict[Status, frozenset[Status]] = {
-    Status.BUILDING: frozenset({Status.STARTING, Status.BUILD_FAILED, Status.ERRORED}),
+    # building -> stopped: a build the agent ended for a stop (a deleted studio).
+    Status.BUILDING: frozenset(
+        {Status.STARTING, Status.BUILD_FAILED, Status.ERRORED, Status.STOPPED}
+    ),
     Status.BUILD_FAILED: frozenset({Status.BUILDING, Status.STARTING}),
     # starting -> stopping: a stop that the agent reports before "running"
     # (the API refuses a stop while starting, an agent may still do one).
-    Status.STARTING: frozenset({Status.RUNNING, Status.STOPPING, Status.STOPPED, Status.ERRORED}),
+    # starting -> building: the agent builds the studio's custom environment first
+    # (the controller's start is `starting` until the agent says so).
+    Status.STARTING: frozenset(
+        {Status.BUILDING, Status.RUNNING, Status.STOPPING, Status.STOPPED, Status.ERRORED}
+    ),
     Status.RUNNING: frozenset({Status.STOPPING, Status.STOPPED, Status.ERRORED}),
     Status.STOPPING: frozenset({Status.STOPPED, Status.ERRORED}),
     Status.STOPPED: frozenset({Status.BUILDING, Status.STARTING}),
@@ -144,7 +151,7 @@ def check_delete(studio: Studio) -> None:
 def check_update(studio: Studio) -> None:
     """PUT /studios/{id}: only a studio that is not running (nor on its way) can change."""
     status = Status(studio.status)
-    if status in ACTIVE or status == Status.BUILDING:
+    if status in ACTIVE:
         raise Conflict(f"studio {studio.session_id} is {status}: stop it before editing it")
 
 

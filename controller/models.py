@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -393,6 +394,26 @@ class Checkpoint(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     date_saved: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StudioBuild(Base):
+    """The latest build of a studio's custom environment (`condaEnvironment`), as its
+    agent reported it when the build ended: the image it gave, or the failure's log
+    (`GET /studios/{sessionId}/build`). Kept apart from the studio row: a log is up to
+    256 KiB and listings never need it."""
+
+    __tablename__ = "studio_builds"
+
+    session_id: Mapped[str] = mapped_column(ForeignKey("studios.session_id"), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    env_hash: Mapped[str] = mapped_column(String(64), default="")
+    image: Mapped[str] = mapped_column(Text, default="")
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed: Mapped[bool] = mapped_column(Boolean, default=False)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    log: Mapped[str] = mapped_column(Text, default="")
+    log_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class CheckpointGcRun(Base):

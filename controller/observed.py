@@ -45,6 +45,7 @@ from controller.models import (
     Checkpoint,
     ComputeEnv,
     Studio,
+    StudioBuild,
     StudioConnection,
     User,
     Workspace,
@@ -55,6 +56,9 @@ from controller.models import (
 __all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name", "proxy_instance_id"]
 
 log = logging.getLogger(__name__)
+
+# The most of a failed build's log kept (what the agent sends is 256 KiB at most).
+_BUILD_LOG_MAX = 512 * 1024
 
 _STEP_STATUS = {
     agent_pb2.STEP_STATUS_UNSPECIFIED: "pending",
@@ -162,6 +166,28 @@ def _progress(steps: Iterable[agent_pb2.ProgressStep]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+async def _record_build(
+    session: AsyncSession, studio: Studio, generation: int, build: agent_pb2.EnvironmentBuild
+) -> None:
+    """The build's outcome, once per generation (the agent repeats it with each report)."""
+    row = await session.get(StudioBuild, studio.session_id, with_for_update=True)
+    if row is not None and row.generation == generation:
+        return
+    if row is None:
+        row = StudioBuild(session_id=studio.session_id)
+        session.add(row)
+    row.generation = generation
+    row.env_hash = build.env_hash[:64]
+    row.image = build.image
+    row.cached = build.cached
+    row.failed = build.failed
+    row.seconds = max(0.0, build.seconds)
+    # The agent bounds it (agent.sessions.build); so does the controller.
+    row.log = build.log[:_BUILD_LOG_MAX]
+    row.log_truncated = build.log_truncated or len(build.log) > _BUILD_LOG_MAX
+    row.finished_at = utcnow()
 
 
 def _mount_state(
@@ -315,6 +341,8 @@ class ObservationHandler:
                 ],
             }
         studio.last_updated = now
+        if observed.HasField("build"):
+            await _record_build(session, studio, observed.generation, observed.build)
         return self._apply_status(studio, observed)
 
     def _apply_status(self, studio: Studio, observed: agent_pb2.SessionObserved) -> set[str]:
@@ -326,17 +354,23 @@ class ObservationHandler:
             agent_pb2.SESSION_STATUS_STOPPING: Status.STOPPING,
             agent_pb2.SESSION_STATUS_STOPPED: Status.STOPPED,
             agent_pb2.SESSION_STATUS_ERRORED: Status.ERRORED,
+            agent_pb2.SESSION_STATUS_BUILDING: Status.BUILDING,
+            agent_pb2.SESSION_STATUS_BUILD_FAILED: Status.BUILD_FAILED,
         }.get(observed.status)
         if target is None:
             return set()
         resend: set[str] = set()
-        if studio.desired_status == "stopped" and target in (Status.STARTING, Status.RUNNING):
+        if studio.desired_status == "stopped" and target in (
+            Status.BUILDING,
+            Status.STARTING,
+            Status.RUNNING,
+        ):
             # The agent has not seen the stop yet (or lost it): keep
             # "stopping" and tell it again.
             resend.add(studio.session_id)
             if current == Status.STOPPING:
                 return resend
-        if target == Status.STARTING and current != Status.STARTING:
+        if target == Status.STARTING and current not in (Status.STARTING, Status.BUILDING):
             return resend
         if not lifecycle.can_transition(current, target):
             log.info(

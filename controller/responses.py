@@ -136,6 +136,7 @@ class DataStudioDto(_Response):
     last_started: str | None = None
     status_info: DataStudioStatusInfo
     studio_url: str
+    wave_build_url: str | None = None
     progress: list[DataStudioProgressStep]
     active_connections: list[ActiveConnection] = []
     is_private: bool
@@ -201,6 +202,25 @@ class StudioConnectionDto(_Response):
     duration_seconds: int | None = None
     # "agentRestart": the close time is when the controller learned the visit had ended.
     closed_by: str | None = None
+
+
+class StudioBuildDto(_Response):
+    """A studio's custom environment build (an addition beside the reference's
+    `waveBuildUrl`): `building` (with the build's last output line in `progress`),
+    `pending` (not built yet: it builds at the next start), `succeeded` or `failed`;
+    the ended build's image, or the failed one's log."""
+
+    session_id: str
+    status: str
+    progress: str | None = None
+    generation: int | None = None
+    environment_hash: str | None = None
+    image: str | None = None
+    cached: bool | None = None
+    duration_seconds: float | None = None
+    finished_at: str | None = None
+    log: str | None = None
+    log_truncated: bool | None = None
 
 
 class StudioConnectionsListResponse(_Response):

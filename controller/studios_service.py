@@ -82,6 +82,7 @@ from controller.models import (
     ComputeEnv,
     Label,
     Studio,
+    StudioBuild,
     StudioConnection,
     User,
     Workspace,
@@ -978,6 +979,23 @@ class StudioService:
             )
             rows = (await session.scalars(query)).all()
             return builtins.list(rows), int(total or 0)
+
+    async def build(
+        self, principal: Principal, session_id: str, workspace_id: int | None
+    ) -> tuple[Studio, StudioBuild | None]:
+        """The studio and its custom environment's latest build (None: none has ended).
+
+        Whoever may see the studio may read it; NotFound for a studio without a
+        custom environment that never built one."""
+        async with self.db.transaction() as session:
+            studio, _role = await self._studio(session, principal, session_id, workspace_id)
+            build = await session.get(StudioBuild, studio.session_id)
+            if build is None and not (studio.configuration or {}).get("condaEnvironment"):
+                raise NotFound(
+                    f"studio {session_id} has no custom environment "
+                    "(configuration.condaEnvironment)"
+                )
+            return studio, build
 
     async def _checkpoint(
         self, session: AsyncSession, studio: Studio, checkpoint_id: int, *, for_update: bool = False

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from controller.datalink_views import mounted_data_link_view
+from controller.lifecycle import Status
 from controller.lifespan import effective_lifespan_hours
 from controller.models import (
     Agent,
@@ -14,6 +15,7 @@ from controller.models import (
     ComputeEnv,
     Label,
     Studio,
+    StudioBuild,
     StudioConnection,
     User,
     Workspace,
@@ -38,6 +40,7 @@ from controller.responses import (
     LabelDbDto,
     ParentCheckpoint,
     ParticipantDto,
+    StudioBuildDto,
     StudioConnectionDto,
     StudioConnectionUser,
     UnknownUser,
@@ -158,6 +161,13 @@ def studio_dto(details: StudioDetails, public_url: str) -> DataStudioDto:
         last_started=iso(studio.last_started),
         status_info=info,
         studio_url=f"{public_url.rstrip('/')}/studios/{studio.session_id}/connect",
+        # Where the reference links its Wave build: here, the build's own resource.
+        wave_build_url=(
+            f"{public_url.rstrip('/')}/studios/{studio.session_id}/build"
+            f"?workspaceId={studio.workspace_id}"
+            if (studio.configuration or {}).get("condaEnvironment")
+            else None
+        ),
         progress=[DataStudioProgressStep(**step) for step in (studio.progress or [])],
         active_connections=[
             ActiveConnection(
@@ -213,6 +223,31 @@ def connection_dto(row: StudioConnection) -> StudioConnectionDto:
         closed_at=iso(closed),
         duration_seconds=(round((closed - opened).total_seconds()) if closed and opened else None),
         closed_by=row.closed_by,
+    )
+
+
+def build_dto(studio: Studio, build: StudioBuild | None) -> StudioBuildDto:
+    """The studio's build: what runs now when it is building, else the last that ended."""
+    if Status(studio.status) == Status.BUILDING:
+        step = next((p for p in studio.progress or () if p.get("status") == "in-progress"), None)
+        return StudioBuildDto(
+            session_id=studio.session_id,
+            status="building",
+            progress=str(step.get("message") or "") or None if step else None,
+        )
+    if build is None:
+        return StudioBuildDto(session_id=studio.session_id, status="pending")
+    return StudioBuildDto(
+        session_id=studio.session_id,
+        status="failed" if build.failed else "succeeded",
+        generation=build.generation,
+        environment_hash=build.env_hash or None,
+        image=build.image or None,
+        cached=build.cached,
+        duration_seconds=build.seconds,
+        finished_at=iso(as_utc(build.finished_at)),
+        log=build.log if build.failed else None,
+        log_truncated=build.log_truncated if build.failed else None,
     )
 
 

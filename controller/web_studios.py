@@ -28,6 +28,7 @@ from controller.responses import (
 )
 from controller.studios_service import Page, StudioDetails, StudioService
 from controller.views import (
+    build_dto,
     checkpoint_dto,
     compatible_env_dtos,
     connection_dto,
@@ -270,6 +271,15 @@ async def list_connections(request: web.Request) -> web.Response:
             connections=[connection_dto(r) for r in rows], total_size=total
         )
     )
+
+
+@routes.get("/studios/{sessionId}/build")
+async def get_build(request: web.Request) -> web.Response:
+    """The custom environment's build and, when it failed, its log (an addition)."""
+    studio, build = await _service(request).build(
+        principal(request), request.match_info["sessionId"], _workspace(request)
+    )
+    return json_response(build_dto(studio, build))
 
 
 @routes.get("/studios/{sessionId}/connect")

@@ -27,6 +27,8 @@ class SessionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATUS_STOPPING: _ClassVar[SessionStatus]
     SESSION_STATUS_STOPPED: _ClassVar[SessionStatus]
     SESSION_STATUS_ERRORED: _ClassVar[SessionStatus]
+    SESSION_STATUS_BUILDING: _ClassVar[SessionStatus]
+    SESSION_STATUS_BUILD_FAILED: _ClassVar[SessionStatus]
 
 class StepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -83,6 +85,8 @@ SESSION_STATUS_RUNNING: SessionStatus
 SESSION_STATUS_STOPPING: SessionStatus
 SESSION_STATUS_STOPPED: SessionStatus
 SESSION_STATUS_ERRORED: SessionStatus
+SESSION_STATUS_BUILDING: SessionStatus
+SESSION_STATUS_BUILD_FAILED: SessionStatus
 STEP_STATUS_UNSPECIFIED: StepStatus
 STEP_STATUS_PENDING: StepStatus
 STEP_STATUS_IN_PROGRESS: StepStatus
@@ -237,7 +241,7 @@ class Volume(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., volume_kind: _Optional[_Union[VolumeKind, str]] = ...) -> None: ...
 
 class SessionObserved(_message.Message):
-    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code", "data_links")
+    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code", "data_links", "build")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +255,7 @@ class SessionObserved(_message.Message):
     EXITED_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     DATA_LINKS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     generation: int
     status: SessionStatus
@@ -264,7 +269,26 @@ class SessionObserved(_message.Message):
     exited: bool
     exit_code: int
     data_links: _containers.RepeatedCompositeFieldContainer[DataLinkMountStatus]
-    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMountStatus, _Mapping]]] = ...) -> None: ...
+    build: EnvironmentBuild
+    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMountStatus, _Mapping]]] = ..., build: _Optional[_Union[EnvironmentBuild, _Mapping]] = ...) -> None: ...
+
+class EnvironmentBuild(_message.Message):
+    __slots__ = ("env_hash", "image", "cached", "seconds", "failed", "log", "log_truncated")
+    ENV_HASH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    LOG_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    env_hash: str
+    image: str
+    cached: bool
+    seconds: float
+    failed: bool
+    log: str
+    log_truncated: bool
+    def __init__(self, env_hash: _Optional[str] = ..., image: _Optional[str] = ..., cached: _Optional[bool] = ..., seconds: _Optional[float] = ..., failed: _Optional[bool] = ..., log: _Optional[str] = ..., log_truncated: _Optional[bool] = ...) -> None: ...
 
 class DataLinkMountStatus(_message.Message):
     __slots__ = ("data_link_id", "mount_name", "message", "mount_state")
@@ -421,7 +445,7 @@ class CheckpointRef(_message.Message):
     def __init__(self, checkpoint_id: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb", "data_links", "file_system_mounts", "session_disk_cap_gb")
+    __slots__ = ("image", "tool", "environment", "cpu", "memory_mib", "gpu", "studio_name", "checkpoint_base_uri", "boot_disk_size_gb", "data_links", "file_system_mounts", "session_disk_cap_gb", "conda_environment")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +465,7 @@ class SessionSpec(_message.Message):
     DATA_LINKS_FIELD_NUMBER: _ClassVar[int]
     FILE_SYSTEM_MOUNTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_DISK_CAP_GB_FIELD_NUMBER: _ClassVar[int]
+    CONDA_ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     image: str
     tool: str
     environment: _containers.ScalarMap[str, str]
@@ -453,7 +478,8 @@ class SessionSpec(_message.Message):
     data_links: _containers.RepeatedCompositeFieldContainer[DataLinkMount]
     file_system_mounts: _containers.RepeatedCompositeFieldContainer[FileSystemMount]
     session_disk_cap_gb: int
-    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMount, _Mapping]]] = ..., file_system_mounts: _Optional[_Iterable[_Union[FileSystemMount, _Mapping]]] = ..., session_disk_cap_gb: _Optional[int] = ...) -> None: ...
+    conda_environment: str
+    def __init__(self, image: _Optional[str] = ..., tool: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., cpu: _Optional[int] = ..., memory_mib: _Optional[int] = ..., gpu: _Optional[int] = ..., studio_name: _Optional[str] = ..., checkpoint_base_uri: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMount, _Mapping]]] = ..., file_system_mounts: _Optional[_Iterable[_Union[FileSystemMount, _Mapping]]] = ..., session_disk_cap_gb: _Optional[int] = ..., conda_environment: _Optional[str] = ...) -> None: ...
 
 class DataLinkMount(_message.Message):
     __slots__ = ("data_link_id", "mount_name", "resource_ref", "read_only", "endpoint", "region", "access_key_id", "secret_access_key", "required")
