@@ -46,6 +46,7 @@ from controller.compute_envs_service import ComputeEnvService
 from controller.config import ControllerConfig
 from controller.db import Database
 from controller.lifespan import LifespanEnforcer
+from controller.metrics import ControllerMetrics
 from controller.models import Agent
 from controller.observed import ObservationHandler
 from controller.orgs_service import OrgService
@@ -59,6 +60,7 @@ from controller.templates import load_catalogue
 from controller.users_service import UserService
 from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
+from studios_shared.metrics_server import MetricsServer
 
 __all__ = ["Controller", "Services", "default_server_names"]
 
@@ -124,6 +126,9 @@ class Controller:
         self.studios: StudioService | None = None
         self.checkpoint_gc: CheckpointGc | None = None
         self.agent_service: AgentService | None = None
+        # Prometheus metrics: always counted, served only on `--metrics` (metrics_port).
+        self.metrics: ControllerMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -135,6 +140,7 @@ class Controller:
         self.db = db = Database(cfg.effective_database_url)
         await db.migrate()
         await bootstrap(db, cfg.data_dir)
+        self.metrics = ControllerMetrics(db, self.hub)
         ca = open_ca(cfg.data_dir)
         self.ca_certificate_pem = ca.certificate_pem
         names = cfg.grpc_advertise or default_server_names(cfg.grpc_host, cfg.grpc_agents_host)
@@ -220,6 +226,7 @@ class Controller:
                 teams=TeamService(db, self.hub),
             ),
         )
+        self.metrics.install(app)
         # Browser sign-in cookies are signed with a key of their own, derived from the master key.
         signin = app[SIGNIN_KEY] = SignInSettings(key=derive_session_key(master_key))
         web_datalinks.setup(app, db, secret_box)
@@ -248,6 +255,9 @@ class Controller:
         ).rstrip("/")
         self.studios.public_url = self.public_url
         signin.public_url = self.public_url
+        if cfg.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics.scrape)
+            await self.metrics_server.start(cfg.metrics_host, cfg.metrics_port)
 
         self.reconciler.start()
         # Checkpoint data of deleted studios is collected in the background.
@@ -287,6 +297,12 @@ class Controller:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+            self.metrics_server = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.db is not None:
             await self.db.close()
             self.db = None

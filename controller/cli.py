@@ -3,7 +3,8 @@
     studio-controller serve --data-dir DIR [--http HOST:PORT] [--grpc HOST:PORT]
                             [--grpc-agents HOST:PORT] [--grpc-advertise NAME[,NAME...]]
                             [--grpc-agents-advertise HOST:PORT] [--agent-cert-lifetime 30d]
-                            [--database URL] [--public-url URL]
+                            [--database URL] [--public-url URL] [--metrics [HOST:]PORT]
+                            [--log-format text|json]
     studio-controller user add --data-dir DIR --name NAME --email EMAIL
                                [--workspace ID] [--role ROLE] [--database URL]
     studio-controller agent token create --data-dir DIR [--compute-env ID] [--ttl 24h]
@@ -11,8 +12,12 @@
     studio-controller agent list --data-dir DIR [--json] [--database URL]
     studio-controller agent revoke ID --data-dir DIR [--database URL]
 
-`serve` logs to stderr and stops cleanly on SIGTERM and SIGINT. `user add`
-prints the new user's API token on stdout, once; `agent token create` a join token.
+`serve` logs to stderr (text, or one JSON object per line with `--log-format json` or
+STUDIOS_LOG_FORMAT=json) and stops cleanly on SIGTERM and SIGINT. Under systemd
+(`Type=notify`) it reports READY=1 once the database is migrated and HTTP and both
+gRPC endpoints listen, pings the watchdog from its event loop, and STOPPING=1 on a
+stop. `user add` prints the new user's API token on stdout, once; `agent token create`
+a join token.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from controller.db import Database
 from controller.errors import Conflict, NotFound, StudiosError
 from controller.models import ApiToken, OrgMember, Participant, User, Workspace
 from controller.templates import load_catalogue
+from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
+from studios_shared.metrics_server import parse_metrics_address
+from studios_shared.sd_notify import Notifier
 
 __all__ = ["add_user", "main"]
 
@@ -115,7 +123,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the template catalogue, YAML (default: the packaged controller/templates.yaml)",
     )
+    serve.add_argument(
+        "--metrics",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus /metrics on a listener of its own (a bare PORT: on "
+        "127.0.0.1); default: not served. Never on the --http port: the figures are the "
+        "operator's",
+    )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text (default) or json, one object per line (else STUDIOS_LOG_FORMAT)",
+    )
 
     user = sub.add_parser("user", help="manage users")
     user_sub = user.add_subparsers(dest="user_command", required=True)
@@ -166,13 +188,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(args, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        log_format = resolve_log_format(getattr(args, "log_format", None))
+    except ValueError as exc:
+        print(f"studio-controller: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(getattr(args, "log_level", "INFO"), log_format)
     if args.command == "serve":
+        metrics_host, metrics_port = "127.0.0.1", None
         try:
+            if args.metrics:
+                metrics_host, metrics_port = parse_metrics_address(args.metrics)
             http_host, http_port = parse_host_port(args.http, what="--http")
             grpc_host, grpc_port = parse_host_port(args.grpc, what="--grpc")
             agents_host, agents_port = parse_host_port(args.grpc_agents, what="--grpc-agents")
@@ -205,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_gc_interval_seconds=args.checkpoint_gc_interval_seconds,
             checkpoint_gc_grace_seconds=args.checkpoint_gc_grace_seconds,
             templates_file=args.templates,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
         )
         return asyncio.run(_serve(config))
     if args.command == "user" and args.user_command == "add":
@@ -297,22 +325,43 @@ def _print_agents(rows: list[enrollment.AgentRow]) -> None:
 
 async def _serve(config: ControllerConfig) -> int:
     controller = Controller(config)
+    systemd = Notifier.from_environment()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Pinged while starting too: a migration may take longer than the watchdog interval.
+    watchdog = asyncio.create_task(systemd.watchdog_loop(), name="systemd-watchdog")
+    systemd.status("starting: migrating the database, opening the listeners")
     try:
         await controller.start()
     except Exception as exc:
         log.exception("studio-controller failed to start: %s", exc)
+        systemd.stopping(f"failed to start: {exc}")
+        watchdog.cancel()
         await controller.stop()
         return 1
+    systemd.ready(_serving_status(controller))
     try:
         await stop.wait()
         log.info("stopping (signal received)")
+        systemd.stopping()
     finally:
         await controller.stop()
+        watchdog.cancel()
     return 0
+
+
+def _serving_status(controller: Controller) -> str:
+    cfg = controller.config
+    text = (
+        f"serving: HTTP {cfg.http_host}:{controller.http_port}, gRPC enrollment "
+        f"{cfg.grpc_host}:{controller.grpc_port}, agents {cfg.grpc_agents_host}:"
+        f"{controller.grpc_agents_port}"
+    )
+    if controller.metrics_server is not None:
+        text += f", metrics {cfg.metrics_host}:{controller.metrics_server.port}"
+    return text
 
 
 async def add_user(

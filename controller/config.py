@@ -88,6 +88,9 @@ class ControllerConfig:
     # How often every connected agent gets its full desired state again.
     resync_interval_seconds: float = 60.0
     connect_token_ttl_seconds: float = 60.0
+    # The separate /metrics listener (`--metrics`); port None: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
     # How often sessions past their lifespan are looked for (and stopped).
     lifespan_check_interval_seconds: float = 30.0
     # Checkpoint garbage collection (controller.checkpoint_gc): how often every store
