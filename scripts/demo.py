@@ -1,14 +1,42 @@
 """The quick start's main job: a controller, an agent and a sample studio on embedded defaults.
 
-Starts `studio-controller serve` and `studio-agent serve` (local runtime) as child processes
-with their state in `.quickstart/` (or `--state-dir`), creates a compute environment and a
-studio named `sample` (or reuses them on a later run, starting the studio again whatever state
-an earlier run or a reboot left it in), waits until its page answers through the proxy and
-prints where to open it. Ctrl-C stops the studio (its final checkpoint is written), then the
-agent and the controller, and exits 0.
+Starts `studio-controller serve` and `studio-agent serve` as child processes with their state
+in `.quickstart/` (or `--state-dir`), creates a compute environment and the sample studio (or
+reuses them on a later run, starting the studio again whatever state an earlier run or a
+reboot left it in), waits until its page answers through the proxy and prints where to open
+it. Ctrl-C stops the studio (its final checkpoint is written), then the agent and the
+controller, and exits 0.
 
     scripts/quickstart            # install, then this
     .venv/bin/python scripts/demo.py --check   # start, verify the page, stop, exit (CI)
+
+Which sample (`--runtime auto`, the default). Where podman works, the sample is JupyterLab
+(template `studios/jupyterlab:4.6-0.1`) in a podman container: running as root, `podman`
+installed, its REST service answering on `$STUDIOS_PODMAN_SOCKET` (default
+/run/podman/podman.sock; started here with `scripts/podman-setup start` when nothing answers)
+and the image `localhost/studios/jupyterlab:4.6-0.1` present (built here with `studio-agent
+images build jupyterlab` when missing: minutes on a clean machine, with the build's progress
+on the terminal; an image that exists is never rebuilt, even when its definition changed).
+Elsewhere the sample is Python's http.server (`studios/python-http:3.11-0.1`) on the local
+runtime, as before, and one line says why and how to get JupyterLab. The output always says
+which it chose. `--runtime podman` makes any of these a failure instead (CI's check);
+`--runtime local` always takes the local sample. A podman service this run started is stopped
+when it ends (a run killed outright leaves it, and the next run finds it answering); one that
+was already answering is left alone. CI's last step (`.ci/run`: `--check --runtime podman`)
+comes after `scripts/test`, which stops the service it started, so this start is what it
+relies on.
+
+The two samples live side by side in one state directory, each with a compute environment,
+an agent state directory and a studio of its own: `sample` (python-http, compute environment
+`quickstart`, `agent/`, `work/`: what earlier versions created) and `jupyterlab` (compute
+environment `quickstart-podman`, `agent-podman/`, `work-podman/`). An existing `sample` is
+therefore neither reused for JupyterLab nor replaced: a studio's template is fixed at
+creation and python-http has no container image, so reusing it could not run on podman, and
+replacing it would delete the files its checkpoint keeps. It stays stopped while the podman
+sample runs and comes back, with its files, on any later run that falls back (or with
+`--runtime local`). An agent runs one runtime, and a compute environment's studios may be
+placed on any of its agents: hence an agent and a compute environment per sample, so the
+controller never places python-http on the podman agent.
 
 Processes. A terminal sends Ctrl-C's SIGINT to its whole foreground process group, so this
 script is two processes: the front (what the shell started, in the terminal's group) and the
@@ -38,12 +66,14 @@ import ctypes
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +82,13 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient  # noqa: E402
+from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient, script  # noqa: E402
 
 DEFAULT_STATE = ROOT / ".quickstart"
-TEMPLATE = "studios/python-http:3.11-0.1"
-STUDIO_NAME = "sample"
+PODMAN_SETUP = ROOT / "scripts" / "podman-setup"
+JUPYTER_IMAGE = "localhost/studios/jupyterlab:4.6-0.1"
+# The tool's own start inside the container, on a shared and busy host.
+PODMAN_TOOL_START_SECONDS = 180
 # A restore and the tool's start; generous because the machine may be shared and slow.
 START_TIMEOUT = 240.0
 # The agent's grace period for the tool (30 s) plus writing the final checkpoint.
@@ -68,6 +100,55 @@ _PR_SET_PDEATHSIG = 1
 
 class DemoError(Exception):
     """A failure the user is told about in one sentence (no traceback)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One kind of sample studio and where its pieces live (see the module's docstring)."""
+
+    runtime: str
+    template: str
+    studio_name: str
+    compute_env: str
+    agent_dir: str
+    work_dir: str
+    what: str
+    # Text its landing page contains, and a path of its API that must answer 200 (--check).
+    page_marker: str
+    api_path: str | None
+
+
+LOCAL = Sample(
+    runtime="local",
+    template="studios/python-http:3.11-0.1",
+    studio_name="sample",
+    compute_env="quickstart",
+    agent_dir="agent",
+    work_dir="work",
+    what="Python's http.server (studios/python-http:3.11-0.1) on the local runtime",
+    page_marker="Directory listing",
+    api_path=None,
+)
+PODMAN = Sample(
+    runtime="podman",
+    template="studios/jupyterlab:4.6-0.1",
+    studio_name="jupyterlab",
+    compute_env="quickstart-podman",
+    agent_dir="agent-podman",
+    work_dir="work-podman",
+    what="JupyterLab 4.6 (studios/jupyterlab:4.6-0.1) in a podman container",
+    page_marker="JupyterLab",
+    api_path="/api/status",
+)
+HOW_TO_JUPYTERLAB = (
+    "for JupyterLab in a container, run scripts/quickstart as root on a host where podman "
+    "works (scripts/install installs it)"
+)
+
+
+def podman_socket() -> Path:
+    # The same variable scripts/podman-setup reads, so both name one socket.
+    return Path(os.environ.get("STUDIOS_PODMAN_SOCKET", "/run/podman/podman.sock"))
 
 
 def say(text: str, *, err: bool = False) -> None:
@@ -197,6 +278,124 @@ async def acquire_lock(lock: RunLock, quit_event: asyncio.Event) -> bool:
             return False
 
 
+# ------------------------------------------------------------------ preparing podman
+
+
+class Unusable(Exception):
+    """Why the podman sample cannot run here, in words for the user."""
+
+
+async def run_step(
+    argv: list[str], env: dict[str, str] | None = None, *, quiet: bool = False
+) -> int:
+    """Run one preparation step, its output on the terminal (a build shows its progress
+    there); its exit status.
+
+    In a process group of its own, so that a Ctrl-C meanwhile (which cancels this) ends the
+    whole step, the image build's podman processes included, before the run stops.
+    """
+    sink = subprocess.DEVNULL if quiet else None
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=sink,
+        stderr=sink,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        return await proc.wait()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), PROCESS_STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        raise
+
+
+class Podman:
+    """Podman's service and the JupyterLab image, made ready where they can be."""
+
+    def __init__(self) -> None:
+        self.socket = podman_socket()
+        self.env = {"STUDIOS_PODMAN_SOCKET": str(self.socket)}
+        # Set before the start is tried: a start cut short may still have left it running.
+        self.started_service = False
+
+    async def prepare(self) -> None:
+        """Raises Unusable naming the first thing missing."""
+        if os.geteuid() != 0:
+            raise Unusable("not running as root (the podman runtime's session volumes need root)")
+        if shutil.which("podman") is None:
+            raise Unusable("podman is not installed")
+        if await run_step([str(PODMAN_SETUP), "status"], self.env, quiet=True) != 0:
+            say(f"==> podman's service does not answer on {self.socket}: starting it")
+            self.started_service = True
+            # Only what the sample needs: the other studio images are the tests' concern.
+            code = await run_step(
+                [str(PODMAN_SETUP), "start"], {**self.env, "STUDIOS_SKIP_STUDIO_IMAGES": "1"}
+            )
+            if code != 0:
+                raise Unusable(
+                    f"podman's service could not be started (scripts/podman-setup start exited "
+                    f"{code}, see above)"
+                )
+        if await run_step(["podman", "image", "exists", JUPYTER_IMAGE], quiet=True) != 0:
+            say(
+                f"==> {JUPYTER_IMAGE} is not built: building it (studio-agent images build "
+                "jupyterlab; Debian base and JupyterLab from PyPI, several minutes the first time)"
+            )
+            started = time.monotonic()
+            code = await run_step([script("studio-agent"), "images", "build", "jupyterlab"])
+            if code != 0:
+                raise Unusable(
+                    "the JupyterLab image could not be built (studio-agent images build "
+                    f"jupyterlab exited {code}, see above)"
+                )
+            say(f"==> {JUPYTER_IMAGE} built in {time.monotonic() - started:.0f} s")
+
+    async def stop_service(self, *, quiet: bool = False) -> None:
+        """Stop the service if this run started it; one that was answering is not ours."""
+        if not self.started_service:
+            return
+        if not quiet:
+            say("stopping podman's service (this run started it)")
+        code = await run_step([str(PODMAN_SETUP), "stop"], self.env, quiet=True)
+        if code != 0:
+            say(f"podman's service could not be stopped (scripts/podman-setup stop exited {code})")
+        self.started_service = False
+
+    def agent_args(self) -> list[str]:
+        return [
+            "--podman-socket",
+            str(self.socket),
+            "--start-timeout-seconds",
+            str(PODMAN_TOOL_START_SECONDS),
+        ]
+
+
+async def choose_sample(wanted: str, podman: Podman) -> Sample:
+    """The sample this run shows, said in one line; `wanted` is --runtime."""
+    if wanted == "local":
+        say(f"sample studio: {LOCAL.what} (--runtime local)")
+        return LOCAL
+    try:
+        await podman.prepare()
+    except Unusable as exc:
+        if wanted == "podman":
+            raise DemoError(f"--runtime podman: {exc}") from None
+        # A start that failed half-way may have left it running; the local sample needs none.
+        await podman.stop_service(quiet=True)
+        say(f"sample studio: {LOCAL.what}, not JupyterLab: {exc}; {HOW_TO_JUPYTERLAB}")
+        return LOCAL
+    say(f"sample studio: {PODMAN.what}")
+    return PODMAN
+
+
 # ------------------------------------------------------------------ the stack
 
 
@@ -232,6 +431,9 @@ class Stack:
             grpc_agents_port=opts.grpc_agents_port,
         )
         self.proxy_port: int = opts.proxy_port
+        self.wanted_runtime: str = opts.runtime
+        self.podman = Podman()
+        self.sample = LOCAL
         self.agent: QuickAgent | None = None
         self.api: RestClient | None = None
         self.sid: str | None = None
@@ -273,6 +475,7 @@ class Stack:
     # -------------------------------------------------------------- bring-up
 
     async def bring_up(self, check: bool) -> None:
+        self.sample = await choose_sample(self.wanted_runtime, self.podman)
         self.controller.start()
         try:
             await self.controller.wait_ready(timeout=90)
@@ -285,7 +488,12 @@ class Stack:
         self.api = RestClient(self.controller.url, self.controller.admin_token, check=False)
         compute_env_id = await self.ensure_compute_env()
         self.agent = QuickAgent(
-            self.controller, compute_env_id, self.state / "agent", proxy_port=self.proxy_port
+            self.controller,
+            compute_env_id,
+            self.state / self.sample.agent_dir,
+            proxy_port=self.proxy_port,
+            runtime=self.sample.runtime,
+            extra_args=self.podman.agent_args() if self.sample is PODMAN else (),
         )
         self.agent.start()
         self.sid = await self.ensure_sample_studio(compute_env_id)
@@ -300,6 +508,7 @@ Studios is running.
   controller API   {self.controller.url}   (token: {token_file})
   agent            {agent_dir}   (studio-agent sessions --state-dir {agent_dir})
   sample studio    {studio["studioUrl"]}
+                   {self.sample.studio_name}: {self.sample.what}
 
 Open in a browser now (single use, valid 60 s):
   {browser_link}
@@ -311,25 +520,45 @@ with the token in {token_file}, or
 Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."""
         )
         if check:
-            status, page = await self.fetch_page(browser_link)
-            if status != 200 or "Directory listing" not in page:
-                raise DemoError(f"the sample studio's page answered {status} through the proxy")
-            say("check: the sample studio's page answers through the proxy")
+            await self.check_sample(browser_link)
+
+    async def check_sample(self, link: str) -> None:
+        """The landing page (and the tool's API) through the proxy, as the signed-in user."""
+        status, page, url = await self.fetch_page(link)
+        if status != 200 or self.sample.page_marker not in page:
+            raise DemoError(
+                f"the sample studio's page answered {status} through the proxy, without "
+                f"{self.sample.page_marker!r}"
+            )
+        checked = "page answers"
+        if self.sample.api_path is not None:
+            # The connect cookie the link set, on the studio's own host.
+            base = url.split("?", 1)[0].split("/", 3)[:3]
+            status, body, _ = await self.fetch_page("/".join(base) + self.sample.api_path)
+            if status != 200 or '"started"' not in body:
+                raise DemoError(
+                    f"{self.sample.api_path} answered {status} through the proxy: {body[:200]}"
+                )
+            checked = f"page and {self.sample.api_path} answer"
+        say(f"check: the sample studio's {checked} through the proxy")
 
     async def ensure_compute_env(self) -> str:
         assert self.api is not None
         _, body = await self.api.request("GET", "/compute-envs", expect=200)
         for env in body["computeEnvs"]:
-            if env["name"] == "quickstart":
+            if env["name"] == self.sample.compute_env:
                 return str(env["id"])
         _, body = await self.api.request(
             "POST",
             "/compute-envs",
             {
                 "computeEnv": {
-                    "name": "quickstart",
+                    "name": self.sample.compute_env,
                     "platform": "studio-agent",
-                    "config": {"workDir": str(self.state / "work"), "bootDiskSizeGb": 30},
+                    "config": {
+                        "workDir": str(self.state / self.sample.work_dir),
+                        "bootDiskSizeGb": 30,
+                    },
                 }
             },
             expect=200,
@@ -338,9 +567,10 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
 
     async def find_sample(self) -> str | None:
         assert self.api is not None
-        _, body = await self.api.request("GET", f"/studios?search={STUDIO_NAME}", expect=200)
+        name = self.sample.studio_name
+        _, body = await self.api.request("GET", f"/studios?search={name}", expect=200)
         for studio in body["studios"]:
-            if studio["name"] == STUDIO_NAME:
+            if studio["name"] == name:
                 return str(studio["sessionId"])
         return None
 
@@ -349,11 +579,15 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
         sid = await self.find_sample()
         if sid is not None:
             return sid
-        say("creating the sample studio")
+        say(f"creating the sample studio {self.sample.studio_name!r}")
         _, body = await self.api.request(
             "POST",
             "/studios",
-            {"name": STUDIO_NAME, "computeEnvId": compute_env_id, "dataStudioToolUrl": TEMPLATE},
+            {
+                "name": self.sample.studio_name,
+                "computeEnvId": compute_env_id,
+                "dataStudioToolUrl": self.sample.template,
+            },
             expect=200,
         )
         return str(body["studio"]["sessionId"])
@@ -387,7 +621,7 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
                     raise DemoError(f"the start was refused: {_message(body)}")
             elif status == "running":
                 link = await self.connect_link(studio)
-                code, _ = await self.fetch_page(link)
+                code, _, _ = await self.fetch_page(link)
                 if code == 200:
                     return studio
             elif status != said:
@@ -397,7 +631,7 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
                 raise DemoError(
                     f"the sample studio did not come up in {START_TIMEOUT:.0f} s: it is "
                     f"{status} ({message or 'no message'}); the agent's log: "
-                    f"{self.state / 'agent.log'}"
+                    f"{self.agent.log_path if self.agent else self.state}"
                 )
             await asyncio.sleep(POLL)
 
@@ -411,15 +645,16 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
         ) as resp:
             return resp.headers.get("Location", "")
 
-    async def fetch_page(self, link: str) -> tuple[int, str]:
+    async def fetch_page(self, link: str) -> tuple[int, str, str]:
+        """(status, text, the URL it ended at after the redirects)"""
         assert self.api is not None
         if not link:
-            return 0, ""
+            return 0, "", ""
         try:
             async with self.api.http.get(link) as resp:
-                return resp.status, await resp.text(errors="replace")
+                return resp.status, await resp.text(errors="replace"), str(resp.url)
         except aiohttp.ClientError as exc:
-            return 0, str(exc)
+            return 0, str(exc), link
 
     # -------------------------------------------------------------- running
 
@@ -448,6 +683,7 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
         if self.controller.proc is not None:
             say("stopping the controller")
             await asyncio.to_thread(self.controller.stop, signal.SIGTERM, PROCESS_STOP_TIMEOUT)
+        await self.podman.stop_service()
         return code
 
     async def stop_studio(self) -> int:
@@ -635,6 +871,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the controller's agent endpoint (gRPC, mutual TLS; default: a free port)",
     )
     parser.add_argument("--proxy-port", type=int, default=7070, help="the agent's connect proxy")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "podman", "local"),
+        default="auto",
+        help="the sample: JupyterLab on podman where podman works, else python-http on the "
+        "local runtime (auto); podman (fail where it does not work); local",
+    )
     # Internal: set by the front for the runner (the read end of the pipe it watches).
     parser.add_argument("--runner-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

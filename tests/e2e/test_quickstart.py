@@ -3,7 +3,13 @@
 The demo runs on a real pseudo-terminal as the session leader and foreground process group, so
 writing ^C to the master makes the line discipline send SIGINT to that whole group, as a
 terminal does. The controller, the agent and the tool are the real processes on an xfs-loop
-volume; nothing is mocked. Checked: the first run prints the studio's URL and its page answers
+volume; nothing is mocked.
+
+Where podman works the demo shows JupyterLab in a container: one test covers that path (its
+own podman service, started and stopped by the demo; the state of an earlier version beside
+it; the printed link opening JupyterLab; `--check`, as CI runs it). The local sample
+(python-http, what the demo falls back to elsewhere) is what the other tests drive, with
+`--runtime local`. Checked there: the first run prints the studio's URL and its page answers
 through it; Ctrl-C exits 0 and leaves no process, mount or loop device of the run; a second
 run brings the same studio back with a file restored byte for byte; and after a simulated
 reboot (every process of a run SIGKILLed, its mounts and loop devices detached) the next run
@@ -30,10 +36,11 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests import REPO_ROOT
-from tests.e2e_harness import RestClient, free_port, script
+from tests.e2e_harness import LocalhostResolver, RestClient, free_port, script
 from tests.integration import require
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -49,7 +56,7 @@ SHUT_DOWN_SECONDS = 240.0
 class PtyRun:
     """One run of the demo on its own pseudo-terminal, its output collected by a thread."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         pid, master = os.forkpty()
         if pid == 0:  # the child: session leader and foreground group of the new terminal
             try:
@@ -57,7 +64,7 @@ class PtyRun:
                 attrs[3] |= termios.ISIG
                 attrs[6][termios.VINTR] = b"\x03"
                 termios.tcsetattr(0, termios.TCSANOW, attrs)
-                os.execv(argv[0], argv)
+                os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
         self.pid = pid
@@ -312,10 +319,14 @@ def require_quickstart_host() -> None:
 
 
 class Demo:
-    """Runs of the demo on one state directory and one set of free ports."""
+    """Runs of the demo on one state directory and one set of free ports.
 
-    def __init__(self, state: Path) -> None:
+    `args` join every run's command line; `env` its environment.
+    """
+
+    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.state = state
+        self.env = {**os.environ, **(env or {})}
         self.argv = [
             sys.executable,
             str(DEMO),
@@ -327,13 +338,30 @@ class Demo:
             str(free_port()),
             "--proxy-port",
             str(free_port()),
+            *args,
         ]
         self.runs: list[PtyRun] = []
 
     def launch(self) -> PtyRun:
-        run = PtyRun(self.argv)
+        run = PtyRun(self.argv, self.env)
         self.runs.append(run)
         return run
+
+    def check(self, env: dict[str, str] | None = None) -> str:
+        """A `--check` run, as CI's last step runs it: its output, once it exited 0."""
+        out = subprocess.run(
+            [*self.argv, "--check"],
+            env={**self.env, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=COME_UP_SECONDS + SHUT_DOWN_SECONDS,
+            check=False,
+        )
+        output = out.stdout + out.stderr
+        assert out.returncode == 0, output
+        assert "Traceback" not in output, output
+        return output
 
     async def come_up(self, run: PtyRun | None = None) -> tuple[PtyRun, str, str, RestClient]:
         """A run (a new one by default) up to its printed URL: (run, URL, session id, API)."""
@@ -391,7 +419,7 @@ async def ctrl_c(run: PtyRun, *, twice: bool = False) -> None:
 @pytest.mark.timeout(1500)
 async def test_quickstart_ctrl_c_second_run_and_reboot(tmp_path: Path) -> None:
     require_quickstart_host()
-    demo = Demo(tmp_path / "qs")
+    demo = Demo(tmp_path / "qs", "--runtime", "local")
     state = demo.state
     content = os.urandom(300_000)
     try:
@@ -462,7 +490,7 @@ async def test_quickstart_interrupted_start_sigterm_lock_and_killed_parts(tmp_pa
     """Ctrl-C while the studio starts, SIGTERM, a second run on the same state directory, and
     the demo's own two processes SIGKILLed in turn."""
     require_quickstart_host()
-    demo = Demo(tmp_path / "qs")
+    demo = Demo(tmp_path / "qs", "--runtime", "local")
     state = demo.state
     try:
         # Ctrl-C before the studio runs: it is stopped as soon as it runs (the API refuses a
@@ -547,3 +575,127 @@ async def test_quickstart_interrupted_start_sigterm_lock_and_killed_parts(tmp_pa
         assert newest == ("finalized", generation)
     finally:
         demo.cleanup()
+
+
+# ---------------------------------------------------------------------- JupyterLab on podman
+
+JUPYTER_IMAGE = "localhost/studios/jupyterlab:4.6-0.1"
+BROWSER_LINK = re.compile(r"Open in a browser now[^\n]*\n\s+(http://\S+)")
+
+
+def _podman(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=False)
+
+
+def require_podman_host() -> None:
+    require(shutil.which("podman") is not None, "podman is not installed (scripts/install)")
+    require(
+        _podman("image", "exists", JUPYTER_IMAGE).returncode == 0,
+        f"{JUPYTER_IMAGE} is not built (studio-agent images build jupyterlab; "
+        "scripts/podman-setup start)",
+    )
+
+
+def podman_setup(socket: Path, command: str) -> int:
+    return subprocess.run(
+        [str(ROOT / "scripts" / "podman-setup"), command],
+        env={**os.environ, "STUDIOS_PODMAN_SOCKET": str(socket)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    ).returncode
+
+
+def remove_containers_of(agent_dir: Path) -> None:
+    """What a failed run's agent left in podman (only its own, by its id's label)."""
+    from agent.runtime.podman import LABEL_OWNER
+
+    with contextlib.suppress(FileNotFoundError):
+        owner = (agent_dir / "agent-id").read_text().strip()
+        for cid in _podman("ps", "-aq", "--filter", f"label={LABEL_OWNER}={owner}").stdout.split():
+            _podman("rm", "-f", "-t", "0", cid)
+
+
+async def open_jupyterlab(link: str) -> tuple[str, dict[str, object]]:
+    """The printed browser link as a browser opens it: JupyterLab's page, then its
+    /api/status with the connect cookie the link set."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=LocalhostResolver()),
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+    ) as http:
+        async with http.get(link) as resp:
+            assert resp.status == 200, await resp.text()
+            # token -> cookie -> clean URL -> Jupyter's own redirect to /lab
+            assert resp.url.path.startswith("/lab"), resp.url
+            page = await resp.text()
+            base = f"{resp.url.scheme}://{resp.url.host}:{resp.url.port}"
+        async with http.get(f"{base}/api/status") as resp:
+            assert resp.status == 200, await resp.text()
+            return page, dict(await resp.json())
+
+
+@pytest.mark.podman
+@pytest.mark.timeout(1200)
+async def test_quickstart_shows_jupyterlab_on_podman_beside_the_old_sample(tmp_path: Path) -> None:
+    require_quickstart_host()
+    require_podman_host()
+    # A socket of its own, not answering yet: the demo must start podman's service itself
+    # (and stop it again), whatever the host's service does meanwhile.
+    socket = tmp_path / "podman" / "podman.sock"
+    demo = Demo(tmp_path / "qs", env={"STUDIOS_PODMAN_SOCKET": str(socket)})
+    state = demo.state
+    try:
+        # An earlier version's state (the python-http `sample`), made by a run that falls
+        # back because podman's service cannot start: its socket's directory cannot be made.
+        out = await asyncio.to_thread(
+            demo.check, {"STUDIOS_PODMAN_SOCKET": "/dev/null/podman.sock"}
+        )
+        assert re.search(
+            r"sample studio: Python's http.server \(studios/python-http:3.11-0.1\) on the local "
+            r"runtime, not JupyterLab: podman's service could not be started .*; for JupyterLab",
+            out,
+        ), out
+        assert "check: the sample studio's page answers through the proxy" in out, out
+
+        # Podman works: JupyterLab in a container, a studio of its own beside `sample`.
+        run, _, sid, api = await demo.come_up()
+        try:
+            assert "starting it" in run.output and "sample studio: JupyterLab 4.6" in run.output
+            assert (
+                "jupyterlab: JupyterLab 4.6 (studios/jupyterlab:4.6-0.1) in a podman container"
+                in run.output
+            )
+            link = BROWSER_LINK.search(run.output)
+            assert link is not None, run.output
+            page, status = await open_jupyterlab(link.group(1))
+            assert "JupyterLab" in page and "started" in status, (page[:300], status)
+            _, listing = await api.request("GET", "/studios?search=sample", expect=200)
+            old = {s["name"]: s for s in listing["studios"]}["sample"]
+            assert old["statusInfo"]["status"] == "stopped", old["statusInfo"]
+            assert old["template"]["repository"] == "studios/python-http:3.11-0.1"
+        finally:
+            await api.close()
+        service = {
+            pid: started
+            for pid, started in processes_of(socket.parent).items()
+            if b"system\0service" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        }
+        assert len(service) == 1, f"the demo's podman service expected: {service}"
+        pids = {**snapshot(state, run.pid), **service}
+        await ctrl_c(run)
+        assert "stopping podman's service (this run started it)" in run.output, run.output
+        assert_nothing_left(state, pids)
+        assert podman_setup(socket, "status") != 0, "podman's service still answers"
+        label = "label=studios.session-id=" + sid
+        assert _podman("ps", "-aq", "--filter", label).stdout.strip() == ""
+
+        # CI's last step: the same studio comes back and answers through the proxy.
+        out = await asyncio.to_thread(demo.check)
+        assert f"/studios/{sid}/connect" in out and "found stopped" in out, out
+        assert "check: the sample studio's page and /api/status answer through the proxy" in out
+        assert podman_setup(socket, "status") != 0, "podman's service still answers"
+    finally:
+        # Containers first: their overlays hold the volume mounts the clean-up detaches.
+        remove_containers_of(state / "agent-podman")
+        demo.cleanup()
+        podman_setup(socket, "stop")
