@@ -22,6 +22,8 @@ from agent.errors import AgentError
 from agent.host import doctor_report
 from agent.sessions.context import normalised_absolute
 from agent.state import StateDir
+from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
+from studios_shared.metrics_server import parse_metrics_address
 
 __all__ = ["build_parser", "main"]
 
@@ -114,7 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="host directory under which compute environments' fileSystemMounts may lie, "
         "repeatable (none by default: no file-system mount is made)",
     )
+    serve.add_argument(
+        "--metrics",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus /metrics on a listener of its own (a bare PORT: on "
+        "127.0.0.1); default: not served. Never on the --proxy port",
+    )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text (default) or json, one object per line (else STUDIOS_LOG_FORMAT)",
+    )
 
     for name, text in (
         ("status", "the agent's identity, controller link and capacity"),
@@ -143,11 +158,15 @@ def quiet_client_loggers() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        log_format = resolve_log_format(args.log_format)
+        metrics_host, metrics_port = (
+            parse_metrics_address(args.metrics) if args.metrics else ("127.0.0.1", None)
+        )
+    except ValueError as exc:
+        print(f"studio-agent: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, log_format)
     quiet_client_loggers()
     proxy_host, proxy_port = args.proxy
     config = AgentConfig(
@@ -172,6 +191,8 @@ def _serve(args: argparse.Namespace) -> int:
         checkpoint_interval_seconds=args.checkpoint_interval_seconds,
         s3_endpoint=args.s3_endpoint,
         allowed_host_paths=tuple(args.allow_host_path),
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
 
     async def run() -> None:

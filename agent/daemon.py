@@ -2,6 +2,17 @@
 
 Shutdown leaves running tools running (Nomad's rule): the next agent process on
 the same state directory re-adopts them from their handles.
+
+Under systemd (`Type=notify`, studios_shared.sd_notify) `serve` reports READY=1 once
+the agent serves: its sessions recovered from their handles, the connect proxy and the
+admin socket listening, and the first stream to the controller established or, failing
+that, `ready_wait_seconds` (15 s) gone by. Not the stream alone: an agent whose
+controller is down still serves the sessions it runs (the proxy, checkpoints, the
+admin socket) and reconnects by itself, and a unit waiting for the controller would
+be killed and restarted by systemd at its start timeout for nothing. The bounded wait
+lets the usual start (controller up) report ready connected, so that what is ordered
+after the agent finds it placeable. The watchdog is pinged from the event loop with a
+STATUS= line of sessions and link.
 """
 
 from __future__ import annotations
@@ -24,11 +35,14 @@ from agent.datalinks import DataLinkMounter, backend_named, data_links_json
 from agent.errors import AgentError
 from agent.host import doctor_report, host_capacity
 from agent.host_mounts import MountBackend
+from agent.metrics import AgentMetrics
 from agent.proxy import ConnectProxy
 from agent.runtime import RuntimeOptions, create_runtime
 from agent.sessions import SessionHandle, SessionManager, SessionSettings
 from agent.state import StateDir
 from agent.volumes import GIB, VolumeInfo, create_volume_kind
+from studios_shared.metrics_server import MetricsServer
+from studios_shared.sd_notify import Notifier
 
 __all__ = ["Agent", "AgentConfig", "session_json"]
 
@@ -79,6 +93,11 @@ class AgentConfig:
     # Host directories file-system mounts may lie under (`--allow-host-path`, repeatable);
     # none: the agent makes no file-system mount.
     allowed_host_paths: tuple[str, ...] = ()
+    # The separate /metrics listener (`--metrics`); port None: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    # Under systemd: how long READY=1 waits for the first controller stream.
+    ready_wait_seconds: float = 15.0
 
 
 def _data_link_backend(name: str) -> MountBackend | None:
@@ -135,6 +154,8 @@ class Agent:
         self.proxy: ConnectProxy | None = None
         self.admin: AdminServer | None = None
         self.proxy_port = 0
+        self.metrics = AgentMetrics()
+        self.metrics_server: MetricsServer | None = None
         self._lock_fd: int | None = None
         self._started_at = 0.0
 
@@ -195,6 +216,8 @@ class Agent:
                 ),
                 datalinks=DataLinkMounter(_data_link_backend(cfg.data_link_mounter)),
             )
+            # Before recovery: a store opened from now on is timed.
+            self.metrics.attach(self.manager, link=lambda: self.link)
             await self.manager.recover()
             self.manager.start()
             self.proxy = ConnectProxy(
@@ -205,6 +228,7 @@ class Agent:
                 on_visit=self._report_visit,
             )
             self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
+            self.metrics.proxy = self.proxy
             self.link = ControllerLink(
                 target=cfg.controller,
                 token_file=cfg.token_file,
@@ -232,6 +256,9 @@ class Agent:
                 },
             )
             await self.admin.start()
+            if cfg.metrics_port is not None:
+                self.metrics_server = MetricsServer(self.metrics.scrape)
+                await self.metrics_server.start(cfg.metrics_host, cfg.metrics_port)
         except BaseException:
             await self.close()
             raise
@@ -251,6 +278,9 @@ class Agent:
             await self.manager.close()
         if self.admin is not None:
             await self.admin.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+            self.metrics_server = None
         if self.link is not None:
             await self.link.close()
         if self.proxy is not None:
@@ -259,12 +289,49 @@ class Agent:
         self._unlock()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        await self.start()
+        systemd = Notifier.from_environment()
+        # Pinged while starting too: recovering many sessions may take a while.
+        watchdog = asyncio.create_task(
+            systemd.watchdog_loop(self._systemd_status), name="systemd-watchdog"
+        )
         try:
-            await stop.wait()
+            systemd.status("starting: recovering sessions")
+            await self.start()
+            try:
+                await self._wait_for_controller(stop)
+                systemd.ready(self._systemd_status())
+                await stop.wait()
+            finally:
+                systemd.stopping("stopping; running sessions are left running")
+                log.info("shutting down; running sessions are left running")
+                await self.close()
         finally:
-            log.info("shutting down; running sessions are left running")
-            await self.close()
+            watchdog.cancel()
+
+    async def _wait_for_controller(self, stop: asyncio.Event) -> None:
+        """Until the first controller stream is up, at most `ready_wait_seconds`."""
+        deadline = time.monotonic() + self.config.ready_wait_seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            if self.link is not None and self.link.connected:
+                return
+            await asyncio.sleep(0.1)
+        if self.link is not None and not self.link.connected and not stop.is_set():
+            log.warning(
+                "serving without the controller (not connected after %.0f s: %s); "
+                "reconnecting in the background",
+                self.config.ready_wait_seconds,
+                self.link.last_error or "no answer yet",
+            )
+
+    def _systemd_status(self) -> str:
+        if self.manager is None or self.link is None:
+            return "starting: recovering sessions"
+        counts = self.manager.counts()
+        sessions = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none"
+        link = "connected" if self.link.connected else "not connected"
+        if not self.link.connected and self.link.last_error:
+            link += f" ({self.link.last_error})"
+        return f"serving; sessions: {sessions}; controller {self.config.controller}: {link}"
 
     def _on_agent_id(self, agent_id: str) -> None:
         """The controller enrolled this agent under another id than the one it asked for.

@@ -80,6 +80,7 @@ __all__ = [
     "USER_HEADER",
     "ConnectProxy",
     "ProxiedSession",
+    "ProxyStats",
     "UserActivity",
     "safe_location",
 ]
@@ -163,6 +164,18 @@ _REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
+
+
+@dataclass
+class ProxyStats:
+    """Running totals for the agent's metrics (read when scraped, never reset)."""
+
+    # Client connections accepted.
+    connections: int = 0
+    # Bytes read from clients (request heads and bodies, WebSocket frames).
+    bytes_from_clients: int = 0
+    # Bytes of the tools relayed to clients (the proxy's own short answers are not).
+    bytes_to_clients: int = 0
 
 
 @dataclass
@@ -352,6 +365,7 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         client.last_io = client.last_up_io = time.monotonic()
+        client.proxy.stats.bytes_to_clients += len(data)
         if self.await_status:
             self.pending += data
             if len(self.pending) < 12:
@@ -414,6 +428,7 @@ class _Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
         self.proxy._clients.add(self)
+        self.proxy.stats.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
@@ -470,6 +485,7 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = time.monotonic()
+        self.proxy.stats.bytes_from_clients += len(data)
         if self.state == "tunnel":
             assert self.upstream is not None and self.upstream.transport is not None
             self.upstream.transport.write(data)
@@ -979,6 +995,12 @@ class ConnectProxy:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.url = ""
+        self.stats = ProxyStats()
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now."""
+        return len(self._clients)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from studios.agent.v1 import agent_pb2 as pb
 
@@ -94,6 +95,10 @@ class SessionContext:
         self.on_checkpoint: Callable[[pb.CheckpointEvent], None] = lambda ev: None
         # Set by the manager: every finished operation reconciles again.
         self.reconcile: Callable[[], None] = lambda: None
+        # Set by the daemon's metrics (agent.metrics): a layer around each checkpoint
+        # store (timings), and each volume growth as `DiskWatcher.events` records it.
+        self.store_layer: Callable[[CheckpointStore], CheckpointStore] = lambda store: store
+        self.on_volume_grown: Callable[[dict[str, Any]], None] = lambda event: None
 
     async def save_and_report(self, h: SessionHandle) -> None:
         # Persist first: a report must never get ahead of what a restart would find.
@@ -111,10 +116,12 @@ class SessionContext:
         base = spec.checkpoint_base_uri or str(self.state.default_checkpoint_dir)
         store = self._stores.get(base)
         if store is None:
-            store = self._stores[base] = ContentCheckpointStore(
-                base,
-                storage_options_for(base, self.settings.s3_endpoint),
-                tmp_dir=self.state.tmp_dir,
+            store = self._stores[base] = self.store_layer(
+                ContentCheckpointStore(
+                    base,
+                    storage_options_for(base, self.settings.s3_endpoint),
+                    tmp_dir=self.state.tmp_dir,
+                )
             )
         return store
 

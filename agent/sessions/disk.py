@@ -112,6 +112,7 @@ class DiskWatcher:
                             }
                         )
                         del self.events[:-_EVENTS_KEPT]
+                        ctx.on_volume_grown(self.events[-1])
                 elif room <= 0 and session_cap < cap:
                     message = (
                         f"running; the volume is at the session's disk cap: "
