@@ -35,7 +35,7 @@ from studios_shared.connect_contract import (
     CONNECT_VERSION,
     connect_version_problem,
     format_version,
-    parse_connect_version,
+    tag_version,
 )
 
 __all__ = [
@@ -206,7 +206,7 @@ def build_catalogue(
         if repository in seen:
             raise CatalogueError(f"{where}: repository: listed twice")
         seen.add(repository)
-        version = _tag_version(repository)
+        version = tag_version(repository)
         if version is None:
             raise CatalogueError(
                 f"{where}: repository: the tag must be <tool_version>-[u<update>-]"
@@ -358,25 +358,6 @@ def template_version(repository: str) -> Version | None:
     except (ValueError, IndexError):
         return None
     return tool, update, connect
-
-
-_TAG = re.compile(
-    r"^(?P<tool>[0-9]+(?:\.[0-9]+)*)(?:-u(?P<update>[0-9]+))?-(?P<connect>[0-9]+\.[0-9]+)$"
-)
-
-
-def _tag_version(repository: str) -> Version | None:
-    """The version of a catalogue entry: like `template_version`, but strict (a connect
-    version of major.minor, nothing else in the tag), since statuses are computed from it."""
-    last = repository.split("@", 1)[0].rsplit("/", 1)[-1]
-    if ":" not in last:
-        return None
-    match = _TAG.match(last.split(":", 1)[1])
-    connect = parse_connect_version(match["connect"]) if match else None
-    if match is None or connect is None:
-        return None
-    tool = tuple(int(p) for p in match["tool"].split("."))
-    return tool, int(match["update"] or 0), connect
 
 
 def is_newer_version(old: ResolvedTemplate | str, new: ResolvedTemplate) -> bool:

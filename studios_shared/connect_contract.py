@@ -15,12 +15,16 @@ controller's template catalogue and the images' tags follow it.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CONNECT_VERSION",
     "SUPPORTED_PREVIOUS_MINORS",
+    "TagVersion",
     "connect_version_problem",
     "format_version",
     "parse_connect_version",
+    "tag_version",
 ]
 
 # (major, minor) of the contract this code speaks.
@@ -66,3 +70,24 @@ def connect_version_problem(
             f"{SUPPORTED_PREVIOUS_MINORS} minor versions before the current one: {supported}"
         )
     return None
+
+
+# (tool version, update, connect version) of a template image's tag.
+TagVersion = tuple[tuple[int, ...], int, tuple[int, ...]]
+_TAG = re.compile(
+    r"^(?P<tool>[0-9]+(?:\.[0-9]+)*)(?:-u(?P<update>[0-9]+))?-(?P<connect>[0-9]+\.[0-9]+)$"
+)
+
+
+def tag_version(reference: str) -> TagVersion | None:
+    """The versions in an image reference's ``<tool>-[u<n>-]<connect>`` tag, strictly (a
+    connect version of major.minor, nothing else in the tag); None for any other tag."""
+    last = reference.split("@", 1)[0].rsplit("/", 1)[-1]
+    if ":" not in last:
+        return None
+    match = _TAG.match(last.split(":", 1)[1])
+    connect = parse_connect_version(match["connect"]) if match else None
+    if match is None or connect is None:
+        return None
+    tool = tuple(int(p) for p in match["tool"].split("."))
+    return tool, int(match["update"] or 0), connect
