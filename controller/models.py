@@ -35,9 +35,11 @@ __all__ = [
     "Checkpoint",
     "CheckpointGcRun",
     "ComputeEnv",
+    "ControllerSecret",
     "Credentials",
     "DataLink",
     "EnrollmentToken",
+    "JobLease",
     "Label",
     "OrgMember",
     "Organization",
@@ -277,6 +279,10 @@ class Agent(Base):
     # The operator's cap on reported capacity, field by field (the capacity's keys);
     # by default what the host reported at enrollment. {}: none yet.
     capacity_cap: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # The controller holding the agent's stream and until when (controller.agent_service): a
+    # lease that has run out means the agent is not connected, whatever `connected` says.
+    controller_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Studio(Base):
@@ -414,6 +420,29 @@ class StudioBuild(Base):
     log: Mapped[str] = mapped_column(Text, default="")
     log_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ControllerSecret(Base):
+    """A secret every controller of the database shares, sealed (controller.shared_secrets)."""
+
+    __tablename__ = "controller_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sealed: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobLease(Base):
+    """Which controller runs a background job, until when (controller.leader)."""
+
+    __tablename__ = "job_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column()
+    # Changes with every new holder; `passes` counts the passes run under the lease.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    passes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class CheckpointGcRun(Base):
