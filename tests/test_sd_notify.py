@@ -275,18 +275,24 @@ async def test_agent_ready_once_serving_and_connected(tmp_path: Path, notify_pat
     try:
         await controller.wait_ready()
         compute_env = await _compute_env(controller, tmp_path / "work")
+        metrics_port = free_port()
         agent = AgentProcess(
             controller,
             compute_env,
             tmp_path / "agent",
             env={**systemd.environment(), "STUDIOS_LOG_FORMAT": "json"},
+            extra_args=["--metrics", str(metrics_port)],
         )
         agent.start()
         await systemd.wait("READY=1", 60, agent.alive)
         assert systemd.at_ready == (True, True)
-        # Ready with the controller stream up: the status line says so.
+        # Ready with the controller stream up: the status line and the metrics say so.
         status = agent.cli("status")
         assert status["controller"]["connected"] is True
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                assert resp.status == 200
+                assert "studios_agent_controller_connected 1.0" in await resp.text()
         assert any("controller" in s and ": connected" in s for s in systemd.statuses())
         ready = systemd.times("READY=1")[0]
         await asyncio.sleep(1.6)

@@ -196,13 +196,16 @@ async def test_two_controllers_in_one_process_count_their_own(
     other = ControllerHarness(tmp_path / "other")
     await other.start()
     try:
-        await _create(controller_harness, "mine")
-        assert _value(await _scrape(other), "studios_controller_studios", status="stopped") == 0
-        assert (
-            _value(
-                await _scrape(controller_harness), "studios_controller_studios", status="stopped"
-            )
-            == 1
+        sid = await _create(controller_harness, "mine")
+        # stopped -> starting, committed by this controller (no agent: it stays starting).
+        await controller_harness.request("PUT", f"/studios/{sid}/start", {}, expect=200)
+        mine, theirs = await _scrape(controller_harness), await _scrape(other)
+        assert _value(mine, "studios_controller_studios", status="starting") == 1
+        assert _value(theirs, "studios_controller_studios", status="starting") == 0
+        moved = {"from_status": "stopped", "to_status": "starting"}
+        assert _value(mine, "studios_controller_status_transitions_total", **moved) == 1
+        assert ("studios_controller_status_transitions_total", frozenset(moved.items())) not in (
+            theirs
         )
         assert other.controller is not None and controller_harness.controller is not None
         assert isinstance(other.controller.metrics, ControllerMetrics)
