@@ -18,6 +18,7 @@ from controller.metrics import ControllerMetrics
 from tests.conftest import ControllerHarness
 from tests.controller.conftest import AgentFactory
 from tests.e2e_harness import ControllerProcess, free_port
+from tests.integration import require
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -243,8 +244,11 @@ async def test_metrics_listener_is_separate_and_loopback(tmp_path: Path) -> None
                 assert resp.status == 404
                 assert "studios_controller" not in await resp.text()
         address = _non_loopback_address()
-        if address is None:
-            pytest.skip("this host has no non-loopback IPv4 address to try the listener on")
+        require(
+            address is not None,
+            "this host has no non-loopback IPv4 address to try the metrics listener on",
+        )
+        assert address is not None
         with socket.socket() as sock:
             sock.settimeout(2)
             assert sock.connect_ex((address, port)) != 0, "metrics reachable off loopback"
