@@ -48,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the agent")
-    serve.add_argument("--controller", required=True, metavar="HOST:PORT")
+    serve.add_argument(
+        "--controller",
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the controller's enrollment endpoint; several controllers of one database "
+        "comma-separated (the agent fails over to the next when one goes away), or a name "
+        "that resolves to several addresses",
+    )
     serve.add_argument("--token-file", required=True, type=Path)
     serve.add_argument("--compute-env", required=True, metavar="ID")
     serve.add_argument("--state-dir", required=True, type=Path)

@@ -8,6 +8,14 @@ Every DesiredState goes to the session manager and to `on_desired` (the proxy's
 access lists, which apply to running sessions whatever their generation).
 Reconnects with exponential backoff and jitter.
 
+Several controllers (`--controller A:PORT,B:PORT`, controllers sharing one PostgreSQL):
+the link talks to one at a time. When a stream breaks or a connect fails it tries the
+next one at once, and backs off (exponentially, with jitter) only once every controller
+of the list has failed in a row; the sessions run on meanwhile (the proxy keeps serving).
+A name that resolves to several addresses is one entry: gRPC tries its addresses in
+turn. Every controller of the list shares one CA (controller.shared_secrets), so the
+certificate from enrolling at one is valid at all.
+
 What happens while disconnected: observations are coalesced to the newest per
 session (the Inventory sent on reconnect carries the latest state anyway), while
 checkpoint events are kept on disk in an outbox (`Outbox`).
@@ -218,6 +226,14 @@ class _Rotated(Exception):
     """The certificate was renewed: reconnect now with the new one."""
 
 
+def split_targets(text: str) -> list[str]:
+    """The controllers of `--controller` (HOST:PORT, comma-separated), in order."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--controller: expected HOST:PORT[,HOST:PORT...], got {text!r}")
+    return targets
+
+
 class ControllerLink:
     def __init__(
         self,
@@ -234,7 +250,8 @@ class ControllerLink:
         backoff_max: float = 30.0,
         capacity_interval: float = 60.0,
     ) -> None:
-        self.target = target
+        self.targets = split_targets(target)
+        self._target_index = 0
         self.token_file = token_file
         self.agent_id = agent_id
         self.compute_env_id = compute_env_id
@@ -264,7 +281,7 @@ class ControllerLink:
         # The proxy reads this; kept on disk so it keeps working while disconnected.
         self.connect_token_key: bytes | None = state.load_connect_key()
         self.pki = PkiFiles(state)
-        self.enroller = Enroller(target=target, token_file=token_file, pki=self.pki)
+        self.enroller = Enroller(target=self.target, token_file=token_file, pki=self.pki)
         # This agent's certificate once loaded or issued; where the agent endpoint is.
         self.credentials: Credentials | None = None
         self.agent_endpoint = ""
@@ -285,6 +302,17 @@ class ControllerLink:
         self.connections_snapshot: Callable[[], list[pb.SessionConnections]] | None = None
         manager.on_observed = self.publish_observed
         manager.on_checkpoint = self.publish_checkpoint
+
+    @property
+    def target(self) -> str:
+        """The controller (enrollment endpoint) this link talks to now."""
+        return self.targets[self._target_index]
+
+    def _next_target(self) -> bool:
+        """Move on to the next controller of the list; True when that starts a new round."""
+        self._target_index = (self._target_index + 1) % len(self.targets)
+        self.enroller.target = self.target
+        return self._target_index == 0
 
     # ------------------------------------------------------------ producers
 
@@ -331,6 +359,7 @@ class ControllerLink:
         creds = self.credentials
         return {
             "address": self.target,
+            "controllers": list(self.targets),
             "agentEndpoint": self.agent_endpoint,
             "connected": self.connected,
             "connectedSince": int(self.connected_since) if self.connected else 0,
@@ -355,6 +384,8 @@ class ControllerLink:
 
     async def _run(self) -> None:
         attempt = 0
+        # Controllers that failed in a row since the last stream that came up.
+        failed_in_row = 0
         while True:
             slow = False
             try:
@@ -392,7 +423,19 @@ class ControllerLink:
                 log.warning("controller link: %s", self.last_error)
             if self.connected:
                 attempt = 0  # the stream was up: start over with a short delay
+                failed_in_row = 0
             self.connected = False
+            failed_in_row += 1
+            if len(self.targets) > 1 and not slow and failed_in_row < len(self.targets):
+                # Another controller may well be up: try it now, backing off only once
+                # every one of them has failed in a row.
+                previous = self.target
+                self._next_target()
+                log.info("controller %s failed; trying %s", previous, self.target)
+                await asyncio.sleep(random.uniform(0, self.backoff_initial / 2))
+                continue
+            failed_in_row = 0
+            self._next_target()
             delay = min(self.backoff_max, self.backoff_initial * 2**attempt)
             delay *= random.uniform(0.5, 1.0)
             if slow:

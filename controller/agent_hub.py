@@ -5,24 +5,36 @@ calls `notify(agent_id, {session_id})` *after* its transaction committed; the
 stream's writer (in `controller.agent_service`) builds the message from the
 database when it sends it. Because every message is built from the newest
 committed state, no update can overtake a newer one.
+
+Several controllers on one PostgreSQL (controller.notify): an agent's stream is
+on one of them. `notify` for an agent whose stream is elsewhere goes to the
+`publisher` (a NOTIFY with the agent id and the session ids); the controller
+holding the stream gets it through `deliver` and queues it as if it had made
+the change. Whether an agent is connected anywhere is its lease in the database
+(`is_live`): the controller holding its stream renews it while the agent talks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from controller.models import utcnow
+from controller.models import Agent, as_utc, utcnow
 
-__all__ = ["FULL", "AgentHub", "AgentStream"]
+__all__ = ["FULL", "AgentHub", "AgentStream", "Publisher"]
 
 log = logging.getLogger(__name__)
 
 # Queue marker: send the complete desired set.
 FULL = "full"
+
+# Sends an update for an agent connected to another controller: (agent id, session ids,
+# or None for the full desired set).
+Publisher = Callable[[str, set[str] | None], None]
 
 
 @dataclass(eq=False)
@@ -45,11 +57,16 @@ class AgentStream:
     # Hello.proxy_instance_id: the current run of the agent's connect proxy (an open
     # visit another run reports has ended with that run).
     proxy_instance_id: str = ""
+    # time.monotonic() of the agent's last message: only a talking agent's lease is renewed.
+    last_message: float = field(default_factory=time.monotonic)
 
 
 class AgentHub:
     def __init__(self) -> None:
         self._streams: dict[str, AgentStream] = {}
+        # Set when several controllers share the database (controller.notify): updates
+        # for agents connected elsewhere go there, and liveness is the database's lease.
+        self.publisher: Publisher | None = None
         # Woken when an agent connects (the reconciler places pending starts).
         self.agent_connected = asyncio.Event()
 
@@ -82,7 +99,22 @@ class AgentHub:
         return True
 
     def is_connected(self, agent_id: str) -> bool:
+        """Connected to this controller."""
         return agent_id in self._streams
+
+    @property
+    def clustered(self) -> bool:
+        return self.publisher is not None
+
+    def is_live(self, agent: Agent) -> bool:
+        """Connected to this controller, or (several controllers) to another one whose
+        lease on the agent has not run out."""
+        if agent.agent_id in self._streams:
+            return True
+        if not self.clustered or not agent.connected or agent.controller_id is None:
+            return False
+        expires = as_utc(agent.lease_expires_at)
+        return expires is not None and expires > utcnow()
 
     def connected_agents(self, compute_env_id: str | None = None) -> list[str]:
         return [
@@ -97,8 +129,21 @@ class AgentHub:
             return
         stream = self._streams.get(agent_id)
         ids = set(session_ids)
-        if stream is not None and ids:
+        if not ids:
+            return
+        if stream is not None:
             stream.queue.put_nowait(ids)
+        elif self.publisher is not None:
+            self.publisher(agent_id, ids)
+
+    def deliver(self, agent_id: str, session_ids: set[str] | None) -> bool:
+        """An update another controller published: queued if the agent's stream is here
+        (None: the full desired set)."""
+        stream = self._streams.get(agent_id)
+        if stream is None:
+            return False
+        stream.queue.put_nowait(FULL if session_ids is None else set(session_ids))
+        return True
 
     def notify_full(self, agent_id: str | None = None) -> None:
         """Queue the full desired set for one agent (or every connected agent)."""
@@ -109,6 +154,8 @@ class AgentHub:
         )
         for stream in streams:
             stream.queue.put_nowait(FULL)
+        if agent_id is not None and not streams and self.publisher is not None:
+            self.publisher(agent_id, None)
 
     def streams(self) -> list[AgentStream]:
         return list(self._streams.values())

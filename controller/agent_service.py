@@ -34,6 +34,12 @@ Connection visits (the audit) likewise, with a ConnectionVisitAck (Welcome:
 `connection_visits`); before the Welcome, the visits a previous run of the
 agent's proxy left open are closed (`Hello.proxy_instance_id`).
 
+Several controllers on one database: the agent's row names the controller holding its
+stream (`controller_id`) and a lease (`lease_expires_at`) that this controller renews
+every third of the lease for the agents that talked within the lease; a disconnect
+is recorded only by the controller that still holds the agent (it may have reconnected
+elsewhere already). Liveness is the lease (AgentHub.is_live).
+
 Shutdown drains the streams before the gRPC server and the database stop:
 each handler ends its own stream and records the disconnect while the
 database is still open. A handler cancelled mid-transaction by the server's
@@ -45,13 +51,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from studios.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from controller import enrollment, lifecycle, signin
@@ -140,8 +147,15 @@ class AgentService:
         master_key: bytes,
         heartbeat_interval_seconds: int,
         settings: EnrollmentSettings,
+        *,
+        controller_id: str = "",
+        lease_seconds: float = 30.0,
     ) -> None:
         self.db = db
+        # Who holds a stream, and for how long without renewal (several controllers).
+        self.controller_id = controller_id
+        self.lease = timedelta(seconds=lease_seconds)
+        self._lease_task: asyncio.Task[None] | None = None
         self.settings = settings
         self.hub = hub
         self.observations = observations
@@ -154,8 +168,53 @@ class AgentService:
         self._closing = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
 
+    def start_leases(self) -> None:
+        """Renew the leases of this controller's agents from now on."""
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="agent-leases")
+
+    async def _lease_loop(self) -> None:
+        interval = max(0.2, self.lease.total_seconds() / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("renewing the agents' leases failed; trying again")
+
+    async def renew_leases(self) -> int:
+        """Extend the lease of every agent whose stream is here and that talked within
+        the lease; mark agents whose lease ran out (wherever they were) disconnected.
+        One statement each, whatever the number of agents."""
+        horizon = time.monotonic() - self.lease.total_seconds()
+        talking = [s.agent_id for s in self.hub.streams() if s.last_message >= horizon]
+        now = utcnow()
+        renewed = 0
+        async with self.db.transaction() as session:
+            if talking:
+                result = await session.execute(
+                    update(Agent)
+                    .where(Agent.agent_id.in_(talking), Agent.controller_id == self.controller_id)
+                    .values(lease_expires_at=now + self.lease)
+                    .execution_options(synchronize_session=False)
+                )
+                renewed = int(getattr(result, "rowcount", 0) or 0)
+            await session.execute(
+                update(Agent)
+                .where(Agent.connected.is_(True), Agent.lease_expires_at < now)
+                .values(connected=False, controller_id=None)
+                .execution_options(synchronize_session=False)
+            )
+        return renewed
+
     async def drain(self, grace_s: float) -> None:
         """End every stream and wait (up to `grace_s`) for their handlers to finish."""
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+            self._lease_task = None
         self._closing.set()
         pending = {t for t in self._handlers if not t.done()}
         if not pending:
@@ -402,6 +461,8 @@ class AgentService:
             agent.agent_version = hello.agent_version
             agent.connected = True
             agent.last_seen = utcnow()
+            agent.controller_id = self.controller_id
+            agent.lease_expires_at = agent.last_seen + self.lease
             if hello.HasField("capacity"):
                 reported = capacity_dict(hello.capacity)
                 if not agent.capacity_cap:
@@ -416,6 +477,7 @@ class AgentService:
             if request is grpc.aio.EOF:
                 log.info("agent %s closed its stream", stream.agent_id)
                 return
+            stream.last_message = time.monotonic()
             kind = request.WhichOneof("message")
             try:
                 ack = await _to_completion(self._handle(stream, kind, request))
@@ -499,9 +561,14 @@ class AgentService:
         try:
             async with self.db.transaction() as session:
                 agent = await session.get(Agent, stream.agent_id, with_for_update=True)
+                if agent is not None and agent.controller_id not in (None, self.controller_id):
+                    # It reconnected to another controller meanwhile: that one holds it.
+                    return
                 if agent is not None:
                     agent.connected = False
                     agent.last_seen = utcnow()
+                    agent.controller_id = None
+                    agent.lease_expires_at = None
                 studios = (
                     await session.scalars(_select_active_on(stream.agent_id).with_for_update())
                 ).all()

@@ -7,18 +7,26 @@ agent as disconnected), then the REST API, then the database.
 Two gRPC servers, both TLS with the agent CA (docs/contract-notes.md "Agent
 enrollment"): the enrollment endpoint (`--grpc`, server TLS) and the agent
 endpoint (`--grpc-agents`, mutual TLS). There is no plaintext listener.
+
+Several controllers on one PostgreSQL (README "Operating"): with `--secrets-key-file`
+the secrets come from the database (controller.shared_secrets); change notifications
+between controllers go through LISTEN/NOTIFY (controller.notify); agents' leases are
+renewed by the controller holding their streams (controller.agent_service); shared
+background jobs run on the controller holding their job lease (controller.leader).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
 from aiohttp import web
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from studios.agent.v1 import agent_pb2_grpc
 
 from controller import (
@@ -40,19 +48,22 @@ from controller.agent_service import (
     EnrollmentEndpoint,
     EnrollmentSettings,
 )
-from controller.bootstrap import bootstrap, ensure_data_dir, load_or_create_connect_key, open_ca
+from controller.bootstrap import bootstrap, ensure_data_dir
 from controller.checkpoint_gc import CheckpointGc
 from controller.compute_envs_service import ComputeEnvService
 from controller.config import ControllerConfig
 from controller.db import Database
+from controller.leader import Leader
 from controller.lifespan import LifespanEnforcer
 from controller.metrics import ControllerMetrics
-from controller.models import Agent
+from controller.models import Agent, utcnow
+from controller.notify import ClusterBus
 from controller.observed import ObservationHandler
 from controller.orgs_service import OrgService
 from controller.placement import Placer
 from controller.reconciler import Reconciler
-from controller.secret_box import SecretBox, load_or_create_credentials_key, register_box
+from controller.secret_box import SecretBox, register_box
+from controller.shared_secrets import load_controller_secrets, read_secrets_key
 from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
 from controller.studios_service import StudioService
 from controller.teams_service import TeamService
@@ -62,7 +73,7 @@ from controller.web_app import make_app
 from controller.workspaces_service import WorkspaceService
 from studios_shared.metrics_server import MetricsServer
 
-__all__ = ["Controller", "Services", "default_server_names"]
+__all__ = ["Controller", "Services", "default_controller_id", "default_server_names"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +103,11 @@ def default_server_names(*bind_hosts: str) -> list[str]:
         else:
             names.append(host)
     return sorted({n for n in names if n})
+
+
+def default_controller_id() -> str:
+    """This process's name in leases: readable in logs, unique across restarts."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass(slots=True)
@@ -129,28 +145,47 @@ class Controller:
         # Prometheus metrics: always counted, served only on `--metrics` (metrics_port).
         self.metrics: ControllerMetrics | None = None
         self.metrics_server: MetricsServer | None = None
+        self.controller_id = config.controller_id or default_controller_id()
+        # Several controllers: notifications between them, and the job leases.
+        self.bus: ClusterBus | None = None
+        self.leader: Leader | None = None
 
     async def start(self) -> None:
         cfg = self.config
         # First: a broken catalogue stops the controller before it listens or migrates.
         catalogue = load_catalogue(cfg.templates_file)
         ensure_data_dir(cfg.data_dir)
-        master_key = load_or_create_connect_key(cfg.data_dir)
+        secrets_key = read_secrets_key(cfg.secrets_key_file) if cfg.secrets_key_file else None
 
         self.db = db = Database(cfg.effective_database_url)
         await db.migrate()
-        await bootstrap(db, cfg.data_dir)
+        shared = await load_controller_secrets(db, cfg.data_dir, secrets_key)
+        master_key = shared.connect_key
+        ca = shared.ca
+        await bootstrap(db, cfg.data_dir, ca)
         self.metrics = ControllerMetrics(db, self.hub)
-        ca = open_ca(cfg.data_dir)
         self.ca_certificate_pem = ca.certificate_pem
         names = cfg.grpc_advertise or default_server_names(cfg.grpc_host, cfg.grpc_agents_host)
         key_pem, chain_pem = ca.server_credentials(names)
         # Data-link credentials are sealed with this key (controller.secret_box).
-        secret_box = SecretBox(load_or_create_credentials_key(cfg.data_dir))
+        secret_box = SecretBox(shared.credentials_key)
         register_box(db.engine, secret_box)
-        # Streams of a previous process are gone, whatever the table says.
-        async with db.transaction() as session:
-            await session.execute(update(Agent).values(connected=False))
+        if db.is_sqlite:
+            # Streams of a previous process are gone, whatever the table says.
+            async with db.transaction() as session:
+                await session.execute(update(Agent).values(connected=False))
+        else:
+            # Other controllers' agents stay theirs; only leases that ran out are over.
+            async with db.transaction() as session:
+                await session.execute(
+                    update(Agent)
+                    .where(or_(Agent.lease_expires_at.is_(None), Agent.lease_expires_at < utcnow()))
+                    .values(connected=False, controller_id=None)
+                )
+            self.bus = ClusterBus(cfg.effective_database_url, self.hub)
+            await self.bus.start()
+            self.hub.publisher = self.bus.publish
+            self.leader = Leader(db, self.controller_id, lease_seconds=cfg.job_lease_seconds)
 
         placer = Placer(db, self.hub)
         self.reconciler = Reconciler(
@@ -161,6 +196,7 @@ class Controller:
             lifespans=LifespanEnforcer(db, self.hub),
             lifespan_interval=cfg.lifespan_check_interval_seconds,
         )
+        self.reconciler.leader = self.leader
         # The agent endpoint first: Endpoints names its bound port.
         self.grpc_agents_server = grpc.aio.server(options=_GRPC_OPTIONS)
         agents_address = _join(cfg.grpc_agents_host, cfg.grpc_agents_port)
@@ -187,7 +223,11 @@ class Controller:
                 agent_endpoint=cfg.grpc_agents_advertise or f":{self.grpc_agents_port}",
                 server_names=names,
             ),
+            controller_id=self.controller_id,
+            lease_seconds=cfg.agent_lease_seconds,
         )
+        if self.bus is not None:
+            agent_service.start_leases()
         # The generated gRPC module carries no annotations.
         agent_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentEndpoint(agent_service), self.grpc_agents_server
@@ -268,17 +308,21 @@ class Controller:
             grace_s=cfg.checkpoint_gc_grace_seconds,
             s3_endpoint=cfg.s3_endpoint,
         )
+        self.checkpoint_gc.leader = self.leader
         self.checkpoint_gc.start()
         log.info(
             "studio-controller listening: HTTP on http://%s, gRPC enrollment (TLS) on %s, "
             "gRPC agents (mutual TLS) on %s (public URL %s; server certificate names %s; "
-            "agent CA sha256 %s)",
+            "agent CA sha256 %s; %s)",
             _join(cfg.http_host, self.http_port),
             _join(cfg.grpc_host, self.grpc_port),
             _join(cfg.grpc_agents_host, self.grpc_agents_port),
             self.public_url,
             ",".join(names),
             ca.hash,
+            f"one of several controllers as {self.controller_id}"
+            if self.bus is not None
+            else "single controller",
         )
 
     async def stop(self) -> None:
@@ -287,6 +331,8 @@ class Controller:
             self.checkpoint_gc = None
         if self.reconciler is not None:
             await self.reconciler.stop()
+        if self.leader is not None:
+            await self.leader.release()
         if self.agent_service is not None:
             await self.agent_service.drain(grace_s=5.0)
             self.agent_service = None
@@ -303,6 +349,10 @@ class Controller:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.bus is not None:
+            self.hub.publisher = None
+            await self.bus.close()
+            self.bus = None
         if self.db is not None:
             await self.db.close()
             self.db = None

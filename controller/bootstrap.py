@@ -99,9 +99,12 @@ def load_or_create_connect_key(data_dir: Path) -> bytes:
     return key
 
 
-async def bootstrap(db: Database, data_dir: Path) -> bool:
-    """Create the defaults on an empty database. True when it did."""
-    ca = open_ca(data_dir)
+async def bootstrap(db: Database, data_dir: Path, ca: AgentCA | None = None) -> bool:
+    """Create the defaults on an empty database. True when it did.
+
+    `ca`: the agent CA join tokens pin (controllers sharing a database share one,
+    controller.shared_secrets); None: this data directory's."""
+    ca = ca or open_ca(data_dir)
     async with db.transaction() as session:
         if await session.scalar(select(func.count()).select_from(Organization)):
             _check_files(data_dir)

@@ -41,6 +41,7 @@ from agent.checkpoints.gc import DEFAULT_GRACE_S, gc
 from agent.checkpoints.repo import Repository, manifest_name, split_checkpoint_uri
 from agent.errors import CheckpointError
 from controller.db import Database
+from controller.leader import Leader, run_once_across_controllers
 from controller.models import Checkpoint, CheckpointGcRun, ComputeEnv, Studio, as_utc, utcnow
 from controller.periodic import PeriodicPass
 from controller.stores import checkpoint_base_uri
@@ -130,6 +131,10 @@ class CheckpointGc(PeriodicPass):
 
     # ------------------------------------------------------------ background task
 
+    # Set by the controller: one collector across controllers (controller.leader).
+    leader: Leader | None = None
+
+    @run_once_across_controllers("checkpoint-gc")
     async def tick(self) -> None:
         await self.run_once()
 

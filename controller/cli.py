@@ -4,7 +4,7 @@
                             [--grpc-agents HOST:PORT] [--grpc-advertise NAME[,NAME...]]
                             [--grpc-agents-advertise HOST:PORT] [--agent-cert-lifetime 30d]
                             [--database URL] [--public-url URL] [--metrics [HOST:]PORT]
-                            [--log-format text|json]
+                            [--log-format text|json] [--secrets-key-file FILE]
     studio-controller user add --data-dir DIR --name NAME --email EMAIL
                                [--workspace ID] [--role ROLE] [--database URL]
     studio-controller agent token create --data-dir DIR [--compute-env ID] [--ttl 24h]
@@ -36,7 +36,7 @@ from sqlalchemy import select
 from controller import enrollment
 from controller.app import Controller
 from controller.auth import Role, hash_token, new_token
-from controller.bootstrap import bootstrap, ensure_data_dir, open_ca
+from controller.bootstrap import bootstrap, ensure_data_dir
 from controller.config import (
     DEFAULT_AGENT_CERT_LIFETIME_SECONDS,
     ControllerConfig,
@@ -46,6 +46,7 @@ from controller.config import (
 from controller.db import Database
 from controller.errors import Conflict, NotFound, StudiosError
 from controller.models import ApiToken, OrgMember, Participant, User, Workspace
+from controller.shared_secrets import load_controller_secrets, read_secrets_key
 from controller.templates import load_catalogue
 from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
 from studios_shared.metrics_server import parse_metrics_address
@@ -131,6 +132,43 @@ def _parser() -> argparse.ArgumentParser:
         "127.0.0.1); default: not served. Never on the --http port: the figures are the "
         "operator's",
     )
+    serve.add_argument(
+        "--secrets-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="several controllers on one PostgreSQL: a 256-bit key (64 hex characters) "
+        "every controller of the database is given; the agent CA and the connect, sign-in "
+        "and credentials keys are sealed under it in the database and shared (default: this "
+        "data directory's own secrets, for a single controller)",
+    )
+    serve.add_argument(
+        "--resync-interval-seconds",
+        type=float,
+        default=60.0,
+        help="how often every connected agent gets its full desired state again, the "
+        "safety net under change notifications (0: never)",
+    )
+    serve.add_argument(
+        "--reconcile-interval-seconds",
+        type=float,
+        default=5.0,
+        help="how often pending starts are placed and lifespans checked",
+    )
+    serve.add_argument(
+        "--agent-lease-seconds",
+        type=float,
+        default=30.0,
+        help="an agent counts as connected this long after its controller last renewed its "
+        "lease (several controllers)",
+    )
+    serve.add_argument(
+        "--job-lease-seconds",
+        type=float,
+        default=15.0,
+        help="how long a background job's lease lasts: how soon another controller takes "
+        "over the job when its holder dies (several controllers)",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
         "--log-format",
@@ -173,6 +211,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--uses", type=int, default=None, metavar="N", help="at most N enrollments")
     create.add_argument("--name", default="cli", help="shown in logs and refusals")
+    create.add_argument(
+        "--secrets-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the controllers' secrets key (as `serve` is given): the token pins their "
+        "shared agent CA",
+    )
     listing = agent_sub.add_parser("list", help="enrolled agents")
     listing.add_argument("--data-dir", required=True, type=Path)
     listing.add_argument("--database", default=None, metavar="URL")
@@ -210,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             # Read now too, so that a broken catalogue stops the controller with its reason
             # alone rather than a start-up traceback.
             load_catalogue(args.templates)
+            if args.secrets_key_file is not None:
+                read_secrets_key(args.secrets_key_file)
         except ValueError as exc:
             print(f"studio-controller: {exc}", file=sys.stderr)
             return 2
@@ -233,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             templates_file=args.templates,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            secrets_key_file=args.secrets_key_file,
+            resync_interval_seconds=args.resync_interval_seconds,
+            reconcile_interval_seconds=args.reconcile_interval_seconds,
+            agent_lease_seconds=args.agent_lease_seconds,
+            job_lease_seconds=args.job_lease_seconds,
         )
         return asyncio.run(_serve(config))
     if args.command == "user" and args.user_command == "add":
@@ -262,14 +315,18 @@ async def _agent_command(args: argparse.Namespace) -> int:
     db = Database(config.effective_database_url)
     try:
         await db.migrate()
-        await bootstrap(db, config.data_dir)
+        key_file = getattr(args, "secrets_key_file", None)
+        controller_secrets = await load_controller_secrets(
+            db, config.data_dir, read_secrets_key(key_file) if key_file else None
+        )
+        await bootstrap(db, config.data_dir, controller_secrets.ca)
         if args.agent_command == "token":
             ttl = parse_duration(args.ttl, what="--ttl")
             if args.uses is not None and args.uses < 1:
                 raise ValueError("--uses: at least 1")
             token = await enrollment.create_token(
                 db,
-                open_ca(config.data_dir),
+                controller_secrets.ca,
                 name=args.name,
                 compute_env_id=args.compute_env,
                 workspace_id=args.workspace,

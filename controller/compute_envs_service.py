@@ -224,7 +224,7 @@ class ComputeEnvService:
                     .order_by(Agent.agent_id)
                 )
             ).all()
-        return [AgentListing(a, self.hub.is_connected(a.agent_id)) for a in agents]
+        return [AgentListing(a, self.hub.is_live(a)) for a in agents]
 
 
 def _check_name(name: str | None) -> str:

@@ -105,6 +105,17 @@ class ControllerConfig:
     # The template catalogue (YAML, controller.templates); None: the packaged
     # controller/templates.yaml.
     templates_file: Path | None = None
+    # Several controllers on one PostgreSQL (README "Operating"): the key that seals the
+    # shared secrets in the database (controller.shared_secrets); None: this data
+    # directory's own secrets (one controller).
+    secrets_key_file: Path | None = None
+    # This controller's name in agent and job leases; None: host name, pid and a random part.
+    controller_id: str | None = None
+    # An agent's lease: it counts as connected this long after its last renewal.
+    agent_lease_seconds: float = 30.0
+    # A background job's lease (controller.leader): how soon another controller takes
+    # over a job whose holder died.
+    job_lease_seconds: float = 15.0
 
     @property
     def effective_database_url(self) -> str:

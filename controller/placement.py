@@ -6,6 +6,10 @@ with the most available memory), records it and tells that agent. Without a
 connected agent the studio waits, with a message and a pending "placing"
 step; the reconciler calls `place_pending` again when an agent connects and
 periodically.
+
+Several controllers (controller.notify): the candidates are every live agent of the
+environment, wherever its stream is (its lease in the database has not run out); the
+placing controller's `notify` reaches the agent through the controller holding it.
 """
 
 from __future__ import annotations
@@ -114,14 +118,21 @@ class Placer:
         return len(placed)
 
     async def _choose(self, session: AsyncSession, compute_env_id: str) -> Agent | None:
-        candidates = self.hub.connected_agents(compute_env_id)
-        if not candidates:
-            return None
-        agents = (
-            await session.scalars(
-                select(Agent).where(Agent.agent_id.in_(candidates), Agent.revoked_at.is_(None))
+        if self.hub.clustered:
+            query = select(Agent).where(
+                Agent.compute_env_id == compute_env_id,
+                Agent.revoked_at.is_(None),
+                Agent.connected.is_(True),
+                Agent.lease_expires_at > utcnow(),
             )
-        ).all()
+        else:
+            candidates = self.hub.connected_agents(compute_env_id)
+            if not candidates:
+                return None
+            query = select(Agent).where(
+                Agent.agent_id.in_(candidates), Agent.revoked_at.is_(None)
+            )
+        agents = [a for a in (await session.scalars(query)).all() if self.hub.is_live(a)]
         if not agents:
             return None
         return max(

@@ -6,6 +6,13 @@ past their lifespan; every
 `resync_interval` it also queues the full desired set for every connected
 agent (messages are idempotent, so a lost one is repaired without anyone
 noticing). An agent connecting wakes it early.
+
+Several controllers (controller.leader): ending revoked streams and the resync concern
+this controller's own streams and run everywhere; placement and lifespans are shared
+work and run on the controller holding the "reconciler" lease. (A start request places
+its studio at once wherever it arrives; placement locks the studio rows, so that is
+safe beside the leader's pass.) `resync_interval` 0 turns the resync off (tests that
+prove the notification path delivers).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 from sqlalchemy import select
 
 from controller.agent_hub import AgentHub
+from controller.leader import Leader, run_once_across_controllers
 from controller.lifespan import LifespanEnforcer
 from controller.models import Agent, as_utc, utcnow
 from controller.periodic import PeriodicPass
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 
 class Reconciler(PeriodicPass):
     name = "reconciler pass"
+    # Set by the controller when several controllers may share the database.
+    leader: Leader | None = None
 
     def __init__(
         self,
@@ -51,6 +61,10 @@ class Reconciler(PeriodicPass):
 
     async def run_once(self) -> None:
         await self.end_revoked_streams()
+        await self.shared_pass()
+
+    @run_once_across_controllers("reconciler")
+    async def shared_pass(self) -> None:
         await self.placer.place_pending()
         # Lifespans are hours long: checking every `lifespan_interval` is plenty.
         if (
@@ -82,7 +96,10 @@ class Reconciler(PeriodicPass):
 
     async def tick(self) -> None:
         await self.run_once()
-        if time.monotonic() - self._last_resync >= self.resync_interval:
+        if (
+            self.resync_interval > 0
+            and time.monotonic() - self._last_resync >= self.resync_interval
+        ):
             self.hub.notify_full()
             self._last_resync = time.monotonic()
 

@@ -1057,7 +1057,7 @@ class StudioService:
             if studio.status != Status.RUNNING.value or studio.agent_id is None:
                 raise Conflict(f"studio {session_id} is {studio.status}, not running")
             agent = await session.get(Agent, studio.agent_id)
-        if agent is None or not self.hub.is_connected(agent.agent_id):
+        if agent is None or not self.hub.is_live(agent):
             raise Conflict(
                 f"the agent of studio {session_id} is not connected; try again when it is"
             )

@@ -1,0 +1,315 @@
+"""Two controllers on one PostgreSQL behind nginx (issue 16), all real processes.
+
+A studio created through A and started through B runs on the agent connected to A with
+the periodic resync off, so only the database notification reaches it; a browser that
+signs in through A acts through B; connect works through either; when A is SIGKILLed its
+agent moves to B and the session keeps serving throughout; the reconciler's shared pass
+runs on one controller at a time, and moves when its holder dies. Delivery and failover
+times are the benchmark's (tests/bench/bench_multi_controller.py), never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from controller.notify import asyncpg_dsn
+from tests.e2e_harness import AgentProcess, ControllerProcess, LocalhostResolver, RestClient
+from tests.multi_controller import Cluster, require_cluster_tools
+
+pytestmark = pytest.mark.e2e
+
+TEMPLATE = "studios/python-http:3.11-0.1"
+# The resync off: what reaches an agent reached it through a notification.
+BASE_ARGS = ("--resync-interval-seconds", "0", "--agent-lease-seconds", "6")
+
+ClusterFactory = Callable[[Iterable[str]], Awaitable[Cluster]]
+
+
+@pytest.fixture
+async def make_cluster(tmp_path: Path, postgres_database: str) -> AsyncIterator[ClusterFactory]:
+    require_cluster_tools()
+    made: list[Cluster] = []
+
+    async def make(extra: Iterable[str]) -> Cluster:
+        cluster = Cluster(tmp_path / "cluster", postgres_database, extra_args=[*BASE_ARGS, *extra])
+        made.append(cluster)
+        await cluster.start()
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.stop()
+
+
+class Site:
+    """A cluster with one compute environment and agents that know every controller."""
+
+    def __init__(self, cluster: Cluster, tmp: Path) -> None:
+        self.cluster = cluster
+        self.tmp = tmp
+        token = cluster.controllers[0].admin_token
+        self.front = RestClient(cluster.nginx.url, token)
+        self.direct = [RestClient(c.url, token) for c in cluster.controllers]
+        self.agents: list[AgentProcess] = []
+        self.compute_env_id = ""
+        self.session_ids: list[str] = []
+
+    async def setup(self) -> None:
+        _, body = await self.front.request(
+            "POST",
+            "/compute-envs",
+            {
+                "computeEnv": {
+                    "name": "local",
+                    "platform": "studio-agent",
+                    "config": {"workDir": str(self.tmp / "work"), "bootDiskSizeGb": 30},
+                }
+            },
+            expect=200,
+        )
+        self.compute_env_id = str(body["computeEnvId"])
+
+    async def add_agent(self) -> AgentProcess:
+        first = self.cluster.controllers[0]
+        agent = AgentProcess(first, self.compute_env_id, self.tmp / f"agent{len(self.agents)}")
+        # Every controller's enrollment endpoint, the first one first.
+        agent.argv[agent.argv.index("--controller") + 1] = self.cluster.agent_controllers
+        self.agents.append(agent)
+        agent.start()
+        return agent
+
+    async def create(self, api: RestClient, name: str, *, auto_start: bool) -> str:
+        path = "/studios" if auto_start else "/studios?autoStart=false"
+        body = {"name": name, "computeEnvId": self.compute_env_id, "dataStudioToolUrl": TEMPLATE}
+        _, answer = await api.request("POST", path, body, expect=200)
+        sid = str(answer["studio"]["sessionId"])
+        self.session_ids.append(sid)
+        return sid
+
+    async def close(self) -> None:
+        for sid in self.session_ids:
+            status, studio = await self.front.request("GET", f"/studios/{sid}")
+            if status == 200 and studio["statusInfo"]["status"] in ("running", "starting"):
+                await self.front.request("PUT", f"/studios/{sid}/stop")
+                await self.front.wait_status(sid, {"stopped", "errored"}, timeout=60)
+        for agent in self.agents:
+            agent.stop()
+        for api in (self.front, *self.direct):
+            await api.close()
+
+
+@pytest.fixture
+async def site_factory(
+    make_cluster: ClusterFactory, tmp_path: Path
+) -> AsyncIterator[Callable[[Iterable[str]], Awaitable[Site]]]:
+    sites: list[Site] = []
+
+    async def make(extra: Iterable[str]) -> Site:
+        site = Site(await make_cluster(extra), tmp_path)
+        sites.append(site)
+        await site.setup()
+        return site
+
+    try:
+        yield make
+    finally:
+        for site in sites:
+            await site.close()
+
+
+def _link(agent: AgentProcess) -> dict[str, Any]:
+    return dict(agent.cli("status")["controller"])
+
+
+async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def _connected_through(api: RestClient) -> bool:
+    _, body = await api.request("GET", "/agents", expect=200)
+    return any(a["connected"] for a in body["agents"])
+
+
+async def _on(agent: AgentProcess, controller: ControllerProcess) -> bool:
+    link = await asyncio.to_thread(_link, agent)
+    return bool(link["connected"]) and link["address"] == controller.grpc_address
+
+
+def _browser() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=LocalhostResolver()),
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+    )
+
+
+async def _open_through(browser: aiohttp.ClientSession, base: str, sid: str, token: str) -> str:
+    """GET /studios/{sid}/connect at `base` (a controller or nginx), follow the proxy's
+    token to its cookie: the tool's URL."""
+    async with browser.get(
+        f"{base}/studios/{sid}/connect",
+        headers={"Authorization": f"Bearer {token}"},
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status == 302, f"connect through {base}: {resp.status} {await resp.text()}"
+        location = resp.headers["Location"]
+    async with browser.get(location) as resp:
+        assert resp.status == 200, await resp.text()
+        assert "Directory listing" in await resp.text()
+        return str(resp.url).split("?")[0]
+
+
+async def test_a_change_through_b_reaches_the_agent_connected_to_a(
+    site_factory: Callable[[Iterable[str]], Awaitable[Site]],
+) -> None:
+    # No periodic pass either: nothing but the start request itself places the studio.
+    site = await site_factory(["--reconcile-interval-seconds", "3600"])
+    a = site.cluster.controllers[0]
+    api_a, api_b = site.direct
+    agent = await site.add_agent()
+    await _until("the agent is on A", lambda: _on(agent, a))
+    # B has no stream of it, yet knows it is connected (its lease in the database).
+    await _until("B lists the agent connected", lambda: _connected_through(api_b), 15)
+
+    sid = await site.create(api_a, "made through A", auto_start=False)
+    await api_b.request("PUT", f"/studios/{sid}/start", {}, expect=200)
+    studio = await api_a.wait_status(sid, {"running", "errored"}, timeout=60)
+    assert studio["statusInfo"]["status"] == "running", studio
+    assert await _on(agent, a), "the agent moved: the test would not prove the notification"
+
+    await api_b.request("PUT", f"/studios/{sid}/stop", expect=200)
+    studio = await api_a.wait_status(sid, {"stopped", "errored"}, timeout=60)
+    assert studio["statusInfo"]["status"] == "stopped", studio
+
+
+async def test_sign_in_through_a_act_and_connect_through_either(
+    site_factory: Callable[[Iterable[str]], Awaitable[Site]],
+) -> None:
+    site = await site_factory([])
+    a, b = site.cluster.controllers
+    token = a.admin_token
+    agent = await site.add_agent()
+    await _until("the agent is on A", lambda: _on(agent, a))
+    sid = await site.create(site.front, "through nginx", auto_start=True)
+    studio = await site.front.wait_status(sid, {"running", "errored"}, timeout=60)
+    assert studio["statusInfo"]["status"] == "running", studio
+    # studioUrl names the public URL: nginx.
+    assert studio["studioUrl"].startswith(site.cluster.nginx.url), studio["studioUrl"]
+
+    async with _browser() as browser:
+        async with browser.post(f"{a.url}/auth/sign-in", json={"token": token}) as resp:
+            assert resp.status == 200, await resp.text()
+        # The cookie A set, and nothing else, at B.
+        async with browser.get(f"{b.url}/studios/{sid}?workspaceId=1") as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["sessionId"] == sid
+
+    for base in (a.url, b.url, site.cluster.nginx.url):
+        async with _browser() as browser:
+            await _open_through(browser, base, sid, token)
+
+
+async def test_killing_a_moves_its_agent_to_b_and_the_session_keeps_serving(
+    site_factory: Callable[[Iterable[str]], Awaitable[Site]],
+) -> None:
+    site = await site_factory([])
+    a, b = site.cluster.controllers
+    token = a.admin_token
+    agent = await site.add_agent()
+    await _until("the agent is on A", lambda: _on(agent, a))
+    sid = await site.create(site.front, "survives A", auto_start=True)
+    studio = await site.front.wait_status(sid, {"running", "errored"}, timeout=60)
+    assert studio["statusInfo"]["status"] == "running", studio
+
+    async with _browser() as browser:
+        tool = await _open_through(browser, site.cluster.nginx.url, sid, token)
+        a.kill()
+        # The tool answers throughout, through the agent's proxy, with the cookie it has.
+        deadline = time.monotonic() + 60
+        while True:
+            async with browser.get(tool) as resp:
+                assert resp.status == 200, await resp.text()
+            if await _on(agent, b):
+                break
+            assert time.monotonic() < deadline, f"the agent did not move to B:\n{agent.log_tail()}"
+            await asyncio.sleep(0.2)
+        assert agent.alive()
+        async with browser.get(tool) as resp:
+            assert resp.status == 200
+
+    # nginx sends everything to B now; the studio never stopped.
+    studio = await site.front.wait_status(sid, "running", timeout=10)
+    async with _browser() as browser:
+        await _open_through(browser, site.cluster.nginx.url, sid, token)
+    await site.front.request("PUT", f"/studios/{sid}/stop", expect=200)
+    studio = await site.front.wait_status(sid, {"stopped", "errored"}, timeout=60)
+    assert studio["statusInfo"]["status"] == "stopped", studio
+
+
+async def _lease(dsn: str, name: str) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "SELECT holder, generation, passes FROM job_leases WHERE name = $1", name
+        )
+        return row
+    finally:
+        await conn.close()
+
+
+async def test_background_jobs_run_on_one_controller_and_move_when_it_dies(
+    site_factory: Callable[[Iterable[str]], Awaitable[Site]], postgres_database: str
+) -> None:
+    interval, lease = 0.2, 2.0
+    site = await site_factory(
+        ["--reconcile-interval-seconds", str(interval), "--job-lease-seconds", str(lease)]
+    )
+    dsn = asyncpg_dsn(postgres_database)
+    controllers = site.cluster.controllers
+
+    async def held() -> bool:
+        return await _lease(dsn, "reconciler") is not None
+
+    await _until("a controller holds the reconciler", held, 15)
+    await asyncio.sleep(1.0)
+    first = await _lease(dsn, "reconciler")
+    assert first is not None
+    window = 4.0
+    await asyncio.sleep(window)
+    second = await _lease(dsn, "reconciler")
+    assert second is not None
+    # One holder throughout, and one controller's worth of passes: two controllers each
+    # running every `interval` would count about twice as many.
+    assert (second["holder"], second["generation"]) == (first["holder"], first["generation"])
+    passes = second["passes"] - first["passes"]
+    assert 0 < passes <= window / interval + 3, passes
+    took = [c for c in controllers if "job reconciler: this controller" in c.log_tail(2000)]
+    assert len(took) == 1, [c.log_tail(20) for c in controllers]
+
+    holder = took[0]
+    other = next(c for c in controllers if c is not holder)
+    holder.kill()
+
+    async def moved() -> bool:
+        row = await _lease(dsn, "reconciler")
+        return row is not None and row["generation"] == first["generation"] + 1
+
+    await _until("the other controller takes the reconciler", moved, lease * 5)
+    assert "job reconciler: this controller" in other.log_tail(2000)
+    before = await _lease(dsn, "reconciler")
+    assert before is not None
+    await asyncio.sleep(1.0)
+    after = await _lease(dsn, "reconciler")
+    assert after is not None and after["passes"] > before["passes"]
