@@ -48,6 +48,7 @@ __all__ = [
     "EventCallback",
     "build_images",
     "host_ca_bundle",
+    "host_lock_path",
     "image_states",
     "inspect_image",
 ]
@@ -141,6 +142,12 @@ def _default_lock_path() -> Path:
     run_lock = Path("/run/lock")
     base = run_lock if os.access(run_lock, os.W_OK) else Path(tempfile.gettempdir())
     return base / "studios-images.lock"
+
+
+def host_lock_path() -> Path:
+    """The lock file that serialises image builds on this host: `studio-agent images
+    build` and the agent's custom environments (agent.images.env_builder) take it."""
+    return _default_lock_path()
 
 
 def _run_logged(

@@ -78,7 +78,7 @@ import psutil
 from packaging.requirements import InvalidRequirement, Requirement
 
 from agent.errors import AgentError
-from agent.images.builder import BUILD_CA_PATH, _default_lock_path, host_ca_bundle
+from agent.images.builder import BUILD_CA_PATH, host_ca_bundle, host_lock_path
 from agent.images.environment import (
     LABEL_ENV_HASH,
     EnvironmentError,
@@ -828,7 +828,7 @@ async def build_environment(
         if conda:
             await _check_channels(limits.conda_channels)
         async with _host_lock(
-            lock_path or _default_lock_path(),
+            lock_path or host_lock_path(),
             lambda: emit("waiting for another image build on this host"),
         ):
             if await _cached(reference, env_hash):

@@ -109,6 +109,17 @@ def tagged() -> Iterator[list[str]]:
             _podman("rmi", ref)
 
 
+def _remove_intermediates(env_hash: str) -> None:
+    """The untagged images a test's build left (a cancelled build keeps them, as podman's
+    layer cache for the next build of the same environment)."""
+    found = _podman(
+        "images", "--all", "--quiet", "--no-trunc", "--filter", f"label=studios.env-hash={env_hash}"
+    )
+    ids = sorted(set(found.stdout.split()))
+    if ids:
+        _podman("rmi", *ids)
+
+
 async def _build(
     text: str,
     tmp_path: Path,
@@ -378,3 +389,26 @@ async def test_abandoned_build_is_ended_and_builds_again(tmp_path: Path, tagged:
 def test_what_a_failed_log_says(output: list[str], reason: str) -> None:
     """The one-line causes read from podman's output (pip's and apt's own lines)."""
     assert _reason(output, 125) == reason
+
+
+async def test_cancelled_build_ends_and_tags_nothing(tmp_path: Path) -> None:
+    """A build whose caller goes away (the studio deleted meanwhile) goes with it."""
+    _require_template()
+    text = "dependencies:\n  - python>=3.8\n  - apt: [jq]\n"
+    pids: list[int] = []
+    log = tmp_path / "logs" / "build.log"
+    task = asyncio.ensure_future(_build(text, tmp_path, pids=pids))
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids and log.exists() and "apt-get" in log.read_text().split("STEP")[-1]):
+            assert not task.done(), "the build ended before it could be cancelled"
+            assert time.monotonic() < deadline, "the build did not reach its apt step"
+            await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert _group_gone(pids[0])
+        assert not _exists(_reference(text))
+        assert _working_containers(environment_hash_of(text)) == []
+    finally:
+        _remove_intermediates(environment_hash_of(text))
