@@ -22,7 +22,13 @@ it sends about a session is decided here before anything of it is applied:
   compute-environment store, of exactly that session: ``<store>/manifests/<session>/<key>``
   (`controller.stores.checkpoint_refusal`; no other scheme, bucket or directory, no
   ``.``/``..`` detour, no other session's manifests; the first format's ``.tar.gz``
-  archives are only read any more, so no event may name one).
+  archives are only read any more, so no event may name one). One more: the final
+  checkpoint of a run the controller left behind on this agent (`StudioRun`: the
+  studio was started elsewhere after the agent was lost) is accepted from that agent,
+  of that generation only, as a *recovered* checkpoint (kept by name, never the default
+  restore point). An agent that never ran the studio, or ran another generation of it,
+  has no such row: it cannot add a checkpoint to a studio it does not hold; and the agent
+  a studio is placed on now cannot add one to a run that row gives to another agent.
 
 Decisions only: no database access, no logging (the callers log, with the agent id,
 the session id and the reason). docs/contract-notes.md "Which agent may say what".
@@ -33,7 +39,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from controller.models import ComputeEnv, Studio
+from controller.models import ComputeEnv, Studio, StudioRun
 from controller.stores import checkpoint_refusal
 
 __all__ = [
@@ -64,6 +70,9 @@ class Decision:
     # REFUSE only: the normal course of things (a deleted studio the agent has not
     # forgotten yet), not worth a warning.
     quiet: bool = False
+    # ACCEPT of a checkpoint only: the final checkpoint of a run the studio has left
+    # behind on this agent (`StudioRun`), to be kept by name.
+    recovered: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -139,20 +148,45 @@ def checkpoint_event(
     uri: str,
     studio: Studio | None,
     compute_env: ComputeEnv | None,
+    left_behind: StudioRun | None = None,
 ) -> Decision:
     """May `agent_id` record checkpoint `uri` of `session_id`'s run `generation`?
 
     A deleted studio's event is still accepted from the agent it is placed on (the
     catalogue row lets the GC find the manifest); once that agent has forgotten the
-    studio (no placement left) nothing is recorded for it any more.
+    studio (no placement left) nothing is recorded for it any more. `left_behind`: the
+    run `generation` of the studio as the controller left it behind, if it did; from
+    the agent it names, its checkpoint is accepted as recovered.
     """
+    recovered = False
     if studio is not None and studio.deleted and studio.agent_id == agent_id:
         refused = None
     else:
         refused = _placement(agent_id, session_id, studio)
+    if (
+        refused is not None
+        and studio is not None
+        and left_behind is not None
+        and left_behind.session_id == session_id
+        and left_behind.generation == generation
+        and left_behind.agent_id == agent_id
+    ):
+        refused, recovered = None, True
     if refused is not None:
         return refused
     assert studio is not None
+    if (
+        not recovered
+        and left_behind is not None
+        and left_behind.generation == generation
+        and left_behind.agent_id != agent_id
+    ):
+        # The studio is placed here now, but that run was another agent's.
+        return Decision(
+            Verdict.REFUSE,
+            f"run {generation} of studio {session_id} ran on agent {left_behind.agent_id}, "
+            f"not on agent {agent_id}",
+        )
     if generation > studio.generation:
         return Decision(
             Verdict.REFUSE,
@@ -168,4 +202,4 @@ def checkpoint_event(
             Verdict.REFUSE,
             f"checkpoint URI {uri!r} is outside the compute environment's store: {why}",
         )
-    return ACCEPT
+    return Decision(Verdict.ACCEPT, recovered=True) if recovered else ACCEPT

@@ -53,6 +53,7 @@ from controller.checkpoint_gc import CheckpointGc
 from controller.compute_envs_service import ComputeEnvService
 from controller.config import ControllerConfig
 from controller.db import Database
+from controller.deadlines import Deadlines, DeadlineSettings
 from controller.leader import Leader
 from controller.lifespan import LifespanEnforcer
 from controller.metrics import ControllerMetrics
@@ -195,6 +196,15 @@ class Controller:
             resync_interval=cfg.resync_interval_seconds,
             lifespans=LifespanEnforcer(db, self.hub),
             lifespan_interval=cfg.lifespan_check_interval_seconds,
+            deadlines=Deadlines(
+                db,
+                self.hub,
+                DeadlineSettings(
+                    agent_lost_seconds=cfg.agent_lost_seconds,
+                    starting_deadline_seconds=cfg.starting_deadline_seconds,
+                    stopping_deadline_seconds=cfg.stopping_deadline_seconds,
+                ),
+            ),
         )
         self.reconciler.leader = self.leader
         # The agent endpoint first: Endpoints names its bound port.

@@ -169,6 +169,27 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a background job's lease lasts: how soon another controller takes "
         "over the job when its holder dies (several controllers)",
     )
+    serve.add_argument(
+        "--agent-lost-seconds",
+        type=float,
+        default=300.0,
+        help="an agent with no stream and no heartbeat this long is lost: its active "
+        "studios become errored ('agent lost') and can be deleted or started elsewhere",
+    )
+    serve.add_argument(
+        "--starting-deadline-seconds",
+        type=float,
+        default=1800.0,
+        help="a start (custom environment build, restore, tool answering) not running "
+        "this long after it was asked for errors the studio, naming the step it was stuck in",
+    )
+    serve.add_argument(
+        "--stopping-deadline-seconds",
+        type=float,
+        default=1800.0,
+        help="a stop (final checkpoint included) not done this long after it began errors "
+        "the studio, naming the step it was stuck in",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
         "--log-format",
@@ -279,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_gc_interval_seconds=args.checkpoint_gc_interval_seconds,
             checkpoint_gc_grace_seconds=args.checkpoint_gc_grace_seconds,
             templates_file=args.templates,
+            agent_lost_seconds=args.agent_lost_seconds,
+            starting_deadline_seconds=args.starting_deadline_seconds,
+            stopping_deadline_seconds=args.stopping_deadline_seconds,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
             secrets_key_file=args.secrets_key_file,

@@ -93,6 +93,12 @@ class ControllerConfig:
     metrics_port: int | None = None
     # How often sessions past their lifespan are looked for (and stopped).
     lifespan_check_interval_seconds: float = 30.0
+    # Lost agents and deadlines (controller.deadlines): an agent with no stream and no
+    # heartbeat this long is lost (its studios errored); a start (custom environment
+    # build included) or a stop not done this long after it began errors the studio.
+    agent_lost_seconds: float = 300.0
+    starting_deadline_seconds: float = 1800.0
+    stopping_deadline_seconds: float = 1800.0
     # Checkpoint garbage collection (controller.checkpoint_gc): how often every store
     # is collected, how soon a deleted studio is noticed, and the engine's grace
     # period (unreferenced packs younger than this are kept).

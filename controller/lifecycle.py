@@ -19,7 +19,9 @@ __all__ = [
     "ACTIVE",
     "Status",
     "StopReason",
+    "agent_lost_message",
     "agent_revoked_message",
+    "check_cancel",
     "check_delete",
     "check_extend_lifespan",
     "check_start",
@@ -140,6 +142,22 @@ def check_stop(studio: Studio) -> bool:
             f"studio {studio.session_id} is {status}: it can be stopped once it is running"
         )
     return status == Status.RUNNING
+
+
+def check_cancel(studio: Studio) -> None:
+    """POST /studios/{id}/cancel (an addition): only a start in progress can be cancelled."""
+    status = Status(studio.status)
+    if status not in (Status.STARTING, Status.BUILDING) or studio.desired_status != "running":
+        raise Conflict(
+            f"studio {studio.session_id} is {status}: only a starting or building studio's "
+            "start can be cancelled (stop a running one)"
+        )
+
+
+def agent_lost_message(agent_id: str, last_seen: datetime | None) -> str:
+    """A session's message when its agent has been gone past the grace period."""
+    when = last_seen.strftime("%Y-%m-%dT%H:%M:%SZ") if last_seen is not None else "never"
+    return f"agent lost: {agent_id} last seen {when}"
 
 
 def check_delete(studio: Studio) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Credentials",
     "DataLink",
     "EnrollmentToken",
+    "IdempotencyKey",
     "JobLease",
     "Label",
     "OrgMember",
@@ -47,6 +48,7 @@ __all__ = [
     "Studio",
     "StudioConnection",
     "StudioLabel",
+    "StudioRun",
     "Team",
     "TeamMember",
     "User",
@@ -400,6 +402,43 @@ class Checkpoint(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     date_saved: Mapped[datetime] = mapped_column(default=utcnow)
+    # The final checkpoint of a run that an agent held on to after the studio had moved
+    # on (a lost agent come back): kept by name, never the studio's default restore point.
+    recovered_from_agent: Mapped[str | None] = mapped_column(String(128), default=None)
+
+
+class StudioRun(Base):
+    """A run (generation) of a studio that the controller left behind on an agent (a
+    start elsewhere after the agent was lost): that agent may still report its final
+    checkpoint, and only that agent, only of that generation (controller.agent_authorizer)."""
+
+    __tablename__ = "studio_runs"
+
+    session_id: Mapped[str] = mapped_column(ForeignKey("studios.session_id"), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(128))
+    left_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a request sent with an `Idempotency-Key` (controller.idempotency).
+
+    The primary key makes two concurrent requests with one key race on the insert, not
+    on a check: exactly one of them runs the operation."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The operation ("create", "start:<sessionId>") and the client's key.
+    operation: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the canonical request body: the same key with another body is refused.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # None while the first request is still being carried out.
+    status: Mapped[int | None] = mapped_column(Integer, default=None)
+    body: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class StudioBuild(Base):

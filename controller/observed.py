@@ -47,13 +47,20 @@ from controller.models import (
     Studio,
     StudioBuild,
     StudioConnection,
+    StudioRun,
     User,
     Workspace,
     as_utc,
     utcnow,
 )
 
-__all__ = ["ObservationHandler", "capacity_dict", "checkpoint_display_name", "proxy_instance_id"]
+__all__ = [
+    "ObservationHandler",
+    "capacity_dict",
+    "checkpoint_display_name",
+    "proxy_instance_id",
+    "recovered_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +215,72 @@ def _mount_state(
             known = earlier.get("state")
             return known if isinstance(known, str) else None
     return None
+
+
+def recovered_name(studio_name: str, agent_id: str) -> str:
+    """The name of a run's checkpoint recovered from a lost agent (spaces as underscores,
+    as every checkpoint name)."""
+    return f"{studio_name} (recovered from agent {agent_id})".replace(" ", "_")[:240]
+
+
+async def _record_recovered(
+    session: AsyncSession,
+    studio: Studio,
+    agent_id: str,
+    event: agent_pb2.CheckpointEvent,
+    status: str,
+    saved: datetime,
+) -> tuple[agent_pb2.CheckpointAckResult, str]:
+    """Keep the final checkpoint of a run the studio left behind on `agent_id` as a named
+    checkpoint of its own: never merged into the run's earlier row (the one a later run
+    may have restored), never the default restore point (`recovered_from_agent`)."""
+    recorded = agent_pb2.CHECKPOINT_ACK_RESULT_RECORDED
+    existing = await session.scalar(
+        select(Checkpoint)
+        .where(Checkpoint.session_id == studio.session_id, Checkpoint.key == event.key)
+        .with_for_update()
+    )
+    if existing is not None:
+        if existing.recovered_from_agent is None:
+            # The run's own row already names this very object (an interim event sent
+            # before the agent was lost): a copy, nothing new to keep.
+            return recorded, ""
+        existing.status, existing.size_bytes = status, event.size_bytes
+        return recorded, ""
+    taken = set(
+        (
+            await session.scalars(
+                select(Checkpoint.name).where(Checkpoint.session_id == studio.session_id)
+            )
+        ).all()
+    )
+    base = recovered_name(studio.name, agent_id)
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    session.add(
+        Checkpoint(
+            session_id=studio.session_id,
+            name=name,
+            key=event.key,
+            uri=event.uri,
+            status=status,
+            size_bytes=event.size_bytes,
+            author_user_id=studio.started_by_user_id or studio.user_id,
+            generation=event.generation,
+            date_saved=saved,
+            recovered_from_agent=agent_id,
+        )
+    )
+    log.warning(
+        "studio %s: final checkpoint of run %d recovered from agent %s as %r",
+        studio.session_id,
+        event.generation,
+        agent_id,
+        name,
+    )
+    return recorded, ""
 
 
 def _log_refusal(agent_id: str, session_id: str, what: str, decision: Decision) -> None:
@@ -452,8 +525,20 @@ class ObservationHandler:
             # controllers sharing a database: two copies of an event never both insert.
             studio = await session.get(Studio, event.session_id, with_for_update=True)
             env = await session.get(ComputeEnv, studio.compute_env_id) if studio else None
+            left_behind = (
+                await session.get(StudioRun, (studio.session_id, event.generation))
+                if studio is not None
+                and (studio.agent_id != stream.agent_id or event.generation < studio.generation)
+                else None
+            )
             decision = authorizer.checkpoint_event(
-                stream.agent_id, event.session_id, event.generation, event.uri, studio, env
+                stream.agent_id,
+                event.session_id,
+                event.generation,
+                event.uri,
+                studio,
+                env,
+                left_behind,
             )
             if not decision.accepted:
                 _log_refusal(
@@ -466,6 +551,10 @@ class ObservationHandler:
             assert studio is not None
             status = _CHECKPOINT_STATUS.get(event.status, "empty")
             saved = datetime.fromtimestamp(event.saved_at, UTC) if event.saved_at > 0 else utcnow()
+            if decision.recovered:
+                return await _record_recovered(
+                    session, studio, stream.agent_id, event, status, saved
+                )
             # One checkpoint per session run: the agent refreshes the run's checkpoint
             # (interim) and finalizes it at stop; each event names the newest stored
             # object, and the run's row is updated to it (same key: a re-send).

@@ -1,8 +1,9 @@
 """The reconciler: a periodic pass that drives observed state toward desired.
 
 Each pass places pending starts, ends the streams of agents revoked meanwhile (by
-`studio-controller agent revoke`, possibly on another controller) and stops sessions
-past their lifespan; every
+`studio-controller agent revoke`, possibly on another controller), stops sessions
+past their lifespan and errors the studios of lost agents and the starts and stops
+past their deadline (controller.deadlines); every
 `resync_interval` it also queues the full desired set for every connected
 agent (messages are idempotent, so a lost one is repaired without anyone
 noticing). An agent connecting wakes it early.
@@ -24,6 +25,7 @@ import time
 from sqlalchemy import select
 
 from controller.agent_hub import AgentHub
+from controller.deadlines import Deadlines
 from controller.leader import Leader, run_once_across_controllers
 from controller.lifespan import LifespanEnforcer
 from controller.models import Agent, as_utc, utcnow
@@ -49,12 +51,14 @@ class Reconciler(PeriodicPass):
         resync_interval: float,
         lifespans: LifespanEnforcer | None = None,
         lifespan_interval: float = 30.0,
+        deadlines: Deadlines | None = None,
     ) -> None:
         super().__init__(interval)
         self.placer = placer
         self.lifespans = lifespans
         self.lifespan_interval = lifespan_interval
         self._last_lifespan_check = float("-inf")
+        self.deadlines = deadlines
         self.hub = hub
         self.resync_interval = resync_interval
         self._last_resync = time.monotonic()
@@ -73,6 +77,9 @@ class Reconciler(PeriodicPass):
         ):
             self._last_lifespan_check = time.monotonic()
             await self.lifespans.enforce_once()
+        if self.deadlines is not None:
+            # Lost agents and stuck starts and stops: no agent will report those.
+            await self.deadlines.enforce_once()
 
     async def end_revoked_streams(self) -> int:
         """End the open streams of revoked agents; how many."""

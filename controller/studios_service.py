@@ -39,6 +39,7 @@ to workspace admins and owners only (403 below), also once the studio is deleted
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import re
@@ -88,6 +89,7 @@ from controller.models import (
     Workspace,
     utcnow,
 )
+from controller.models import StudioRun as StudioRunRow
 from controller.mounts import StudioMount, check_mount_data, studio_mounts
 from controller.placement import PLACING_STEP, Placer
 from controller.requests import (
@@ -96,6 +98,7 @@ from controller.requests import (
     DataStudioStartRequest,
     DataStudioUpdateRequest,
 )
+from controller.studio_events import events_for
 from controller.templates import Catalogue, ResolvedTemplate, Template, default_catalogue
 from studios_shared.connect_token import (
     CONNECT_TOKEN_MAX_SECONDS,
@@ -242,6 +245,8 @@ class StudioService:
         self.connect_token_ttl = connect_token_ttl
         # The template catalogue (controller.templates): statuses, start refusals and warnings.
         self.catalogue = catalogue if catalogue is not None else default_catalogue()
+        # Committed status changes, for the long-poll of `get(..., wait=...)`.
+        self.events = events_for(db.engine.sync_engine)
 
     # ------------------------------------------------------------ helpers
 
@@ -411,7 +416,12 @@ class StudioService:
         """The studio's newest restorable checkpoint, else (a clone) its parent checkpoint."""
         own = await session.scalar(
             select(Checkpoint.id)
-            .where(Checkpoint.session_id == studio.session_id, Checkpoint.status.in_(_RESTORABLE))
+            .where(
+                Checkpoint.session_id == studio.session_id,
+                Checkpoint.status.in_(_RESTORABLE),
+                # A run recovered from a lost agent is restored only when chosen by name.
+                Checkpoint.recovered_from_agent.is_(None),
+            )
             .order_by(Checkpoint.date_saved.desc(), Checkpoint.id.desc())
             .limit(1)
         )
@@ -598,6 +608,37 @@ class StudioService:
         lifecycle.transition(studio, Status.STARTING, message=PLACING_STEP, now=now)
 
     async def get(
+        self,
+        principal: Principal,
+        session_id: str,
+        workspace_id: int | None,
+        *,
+        wait_for: frozenset[Status] = frozenset(),
+        wait_seconds: float = 0.0,
+    ) -> StudioDetails:
+        """The studio; with `wait_for`, once it is in one of those statuses or
+        `wait_seconds` have passed (whichever is first), as it is then."""
+        if not wait_for or wait_seconds <= 0:
+            return await self._get_once(principal, session_id, workspace_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        # Subscribed before the first read: a change committed between the read and the
+        # wait still wakes it.
+        with self.events.subscribe(session_id) as changes:
+            while True:
+                details = await self._get_once(principal, session_id, workspace_id)
+                if Status(details.studio.status) in wait_for:
+                    return details
+                left = deadline - loop.time()
+                if left <= 0:
+                    return details
+                try:
+                    async with asyncio.timeout(left):
+                        await changes.wait()
+                except TimeoutError:
+                    pass
+
+    async def _get_once(
         self, principal: Principal, session_id: str, workspace_id: int | None
     ) -> StudioDetails:
         async with self.db.transaction() as session:
@@ -731,6 +772,17 @@ class StudioService:
                         require(role, Permission.LABELS)
                     await self._apply_start_overrides(session, studio, principal, body)
                 previous_agent = studio.agent_id
+                if previous_agent is not None and studio.status == Status.ERRORED.value:
+                    # The errored run may still be on that agent (a lost agent): its final
+                    # checkpoint, if it ever comes, is kept as a named one (observed.py).
+                    await session.merge(
+                        StudioRunRow(
+                            session_id=studio.session_id,
+                            generation=studio.generation,
+                            agent_id=previous_agent,
+                            left_at=utcnow(),
+                        )
+                    )
                 self._start(studio, principal)
                 studio.restore_checkpoint_id = await self._restore_point(session, studio)
         except IntegrityError:
@@ -807,6 +859,39 @@ class StudioService:
         await pause_for_test("stop.committed")
         self.hub.notify(agent_id, [session_id])
         return StudioRun(submitted=submitted, studio=studio)
+
+    async def cancel(
+        self, principal: Principal, session_id: str, workspace_id: int | None
+    ) -> StudioRun:
+        """Cancel a start in progress (an addition; stop during `starting` stays 409).
+
+        The agent abandons the start at its next safe point and releases what it made;
+        the studio is `stopping` until it says `stopped`. A start no agent has reported
+        anything of yet (not placed, or placed and not begun) is `stopped` at once: the
+        agent, told so, has nothing to release and reports nothing.
+        """
+        async with self.db.transaction() as session:
+            studio, role = await self._studio(
+                session, principal, session_id, workspace_id, for_update=True
+            )
+            check_studio_access(studio, role, principal, Permission.EXECUTE)
+            lifecycle.check_cancel(studio)
+            agent_id = studio.agent_id
+            studio.desired_status = "stopped"
+            if agent_id is None or studio.root_dir is None:
+                studio.progress = [
+                    {"message": "start cancelled", "status": "succeeded", "warnings": []}
+                ]
+                lifecycle.transition(studio, Status.STOPPED, message="start cancelled")
+            else:
+                studio.progress = [
+                    *(studio.progress or []),
+                    {"message": "cancelling the start", "status": "in-progress", "warnings": []},
+                ]
+                lifecycle.transition(studio, Status.STOPPING, message="cancelling the start")
+        log.info("studio %s: start cancelled by %s", session_id, principal.user_name)
+        self.hub.notify(agent_id, [session_id])
+        return StudioRun(submitted=True, studio=studio)
 
     async def delete(self, principal: Principal, session_id: str, workspace_id: int | None) -> None:
         async with self.db.transaction() as session:

@@ -6,9 +6,13 @@ and gives the results their REST shape (`controller.views`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from controller.errors import BadRequest
+from controller.idempotency import Idempotency, header_key
+from controller.lifecycle import Status
 from controller.requests import (
     CheckpointUpdateRequest,
     DataStudioCreateRequest,
@@ -26,7 +30,7 @@ from controller.responses import (
     DataStudioTemplatesListResponse,
     StudioConnectionsListResponse,
 )
-from controller.studios_service import Page, StudioDetails, StudioService
+from controller.studios_service import DEFAULT_WORKSPACE_ID, Page, StudioDetails, StudioService
 from controller.views import (
     build_dto,
     checkpoint_dto,
@@ -38,6 +42,7 @@ from controller.views import (
     studio_dto,
 )
 from controller.web_app import (
+    DB_KEY,
     SERVICES_KEY,
     json_response,
     parse_body,
@@ -45,6 +50,7 @@ from controller.web_app import (
     principal,
     query_bool,
     query_int,
+    read_body,
 )
 
 __all__ = ["routes"]
@@ -52,6 +58,8 @@ __all__ = ["routes"]
 routes = web.RouteTableDef()
 
 MAX_PAGE_SIZE = 1000
+# The longest long-poll of GET /studios/{sessionId}?wait= (seconds).
+MAX_WAIT_SECONDS = 60
 
 
 def _service(request: web.Request) -> StudioService:
@@ -134,16 +142,43 @@ async def mounted_data_links(request: web.Request) -> web.Response:
     return json_response(DataStudioMountedLinksResponse(data_link_ids=ids))
 
 
+async def _idempotent(
+    request: web.Request,
+    operation: str,
+    workspace_id: int,
+    handler: Callable[[], Awaitable[web.Response]],
+) -> web.Response:
+    """`handler`'s answer, or the first answer to this request's Idempotency-Key."""
+    key = header_key(request)
+    if key is None:
+        return await handler()
+    return await Idempotency(request.app[DB_KEY]).run(
+        user_id=principal(request).user_id,
+        workspace_id=workspace_id,
+        operation=operation,
+        key=key,
+        body=await read_body(request),
+        query=request.query_string,
+        handler=handler,
+    )
+
+
 @routes.post("/studios")
 async def create_studio(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
     auto_start = query_bool(request, "autoStart", True)
-    body = await parse_body(request, DataStudioCreateRequest)
-    assert body is not None
-    details = await _service(request).create(
-        principal(request), workspace_id, body, auto_start=auto_start
-    )
-    return json_response(DataStudioCreateResponse(studio=studio_dto(details, _public_url(request))))
+
+    async def create() -> web.Response:
+        body = await parse_body(request, DataStudioCreateRequest)
+        assert body is not None
+        details = await _service(request).create(
+            principal(request), workspace_id, body, auto_start=auto_start
+        )
+        return json_response(
+            DataStudioCreateResponse(studio=studio_dto(details, _public_url(request)))
+        )
+
+    return await _idempotent(request, "create", workspace_id or DEFAULT_WORKSPACE_ID, create)
 
 
 @routes.get("/studios")
@@ -159,11 +194,37 @@ async def list_studios(request: web.Request) -> web.Response:
     return json_response(DataStudioListResponse(studios=dtos, total_size=total))
 
 
+def _wait_for(request: web.Request) -> frozenset[Status]:
+    """`wait`: a comma-separated list of statuses (the API's names)."""
+    wanted: set[Status] = set()
+    for value in request.query.getall("wait", []):
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            try:
+                wanted.add(Status(name))
+            except ValueError:
+                raise BadRequest(
+                    f"wait: {name!r} is not a status (one or more of "
+                    f"{', '.join(s.value for s in Status)}, comma-separated)"
+                ) from None
+    return frozenset(wanted)
+
+
 @routes.get("/studios/{sessionId}")
 async def get_studio(request: web.Request) -> web.Response:
     labels = _wants_labels(request)
+    wait_for = _wait_for(request)
+    timeout = query_int(request, "timeout", maximum=MAX_WAIT_SECONDS)
+    if timeout is not None and not wait_for:
+        raise BadRequest("timeout: only with wait=STATUS[,STATUS...]")
     details = await _service(request).get(
-        principal(request), request.match_info["sessionId"], _workspace(request)
+        principal(request),
+        request.match_info["sessionId"],
+        _workspace(request),
+        wait_for=wait_for,
+        wait_seconds=float(timeout if timeout is not None else 30) if wait_for else 0.0,
     )
     return json_response(_studio(details, _public_url(request), labels=labels))
 
@@ -198,10 +259,22 @@ async def extend_lifespan(request: web.Request) -> web.Response:
 @routes.put("/studios/{sessionId}/start")
 async def start_studio(request: web.Request) -> web.Response:
     workspace_id = _workspace(request)
-    body = await parse_body(request, DataStudioStartRequest, optional=True)
     session_id = request.match_info["sessionId"]
-    run = await _service(request).start(principal(request), session_id, workspace_id, body)
-    return json_response(start_response(session_id, run))
+
+    async def start() -> web.Response:
+        body = await parse_body(request, DataStudioStartRequest, optional=True)
+        run = await _service(request).start(principal(request), session_id, workspace_id, body)
+        return json_response(start_response(session_id, run))
+
+    return await _idempotent(request, f"start:{session_id[:32]}", workspace_id or 0, start)
+
+
+@routes.post("/studios/{sessionId}/cancel")
+async def cancel_studio(request: web.Request) -> web.Response:
+    """Cancel a start in progress (an addition): the stop answer's shape."""
+    session_id = request.match_info["sessionId"]
+    run = await _service(request).cancel(principal(request), session_id, _workspace(request))
+    return json_response(stop_response(session_id, run))
 
 
 @routes.put("/studios/{sessionId}/stop")
