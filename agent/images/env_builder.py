@@ -640,16 +640,19 @@ def _scratch(containerfile_text: str) -> Path:
 
 async def _podman_build(b: _Build, meter: _DiskMeter | None, meter_note: str) -> None:
     ca = host_ca_bundle()
-    text = containerfile(
-        b.spec,
-        template_image_id=b.template_id,
-        template_reference=b.template,
-        user=b.user,
-        env_hash=b.env_hash,
-        ca_path=BUILD_CA_PATH if ca else None,
-        conda_command=b.conda_command,
-        conda_channels=b.limits.conda_channels,
-    )
+    try:
+        text = containerfile(
+            b.spec,
+            template_image_id=b.template_id,
+            template_reference=b.template,
+            user=b.user,
+            env_hash=b.env_hash,
+            ca_path=BUILD_CA_PATH if ca else None,
+            conda_command=b.conda_command,
+            conda_channels=b.limits.conda_channels,
+        )
+    except ValueError as exc:
+        raise EnvBuildFailed(f"the template image {b.template} cannot be built on: {exc}") from None
     log = _Log(b.log_path)
     scratch = await asyncio.to_thread(_scratch, text)
     context = scratch / "context"
@@ -803,10 +806,13 @@ async def build_environment(
     template = _local_reference(template_reference)
     image = await _inspect(template)
     if image is None:
+        fix = (
+            f"build it with studio-agent images build {template.removeprefix('localhost/')}"
+            if template.startswith("localhost/studios/")
+            else "load it into this host's podman storage"
+        )
         raise EnvBuildFailed(
-            f"template image {template} is not on this host: build it with "
-            f"studio-agent images build {template.removeprefix('localhost/')} "
-            "(images are never pulled)"
+            f"template image {template} is not on this host: {fix} (images are never pulled)"
         )
     template_id = str(image["Id"])
     env_hash = environment_hash(spec, template_id, conda_channels=limits.conda_channels)

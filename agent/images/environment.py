@@ -90,7 +90,7 @@ _CONDA = re.compile(
     r"(?:(?:\s+|(?=[<>=!~]))(?P<version>[0-9A-Za-z.*,<>=!~_+-][0-9A-Za-z.*,<>=!~_+| -]*))?"
 )
 _CHANNEL = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|https?://[A-Za-z0-9._~:/%-]+)")
-_REFERENCE = re.compile(r"[a-z0-9][a-z0-9._/:-]*(?::[A-Za-z0-9_.-]+)?")
+_REFERENCE = re.compile(r"[a-z0-9][a-z0-9._/:-]*(?::[A-Za-z0-9_.-]+)?(?:@sha256:[0-9a-f]{64})?")
 _IMAGE_ID = re.compile(r"(sha256:)?[0-9a-f]{12,64}")
 
 _STR = "tag:yaml.org,2002:str"
