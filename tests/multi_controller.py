@@ -57,10 +57,9 @@ http {{
             # Long-polling (GET /studios/{{id}}?wait=...) holds a request open.
             proxy_read_timeout 300s;
             proxy_send_timeout 300s;
-            # A controller that is down or dies mid-request: the next one answers
-            # (also for POST/PUT: every write is one transaction, and create and start
-            # take an Idempotency-Key).
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+            # A controller that is down: the next one answers. (Not `non_idempotent`:
+            # a POST a controller took before dying is not sent twice.)
+            proxy_next_upstream error timeout http_502 http_503;
             proxy_connect_timeout 2s;
             client_max_body_size 16m;
         }}
