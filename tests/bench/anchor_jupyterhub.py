@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-__all__ = ["measure_jupyterhub"]
+__all__ = ["available", "measure_jupyterhub", "setup"]
 
 VENV = Path(os.environ.get("STUDIOS_BENCH_JHUB_VENV", "/tmp/jhub-venv"))
 CHP_PREFIX = Path(os.environ.get("STUDIOS_BENCH_CHP_PREFIX", "/tmp/chp"))
@@ -56,6 +56,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# A spawn that never answers (a broken setup) ends the measurement instead of hanging it.
+DEADLINE_S = 180.0
+LOG = Path(tempfile.gettempdir()) / "jhub-anchor.log"
+
+
+def _check_deadline(t0: float, what: str) -> None:
+    if time.perf_counter() - t0 > DEADLINE_S:
+        raise TimeoutError(f"{what} in {DEADLINE_S:g} s; the hub's log: {LOG}")
 
 
 async def measure_jupyterhub(runs: int) -> dict[str, object]:
@@ -91,7 +101,7 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
             [str(VENV / "bin/jupyterhub"), "-f", str(config)],
             cwd=tmp,
             env=env,
-            stdout=open(Path(tempfile.gettempdir()) / "jhub-anchor.log", "wb"),
+            stdout=open(LOG, "wb"),
             stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{port}"
@@ -121,6 +131,7 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
                         ) as resp:
                             if resp.status == 200:
                                 break
+                        _check_deadline(t0, f"{user}'s JupyterLab did not answer")
                         await asyncio.sleep(0.05)
                     starts.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
@@ -131,6 +142,7 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
                             model = await resp.json()
                         if not model.get("servers") and model.get("pending") is None:
                             break
+                        _check_deadline(t0, f"{user}'s server did not stop")
                         await asyncio.sleep(0.05)
                     stops.append(time.perf_counter() - t0)
         finally:

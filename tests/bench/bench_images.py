@@ -139,7 +139,7 @@ async def jupyterhub_anchor(runs: int) -> dict[str, object]:
         }
     try:
         return await anchor_jupyterhub.measure_jupyterhub(runs)
-    except (AssertionError, OSError, aiohttp.ClientError) as exc:
+    except (AssertionError, OSError, TimeoutError, aiohttp.ClientError) as exc:
         return {"available": True, "error": f"JupyterHub anchor failed: {exc!r}"}
 
 
