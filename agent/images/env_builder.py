@@ -48,9 +48,12 @@ The log: the generated Containerfile, then podman's whole output, at most _LOG_C
 directory, not into a pipe to the agent: an agent that dies mid-build does not take
 podman down with a broken pipe halfway through a step, so `kill_leftover_build` finds the
 build whole and ends it cleanly. A failure raises EnvBuildFailed: one line naming the
-cause, then the log's last lines. A failed build tags nothing; its intermediate layers
-stay as podman's layer cache (an agent restarted mid-build builds again and reuses them),
-the template image is untouched.
+cause, then the log's last lines. A failed build tags nothing and removes its
+intermediate images (each carries its hash: only the same environment could reuse them,
+and would fail alike); a build ended by `kill_leftover_build` or by its caller's
+cancellation keeps them as podman's layer cache, so building it again resumes after the
+last finished step. The template image is untouched. The scratch directory a dead
+agent's build left is removed by a later build.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ _POLL: Final = 0.25
 _DISK_EVERY: Final = 1.0
 # podman's output in the scratch file beyond this: the build is stopped (a runaway).
 _RAW_CAP: Final = 256 * 2**20
+_SCRATCH_PREFIX: Final = "studios-env-"
 _PROBE: Final = (
     'python3 -c "import platform; print(platform.python_version())" 2>/dev/null || echo none; '
     "python3 -m pip --version >/dev/null 2>&1 && echo pip || echo nopip; "
@@ -628,14 +632,29 @@ class _Build:
     conda_command: str | None
 
 
+def _scratch_root() -> str:
+    # /var/tmp: a build's output does not belong in a RAM-backed /tmp.
+    return "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
+
+
 def _scratch(containerfile_text: str) -> Path:
     """The build's private directory: its Containerfile, an empty context, podman's
-    output. /var/tmp: a build's output does not belong in a RAM-backed /tmp."""
-    root = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
-    scratch = Path(tempfile.mkdtemp(prefix="studios-env-", dir=root))
+    output."""
+    scratch = Path(tempfile.mkdtemp(prefix=_SCRATCH_PREFIX, dir=_scratch_root()))
     (scratch / "Containerfile").write_text(containerfile_text)
     (scratch / "context").mkdir()
     return scratch
+
+
+def _sweep_scratch() -> None:
+    """Scratch directories of builds whose agent died (run under the host lock, so no
+    other build is starting; a minute's age spares one that is, should it hold another
+    lock file: podman has read its Containerfile by then)."""
+    root = Path(_scratch_root())
+    for d in root.glob(f"{_SCRATCH_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if time.time() - d.lstat().st_mtime > 60:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 async def _podman_build(b: _Build, meter: _DiskMeter | None, meter_note: str) -> None:
@@ -842,6 +861,7 @@ async def build_environment(
             probe = await _probe(template_id)
             _check_probe(spec, probe, template)
             await _remove_leftovers(template_id, env_hash, None)
+            await asyncio.to_thread(_sweep_scratch)
             meter, note = await _disk_meter(image)
             emit(f"building {reference}")
             config = image.get("Config") or {}
