@@ -7,11 +7,11 @@ database when it sends it. Because every message is built from the newest
 committed state, no update can overtake a newer one.
 
 Several controllers on one PostgreSQL (controller.notify): an agent's stream is
-on one of them. `notify` for an agent whose stream is elsewhere goes to the
-`publisher` (a NOTIFY with the agent id and the session ids); the controller
-holding the stream gets it through `deliver` and queues it as if it had made
-the change. Whether an agent is connected anywhere is its lease in the database
-(`is_live`): the controller holding its stream renews it while the agent talks.
+on one of them. `notify` also goes to the `publisher` (a NOTIFY with the agent id
+and the session ids); the controller holding the stream gets it through `deliver`
+and queues it as if it had made the change. Whether an agent is connected
+anywhere is its lease in the database (`is_live`): the controller holding its
+stream renews it while the agent talks.
 """
 
 from __future__ import annotations
@@ -133,7 +133,10 @@ class AgentHub:
             return
         if stream is not None:
             stream.queue.put_nowait(ids)
-        elif self.publisher is not None:
+        if self.publisher is not None:
+            # Even with a stream here: it may be a dead one whose agent has reconnected to
+            # another controller already (noticed here only at its keepalive timeout).
+            # A second copy is harmless: desired state is idempotent.
             self.publisher(agent_id, ids)
 
     def deliver(self, agent_id: str, session_ids: set[str] | None) -> bool:

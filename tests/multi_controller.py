@@ -68,13 +68,13 @@ http {{
 """
 
 
-def require_cluster_tools(postgres: bool = True) -> None:
+def require_cluster_tools() -> None:
+    """Skip (fail in CI) without nginx or root; the PostgreSQL fixture says why itself."""
     require(shutil.which("nginx") is not None, "nginx is not installed (apt-get install nginx)")
     require(
         os.geteuid() == 0,
         "the agents run local tools as the 'agent' user, which needs root",
     )
-    del postgres  # the postgres fixture says why itself
 
 
 class Nginx:
