@@ -66,6 +66,7 @@ from controller.agent_ca import AgentCA
 from controller.agent_hub import FULL, AgentHub, AgentStream
 from controller.db import Database
 from controller.desired import build_desired_state
+from controller.drain import drain_mode, record_drain, stop_for_drain
 from controller.enrollment import EnrollmentRefused, Refusal
 from controller.fault_injection import TEST_FAULTS
 from controller.models import Agent, ComputeEnv, Studio, utcnow
@@ -167,6 +168,8 @@ class AgentService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
+        # Each connected agent's drain mode as last recorded ("" not draining).
+        self._drain: dict[str, str] = {}
 
     def start_leases(self) -> None:
         """Renew the leases of this controller's agents from now on."""
@@ -404,6 +407,8 @@ class AgentService:
             await context.write(welcome)
             stream.queue.put_nowait(FULL)
             self.reconciler.kick()
+            if self._drain.get(stream.agent_id) == "stop":
+                await _to_completion(stop_for_drain(self.db, self.hub, stream.agent_id))
             reader = asyncio.create_task(self._read_loop(stream, context, out), name="agent-reader")
             writer = asyncio.create_task(self._write_loop(stream, out), name="agent-writer")
             replaced = asyncio.create_task(stream.replaced.wait(), name="agent-replaced")
@@ -463,6 +468,7 @@ class AgentService:
             agent.last_seen = utcnow()
             agent.controller_id = self.controller_id
             agent.lease_expires_at = agent.last_seen + self.lease
+            agent.drain = self._drain[identity.agent_id] = drain_mode(hello.drain)
             if hello.HasField("capacity"):
                 reported = capacity_dict(hello.capacity)
                 if not agent.capacity_cap:
@@ -510,6 +516,7 @@ class AgentService:
             await self.observations.capacity(stream.agent_id, request.capacity)
         elif kind == "heartbeat":
             await self.observations.heartbeat(stream.agent_id)
+            await self._heartbeat_drain(stream.agent_id, drain_mode(request.heartbeat.drain))
         elif kind == "connections":
             await self.observations.connections(stream, request.connections)
         elif kind == "hello":
@@ -517,6 +524,16 @@ class AgentService:
         else:
             log.warning("agent %s sent an empty message", stream.agent_id)
         return None
+
+    async def _heartbeat_drain(self, agent_id: str, mode: str) -> None:
+        """Record a drain begun or ended on a live stream; in "stop" mode stop what runs."""
+        if mode != self._drain.get(agent_id, ""):
+            await record_drain(self.db, agent_id, mode)
+            self._drain[agent_id] = mode
+            if not mode:
+                self.reconciler.kick()  # undrained: pending starts may go there now
+        if mode == "stop":
+            await stop_for_drain(self.db, self.hub, agent_id)
 
     async def _write_loop(self, stream: AgentStream, out: _Writer) -> None:
         while True:

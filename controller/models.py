@@ -285,6 +285,9 @@ class Agent(Base):
     # lease that has run out means the agent is not connected, whatever `connected` says.
     controller_id: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # `studio-agent drain` as the agent last said (Hello, Heartbeat): "" not draining,
+    # "stop" or "wait" (controller.agent_service); placement skips a draining agent.
+    drain: Mapped[str] = mapped_column(String(8), default="", server_default="")
 
 
 class Studio(Base):

@@ -132,7 +132,12 @@ class Placer:
             query = select(Agent).where(
                 Agent.agent_id.in_(candidates), Agent.revoked_at.is_(None)
             )
-        agents = [a for a in (await session.scalars(query)).all() if self.hub.is_live(a)]
+        agents = [
+            a
+            for a in (await session.scalars(query)).all()
+            # A draining agent (`studio-agent drain`) takes no new session.
+            if self.hub.is_live(a) and not a.drain
+        ]
         if not agents:
             return None
         return max(

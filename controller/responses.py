@@ -260,6 +260,9 @@ class AgentDto(_Response):
     connected: bool
     last_seen: str | None = None
     capacity: dict[str, Any]
+    # `studio-agent drain`: no new placements; drain_mode "stop" or "wait" while draining.
+    draining: bool = False
+    drain_mode: str | None = None
 
 
 class AgentsListResponse(_Response):

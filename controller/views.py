@@ -288,6 +288,8 @@ def agent_dto(agent: Agent, connected: bool) -> AgentDto:
         connected=connected,
         last_seen=iso(agent.last_seen),
         capacity=agent.capacity or {},
+        draining=bool(agent.drain),
+        drain_mode=agent.drain or None,
     )
 
 

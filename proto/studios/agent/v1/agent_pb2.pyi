@@ -19,6 +19,12 @@ class RuntimeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUNTIME_KIND_LOCAL: _ClassVar[RuntimeKind]
     RUNTIME_KIND_PODMAN: _ClassVar[RuntimeKind]
 
+class DrainMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DRAIN_MODE_NONE: _ClassVar[DrainMode]
+    DRAIN_MODE_STOP: _ClassVar[DrainMode]
+    DRAIN_MODE_WAIT: _ClassVar[DrainMode]
+
 class SessionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SESSION_STATUS_UNSPECIFIED: _ClassVar[SessionStatus]
@@ -79,6 +85,9 @@ PROTOCOL_VERSION_V2: ProtocolVersion
 RUNTIME_KIND_UNSPECIFIED: RuntimeKind
 RUNTIME_KIND_LOCAL: RuntimeKind
 RUNTIME_KIND_PODMAN: RuntimeKind
+DRAIN_MODE_NONE: DrainMode
+DRAIN_MODE_STOP: DrainMode
+DRAIN_MODE_WAIT: DrainMode
 SESSION_STATUS_UNSPECIFIED: SessionStatus
 SESSION_STATUS_STARTING: SessionStatus
 SESSION_STATUS_RUNNING: SessionStatus
@@ -187,7 +196,7 @@ class ConnectRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., session: _Optional[_Union[SessionObserved, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., connections: _Optional[_Union[SessionConnections, _Mapping]] = ..., visit: _Optional[_Union[ConnectionVisit, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "proxy_url", "agent_version", "capacity", "runtime_kind", "proxy_instance_id")
+    __slots__ = ("protocol_version", "agent_id", "hostname", "compute_env_id", "proxy_url", "agent_version", "capacity", "runtime_kind", "proxy_instance_id", "drain")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +206,7 @@ class Hello(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_KIND_FIELD_NUMBER: _ClassVar[int]
     PROXY_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     agent_id: str
     hostname: str
@@ -206,7 +216,8 @@ class Hello(_message.Message):
     capacity: HostCapacity
     runtime_kind: RuntimeKind
     proxy_instance_id: str
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., runtime_kind: _Optional[_Union[RuntimeKind, str]] = ..., proxy_instance_id: _Optional[str] = ...) -> None: ...
+    drain: DrainMode
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., compute_env_id: _Optional[str] = ..., proxy_url: _Optional[str] = ..., agent_version: _Optional[str] = ..., capacity: _Optional[_Union[HostCapacity, _Mapping]] = ..., runtime_kind: _Optional[_Union[RuntimeKind, str]] = ..., proxy_instance_id: _Optional[str] = ..., drain: _Optional[_Union[DrainMode, str]] = ...) -> None: ...
 
 class Inventory(_message.Message):
     __slots__ = ("sessions",)
@@ -375,10 +386,12 @@ class HostCapacity(_message.Message):
     def __init__(self, cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., disk_budget_free_bytes: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sent_at",)
+    __slots__ = ("sent_at", "drain")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     sent_at: int
-    def __init__(self, sent_at: _Optional[int] = ...) -> None: ...
+    drain: DrainMode
+    def __init__(self, sent_at: _Optional[int] = ..., drain: _Optional[_Union[DrainMode, str]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
     __slots__ = ("welcome", "desired", "checkpoint_ack", "visit_ack")
