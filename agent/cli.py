@@ -73,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stop-grace-seconds", type=float, default=30.0)
     serve.add_argument("--start-timeout-seconds", type=float, default=60.0)
     serve.add_argument(
+        "--env-build-timeout-seconds",
+        type=float,
+        default=1800.0,
+        help="the longest a studio's custom environment may take to build",
+    )
+    serve.add_argument(
+        "--env-build-disk-gib",
+        type=float,
+        default=8.0,
+        help="the most a custom environment's build may write to podman's storage",
+    )
+    serve.add_argument(
+        "--conda-channel",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a conda channel custom environments may install from (repeatable; none: "
+        "conda packages are refused, pip: and apt: lists still build)",
+    )
+    serve.add_argument(
         "--checkpoint-interval-seconds",
         type=float,
         default=300.0,
@@ -189,6 +209,9 @@ def _serve(args: argparse.Namespace) -> int:
         local_tool_user=args.local_tool_user,
         stop_grace_seconds=args.stop_grace_seconds,
         start_timeout_seconds=args.start_timeout_seconds,
+        env_build_timeout_seconds=args.env_build_timeout_seconds,
+        env_build_disk_bytes=int(args.env_build_disk_gib * 2**30),
+        conda_channels=tuple(args.conda_channel),
         volume_kind=args.volume_kind,
         data_link_mounter=args.data_link_mounter,
         podman_socket=args.podman_socket,

@@ -66,6 +66,11 @@ class AgentConfig:
     local_tool_user: str = "session"
     stop_grace_seconds: float = 30.0
     start_timeout_seconds: float = 60.0
+    # Custom environments (`--env-build-timeout-seconds`, `--env-build-disk-gib`,
+    # `--conda-channel`): a build's limits, and the conda channels it may use.
+    env_build_timeout_seconds: float = 1800.0
+    env_build_disk_bytes: int = 8 * GIB
+    conda_channels: tuple[str, ...] = ()
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     disk_watch_seconds: float = 5.0
@@ -124,7 +129,10 @@ def session_json(h: SessionHandle) -> dict[str, Any]:
         "status": h.status,
         "message": h.message,
         "runtime": h.runtime,
-        "image": h.spec.image,
+        # What the tool runs: the template's image, or the one built for the studio's
+        # custom environment (then `template` is the template's).
+        "image": h.image or h.spec.image,
+        "template": h.spec.image,
         "tool": h.spec.tool,
         "toolPort": h.port,
         "pid": h.pid,
@@ -141,6 +149,11 @@ def session_json(h: SessionHandle) -> dict[str, Any]:
         "progress": [
             {"name": s.name, "status": s.status, "message": s.message} for s in h.progress
         ],
+        # The custom environment's build (without its log: `buildLogPath` has it).
+        "build": {k: v for k, v in h.build.items() if k != "log"},
+        "buildLogPath": (
+            str(Path(h.log_path).with_name("build.log")) if h.spec.conda_environment else ""
+        ),
     }
 
 
@@ -213,6 +226,9 @@ class Agent:
                     unsaved_retry_seconds=cfg.unsaved_retry_seconds,
                     s3_endpoint=cfg.s3_endpoint,
                     allowed_host_paths=tuple(cfg.allowed_host_paths),
+                    env_build_timeout_seconds=cfg.env_build_timeout_seconds,
+                    env_build_disk_bytes=cfg.env_build_disk_bytes,
+                    conda_channels=tuple(cfg.conda_channels),
                 ),
                 datalinks=DataLinkMounter(_data_link_backend(cfg.data_link_mounter)),
             )

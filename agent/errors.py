@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointError",
     "RuntimeStartError",
     "RuntimeUnavailable",
+    "StartRefused",
     "StartTimeout",
     "UnsafeArchive",
     "VolumeError",
@@ -28,6 +29,11 @@ class RuntimeStartError(AgentError):
 
 class StartTimeout(RuntimeStartError, TimeoutError):
     """The tool did not answer on its port in time."""
+
+
+class StartRefused(AgentError):
+    """A start the agent will not carry out (e.g. an image of an unsupported connect
+    version): nothing of the session is made."""
 
 
 class VolumeError(AgentError):

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # Statuses as they are written in handle.json (lower-case API names).
-ENDED_STATUSES = frozenset({"stopped", "errored"})
+ENDED_STATUSES = frozenset({"stopped", "errored", "buildFailed"})
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -137,6 +137,10 @@ class StateDir:
 
     def log_path(self, session_id: str) -> Path:
         return self.session_dir(session_id) / "tool.log"
+
+    def build_log_path(self, session_id: str) -> Path:
+        """The log of the session's custom environment build (its latest)."""
+        return self.session_dir(session_id) / "build.log"
 
     def agent_id(self) -> str:
         """The stable agent id, generated on first use."""

@@ -58,6 +58,12 @@ class SessionSettings:
     # Host directories that file-system mounts may lie under (`--allow-host-path`);
     # none: no file-system mount is made.
     allowed_host_paths: tuple[str, ...] = ()
+    # Custom environments (agent.images.env_builder): the most a build may take, in time
+    # and in bytes written to podman's storage, and the conda channels it may use (none:
+    # conda packages are refused, pip and Debian packages still build).
+    env_build_timeout_seconds: float = 1800.0
+    env_build_disk_bytes: int = 8 * GIB
+    conda_channels: tuple[str, ...] = ()
 
 
 def normalised_absolute(path: str) -> bool:

@@ -82,6 +82,8 @@ class SessionSpec:
     gpu: int = 0
     data_links: tuple[DataLinkSpec, ...] = ()
     file_system_mounts: tuple[FileSystemMount, ...] = ()
+    # A conda environment file built into an image derived from `image` (agent.images).
+    conda_environment: str = ""
 
     @property
     def has_mounts(self) -> bool:
@@ -105,6 +107,7 @@ class SessionSpec:
                 FileSystemMount(m.host_path, m.mount_path, m.read_only)
                 for m in spec.file_system_mounts
             ),
+            conda_environment=spec.conda_environment,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -134,6 +137,7 @@ class SessionSpec:
                 FileSystemMount(**_known(FileSystemMount, m))
                 for m in data.get("file_system_mounts") or ()
             ),
+            conda_environment=str(data.get("conda_environment") or ""),
         )
 
 
@@ -158,7 +162,7 @@ class SessionHandle:
 
     session_id: str
     generation: int
-    # starting | running | stopping | stopped | errored
+    # building | starting | running | stopping | stopped | errored | buildFailed
     status: str
     runtime: str
     spec: SessionSpec = field(default_factory=SessionSpec)
@@ -190,6 +194,16 @@ class SessionHandle:
     runtime_data: dict[str, Any] = field(default_factory=dict)
     # One status per data-link of the spec, in its order.
     data_links: list[MountStatus] = field(default_factory=list)
+    # The custom environment's build while it runs: its process group (pid and start
+    # time), so that an agent restarted mid-build ends it before building again.
+    build_pid: int = 0
+    build_create_time: float = 0.0
+    # The image this run's tool runs: the template's, or the one built for its
+    # environment (operators see it in `studio-agent sessions`).
+    image: str = ""
+    # How the environment became an image (report.build_pb): env_hash, image, cached,
+    # seconds, failed, log, log_truncated.
+    build: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ended(self) -> bool:

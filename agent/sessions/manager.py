@@ -6,7 +6,8 @@ every operation ends by reconciling again, so the manager converges whatever ord
 messages arrive in. Rules (docs/contract-notes.md):
 
 - desired RUNNING with a generation not run yet -> start; an ended generation is
-  never restarted;
+  never restarted; a generation still `building` with no operation in flight (its build
+  was ended by an agent restart) -> start again, building anew;
 - desired STOPPED -> SIGTERM, SIGKILL after the grace period, final checkpoint,
   CheckpointEvent(FINALIZED), then release the directory and report STOPPED; if the
   checkpoint fails, the directory is kept and the session is ERRORED;
@@ -205,6 +206,9 @@ class SessionManager:
                         runner.spawn(runner.stop(h))
                     else:
                         runner.spawn(runner.start(d))
+                elif h is not None and h.status == "building" and d.generation == h.generation:
+                    # A build an agent restart interrupted (nothing runs it now): again.
+                    runner.spawn(runner.start(d))
                 elif retry_unsaved and h is not None and now >= runner.unsaved_retry_at:
                     runner.spawn(runner.retry_unsaved(h))
             elif d.status == pb.DESIRED_STATUS_STOPPED and h is not None:

@@ -13,6 +13,7 @@ from agent.volumes import VolumeInfo
 
 __all__ = [
     "STEP_ANSWER",
+    "STEP_BUILD",
     "STEP_CHECKPOINT",
     "STEP_MOUNT",
     "STEP_RELEASE",
@@ -25,6 +26,7 @@ __all__ = [
     "volume_pb",
 ]
 
+STEP_BUILD = "building the environment"
 STEP_VOLUME = "preparing the volume"
 STEP_RESTORE = "restoring the checkpoint"
 STEP_MOUNT = "mounting data"
@@ -40,6 +42,8 @@ _STATUS_TO_PB = {
     "stopping": pb.SESSION_STATUS_STOPPING,
     "stopped": pb.SESSION_STATUS_STOPPED,
     "errored": pb.SESSION_STATUS_ERRORED,
+    "building": pb.SESSION_STATUS_BUILDING,
+    "buildFailed": pb.SESSION_STATUS_BUILD_FAILED,
 }
 _STEP_TO_PB = {
     "pending": pb.STEP_STATUS_PENDING,
@@ -74,6 +78,19 @@ def observed(h: SessionHandle) -> pb.SessionObserved:
         exit_code=h.exit_code,
     )
     obs.data_links.extend(s.to_pb() for s in h.data_links)
+    if h.build:
+        b = h.build
+        obs.build.CopyFrom(
+            pb.EnvironmentBuild(
+                env_hash=str(b.get("env_hash", "")),
+                image=str(b.get("image", "")),
+                cached=bool(b.get("cached")),
+                seconds=float(b.get("seconds") or 0.0),
+                failed=bool(b.get("failed")),
+                log=str(b.get("log", "")),
+                log_truncated=bool(b.get("log_truncated")),
+            )
+        )
     if h.volume:
         obs.volume.CopyFrom(volume_pb(h.volume))
     obs.progress.extend(

@@ -32,18 +32,21 @@ from agent.errors import (
     AgentError,
     CheckpointError,
     RuntimeStartError,
+    StartRefused,
     StartTimeout,
     VolumeError,
     VolumeGone,
 )
 from agent.host_mounts import detach_mounts_under_sync
 from agent.runtime import BindMount, ExitStatus, RuntimeHandle, StartSpec, free_tcp_port
+from agent.sessions.build import BuildFailed, EnvironmentBuild, end_orphaned_build
 from agent.sessions.checkpointer import Checkpointer
 from agent.sessions.context import SessionContext
 from agent.sessions.disk import DiskWatcher, budget_message
 from agent.sessions.handle import SessionHandle, SessionSpec, steps
 from agent.sessions.report import (
     STEP_ANSWER,
+    STEP_BUILD,
     STEP_CHECKPOINT,
     STEP_MOUNT,
     STEP_RELEASE,
@@ -54,12 +57,15 @@ from agent.sessions.report import (
     running_message,
 )
 from agent.volumes import VolumeInfo
+from studios_shared.connect_contract import connect_version_problem, tag_version
 
 __all__ = ["SessionRunner"]
 
 log = logging.getLogger(__name__)
 
 _LOG_LINES_IN_MESSAGE = 20
+# References of the project's catalogue images (tagged `<tool>-[u<n>-]<connect>`).
+_CATALOGUE_PREFIXES = ("studios/", "localhost/studios/")
 
 
 class SessionRunner:
@@ -157,6 +163,13 @@ class SessionRunner:
                 self.spawn(self.after_exit(h, ExitStatus(None, "exited while the agent was down")))
         elif h.status == "starting":
             self.spawn(self._abort_interrupted_start(h))
+        elif h.status == "building":
+            # Only a build ran (it comes before anything else of the session): it is
+            # ended now and the manager starts the generation again when the controller
+            # still wants it (SessionManager.reconcile), building anew.
+            end_orphaned_build(h)
+            h.message = "agent restarted during the environment build; building again"
+            await ctx.save_and_report(h)
         elif h.status == "stopping":
             log.info("session %s: finishing a stop interrupted by an agent restart", h.session_id)
             self.spawn(self.stop(h))
@@ -270,6 +283,7 @@ class SessionRunner:
         restore_uri = d.restore.uri
         # Only a checkpoint of this session's own store is restored (the controller checks
         # the same before it sends one): anything else errors the start, nothing restored.
+        unsupported = _connect_refusal(d.spec.image)
         refusal = self._restore_refusal(d)
         if prev is not None and prev.unsaved and self._root_exists(prev):
             # The last generation's data was never checkpointed: save it before a fresh
@@ -290,7 +304,7 @@ class SessionRunner:
         h = SessionHandle(
             session_id=sid,
             generation=d.generation,
-            status="starting",
+            status="building" if spec.conda_environment.strip() else "starting",
             runtime=ctx.runtime.name,
             spec=spec,
             restore_uri=restore_uri,
@@ -299,7 +313,9 @@ class SessionRunner:
             # Fresh for every run, saved (handle.json) before the tool starts with it: an
             # agent restarted mid-run proxies with the secret its tool knows.
             proxy_secret=secrets.token_urlsafe(32),
+            image=spec.image,
             progress=steps(
+                *((STEP_BUILD,) if spec.conda_environment.strip() else ()),
                 STEP_VOLUME,
                 STEP_RESTORE,
                 *((STEP_MOUNT,) if spec.has_mounts else ()),
@@ -315,9 +331,18 @@ class SessionRunner:
         step = STEP_VOLUME
         rh: RuntimeHandle | None = None
         try:
+            if unsupported:
+                step = h.progress[0].name
+                raise StartRefused(unsupported)
             if refusal:
                 step = STEP_RESTORE
                 raise CheckpointError(refusal)
+            if spec.conda_environment.strip():
+                # First: a failed build leaves nothing else of the session behind.
+                step = STEP_BUILD
+                h.image = await EnvironmentBuild(ctx).run(h, spec.image)
+                h.status, h.message = "starting", "starting"
+                step = STEP_VOLUME
             h.set_step(step, "in_progress")
             await ctx.save_and_report(h)
             # Leftovers of an ended generation (a tool a crashed start left, its overlay,
@@ -375,7 +400,7 @@ class SessionRunner:
             rh = await ctx.runtime.start(
                 StartSpec(
                     session_id=sid,
-                    image=spec.image,
+                    image=h.image or spec.image,
                     tool=spec.tool,
                     environment=dict(spec.environment),
                     root_dir=Path(h.root_dir),
@@ -403,6 +428,12 @@ class SessionRunner:
             await self._wait_for_answer(rh)
             crash_points.reached("start:answered")
             h.set_step(step, "succeeded", "answering")
+        except BuildFailed as exc:
+            # Nothing of the session exists yet (the build comes first).
+            log.warning("session %s: %s", sid, exc)
+            h.status, h.message = "buildFailed", str(exc)
+            await ctx.save_and_report(h)
+            return
         except Exception as exc:
             # Anything that goes wrong errors this start (never a half-started session).
             message = str(exc) if isinstance(exc, AgentError) else f"{step}: {exc}"
@@ -534,6 +565,8 @@ class SessionRunner:
         """
         ctx, sid = self.ctx, h.session_id
         self._unwatch()
+        # A build an earlier agent process left (the session was never started).
+        end_orphaned_build(h)
         if h.status != "stopping":
             h.status = "stopping"
             h.message = "stopping"
@@ -657,6 +690,17 @@ class SessionRunner:
         return bool(h.root_dir) and (
             Path(h.root_dir).exists() or (bool(merged) and os.path.ismount(merged))
         )
+
+
+def _connect_refusal(image: str) -> str:
+    """Why the agent will not run a catalogue image ("" when it may): its tag's connect
+    version is outside the window this agent speaks (the controller refuses the same at
+    start; an older controller, or an operator's catalogue edit, may not)."""
+    if not image.startswith(_CATALOGUE_PREFIXES):
+        return ""
+    version = tag_version(image)
+    problem = connect_version_problem(version[2]) if version else None
+    return f"image {image} is unsupported by this agent: {problem}" if problem else ""
 
 
 def _full(h: SessionHandle, name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -292,3 +293,77 @@ async def test_podman_agent_killed_at_every_step(tmp_path: Path) -> None:
     require(exists, f"{IMAGE} (scripts/podman-setup)")
     async with _rig(tmp_path, "podman") as rig:
         await _kill_at_every_step(rig, IMAGE, ["podman:created"])
+
+
+JUPYTERLAB = "localhost/studios/jupyterlab:4.6-0.1"
+# A small PyPI package: the build is short, long enough to be killed in.
+CRASH_ENVIRONMENT = "dependencies:\n  - pip:\n      - tomli-w==1.0.0\n"
+
+
+def _forget_environment_image(template: str, text: str) -> None:
+    """The image an earlier run built for this environment, removed: this run must build."""
+    from agent.images.environment import (
+        environment_hash,
+        environment_reference,
+        parse_environment,
+    )
+
+    out = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", template],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    env_hash = environment_hash(parse_environment(text), out.stdout.strip())
+    reference = environment_reference(template, env_hash)
+    subprocess.run(["podman", "rmi", "-f", reference], capture_output=True, check=False)
+
+
+async def test_podman_agent_killed_mid_environment_build(tmp_path: Path) -> None:
+    """SIGKILL while a custom environment builds: the restarted agent ends the orphaned
+    build and builds again; the studio runs, never stuck in `building`."""
+    _require_xfs()
+    from agent.host import doctor_report
+
+    podman = doctor_report("podman", "xfs-loop", SOCKET)["runtimes"][1]
+    require(podman["usable"], f"podman runtime: {podman['reason']}")
+    exists = subprocess.run(["podman", "image", "exists", JUPYTERLAB], check=False).returncode
+    require(exists == 0, f"{JUPYTERLAB} (studio-agent images build jupyterlab)")
+    _forget_environment_image(JUPYTERLAB, CRASH_ENVIRONMENT)
+    async with _rig(tmp_path, "podman") as rig:
+        _, body = await rig.api.request(
+            "POST",
+            "/studios?autoStart=false",
+            {
+                "name": "crash build",
+                "computeEnvId": rig.agent.argv[rig.agent.argv.index("--compute-env") + 1],
+                "dataStudioToolUrl": "studios/jupyterlab:4.6-0.1",
+                "configuration": {"condaEnvironment": CRASH_ENVIRONMENT},
+            },
+            expect=200,
+        )
+        rig.session_id = body["studio"]["sessionId"]
+        handle_path = rig.agent.state_dir / "sessions" / rig.session_id / "handle.json"
+        rig.crash_file.write_text("start:building")
+        await rig.api.request("PUT", f"/studios/{rig.session_id}/start", {}, expect=200)
+        assert rig.agent.proc is not None
+        code = await asyncio.to_thread(rig.agent.proc.wait, 120)
+        assert code == -signal.SIGKILL, rig.agent.log_tail()
+        handle = json.loads(handle_path.read_text())
+        assert handle["status"] == "building" and handle["build_pid"] > 0, handle
+        orphan = handle["build_pid"]
+        rig.restart_agent()
+        await rig.wait_connected()
+        studio = await rig.api.wait_status(
+            rig.session_id, {"running", "errored", "buildFailed"}, timeout=600
+        )
+        assert studio["statusInfo"]["status"] == "running", studio["statusInfo"]
+        # The build the killed agent left was ended, not left to race the new one.
+        assert not psutil.pid_exists(orphan) or (
+            psutil.Process(orphan).create_time() != handle["build_create_time"]
+        )
+        _, build = await rig.api.request("GET", f"/studios/{rig.session_id}/build", expect=200)
+        assert build["status"] == "succeeded" and build["image"], build
+        await rig.api.request("PUT", f"/studios/{rig.session_id}/stop", {}, expect=200)
+        await rig.api.wait_status(rig.session_id, "stopped", timeout=120)
+    _forget_environment_image(JUPYTERLAB, CRASH_ENVIRONMENT)

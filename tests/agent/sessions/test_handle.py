@@ -101,12 +101,20 @@ def test_an_old_handle_loads_typed_and_is_written_back_the_same(tmp_path: Path) 
     save_handle(state, h)
     written = json.loads((state.session_dir("abcd0001") / "handle.json").read_text())
     # What the old agent did not know yet (limits, the per-session disk cap, the proxy's
-    # secret) appears with its defaults; nothing else moves.
-    newer = ("cpu", "memory_mib", "gpu", "session_disk_cap_gb")
+    # secret, custom environments) appears with its defaults; nothing else moves.
+    newer = ("cpu", "memory_mib", "gpu", "session_disk_cap_gb", "conda_environment")
     assert written["spec"]["session_disk_cap_gb"] == 0
+    assert written["spec"]["conda_environment"] == ""
     assert {k: v for k, v in written["spec"].items() if k not in newer} == _OLD_HANDLE["spec"]
-    assert written["proxy_secret"] == ""
-    assert {k: v for k, v in written.items() if k not in ("spec", "proxy_secret")} == {
+    defaults = {
+        "proxy_secret": "",
+        "build_pid": 0,
+        "build_create_time": 0.0,
+        "image": "",
+        "build": {},
+    }
+    assert {k: written[k] for k in defaults} == defaults
+    assert {k: v for k, v in written.items() if k != "spec" and k not in defaults} == {
         k: v for k, v in _OLD_HANDLE.items() if k != "spec"
     }
 
