@@ -39,6 +39,7 @@ from agent.images.definitions import (
     build_order,
     content_hash,
 )
+from agent.images.environment import LABEL_ENV_TEMPLATE
 
 __all__ = [
     "LABEL_HASH",
@@ -425,11 +426,18 @@ def image_states(definitions: dict[str, ImageDefinition]) -> list[dict[str, Any]
             continue
         labels = {str(k): str(v) for k, v in (item.get("Labels") or {}).items()}
         names = item.get("Names") or []
+        # A custom environment's image (agent.images.env_builder) carries its template's
+        # labels and one of its own.
+        env_template = labels.get(LABEL_ENV_TEMPLATE)
+        state = "superseded" if not names else "other"
+        if env_template:
+            state = "environment" if names else "environment layer"
         rows.append(
             {
                 "name": labels.get(LABEL_IMAGE, ""),
+                **({"template": env_template} if env_template else {}),
                 "reference": names[0] if names else "<none>",
-                "state": "superseded" if not names else "other",
+                "state": state,
                 "imageId": image_id[:12],
                 "size": int(item.get("Size") or 0),
                 "created": str(item.get("CreatedAt") or item.get("Created") or ""),
