@@ -84,7 +84,7 @@ from agent.errors import AgentError
 from agent.images.builder import BUILD_CA_PATH, host_ca_bundle, host_lock_path
 from agent.images.environment import (
     LABEL_ENV_HASH,
-    EnvironmentError,
+    EnvironmentFileError,
     EnvironmentSpec,
     containerfile,
     environment_hash,
@@ -814,7 +814,7 @@ async def build_environment(
     emit = on_line or (lambda _line: None)
     try:
         spec = parse_environment(environment_text)
-    except EnvironmentError as exc:
+    except EnvironmentFileError as exc:
         raise EnvBuildFailed(str(exc)) from None
     conda = spec.conda_to_install()
     if conda and not limits.conda_channels:

@@ -25,7 +25,7 @@ What the file may hold (YAML, one mapping):
   `variables` is refused (a studio's environment variables are not the image's business),
   and so is every other key.
 
-Every error is an EnvironmentError whose message names the line and column (1-based) and
+Every error is an EnvironmentFileError whose message names the line and column (1-based) and
 what is wrong there. An empty file (or only comments) is refused: the caller treats an
 empty `condaEnvironment` as "no environment" before it gets here.
 
@@ -58,7 +58,7 @@ __all__ = [
     "ENV_REPOSITORY",
     "LABEL_ENV_HASH",
     "LABEL_ENV_TEMPLATE",
-    "EnvironmentError",
+    "EnvironmentFileError",
     "EnvironmentSpec",
     "containerfile",
     "environment_hash",
@@ -103,7 +103,7 @@ _KIND = {
 }
 
 
-class EnvironmentError(AgentError):
+class EnvironmentFileError(AgentError):
     """The environment file is not one this agent builds; the message says where and why."""
 
 
@@ -160,8 +160,8 @@ def _kind(node: yaml.Node) -> str:
     return _KIND.get(node.tag, f"a value tagged {node.tag}")
 
 
-def _fail(node: yaml.Node, what: str) -> EnvironmentError:
-    return EnvironmentError(f"{_where(node)}: {what}")
+def _fail(node: yaml.Node, what: str) -> EnvironmentFileError:
+    return EnvironmentFileError(f"{_where(node)}: {what}")
 
 
 def _string(node: yaml.Node, what: str) -> str:
@@ -293,17 +293,17 @@ def _dependencies(node: yaml.Node, pip: set[str], apt: set[str], conda: set[str]
 def parse_environment(text: str) -> EnvironmentSpec:
     """The environment file `text`, checked (see the module's doc for what it may hold)."""
     if len(text) > _MAX_TEXT:
-        raise EnvironmentError(f"the environment file is larger than {_MAX_TEXT // 1024} KiB")
+        raise EnvironmentFileError(f"the environment file is larger than {_MAX_TEXT // 1024} KiB")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        raise EnvironmentError(f"not YAML: {where}{exc.problem or exc.context}") from None
+        raise EnvironmentFileError(f"not YAML: {where}{exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise EnvironmentError(f"not YAML: {exc}") from None
+        raise EnvironmentFileError(f"not YAML: {exc}") from None
     if root is None:
-        raise EnvironmentError("the environment file is empty: it lists no dependencies")
+        raise EnvironmentFileError("the environment file is empty: it lists no dependencies")
     if not isinstance(root, yaml.MappingNode):
         raise _fail(
             root,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from agent.images.environment import (
-    EnvironmentError,
+    EnvironmentFileError,
     EnvironmentSpec,
     containerfile,
     environment_hash,
@@ -52,7 +52,7 @@ name: another-name
 
 
 def _error(text: str) -> str:
-    with pytest.raises(EnvironmentError) as info:
+    with pytest.raises(EnvironmentFileError) as info:
         parse_environment(text)
     return str(info.value)
 
