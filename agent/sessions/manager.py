@@ -11,7 +11,9 @@ messages arrive in. Rules (docs/contract-notes.md):
 - desired STOPPED -> SIGTERM, SIGKILL after the grace period, final checkpoint,
   CheckpointEvent(FINALIZED), then release the directory and report STOPPED; if the
   checkpoint fails, the directory is kept and the session is ERRORED;
-- DELETED, or absent from a full desired set -> stop if needed, forget everything.
+- DELETED, or absent from a full desired set -> stop if needed, forget everything;
+- STOPPED or DELETED while the generation is still starting (a cancel) -> the start is
+  abandoned at its next safe point, everything of it released, STOPPED reported.
 
 The manager owns the runners and what spans them (the disk budget, the reaper, the
 accounting tick); everything of one session is its runner's (`runner.py`).
@@ -186,6 +188,11 @@ class SessionManager:
         for sid in sorted(self._runners):
             runner = self._runners[sid]
             if runner.busy:
+                d = runner.desired
+                if d is not None and d.status != pb.DESIRED_STATUS_RUNNING:
+                    # A start the controller no longer wants (a cancel, a delete): it is
+                    # abandoned at its next safe point, then this reconciles again.
+                    runner.cancel_start(d.generation)
                 continue
             h, d = runner.handle, runner.desired
             if h is None and (d is None or d.status == pb.DESIRED_STATUS_DELETED):

@@ -64,6 +64,13 @@ __all__ = ["SessionRunner"]
 log = logging.getLogger(__name__)
 
 _LOG_LINES_IN_MESSAGE = 20
+_CANCELLED = "start cancelled"
+
+
+class _StartCancelled(Exception):
+    """The controller no longer wants the start in progress (`SessionRunner.cancel_start`)."""
+
+
 # References of the project's catalogue images (tagged `<tool>-[u<n>-]<connect>`).
 _CATALOGUE_PREFIXES = ("studios/", "localhost/studios/")
 
@@ -83,6 +90,11 @@ class SessionRunner:
         self._watcher: asyncio.Task[None] | None = None
         # The volume release that follows a reported stop (see `stop`).
         self._release: asyncio.Task[None] | None = None
+        # The generation whose start is in flight, whether it is to be abandoned, and the
+        # step of it that may be cancelled at once (a build, waiting for the tool).
+        self._starting: int | None = None
+        self._cancel_start = False
+        self._interruptible: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------ tasks
 
@@ -103,6 +115,42 @@ class SessionRunner:
             self.ctx.reconcile()
 
         task.add_done_callback(done)
+
+    def cancel_start(self, generation: int) -> bool:
+        """Abandon the start in flight when it is of `generation` or older; True if one is.
+
+        The start ends at its next safe point: a build or the wait for the tool is cancelled
+        at once (a build's process group is killed with it); a step that writes the volume
+        (a restore in a worker thread, which cannot be interrupted) is let finish, and what
+        it wrote is deleted with the volume. Nothing is checkpointed from a half-started
+        volume; everything is released and the session reported `stopped`."""
+        if self._starting is None or generation < self._starting:
+            return False
+        if not self._cancel_start:
+            log.info(
+                "session %s: cancelling the start of generation %d", self.session_id, self._starting
+            )
+            self._cancel_start = True
+            if self._interruptible is not None:
+                self._interruptible.cancel()
+        return True
+
+    def _check_cancel(self) -> None:
+        if self._cancel_start:
+            raise _StartCancelled(_CANCELLED)
+
+    async def _unless_cancelled(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Await `coro`, a step safe to cancel midway; _StartCancelled when the start is."""
+        self._check_cancel()
+        task = self._interruptible = asyncio.ensure_future(coro)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if self._cancel_start and task.cancelled() and not _current_cancelling():
+                raise _StartCancelled(_CANCELLED) from None
+            raise
+        finally:
+            self._interruptible = None
 
     async def wait_idle(self) -> None:
         while self._op is not None:
@@ -278,6 +326,13 @@ class SessionRunner:
     # ------------------------------------------------------------ start
 
     async def start(self, d: pb.SessionDesired) -> None:
+        self._starting, self._cancel_start = d.generation, False
+        try:
+            await self._start(d)
+        finally:
+            self._starting, self._cancel_start = None, False
+
+    async def _start(self, d: pb.SessionDesired) -> None:
         ctx, sid = self.ctx, self.session_id
         prev = self.handle
         restore_uri = d.restore.uri
@@ -340,9 +395,10 @@ class SessionRunner:
             if spec.conda_environment.strip():
                 # First: a failed build leaves nothing else of the session behind.
                 step = STEP_BUILD
-                h.image = await EnvironmentBuild(ctx).run(h, spec.image)
+                h.image = await self._unless_cancelled(EnvironmentBuild(ctx).run(h, spec.image))
                 h.status, h.message = "starting", "starting"
                 step = STEP_VOLUME
+            self._check_cancel()
             h.set_step(step, "in_progress")
             await ctx.save_and_report(h)
             # Leftovers of an ended generation (a tool a crashed start left, its overlay,
@@ -369,6 +425,7 @@ class SessionRunner:
             self.disk.start(h)
 
             step = STEP_RESTORE
+            self._check_cancel()
             if h.restore_uri:
                 h.set_step(step, "in_progress", h.restore_uri)
                 await ctx.save_and_report(h)
@@ -377,6 +434,10 @@ class SessionRunner:
                     ctx.checkpoint_dir(h),
                     progress=ctx.progress_sink(h, step, "restored"),
                 )
+                await crash_points.hold("start:restore-written")
+                # A cancel during the restore abandons it here: the data it wrote goes
+                # with the volume.
+                self._check_cancel()
                 h.set_step(step, "succeeded", f"restored {h.restore_uri}")
                 _full(h, step)
                 crash_points.reached("start:restored")
@@ -393,6 +454,7 @@ class SessionRunner:
                 note = f", {failed} data-link(s) not mounted" if failed else ""
                 h.set_step(step, "succeeded", f"{len(binds)} mount(s){note}")
 
+            self._check_cancel()
             step = STEP_START
             h.set_step(step, "in_progress")
             h.port = free_tcp_port()
@@ -425,9 +487,12 @@ class SessionRunner:
             step = STEP_ANSWER
             h.set_step(step, "in_progress")
             await ctx.save_and_report(h)
-            await self._wait_for_answer(rh)
+            await self._unless_cancelled(self._wait_for_answer(rh))
             crash_points.reached("start:answered")
             h.set_step(step, "succeeded", "answering")
+        except _StartCancelled:
+            await self._abandon_start(h, rh)
+            return
         except BuildFailed as exc:
             # Nothing of the session exists yet (the build comes first).
             log.warning("session %s: %s", sid, exc)
@@ -458,6 +523,26 @@ class SessionRunner:
         self._watch(h)
         # The first checkpoint of the run, then one per interval.
         self.checkpointer.start(h, initial=True)
+
+    async def _abandon_start(self, h: SessionHandle, rh: RuntimeHandle | None) -> None:
+        """Release everything a cancelled start made (a build's process, the tool, the
+        mounts, the volume with whatever was restored into it) and report `stopped`.
+        Until the report the handle still says starting: an agent killed meanwhile aborts
+        the start as any interrupted one (`_abort_interrupted_start`)."""
+        ctx = self.ctx
+        log.info("session %s: start of generation %d cancelled", h.session_id, h.generation)
+        self._unwatch()
+        end_orphaned_build(h)
+        if rh is not None:
+            await ctx.runtime.destroy(rh)
+        # A tool created but not yet recorded is found by its labels.
+        await ctx.runtime.reap(h.runtime_handle())
+        await self._release_volume(h)
+        for step in h.progress:
+            if step.status in ("in_progress", "pending"):
+                step.status, step.message = "errored", _CANCELLED
+        h.status, h.message, h.volume, h.unsaved = "stopped", _CANCELLED, None, False
+        await ctx.save_and_report(h)
 
     def _restore_refusal(self, d: pb.SessionDesired) -> str:
         """Why the controller's restore point is not to be restored ("" when it may be)."""
@@ -701,6 +786,13 @@ def _connect_refusal(image: str) -> str:
     version = tag_version(image)
     problem = connect_version_problem(version[2]) if version else None
     return f"image {image} is unsupported by this agent: {problem}" if problem else ""
+
+
+def _current_cancelling() -> bool:
+    """Whether the running task itself is being cancelled (an agent shutdown), as
+    opposed to only the step `_unless_cancelled` cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _full(h: SessionHandle, name: str) -> None:
