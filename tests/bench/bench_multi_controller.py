@@ -118,8 +118,14 @@ class SimAgent:
         async with enroll_slots:
             while self.credentials is None:
                 try:
+                    # Long: an enrollment the controller completed after the client gave up
+                    # cannot be repeated (the id is taken).
                     self.credentials = await enroll(
-                        self.targets[0], self.token, agent_id=self.agent_id, compute_env_id=self.env
+                        self.targets[0],
+                        self.token,
+                        agent_id=self.agent_id,
+                        compute_env_id=self.env,
+                        timeout=300,
                     )
                 except (grpc.aio.AioRpcError, OSError) as exc:
                     _emit({"e": "enroll-retry", "a": self.agent_id, "why": str(exc)[:200]})
@@ -493,11 +499,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["insert_studios_s"] = round(time.monotonic() - started, 1)
                 started = time.monotonic()
                 await workers.start(cluster, env, args.agents, args.sessions, args.workers)
-                await workers.wait(
-                    lambda: len(workers.connected) >= args.agents,
-                    args.connect_timeout,
-                    f"{args.agents} agents connected",
-                )
+                try:
+                    await workers.wait(
+                        lambda: len(workers.connected) >= args.agents,
+                        args.connect_timeout,
+                        f"{args.agents} agents connected",
+                    )
+                except TimeoutError:
+                    # Go on with those that made it, and say how many.
+                    result["agents_not_connected"] = args.agents - len(workers.connected)
+                result["agents_connected"] = len(workers.connected)
                 result["all_agents_connected_s"] = round(time.monotonic() - started, 1)
                 result["agents_per_controller"] = {
                     c.data_dir.name: sum(
@@ -510,9 +521,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     cluster, args.steady_seconds
                 )
 
-                all_sids = [
-                    sid for k in range(args.agents) for sid in session_ids(k, args.sessions)
-                ]
+                live = sorted(int(a.split("-")[1]) for a in workers.connected)
+                all_sids = [sid for k in live for sid in session_ids(k, args.sessions)]
                 picked = random.Random(1).sample(all_sids, min(args.changes // 2, len(all_sids)))
                 result["change_to_agent"] = _ms(await _changes(http, front, token, workers, picked))
                 result["get_studios_under_load"] = await _list_latencies(
