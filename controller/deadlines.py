@@ -18,12 +18,14 @@ A pass of the reconciler (every `interval`):
   nothing of it runs on.
 
 Each studio is changed in one transaction with its row locked, and only if it is still
-what the pass found: a report that lands in between wins.
+what the pass found: a report that lands in between wins. Once an hour the pass also
+deletes the idempotency keys past their lifetime (controller.idempotency).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -32,6 +34,7 @@ from sqlalchemy import or_, select
 from controller import lifecycle
 from controller.agent_hub import AgentHub
 from controller.db import Database
+from controller.idempotency import Idempotency
 from controller.lifecycle import Status
 from controller.models import Agent, Studio, as_utc, utcnow
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _STARTS = (Status.STARTING.value, Status.BUILDING.value)
 _ACTIVE = tuple(s.value for s in lifecycle.ACTIVE)
+_PURGE_INTERVAL_SECONDS = 3600.0
 
 
 @dataclass(slots=True)
@@ -58,9 +62,16 @@ class Deadlines:
         self.db = db
         self.hub = hub
         self.settings = settings
+        self._next_purge = 0.0
 
     async def enforce_once(self) -> int:
         """One pass; how many studios it errored."""
+        if time.monotonic() >= self._next_purge:
+            # Idempotency keys past their lifetime: nothing replays them any more.
+            self._next_purge = time.monotonic() + _PURGE_INTERVAL_SECONDS
+            purged = await Idempotency(self.db).purge()
+            if purged:
+                log.info("%d expired idempotency key(s) deleted", purged)
         errored = await self._lost_agents()
         errored += await self._stuck(_STARTS, self.settings.starting_deadline_seconds, "start")
         errored += await self._stuck(
@@ -110,6 +121,8 @@ class Deadlines:
                 or studio.status not in _ACTIVE
             ):
                 return False
+            if self.hub.is_live(agent):
+                return False  # a stream here, or another controller's unexpired lease
             last_seen = as_utc(agent.last_seen)
             if last_seen is not None and last_seen >= cutoff:
                 return False  # heard from meanwhile

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from studios.agent.v1 import agent_pb2 as pb
 
-from controller.models import IdempotencyKey, Studio
+from controller.idempotency import Idempotency
+from controller.models import IdempotencyKey, Studio, utcnow
 from tests.conftest import ControllerHarness
 from tests.controller.conftest import AgentFactory
 from tests.controller.test_roles import add_user, create
@@ -265,3 +267,35 @@ async def test_wait_times_out_with_the_current_state(
     ):
         status, bad = await h.request("GET", f"/studios/{sid}?{query}")
         assert status == 400 and word in bad["message"], (query, bad)
+
+
+async def _age_keys(h: ControllerHarness, hours: float) -> None:
+    assert h.controller is not None and h.controller.db is not None
+    async with h.controller.db.transaction() as session:
+        for row in (await session.scalars(select(IdempotencyKey))).all():
+            row.created_at = utcnow() - timedelta(hours=hours)
+
+
+async def test_keys_expire_after_a_day_and_are_purged(
+    controller_harness: ControllerHarness,
+) -> None:
+    h = controller_harness
+    assert h.controller is not None and h.controller.db is not None
+    body = {"name": "first", "computeEnvId": h.compute_env_id}
+    headers = {"Idempotency-Key": "daily"}
+    await h.request("POST", "/studios?autoStart=false", body, headers=headers, expect=200)
+    await _age_keys(h, 23)
+    status, _ = await h.request(
+        "POST", "/studios?autoStart=false", {**body, "name": "second"}, headers=headers
+    )
+    assert status == 422
+    # Past 24 h the key is free again: another request runs.
+    await _age_keys(h, 25)
+    await h.request(
+        "POST", "/studios?autoStart=false", {**body, "name": "second"}, headers=headers, expect=200
+    )
+    assert await _studios_named(h, "second") == 1
+    assert await Idempotency(h.controller.db).purge() == 0
+    await _age_keys(h, 25)
+    assert await Idempotency(h.controller.db).purge() == 1
+    assert await _keys(h) == 0
