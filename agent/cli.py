@@ -1,4 +1,18 @@
-"""`studio-agent`: serve, and read a running agent through its admin socket."""
+"""`studio-agent`: serve, and read a running agent through its admin socket.
+
+`serve` reads its settings from a TOML file too (`--config`, by default
+/etc/studios/agent.toml when it exists; keys are the flags without `--`, flags on the
+command line override it: studios_shared.config_file). Misconfiguration (a port in use,
+a state directory that cannot be created, an unreadable join token when the agent must
+enroll, a bad config file) stops it with one line on stderr naming the setting and the
+cause, `studio-agent: <setting>: <cause>`, and exit status 2 (as argparse's own usage
+errors), never a traceback.
+
+`drain [--wait] [--no-follow]` takes the host out of service through the running
+agent's admin socket: no new session is placed on it; without `--wait` the controller
+stops its running sessions (each saves its final checkpoint), with `--wait` they are
+left to finish. It follows until no session is active on the host. `undrain` ends it.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +29,30 @@ from rich.console import Console
 from rich.table import Table
 
 from agent import cli_checkpoint, cli_images
-from agent.admin import AgentNotRunning, admin_get
+from agent.admin import AdminError, AgentNotRunning, admin_get, admin_post
 from agent.cli_checkpoint import human_size
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
 from agent.host import doctor_report
 from agent.sessions.context import normalised_absolute
 from agent.state import StateDir
+from studios_shared.config_file import (
+    ConfigFileError,
+    apply_config_file,
+    config_help,
+    config_source,
+    make_optional,
+    subcommand_argv,
+    subparser,
+)
 from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
 from studios_shared.metrics_server import parse_metrics_address
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
+
+DEFAULT_CONFIG = Path("/etc/studios/agent.toml")
+# `serve`'s options that must be given, on the command line or in the config file.
+_REQUIRED = ("--controller", "--token-file", "--compute-env", "--state-dir")
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -48,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the agent")
+    serve.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help=config_help(DEFAULT_CONFIG)
+    )
     serve.add_argument(
         "--controller",
         required=True,
@@ -167,8 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--state-dir", required=True, type=Path)
         p.add_argument("--json", action="store_true", help="print JSON")
+    drain = sub.add_parser(
+        "drain",
+        help="take this host out of service: no new sessions; running ones stopped with "
+        "their final checkpoint (or left to finish with --wait)",
+    )
+    drain.add_argument("--state-dir", required=True, type=Path)
+    drain.add_argument(
+        "--wait",
+        action="store_true",
+        help="leave running sessions to finish instead of stopping them",
+    )
+    drain.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="return at once instead of following until no session is active",
+    )
+    undrain = sub.add_parser("undrain", help="end draining: sessions are placed here again")
+    undrain.add_argument("--state-dir", required=True, type=Path)
     cli_checkpoint.add_parser(sub)
     cli_images.add_parser(sub)
+    make_optional(serve)
     return parser
 
 
@@ -278,6 +327,9 @@ def _print_status(data: dict[str, Any], console: Console) -> None:
         ("disk free", human_size(cap["diskFreeBytes"])),
         ("volume budget free", human_size(cap["diskBudgetFreeBytes"])),
     ]
+    drain = data.get("drain") or {}
+    if drain.get("draining"):
+        rows.append(("draining", f"{drain['mode']}: no new sessions (`studio-agent undrain`)"))
     for item in data.get("reaped", [])[-5:]:
         rows.append(("reaped", f"{item['what']} of session {item['sessionId']}"))
     for k, v in rows:
@@ -405,10 +457,92 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    socket_path = StateDir(args.state_dir).socket_path
+    # soft_wrap: a line per event, never folded (its output is read by scripts too).
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        if args.command == "undrain":
+            asyncio.run(admin_post(socket_path, "undrain", {}))
+            console.print("no longer draining: new sessions are placed on this host again")
+            return 0
+        mode = "wait" if args.wait else "stop"
+        data = asyncio.run(admin_post(socket_path, "drain", {"mode": mode}))
+    except (AgentNotRunning, AdminError) as exc:
+        print(f"studio-agent: {exc}", file=sys.stderr)
+        return 1
+    console.print(
+        "draining: no new sessions are placed on this host; "
+        + (
+            "running sessions are left to finish"
+            if mode == "wait"
+            else "the controller stops running sessions, each with its final checkpoint"
+        )
+    )
+    if args.no_follow:
+        active = len(data.get("activeSessions") or [])
+        console.print(f"{active} session(s) active; `studio-agent status` shows the drain")
+        return 0
+    try:
+        return asyncio.run(_follow_drain(socket_path, console))
+    except KeyboardInterrupt:
+        console.print("stopped following; the host is still draining (`studio-agent undrain`)")
+        return 130
+
+
+async def _follow_drain(socket_path: Path, console: Console, poll_seconds: float = 1.0) -> int:
+    """Print each active session's status as it changes until none is active."""
+    seen: dict[str, str] = {}
+    with console.status("waiting for the sessions on this host to end") as status:
+        while True:
+            try:
+                data = await admin_get(socket_path, "sessions")
+                drain = (await admin_get(socket_path, "status")).get("drain") or {}
+            except AgentNotRunning as exc:
+                print(f"studio-agent: {exc}", file=sys.stderr)
+                return 1
+            if not drain.get("draining"):
+                console.print("draining was ended (`studio-agent undrain`)")
+                return 1
+            active = {
+                s["id"]: s["status"]
+                for s in data["sessions"]
+                if s["id"] in set(drain.get("activeSessions") or [])
+            }
+            for session_id, state in sorted(active.items()):
+                if seen.get(session_id) != state:
+                    console.print(f"session {session_id}: {state}")
+            for session_id in sorted(set(seen) - set(active)):
+                ended = next((s for s in data["sessions"] if s["id"] == session_id), None)
+                console.print(f"session {session_id}: {ended['status'] if ended else 'removed'}")
+            seen = active
+            if not active:
+                console.print("drained: no session is active on this host")
+                return 0
+            status.update(f"waiting for {len(active)} session(s) on this host to end")
+            await asyncio.sleep(poll_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
+        serve = subparser(parser, "serve")
+        try:
+            apply_config_file(
+                serve,
+                args,
+                subcommand_argv(argv, "serve"),
+                config_source(args.config, DEFAULT_CONFIG),
+                required=_REQUIRED,
+            )
+        except ConfigFileError as exc:
+            print(f"studio-agent: {exc}", file=sys.stderr)
+            return 2
         return _serve(args)
+    if args.command in ("drain", "undrain"):
+        return _drain(args)
     if args.command == "checkpoint":
         return cli_checkpoint.run(args)
     if args.command == "images":

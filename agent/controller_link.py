@@ -291,6 +291,9 @@ class ControllerLink:
         # Set by the daemon: the controller enrolled this agent under another id.
         self.on_agent_id: Callable[[str], None] | None = None
         self.connect_cookie_max_seconds = 0  # Welcome's bound on proxy cookies (0: not sent)
+        # `studio-agent drain` (set by the daemon, through set_drain): in every Hello and
+        # Heartbeat.
+        self.drain: pb.DrainMode = pb.DRAIN_MODE_NONE
         self._queue: collections.OrderedDict[tuple[str, str], pb.ConnectRequest] = (
             collections.OrderedDict()
         )
@@ -334,6 +337,14 @@ class ControllerLink:
         """Hold the visit in the outbox and send it if the controller takes visits."""
         if self.visits.add(visit) and self.connected and self.controller_visits:
             self._enqueue(("visit", visit.visit_id), pb.ConnectRequest(visit=visit))
+
+    def set_drain(self, mode: pb.DrainMode) -> None:
+        """Begin, change or end draining: the controller hears of it at once."""
+        self.drain = mode
+        self._enqueue(("heartbeat", ""), self._heartbeat())
+
+    def _heartbeat(self) -> pb.ConnectRequest:
+        return pb.ConnectRequest(heartbeat=pb.Heartbeat(sent_at=int(time.time()), drain=self.drain))
 
     def publish_checkpoint(self, event: pb.CheckpointEvent) -> None:
         """Persist the event (fsynced) before returning, then queue it for the stream."""
@@ -607,6 +618,7 @@ class ControllerLink:
             agent_version=__version__,
             capacity=self._capacity(),
             proxy_instance_id=self.proxy_instance_id,
+            drain=self.drain,
         )
         await call.write(pb.ConnectRequest(hello=hello))
         # Not asyncio.wait_for: on 3.11 it swallows a cancellation that arrives as the read
@@ -789,10 +801,7 @@ class ControllerLink:
         next_capacity = time.monotonic() + self.capacity_interval
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            self._enqueue(
-                ("heartbeat", ""),
-                pb.ConnectRequest(heartbeat=pb.Heartbeat(sent_at=int(time.time()))),
-            )
+            self._enqueue(("heartbeat", ""), self._heartbeat())
             if self.controller_acks:
                 await self._resend_late()
             if self.controller_visits:

@@ -32,6 +32,7 @@ from agent import __version__
 from agent.admin import AdminServer
 from agent.controller_link import ControllerLink
 from agent.datalinks import DataLinkMounter, backend_named, data_links_json
+from agent.enrollment import EnrollmentError, PkiFiles, read_join_token
 from agent.errors import AgentError
 from agent.host import doctor_report, host_capacity
 from agent.host_mounts import MountBackend
@@ -39,14 +40,17 @@ from agent.metrics import AgentMetrics
 from agent.proxy import ConnectProxy
 from agent.runtime import RuntimeOptions, create_runtime
 from agent.sessions import SessionHandle, SessionManager, SessionSettings
-from agent.state import StateDir
+from agent.state import ENDED_STATUSES, StateDir, atomic_write_bytes
 from agent.volumes import GIB, VolumeInfo, create_volume_kind
 from studios_shared.metrics_server import MetricsServer
 from studios_shared.sd_notify import Notifier
 
-__all__ = ["Agent", "AgentConfig", "session_json"]
+__all__ = ["DRAIN_MODES", "Agent", "AgentConfig", "session_json"]
 
 log = logging.getLogger(__name__)
+
+# `studio-agent drain`: the modes as the admin socket and DIR/drain name them.
+DRAIN_MODES = {"stop": pb.DRAIN_MODE_STOP, "wait": pb.DRAIN_MODE_WAIT}
 
 
 @dataclass
@@ -103,6 +107,12 @@ class AgentConfig:
     metrics_port: int | None = None
     # Under systemd: how long READY=1 waits for the first controller stream.
     ready_wait_seconds: float = 15.0
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's words ("Address already in use"): asyncio replaces `strerror` with a
+    sentence of its own."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _data_link_backend(name: str) -> MountBackend | None:
@@ -171,6 +181,23 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self._lock_fd: int | None = None
         self._started_at = 0.0
+        # `studio-agent drain`: "" (not draining), "stop" or "wait"; kept in DIR/drain so
+        # that a restarted agent is still drained.
+        self.drain = ""
+
+    @property
+    def _drain_path(self) -> Path:
+        return self.state.root / "drain"
+
+    def _load_drain(self) -> str:
+        try:
+            mode = self._drain_path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+        if mode not in DRAIN_MODES:
+            log.warning("ignoring %s: unknown drain mode %r", self._drain_path, mode)
+            return ""
+        return mode
 
     @property
     def proxy_url(self) -> str:
@@ -207,10 +234,17 @@ class Agent:
             ),
         )
         volumes = create_volume_kind(cfg.volume_kind)
-        self.state.ensure()
+        try:
+            self.state.ensure()
+        except OSError as exc:
+            raise AgentError(
+                f"--state-dir: cannot create {self.state.root}: {_os_reason(exc)}"
+            ) from None
         self._lock()
         try:
+            await asyncio.to_thread(self._check_token_file)
             self.agent_id = self.state.agent_id()
+            self.drain = self._load_drain()
             runtime.owner = self.agent_id
             self._started_at = time.time()
             self.manager = SessionManager(
@@ -243,7 +277,13 @@ class Agent:
                 cookie_max=lambda: self.link.connect_cookie_max_seconds if self.link else None,
                 on_visit=self._report_visit,
             )
-            self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
+            try:
+                self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
+            except OSError as exc:
+                raise AgentError(
+                    f"--proxy: cannot listen on {cfg.proxy_host}:{cfg.proxy_port}: "
+                    f"{_os_reason(exc)}"
+                ) from None
             self.metrics.proxy = self.proxy
             self.link = ControllerLink(
                 target=cfg.controller,
@@ -261,6 +301,7 @@ class Agent:
             self.link.on_desired = self.proxy.apply_desired_access
             self.link.connections_snapshot = self.proxy.all_connections
             self.link.proxy_instance_id = self.proxy.instance_id
+            self.link.drain = DRAIN_MODES.get(self.drain, pb.DRAIN_MODE_NONE)
             self.link.start()
             self.admin = AdminServer(
                 self.state.socket_path,
@@ -270,11 +311,20 @@ class Agent:
                     "disk": self._disk,
                     "doctor": self._doctor,
                 },
+                actions={"drain": self._drain_action, "undrain": self._undrain_action},
             )
             await self.admin.start()
             if cfg.metrics_port is not None:
                 self.metrics_server = MetricsServer(self.metrics.scrape)
-                await self.metrics_server.start(cfg.metrics_host, cfg.metrics_port)
+                try:
+                    await self.metrics_server.start(cfg.metrics_host, cfg.metrics_port)
+                except OSError as exc:
+                    self.metrics_server = None
+                    bind = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                    raise AgentError(
+                        f"--metrics: cannot listen on {cfg.metrics_host}:{cfg.metrics_port}: "
+                        f"{_os_reason(bind)}"
+                    ) from None
         except BaseException:
             await self.close()
             raise
@@ -285,6 +335,19 @@ class Agent:
             self.proxy_url,
             cfg.controller,
         )
+
+    def _check_token_file(self) -> None:
+        """An agent that must enroll needs its join token: say so now, once, rather than
+        retrying forever. One enrolled already (a certificate in DIR/pki that has not
+        expired) connects with that and never reads the token file."""
+        creds = PkiFiles(self.state).load()
+        if creds is not None and not creds.expired():
+            return
+        try:
+            read_join_token(self.config.token_file)
+        except EnrollmentError as exc:
+            why = "" if creds is None else " (its certificate expired: it must enroll again)"
+            raise AgentError(f"--token-file: {exc}{why}") from None
 
     async def close(self) -> None:
         """Stop the agent; running tools keep running."""
@@ -394,7 +457,41 @@ class Agent:
             },
             # Tools and volumes the reaper found that no live session owned (newest last).
             "reaped": list(self.manager.reaped),
+            "drain": self._drain_json(),
         }
+
+    def _drain_json(self) -> dict[str, Any]:
+        assert self.manager is not None
+        active = [h.session_id for h in self.manager.handles() if h.status not in ENDED_STATUSES]
+        return {"draining": bool(self.drain), "mode": self.drain, "activeSessions": active}
+
+    async def _set_drain(self, mode: str) -> None:
+        # On disk first: an agent killed right after the answer is still drained.
+        if mode:
+            await asyncio.to_thread(atomic_write_bytes, self._drain_path, mode.encode(), 0o600)
+        else:
+            await asyncio.to_thread(self._drain_path.unlink, True)
+        self.drain = mode
+        if self.link is not None:
+            self.link.set_drain(DRAIN_MODES.get(mode, pb.DRAIN_MODE_NONE))
+        log.info(
+            "%s",
+            f"draining ({mode}): no new sessions; "
+            + ("running ones are stopped" if mode == "stop" else "running ones may finish")
+            if mode
+            else "no longer draining",
+        )
+
+    async def _drain_action(self, body: dict[str, Any]) -> dict[str, Any]:
+        mode = body.get("mode", "stop")
+        if mode not in DRAIN_MODES:
+            raise ValueError(f"mode: expected stop or wait, got {mode!r}")
+        await self._set_drain(str(mode))
+        return self._drain_json()
+
+    async def _undrain_action(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self._set_drain("")
+        return self._drain_json()
 
     async def _sessions(self) -> dict[str, Any]:
         assert self.manager is not None and self.proxy is not None
