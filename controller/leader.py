@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -42,6 +43,9 @@ from controller.models import utcnow
 __all__ = ["Leader", "run_once_across_controllers"]
 
 log = logging.getLogger(__name__)
+
+# Clock skew and database latency allowed for when judging whether a lease still holds.
+_MARGIN_S = 1.0
 
 _P = ParamSpec("_P")
 _S = TypeVar("_S")
@@ -137,21 +141,39 @@ class Leader:
         return True, result
 
     async def _keep(self, name: str, task: asyncio.Future[Any]) -> None:
-        interval = self.lease.total_seconds() / 3
+        """Renew the lease every third of it while `task` runs. A renewal that fails or
+        is slow (a busy database) is tried again while the lease still holds; once it may
+        have run out, another controller may take the job, so `task` is cancelled."""
+        lease_s = self.lease.total_seconds()
+        margin = min(_MARGIN_S, lease_s / 4)
+        # Conservative: the lease was written no earlier than this, so it holds until then.
+        expires = time.monotonic() + lease_s - margin
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(lease_s / 3, max(0.0, expires - time.monotonic()) / 2))
+            attempt = time.monotonic()
+            why = ""
             try:
-                held = await asyncio.wait_for(self._renew(name), interval)
+                held = await asyncio.wait_for(
+                    self._renew(name), max(0.05, expires - time.monotonic())
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("job %s: renewing its lease failed (%s); stopping the pass", name, exc)
-                held = False
-            if not held:
-                self._held.pop(name, None)
-                log.error("job %s: the lease was lost during a pass; the pass is cancelled", name)
-                task.cancel()
-                return
+                held, why = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if held:
+                expires = attempt + lease_s - margin
+                continue
+            if why and time.monotonic() < expires:
+                log.warning("job %s: renewing its lease failed (%s); trying again", name, why)
+                continue
+            self._held.pop(name, None)
+            log.error(
+                "job %s: the lease %s during a pass; the pass is cancelled",
+                name,
+                f"could not be renewed in time ({why})" if why else "was taken over",
+            )
+            task.cancel()
+            return
 
     async def release(self) -> None:
         """Give up every lease held (a clean stop: another controller takes over now)."""

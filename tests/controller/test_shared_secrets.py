@@ -195,3 +195,28 @@ def test_notification_payloads_round_trip_and_stay_small() -> None:
     assert decode("not json") is None
     assert decode('{"a": 1}') is None
     assert decode('{"a": "x", "s": [1]}') is None
+
+
+async def test_a_pass_longer_than_the_lease_keeps_it(postgres_database: str) -> None:
+    dbs = [Database(postgres_database) for _ in range(2)]
+    try:
+        await dbs[0].migrate()
+        holder, other = (Leader(db, f"c{i}", lease_seconds=1.0) for i, db in enumerate(dbs))
+
+        async def long_pass() -> str:
+            await asyncio.sleep(2.5)
+            return "done"
+
+        async def nothing() -> str:
+            return "ran"
+
+        task = asyncio.create_task(holder.run("long-job", long_pass))
+        await asyncio.sleep(0.3)
+        # Renewed while it runs: the other controller never gets the job meanwhile.
+        while not task.done():
+            assert await other.run("long-job", nothing) == (False, None)
+            await asyncio.sleep(0.2)
+        assert task.result() == (True, "done")
+    finally:
+        for db in dbs:
+            await db.close()
