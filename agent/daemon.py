@@ -32,7 +32,7 @@ from agent import __version__
 from agent.admin import AdminServer
 from agent.controller_link import ControllerLink
 from agent.datalinks import DataLinkMounter, backend_named, data_links_json
-from agent.enrollment import EnrollmentError, PkiFiles, read_join_token
+from agent.enrollment import PkiFiles
 from agent.errors import AgentError
 from agent.host import doctor_report, host_capacity
 from agent.host_mounts import MountBackend
@@ -337,17 +337,25 @@ class Agent:
         )
 
     def _check_token_file(self) -> None:
-        """An agent that must enroll needs its join token: say so now, once, rather than
-        retrying forever. One enrolled already (a certificate in DIR/pki that has not
-        expired) connects with that and never reads the token file."""
+        """An agent that must enroll needs its join token: a file it cannot read, or an
+        empty one, is said now, once, rather than retried forever. One enrolled already
+        (a certificate in DIR/pki that has not expired) connects with that and never reads
+        the token file. A token that is there but wrong (not a join token, refused) is
+        reported and retried as before: the operator may fix the file while it runs."""
         creds = PkiFiles(self.state).load()
         if creds is not None and not creds.expired():
             return
+        path = self.config.token_file
         try:
-            read_join_token(self.config.token_file)
-        except EnrollmentError as exc:
-            why = "" if creds is None else " (its certificate expired: it must enroll again)"
-            raise AgentError(f"--token-file: {exc}{why}") from None
+            text = path.read_text().strip()
+        except OSError as exc:
+            reason = f"cannot read token file {path}: {_os_reason(exc)}"
+        else:
+            if text:
+                return
+            reason = f"token file {path} is empty"
+        why = "" if creds is None else " (its certificate expired: it must enroll again)"
+        raise AgentError(f"--token-file: {reason}{why}")
 
     async def close(self) -> None:
         """Stop the agent; running tools keep running."""

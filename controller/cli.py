@@ -12,6 +12,15 @@
     studio-controller agent list --data-dir DIR [--json] [--database URL]
     studio-controller agent revoke ID --data-dir DIR [--database URL]
 
+`serve` reads its settings from a TOML file too (`--config FILE`, by default
+/etc/studios/controller.toml when it exists): keys are the flags without `--`
+(`data-dir = "/var/lib/studios"`), flags on the command line override the file
+(studios_shared.config_file). Misconfiguration — a bad config file, a data directory
+that cannot be created, a port in use, an unreadable templates or secrets key file, a
+database that does not answer — stops it before anything starts with one line on
+stderr, `studio-controller: <setting>: <cause>`, and exit status 2 (as argparse's usage
+errors; controller.preflight), never a traceback.
+
 `serve` logs to stderr (text, or one JSON object per line with `--log-format json` or
 STUDIOS_LOG_FORMAT=json) and stops cleanly on SIGTERM and SIGINT. Under systemd
 (`Type=notify`) it reports READY=1 once the database is migrated and HTTP and both
@@ -46,15 +55,26 @@ from controller.config import (
 from controller.db import Database
 from controller.errors import Conflict, NotFound, StudiosError
 from controller.models import ApiToken, OrgMember, Participant, User, Workspace
+from controller.preflight import Misconfigured, check_config
 from controller.shared_secrets import load_controller_secrets, read_secrets_key
-from controller.templates import load_catalogue
+from studios_shared.config_file import (
+    ConfigFileError,
+    apply_config_file,
+    config_help,
+    config_source,
+    make_optional,
+    subcommand_argv,
+    subparser,
+)
 from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
 from studios_shared.metrics_server import parse_metrics_address
 from studios_shared.sd_notify import Notifier
 
-__all__ = ["add_user", "main"]
+__all__ = ["DEFAULT_CONFIG", "add_user", "main"]
 
 log = logging.getLogger("controller")
+
+DEFAULT_CONFIG = Path("/etc/studios/controller.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the controller (REST + gRPC)")
+    serve.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help=config_help(DEFAULT_CONFIG)
+    )
     serve.add_argument("--data-dir", required=True, type=Path)
     serve.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT")
     serve.add_argument(
@@ -250,11 +273,26 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("agent_id", metavar="ID")
     revoke.add_argument("--data-dir", required=True, type=Path)
     revoke.add_argument("--database", default=None, metavar="URL")
+    make_optional(serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            apply_config_file(
+                subparser(parser, "serve"),
+                args,
+                subcommand_argv(argv, "serve"),
+                config_source(args.config, DEFAULT_CONFIG),
+                required=("--data-dir",),
+            )
+        except ConfigFileError as exc:
+            print(f"studio-controller: {exc}", file=sys.stderr)
+            return 2
     try:
         log_format = resolve_log_format(getattr(args, "log_format", None))
     except ValueError as exc:
@@ -274,11 +312,6 @@ def main(argv: list[str] | None = None) -> int:
             lifetime = parse_duration(args.agent_cert_lifetime, what="--agent-cert-lifetime")
             if lifetime < 10:
                 raise ValueError("--agent-cert-lifetime: at least 10 seconds")
-            # Read now too, so that a broken catalogue stops the controller with its reason
-            # alone rather than a start-up traceback.
-            load_catalogue(args.templates)
-            if args.secrets_key_file is not None:
-                read_secrets_key(args.secrets_key_file)
         except ValueError as exc:
             print(f"studio-controller: {exc}", file=sys.stderr)
             return 2
@@ -405,6 +438,11 @@ def _print_agents(rows: list[enrollment.AgentRow]) -> None:
 
 
 async def _serve(config: ControllerConfig) -> int:
+    try:
+        await check_config(config)
+    except Misconfigured as exc:
+        print(f"studio-controller: {exc}", file=sys.stderr)
+        return 2
     controller = Controller(config)
     systemd = Notifier.from_environment()
     stop = asyncio.Event()
@@ -417,7 +455,10 @@ async def _serve(config: ControllerConfig) -> int:
     try:
         await controller.start()
     except Exception as exc:
-        log.exception("studio-controller failed to start: %s", exc)
+        # One line, not a traceback (that only with --log-level DEBUG): what preflight
+        # cannot foresee, e.g. a port taken since it was checked.
+        log.debug("start failed", exc_info=True)
+        print(f"studio-controller: cannot start: {exc}", file=sys.stderr)
         systemd.stopping(f"failed to start: {exc}")
         watchdog.cancel()
         await controller.stop()

@@ -313,8 +313,11 @@ async def test_agent_ready_once_serving_and_connected(tmp_path: Path, notify_pat
 async def test_agent_without_its_controller_is_ready_after_the_bounded_wait(
     tmp_path: Path, notify_path: str
 ) -> None:
-    # Nothing listens at this controller's address, and it has no join token yet.
+    # Nothing listens at this controller's address, and its join token is no good yet (a
+    # token file that is missing altogether stops the agent: tests/test_misconfiguration.py).
     absent = ControllerProcess(tmp_path / "absent", grpc_port=free_port())
+    absent.data_dir.mkdir(parents=True)
+    absent.agent_token_file.write_text("not-a-join-token-yet\n")
     systemd = FakeSystemd(notify_path, on_ready=lambda: None)
     agent = AgentProcess(absent, "0123456789abcdef", tmp_path / "agent", env=systemd.environment())
     started = time.monotonic()
