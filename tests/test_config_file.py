@@ -169,3 +169,23 @@ def test_controller_process_reads_its_file(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.mark.parametrize("daemon", ["controller", "agent"])
+def test_readme_examples_are_valid(tmp_path: Path, daemon: str) -> None:
+    """The README's example files load without a complaint."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    marker = f"```toml\n# /etc/studios/{daemon}.toml\n"
+    assert marker in readme
+    example = readme.split(marker, 1)[1].split("```", 1)[0]
+    config = tmp_path / f"{daemon}.toml"
+    config.write_text(example)
+    if daemon == "controller":
+        args = _load(controller_parser(), ["serve"], config, ("--data-dir",))
+        assert args.data_dir == Path("/var/lib/studios-controller")
+        assert args.agent_lost_seconds == 300.0
+    else:
+        required = ("--controller", "--token-file", "--compute-env", "--state-dir")
+        args = _load(agent_parser(), ["serve"], config, required)
+        assert args.proxy == ("0.0.0.0", 7070)
+        assert args.conda_channel == ["https://conda.example.org/main"]
