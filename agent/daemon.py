@@ -342,7 +342,13 @@ class Agent:
         (a certificate in DIR/pki that has not expired) connects with that and never reads
         the token file. A token that is there but wrong (not a join token, refused) is
         reported and retried as before: the operator may fix the file while it runs."""
-        creds = PkiFiles(self.state).load()
+        try:
+            creds = PkiFiles(self.state).load()
+        except OSError as exc:
+            raise AgentError(
+                f"--state-dir: cannot read this agent's certificate and key in "
+                f"{self.state.pki_dir}: {exc.filename}: {_os_reason(exc)}"
+            ) from None
         if creds is not None and not creds.expired():
             return
         path = self.config.token_file

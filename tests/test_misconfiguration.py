@@ -231,6 +231,21 @@ def test_agent_token_file_exits_at_once(tmp_path: Path, case: str) -> None:
     assert seconds < 30, "it does not retry"
 
 
+def test_agent_tls_files_unreadable(tmp_path: Path, join_token: Path) -> None:
+    pki = tmp_path / "state" / "pki"
+    pki.mkdir(parents=True)
+    (pki / "ca.crt").write_text("")
+    (pki / "agent.key").mkdir()  # unreadable as a file, whoever runs the test
+    (pki / "agent.crt").write_text("")
+    rc, err, _ = _agent(tmp_path, join_token)
+    assert rc == 2
+    _assert_one_line(
+        err,
+        f"studio-agent: --state-dir: cannot read this agent's certificate and key in {pki}: "
+        f"{pki / 'agent.key'}: Is a directory",
+    )
+
+
 def test_agent_config_file_bad_type(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('stop-grace-seconds = "thirty"\n')
