@@ -59,6 +59,8 @@ class AgentStream:
     proxy_instance_id: str = ""
     # time.monotonic() of the agent's last message: only a talking agent's lease is renewed.
     last_message: float = field(default_factory=time.monotonic)
+    # When the periodic full resync is next due (controller.reconciler); 0: not scheduled.
+    next_resync: float = 0.0
 
 
 class AgentHub:
