@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 
 from controller import lifecycle
 from controller.agent_hub import AgentHub
@@ -93,7 +93,11 @@ class Deadlines:
                     .where(
                         Studio.status.in_(_ACTIVE),
                         Studio.deleted.is_(False),
-                        or_(Agent.last_seen.is_(None), Agent.last_seen < cutoff),
+                        # Never seen: the grace runs from its enrollment.
+                        or_(
+                            Agent.last_seen < cutoff,
+                            and_(Agent.last_seen.is_(None), Agent.date_created < cutoff),
+                        ),
                     )
                 )
             ).all()
@@ -124,8 +128,9 @@ class Deadlines:
             if self.hub.is_live(agent):
                 return False  # a stream here, or another controller's unexpired lease
             last_seen = as_utc(agent.last_seen)
-            if last_seen is not None and last_seen >= cutoff:
-                return False  # heard from meanwhile
+            heard = last_seen if last_seen is not None else as_utc(agent.date_created)
+            if heard is not None and heard >= cutoff:
+                return False  # heard from meanwhile (or enrolled within the grace)
             lifecycle.transition(
                 studio,
                 Status.ERRORED,
