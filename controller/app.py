@@ -32,7 +32,9 @@ from studios.agent.v1 import agent_pb2_grpc
 from controller import (
     web_auth,
     web_compute_envs,
+    web_console,
     web_datalinks,
+    web_events,
     web_labels,
     web_misc,
     web_orgs,
@@ -283,6 +285,9 @@ class Controller:
         web_labels.setup(app, db)
         web_compute_envs.setup(app, db)
         for module in (
+            # Before web_studios: /studios/events is not a session id.
+            web_events,
+            web_console,
             web_studios,
             web_compute_envs,
             web_misc,

@@ -15,11 +15,15 @@ sets a session cookie that stands in for it:
   reaches ``<sessionId>.<proxy domain>``, where tools run untrusted code), and
   Secure with the ``__Host-`` name prefix when the public URL is https (the
   prefix stops a tool on a sibling host from planting a Domain cookie).
-- It authenticates only GET and HEAD. Anything that changes state still needs
-  a bearer token, so a forged cross-site request carries nothing the
-  controller accepts: there is no CSRF surface to defend with tokens. The
-  exceptions are the sign-in and sign-out forms themselves, which need no
-  credentials; they refuse posts from other origins and sites instead
+- GET and HEAD need nothing more. Any other method (the console's writes) is
+  authorised by the cookie only with a CSRF defence (`check_csrf`): the
+  header ``X-Studios-CSRF`` holding the session's CSRF token (an HMAC of the
+  cookie's value, so it is per session and needs no table; the console page
+  embeds it) *and* an ``Origin`` that is this controller's own. A cross-site
+  page can make the browser send the cookie (SameSite=Lax does not cover
+  every case, e.g. same-site tools) but can neither read the token nor set
+  that Origin. Bearer-token clients are unchanged. The sign-in and sign-out
+  forms need no credentials; they refuse posts from other origins and sites
   (`controller.web_auth`).
 
 `safe_next` keeps the return URL of the sign-in page on this origin.
@@ -34,26 +38,30 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.auth import Principal, authenticate, hash_token
-from controller.errors import Unauthorized
+from controller.errors import Forbidden, Unauthorized
 from controller.models import ApiToken, User, utcnow
 
 __all__ = [
     "COOKIE_METHODS",
+    "CSRF_HEADER",
     "SIGNIN_KEY",
     "SIGN_IN_PATH",
     "SignInSettings",
     "SignedIn",
     "authenticate_request",
     "browser_sign_in_redirect",
+    "check_csrf",
+    "csrf_token",
     "derive_session_key",
     "open_session",
+    "own_origins",
     "safe_next",
     "sign_session",
     "token_row",
@@ -61,8 +69,11 @@ __all__ = [
 ]
 
 SIGN_IN_PATH = "/auth/sign-in"
-# Safe methods only: a cookie is sent on cross-site navigations (SameSite=Lax).
+# Methods the cookie alone authorises: a cookie is sent on cross-site navigations
+# (SameSite=Lax), so anything else needs the CSRF header and this origin (`check_csrf`).
 COOKIE_METHODS = frozenset({"GET", "HEAD"})
+CSRF_HEADER = "X-Studios-CSRF"
+_CSRF_LABEL = b"csrf:"
 DEFAULT_TTL_SECONDS = 12 * 3600
 _COOKIE = "studios-session"
 _SECURE_COOKIE = "__Host-studios-session"
@@ -219,8 +230,57 @@ async def open_session(session: AsyncSession, settings: SignInSettings, token: s
     return SignedIn(user.id, user.user_name, value, expires_at)
 
 
+def csrf_token(key: bytes, cookie: str) -> str:
+    """The CSRF token of the session whose cookie value is `cookie`.
+
+    Derived, not stored: a new sign-in (a new cookie) gets a new token, and a page of
+    another origin, which cannot read the cookie (HttpOnly) nor this controller's pages,
+    cannot compute it.
+    """
+    return _b64(hmac.new(key, _CSRF_LABEL + cookie.encode(), hashlib.sha256).digest()[:24])
+
+
+def own_origins(request: web.Request) -> set[str]:
+    """The origins this controller answers as: the request's own and the public URL's."""
+    allowed = {f"{request.scheme}://{request.host}".lower()}
+    settings = request.app.get(SIGNIN_KEY)
+    if settings is not None and settings.public_url:
+        parts = urlsplit(settings.public_url)
+        allowed.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return allowed
+
+
+def check_csrf(request: web.Request, key: bytes, cookie: str) -> None:
+    """Forbidden unless a cookie-authenticated write comes from this controller's own page.
+
+    Both checks, not either: the token proves the page could read this controller's
+    answers; the Origin proves the browser ran it on this origin (a tool on a sibling host
+    of the same site that somehow learnt a token still cannot post with it). A browser
+    always sends Origin on a non-GET fetch; its absence means a page hid it or a client
+    that is not a browser, neither of which needs the cookie.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None or origin.lower() not in own_origins(request):
+        raise Forbidden(
+            f"{request.method} with the session cookie from origin {origin or '(none)'!r} "
+            "is refused (not this controller's page): use the console or a bearer token"
+        )
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise Forbidden(
+            f"{request.method} with the session cookie from another site is refused "
+            f"(Sec-Fetch-Site: {site})"
+        )
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not sent or not hmac.compare_digest(sent.encode(), csrf_token(key, cookie).encode()):
+        raise Forbidden(
+            f"{request.method} with the session cookie needs the {CSRF_HEADER} header of "
+            "this session (missing or wrong): reload the console"
+        )
+
+
 async def authenticate_request(request: web.Request, session: AsyncSession) -> Principal:
-    """Bearer token first; else, for GET and HEAD, the session cookie."""
+    """Bearer token first; else the session cookie (for writes, with `check_csrf`)."""
     header = request.headers.get("Authorization")
     if header:
         return await authenticate(session, header)
@@ -232,10 +292,7 @@ async def authenticate_request(request: web.Request, session: AsyncSession) -> P
             f"browsers sign in at {SIGN_IN_PATH})"
         )
     if request.method not in COOKIE_METHODS:
-        raise Unauthorized(
-            f"the session cookie authenticates GET and HEAD only: {request.method} "
-            "needs 'Authorization: Bearer <token>'"
-        )
+        check_csrf(request, settings.key, cookie)
     return await verify_session(session, settings.key, cookie)
 
 

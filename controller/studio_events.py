@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, object_session
 
 from controller.models import Studio
 
-__all__ = ["StudioEvents", "Subscription", "events_for", "watch_engine"]
+__all__ = ["AnySubscription", "StudioEvents", "Subscription", "events_for", "watch_engine"]
 
 _PENDING = "studio_events.changed"
 
@@ -53,11 +53,36 @@ class Subscription:
         self._events._drop(self)
 
 
+class AnySubscription:
+    """Changes of every studio from the moment of subscribing: the console's event stream
+    (`controller.web_events`), which filters them by workspace and access itself."""
+
+    def __init__(self, events: StudioEvents) -> None:
+        self._events = events
+        self._pending: set[str] = set()
+        self._changed = asyncio.Event()
+
+    def notify(self, session_id: str) -> None:
+        self._pending.add(session_id)
+        self._changed.set()
+
+    async def wait(self) -> set[str]:
+        """The session ids changed since subscribing or the last `wait` (at least one)."""
+        await self._changed.wait()
+        self._changed.clear()
+        changed, self._pending = self._pending, set()
+        return changed
+
+    def close(self) -> None:
+        self._events._any.discard(self)
+
+
 class StudioEvents:
     """In-process fan-out of studio changes to the waiters of this controller."""
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
+        self._any: set[AnySubscription] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @contextlib.contextmanager
@@ -70,11 +95,22 @@ class StudioEvents:
         finally:
             sub.close()
 
+    @contextlib.contextmanager
+    def subscribe_all(self) -> Iterator[AnySubscription]:
+        """Every studio's changes (see `AnySubscription`)."""
+        self._loop = asyncio.get_running_loop()
+        sub = AnySubscription(self)
+        self._any.add(sub)
+        try:
+            yield sub
+        finally:
+            sub.close()
+
     def changed(self, session_id: str) -> None:
         """Wake the waiters of `session_id`; safe from any thread (a feed of notifications
         may run elsewhere), on the loop the waiters run on."""
         loop = self._loop
-        if loop is None or not self._subscribers.get(session_id):
+        if loop is None or not (self._subscribers.get(session_id) or self._any):
             return
         try:
             running = asyncio.get_running_loop()
@@ -94,6 +130,8 @@ class StudioEvents:
     def _wake(self, session_id: str) -> None:
         for sub in list(self._subscribers.get(session_id, ())):
             sub.notify()
+        for any_sub in list(self._any):
+            any_sub.notify(session_id)
 
     def _drop(self, sub: Subscription) -> None:
         subs = self._subscribers.get(sub.session_id)
@@ -125,9 +163,18 @@ def watch_engine(engine: Engine, events: StudioEvents) -> None:
     global _installed
     _WATCHED[engine] = events
     if not _installed:
-        # Status, message and progress: what a waiter may be waiting to see change.
-        for attribute in (Studio.status, Studio.status_message, Studio.progress):
+        # Status, message and progress: what a waiter may be waiting to see change; who is
+        # connected and deletion: what the console shows live.
+        for attribute in (
+            Studio.status,
+            Studio.status_message,
+            Studio.progress,
+            Studio.active_connections,
+            Studio.deleted,
+        ):
             event.listen(attribute, "set", _on_set)
+        # A new studio is not in a session yet when its constructor sets its attributes.
+        event.listen(Session, "before_flush", _on_flush)
         event.listen(Session, "after_commit", _on_commit)
         event.listen(Session, "after_rollback", _on_rollback)
         _installed = True
@@ -144,6 +191,14 @@ def _on_set(studio: Studio, _value: Any, _old: Any, _initiator: Any) -> None:
     if session is None or _events_of(session) is None:
         return
     session.info.setdefault(_PENDING, set()).add(studio.session_id)
+
+
+def _on_flush(session: Session, _context: Any, _instances: Any) -> None:
+    if _events_of(session) is None:
+        return
+    new = [obj.session_id for obj in session.new if isinstance(obj, Studio)]
+    if new:
+        session.info.setdefault(_PENDING, set()).update(new)
 
 
 def _on_commit(session: Session) -> None:

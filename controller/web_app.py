@@ -2,9 +2,10 @@
 
 Every request but `GET /openapi.yaml` and the sign-in pages needs
 ``Authorization: Bearer <token>`` (401 otherwise); GET and HEAD also accept the
-browser session cookie (`controller.signin`). Errors are ``{"message": "..."}``
-with the status of the `controller.errors` leaf; anything unexpected is logged
-and answered 500 without details: never a stack trace to a client. Bad input
+browser session cookie (`controller.signin`), and other methods the cookie with the
+console's CSRF header from this controller's own origin (`controller.signin.check_csrf`).
+Errors are ``{"message": "..."}`` with the status of the `controller.errors` leaf; anything
+unexpected is logged and answered 500 without details: never a stack trace to a client. Bad input
 never gets that far: bodies through `parse_body` (`controller.json_body`: size,
 nesting, malformed JSON), control characters in the path or the query refused
 by `input_middleware`, in body fields by the request models.
@@ -12,6 +13,7 @@ by `input_middleware`, in body fields by the request models.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -28,8 +30,10 @@ from controller.requests import CONTROL_CHARACTERS, control_name, validation_mes
 from controller.signin import authenticate_request, browser_sign_in_redirect
 
 __all__ = [
+    "CLOSING_KEY",
     "DB_KEY",
     "PUBLIC_PATHS",
+    "PUBLIC_PREFIXES",
     "SERVICES_KEY",
     "json_response",
     "make_app",
@@ -50,7 +54,12 @@ M = TypeVar("M", bound=BaseModel)
 DB_KEY = web.AppKey("db", Database)
 # The services the handlers use (a `controller.app.Services`).
 SERVICES_KEY: web.AppKey[Any] = web.AppKey("services", object)
+# Set when the server begins to shut down: long-lived answers (the console's event stream)
+# end then, instead of holding the shutdown for aiohttp's whole grace period.
+CLOSING_KEY = web.AppKey("closing", asyncio.Event)
 PUBLIC_PATHS = frozenset({"/openapi.yaml", "/", "/auth/sign-in", "/auth/sign-out"})
+# The console's assets: static files with no secret in them (`controller.web_console`).
+PUBLIC_PREFIXES = ("/console/assets/",)
 _PRINCIPAL = web.RequestKey("principal", Principal)
 _CONTROL = re.compile(CONTROL_CHARACTERS)
 
@@ -100,7 +109,7 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in PUBLIC_PATHS:
+    if request.path not in PUBLIC_PATHS and not request.path.startswith(PUBLIC_PREFIXES):
         try:
             async with request.app[DB_KEY].transaction() as session:
                 request[_PRINCIPAL] = await authenticate_request(request, session)
@@ -126,6 +135,12 @@ def make_app(db: Database, services: Any) -> web.Application:
     )
     app[DB_KEY] = db
     app[SERVICES_KEY] = services
+    app[CLOSING_KEY] = asyncio.Event()
+
+    async def closing(app: web.Application) -> None:
+        app[CLOSING_KEY].set()
+
+    app.on_shutdown.append(closing)
     return app
 
 

@@ -1,4 +1,5 @@
-"""Browser sign-in pages: ``GET|POST /auth/sign-in``, ``POST /auth/sign-out``, ``GET /``.
+"""Browser sign-in pages: ``GET|POST /auth/sign-in``, ``POST /auth/sign-out``, ``GET /``
+(the console once signed in: `controller.web_console`).
 
 The cookie itself is `controller.signin`. A browser that opens a studioUrl
 without credentials is sent here with ``next=<that URL's path>``; after
@@ -32,11 +33,13 @@ from controller.signin import (
     SIGN_IN_PATH,
     SIGNIN_KEY,
     SignInSettings,
+    csrf_token,
     open_session,
     safe_next,
     verify_session,
 )
 from controller.web_app import DB_KEY, parse_body, read_body, validate
+from controller.web_console import console_page
 
 __all__ = ["routes"]
 
@@ -257,13 +260,11 @@ async def sign_out(request: web.Request) -> web.Response:
 
 @routes.get("/")
 async def home(request: web.Request) -> web.Response:
-    """Where a sign-in without a usable return URL lands: who is signed in."""
+    """The console once signed in (`controller.web_console`); else a link to sign in."""
     who = await _signed_in(request)
     if who is None:
         body = f'<h1>Studios</h1>\n<p>Not signed in. <a href="{SIGN_IN_PATH}">Sign in</a></p>'
-    else:
-        body = (
-            f"<h1>Studios</h1>\n<p>Signed in as {html.escape(who.user_name)}.</p>\n"
-            f"{_SIGN_OUT_FORM}\n<p>Open a studio with its Studio URL.</p>"
-        )
-    return _page("Studios", body)
+        return _page("Studios", body)
+    settings = _settings(request)
+    cookie = request.cookies[settings.cookie_name]
+    return console_page(who, csrf_token(settings.key, cookie), _SIGN_OUT_FORM)
