@@ -225,17 +225,17 @@ class SimAgent:
             if current == wanted:
                 continue
             self.sessions[s.session_id] = wanted
-            if not desired.full:
-                _emit(
-                    {
-                        "e": "desired",
-                        "s": s.session_id,
-                        "st": int(s.status),
-                        "g": s.generation,
-                        "t": now,
-                        "a": self.agent_id,
-                    }
-                )
+            # Also from a full set: a change queued with a resync goes out in one message.
+            _emit(
+                {
+                    "e": "desired",
+                    "s": s.session_id,
+                    "st": int(s.status),
+                    "g": s.generation,
+                    "t": now,
+                    "a": self.agent_id,
+                }
+            )
             await call.write(pb.ConnectRequest(session=self._observed(s.session_id)))
 
 
