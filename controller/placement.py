@@ -129,9 +129,7 @@ class Placer:
             candidates = self.hub.connected_agents(compute_env_id)
             if not candidates:
                 return None
-            query = select(Agent).where(
-                Agent.agent_id.in_(candidates), Agent.revoked_at.is_(None)
-            )
+            query = select(Agent).where(Agent.agent_id.in_(candidates), Agent.revoked_at.is_(None))
         agents = [
             a
             for a in (await session.scalars(query)).all()
