@@ -42,7 +42,11 @@ TRAILER = struct.Struct("<I8s")
 TRAILER_SIZE = TRAILER.size
 # id, kind, compressed?, offset, stored length, raw length.
 ENTRY = struct.Struct("<32sBBQII")
-COMPRESSION_LEVEL = 3
+# Level 1, measured on a numpy+pandas+scipy venv (304 MiB, one core): level 3 took 12.9 s
+# and stored 94 MiB, level 1 4.0 s and 102 MiB, level 2 5.9 s and 97 MiB. Compression was
+# two thirds of a full checkpoint's CPU at level 3; 8% more bytes is the cheaper side.
+# Readers need no level: old packs at level 3 restore as before.
+COMPRESSION_LEVEL = 1
 
 _local = threading.local()
 

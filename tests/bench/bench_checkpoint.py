@@ -101,7 +101,7 @@ class Store:
         return sum(p.stat().st_size for p in Path(what).rglob("*") if p.is_file())
 
 
-def bench_ours(store: Store, data: Path, work: Path) -> dict[str, Any]:
+def bench_ours(store: Store, data: Path, work: Path) -> tuple[dict[str, Any], int]:
     uri, opts = store.ours_uri()
     loc = uri.split("://", 1)[1]
     os.sync()
@@ -228,6 +228,7 @@ def main() -> None:
         files, size = tree_stats(venv)
         result: dict[str, Any] = {
             "dataset": {"files": files, "MiB": round(size / MiB, 1), "cpus": os.cpu_count()},
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         }
         srv = None
         if "s3" in args.stores:
@@ -249,6 +250,15 @@ def main() -> None:
                     else:
                         res["tar_zstd1"] = bench_tar(store, data, tmpd / kind)
                     shutil.rmtree(data)
+                # The floor is measured in the same run: on a shared host only these
+                # ratios compare between runs.
+                o, t = res["ours"], res["tar_zstd1"]
+                res["vs_floor"] = {
+                    "full_over_tar_put": round(o["full_s"] / t["put_s"], 2),
+                    "restore_over_tar_extract": round(o["restore_s"] / t["get_s"], 2),
+                    "stored_over_tar": round(o["stored_MiB"] / t["stored_MiB"], 2),
+                }
+                res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
                 if "restic" in res:
                     o, r = res["ours"], res["restic"]
                     res["targets_met"] = {

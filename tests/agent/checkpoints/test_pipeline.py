@@ -1,0 +1,153 @@
+"""The parallel backup pipeline keeps its promises: byte-for-byte round trips, dedup with
+the chunker's sizes, the incremental bound, and the write order when an upload fails."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.checkpoints import engine as E
+from agent.checkpoints.backend import Backend, ObjectInfo
+from agent.checkpoints.index import decode_index
+from agent.checkpoints.repo import pack_name
+from agent.errors import CheckpointError
+from tests import s3_server as _s3
+
+s3_server = _s3.s3_server
+store = _s3.store
+
+Store = tuple[str, dict[str, Any] | None]
+MiB = 1024 * 1024
+
+
+def _digests(root: Path) -> dict[str, tuple[int, str]]:
+    out = {}
+    for dp, _, fns in os.walk(root):
+        for fn in fns:
+            p = Path(dp) / fn
+            data = p.read_bytes()
+            out[str(p.relative_to(root))] = (len(data), hashlib.sha256(data).hexdigest())
+    return out
+
+
+def _many_small_few_large(root: Path, rng: random.Random) -> None:
+    # Small files below, around and above the chunker's minimum; large ones span several
+    # chunks and packs (compressible and not), so both read paths and many packs run.
+    for d in range(10):
+        sub = root / f"pkg{d:02d}" / "mod"
+        sub.mkdir(parents=True)
+        for i in range(40):
+            n = rng.choice([0, 1, 100, 4096, 65_536, 300_000])
+            text = f"def f{i}(x):\n    return x * {d}\n".encode() * (n // 30 + 1)
+            (sub / f"m{i}.py").write_bytes(text[:n] if i % 2 else rng.randbytes(n))
+    (root / "big").mkdir()
+    (root / "big/random.bin").write_bytes(rng.randbytes(21 * MiB + 3))
+    (root / "big/text.log").write_bytes(b"line of log text 0123456789\n" * (400_000))
+    (root / "big/exactly-max-chunk.bin").write_bytes(rng.randbytes(4 * MiB))
+
+
+async def test_round_trip_many_small_and_a_few_large(store: Store, tmp_path: Path) -> None:
+    uri, opts = store
+    src = tmp_path / "src"
+    _many_small_few_large(src, random.Random(1))
+    # Small packs: many uploads in flight at once, finished in any order.
+    r = E.backup_sync(uri, "s", src, storage_options=opts, pack_size=2 * MiB)
+    assert r.packs_written > 8
+    out = tmp_path / "out"
+    await E.restore(r.uri, out, storage_options=opts)
+    assert _digests(out) == _digests(src)
+    assert (await E.verify(r.uri, storage_options=opts)).ok
+
+
+async def test_dedup_and_incremental_bound_with_the_chunk_sizes(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/repo"
+    rng = random.Random(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    big = rng.randbytes(40 * MiB)
+    (src / "big.bin").write_bytes(big)
+    (src / "other.bin").write_bytes(rng.randbytes(3 * MiB))
+    r1 = await E.backup(uri, "a", src)
+    # A second studio with the same content stores nothing new.
+    r2 = await E.backup(uri, "b", src)
+    assert r2.new_blobs == 0 and r2.packs_written == 0
+    # 100 bytes inserted in the middle: content-defined cuts move with the data, so only
+    # the chunks around the insertion are new (about one average chunk, at most two max).
+    (src / "big.bin").write_bytes(big[: 20 * MiB] + rng.randbytes(100) + big[20 * MiB :])
+    r3 = await E.backup(uri, "a", src, r1.uri)
+    params = E.get_repository(uri).params
+    assert 0 < r3.added_bytes <= 2 * params.max_size + 64 * 1024
+    # The incremental bound: 5 MiB of new data costs at most 1.2x in new stored bytes.
+    (src / "new.bin").write_bytes(rng.randbytes(5 * MiB))
+    r4 = await E.backup(uri, "a", src, r3.uri)
+    assert r4.added_bytes <= 1.2 * 5 * MiB
+    out = tmp_path / "out"
+    await E.restore(r4.uri, out)
+    assert _digests(out) == _digests(src)
+
+
+class _FailNthPack(Backend):
+    """The real store, except that the Nth pack upload fails after the earlier ones
+    (possibly still in flight) went through."""
+
+    def __init__(self, inner: Backend, n: int):
+        self.inner = inner
+        self.location = inner.location
+        self.n = n
+        self.packs = 0
+        self.lock = threading.Lock()
+
+    def save(self, name: str, data: bytes, *, overwrite: bool = False) -> None:
+        if name.startswith("data/"):
+            with self.lock:
+                self.packs += 1
+                fail = self.packs == self.n
+            if fail:
+                raise CheckpointError(f"injected failure of pack upload {self.n}")
+        self.inner.save(name, data, overwrite=overwrite)
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.load(name, offset, length)
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self.inner.stat(name)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def remove(self, name: str) -> None:
+        self.inner.remove(name)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_failed_upload_leaves_no_manifest_and_no_dangling_index(
+    store: Store, tmp_path: Path, n: int
+) -> None:
+    uri, opts = store
+    src = tmp_path / "src"
+    _many_small_few_large(src, random.Random(3))
+    repo = E.get_repository(uri, opts)
+    real = repo.backend
+    repo.backend = _FailNthPack(real, n)
+    try:
+        with pytest.raises(CheckpointError, match=f"pack upload {n}"):
+            E.backup_sync(uri, "s", src, storage_options=opts, pack_size=1 * MiB)
+    finally:
+        repo.backend = real
+    assert E.list_checkpoints(uri, "s", storage_options=opts) == []
+    assert real.list("manifests/") == []
+    # Every index names only packs that are there: the index goes after all its packs.
+    for o in real.list("index/"):
+        for pack in decode_index(real.load(o.name)).values():
+            real.stat(pack_name(pack.pack))
+    # The store is usable afterwards, and a retry completes.
+    r = E.backup_sync(uri, "s", src, storage_options=opts, pack_size=1 * MiB)
+    out = tmp_path / "out"
+    E.restore_sync(r.uri, out, storage_options=opts)
+    assert _digests(out) == _digests(src)
