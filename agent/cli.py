@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime", default="local", help="runtime backend (local, podman)")
     serve.add_argument("--proxy", default=("127.0.0.1", 7070), type=_host_port, metavar="HOST:PORT")
     serve.add_argument("--proxy-domain", default="localhost")
+    serve.add_argument(
+        "--proxy-relay",
+        default="splice",
+        choices=("splice", "copy"),
+        help="how the proxy relays the tools' bytes to browsers: splice (os.splice in the "
+        "kernel, Linux; copy elsewhere and over TLS) or copy (through Python)",
+    )
     serve.add_argument("--local-templates", type=Path, metavar="FILE")
     serve.add_argument(
         "--local-tool-user",
@@ -254,6 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_host=proxy_host,
         proxy_port=proxy_port,
         proxy_domain=args.proxy_domain,
+        proxy_relay=args.proxy_relay,
         local_templates=args.local_templates,
         local_tool_user=args.local_tool_user,
         stop_grace_seconds=args.stop_grace_seconds,

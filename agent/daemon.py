@@ -64,6 +64,9 @@ class AgentConfig:
     # 0 = any free port (tests).
     proxy_port: int = 7070
     proxy_domain: str = "localhost"
+    # How the proxy relays the tools' bytes (`--proxy-relay`): splice (in the kernel,
+    # Linux) or copy (through Python; the baseline the benchmark compares against).
+    proxy_relay: str = "splice"
     local_templates: Path | None = None
     # Who runs local tools (`--local-tool-user`): session (a uid per session when root)
     # or agent (the agent's own user; development only).
@@ -276,6 +279,7 @@ class Agent:
                 on_activity=self._report_connections,
                 cookie_max=lambda: self.link.connect_cookie_max_seconds if self.link else None,
                 on_visit=self._report_visit,
+                splice=cfg.proxy_relay == "splice",
             )
             try:
                 self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)

@@ -7,7 +7,13 @@ the local runtime; our proxy is reached as a browser would after the studioUrl s
 configurable-http-proxy (`tests/bench/anchor_jupyterhub.py --setup`) are skipped, and say so,
 where they are not installed. Prints JSON.
 
-    .venv/bin/python tests/bench/bench_proxy.py [--duration 10]
+    .venv/bin/python tests/bench/bench_proxy.py [--duration 10] [--relay splice|copy]
+        [--skip-anchors]
+
+`--relay` is the agent's `--proxy-relay` (splice: the tools' bytes move with os.splice;
+copy: through Python). The load averages before and after are part of the JSON: this
+machine is shared, so a ratio means something only beside the direct rate and the load
+of the same run.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -144,7 +151,7 @@ async def sign_in(api: RestClient, studio: dict[str, Any]) -> str:
         return cookie.value
 
 
-async def run(duration: int) -> dict[str, Any]:
+async def run(duration: int, relay: str, skip_anchors: bool) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     with tempfile.TemporaryDirectory(prefix="studios-bench-proxy-") as tmp_name:
@@ -164,14 +171,32 @@ async def run(duration: int) -> dict[str, Any]:
         stack = LocalStack(
             tmp,
             # The proxy is measured here, not the volume.
-            agent_args=("--local-templates", str(templates), "--volume-kind", "directory"),
+            agent_args=(
+                "--local-templates",
+                str(templates),
+                "--volume-kind",
+                "directory",
+                "--proxy-relay",
+                relay,
+            ),
         )
         try:
             async with stack:
                 assert stack.api is not None and stack.agent is not None
-                return await _measure(
-                    tmp, stack.api, stack.agent, stack.compute_env_id, duration, helpers
+                load_before = os.getloadavg()
+                result = await _measure(
+                    tmp,
+                    stack.api,
+                    stack.agent,
+                    stack.compute_env_id,
+                    duration,
+                    helpers,
+                    skip_anchors,
                 )
+                result["relay"] = relay
+                result["load_average_before"] = [round(x, 2) for x in load_before]
+                result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+                return result
         finally:
             for proc in helpers:
                 proc.terminate()
@@ -186,6 +211,7 @@ async def _measure(
     compute_env_id: str,
     duration: int,
     helpers: list[subprocess.Popen[bytes]],
+    skip_anchors: bool = False,
 ) -> dict[str, Any]:
     _, body = await api.request(
         "POST",
@@ -211,12 +237,12 @@ async def _measure(
             },
         ),
     }
-    nginx, nginx_port = start_nginx(tmp, backend_port)
+    nginx, nginx_port = (None, 0) if skip_anchors else start_nginx(tmp, backend_port)
     if nginx is not None:
         helpers.append(nginx)
         await wait_port(nginx_port)
         targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", {})
-    chp, chp_port = start_chp(backend_port)
+    chp, chp_port = (None, 0) if skip_anchors else start_chp(backend_port)
     if chp is not None:
         helpers.append(chp)
         await wait_port(chp_port)
@@ -253,4 +279,7 @@ async def _measure(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
-    print(json.dumps(asyncio.run(run(parser.parse_args().duration)), indent=2))
+    parser.add_argument("--relay", choices=("splice", "copy"), default="splice")
+    parser.add_argument("--skip-anchors", action="store_true", help="only direct and ours")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.duration, args.relay, args.skip_anchors)), indent=2))
