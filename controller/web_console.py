@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 
@@ -89,9 +90,16 @@ async def console_asset(request: web.Request) -> web.Response:
     return web.Response(body=asset.body, content_type=asset.content_type, headers=headers)
 
 
-def console_page(who: Principal, csrf: str, sign_out_form: str) -> web.Response:
-    """The console's shell for `who`; the script fills `<main>` from the API."""
+def console_page(
+    who: Principal, csrf: str, sign_out_form: str, boot: dict[str, Any]
+) -> web.Response:
+    """The console's shell for `who`; the script fills `<main>` from the API.
+
+    `boot`: what the script would otherwise ask first (``defaultWorkspaceId`` and
+    ``orgsAndWorkspaces`` as ``GET /user-info`` and ``GET /user/{id}/workspaces`` answer).
+    """
     user = json.dumps({"id": who.user_id, "userName": who.user_name, "email": who.email})
+    boot_json = json.dumps(boot, separators=(",", ":"))
     name = html.escape(who.user_name)
     text = f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8>
@@ -100,6 +108,7 @@ def console_page(who: Principal, csrf: str, sign_out_form: str) -> web.Response:
 <link rel=icon href="data:,">
 <meta name=studios-csrf content="{html.escape(csrf, quote=True)}">
 <meta name=studios-user content="{html.escape(user, quote=True)}">
+<meta name=studios-boot content="{html.escape(boot_json, quote=True)}">
 <link rel=stylesheet href="{_url("console.css")}">
 <script src="{_url("console.js")}" defer></script>
 </head><body>

@@ -560,10 +560,12 @@ function connectEvents() {
   if (state.events) state.events.close();
   const es = new EventSource(`/studios/events?${wsq()}`);
   state.events = es;
+  let connected = false;
   es.addEventListener("ready", () => {
     document.body.dataset.live = "on";
-    // Anything that changed while disconnected: read the page again.
-    if (state.view === "list") loadList();
+    // A reconnection: anything that changed meanwhile was missed, so read the page again.
+    if (connected && state.view === "list") loadList();
+    connected = true;
   });
   es.addEventListener("studio", (ev) => {
     const s = JSON.parse(ev.data);
@@ -639,16 +641,22 @@ async function chooseWorkspace(id) {
   document.body.dataset.role = state.role;
   localStorage.setItem("studios-workspace", String(id));
   state.list.offset = 0;
-  connectEvents();
   await route();
+  // After the first screen is drawn: the stream's setup does not delay it.
+  connectEvents();
 }
 
 async function main() {
-  const [info, listing] = await Promise.all([api("GET", "/user-info"), api("GET", `/user/${state.user.id}/workspaces`)]);
+  const saved = Number(localStorage.getItem("studios-workspace"));
+  // The page carries the workspaces (controller.web_console); the API is the fallback.
+  const bootMeta = document.querySelector("meta[name=studios-boot]");
+  const boot = bootMeta ? JSON.parse(bootMeta.content) : null;
+  const [info, listing] = boot
+    ? [boot, boot]
+    : await Promise.all([api("GET", "/user-info"), api("GET", `/user/${state.user.id}/workspaces`)]);
   state.workspaces = (listing.orgsAndWorkspaces || []).filter((w) => w.workspaceId);
   const select = document.getElementById("workspace");
   select.replaceChildren(...state.workspaces.map((w) => h("option", { value: w.workspaceId }, `${w.orgName} / ${w.workspaceName}`)));
-  const saved = Number(localStorage.getItem("studios-workspace"));
   const ids = state.workspaces.map((w) => w.workspaceId);
   const first = ids.includes(saved) ? saved : ids.includes(info.defaultWorkspaceId) ? info.defaultWorkspaceId : ids[0] ?? 1;
   select.value = String(first);
