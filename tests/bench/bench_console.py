@@ -70,9 +70,9 @@ _WEIGHT = """
 () => {
   const nav = performance.getEntriesByType('navigation')[0];
   const res = performance.getEntriesByType('resource');
-  const items = [{name: nav.name, bytes: nav.transferSize, body: nav.decodedBodySize}]
-    .concat(res.filter((r) => r.initiatorType !== 'other' || !r.name.includes('/events'))
-      .map((r) => ({name: r.name, bytes: r.transferSize, body: r.decodedBodySize})));
+  const one = (r) => ({name: r.name, bytes: r.transferSize, body: r.decodedBodySize,
+    ms: Math.round(r.responseEnd - r.startTime), end: Math.round(r.responseEnd)});
+  const items = [one(nav)].concat(res.filter((r) => !r.name.includes('/events')).map(one));
   return items;
 }
 """
@@ -165,7 +165,14 @@ async def _measure(stack: LocalStack, loads: int, searches: int) -> dict[str, An
         "page_weight": {
             "transferred_bytes": total_bytes,
             "resources": [
-                {"url": w["name"].replace(url, ""), "bytes": w["bytes"], "body": w["body"]}
+                {
+                    "url": w["name"].replace(url, ""),
+                    "bytes": w["bytes"],
+                    "body": w["body"],
+                    # How long it took, and when it ended after navigation start.
+                    "ms": w["ms"],
+                    "ended_at_ms": w["end"],
+                }
                 for w in weight
             ],
         },
