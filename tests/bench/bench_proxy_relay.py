@@ -1,0 +1,140 @@
+"""The connect proxy's relay alone, splice against copy against direct, in rounds.
+
+No controller or agent: the proxy (`agent.proxy.ConnectProxy`, the agent's class) runs
+in a process of its own with a session lookup that names `proxy_backend.py`'s port,
+and the client carries a cookie signed with the proxy's key, as a browser after the
+sign-in does. Each round measures direct, `--proxy-relay copy` and `--proxy-relay
+splice` one after the other with wrk (2 threads, 50 connections) for 1 KiB and 1 MiB
+bodies, with the load averages before and after: this machine is shared, so a ratio
+means something only beside the direct rate of the same round. Prints JSON.
+
+    .venv/bin/python tests/bench/bench_proxy_relay.py [--duration 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.bench.bench_proxy import wrk
+from tests.e2e_harness import free_port
+
+BACKEND = Path(__file__).with_name("proxy_backend.py")
+KEY = b"b" * 32
+SID = "be4c0001"
+
+
+class _Handle:
+    status = "running"
+    proxy_secret = ""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
+async def _serve(relay: str, backend_port: int, port: int) -> None:
+    from agent.proxy import ConnectProxy
+
+    handle = _Handle(backend_port)
+    proxy = ConnectProxy(
+        lookup=lambda sid: handle if sid == SID else None,
+        key=lambda: KEY,
+        splice=relay == "splice",
+    )
+    await proxy.start("127.0.0.1", port)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on port {port} after {timeout} s") from None
+            time.sleep(0.1)
+
+
+def run(duration: int, rounds: int) -> dict[str, Any]:
+    from studios_shared.connect_token import sign_connect_token
+
+    backend_port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, str(BACKEND), str(backend_port)]))
+        _wait_port(backend_port)
+        ports: dict[str, int] = {}
+        for relay in ("copy", "splice"):
+            ports[relay] = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--serve",
+                        relay,
+                        str(backend_port),
+                        str(ports[relay]),
+                    ]
+                )
+            )
+            _wait_port(ports[relay])
+        cookie = sign_connect_token(
+            KEY, session_id=SID, user_id=1, user_name="bench", ttl_seconds=3600, purpose="cookie"
+        )
+        targets: dict[str, tuple[str, dict[str, str]]] = {
+            "direct": (f"http://127.0.0.1:{backend_port}", {}),
+        }
+        for relay, port in ports.items():
+            targets[f"proxy-{relay}"] = (
+                f"http://127.0.0.1:{port}",
+                {"Host": f"{SID}.localhost:{port}", "Cookie": f"studios-connect={cookie}"},
+            )
+        out: list[dict[str, Any]] = []
+        for _ in range(rounds):
+            round_: dict[str, Any] = {"load_average_before": [round(x, 2) for x in os.getloadavg()]}
+            for size in ("1k", "1m"):
+                row = {
+                    name: wrk(f"{base}/{size}", h, duration, 50)
+                    for name, (base, h) in targets.items()
+                }
+                for figures in row.values():
+                    figures["rps_ratio_to_direct"] = round(figures["rps"] / row["direct"]["rps"], 3)
+                round_[size] = row
+            round_["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            out.append(round_)
+        return {
+            "benchmark": "proxy relay alone: wrk -t2 -c50, direct / copy / splice per round",
+            "duration_s": duration,
+            "cores": os.cpu_count(),
+            "rounds": out,
+        }
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+        asyncio.run(_serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        raise SystemExit(0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(run(args.duration, args.rounds), indent=2))
