@@ -231,3 +231,10 @@ def _proxy_metrics(proxy: ConnectProxy) -> Iterable[Metric]:
     relayed.add_metric(["from_clients"], float(stats.bytes_from_clients))
     relayed.add_metric(["to_clients"], float(stats.bytes_to_clients))
     yield relayed
+    spliced = CounterMetricFamily(
+        "studios_agent_proxy_spliced_bytes",
+        "Of the tools' bytes relayed to clients, those moved by os.splice in the kernel "
+        "(--proxy-relay splice), never copied through the agent",
+    )
+    spliced.add_metric([], float(stats.bytes_spliced))
+    yield spliced

@@ -288,3 +288,28 @@ async def test_a_stopped_session_ends_a_response_in_flight(setup: _Setup) -> Non
     finally:
         writer.close()
     assert setup.proxy.open_connections == 0
+
+
+async def test_the_metrics_say_how_much_was_spliced(setup: _Setup) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import AgentMetrics
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", setup.port)
+    try:
+        writer.write(_head(f"/cl/{2 * 1024 * 1024}"))
+        _head_bytes, body, _wire = await _response(reader)
+        assert len(body) == 2 * 1024 * 1024
+    finally:
+        writer.close()
+    metrics = AgentMetrics()
+    metrics.proxy = setup.proxy
+    values = {
+        s.name: s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    spliced = values["studios_agent_proxy_spliced_bytes_total"]
+    assert spliced == setup.proxy.stats.bytes_spliced
+    assert (spliced > 0) == setup.proxy.splice
