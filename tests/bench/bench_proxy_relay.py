@@ -51,7 +51,6 @@ async def _serve(relay: str, backend_port: int, port: int) -> None:
         splice=relay == "splice",
     )
     await proxy.start("127.0.0.1", port)
-    print("ready", flush=True)
     await asyncio.Event().wait()
 
 
