@@ -58,7 +58,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, or_, select, update
 from studios.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from controller import enrollment, lifecycle, signin
@@ -155,7 +155,16 @@ class AgentService:
         self.db = db
         # Who holds a stream, and for how long without renewal (several controllers).
         self.controller_id = controller_id
-        self.lease = timedelta(seconds=lease_seconds)
+        # At least two and a half heartbeats: a lease shorter than the time between an
+        # agent's messages would run out while the agent is fine.
+        floor = 2.5 * heartbeat_interval_seconds
+        if lease_seconds < floor:
+            log.warning(
+                "--agent-lease-seconds %.0f is shorter than 2.5 heartbeat intervals: using %.0f s",
+                lease_seconds,
+                floor,
+            )
+        self.lease = timedelta(seconds=max(lease_seconds, floor))
         self._lease_task: asyncio.Task[None] | None = None
         self.settings = settings
         self.hub = hub
@@ -196,10 +205,22 @@ class AgentService:
         renewed = 0
         async with self.db.transaction() as session:
             if talking:
+                # Also when a sweep (here or elsewhere) took a lease that ran out while the
+                # stream lived (a stalled controller): the stream is here, so is the agent.
                 result = await session.execute(
                     update(Agent)
-                    .where(Agent.agent_id.in_(talking), Agent.controller_id == self.controller_id)
-                    .values(lease_expires_at=now + self.lease)
+                    .where(
+                        Agent.agent_id.in_(talking),
+                        or_(
+                            Agent.controller_id == self.controller_id,
+                            Agent.controller_id.is_(None),
+                        ),
+                    )
+                    .values(
+                        lease_expires_at=now + self.lease,
+                        connected=True,
+                        controller_id=self.controller_id,
+                    )
                     .execution_options(synchronize_session=False)
                 )
                 renewed = int(getattr(result, "rowcount", 0) or 0)
