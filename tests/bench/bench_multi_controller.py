@@ -410,7 +410,8 @@ async def _changes(
                     async with http.get(
                         f"{base}/studios/{sid}?workspaceId=1", headers=headers
                     ) as r:
-                        if (await r.json())["statusInfo"]["status"] == "stopped":
+                        body = await r.json() if r.status == 200 else {}
+                        if body.get("statusInfo", {}).get("status") == "stopped":
                             break
                     await asyncio.sleep(0.05)
     return latencies
