@@ -17,7 +17,7 @@ Secrets and trust (docs/contract-notes.md "Which agent may say what"):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,7 +26,7 @@ from studios.agent.v1 import agent_pb2
 from controller import lifecycle
 from controller.access import connect_access
 from controller.lifecycle import Status
-from controller.models import Checkpoint, ComputeEnv, Studio
+from controller.models import Checkpoint, ComputeEnv, Studio, StudioRun
 from controller.mounts import (
     DataLinkMountSpec,
     FileSystemMountSpec,
@@ -155,9 +155,24 @@ async def build_desired_state(
     mounts = await data_link_mounts(
         session, [s for s in studios if s.agent_id == agent_id and _is_start(s)], envs
     )
+    unsaved_runs = await _unsaved_runs_left_on(
+        session, agent_id, [s for s in studios if s.agent_id != agent_id and not s.deleted]
+    )
     out = agent_pb2.DesiredState(full=full)
     for sid in sorted(set(by_id) | wanted):
         studio = by_id.get(sid)
+        left = unsaved_runs.get(sid)
+        if left is not None:
+            # A run this agent was left with (it was lost, the studio started elsewhere)
+            # whose final checkpoint has not been recorded: stopped, not forgotten, so
+            # the agent keeps its data until a checkpoint holds it (a DELETED would drop
+            # it if that checkpoint failed). Forgotten once recorded.
+            out.sessions.append(
+                agent_pb2.SessionDesired(
+                    session_id=sid, status=agent_pb2.DESIRED_STATUS_STOPPED, generation=left
+                )
+            )
+            continue
         if studio is None or studio.agent_id != agent_id:
             # Unknown here, or placed elsewhere: the agent forgets it.
             out.sessions.append(
@@ -180,6 +195,35 @@ async def build_desired_state(
         )
     # Who may connect now, for the sessions whose proxy route is live.
     await _add_session_access(session, out, by_id)
+    return out
+
+
+async def _unsaved_runs_left_on(
+    session: AsyncSession, agent_id: str, studios: Sequence[Studio]
+) -> dict[str, int]:
+    """{session id: generation} of the runs left on `agent_id` (controller.deadlines)
+    whose final checkpoint from it is not recorded yet, among `studios`."""
+    if not studios:
+        return {}
+    runs = (
+        await session.scalars(
+            select(StudioRun).where(
+                StudioRun.agent_id == agent_id,
+                StudioRun.session_id.in_([s.session_id for s in studios]),
+            )
+        )
+    ).all()
+    out: dict[str, int] = {}
+    for run in runs:
+        saved = await session.scalar(
+            select(Checkpoint.id).where(
+                Checkpoint.session_id == run.session_id,
+                Checkpoint.generation == run.generation,
+                Checkpoint.status == "finalized",
+            )
+        )
+        if saved is None:
+            out[run.session_id] = max(out.get(run.session_id, 0), run.generation)
     return out
 
 

@@ -153,16 +153,27 @@ async def test_lost_agent_back_after_the_studio_moved_keeps_a_named_checkpoint(
     await second.checkpoint(sid, g2, "interim-2", pb.CHECKPOINT_STATUS_INTERIM)
     await second.wait_ack(sid, "interim-2")
 
-    # The lost agent returns, still running generation 1: it is told to forget it (the
-    # studio runs elsewhere) and its stop's final checkpoint is kept, by name.
+    # The lost agent returns, still running generation 1: it is told to stop it (the
+    # studio runs elsewhere), not to forget it, until its final checkpoint is recorded —
+    # a DELETED would drop the run's data if that checkpoint failed — and that
+    # checkpoint is kept, by name; then it is told to forget it.
     back = make_agent("agent-1")
     await back.connect(inventory=[observed(sid, g1, pb.SESSION_STATUS_RUNNING, tool_port=1)])
-    await back.wait_desired(sid, pb.DESIRED_STATUS_DELETED)
+    stop = await back.wait_desired(sid, pb.DESIRED_STATUS_STOPPED)
+    assert stop.generation == g1
+    assert not any(
+        d.session_id == sid and d.status == pb.DESIRED_STATUS_DELETED
+        for m in back.responses
+        if m.HasField("desired")
+        for d in m.desired.sessions
+    )
     await back.report(sid, g1, pb.SESSION_STATUS_STOPPING)
     await back.checkpoint(sid, g1, "final-1", size=4321)
     ack = await back.wait_ack(sid, "final-1")
     assert ack.result == pb.CHECKPOINT_ACK_RESULT_RECORDED, ack
+    mark = len(back.responses)
     await back.report(sid, g1, pb.SESSION_STATUS_STOPPED)
+    await back.wait_desired(sid, pb.DESIRED_STATUS_DELETED, start=mark)
     # A copy of the event changes nothing.
     mark = len(back.responses)
     await back.checkpoint(sid, g1, "final-1", size=4321)
