@@ -818,14 +818,9 @@ class _Restore:
                         )
                     pack, pe = hit
                     # Bounded by the chunker's maximum: a forged table cannot make us
-                    # allocate gigabytes of zeros. Only a blob that compressed to almost
-                    # nothing can be zeros: hashing a run of zeros for every other blob
-                    # (each size a cache miss) cost as much as hashing the data itself.
-                    zero = (
-                        pe.compressed
-                        and pe.length <= pe.raw_length // 64 + 64
-                        and pe.raw_length <= self.repo.params.max_size
-                        and b == _zero_id(pe.raw_length)
+                    # allocate gigabytes of zeros.
+                    zero = pe.raw_length <= self.repo.params.max_size and b == _zero_id(
+                        pe.raw_length
                     )
                     if not zero:
                         plan.setdefault(pack, {}).setdefault(b, (pe, []))[1].append((e.path, off))
