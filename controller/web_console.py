@@ -32,6 +32,8 @@ __all__ = ["ASSET_PREFIX", "console_page", "routes"]
 routes = web.RouteTableDef()
 
 ASSET_PREFIX = "/console/assets/"
+# Studios per page of the list (console.js's PAGE).
+_PAGE = 50
 _TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -100,6 +102,16 @@ def console_page(
     """
     user = json.dumps({"id": who.user_id, "userName": who.user_name, "email": who.email})
     boot_json = json.dumps(boot, separators=(",", ":"))
+    # The list's first page, fetched while the script loads (the script asks for exactly this
+    # URL when it opens the default workspace, and the browser hands it the preloaded answer).
+    workspace = boot.get("defaultWorkspaceId")
+    preload = (
+        # crossorigin=anonymous: the credentials mode of the script's fetch (same-origin).
+        "<link rel=preload as=fetch crossorigin=anonymous "
+        f'href="/studios?workspaceId={int(workspace)}&amp;max={_PAGE}&amp;offset=0">'
+        if workspace
+        else ""
+    )
     name = html.escape(who.user_name)
     text = f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8>
@@ -109,6 +121,7 @@ def console_page(
 <meta name=studios-csrf content="{html.escape(csrf, quote=True)}">
 <meta name=studios-user content="{html.escape(user, quote=True)}">
 <meta name=studios-boot content="{html.escape(boot_json, quote=True)}">
+{preload}
 <link rel=stylesheet href="{_url("console.css")}">
 <script src="{_url("console.js")}" defer></script>
 </head><body>

@@ -38,7 +38,8 @@ function h(tag, attrs, ...children) {
 }
 
 async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
+  // No custom header on GETs: the page's preload of the first list page must match this request.
+  const headers = {};
   if (method !== "GET") headers["X-Studios-CSRF"] = state.csrf;
   const opts = { method, headers, credentials: "same-origin" };
   if (body !== undefined) {
