@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--proxy-domain", default="localhost")
     serve.add_argument(
         "--proxy-relay",
-        default="splice",
+        default="copy",
         choices=("splice", "copy"),
-        help="how the proxy relays the tools' bytes to browsers: splice (os.splice in the "
-        "kernel, Linux; copy elsewhere and over TLS) or copy (through Python)",
+        help="how the proxy relays the tools' bytes to browsers: copy (through Python, the "
+        "default) or splice (os.splice in the kernel, Linux; copy elsewhere and over TLS)",
     )
     serve.add_argument("--local-templates", type=Path, metavar="FILE")
     serve.add_argument(

@@ -64,9 +64,10 @@ class AgentConfig:
     # 0 = any free port (tests).
     proxy_port: int = 7070
     proxy_domain: str = "localhost"
-    # How the proxy relays the tools' bytes (`--proxy-relay`): splice (in the kernel,
-    # Linux) or copy (through Python; the baseline the benchmark compares against).
-    proxy_relay: str = "splice"
+    # How the proxy relays the tools' bytes (`--proxy-relay`): copy (through Python) or
+    # splice (in the kernel, Linux). Copy by default: with the median of interleaved runs
+    # (bench_proxy_relay) splice did not beat it at 1 MiB on this 2-core loopback host.
+    proxy_relay: str = "copy"
     local_templates: Path | None = None
     # Who runs local tools (`--local-tool-user`): session (a uid per session when root)
     # or agent (the agent's own user; development only).

@@ -1021,7 +1021,7 @@ class ConnectProxy:
         on_activity: Callable[[str], None] | None = None,
         cookie_max: Callable[[], float | None] | None = None,
         on_visit: Callable[[pb.ConnectionVisit], None] | None = None,
-        splice: bool = True,
+        splice: bool = False,
     ) -> None:
         self._lookup = lookup
         self._key = key
@@ -1048,8 +1048,8 @@ class ConnectProxy:
         self._sweeper: asyncio.Task[None] | None = None
         self.url = ""
         self.stats = ProxyStats()
-        # Relay the tools' bytes with os.splice (Linux, plain HTTP clients); off, every
-        # byte goes through Python as before (measured side by side in bench_proxy).
+        # Relay the tools' bytes with os.splice (Linux, plain HTTP clients); off (the
+        # default: not faster in bench_proxy_relay here), every byte goes through Python.
         self.splice = splice and splice_supported()
 
     @property

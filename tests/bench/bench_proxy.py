@@ -279,7 +279,7 @@ async def _measure(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--relay", choices=("splice", "copy"), default="splice")
+    parser.add_argument("--relay", choices=("splice", "copy"), default="copy")
     parser.add_argument("--skip-anchors", action="store_true", help="only direct and ours")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args.duration, args.relay, args.skip_anchors)), indent=2))
