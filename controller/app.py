@@ -68,6 +68,7 @@ from controller.reconciler import Reconciler
 from controller.secret_box import SecretBox, register_box
 from controller.shared_secrets import load_controller_secrets, read_secrets_key
 from controller.signin import SIGNIN_KEY, SignInSettings, derive_session_key
+from controller.studio_events import events_for
 from controller.studios_service import StudioService
 from controller.teams_service import TeamService
 from controller.templates import load_catalogue
@@ -185,9 +186,11 @@ class Controller:
                     .where(or_(Agent.lease_expires_at.is_(None), Agent.lease_expires_at < utcnow()))
                     .values(connected=False, controller_id=None)
                 )
-            self.bus = ClusterBus(cfg.effective_database_url, self.hub)
+            events = events_for(db.engine.sync_engine)
+            self.bus = ClusterBus(cfg.effective_database_url, self.hub, events)
             await self.bus.start()
             self.hub.publisher = self.bus.publish
+            events.on_committed = self.bus.publish_studios
             self.leader = Leader(db, self.controller_id, lease_seconds=cfg.job_lease_seconds)
 
         placer = Placer(db, self.hub)

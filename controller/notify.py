@@ -30,12 +30,18 @@ import asyncpg
 from sqlalchemy import make_url
 
 from controller.agent_hub import AgentHub
+from controller.studio_events import StudioEvents
 
-__all__ = ["CHANNEL", "ClusterBus", "asyncpg_dsn", "decode", "encode"]
+__all__ = ["CHANNEL", "STUDIO_CHANNEL", "ClusterBus", "asyncpg_dsn", "decode", "encode"]
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "studios_agent_updates"
+# The studios a controller's commits changed (session ids, comma-separated): the other
+# controllers wake their waiters (long-polls, the console's event streams) for them.
+STUDIO_CHANNEL = "studios_studio_changes"
+# NOTIFY payloads are limited to 8000 bytes: 8-character ids and their commas.
+_STUDIOS_PER_PAYLOAD = 800
 # Session ids are 8 characters: 500 a message stays far below 8000 bytes.
 _IDS_PER_MESSAGE = 500
 _HEALTH_INTERVAL_S = 10.0
@@ -76,13 +82,18 @@ def decode(payload: str) -> tuple[str, set[str] | None] | None:
 class ClusterBus:
     """This controller's LISTEN connection and its NOTIFY sender."""
 
-    def __init__(self, database_url: str, hub: AgentHub) -> None:
+    def __init__(
+        self, database_url: str, hub: AgentHub, events: StudioEvents | None = None
+    ) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._hub = hub
-        self._outbox: asyncio.Queue[str] = asyncio.Queue()
+        self._events = events
+        # (channel, payload) to NOTIFY.
+        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Counters for tests and the benchmark.
         self.published = 0
         self.delivered = 0
@@ -92,6 +103,7 @@ class ClusterBus:
 
     async def start(self) -> None:
         """Connect and listen; returns once listening (raises after 30 s)."""
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="cluster-bus")
         waiter = asyncio.create_task(self._connected.wait())
         done, _ = await asyncio.wait({waiter, self._task}, timeout=_START_TIMEOUT_S)
@@ -110,7 +122,30 @@ class ClusterBus:
 
     def publish(self, agent_id: str, session_ids: set[str] | None) -> None:
         for payload in encode(agent_id, session_ids):
-            self._outbox.put_nowait(payload)
+            self._outbox.put_nowait((CHANNEL, payload))
+
+    def publish_studios(self, session_ids: set[str]) -> None:
+        """Tell the other controllers these studios changed (StudioEvents.on_committed,
+        called where the commit ran: on the loop, or in a worker thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if not on_loop:
+                loop.call_soon_threadsafe(self.publish_studios, session_ids)
+                return
+        ids = sorted(session_ids)
+        for i in range(0, len(ids), _STUDIOS_PER_PAYLOAD):
+            self._outbox.put_nowait((STUDIO_CHANNEL, ",".join(ids[i : i + _STUDIOS_PER_PAYLOAD])))
+
+    def _on_studio_notification(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid == self._pid or self._events is None:
+            return  # our own commits woke our waiters already
+        for session_id in payload.split(","):
+            if session_id:
+                self._events.changed(session_id)
 
     def _on_notification(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         if pid == self._pid:
@@ -131,6 +166,7 @@ class ClusterBus:
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, lost))
                 await conn.add_listener(CHANNEL, self._on_notification)
+                await conn.add_listener(STUDIO_CHANNEL, self._on_studio_notification)
                 self._pid = conn.get_server_pid()
                 if self._connected.is_set():
                     self.reconnects += 1
@@ -172,9 +208,7 @@ class ClusterBus:
             while not self._outbox.empty() and len(batch) < 1000:
                 batch.append(self._outbox.get_nowait())
             try:
-                await conn.executemany(
-                    "SELECT pg_notify($1, $2)", [(CHANNEL, p) for p in batch], timeout=10
-                )
+                await conn.executemany("SELECT pg_notify($1, $2)", batch, timeout=10)
             except BaseException:
                 # Not sent: again on the next connection (a copy is harmless).
                 for payload in batch:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import event
@@ -84,6 +84,10 @@ class StudioEvents:
         self._subscribers: dict[str, set[Subscription]] = {}
         self._any: set[AnySubscription] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Told of the studios this process's commits changed, after the commit: the
+        #: cluster bus (controller.notify) passes them on to the other controllers,
+        #: whose waiters (long-polls, the console's event streams) then wake too.
+        self.on_committed: Callable[[set[str]], None] | None = None
 
     @contextlib.contextmanager
     def subscribe(self, session_id: str) -> Iterator[Subscription]:
@@ -210,6 +214,8 @@ def _on_commit(session: Session) -> None:
         return
     for session_id in changed:
         events.changed(session_id)
+    if events.on_committed is not None:
+        events.on_committed(set(changed))
 
 
 def _on_rollback(session: Session) -> None:

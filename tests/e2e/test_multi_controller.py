@@ -188,10 +188,19 @@ async def test_a_change_through_b_reaches_the_agent_connected_to_a(
     await _until("B lists the agent connected", lambda: _connected_through(api_b), 15)
 
     sid = await site.create(api_a, "made through A", auto_start=False)
+    # A long-poll on B: A commits `running` (it holds the agent's stream), and B's waiter
+    # wakes through the database's notifications, not at its 60 s timeout.
+    waited = time.monotonic()
+    poll = asyncio.create_task(
+        api_b.request("GET", f"/studios/{sid}?workspaceId=1&wait=running&timeout=60", expect=200)
+    )
     await api_b.request("PUT", f"/studios/{sid}/start", {}, expect=200)
     studio = await api_a.wait_status(sid, {"running", "errored"}, timeout=60)
     assert studio["statusInfo"]["status"] == "running", studio
     assert await _on(agent, a), "the agent moved: the test would not prove the notification"
+    _, polled = await poll
+    assert polled["statusInfo"]["status"] == "running", polled
+    assert time.monotonic() - waited < 50, "B's long-poll was not woken by A's commit"
 
     await api_b.request("PUT", f"/studios/{sid}/stop", expect=200)
     studio = await api_a.wait_status(sid, {"stopped", "errored"}, timeout=60)
