@@ -698,9 +698,10 @@ def _pack_table(repo: Repository, pack: str) -> tuple[int, list[PackEntry]]:
 
 
 def _load_range(repo: Repository, pack: str, start: int, length: int) -> bytes:
-    """A range of a pack, asked again when it comes back short: SeaweedFS via s3fs
-    answered a ranged GET with fewer bytes than asked, once, under load (seen in
-    test_pipeline), and a short range would otherwise read as a truncated pack."""
+    """A range of a pack, asked again when it comes back short: a short answer would
+    otherwise read as a truncated pack. (No short answer has been seen: the 'truncated
+    at blob' failures that prompted this came from a restore-side prefilter, since
+    removed.)"""
     name = pack_name(pack)
     data = b""
     for _attempt in range(READ_ATTEMPTS):
