@@ -548,22 +548,9 @@ Ctrl-C stops the studio (its checkpoint is kept), the agent and the controller."
         for env in body["computeEnvs"]:
             if env["name"] == self.sample.compute_env:
                 return str(env["id"])
-        _, body = await self.api.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": self.sample.compute_env,
-                    "platform": "studio-agent",
-                    "config": {
-                        "workDir": str(self.state / self.sample.work_dir),
-                        "bootDiskSizeGb": 30,
-                    },
-                }
-            },
-            expect=200,
+        return await self.api.create_compute_env(
+            self.sample.compute_env, self.state / self.sample.work_dir
         )
-        return str(body["computeEnvId"])
 
     async def find_sample(self) -> str | None:
         assert self.api is not None

@@ -320,6 +320,23 @@ class RestClient:
                 raise AssertionError(f"{method} {path}: {resp.status} {text}")
             return resp.status, data
 
+    async def create_compute_env(self, name: str, work_dir: str | Path, **config: Any) -> str:
+        """A studio-agent compute environment (30 GB of disk per host unless `config`
+        says otherwise); its id."""
+        _, body = await self.request(
+            "POST",
+            "/compute-envs",
+            {
+                "computeEnv": {
+                    "name": name,
+                    "platform": "studio-agent",
+                    "config": {"workDir": str(work_dir), "bootDiskSizeGb": 30, **config},
+                }
+            },
+            expect=200,
+        )
+        return str(body["computeEnvId"])
+
     async def wait_status(
         self, session_id: str, wanted: str | set[str], timeout: float = 60.0
     ) -> dict[str, Any]:
@@ -355,19 +372,7 @@ class LocalStack:
         try:
             await self.controller.wait_ready()
             self.api = RestClient(self.controller.url, self.controller.admin_token)
-            _, body = await self.api.request(
-                "POST",
-                "/compute-envs",
-                {
-                    "computeEnv": {
-                        "name": "bench",
-                        "platform": "studio-agent",
-                        "config": {"workDir": str(self.tmp / "work"), "bootDiskSizeGb": 30},
-                    }
-                },
-                expect=200,
-            )
-            self.compute_env_id = str(body["computeEnvId"])
+            self.compute_env_id = await self.api.create_compute_env("bench", self.tmp / "work")
             self.agent = AgentProcess(
                 self.controller, self.compute_env_id, self.tmp / "agent", extra_args=self.agent_args
             )
@@ -471,14 +476,9 @@ class Stack:
         self.controller.start()
         await self.controller.wait_ready()
         self.api = RestClient(self.controller.url, self.controller.admin_token)
-        config = {"workDir": self.work_dir, "bootDiskSizeGb": 30, **self.compute_env_config}
-        _, body = await self.api.request(
-            "POST",
-            "/compute-envs",
-            {"computeEnv": {"name": "local", "platform": "studio-agent", "config": config}},
-            expect=200,
+        self.compute_env_id = await self.api.create_compute_env(
+            "local", self.work_dir, **self.compute_env_config
         )
-        self.compute_env_id = str(body["computeEnvId"])
         await self.add_agent(agent_args=agent_args, runtime=runtime, env=agent_env)
 
     async def add_agent(

@@ -263,19 +263,7 @@ async def test_enrolled_agent_needs_no_token_file(tmp_path: Path) -> None:
     try:
         await controller.wait_ready()
         api = RestClient(controller.url, controller.admin_token)
-        _, body = await api.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": "local",
-                    "platform": "studio-agent",
-                    "config": {"workDir": str(tmp_path / "work"), "bootDiskSizeGb": 30},
-                }
-            },
-            expect=200,
-        )
-        env_id = str(body["computeEnvId"])
+        env_id = await api.create_compute_env("local", tmp_path / "work")
         token = tmp_path / "join-token"
         token.write_text(controller.agent_token_file.read_text())
         os.chmod(token, 0o600)

@@ -244,19 +244,7 @@ async def test_controller_ready_only_when_serving_then_watchdog(
 async def _compute_env(controller: ControllerProcess, work: Path) -> str:
     api = RestClient(controller.url, controller.admin_token)
     try:
-        _, body = await api.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": "local",
-                    "platform": "studio-agent",
-                    "config": {"workDir": str(work)},
-                }
-            },
-            expect=200,
-        )
-        return str(body["computeEnvId"])
+        return await api.create_compute_env("local", work)
     finally:
         await api.close()
 

@@ -157,19 +157,8 @@ async def _stack(tmp: Path) -> AsyncIterator[Stack]:
     try:
         await controller.wait_ready()
         api = RestClient(controller.url, controller.admin_token)
-        _, body = await api.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": "lost",
-                    "platform": "studio-agent",
-                    "config": {"workDir": str(tmp / "work"), "bootDiskSizeGb": 30},
-                }
-            },
-            expect=200,
-        )
-        stack = Stack(tmp, controller, api, str(body["computeEnvId"]), [], [])
+        env_id = await api.create_compute_env("lost", tmp / "work")
+        stack = Stack(tmp, controller, api, env_id, [], [])
         yield stack
     finally:
         if api is not None:

@@ -66,19 +66,7 @@ class Site:
         self.session_ids: list[str] = []
 
     async def setup(self) -> None:
-        _, body = await self.front.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": "local",
-                    "platform": "studio-agent",
-                    "config": {"workDir": str(self.tmp / "work"), "bootDiskSizeGb": 30},
-                }
-            },
-            expect=200,
-        )
-        self.compute_env_id = str(body["computeEnvId"])
+        self.compute_env_id = await self.front.create_compute_env("local", self.tmp / "work")
 
     async def add_agent(self) -> AgentProcess:
         first = self.cluster.controllers[0]

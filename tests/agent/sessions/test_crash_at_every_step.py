@@ -185,18 +185,7 @@ async def _rig(tmp: Path, runtime: str) -> AsyncIterator[Rig]:
     try:
         await controller.wait_ready()
         api = RestClient(controller.url, controller.admin_token)
-        _, body = await api.request(
-            "POST",
-            "/compute-envs",
-            {
-                "computeEnv": {
-                    "name": "crashes",
-                    "platform": "studio-agent",
-                    "config": {"workDir": str(tmp / "work"), "bootDiskSizeGb": 30},
-                }
-            },
-            expect=200,
-        )
+        env_id = await api.create_compute_env("crashes", tmp / "work")
         args = [
             "--runtime",
             runtime,
@@ -207,7 +196,7 @@ async def _rig(tmp: Path, runtime: str) -> AsyncIterator[Rig]:
             "--checkpoint-interval-seconds",
             "3600",
         ]
-        agent = AgentProcess(controller, str(body["computeEnvId"]), tmp / "agent", extra_args=args)
+        agent = AgentProcess(controller, env_id, tmp / "agent", extra_args=args)
         crash_file = tmp / "crash-at"
         agent.env = {crash_points.ENV_VAR: str(crash_file)}
         agent.start()
