@@ -23,6 +23,15 @@ ABSENT = 2**31 - 1
 
 @schemathesis.hook
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    query = case.query
+    if case.method.upper() == "GET" and query and query.get("wait") is not None:
+        # A long-poll (`?wait=`) holds its answer for up to `timeout` seconds, 60 at most:
+        # fuzzed, that is minutes of a one-worker run spent waiting. A second still
+        # exercises the wait; its waking is tested in test_lifecycle_conveniences.
+        # Absent is the default, 30 s; a value that is not a number is answered at once.
+        timeout = query.get("timeout")
+        if timeout is None or (isinstance(timeout, int) and timeout > 1):
+            query["timeout"] = 1
     parameters = case.path_parameters
     if case.method.upper() not in ("DELETE", "PUT") or not parameters:
         return

@@ -7,6 +7,7 @@ the same tool only. Custom images are unaffected.
 
 from __future__ import annotations
 
+import asyncio
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -239,12 +240,17 @@ async def test_a_broken_catalogue_stops_the_controller(
     await harness.close()
     # Nothing was written: the catalogue is read before the data directory.
     assert not (tmp_path / "data" / "admin-token").exists()
-    code = cli.main(["serve", "--data-dir", str(tmp_path / "data2"), "--templates", str(broken)])
+    # In a thread: `serve` runs an event loop of its own (its preflight checks, then the
+    # controller), which cannot nest in this test's.
+    code = await asyncio.to_thread(
+        cli.main, ["serve", "--data-dir", str(tmp_path / "data2"), "--templates", str(broken)]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "studio-controller: " in err and "templates[0] (x/t:1.0-0.1): status" in err
     missing = tmp_path / "missing.yaml"
-    assert cli.main(["serve", "--data-dir", str(tmp_path / "d3"), "--templates", str(missing)]) == 2
+    args = ["serve", "--data-dir", str(tmp_path / "d3"), "--templates", str(missing)]
+    assert await asyncio.to_thread(cli.main, args) == 2
     assert "cannot read the template catalogue" in capsys.readouterr().err
 
 
