@@ -2,8 +2,9 @@
 
 Each check names the setting (the flag, as in the config file) and the cause, so that the
 operator reads one line instead of a traceback from deep inside the start: the data
-directory, the template catalogue, the secrets key, each listener's address (a port in
-use, an address not of this host) and the database (reachable, the credentials taken).
+directory and the secrets it already holds, the template catalogue, the secrets key, each
+listener's address (a port in use, an address not of this host) and the database
+(reachable, the credentials taken).
 
 Listening is checked by binding each address (SO_REUSEADDR, as aiohttp and gRPC bind) and
 closing it again before the controller binds for real: a port taken in between still
@@ -17,19 +18,25 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from controller.bootstrap import ensure_data_dir
+from controller.agent_ca import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY
+from controller.bootstrap import CONNECT_KEY_FILE, PKI_DIR, ensure_data_dir
 from controller.config import ControllerConfig
+from controller.secret_box import CREDENTIALS_KEY_FILE
 from controller.shared_secrets import read_secrets_key
 from controller.templates import load_catalogue
 
-__all__ = ["Misconfigured", "check_config", "os_reason"]
+__all__ = ["Misconfigured", "check_config", "check_data_dir_secrets", "os_reason"]
 
 # How long the database may take to answer the check.
 _DATABASE_TIMEOUT_SECONDS = 10.0
@@ -46,6 +53,71 @@ class Misconfigured(Exception):
         # One line, whatever the cause's own text (a YAML error spans several).
         cause = " ".join(line.strip() for line in self.cause.splitlines() if line.strip())
         return f"{self.setting}: {cause}"
+
+
+def _read(path: Path) -> bytes | None:
+    """The file's bytes, None when it does not exist yet (the start creates it)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise Misconfigured("--data-dir", f"cannot read {path}: {os_reason(exc)}") from None
+
+
+def _check_hex_key(path: Path, size: int) -> None:
+    raw = _read(path)
+    if raw is None:
+        return
+    try:
+        key = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) < size:
+        raise Misconfigured(
+            "--data-dir", f"{path}: not a key of {size * 2} hex characters; restore it"
+        )
+
+
+def _check_pem(path: Path, load: Callable[[bytes], object], what: str) -> bool:
+    raw = _read(path)
+    if raw is None:
+        return False
+    try:
+        load(raw)
+    except (ValueError, TypeError) as exc:
+        # cryptography's words end in a link to its FAQ: the first sentence is the cause.
+        reason = str(exc).split(". See ")[0].strip() or type(exc).__name__
+        raise Misconfigured("--data-dir", f"{path}: not {what} ({reason}); restore it") from None
+    return True
+
+
+def _load_key(raw: bytes) -> object:
+    return serialization.load_pem_private_key(raw, password=None)
+
+
+def check_data_dir_secrets(data_dir: Path) -> None:
+    """The secrets the data directory already holds can be read and parsed.
+
+    Without this an unreadable or damaged CA key reached the operator as "cannot start:
+    Is a directory" or cryptography's PEM message, from deep inside the start, naming no
+    setting. Files that do not exist yet are not an error: the first start creates them.
+    A damaged file is never replaced: agents trust the CA and sealed credentials need the
+    key, so the message asks for the file to be restored."""
+    _check_hex_key(data_dir / CONNECT_KEY_FILE, 32)
+    _check_hex_key(data_dir / CREDENTIALS_KEY_FILE, 32)
+    pki = data_dir / PKI_DIR
+    has_key = _check_pem(pki / CA_KEY, _load_key, "a PEM private key")
+    has_cert = _check_pem(pki / CA_CERT, x509.load_pem_x509_certificate, "a PEM certificate")
+    if has_key != has_cert:
+        present, missing = (CA_KEY, CA_CERT) if has_key else (CA_CERT, CA_KEY)
+        raise Misconfigured(
+            "--data-dir", f"{pki}: the agent CA has {present} but not {missing}; restore it"
+        )
+    # The server's own pair is re-issued when it does not cover the names, but a file that
+    # cannot be read at all stops the start all the same.
+    _read(pki / SERVER_KEY)
+    _read(pki / SERVER_CERT)
 
 
 def os_reason(exc: OSError) -> str:
@@ -139,6 +211,7 @@ async def check_config(config: ControllerConfig) -> None:
         raise Misconfigured(
             "--data-dir", f"cannot create {config.data_dir}: {os_reason(exc)}"
         ) from None
+    check_data_dir_secrets(config.data_dir)
     try:
         load_catalogue(config.templates_file)
     except ValueError as exc:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e_harness import AgentProcess, ControllerProcess, RestClient, free_port, script
 
@@ -128,6 +130,51 @@ def test_controller_secrets_key_file_unreadable(tmp_path: Path) -> None:
     rc, err, _ = _controller(tmp_path, "--secrets-key-file", str(key))
     assert rc == 2
     _assert_one_line(err, f"studio-controller: --secrets-key-file: {key}: cannot read it")
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "cause"),
+    [
+        ("pki/ca.key", "directory", "cannot read {path}: Is a directory"),
+        ("pki/ca.key", "garbage", "{path}: not a PEM private key (Unable to load PEM file)"),
+        ("pki/ca.crt", "garbage", "{path}: not a PEM certificate"),
+        ("credentials-key", "garbage", "{path}: not a key of 64 hex characters"),
+        ("pki/server.key", "directory", "cannot read {path}: Is a directory"),
+    ],
+)
+def test_controller_data_dir_secret_unreadable(
+    tmp_path: Path, name: str, damage: str, cause: str
+) -> None:
+    """A secret the data directory holds that cannot be read or parsed names --data-dir,
+    the file and the cause (it exited 1 with "cannot start: [Errno 21] ..." before)."""
+    data = tmp_path / "data"
+    path = data / name
+    path.parent.mkdir(parents=True)
+    if damage == "directory":
+        path.mkdir()  # unreadable to root too, unlike a chmod 000 file
+    else:
+        path.write_text("garbage\n")
+    rc, err, _ = _controller(tmp_path)
+    assert rc == 2, err
+    _assert_one_line(err, f"studio-controller: --data-dir: {cause.format(path=path)}")
+    assert path.exists(), "a damaged secret is reported, never replaced"
+
+
+def test_controller_data_dir_half_a_ca(tmp_path: Path) -> None:
+    pki = tmp_path / "data" / "pki"
+    pki.mkdir(parents=True)
+    (pki / "ca.key").write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    rc, err, _ = _controller(tmp_path)
+    assert rc == 2, err
+    _assert_one_line(
+        err, f"studio-controller: --data-dir: {pki}: the agent CA has ca.key but not ca.crt"
+    )
 
 
 def test_controller_config_file_bad_key(tmp_path: Path) -> None:
