@@ -18,6 +18,7 @@ on the connect proxy's port: that port is the browsers'.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -135,10 +136,16 @@ class TimedCheckpointStore(CheckpointStore):
     async def restored_size(self, uri: str) -> int:
         return await self.inner.restored_size(uri)
 
-    async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
+    async def restore(
+        self,
+        uri: str,
+        target_dir: Path,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         started, ok = time.monotonic(), False
         try:
-            await self.inner.restore(uri, target_dir, progress)
+            await self.inner.restore(uri, target_dir, progress, cancel)
             ok = True
         finally:
             self._observe("restore", started, ok)

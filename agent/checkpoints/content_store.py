@@ -11,6 +11,7 @@ import asyncio
 import os
 import posixpath
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,25 @@ class ContentCheckpointStore(CheckpointStore):
         # Hard links share their target's blocks; only files carry data.
         return sum(on_disk_bytes(e.size if e.type == "file" else 0) for e in manifest.entries)
 
-    async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
+    async def restore(
+        self,
+        uri: str,
+        target_dir: Path,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         if is_archive_uri(uri):
             from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
 
             tmp = self.tmp_dir or Path(tempfile.gettempdir())
-            await ArchiveCheckpointStore(self.base_uri, tmp).restore(uri, target_dir, progress)
+            await ArchiveCheckpointStore(self.base_uri, tmp).restore(
+                uri, target_dir, progress, cancel
+            )
             return
-        await restore(uri, target_dir, storage_options=self.storage_options, progress=progress)
+        await restore(
+            uri,
+            target_dir,
+            storage_options=self.storage_options,
+            progress=progress,
+            cancel=cancel,
+        )

@@ -14,6 +14,7 @@ import posixpath
 import secrets
 import tarfile
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from agent.checkpoints.store import (
     LATEST,
     CheckpointStore,
     ProgressFn,
+    RestoreCancelled,
     SavedCheckpoint,
     on_disk_bytes,
 )
@@ -159,7 +161,16 @@ class ArchiveCheckpointStore(CheckpointStore):
         finally:
             tmp.unlink(missing_ok=True)
 
-    async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
+    async def restore(
+        self,
+        uri: str,
+        target_dir: Path,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        # Only before it begins: the old archives are read once, at upgrade, and small.
+        if cancel is not None and cancel.is_set():
+            raise RestoreCancelled(f"restore of {uri} cancelled before it began")
         await asyncio.to_thread(self._restore_sync, uri, target_dir)
         if progress is not None:
             progress(1, 1)

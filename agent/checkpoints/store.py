@@ -10,6 +10,7 @@ is only read any more (old `.tar.gz` checkpoint URIs).
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,20 @@ __all__ = [
     "LATEST",
     "CheckpointStore",
     "ProgressFn",
+    "RestoreCancelled",
     "SavedCheckpoint",
     "on_disk_bytes",
 ]
 
 # progress(done, total), in bytes.
 ProgressFn = Callable[[int, int], None]
+
+
+class RestoreCancelled(Exception):
+    """A restore ended early because its `cancel` event was set; what it wrote so far
+    stays in the target directory for the caller to delete."""
+
+
 # Default parent of a save: the session's own latest checkpoint, so every save is incremental.
 LATEST = "latest"
 
@@ -70,8 +79,17 @@ class CheckpointStore(abc.ABC):
         metadata), read without restoring: what the session's volume must hold."""
 
     @abc.abstractmethod
-    async def restore(self, uri: str, target_dir: Path, progress: ProgressFn | None = None) -> None:
+    async def restore(
+        self,
+        uri: str,
+        target_dir: Path,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         """Restore the checkpoint at `uri` into `target_dir`.
+
+        `cancel`, once set (from any thread), ends the restore soon with RestoreCancelled
+        instead of when everything is written: a cancelled start need not wait for it.
 
         Never writes outside `target_dir`: raises UnsafeArchive (before writing
         anything) for members with `..`, absolute paths, links out of the tree or

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -26,7 +27,7 @@ from studios.agent.v1 import agent_pb2 as pb
 
 from agent import crash_points
 from agent.checkpoints.content_store import checkpoint_session, store_refusal
-from agent.checkpoints.store import SavedCheckpoint
+from agent.checkpoints.store import RestoreCancelled, SavedCheckpoint
 from agent.datalinks import DATA_DIR, STATE_FAILED, DataLinkError
 from agent.errors import (
     AgentError,
@@ -95,6 +96,9 @@ class SessionRunner:
         self._starting: int | None = None
         self._cancel_start = False
         self._interruptible: asyncio.Task[Any] | None = None
+        # Set to end the restore in flight: it runs in a worker thread, which a task's
+        # cancel does not stop.
+        self._restore_cancel: threading.Event | None = None
 
     # ------------------------------------------------------------ tasks
 
@@ -120,10 +124,10 @@ class SessionRunner:
         """Abandon the start in flight when it is of `generation` or older; True if one is.
 
         The start ends at its next safe point: a build or the wait for the tool is cancelled
-        at once (a build's process group is killed with it); a step that writes the volume
-        (a restore in a worker thread, which cannot be interrupted) is let finish, and what
-        it wrote is deleted with the volume. Nothing is checkpointed from a half-started
-        volume; everything is released and the session reported `stopped`."""
+        at once (a build's process group is killed with it); a restore stops between files
+        and downloaded ranges (the ranges in flight finish), and what it wrote is deleted
+        with the volume. Nothing is checkpointed from a half-started volume; everything is
+        released and the session reported `stopped`."""
         if self._starting is None or generation < self._starting:
             return False
         if not self._cancel_start:
@@ -133,6 +137,8 @@ class SessionRunner:
             self._cancel_start = True
             if self._interruptible is not None:
                 self._interruptible.cancel()
+            if self._restore_cancel is not None:
+                self._restore_cancel.set()
         return True
 
     def _check_cancel(self) -> None:
@@ -161,6 +167,10 @@ class SessionRunner:
         """Stop running the session's tasks; its tool is left for the next agent process."""
         if self._release is not None:
             await asyncio.wait({self._release}, timeout=30)
+        # The agent's exit waits for its worker threads: a restore would hold it until it
+        # had written everything, for a start the next agent process aborts anyway.
+        if self._restore_cancel is not None:
+            self._restore_cancel.set()
         tasks = [t for t in (self._op, self._watcher) if t is not None]
         tasks += self.checkpointer.cancel()
         for task in tasks:
@@ -429,13 +439,23 @@ class SessionRunner:
             if h.restore_uri:
                 h.set_step(step, "in_progress", h.restore_uri)
                 await ctx.save_and_report(h)
-                await ctx.store_for(spec).restore(
-                    h.restore_uri,
-                    ctx.checkpoint_dir(h),
-                    progress=ctx.progress_sink(h, step, "restored"),
-                )
+                self._restore_cancel = threading.Event()
+                try:
+                    await ctx.store_for(spec).restore(
+                        h.restore_uri,
+                        ctx.checkpoint_dir(h),
+                        progress=ctx.progress_sink(h, step, "restored"),
+                        cancel=self._restore_cancel,
+                    )
+                except RestoreCancelled as exc:
+                    if not self._cancel_start:
+                        raise
+                    log.info("session %s: %s", sid, exc)
+                    raise _StartCancelled(_CANCELLED) from None
+                finally:
+                    self._restore_cancel = None
                 await crash_points.hold("start:restore-written")
-                # A cancel during the restore abandons it here: the data it wrote goes
+                # A cancel after the restore abandons it here: the data it wrote goes
                 # with the volume.
                 self._check_cancel()
                 h.set_step(step, "succeeded", f"restored {h.restore_uri}")
