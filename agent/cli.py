@@ -62,6 +62,14 @@ def _host_port(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _proxy_workers(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes from 1 to 64, got {value!r}"
+        )
+    return int(value)
+
+
 def _host_path_prefix(value: str) -> str:
     if not normalised_absolute(value) or value == "/":
         raise argparse.ArgumentTypeError(
@@ -98,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("splice", "copy"),
         help="how the proxy relays the tools' bytes to browsers: copy (through Python, the "
         "default) or splice (os.splice in the kernel, Linux; copy elsewhere and over TLS)",
+    )
+    serve.add_argument(
+        "--proxy-workers",
+        default=1,
+        type=_proxy_workers,
+        metavar="N",
+        help="connect proxy processes sharing the --proxy port (SO_REUSEPORT): the agent "
+        "and N-1 worker processes of its own. Default 1. More processes hold more "
+        "connections (a proxied WebSocket costs 2 descriptors of one process's nofile "
+        "limit: 10,000 WebSockets need 2 or more under a limit of 20,000) and relay on "
+        "more cores",
     )
     serve.add_argument("--local-templates", type=Path, metavar="FILE")
     serve.add_argument(
@@ -262,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_port=proxy_port,
         proxy_domain=args.proxy_domain,
         proxy_relay=args.proxy_relay,
+        proxy_workers=args.proxy_workers,
         local_templates=args.local_templates,
         local_tool_user=args.local_tool_user,
         stop_grace_seconds=args.stop_grace_seconds,

@@ -38,6 +38,8 @@ from agent.host import doctor_report, host_capacity
 from agent.host_mounts import MountBackend
 from agent.metrics import AgentMetrics
 from agent.proxy import ConnectProxy
+from agent.proxy.server import PortHeldError
+from agent.proxy.workers import ProxyWorkers, WorkerError
 from agent.runtime import RuntimeOptions, create_runtime
 from agent.sessions import SessionHandle, SessionManager, SessionSettings
 from agent.state import ENDED_STATUSES, StateDir, atomic_write_bytes
@@ -68,6 +70,8 @@ class AgentConfig:
     # splice (in the kernel, Linux). Copy by default: with the median of interleaved runs
     # (bench_proxy_relay) splice did not beat it at 1 MiB on this 2-core loopback host.
     proxy_relay: str = "copy"
+    # Proxy processes sharing the port (`--proxy-workers`): 1 = the agent's own only.
+    proxy_workers: int = 1
     local_templates: Path | None = None
     # Who runs local tools (`--local-tool-user`): session (a uid per session when root)
     # or agent (the agent's own user; development only).
@@ -179,6 +183,7 @@ class Agent:
         self.manager: SessionManager | None = None
         self.link: ControllerLink | None = None
         self.proxy: ConnectProxy | None = None
+        self.proxy_workers: ProxyWorkers | None = None
         self.admin: AdminServer | None = None
         self.proxy_port = 0
         self.metrics = AgentMetrics()
@@ -282,13 +287,34 @@ class Agent:
                 on_visit=self._report_visit,
                 splice=cfg.proxy_relay == "splice",
             )
+            shared = cfg.proxy_workers > 1
             try:
-                self.proxy_port = await self.proxy.start(cfg.proxy_host, cfg.proxy_port)
+                self.proxy_port = await self.proxy.start(
+                    cfg.proxy_host, cfg.proxy_port, reuse_port=shared
+                )
+            except PortHeldError as exc:
+                raise AgentError(f"--proxy: {exc.strerror}") from None
             except OSError as exc:
                 raise AgentError(
                     f"--proxy: cannot listen on {cfg.proxy_host}:{cfg.proxy_port}: "
                     f"{_os_reason(exc)}"
                 ) from None
+            on_desired = self.proxy.apply_desired_access
+            if shared:
+                manager = self.manager
+                self.proxy_workers = ProxyWorkers(
+                    self.proxy,
+                    count=cfg.proxy_workers - 1,
+                    host=cfg.proxy_host,
+                    port=self.proxy_port,
+                    sessions=lambda: [(h.session_id, h) for h in manager.handles()],
+                    splice=cfg.proxy_relay == "splice",
+                )
+                try:
+                    await self.proxy_workers.start()
+                except WorkerError as exc:
+                    raise AgentError(f"--proxy-workers: {exc}") from None
+                on_desired = self.proxy_workers.apply_desired_access
             self.metrics.proxy = self.proxy
             self.link = ControllerLink(
                 target=cfg.controller,
@@ -303,7 +329,7 @@ class Agent:
                 backoff_max=cfg.backoff_max,
             )
             self.link.on_agent_id = self._on_agent_id
-            self.link.on_desired = self.proxy.apply_desired_access
+            self.link.on_desired = on_desired
             self.link.connections_snapshot = self.proxy.all_connections
             self.link.proxy_instance_id = self.proxy.instance_id
             self.link.drain = DRAIN_MODES.get(self.drain, pb.DRAIN_MODE_NONE)
@@ -381,6 +407,9 @@ class Agent:
             self.metrics_server = None
         if self.link is not None:
             await self.link.close()
+        if self.proxy_workers is not None:
+            # Their visits are reported through the agent's proxy: before it closes.
+            await self.proxy_workers.close()
         if self.proxy is not None:
             # The visits it ends now still reach the link's outbox (sent after a restart).
             await self.proxy.close()
@@ -466,6 +495,8 @@ class Agent:
             "computeEnv": self.config.compute_env,
             "runtime": self.manager.runtime.name,
             "proxyUrl": self.proxy_url,
+            # The proxy's worker processes (--proxy-workers), listening now.
+            "proxyWorkers": self.proxy_workers.pids() if self.proxy_workers else [],
             "sessions": {"total": sum(counts.values()), **counts},
             "capacity": {
                 "cpus": cap["cpus"],

@@ -218,7 +218,8 @@ def _session_metrics(manager: SessionManager) -> Iterable[Metric]:
 
 
 def _proxy_metrics(proxy: ConnectProxy) -> Iterable[Metric]:
-    stats = proxy.stats
+    # Worker processes sharing the port (--proxy-workers) included.
+    stats = proxy.total_stats()
     open_now = GaugeMetricFamily(
         "studios_agent_proxy_connections_open", "Client connections open at the connect proxy"
     )

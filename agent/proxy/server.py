@@ -44,12 +44,19 @@ reported once the grace has passed, with the time the last connection closed. Ea
 visit is reported twice as a `ConnectionVisit`: when it opens and when it closes (the
 same random id; `instance_id` names this proxy's run, so that the controller can
 close what a proxy that is gone left open). `close()` ends every visit at once.
+
+Several processes (`--proxy-workers`, `agent.proxy.workers`): the agent's proxy and
+worker processes listen on one port with SO_REUSEPORT (`start(reuse_port=True)`). A
+worker's proxy asks the agent's whether a connect token's nonce is new
+(`claim_nonce_remote`), and the agent's proxy lists the users of every process
+(`set_remote_activity`) and counts their connections and bytes (`total_stats`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import re
@@ -57,8 +64,8 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, fields
 from email.utils import formatdate
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
@@ -81,9 +88,11 @@ __all__ = [
     "TOKEN_PARAM",
     "USER_HEADER",
     "ConnectProxy",
+    "PortHeldError",
     "ProxiedSession",
     "ProxyStats",
     "UserActivity",
+    "listen_reuse_port",
     "safe_location",
 ]
 
@@ -181,6 +190,10 @@ class ProxyStats:
     # Of those, the bytes moved by os.splice straight into a client's socket (never in
     # Python); the rest of a spliced read waited in the client's transport.
     bytes_spliced: int = 0
+
+    def add(self, other: ProxyStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
@@ -427,7 +440,8 @@ class _Client(asyncio.Protocol):
         self.fd = -1
         self.buf = bytearray()
         # "head" | "body" | "chunk-line" | "chunk-data" | "chunk-crlf" | "trailer" |
-        # "upgrade-wait" | "tunnel" | "connecting" | "reauth" | "refused" | "closed"
+        # "upgrade-wait" | "tunnel" | "connecting" | "signin" | "reauth" | "refused" |
+        # "closed"
         self.state = "head"
         self.remaining = 0
         self.upstream: _Upstream | None = None
@@ -874,9 +888,59 @@ class _Client(asyncio.Protocol):
         if not self.proxy.allowed(sid, claims.user_id):
             self._reply(403, _forbidden(claims, sid))
             return
+        remote = self.proxy.claim_nonce_remote
+        if remote is not None:
+            # Another process of this proxy keeps the used nonces (workers sharing the
+            # port): the token is exchanged only once it said this is the first use.
+            self.state = "signin"
+            self.pause("signin")
+            self.proxy._spawn(
+                self._sign_in_remote(
+                    remote(claims.nonce, claims.expires_at), head, sid, key, target, claims
+                )
+            )
+            return
         if not self.proxy._remember_nonce(claims):
             self._reply(401, "connect token refused: it has already been used")
             return
+        self._signed_in(head, sid, key, target, claims)
+
+    async def _sign_in_remote(
+        self,
+        first_use: Awaitable[bool],
+        head: _Head,
+        sid: str,
+        key: bytes,
+        target: str,
+        claims: ConnectClaims,
+    ) -> None:
+        try:
+            ok = await first_use
+        except Exception as exc:  # the agent's side of the channel is gone
+            log.warning("session %s: connect token not checked for reuse: %s", sid, exc)
+            ok = False
+            if self.state == "signin" and self.transport is not None:
+                self._reply(503, "the proxy could not check the connect token: try again")
+                return
+        if self.state != "signin" or self.transport is None:
+            return  # the client went away meanwhile
+        if not ok:
+            self._reply(401, "connect token refused: it has already been used")
+            return
+        if not self.proxy.allowed(sid, claims.user_id):
+            self._reply(403, _forbidden(claims, sid))
+            return
+        self._signed_in(head, sid, key, target, claims)
+        if self.state == "head":
+            self.resume("signin")
+            data = bytes(self.buf)
+            self.buf.clear()
+            if data:
+                self._process(data)
+
+    def _signed_in(
+        self, head: _Head, sid: str, key: bytes, target: str, claims: ConnectClaims
+    ) -> None:
         ttl = self.proxy.cookie_max_seconds()
         now = time.time()
         cookie = sign_connect_token(
@@ -979,6 +1043,51 @@ async def _splice_connection(loop: asyncio.AbstractEventLoop, up: _Upstream, por
     SpliceTransport(loop, sock, up)
 
 
+class PortHeldError(OSError):
+    """The proxy port is held by a process that is not ours."""
+
+
+def listen_reuse_port(host: str, port: int, *, first: bool) -> socket.socket:
+    """A listening socket on host:port with SO_REUSEPORT, to be shared by this agent's
+    proxy processes.
+
+    Linux lets a socket join a SO_REUSEPORT group only when every socket in it set the
+    option and has the same effective uid; a process of another uid therefore cannot
+    join ours (EADDRINUSE), but any socket already there, of our uid, would receive a
+    share of the connections. So the first bind checks that nobody listens on the
+    port: a plain bind (no SO_REUSEPORT) must succeed first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if first:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortHeldError(
+                        exc.errno,
+                        f"{host}:{port} is already in use by another process "
+                        "(the proxy workers share the port only among themselves)",
+                    ) from None
+                raise
+            # Port 0: the port chosen is free, and the shared socket takes the same one.
+            port = int(probe.getsockname()[1])
+        finally:
+            probe.close()
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _forbidden(claims: ConnectClaims, sid: str) -> str:
     return (
         f"user {claims.user_name} (id {claims.user_id}) may no longer use session {sid}: "
@@ -1038,6 +1147,15 @@ class ConnectProxy:
         self._visits: dict[tuple[str, int, str], _Visit] = {}
         # Nonces of connect tokens already exchanged, until they expire (single use).
         self._used_nonces: dict[str, float] = {}
+        # Set in a worker process: asks the agent's proxy whether a nonce is new.
+        self.claim_nonce_remote: Callable[[str, float], Awaitable[bool]] | None = None
+        # What the worker processes sharing the port report (`ProxyWorkers`): per worker,
+        # who is connected to which session, its totals and its open connections.
+        self._remote_activity: dict[str, dict[str, list[UserActivity]]] = {}
+        self._remote_stats: dict[str, ProxyStats] = {}
+        self._remote_open: dict[str, int] = {}
+        # The totals of worker processes that ended (counters never go back).
+        self._retired_stats = ProxyStats()
         self._activity: dict[str, dict[int, UserActivity]] = {}
         # Sessions whose users are narrowed to a list (see `set_access`).
         self._access: dict[str, frozenset[int]] = {}
@@ -1054,16 +1172,78 @@ class ConnectProxy:
 
     @property
     def open_connections(self) -> int:
-        """Client connections open now."""
-        return len(self._clients)
+        """Client connections open now (in worker processes too)."""
+        return len(self._clients) + sum(self._remote_open.values())
+
+    def total_stats(self) -> ProxyStats:
+        """This process's totals plus those of the worker processes, past and present."""
+        total = ProxyStats()
+        total.add(self.stats)
+        total.add(self._retired_stats)
+        for stats in self._remote_stats.values():
+            total.add(stats)
+        return total
+
+    # ------------------------------------------------------------ worker processes
+
+    def set_remote_activity(self, worker: str, session_id: str, users: list[UserActivity]) -> None:
+        """Who a worker process has connected to a session now (replaces its last word)."""
+        sessions = self._remote_activity.setdefault(worker, {})
+        if users:
+            sessions[session_id] = users
+        else:
+            sessions.pop(session_id, None)
+        self._changed(session_id)
+
+    def set_remote_stats(self, worker: str, stats: ProxyStats, open_connections: int) -> None:
+        self._remote_stats[worker] = stats
+        self._remote_open[worker] = open_connections
+
+    def forget_worker(self, worker: str) -> None:
+        """A worker process ended: its connections are gone, its totals stay counted."""
+        for sid in self._remote_activity.pop(worker, {}):
+            self._changed(sid)
+        stats = self._remote_stats.pop(worker, None)
+        if stats is not None:
+            self._retired_stats.add(stats)
+        self._remote_open.pop(worker, None)
+
+    def claim_nonce(self, nonce: str, expires_at: float) -> bool:
+        """Record a connect token's nonce: True the first time it is seen."""
+        now = time.time()
+        if len(self._used_nonces) > 1024:
+            for used, exp in list(self._used_nonces.items()):
+                if exp < now:
+                    del self._used_nonces[used]
+        if nonce in self._used_nonces:
+            return False
+        self._used_nonces[nonce] = expires_at
+        return True
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        *,
+        reuse_port: bool = False,
+        join: bool = False,
+    ) -> int:
+        """Listen on host:port; the port bound. With `reuse_port` the socket is shared
+        with the worker processes (SO_REUSEPORT): the first (`join` False) refuses a port
+        another process holds already; a worker (`join`) adds itself to it."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Client(self), host, port, reuse_address=True, backlog=1024, ssl=tls
-        )
+        if reuse_port:
+            sock = listen_reuse_port(host, port, first=not join)
+            self._server = await loop.create_server(
+                lambda: _Client(self), sock=sock, backlog=1024, ssl=tls
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: _Client(self), host, port, reuse_address=True, backlog=1024, ssl=tls
+            )
         self.secure = tls is not None
         bound = int(self._server.sockets[0].getsockname()[1])
         self.url = f"{'https' if self.secure else 'http'}://{host}:{bound}"
@@ -1154,11 +1334,29 @@ class ConnectProxy:
         """Users connected to the session: with an open WebSocket (any upgraded
         tunnel), or with traffic in the last `active_seconds`."""
         horizon = time.time() - self.active_seconds
-        return [
-            a
-            for a in self._activity.get(session_id, {}).values()
-            if a.tunnels > 0 or a.last_activity >= horizon
+        local = self._activity.get(session_id, {})
+        remote = [
+            users
+            for sessions in self._remote_activity.values()
+            if (users := sessions.get(session_id))
         ]
+        merged: Iterable[UserActivity] = local.values()
+        if remote:
+            # The union over the processes sharing the port: a user's connections and
+            # tunnels add up, the latest activity wins.
+            union: dict[int, UserActivity] = {}
+            for a in [*local.values(), *(a for users in remote for a in users)]:
+                u = union.get(a.user_id)
+                if u is None:
+                    union[a.user_id] = UserActivity(
+                        a.user_id, a.user_name, a.connections, a.last_activity, a.tunnels
+                    )
+                else:
+                    u.connections += a.connections
+                    u.tunnels += a.tunnels
+                    u.last_activity = max(u.last_activity, a.last_activity)
+            merged = union.values()
+        return [a for a in merged if a.tunnels > 0 or a.last_activity >= horizon]
 
     # ------------------------------------------------------------ visits (the audit)
 
@@ -1267,6 +1465,10 @@ class ConnectProxy:
     def narrowed_sessions(self) -> set[str]:
         return set(self._access)
 
+    def access_table(self) -> dict[str, frozenset[int]]:
+        """The narrowed sessions and who may use them (what the workers are sent)."""
+        return dict(self._access)
+
     def apply_desired_access(self, full: bool, sessions: Iterable[pb.SessionDesired]) -> None:
         """The access part of a DesiredState, for running sessions too (whatever the
         generation): a listed session with `access` is narrowed to it; one without
@@ -1287,8 +1489,14 @@ class ConnectProxy:
 
     def all_connections(self) -> list[pb.SessionConnections]:
         """SessionConnections of every session someone is connected to (a resync)."""
-        sids = [sid for sid in sorted(self._activity) if self.active_users(sid)]
+        sids = [sid for sid in sorted(self._known_sessions()) if self.active_users(sid)]
         return [self.connections_message(sid) for sid in sids]
+
+    def _known_sessions(self) -> set[str]:
+        sids = set(self._activity)
+        for sessions in self._remote_activity.values():
+            sids.update(sessions)
+        return sids
 
     async def _sweep_loop(self) -> None:
         reported: dict[str, tuple[frozenset[int], float]] = {}
@@ -1347,7 +1555,7 @@ class ConnectProxy:
                 del self._activity[sid]
         self._end_visits()
         # Report who is connected when that changes; last activity every 30 s at most.
-        for sid in set(self._activity) | set(reported) | self._dirty:
+        for sid in self._known_sessions() | set(reported) | self._dirty:
             active = frozenset(a.user_id for a in self.active_users(sid))
             before = reported.get(sid)
             if before is not None and before[0] == active and now - before[1] < 30:
@@ -1368,12 +1576,4 @@ class ConnectProxy:
     # ------------------------------------------------------------ auth
 
     def _remember_nonce(self, claims: ConnectClaims) -> bool:
-        now = time.time()
-        if len(self._used_nonces) > 1024:
-            for nonce, exp in list(self._used_nonces.items()):
-                if exp < now:
-                    del self._used_nonces[nonce]
-        if claims.nonce in self._used_nonces:
-            return False
-        self._used_nonces[claims.nonce] = claims.expires_at
-        return True
+        return self.claim_nonce(claims.nonce, claims.expires_at)
