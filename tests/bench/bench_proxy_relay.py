@@ -9,9 +9,12 @@ bodies, with the load averages before and after: this machine is shared, so a ra
 means something only beside the direct rate of the same round. Prints JSON.
 
     .venv/bin/python tests/bench/bench_proxy_relay.py [--duration 5] [--rounds 3] [--slices 3]
+        [--relays copy,splice] [--workers 1,2]
 
 Within a round each target is measured in `--slices` interleaved wrk runs of
 `--duration` seconds (direct, copy, splice, direct, ...) and the median kept.
+`--workers 1,2` measures each relay with the proxy in one process and in two sharing the
+port (`--proxy-workers 2`: `ProxyWorkers`, one worker process beside the proxy).
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ class _Handle:
         self.port = port
 
 
-async def _serve(relay: str, backend_port: int, port: int) -> None:
+async def _serve(relay: str, backend_port: int, port: int, processes: int = 1) -> None:
     from agent.proxy import ConnectProxy
+    from agent.proxy.workers import ProxyWorkers
 
     handle = _Handle(backend_port)
     proxy = ConnectProxy(
@@ -53,7 +57,17 @@ async def _serve(relay: str, backend_port: int, port: int) -> None:
         key=lambda: KEY,
         splice=relay == "splice",
     )
-    await proxy.start("127.0.0.1", port)
+    await proxy.start("127.0.0.1", port, reuse_port=processes > 1)
+    if processes > 1:
+        workers = ProxyWorkers(
+            proxy,
+            count=processes - 1,
+            host="127.0.0.1",
+            port=port,
+            sessions=lambda: [(SID, handle)],
+            splice=relay == "splice",
+        )
+        await workers.start()
     await asyncio.Event().wait()
 
 
@@ -78,7 +92,13 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return middle
 
 
-def run(duration: int, rounds: int, slices_per_target: int = 1) -> dict[str, Any]:
+def run(
+    duration: int,
+    rounds: int,
+    slices_per_target: int = 1,
+    relays: tuple[str, ...] = ("copy", "splice"),
+    workers: tuple[int, ...] = (1,),
+) -> dict[str, Any]:
     from studios_shared.connect_token import sign_connect_token
 
     backend_port = free_port()
@@ -87,21 +107,26 @@ def run(duration: int, rounds: int, slices_per_target: int = 1) -> dict[str, Any
         procs.append(subprocess.Popen([sys.executable, str(BACKEND), str(backend_port)]))
         _wait_port(backend_port)
         ports: dict[str, int] = {}
-        for relay in ("copy", "splice"):
-            ports[relay] = free_port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--serve",
-                        relay,
-                        str(backend_port),
-                        str(ports[relay]),
-                    ]
+        for relay in relays:
+            for processes in workers:
+                name = relay if processes == 1 else f"{relay}-{processes}proc"
+                ports[name] = free_port()
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--serve",
+                            relay,
+                            str(backend_port),
+                            str(ports[name]),
+                            str(processes),
+                        ]
+                    )
                 )
-            )
-            _wait_port(ports[relay])
+                _wait_port(ports[name])
+                # A worker's listener joins shortly after the proxy's own.
+                time.sleep(1.0 if processes > 1 else 0)
         cookie = sign_connect_token(
             KEY, session_id=SID, user_id=1, user_name="bench", ttl_seconds=3600, purpose="cookie"
         )
@@ -131,7 +156,8 @@ def run(duration: int, rounds: int, slices_per_target: int = 1) -> dict[str, Any
             round_["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             out.append(round_)
         return {
-            "benchmark": "proxy relay alone: wrk -t2 -c50, direct / copy / splice per round",
+            "benchmark": "proxy relay alone: wrk -t2 -c50, direct and each relay / process count "
+            "per round",
             "duration_s": duration,
             "slices_per_target": slices_per_target,
             "cores": os.cpu_count(),
@@ -144,8 +170,8 @@ def run(duration: int, rounds: int, slices_per_target: int = 1) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
-        asyncio.run(_serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    if len(sys.argv) == 6 and sys.argv[1] == "--serve":
+        asyncio.run(_serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
         raise SystemExit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=5)
@@ -153,5 +179,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--slices", type=int, default=3, help="interleaved wrk runs per target and size (median)"
     )
+    parser.add_argument("--relays", default="copy,splice", help="comma-separated: copy, splice")
+    parser.add_argument(
+        "--workers", default="1", help="comma-separated proxy process counts, e.g. 1,2"
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.duration, args.rounds, args.slices), indent=2))
+    result = run(
+        args.duration,
+        args.rounds,
+        args.slices,
+        tuple(args.relays.split(",")),
+        tuple(int(w) for w in args.workers.split(",")),
+    )
+    print(json.dumps(result, indent=2))
