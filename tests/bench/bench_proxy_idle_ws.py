@@ -17,9 +17,13 @@ front of the same tool, measured the same way; skipped, and said so, without ngi
 A proxy process needs two descriptors per WebSocket, so N is capped by its hard
 `RLIMIT_NOFILE` (20,000 here: at most 9,968 WebSockets with the few descriptors every
 process has); the soft limit is raised to the hard one, and the hard one too where
-allowed (root with CAP_SYS_RESOURCE, up to /proc/sys/fs/nr_open).
+allowed (root with CAP_SYS_RESOURCE, up to /proc/sys/fs/nr_open). `--workers P` runs the
+proxy as the agent does with `--proxy-workers P` (P processes sharing the port,
+`ProxyWorkers`): the cap is then P times that, less a margin for the kernel's uneven
+spread, and descriptors and RSS are reported per process. The clients are spread over
+`--client-processes` processes (by default one per 5,000 WebSockets).
 
-    python -m tests.bench.bench_proxy_idle_ws [--connections 10000] [--rounds 2]
+    python -m tests.bench.bench_proxy_idle_ws [--connections 10000] [--rounds 2] [--workers 2]
 
 prints JSON: per target, RSS and descriptors at baseline, with N open, and after they
 closed (per round: a second round that does not grow RSS shows nothing leaks).
@@ -219,20 +223,56 @@ def proxy_stats(proxy: Any, trim: bool = False) -> dict[str, Any]:
     }
 
 
-async def _run_proxy(tool_port: int) -> None:
+def processes_stats(proxy: Any, pids: list[int], trim: bool = False) -> dict[str, Any]:
+    """The proxy's own stats plus, per process (the proxy's first, then its workers'),
+    descriptors and RSS; rssKib and fds are the sums over all of them."""
+    own = proxy_stats(proxy, trim)
+    processes = [{"pid": os.getpid(), "rssKib": own["rssKib"], "fds": own["fds"]}]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            processes.append({"pid": pid, "rssKib": rss_kib(pid), "fds": fd_count(pid)})
+    own["processes"] = processes
+    own["rssKib"] = sum(p["rssKib"] for p in processes)
+    own["fds"] = sum(p["fds"] for p in processes)
+    # Counted by the proxy over every process (what the agent reports).
+    own["clients"] = proxy.open_connections
+    own["connections"] = sum(a.connections for a in proxy.active_users(SID))
+    return own
+
+
+async def _run_proxy(tool_port: int, processes: int = 1) -> None:
     from agent.proxy import ConnectProxy
+    from agent.proxy.workers import ProxyWorkers
 
     raise_fd_limit(1 << 16)
     handle = SimpleNamespace(status="running", port=tool_port, proxy_secret="", session_id=SID)
     proxy = ConnectProxy(lookup=lambda sid: handle if sid == SID else None, key=lambda: KEY)
-    port = await proxy.start("127.0.0.1", 0)
-    print(f"READY {port}", flush=True)
+    port = await proxy.start("127.0.0.1", 0, reuse_port=processes > 1)
+    workers: ProxyWorkers | None = None
+    if processes > 1:
+        workers = ProxyWorkers(
+            proxy,
+            count=processes - 1,
+            host="127.0.0.1",
+            port=port,
+            sessions=lambda: [(SID, handle)],
+        )
+        await workers.start()
+    pids = workers.pids() if workers is not None else []
+    print(f"READY {port} {','.join(str(p) for p in [os.getpid(), *pids])}", flush=True)
     loop = asyncio.get_running_loop()
     while True:
         line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if not line:
             break
-        print(json.dumps(proxy_stats(proxy, trim=line == "trim")), flush=True)
+        if line == "settle":
+            # The workers report their connections every REPORT_SECONDS.
+            await asyncio.sleep(1.0)
+            line = "stats"
+        stats = processes_stats(proxy, pids, trim=line == "trim")
+        print(json.dumps(stats), flush=True)
+    if workers is not None:
+        await workers.close()
     await proxy.close()
 
 
@@ -276,7 +316,7 @@ class Child:
             self.proc.stdin.flush()
         out = self.proc.stdout.readline().strip()
         if not out:
-            raise RuntimeError(f"helper {self.proc.args} ended (exit {self.proc.poll()})")
+            raise RuntimeError(f"helper {self.proc.args!r} ended (exit {self.proc.poll()})")
         return out
 
     def stop(self) -> None:
@@ -292,9 +332,9 @@ class Child:
             self.proc.stdout.close()
 
 
-def _wait_fds(pid: int, wanted: int, timeout: float = 20) -> float:
+def _wait_fds(pids: list[int], wanted: int, timeout: float = 20) -> float:
     started = time.monotonic()
-    while fd_count(pid) > wanted and time.monotonic() - started < timeout:
+    while sum(fd_count(pid) for pid in pids) > wanted and time.monotonic() - started < timeout:
         time.sleep(0.05)
     return time.monotonic() - started
 
@@ -357,27 +397,41 @@ http {{
 def measure(
     name: str,
     port: int,
-    pid: int,
+    pids: list[int],
     n: int,
     rounds: int,
     stats: Any,
     stats_trimmed: Any,
+    client_processes: int = 1,
+    held_stats: Any = None,
 ) -> dict[str, Any]:
     """`rounds` times: open N, sample pings, close; stats() -> dict with rssKib and fds
-    (`stats_trimmed`: the same after glibc returned freed heap to the OS, where it can)."""
+    (`stats_trimmed`: the same after glibc returned freed heap to the OS, where it can;
+    `held_stats`: stats() once the proxy's counts settled, if it differs)."""
     baseline = stats()
-    out: dict[str, Any] = {"target": name, "connections": n, "baseline": baseline, "rounds": []}
+    out: dict[str, Any] = {
+        "target": name,
+        "connections": n,
+        "clientProcesses": client_processes,
+        "baseline": baseline,
+        "rounds": [],
+    }
+    shares = [n // client_processes + (i < n % client_processes) for i in range(client_processes)]
     for _ in range(rounds):
-        clients = Child("clients", str(port), str(n), cookie_for())
+        clients = [Child("clients", str(port), str(share), cookie_for()) for share in shares]
         try:
-            opened = clients.line()
-            _, count, open_seconds = opened.split()
-            held = stats()
-            answered = int(clients.line("ping").split()[1])
-            closing = float(clients.line("close").split()[1])
+            count, open_seconds = 0, 0.0
+            for child in clients:
+                _, opened, seconds = child.line().split()
+                count += int(opened)
+                open_seconds = max(open_seconds, float(seconds))
+            held = (held_stats or stats)()
+            answered = sum(int(child.line("ping").split()[1]) for child in clients)
+            closing = max(float(child.line("close").split()[1]) for child in clients)
         finally:
-            clients.stop()
-        settle = _wait_fds(pid, baseline["fds"])
+            for child in clients:
+                child.stop()
+        settle = _wait_fds(pids, baseline["fds"])
         time.sleep(1.5)  # the proxy's once-a-second sweep notices users who left
         after = stats()
         trimmed = stats_trimmed()
@@ -386,7 +440,7 @@ def measure(
             {
                 "opened": int(count),
                 "openSeconds": float(open_seconds),
-                "pingAnswered": f"{answered}/100",
+                "pingAnswered": f"{answered}/{100 * len(clients)}",
                 "held": held,
                 "rssPerConnectionKib": round(grown / int(count), 2),
                 "closeSeconds": closing,
@@ -406,25 +460,37 @@ def main() -> None:
     sub.add_parser("upstream")
     p = sub.add_parser("proxy")
     p.add_argument("tool_port", type=int)
+    p.add_argument("processes", type=int, nargs="?", default=1)
     c = sub.add_parser("clients")
     c.add_argument("port", type=int)
     c.add_argument("n", type=int)
     c.add_argument("cookie")
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="proxy processes sharing the port (default 1)"
+    )
+    parser.add_argument(
+        "--client-processes", type=int, default=0, help="default: one per 5,000 WebSockets"
+    )
+    parser.add_argument("--skip-nginx", action="store_true")
     args = parser.parse_args()
     if args.role == "upstream":
         asyncio.run(_run_upstream())
         return
     if args.role == "proxy":
-        asyncio.run(_run_proxy(args.tool_port))
+        asyncio.run(_run_proxy(args.tool_port, args.processes))
         return
     if args.role == "clients":
         asyncio.run(_run_clients(args.port, args.n, args.cookie))
         return
 
     limit = raise_fd_limit(2 * args.connections + 64)
-    n = min(args.connections, max_websockets(limit))
+    per_process = max_websockets(limit)
+    # SO_REUSEPORT spreads by a hash, not evenly: 10% left for the busiest process.
+    cap = per_process if args.workers == 1 else int(per_process * args.workers * 0.9)
+    n = min(args.connections, cap)
+    client_processes = args.client_processes or max(1, -(-n // 5000))
     results: dict[str, Any] = {
         "benchmark": "idle WebSockets through the connect proxy",
         "requested": args.connections,
@@ -434,8 +500,10 @@ def main() -> None:
             ""
             if n == args.connections
             else f"capped at {n}: a proxy process needs 2 descriptors per WebSocket and the "
-            f"hard RLIMIT_NOFILE is {limit} (raising it was refused)"
+            f"hard RLIMIT_NOFILE is {limit} (raising it was refused); --workers "
+            f"{args.workers} process(es)"
         ),
+        "proxyProcesses": args.workers,
         "cpus": os.cpu_count(),
         "targets": [],
         "skipped": [],
@@ -443,23 +511,29 @@ def main() -> None:
     upstream = Child("upstream")
     try:
         tool_port = int(upstream.line().split()[1])
-        proxy = Child("proxy", str(tool_port))
+        proxy = Child("proxy", str(tool_port), str(args.workers))
         try:
-            port = int(proxy.line().split()[1])
+            _ready, port_text, pid_list = proxy.line().split()
+            port = int(port_text)
             results["targets"].append(
                 measure(
-                    "studios-proxy",
+                    "studios-proxy" if args.workers == 1 else f"studios-proxy-{args.workers}proc",
                     port,
-                    proxy.pid,
+                    [int(p) for p in pid_list.split(",")],
                     n,
                     args.rounds,
                     lambda: json.loads(proxy.line("stats")),
                     lambda: json.loads(proxy.line("trim")),
+                    client_processes,
+                    lambda: json.loads(proxy.line("settle")),
                 )
             )
+            results["toolFds"] = fd_count(upstream.pid)
         finally:
             proxy.stop()
-        if shutil.which("nginx") is None:
+        if args.skip_nginx:
+            results["skipped"].append("nginx: --skip-nginx")
+        elif shutil.which("nginx") is None:
             results["skipped"].append("nginx: not installed")
         else:
             with tempfile.TemporaryDirectory() as tmp:
@@ -469,7 +543,7 @@ def main() -> None:
                         measure(
                             "nginx",
                             ngx_port,
-                            ngx.pid,
+                            [ngx.pid],
                             n,
                             args.rounds,
                             lambda: {"rssKib": rss_kib(ngx.pid), "fds": fd_count(ngx.pid)},
