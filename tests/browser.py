@@ -23,21 +23,32 @@ locking.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from aiohttp import web
 
+from tests.e2e_harness import free_port
 from tests.integration import require
 
 if TYPE_CHECKING:
     from playwright.async_api import BrowserContext, ConsoleMessage, Page
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "Browser", "browser_available", "browser_fixture"]
+__all__ = [
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
+    "Browser",
+    "OtherOriginPages",
+    "browser_available",
+    "browser_fixture",
+    "posting_form",
+]
 
 CHROMIUM = Path(os.environ.get("STUDIOS_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = (
@@ -145,3 +156,62 @@ async def _save_failure(session: Browser) -> None:
             print(f"browser page {index} ({page.url}): screenshot {path}")
     for line in session.console_errors:
         print(f"browser console error: {line}")
+
+
+class OtherOriginPages:
+    """Pages of another origin, for tests of what a browser lets a foreign page do to the
+    controller (cross-site request forgery): an aiohttp site on 127.0.0.1, on a port of
+    its own, serving `GET /{name}` from `pages[name](request)`, an HTML document.
+
+    The same port under 127.0.0.1 is another origin of the controller's site (the browser
+    sends its SameSite=Lax cookie along); under `attacker.localhost` (loopback in Chromium)
+    it is another site. `?referrer=none` makes any page hide its referrer, so the browser
+    sends `Origin: null` with what the page posts."""
+
+    def __init__(self, pages: Mapping[str, Callable[[web.Request], str]]) -> None:
+        self.pages = dict(pages)
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    def origin(self, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{name}", self._page)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def __aenter__(self) -> OtherOriginPages:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _page(self, request: web.Request) -> web.Response:
+        make = self.pages.get(request.match_info["name"])
+        if make is None:
+            raise web.HTTPNotFound()
+        headers = {}
+        if request.query.get("referrer") == "none":
+            headers["Referrer-Policy"] = "no-referrer"
+        return web.Response(text=make(request), content_type="text/html", headers=headers)
+
+
+def posting_form(action: str, fields: Mapping[str, str] | None = None) -> str:
+    """A page that posts a form of hidden `fields` to `action` as soon as it loads."""
+    inputs = "".join(
+        f'<input type=hidden name="{html.escape(k, quote=True)}" '
+        f'value="{html.escape(v, quote=True)}">'
+        for k, v in (fields or {}).items()
+    )
+    return (
+        f'<!doctype html><form method=post action="{html.escape(action, quote=True)}">'
+        f"{inputs}</form><script>document.forms[0].submit()</script>"
+    )

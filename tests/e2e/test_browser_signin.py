@@ -8,17 +8,20 @@ forms to the sign-in and sign-out endpoints are refused, the browser keeping no 
 
 from __future__ import annotations
 
-import html
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from aiohttp import web
 
-from tests.browser import Browser, browser_fixture  # noqa: F401  (registers `browser`)
-from tests.e2e_harness import AgentProcess, LocalStack, free_port
+from tests.browser import (  # noqa: F401  (registers `browser`)
+    Browser,
+    OtherOriginPages,
+    browser_fixture,
+    posting_form,
+)
+from tests.e2e_harness import AgentProcess, LocalStack
 
 pytestmark = pytest.mark.e2e
 
@@ -110,61 +113,22 @@ async def test_studio_url_sign_in_tool_page_and_sign_out(
     await page.get_by_role("heading", name="Sign in to Studios").wait_for()
 
 
-class Attacker:
-    """Pages of another origin that post a form to the controller as soon as they load."""
-
-    def __init__(self, controller: str, token: str) -> None:
-        self.controller = controller
-        self.token = token
-        self.port = free_port()
-        self.runner: web.AppRunner | None = None
-
-    def origin(self, host: str) -> str:
-        return f"http://{host}:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{kind}", self._page)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    async def _page(self, request: web.Request) -> web.Response:
-        kind = request.match_info["kind"]
-        action, fields = {
-            "sign-in": ("/auth/sign-in", {"token": self.token, "next": "/"}),
-            "sign-out": ("/auth/sign-out", {}),
-        }[kind]
-        inputs = "".join(
-            f'<input type=hidden name="{k}" value="{html.escape(v, quote=True)}">'
-            for k, v in fields.items()
-        )
-        body = (
-            f'<!doctype html><form method=post action="{self.controller}{action}">{inputs}'
-            "</form><script>document.forms[0].submit()</script>"
-        )
-        headers = {}
-        # Hiding the referrer makes the browser send `Origin: null`, which must not pass.
-        if request.query.get("referrer") == "none":
-            headers["Referrer-Policy"] = "no-referrer"
-        return web.Response(text=body, content_type="text/html", headers=headers)
-
-
 @pytest.fixture
-async def attacker(stack: LocalStack) -> AsyncIterator[Attacker]:
+async def attacker(stack: LocalStack) -> AsyncIterator[OtherOriginPages]:
+    """Pages of another origin that post a form to the controller as soon as they load."""
     # The attacker signs victims in with a token of its own (login CSRF).
     assert stack.api is not None
     _, made = await stack.api.request("POST", "/tokens", {"name": "attacker"}, expect=200)
-    a = Attacker(stack.controller.url, made["accessKey"])
-    await a.start()
-    try:
-        yield a
-    finally:
-        await a.close()
+    controller, token = stack.controller.url, made["accessKey"]
+    async with OtherOriginPages(
+        {
+            "sign-in": lambda _: posting_form(
+                f"{controller}/auth/sign-in", {"token": token, "next": "/"}
+            ),
+            "sign-out": lambda _: posting_form(f"{controller}/auth/sign-out"),
+        }
+    ) as pages:
+        yield pages
 
 
 # Another site (`attacker.localhost` resolves to loopback in Chromium), another origin of the
@@ -189,7 +153,7 @@ async def _attack(browser: Browser, url: str, action: str) -> tuple[int, str]:
 
 
 async def test_cross_site_form_posts_are_refused(
-    browser: Browser, stack: LocalStack, attacker: Attacker
+    browser: Browser, stack: LocalStack, attacker: OtherOriginPages
 ) -> None:
     controller = stack.controller.url
     for host, query in ATTACK_PAGES:

@@ -20,10 +20,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.browser import CHROMIUM_ARGS, Browser, browser_fixture  # noqa: F401
-from tests.e2e_harness import LocalStack, free_port
+from tests.browser import (  # noqa: F401
+    CHROMIUM_ARGS,
+    Browser,
+    OtherOriginPages,
+    browser_fixture,
+    posting_form,
+)
+from tests.e2e_harness import LocalStack
 
 if TYPE_CHECKING:
     from playwright.async_api import BrowserContext, Page, ViewportSize
@@ -205,48 +210,6 @@ async def test_console_lifecycle_live_for_two_users(browser: Browser, stack: Loc
     await alice.close()
 
 
-class Attacker:
-    """Pages of another origin (same site: the controller's host on another port, so the
-    browser does send its SameSite=Lax cookie) that post to the controller as they load."""
-
-    def __init__(self, controller: str, sid: str) -> None:
-        self.controller = controller
-        self.sid = sid
-        self.port = free_port()
-        self.runner: web.AppRunner | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{kind}", self._page)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    async def _page(self, request: web.Request) -> web.Response:
-        target = f"{self.controller}/studios/{self.sid}/cancel?workspaceId=1"
-        if request.match_info["kind"] == "form":
-            body = (
-                f'<!doctype html><form method=post action="{target}"></form>'
-                "<script>document.forms[0].submit()</script>"
-            )
-        else:
-            # A script can send the cookie (no-cors) but cannot set the CSRF header there.
-            body = (
-                "<!doctype html><script>fetch("
-                f"{json.dumps(target)}, {{method: 'POST', mode: 'no-cors', "
-                "credentials: 'include', body: 'x'})</script>"
-            )
-        return web.Response(text=body, content_type="text/html")
-
-
 async def test_view_role_and_other_origins_cannot_act(browser: Browser, stack: LocalStack) -> None:
     assert stack.api is not None
     controller = stack.controller.url
@@ -295,14 +258,25 @@ async def test_view_role_and_other_origins_cannot_act(browser: Browser, stack: L
     owner = await _context(browser)
     owner_page = await owner.new_page()
     await _sign_in(owner_page, controller, stack.controller.admin_token)
-    attacker = Attacker(controller, sid)
+    target = f"{controller}/studios/{sid}/cancel?workspaceId=1"
+    attacker = OtherOriginPages(
+        {
+            "form": lambda _: posting_form(target),
+            # A script can send the cookie (no-cors) but cannot set the CSRF header there.
+            "fetch": lambda _: (
+                "<!doctype html><script>fetch("
+                f"{json.dumps(target)}, {{method: 'POST', mode: 'no-cors', "
+                "credentials: 'include', body: 'x'})</script>"
+            ),
+        }
+    )
     await attacker.start()
     try:
         for kind in ("form", "fetch"):
             async with owner_page.expect_response(
                 lambda r: r.url.startswith(f"{controller}/studios/") and r.request.method == "POST"
             ) as posted:
-                await owner_page.goto(f"{attacker.origin}/{kind}")
+                await owner_page.goto(f"{attacker.origin()}/{kind}")
             answer = await posted.value
             assert answer.status == 403, (kind, answer.status, await answer.request.all_headers())
             # 403, not 401: the browser did send the cookie (same site, another origin), and
@@ -311,7 +285,7 @@ async def test_view_role_and_other_origins_cannot_act(browser: Browser, stack: L
                 # The form's navigation shows the answer as the page.
                 await owner_page.wait_for_load_state()
                 text = await owner_page.inner_text("body")
-                assert "refused" in text and attacker.origin in text, text
+                assert "refused" in text and attacker.origin() in text, text
     finally:
         await attacker.close()
     _, studio = await stack.api.request("GET", f"/studios/{sid}", expect=200)
@@ -323,7 +297,7 @@ async def test_view_role_and_other_origins_cannot_act(browser: Browser, stack: L
     async with aiohttp.ClientSession() as http:
         url = f"{controller}/studios/{sid}/start?workspaceId=1"
         for headers, why in (
-            ({"X-Studios-CSRF": csrf or "", "Origin": attacker.origin}, "origin"),
+            ({"X-Studios-CSRF": csrf or "", "Origin": attacker.origin()}, "origin"),
             ({"Origin": controller}, "X-Studios-CSRF"),
             ({"X-Studios-CSRF": "forged", "Origin": controller}, "X-Studios-CSRF"),
         ):
