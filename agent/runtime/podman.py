@@ -2,7 +2,12 @@
 
 The agent assembles each session's root file system itself: an overlay whose lower
 layers are the image's (from the image's GraphDriver data) and whose upper and work
-directories live on the session volume. The container runs on the merged directory
+directories live on the session volume, mounted with mount(2) itself (no mount(8) to fork
+on every start) while the session's network is created. An image's inspection is kept
+until podman's image store changes (`_ImageCache`), and a crashed earlier start's
+container or network is removed only when its name turns out to be taken; so a start asks
+podman for the network, the container's create and start and the container's pid, no
+more (tests/bench/bench_podman.py --steps). The container runs on the merged directory
 (`rootfs`), so every change the tool makes to `/` lands in `<volume>/upper`, which is
 what checkpoints read (`checkpoint_dir`). With `rootfs` podman applies none of the
 image's configuration, so the command, environment and working directory are taken
@@ -37,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -80,14 +87,23 @@ _NETWORK_REF = "network:"
 # catalogue names, `studios/...`, as `localhost/studios/...`).
 _BUILT_HERE = ("localhost/", "studios/")
 _K8S_LOG_PREFIX = re.compile(r"^\S+ (stdout|stderr) [FP] ")
+# podman 4 answers a container name in use with a 500 (a network name with a 409); the
+# cause is what tells the two apart from other failures.
+_NAME_IN_USE = "that name is already in use"
+_NETWORK_EXISTS = "network already exists"
+_MNT_DETACH = 2
+# Image inspections kept (project images, and one per built studio environment).
+_IMAGE_CACHE_SIZE = 64
 
 
 class PodmanError(RuntimeStartError):
     """podman answered with an error, or did not answer at all."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, cause: str = "") -> None:
         super().__init__(message)
         self.status = status
+        # podman's own short reason ("network already exists"), "" when it gave none.
+        self.cause = cause
 
 
 def parse_ulimit(value: str) -> dict[str, Any]:
@@ -125,7 +141,8 @@ class PodmanClient:
                 ) as resp:
                     text = await resp.text()
                     if resp.status not in ok:
-                        raise PodmanError(_podman_message(text, resp.status), resp.status)
+                        message, cause = _podman_message(text, resp.status)
+                        raise PodmanError(message, resp.status, cause)
                     if not text:
                         return None
                     try:
@@ -149,13 +166,15 @@ class PodmanClient:
             return False
 
 
-def _podman_message(text: str, status: int) -> str:
+def _podman_message(text: str, status: int) -> tuple[str, str]:
+    """podman's error answer -> (the message for people, podman's cause or "")."""
     with contextlib.suppress(ValueError, AttributeError):
         data = json.loads(text)
-        msg = data.get("message") or data.get("cause")
+        cause = str(data.get("cause") or "")
+        msg = data.get("message") or cause
         if msg:
-            return f"podman: {msg}"
-    return f"podman: HTTP {status}: {text.strip()[:500]}"
+            return f"podman: {msg}", cause
+    return f"podman: HTTP {status}: {text.strip()[:500]}", ""
 
 
 def _describe_exit(state: dict[str, Any]) -> ExitStatus:
@@ -168,17 +187,121 @@ def _describe_exit(state: dict[str, Any]) -> ExitStatus:
     return ExitStatus(code, f"exited with status {code}" + (f": {error}" if error else ""))
 
 
-async def _run(*argv: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        text = (err or out).decode(errors="replace").strip()
-        raise RuntimeStartError(f"{' '.join(argv[:3])} ... failed: {text}")
+_libc: ctypes.CDLL | None = None
+
+
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
+        libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc = libc
+    return _libc
+
+
+def _mount_overlay(layers: list[str], upper: Path, work: Path, merged: Path) -> None:
+    """Mount the overlay on `merged` (blocking; a thread's work)."""
+    for d in (upper, work, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    if mounted_source(merged) is not None:
+        return  # an earlier start of this session mounted it: its upper dir is the same
+    options = f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}"
+    if _c().mount(b"overlay", os.fsencode(merged), b"overlay", 0, options.encode()) != 0:
+        code = ctypes.get_errno()
+        hint = ""
+        if code == errno.EINVAL and len(options) >= 4096:
+            # The kernel takes one page of mount options; the image has too many layers.
+            hint = f" ({len(layers)} image layers: the options exceed the kernel's 4096 bytes)"
+        raise RuntimeStartError(
+            f"cannot mount the session's overlay root on {merged}: {os.strerror(code)}{hint}"
+        )
+
+
+def _unmount(merged: Path) -> None:
+    """Unmount everything mounted on `merged`; lazily when it is busy (blocking)."""
+    target = os.fsencode(merged)
+    while mounted_source(merged) is not None:
+        if _c().umount2(target, 0) != 0:
+            code = ctypes.get_errno()
+            if code == errno.EINVAL:
+                return  # not a mount point after all (gone between the two calls)
+            # Busy (a process still in it): detach now, the kernel frees it when unused.
+            if _c().umount2(target, _MNT_DETACH) != 0:
+                code = ctypes.get_errno()
+                log.warning("cannot unmount %s: %s", merged, os.strerror(code))
+            return
+
+
+class _ImageCache:
+    """Image inspections by reference, valid while podman's image store is unchanged.
+
+    containers/storage rewrites `<graph root>/overlay-images/images.json` (a new file,
+    renamed over the old one) whenever an image is added, tagged, untagged or removed, so
+    its (inode, mtime, size) changes with any change to what a reference names: inode
+    numbers are reused and mtimes are clock ticks (4 ms here), but no two rewrites by
+    podman come within one tick. One stat() replaces an inspection per start. The store's
+    path is learnt from the first inspection (its layers live in
+    `<graph root>/overlay/<layer>/diff`); a layout that does not match leaves nothing
+    cached: every start inspects, as before.
+    """
+
+    def __init__(self) -> None:
+        self.store: Path | None = None
+        self._entries: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        if self.store is None:
+            return None
+        try:
+            st = os.stat(self.store)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def get(self, reference: str) -> dict[str, Any] | None:
+        entry = self._entries.get(reference)
+        if entry is None:
+            return None
+        if entry[0] != self.stamp():
+            del self._entries[reference]
+            return None
+        return entry[1]
+
+    def put(
+        self, reference: str, before: tuple[int, int, int] | None, image: dict[str, Any]
+    ) -> None:
+        """Keep `image`, inspected after the store's stamp was `before`.
+
+        The stamp taken before the inspection is the one kept: a store that changed while
+        podman answered fails the next check instead of hiding the change.
+        """
+        if self.store is None:
+            self.store = _image_store(image)
+            return  # no stamp from before this inspection: the next one is kept
+        if before is None:
+            return
+        self._entries.pop(reference, None)
+        self._entries[reference] = (before, image)
+        while len(self._entries) > _IMAGE_CACHE_SIZE:
+            del self._entries[next(iter(self._entries))]
+
+
+def _image_store(image: dict[str, Any]) -> Path | None:
+    """`<graph root>/overlay-images/images.json` of the store holding `image`, if found."""
+    data = (image.get("GraphDriver") or {}).get("Data") or {}
+    layer = data.get("UpperDir") or str(data.get("LowerDir", "")).split(":")[0]
+    diff = Path(str(layer or "/"))
+    if diff.name != "diff" or diff.parent.parent.name != "overlay":
+        return None
+    store = diff.parent.parent.parent / "overlay-images" / "images.json"
+    return store if store.is_file() else None
 
 
 class PodmanRuntime(Runtime):
@@ -220,6 +343,7 @@ class PodmanRuntime(Runtime):
                 f"(known: {', '.join(NETWORK_MODES)})"
             )
         self.network = options.podman_network
+        self._images = _ImageCache()
 
     # ------------------------------------------------------------ layout
 
@@ -240,7 +364,17 @@ class PodmanRuntime(Runtime):
     # ------------------------------------------------------------ image and rootfs
 
     async def image(self, reference: str) -> dict[str, Any]:
-        """Inspect `reference`, pulling it first when it is not present."""
+        """Inspect `reference` (kept until the image store changes), pulling it first when
+        it is not present."""
+        cached = self._images.get(reference)
+        if cached is not None:
+            return cached
+        before = self._images.stamp()
+        data = await self._inspect_or_pull(reference)
+        self._images.put(reference, before, data)
+        return data
+
+    async def _inspect_or_pull(self, reference: str) -> dict[str, Any]:
         try:
             data: dict[str, Any] = await self.client.request("GET", f"/images/{reference}/json")
             return data
@@ -283,23 +417,14 @@ class PodmanRuntime(Runtime):
         return layers
 
     async def mount_rootfs(self, volume_root: Path, layers: list[str]) -> Path:
-        upper, work = volume_root / "upper", volume_root / "work"
         merged = self.merged_dir(volume_root)
-        for d in (upper, work, merged):
-            await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True)
-        if mounted_source(merged) is None:
-            options = f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}"
-            await _run("mount", "-t", "overlay", "overlay", "-o", options, str(merged))
+        await asyncio.to_thread(
+            _mount_overlay, layers, volume_root / "upper", volume_root / "work", merged
+        )
         return merged
 
     async def unmount_rootfs(self, merged: Path) -> None:
-        while mounted_source(merged) is not None:
-            proc = await asyncio.create_subprocess_exec(
-                "umount", str(merged), stderr=asyncio.subprocess.DEVNULL
-            )
-            if await proc.wait() != 0:
-                await (await asyncio.create_subprocess_exec("umount", "-l", str(merged))).wait()
-                break
+        await asyncio.to_thread(_unmount, merged)
 
     # ------------------------------------------------------------ the interface
 
@@ -378,34 +503,45 @@ class PodmanRuntime(Runtime):
         return body
 
     async def start(self, spec: StartSpec) -> RuntimeHandle:
-        image = await self.image(spec.image)
-        layers = self.image_layers(image)
-        env: dict[str, str] = {}
-        for item in (image.get("Config") or {}).get("Env") or []:
-            key, _, value = str(item).partition("=")
-            env[key] = value
-        env.update(spec.environment)
-        env.update(connect_variables(spec))
-        body = self._create_body(spec, image, self.merged_dir(spec.root_dir), env)
-        await asyncio.to_thread(spec.log_path.parent.mkdir, parents=True, exist_ok=True)
-        # A container (and network) of an earlier, crashed start of this session is in the way.
-        await self._remove(self.container_name(spec.session_id))
-        network = ""
-        if self.network == "bridge":
-            network = self.network_name(spec.session_id)
-            await self._remove_network(network)
-        merged = await self.mount_rootfs(spec.root_dir, layers)
+        name = self.container_name(spec.session_id)
+        network = self.network_name(spec.session_id) if self.network == "bridge" else ""
+        merged = self.merged_dir(spec.root_dir)
+
+        async def prepare_root() -> dict[str, Any]:
+            image = await self.image(spec.image)
+            layers = self.image_layers(image)
+            await asyncio.to_thread(spec.log_path.parent.mkdir, parents=True, exist_ok=True)
+            await self.mount_rootfs(spec.root_dir, layers)
+            return image
+
         try:
-            if network:
-                await self._create_network(network, spec)
-            created = await self.client.request("POST", "/containers/create", body=body)
-            cid = str(created["Id"])
+            # The network does not depend on the image: both are ready in the time of the
+            # slower one. gather() lets both finish before any failure is cleaned up, so
+            # the cleanup does not race a network still being created.
+            image, made = await asyncio.gather(
+                prepare_root(), self._create_network(network, spec), return_exceptions=True
+            )
+            if isinstance(image, BaseException):
+                raise image
+            if isinstance(made, BaseException):
+                raise made
+            env: dict[str, str] = {}
+            for item in (image.get("Config") or {}).get("Env") or []:
+                key, _, value = str(item).partition("=")
+                env[key] = value
+            env.update(spec.environment)
+            env.update(connect_variables(spec))
+            body = self._create_body(spec, image, merged, env)
+            cid = await self._create_container(body)
             crash_points.reached("podman:created")
             await self.client.request("POST", f"/containers/{cid}/start")
+            # The pid (the handle's sign that a tool exists, and its identity with the
+            # create time): start answers without a body.
             state = (await self.client.request("GET", f"/containers/{cid}/json"))["State"]
         except BaseException:
+            # By name: whatever this start, or a crashed earlier one, left in the way.
             with contextlib.suppress(Exception):
-                await self._remove(self.container_name(spec.session_id))
+                await self._remove(name)
             if network:
                 with contextlib.suppress(Exception):
                     await self._remove_network(network)
@@ -425,7 +561,7 @@ class PodmanRuntime(Runtime):
             log_path=str(spec.log_path),
             data={
                 "container_id": cid,
-                "container_name": self.container_name(spec.session_id),
+                "container_name": name,
                 # The session's own network ("" on the host's network).
                 "network": network,
                 "merged": str(merged),
@@ -433,6 +569,20 @@ class PodmanRuntime(Runtime):
                 "volume_root": str(spec.root_dir),
             },
         )
+
+    async def _create_container(self, body: dict[str, Any]) -> str:
+        """Create the container; one left by a crashed earlier start of the session (its
+        name in use) is removed and the create tried once more. Asking first would cost
+        every start a call for what is almost never there."""
+        try:
+            created = await self.client.request("POST", "/containers/create", body=body)
+        except PodmanError as exc:
+            if _NAME_IN_USE not in exc.cause:
+                raise
+            log.info("removing the leftover container %s of an earlier start", body["name"])
+            await self._remove(str(body["name"]))
+            created = await self.client.request("POST", "/containers/create", body=body)
+        return str(created["Id"])
 
     def _ref(self, handle: RuntimeHandle) -> str:
         return str(
@@ -568,6 +718,10 @@ class PodmanRuntime(Runtime):
             await self._remove_network(self.network_name(tool.session_id))
 
     async def _create_network(self, name: str, spec: StartSpec) -> None:
+        """Create the session's own network ("": none, on the host's network); one left by
+        a crashed earlier start (the name taken) is removed with its container first."""
+        if not name:
+            return
         body = {
             "name": name,
             "driver": "bridge",
@@ -581,7 +735,16 @@ class PodmanRuntime(Runtime):
                 LABEL_OWNER: self.owner,
             },
         }
-        await self.client.request("POST", "/networks/create", body=body)
+        try:
+            await self.client.request("POST", "/networks/create", body=body)
+        except PodmanError as exc:
+            if exc.status != 409 and _NETWORK_EXISTS not in exc.cause:
+                raise
+            log.info("removing the leftover network %s of an earlier start", name)
+            # Never forced (see _remove_network): its container goes first, by name.
+            await self._remove(self.container_name(spec.session_id))
+            await self._remove_network(name)
+            await self.client.request("POST", "/networks/create", body=body)
 
     async def _remove_network(self, name: str) -> None:
         await self.client.request(

@@ -7,20 +7,24 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import threading
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent.daemon import Agent, AgentConfig
+from agent.errors import RuntimeStartError
 from agent.host import doctor_report
-from agent.runtime.podman import LABEL_OWNER, LABEL_SESSION
+from agent.runtime import BindMount, RuntimeOptions, StartSpec, free_tcp_port
+from agent.runtime.podman import LABEL_OWNER, LABEL_SESSION, PodmanClient, PodmanRuntime
 from agent.volumes.xfs import XfsLoopVolume, mounted_source
 from tests import REPO_ROOT
 from tests.agent.volumes.test_xfs import _force_cleanup
@@ -337,3 +341,149 @@ def test_doctor_refuses_bridge_sessions_on_a_cni_podman(tmp_path: Path) -> None:
     assert podman["name"] == "podman" and not podman["usable"]
     assert "network backend is cni, not netavark" in podman["reason"], podman
     assert "--podman-network host" in podman["reason"]
+
+
+# ------------------------------------------------------------ the runtime itself (issue 18)
+
+
+class _CountingClient(PodmanClient):
+    """The real client, counting the image inspections it makes."""
+
+    def __init__(self, socket_path: Path) -> None:
+        super().__init__(socket_path)
+        self.inspections = 0
+
+    async def request(self, method: str, path: str, **kw: Any) -> Any:
+        if method == "GET" and path.startswith("/images/"):
+            self.inspections += 1
+        return await super().request(method, path, **kw)
+
+
+@pytest.fixture(name="runtime")
+def runtime_fixture(request: pytest.FixtureRequest) -> Iterator[PodmanRuntime]:
+    _require_podman()
+    network = getattr(request, "param", "bridge")
+    rt = PodmanRuntime(
+        RuntimeOptions(
+            podman_socket=SOCKET,
+            oci_runtime="runc",
+            ulimits=("nofile=1024:1024", "nproc=1024:1024"),
+            podman_network=network,
+        )
+    )
+    rt.owner = f"test-runtime-{os.getpid()}-{secrets.token_hex(4)}"
+    rt.client = _CountingClient(SOCKET)
+    yield rt
+    label = f"label={LABEL_OWNER}={rt.owner}"
+    for cid in _podman("ps", "-aq", "--filter", label).stdout.split():
+        _podman("rm", "-f", "-t", "0", cid)
+    for name in _podman("network", "ls", "-q", "--filter", label).stdout.split():
+        _podman("network", "rm", "-f", name)
+
+
+def _spec(tmp_path: Path, session_id: str, image: str = IMAGE, **kw: Any) -> StartSpec:
+    root = tmp_path / session_id / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = tmp_path / session_id / "log"
+    return StartSpec(session_id, image, "httpd", {}, root, log_path, free_tcp_port(), **kw)
+
+
+async def _answer(port: int, path: str = "/index.html") -> bytes:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            return await asyncio.to_thread(_get, port, path)
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def _network_exists(name: str) -> bool:
+    return _podman("network", "exists", name).returncode == 0
+
+
+def _image_id(reference: str) -> str:
+    out = _podman("image", "inspect", "--format", "{{.Id}}", reference)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _build_page(context: Path, tag: str, page: str) -> str:
+    """An image FROM the test image serving `page`, tagged `tag`; its id."""
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "index.html").write_text(page)
+    (context / "Containerfile").write_text(f"FROM {IMAGE}\nCOPY index.html /www/index.html\n")
+    out = _podman("build", "-q", "--pull=never", "-t", tag, str(context))
+    assert out.returncode == 0, out.stderr
+    return _image_id(tag)
+
+
+async def test_an_image_rebuilt_or_retagged_under_its_name_starts_with_its_new_layers(
+    tmp_path: Path, runtime: PodmanRuntime
+) -> None:
+    tag = f"localhost/studios/test-cache-{os.getpid()}-{secrets.token_hex(3)}:1"
+    client = runtime.client
+    assert isinstance(client, _CountingClient)
+    built = [_build_page(tmp_path / "one", tag, "one\n")]
+    try:
+
+        async def page(session_id: str) -> bytes:
+            h = await runtime.start(_spec(tmp_path, session_id, tag))
+            try:
+                return await _answer(h.port)
+            finally:
+                await runtime.destroy(h)
+
+        assert await page("cache001") == b"one\n"
+        assert await page("cache002") == b"one\n"
+        # The image store unchanged: the inspection kept is used, podman is not asked.
+        inspections = client.inspections
+        assert await page("cache003") == b"one\n"
+        assert client.inspections == inspections
+        # Rebuilt under the same name: the next start runs the new layers.
+        built.append(_build_page(tmp_path / "two", tag, "two\n"))
+        assert built[1] != built[0]
+        assert await page("cache004") == b"two\n"
+        # The name moved back to the first image (a retag): its layers again.
+        assert _podman("tag", built[0], tag).returncode == 0
+        assert await page("cache005") == b"one\n"
+    finally:
+        _podman("rmi", "-f", *built)
+
+
+async def test_a_create_failing_after_the_mount_and_network_leaves_nothing(
+    tmp_path: Path, runtime: PodmanRuntime
+) -> None:
+    missing = tmp_path / "no-such-dir"
+    spec = _spec(tmp_path, "fail0001", mounts=(BindMount(missing, "/workspace/data/x"),))
+    merged = runtime.merged_dir(spec.root_dir)
+    with pytest.raises(RuntimeStartError, match=re.escape(str(missing))):
+        await runtime.start(spec)
+    # The mount and the network were made (the create needs both) and are gone again.
+    assert (spec.root_dir / "upper").is_dir() and merged.is_dir()
+    assert mounted_source(merged) is None
+    assert _containers("fail0001") == []
+    assert not _network_exists(runtime.network_name("fail0001"))
+
+
+@pytest.mark.parametrize("runtime", ["bridge", "host"], indirect=True)
+async def test_a_start_over_a_crashed_starts_leftovers_replaces_them(
+    tmp_path: Path, runtime: PodmanRuntime
+) -> None:
+    # A start whose handle was lost (the agent killed before saving it): its container,
+    # network and mount are in the way of the session's next start.
+    first = await runtime.start(_spec(tmp_path, "left0001"))
+    assert await _answer(first.port)
+    [before] = _containers("left0001")
+    again = await runtime.start(_spec(tmp_path, "left0001"))
+    try:
+        [after] = _containers("left0001")
+        assert after["Id"] != before["Id"] and after["Id"] == again.data["container_id"]
+        assert await _answer(again.port) == b"studios busybox httpd\n"
+        assert again.pid > 0 and mounted_source(Path(again.root_dir)) is not None
+    finally:
+        await runtime.destroy(again)
+    assert _containers("left0001") == []
+    assert not _network_exists(runtime.network_name("left0001"))
+    assert mounted_source(Path(again.root_dir)) is None
