@@ -37,13 +37,10 @@ from agent.host import doctor_report
 from agent.sessions.context import normalised_absolute
 from agent.state import StateDir
 from studios_shared.config_file import (
-    ConfigFileError,
-    apply_config_file,
     config_help,
-    config_source,
     make_optional,
-    subcommand_argv,
-    subparser,
+    read_serve_config,
+    usage_error,
 )
 from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
 from studios_shared.metrics_server import parse_metrics_address
@@ -51,6 +48,7 @@ from studios_shared.metrics_server import parse_metrics_address
 __all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
 
 DEFAULT_CONFIG = Path("/etc/studios/agent.toml")
+PROG = "studio-agent"
 # `serve`'s options that must be given, on the command line or in the config file.
 _REQUIRED = ("--controller", "--token-file", "--compute-env", "--state-dir")
 
@@ -266,8 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
             parse_metrics_address(args.metrics) if args.metrics else ("127.0.0.1", None)
         )
     except ValueError as exc:
-        print(f"studio-agent: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, exc)
     configure_logging(args.log_level, log_format)
     quiet_client_loggers()
     proxy_host, proxy_port = args.proxy
@@ -312,8 +309,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except (AgentError, OSError, ValueError) as exc:
-        print(f"studio-agent: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, exc)
     return 0
 
 
@@ -556,19 +552,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve = subparser(parser, "serve")
-        try:
-            apply_config_file(
-                serve,
-                args,
-                subcommand_argv(argv, "serve"),
-                config_source(args.config, DEFAULT_CONFIG),
-                required=_REQUIRED,
-            )
-        except ConfigFileError as exc:
-            print(f"studio-agent: {exc}", file=sys.stderr)
-            return 2
-        return _serve(args)
+        failed = read_serve_config(
+            PROG,
+            parser,
+            args,
+            argv,
+            explicit=args.config,
+            default=DEFAULT_CONFIG,
+            required=_REQUIRED,
+        )
+        return _serve(args) if failed is None else failed
     if args.command in ("drain", "undrain"):
         return _drain(args)
     if args.command == "checkpoint":

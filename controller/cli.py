@@ -58,13 +58,10 @@ from controller.models import ApiToken, OrgMember, Participant, User, Workspace
 from controller.preflight import Misconfigured, check_config
 from controller.shared_secrets import load_controller_secrets, read_secrets_key
 from studios_shared.config_file import (
-    ConfigFileError,
-    apply_config_file,
     config_help,
-    config_source,
     make_optional,
-    subcommand_argv,
-    subparser,
+    read_serve_config,
+    usage_error,
 )
 from studios_shared.log_format import LOG_FORMATS, configure_logging, resolve_log_format
 from studios_shared.metrics_server import parse_metrics_address
@@ -75,6 +72,7 @@ __all__ = ["DEFAULT_CONFIG", "add_user", "main"]
 log = logging.getLogger("controller")
 
 DEFAULT_CONFIG = Path("/etc/studios/controller.toml")
+PROG = "studio-controller"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,22 +280,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        try:
-            apply_config_file(
-                subparser(parser, "serve"),
-                args,
-                subcommand_argv(argv, "serve"),
-                config_source(args.config, DEFAULT_CONFIG),
-                required=("--data-dir",),
-            )
-        except ConfigFileError as exc:
-            print(f"studio-controller: {exc}", file=sys.stderr)
-            return 2
+        failed = read_serve_config(
+            PROG,
+            parser,
+            args,
+            argv,
+            explicit=args.config,
+            default=DEFAULT_CONFIG,
+            required=("--data-dir",),
+        )
+        if failed is not None:
+            return failed
     try:
         log_format = resolve_log_format(getattr(args, "log_format", None))
     except ValueError as exc:
-        print(f"studio-controller: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, exc)
     configure_logging(getattr(args, "log_level", "INFO"), log_format)
     if args.command == "serve":
         metrics_host, metrics_port = "127.0.0.1", None
@@ -313,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if lifetime < 10:
                 raise ValueError("--agent-cert-lifetime: at least 10 seconds")
         except ValueError as exc:
-            print(f"studio-controller: {exc}", file=sys.stderr)
-            return 2
+            return usage_error(PROG, exc)
         advertise = [n.strip() for n in (args.grpc_advertise or "").split(",") if n.strip()]
         config = ControllerConfig(
             data_dir=args.data_dir,
@@ -441,8 +437,7 @@ async def _serve(config: ControllerConfig) -> int:
     try:
         await check_config(config)
     except Misconfigured as exc:
-        print(f"studio-controller: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(PROG, exc)
     controller = Controller(config)
     systemd = Notifier.from_environment()
     stop = asyncio.Event()

@@ -15,20 +15,28 @@ line naming the key and the file (ConfigFileError). `--config` and `--help` are 
 from __future__ import annotations
 
 import argparse
+import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "USAGE_EXIT",
     "ConfigFileError",
     "apply_config_file",
     "config_help",
     "config_source",
     "make_optional",
+    "read_serve_config",
     "subcommand_argv",
     "subparser",
+    "usage_error",
 ]
+
+# The exit status of `serve` given a wrong setting (argparse's own for a bad flag): systemd
+# units keep restarting on other failures, and a setting does not fix itself.
+USAGE_EXIT = 2
 
 
 class ConfigFileError(ValueError):
@@ -172,3 +180,35 @@ def config_help(default: Path) -> str:
         f"a TOML file of serve's settings, keys named as the flags without '--' "
         f"(default: {default} when it exists); flags on the command line override it"
     )
+
+
+def usage_error(prog: str, problem: object) -> int:
+    """Say what is wrong on one line of stderr (`prog: problem`, no traceback); USAGE_EXIT."""
+    print(f"{prog}: {problem}", file=sys.stderr)
+    return USAGE_EXIT
+
+
+def read_serve_config(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    *,
+    explicit: Path | None,
+    default: Path,
+    required: Sequence[str] = (),
+) -> int | None:
+    """`serve`'s settings from its config file (`explicit`, its --config, else `default`
+    when it exists) into `args`, the command line (`argv`, the whole of it) overriding
+    them. None when they are fine; else the exit status, the problem said (usage_error)."""
+    try:
+        apply_config_file(
+            subparser(parser, "serve"),
+            args,
+            subcommand_argv(argv, "serve"),
+            config_source(explicit, default),
+            required=required,
+        )
+    except ConfigFileError as exc:
+        return usage_error(prog, exc)
+    return None
