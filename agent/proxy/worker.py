@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -278,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(levelname)s proxy {args.name} (pid %(process)d): %(message)s",
     )
     _die_with_parent(args.parent_pid)
+    # A worker exists to hold connections: its soft descriptor limit up to the hard one.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # A Ctrl-C in the agent's terminal reaches the whole process group: the agent
     # stops its workers itself, after it stopped taking connections.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -126,8 +126,10 @@ class ProxyWorkers:
         """Stop the workers: each closes its connections and reports its visits."""
         self._closing = True
         for worker in self.workers:
-            if worker.writer is not None:
-                worker.writer.close()  # EOF: the worker closes and exits
+            if worker.writer is not None and worker.writer.can_write_eof():
+                # Half-closed: the worker sees the end, closes its connections and
+                # reports its visits on the way still open towards the agent.
+                worker.writer.write_eof()
         if self._state_task is not None:
             self._state_task.cancel()
         for worker in self.workers:

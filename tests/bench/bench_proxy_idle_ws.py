@@ -528,7 +528,6 @@ def main() -> None:
                     lambda: json.loads(proxy.line("settle")),
                 )
             )
-            results["toolFds"] = fd_count(upstream.pid)
         finally:
             proxy.stop()
         if args.skip_nginx:

@@ -144,6 +144,11 @@ def _processes_holding(agent: Agent) -> int:
     return sum(1 for n in held if n)
 
 
+def _accepted_by_workers(agent: Agent) -> int:
+    assert agent.proxy is not None
+    return sum(s.connections for s in agent.proxy._remote_stats.values())
+
+
 async def _admin_connections(agent: Agent) -> dict[int, int]:
     listing = await agent._sessions()
     [entry] = [s for s in listing["sessions"] if s["id"] == SID]
@@ -227,12 +232,15 @@ async def test_a_revocation_holds_in_every_process_once_it_returns(
             await echo.proxy_workers.apply_desired_access_and_wait(False, [d])
             assert time.monotonic() - started < 2
             # At once, in whichever process accepts it: Bob's cookie is 403.
+            accepted = _accepted_by_workers(echo)
             fresh = [await _Conn.open(port) for _ in range(30)]
             for conn in fresh:
                 head, body = await conn.get("/headers", bob_cookie)
                 assert head.startswith(b"HTTP/1.1 403"), head
                 assert b"may no longer use session" in body
                 conn.close()
+            # Some of those were answered by workers, not only by the agent's proxy.
+            await controller.wait_for(lambda: _accepted_by_workers(echo) > accepted, timeout=3)
             # Every connection of Bob ends, keep-alives and WebSockets, in every process.
             for conn in bob:
                 assert await conn.closed_within(3)
@@ -528,11 +536,27 @@ async def test_a_process_of_another_uid_cannot_share_the_port() -> None:
         await proxy.close()
 
 
-async def test_the_workers_stop_with_the_agent(echo: Agent) -> None:
+async def test_the_workers_stop_with_the_agent(echo: Agent, controller: FakeController) -> None:
     workers = echo.proxy_workers
     assert workers is not None
     pids = workers.pids()
     assert len(pids) == PROCESSES - 1
-    await workers.close()
-    for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    conns = await _open_many(echo.proxy_port, _cookie(controller.key, ALICE), 30)
+    try:
+        await controller.wait_for(lambda: any(w.open_visits for w in workers.workers), 5)
+        visit_ids = {v for w in workers.workers for v in w.open_visits}
+        await workers.close()
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == (
+                psutil.STATUS_ZOMBIE
+            )
+        # Their visits were closed on the way out, and reached the controller.
+        await controller.wait_for(
+            lambda: (
+                visit_ids <= {v.visit_id for v in controller.messages("visit") if v.closed_at_ms}
+            ),
+            timeout=5,
+        )
+    finally:
+        for conn in conns:
+            conn.close()
