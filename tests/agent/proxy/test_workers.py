@@ -560,3 +560,67 @@ async def test_the_workers_stop_with_the_agent(echo: Agent, controller: FakeCont
     finally:
         for conn in conns:
             conn.close()
+
+
+async def test_the_agent_drops_malformed_messages_from_a_worker(
+    echo: Agent, controller: FakeController
+) -> None:
+    """What a worker sends is checked too: nothing it says can take the agent down or
+    count connections that are not there."""
+    workers = echo.proxy_workers
+    assert workers is not None and echo.proxy is not None
+    reader = asyncio.StreamReader()
+    for frame in [
+        b"not json",
+        b"[1]",
+        b'"text"',
+        b'{"no": "type"}',
+        b'{"t": "activity", "sid": "x", "users": [[1, "a"]]}',
+        b'{"t": "stats", "v": ["a"]}',
+        b'{"t": "visit", "pb": "%%%"}',
+        b'{"t": "visit", "pb": "AAAA"}',
+        b'{"t": "nonce", "id": 1}',
+        b'{"t": "ack", "id": "x"}',
+        b'{"t": "nosuch"}',
+    ]:
+        reader.feed_data(struct.pack(">I", len(frame)) + frame)
+    reader.feed_eof()
+    await workers._read(workers.workers[0], reader)
+    assert await _admin_connections(echo) == {}
+    assert echo.proxy.active_users("x") == []
+
+
+async def test_a_port_held_by_another_process_is_refused_in_one_line(tmp_path: Path) -> None:
+    token = tmp_path / "t"
+    token.write_text("x")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "serve",
+            "--controller",
+            "127.0.0.1:1",
+            "--token-file",
+            str(token),
+            "--compute-env",
+            "0123456789abcdef",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--proxy",
+            f"127.0.0.1:{port}",
+            "--proxy-workers",
+            "2",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert (
+        f"studio-agent: --proxy: 127.0.0.1:{port} is already in use by another process"
+        in err.decode()
+    ), err
+    assert b"Traceback" not in err
