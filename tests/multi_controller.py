@@ -150,7 +150,11 @@ class Cluster:
         *,
         count: int = 2,
         extra_args: Iterable[str] = (),
+        grpc_hosts: Sequence[str] | None = None,
     ) -> None:
+        """`grpc_hosts`: each controller's gRPC address (one per controller), all on one
+        enrollment port and one agent port: what a DNS name with several addresses leads
+        to, one controller behind each. Default: each on 127.0.0.1, on ports of its own."""
         self.tmp = tmp
         self.key_file = tmp / "secrets-key"
         self.nginx_port = free_port()
@@ -161,15 +165,32 @@ class Cluster:
             f"http://127.0.0.1:{self.nginx_port}",
             *extra_args,
         ]
+        if grpc_hosts is not None and len(grpc_hosts) != count:
+            raise ValueError(f"grpc_hosts: {count} addresses expected, got {list(grpc_hosts)}")
+        self.grpc_port, self.grpc_agents_port = free_port(), free_port()
         self.controllers = [
             ControllerProcess(
-                tmp / f"controller-{chr(ord('a') + i)}", database=database, extra_args=args
+                tmp / f"controller-{chr(ord('a') + i)}",
+                database=database,
+                extra_args=[*args, *self._grpc_args(grpc_hosts[i] if grpc_hosts else None)],
             )
             for i in range(count)
         ]
         self.nginx = Nginx(
             tmp / "nginx", [f"127.0.0.1:{c.http_port}" for c in self.controllers], self.nginx_port
         )
+
+    def _grpc_args(self, host: str | None) -> list[str]:
+        if host is None:
+            return []
+        shown = f"[{host}]" if ":" in host else host
+        # After ControllerProcess's own --grpc and --grpc-agents: the last one counts.
+        return [
+            "--grpc",
+            f"{shown}:{self.grpc_port}",
+            "--grpc-agents",
+            f"{shown}:{self.grpc_agents_port}",
+        ]
 
     @property
     def agent_controllers(self) -> str:

@@ -6,11 +6,20 @@ signs in through A acts through B; connect works through either; when A is SIGKI
 agent moves to B and the session keeps serving throughout; the reconciler's shared pass
 runs on one controller at a time, and moves when its holder dies. Delivery and failover
 times are the benchmark's (tests/bench/bench_multi_controller.py), never asserted here.
+
+`--controller` as one DNS name with several addresses: controller A's gRPC on 127.0.0.1,
+B's on ::1, on the same ports; the agent, given `localhost:PORT` (both addresses in its
+own view of /etc/hosts), connects to one, and when that one is SIGKILLed gRPC's resolver
+takes it to the other address while its session keeps serving. The agent does not
+resolve the name itself: gRPC tries every address of it on each new channel, and the
+TLS name checked is the name dialled (the controllers' certificates name localhost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -19,10 +28,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import psutil
 import pytest
 
 from controller.notify import asyncpg_dsn
 from tests.e2e_harness import AgentProcess, ControllerProcess, LocalhostResolver, RestClient
+from tests.integration import require
 from tests.multi_controller import Cluster, require_cluster_tools
 
 pytestmark = pytest.mark.e2e
@@ -312,3 +323,110 @@ async def test_background_jobs_run_on_one_controller_and_move_when_it_dies(
     await asyncio.sleep(1.0)
     after = await _lease(dsn, "reconciler")
     assert after is not None and after["passes"] > taken["passes"]
+
+
+# ------------------------------------------------- --controller as a DNS name, several addresses
+
+# The agent's own view of /etc/hosts (a private mount namespace, as a container would give
+# it): `localhost` with both loopback addresses, as many systems have it. This host's
+# /etc/hosts has 127.0.0.1 only, and is left alone.
+HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
+
+
+def _with_hosts_file(agent: AgentProcess, hosts: Path) -> None:
+    """Run the agent in a mount namespace of its own whose /etc/hosts is `hosts`."""
+    agent.argv[:0] = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$0" /etc/hosts && exec "$@"',
+        str(hosts),
+    ]
+
+
+def _peer_host(agent: AgentProcess, port: int) -> str | None:
+    """The address the agent's established connection to `port` goes to (its stream)."""
+    assert agent.proc is not None
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.Process(agent.proc.pid).net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_ESTABLISHED and conn.raddr and conn.raddr.port == port:
+                # gRPC dials IPv4 from IPv6 sockets too: ::ffff:127.0.0.1.
+                return str(conn.raddr.ip).removeprefix("::ffff:")
+    return None
+
+
+async def test_controller_as_a_name_with_two_addresses_fails_over(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    require_cluster_tools()
+    require(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
+    loopback6 = subprocess.run(
+        ["ip", "-6", "addr", "show", "lo"], capture_output=True, text=True, check=False
+    )
+    require("::1/128" in loopback6.stdout, "::1 is not configured on lo")
+    # A on 127.0.0.1, B on ::1, each on the same two gRPC ports: `localhost:PORT` is both.
+    cluster = Cluster(
+        tmp_path / "cluster",
+        postgres_database,
+        extra_args=BASE_ARGS,
+        grpc_hosts=("127.0.0.1", "::1"),
+    )
+    await cluster.start()
+    site = Site(cluster, tmp_path)
+    try:
+        await site.setup()
+        a, b = cluster.controllers
+        by_address = {"127.0.0.1": a, "::1": b}
+        hosts = tmp_path / "hosts"
+        hosts.write_text(HOSTS)
+        agent = AgentProcess(a, site.compute_env_id, tmp_path / "agent")
+        agent.argv[agent.argv.index("--controller") + 1] = f"localhost:{cluster.grpc_port}"
+        _with_hosts_file(agent, hosts)
+        site.agents.append(agent)
+        agent.start()
+
+        async def on_one() -> bool:
+            return _peer_host(agent, cluster.grpc_agents_port) in by_address
+
+        await _until("the agent connects through localhost", on_one, 60)
+        first = by_address[_peer_host(agent, cluster.grpc_agents_port) or ""]
+        other = b if first is a else a
+        # The name, not an address, is what the agent dials, and its TLS name check holds
+        # for it (the controllers' certificates name localhost).
+        link = await asyncio.to_thread(_link, agent)
+        assert link["connected"] and link["address"] == f"localhost:{cluster.grpc_port}", link
+
+        sid = await site.create(site.front, "survives its controller", auto_start=True)
+        studio = await site.front.wait_status(sid, {"running", "errored"}, timeout=60)
+        assert studio["statusInfo"]["status"] == "running", studio
+        token = a.admin_token
+        async with _browser() as browser:
+            tool = await _open_through(browser, cluster.nginx.url, sid, token)
+            first.kill()
+
+            async def on_other() -> bool:
+                async with browser.get(tool) as resp:
+                    assert resp.status == 200, await resp.text()
+                return by_address.get(_peer_host(agent, cluster.grpc_agents_port) or "") is other
+
+            await _until(f"the agent moves to {other.data_dir.name}", on_other, 60)
+            assert agent.alive()
+            async with browser.get(tool) as resp:
+                assert resp.status == 200
+        link = await asyncio.to_thread(_link, agent)
+        assert link["connected"], link
+        api_other = site.direct[cluster.controllers.index(other)]
+        await _until(
+            "the surviving controller lists the agent", lambda: _connected_through(api_other), 30
+        )
+        studio = await api_other.wait_status(sid, "running", timeout=10)
+        await api_other.request("PUT", f"/studios/{sid}/stop", expect=200)
+        studio = await api_other.wait_status(sid, {"stopped", "errored"}, timeout=60)
+        assert studio["statusInfo"]["status"] == "stopped", studio
+    finally:
+        # Through the survivor: nginx holds no controller that is gone for long.
+        await site.close()
+        cluster.stop()
