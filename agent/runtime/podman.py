@@ -50,6 +50,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ _K8S_LOG_PREFIX = re.compile(r"^\S+ (stdout|stderr) [FP] ")
 _NAME_IN_USE = "that name is already in use"
 _NETWORK_EXISTS = "network already exists"
 _MNT_DETACH = 2
+_MOUNT_ATTEMPTS = 4
 # Image inspections kept (project images, and one per built studio environment).
 _IMAGE_CACHE_SIZE = 64
 
@@ -213,15 +215,27 @@ def _mount_overlay(layers: list[str], upper: Path, work: Path, merged: Path) -> 
     if mounted_source(merged) is not None:
         return  # an earlier start of this session mounted it: its upper dir is the same
     options = f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}"
-    if _c().mount(b"overlay", os.fsencode(merged), b"overlay", 0, options.encode()) != 0:
-        code = ctypes.get_errno()
-        hint = ""
-        if code == errno.EINVAL and len(options) >= 4096:
-            # The kernel takes one page of mount options; the image has too many layers.
-            hint = f" ({len(layers)} image layers: the options exceed the kernel's 4096 bytes)"
+    if len(options) >= 4096:
+        # The kernel takes one page of mount options.
         raise RuntimeStartError(
-            f"cannot mount the session's overlay root on {merged}: {os.strerror(code)}{hint}"
+            f"cannot mount the session's overlay root on {merged}: the image's "
+            f"{len(layers)} layers make {len(options)} bytes of mount options (at most 4095)"
         )
+    for attempt in range(1, _MOUNT_ATTEMPTS + 1):
+        if _c().mount(b"overlay", os.fsencode(merged), b"overlay", 0, options.encode()) == 0:
+            return
+        code = ctypes.get_errno()
+        if code != errno.EINVAL or attempt == _MOUNT_ATTEMPTS:
+            break
+        # Every podman command bind-mounts <graph root>/overlay on itself while it runs
+        # and detaches it when it exits; a lower dir looked up through that mount as it
+        # goes fails ("overlayfs: failed to clone lowerpath", EINVAL). mount(8) met the
+        # same. It is gone at the next try.
+        log.info("overlay mount on %s: %s; trying again", merged, os.strerror(code))
+        time.sleep(0.02 * attempt)
+    raise RuntimeStartError(
+        f"cannot mount the session's overlay root on {merged}: {os.strerror(code)}"
+    )
 
 
 def _unmount(merged: Path) -> None:

@@ -487,3 +487,32 @@ async def test_a_start_over_a_crashed_starts_leftovers_replaces_them(
     assert _containers("left0001") == []
     assert not _network_exists(runtime.network_name("left0001"))
     assert mounted_source(Path(again.root_dir)) is None
+
+
+async def test_the_overlay_mount_outlasts_podman_commands_running_beside_it(
+    tmp_path: Path, runtime: PodmanRuntime
+) -> None:
+    # Each podman command bind-mounts podman's overlay directory on itself while it runs;
+    # a mount whose lower dirs are looked up as one of them exits failed with EINVAL
+    # (about 1 in 400 mounts here with `podman images` in a loop beside them).
+    layers = runtime.image_layers(await runtime.image(IMAGE))
+    stop = threading.Event()
+
+    def podman_commands() -> None:
+        while not stop.is_set():
+            _podman("images", "-q")
+
+    thread = threading.Thread(target=podman_commands)
+    thread.start()
+    mounts = 0
+    try:
+        deadline = asyncio.get_running_loop().time() + 8
+        while asyncio.get_running_loop().time() < deadline:
+            merged = await runtime.mount_rootfs(tmp_path / "root", layers)
+            assert mounted_source(merged) is not None
+            await runtime.unmount_rootfs(merged)
+            mounts += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert mounts > 100 and mounted_source(merged) is None
