@@ -329,6 +329,16 @@ class Agent:
                 backoff_max=cfg.backoff_max,
             )
             self.link.on_agent_id = self._on_agent_id
+            if self.proxy_workers is not None:
+                # The link set itself as the sessions' sink: the workers hear of each
+                # change of a session at once too.
+                publish, workers = self.manager.on_observed, self.proxy_workers
+
+                def observed(obs: pb.SessionObserved) -> None:
+                    publish(obs)
+                    workers.push_state()
+
+                self.manager.on_observed = observed
             self.link.on_desired = on_desired
             self.link.connections_snapshot = self.proxy.all_connections
             self.link.proxy_instance_id = self.proxy.instance_id

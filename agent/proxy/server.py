@@ -1492,6 +1492,24 @@ class ConnectProxy:
         sids = [sid for sid in sorted(self._known_sessions()) if self.active_users(sid)]
         return [self.connections_message(sid) for sid in sids]
 
+    def end_stopped_sessions(self) -> int:
+        """End now the connections of sessions that are gone or no longer running (the
+        sweep does it within a second anyway). Returns how many were ended."""
+        ended = 0
+        running: dict[str, bool] = {}
+        for client in list(self._clients):
+            sid = client.sid
+            if sid is None or client.state == "closed":
+                continue
+            ok = running.get(sid)
+            if ok is None:
+                h = self._lookup(sid)
+                ok = running[sid] = h is not None and h.status == "running"
+            if not ok:
+                client.close()
+                ended += 1
+        return ended
+
     def _known_sessions(self) -> set[str]:
         sids = set(self._activity)
         for sessions in self._remote_activity.values():

@@ -159,6 +159,7 @@ class Worker:
         self.sessions.clear()
         self.sessions.update(sessions)
         self._have_state = True
+        self.proxy.end_stopped_sessions()
 
     def _access(self, message: dict[str, Any]) -> None:
         table = _field(message, "access", dict)

@@ -301,23 +301,27 @@ class ProxyWorkers:
             "cookieMax": cookie_max,
         }
 
-    async def _state_loop(self) -> None:
-        """Send the session table, key and cookie bound to the workers when they change.
+    def push_state(self) -> None:
+        """Send the session table, key and cookie bound to the workers if they changed
+        (the agent calls it on every session observation: a worker ends the connections
+        of a session that stopped as soon as it hears of it)."""
+        try:
+            state = self._state()
+        except Exception:  # pragma: no cover - never let the caller fail for it
+            log.exception("reading the sessions for the proxy workers failed")
+            return
+        if state != self._state_message:
+            self._state_message = state
+            for worker in self.workers:
+                worker.send(state)
 
-        Polled: sessions change status in many places of the agent, and a worker learns
-        of a stopped session within this period plus its 1 s sweep (the agent's own
-        proxy sweeps once a second as well)."""
+    async def _state_loop(self) -> None:
+        """Also polled: the key and the cookie bound come from the controller link, and a
+        change not observed as a session's (a port) still reaches the workers within
+        this period."""
         while True:
             await asyncio.sleep(STATE_SECONDS)
-            try:
-                state = self._state()
-            except Exception:  # pragma: no cover - never let the loop die
-                log.exception("reading the sessions for the proxy workers failed")
-                continue
-            if state != self._state_message:
-                self._state_message = state
-                for worker in self.workers:
-                    worker.send(state)
+            self.push_state()
 
     def _access_table(self) -> dict[str, list[int]]:
         return {sid: sorted(users) for sid, users in self.proxy.access_table().items()}

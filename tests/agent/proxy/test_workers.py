@@ -624,3 +624,39 @@ async def test_a_port_held_by_another_process_is_refused_in_one_line(tmp_path: P
         in err.decode()
     ), err
     assert b"Traceback" not in err
+
+
+async def test_stopping_a_session_ends_its_connections_in_every_process(
+    echo: Agent, controller: FakeController
+) -> None:
+    port = echo.proxy_port
+    cookie = _cookie(controller.key, ALICE)
+    conns = await _open_many(port, cookie, 30)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        sockets = [
+            await http.ws_connect(
+                f"http://127.0.0.1:{port}/ws",
+                headers={"Host": f"{SID}.localhost", "Cookie": f"studios-connect={cookie}"},
+            )
+            for _ in range(9)
+        ]
+        try:
+            await controller.wait_for(lambda: _processes_holding(echo) >= 2, timeout=5)
+            controller.push(desired(SID, status=pb.DESIRED_STATUS_STOPPED, image="test/echo:1"))
+            for conn in conns:
+                assert await conn.closed_within(5)
+            for sock in sockets:
+                msg = await asyncio.wait_for(sock.receive(), 5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+            # Refused by every process from then on.
+            for _ in range(30):
+                conn = await _Conn.open(port)
+                head, _body = await conn.get("/headers", cookie)
+                assert head.startswith((b"HTTP/1.1 503", b"HTTP/1.1 404")), head
+                conn.close()
+            await _wait_connections(echo, controller, {})
+        finally:
+            for sock in sockets:
+                await sock.close()
+            for conn in conns:
+                conn.close()
