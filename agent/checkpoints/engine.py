@@ -81,6 +81,7 @@ LARGE_FILE = 1024 * 1024
 # the cores only adds GIL hand-offs (100k small files: 6.6 s on 2 threads, 10.5 s on 4).
 SMALL_WORKERS = min(2, os.cpu_count() or 1)
 READ_ATTEMPTS = 3
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _IS_ROOT = os.geteuid() == 0
 
 _repos: dict[tuple[str, str], Repository] = {}
@@ -702,8 +703,8 @@ def _pack_table(repo: Repository, pack: str) -> tuple[int, list[PackEntry]]:
 def _load_range(repo: Repository, pack: str, start: int, length: int) -> bytes:
     """A range of a pack, asked again when it comes back short: a short answer would
     otherwise read as a truncated pack. (No short answer has been seen: the 'truncated
-    at blob' failures that prompted this came from a restore-side prefilter, since
-    removed.)"""
+    at blob' failures that prompted this were _ranges ending a range at an empty blob
+    that shared its offset with a large one.)"""
     name = pack_name(pack)
     data = b""
     for _attempt in range(READ_ATTEMPTS):
@@ -719,6 +720,22 @@ def _load_range(repo: Repository, pack: str, start: int, length: int) -> bytes:
 @functools.lru_cache(maxsize=64)
 def _zero_id(n: int) -> bytes:
     return blob_id(bytes(n))
+
+
+def _is_zero_blob(pe: PackEntry, max_size: int) -> bool:
+    """A blob of zeros (or empty): restored as a hole, never fetched. Only a blob that
+    compressed to almost nothing can be zeros, so a run of zeros is hashed for those
+    alone (hashing one per blob size, each a cache miss, cost as much as hashing the
+    data itself); bounded by the chunker's maximum, so a forged table cannot make us
+    allocate gigabytes of zeros."""
+    if pe.raw_length == 0:
+        return True
+    return (
+        pe.compressed
+        and pe.length <= pe.raw_length // 64 + 64
+        and pe.raw_length <= max_size
+        and pe.blob == _zero_id(pe.raw_length)
+    )
 
 
 def _decode_blob(pack: str, e: PackEntry, stored: bytes | memoryview) -> bytes:
@@ -738,10 +755,14 @@ def _ranges(
 ) -> list[list[PackEntry]]:
     """Blobs grouped into ranges close enough to fetch with one request."""
     out: list[list[PackEntry]] = []
-    for e in sorted(entries, key=lambda x: x.offset):
+    for e in sorted(entries, key=lambda x: (x.offset, x.length)):
         if out:
             cur = out[-1]
             start = cur[0].offset
+            # Sorted by (offset, length), the last blob ends last even where an empty
+            # blob shares its offset with the next one: sorted by offset alone, an empty
+            # blob after a large one at the same offset ended the range at that offset
+            # and cut the large one short ('truncated at blob').
             end = cur[-1].offset + cur[-1].length
             if e.offset - end <= gap and e.offset + e.length - start <= cap:
                 cur.append(e)
@@ -795,6 +816,8 @@ class _Restore:
         self.warnings: list[str] = []
         self.root_fd = -1
         self.tail_holes: set[str] = set()
+        # Files written whole by _fill (one open each), by path.
+        self.whole: dict[str, Entry] = {}
 
     def _check_cancel(self) -> None:
         # Checked between files and between downloaded ranges: a range in flight finishes
@@ -826,6 +849,7 @@ class _Restore:
                 if e.type != "file":
                     continue
                 off = 0
+                zero = False
                 for c in e.chunks:
                     b = bytes.fromhex(c)
                     hit = blobs.get(b)
@@ -835,16 +859,16 @@ class _Restore:
                             "is in none of its packs"
                         )
                     pack, pe = hit
-                    # Bounded by the chunker's maximum: a forged table cannot make us
-                    # allocate gigabytes of zeros.
-                    zero = pe.raw_length <= self.repo.params.max_size and b == _zero_id(
-                        pe.raw_length
-                    )
+                    zero = _is_zero_blob(pe, self.repo.params.max_size)
                     if not zero:
                         plan.setdefault(pack, {}).setdefault(b, (pe, []))[1].append((e.path, off))
                     off += pe.raw_length
                 if e.chunks and zero:
                     self.tail_holes.add(e.path)
+                elif len(e.chunks) == 1:
+                    # All its data in one blob: created, written and given its metadata
+                    # where that blob is decoded, with one open (most files of a tree).
+                    self.whole[e.path] = e
                 if off != e.size:
                     raise CheckpointError(
                         f"checkpoint {self.m.key}: chunks of {e.path!r} do not add up to its size"
@@ -872,7 +896,7 @@ class _Restore:
                 # threads only fight over the GIL (100k files: 1.3 s on one, 12 s on four).
                 for e in self.m.entries:
                     self._check_cancel()
-                    if e.type not in ("dir", "hardlink"):
+                    if e.type not in ("dir", "hardlink") and e.path not in self.whole:
                         self._meta(dirs, e)
                 for e in reversed(self.m.entries):
                     if e.type == "dir":
@@ -890,7 +914,7 @@ class _Restore:
     def _create(self, dirs: DirFds) -> None:
         for e in self.m.entries[1:]:
             self._check_cancel()
-            if e.type == "hardlink":
+            if e.type == "hardlink" or e.path in self.whole:
                 continue
             parent, name = posixpath.split(e.path)
             pfd = dirs.get(parent)
@@ -936,12 +960,20 @@ class _Restore:
                     pack, pe, data[pe.offset - start : pe.offset - start + pe.length]
                 )
                 for path, off in wanted[pe.blob][1]:
-                    fd = safe_open(self.root_fd, path, os.O_WRONLY)
+                    whole = self.whole.get(path)
+                    if whole is None:
+                        fd = safe_open(self.root_fd, path, os.O_WRONLY)
+                    else:
+                        # O_EXCL (and safe_open's no-symlink resolution): never into
+                        # anything that was there before.
+                        fd = safe_open(self.root_fd, path, _CREATE_FLAGS, 0o600)
                     try:
                         view = memoryview(raw)
                         while view:
                             n = os.pwrite(fd, view, off)
                             view, off = view[n:], off + n
+                        if whole is not None:
+                            self._meta_fd(fd, whole)
                     finally:
                         os.close(fd)
                     self.progress.add(len(raw))
@@ -959,17 +991,20 @@ class _Restore:
                 os.close(sfd)
                 os.close(dfd)
 
+    def _meta_fd(self, fd: int, e: Entry) -> None:
+        if _IS_ROOT:
+            os.fchown(fd, e.uid, e.gid)
+        _set_xattrs(fd, e.xattrs, self.warnings, e.path)
+        # After chown, which clears set-id bits.
+        os.fchmod(fd, e.mode)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
     def _meta(self, dirs: DirFds, e: Entry) -> None:
         if e.type in ("file", "dir"):
             flags = os.O_RDONLY | (os.O_DIRECTORY if e.type == "dir" else 0)
             fd = safe_open(self.root_fd, e.path, flags)
             try:
-                if _IS_ROOT:
-                    os.fchown(fd, e.uid, e.gid)
-                _set_xattrs(fd, e.xattrs, self.warnings, e.path)
-                # After chown, which clears set-id bits.
-                os.fchmod(fd, e.mode)
-                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+                self._meta_fd(fd, e)
             finally:
                 os.close(fd)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import random
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -369,6 +370,11 @@ def _checkpoint(tmp_path: Path) -> str:
         (src / "d" / name).write_bytes(f"restored {name}\n".encode() * 100)
         os.chmod(src / "d" / name, 0o755)
     (src / "d" / "sub" / "g").write_bytes(b"restored g\n")
+    # Empty files and files in several chunks take the other paths: created by _create,
+    # written (if at all) and given their metadata by path.
+    (src / "d" / "empty").write_bytes(b"")
+    (src / "d" / "sub" / "empty").write_bytes(b"")
+    (src / "d" / "big").write_bytes(random.Random(0).randbytes(3 * 1024 * 1024))
     (src / "top").write_bytes(b"top\n")
     os.chmod(src / "d", 0o755)
     return E.backup_sync(f"file://{tmp_path}/repo", "s", src).uri
@@ -404,18 +410,27 @@ def _hook(
 
 
 RACES = {
-    # _fill opens each restored file again, by path, to write its data.
+    # _fill creates each file whose data is one blob, by path, writes it and sets its
+    # metadata through that one fd.
     "dir-swapped-before-data": (
         E,
         lambda rel, flags: rel.startswith("d/") and bool(flags & os.O_WRONLY),
         "d",
         "",
     ),
-    # _meta opens each restored file by path to chown, chmod and utime it.
+    # A file in several chunks was created by _create; _fill opens it again by path.
+    "dir-swapped-before-data-in-chunks": (
+        E,
+        lambda rel, flags: rel == "d/big" and flags & (os.O_WRONLY | os.O_CREAT) == os.O_WRONLY,
+        "d",
+        "",
+    ),
+    # _meta opens each file not written whole (here an empty one) by path to chown,
+    # chmod and utime it.
     "file-swapped-before-meta": (
         E,
-        lambda rel, flags: rel == "d/f2" and flags == os.O_RDONLY,
-        "d/f2",
+        lambda rel, flags: rel == "d/empty" and flags == os.O_RDONLY,
+        "d/empty",
         "f2",
     ),
     # ...and each directory, deepest first.
@@ -431,7 +446,8 @@ RACES = {
         "d",
         "",
     ),
-    # _create asks DirFds for each parent directory (safefs.safe_open on a miss).
+    # _create asks DirFds for each parent directory (safefs.safe_open on a miss), here
+    # for d/sub/empty.
     "parent-swapped-before-create": (
         safefs,
         lambda rel, flags: rel == "d/sub",
