@@ -24,6 +24,7 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 
 from sqlalchemy import select, union_all
@@ -36,6 +37,7 @@ from controller.models import (
     Studio,
     TeamMember,
     User,
+    as_utc,
     utcnow,
 )
 
@@ -141,6 +143,20 @@ def hash_token(token: str) -> str:
 
 
 # RFC 6750's b64token, as long as any token of ours can be (join tokens are the longest).
+# `lastUsed` of an API token is kept to this precision: writing it on every request
+# would turn each read (GET /studios, a long-poll) into a write transaction, which
+# serialises them on SQLite and costs a WAL flush each on PostgreSQL.
+LAST_USED_PRECISION = timedelta(minutes=1)
+
+
+def mark_token_used(token: ApiToken) -> None:
+    """Record the token's use, at most once per `LAST_USED_PRECISION`."""
+    now = utcnow()
+    last = as_utc(token.last_used)
+    if last is None or now - last >= LAST_USED_PRECISION:
+        token.last_used = now
+
+
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]{1,512}=*")
 
 
@@ -179,7 +195,7 @@ async def authenticate(session: AsyncSession, header: str | None) -> Principal:
         # A deleted user's tokens are gone too; the check keeps it so whatever the order.
         raise Unauthorized("invalid API token")
     api_token, user = row
-    api_token.last_used = utcnow()
+    mark_token_used(api_token)
     return Principal(user_id=user.id, user_name=user.user_name, email=user.email)
 
 

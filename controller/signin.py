@@ -44,7 +44,7 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.auth import Principal, authenticate, hash_token
+from controller.auth import Principal, authenticate, hash_token, mark_token_used
 from controller.errors import Forbidden, Unauthorized
 from controller.models import ApiToken, User, utcnow
 
@@ -193,7 +193,7 @@ async def verify_session(
             f"sign in again at {SIGN_IN_PATH}"
         )
     api_token, user = row
-    api_token.last_used = utcnow()
+    mark_token_used(api_token)
     return Principal(user_id=user.id, user_name=user.user_name, email=user.email)
 
 
