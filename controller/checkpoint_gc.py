@@ -140,25 +140,55 @@ class CheckpointGc(PeriodicPass):
 
     async def run_once(self, *, force: bool = False) -> list[CheckpointGcRun]:
         """Collect every store that needs it (all of them with `force`)."""
-        plans = await self.plans()
-        runs = []
         now = time.monotonic()
-        for plan in plans:
-            if not force and not self._due(plan, now):
-                continue
-            runs.append(await self.collect(plan))
+        if not force:
+            # The full catalogue (every studio and checkpoint) is read only when a store
+            # is due: this check runs every `poll_s` and must stay cheap with 10,000s of
+            # studios (one aggregate query instead of loading them all).
+            due = {
+                base
+                for base, last_deleted in (await self.last_deletions()).items()
+                if self._due(base, last_deleted, now)
+            }
+            if not due:
+                return []
+        runs = []
+        for plan in await self.plans():
+            if force or plan.base_uri in due:
+                runs.append(await self.collect(plan))
         return runs
 
-    def _due(self, plan: StorePlan, now: float) -> bool:
-        if now < self._next_try.get(plan.base_uri, 0.0):
+    def _due(self, base: str, last_deleted: datetime | None, now: float) -> bool:
+        if now < self._next_try.get(base, 0.0):
             return False
-        last = self._last_ok.get(plan.base_uri)
+        last = self._last_ok.get(base)
         if last is None:
             # First pass of this process: only when a studio has been deleted.
-            return plan.last_deleted is not None
-        if plan.last_deleted is not None and plan.last_deleted > last:
+            return last_deleted is not None
+        if last_deleted is not None and last_deleted > last:
             return True
         return (utcnow() - last).total_seconds() >= self.interval_s
+
+    async def last_deletions(self) -> dict[str, datetime | None]:
+        """{store: its newest studio deletion (None: none)}, for every store."""
+        async with self.db.transaction() as session:
+            envs = (await session.execute(select(ComputeEnv.id, ComputeEnv.work_dir))).all()
+            newest = dict(
+                (
+                    await session.execute(
+                        select(Studio.compute_env_id, func.max(Studio.date_deleted))
+                        .where(Studio.deleted.is_(True))
+                        .group_by(Studio.compute_env_id)
+                    )
+                ).all()
+            )
+        by_base: dict[str, datetime | None] = {}
+        for env_id, work_dir in envs:
+            base = checkpoint_base_uri(work_dir)
+            deleted = as_utc(newest.get(env_id))
+            known = by_base.get(base)
+            by_base[base] = deleted if known is None or (deleted and deleted > known) else known
+        return by_base
 
     # ------------------------------------------------------------ the catalogue
 

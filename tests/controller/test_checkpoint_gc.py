@@ -15,6 +15,7 @@ from controller.bootstrap import bootstrap
 from controller.checkpoint_gc import CheckpointGc, last_gc_runs
 from controller.db import Database
 from controller.models import Checkpoint, CheckpointGcRun, ComputeEnv, Studio, utcnow
+from controller.stores import checkpoint_base_uri
 from controller.views import gc_run_json
 from tests import s3_server as _s3
 from tests.conftest import ControllerHarness
@@ -223,3 +224,35 @@ async def test_compute_envs_show_the_last_gc(controller_harness: ControllerHarne
     _, body = await h.request("GET", "/compute-envs", expect=200)
     gc = body["computeEnvs"][0]["checkpointGc"]
     assert gc is not None and gc["baseUri"] == "file:///tmp/work/.studios/checkpoints"
+
+
+async def test_due_check_reads_the_catalogue_only_when_a_store_is_due(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check every poll is one aggregate query; the full catalogue (every studio and
+    checkpoint) is read only for a pass that collects."""
+    await _env(db, "e" * 16, str(tmp_path / "work"))
+    await _env(db, "f" * 16, str(tmp_path / "other"))
+    await _studio(db, "aaaa0001", "e" * 16, [])
+    await _studio(db, "bbbb0001", "f" * 16, [])
+    gc = CheckpointGc(db)
+    catalogue_reads = 0
+    plans = gc.plans
+
+    async def counted() -> Any:
+        nonlocal catalogue_reads
+        catalogue_reads += 1
+        return await plans()
+
+    monkeypatch.setattr(gc, "plans", counted)
+    assert await gc.run_once() == [] and catalogue_reads == 0  # nothing deleted yet
+
+    await _delete(db, "aaaa0001")
+    work_base = checkpoint_base_uri(str(tmp_path / "work"))
+    deletions = await gc.last_deletions()
+    assert deletions[work_base] is not None
+    assert deletions[checkpoint_base_uri(str(tmp_path / "other"))] is None
+    runs = await gc.run_once()
+    # Only the store with the deletion is collected; the other is not due.
+    assert [r.base_uri for r in runs] == [work_base] and catalogue_reads == 1
+    assert await gc.run_once() == [] and catalogue_reads == 1  # collected since
