@@ -303,8 +303,17 @@ class Studio(Base):
             sqlite_where=text("NOT deleted"),
             postgresql_where=text("NOT deleted"),
         ),
-        # The default order of GET /studios.
-        Index("ix_studios_workspace_created", "workspace_id", "date_created", "session_id"),
+        # GET /studios from the index alone: its filter (workspace, live), its default
+        # order, and the columns of a free-text search (migration 0015).
+        Index(
+            "ix_studios_live_list",
+            "workspace_id",
+            "deleted",
+            "date_created",
+            "session_id",
+            "name",
+            "template_repository",
+        ),
     )
 
     session_id: Mapped[str] = mapped_column(String(8), primary_key=True)

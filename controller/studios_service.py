@@ -662,12 +662,24 @@ class StudioService:
                     query.with_only_columns(Studio.session_id).subquery()
                 )
             )
-            query = (
-                query.order_by(Studio.date_created.desc(), Studio.session_id.desc())
-                .offset(page.offset)
-                .limit(page.max if page.max is not None else DEFAULT_PAGE_SIZE)
-            )
-            studios = (await session.scalars(query)).all()
+            # The page's ids first, then its rows: the ids come from the list index alone
+            # (ix_studios_live_list), so a search or a deep page reads index entries, not
+            # the wide studio rows it skips over.
+            ids = (
+                await session.scalars(
+                    query.with_only_columns(Studio.session_id)
+                    .order_by(Studio.date_created.desc(), Studio.session_id.desc())
+                    .offset(page.offset)
+                    .limit(page.max if page.max is not None else DEFAULT_PAGE_SIZE)
+                )
+            ).all()
+            rows = {
+                s.session_id: s
+                for s in (
+                    await session.scalars(select(Studio).where(Studio.session_id.in_(ids)))
+                ).all()
+            }
+            studios = [rows[i] for i in ids if i in rows]
             return await self._details_of(session, studios), int(total or 0)
 
     async def validate_name(
