@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +130,33 @@ async def _restore_step(api: RestClient, sid: str) -> dict[str, Any]:
     return steps[0] if steps else {}
 
 
-async def test_start_cancelled_while_restoring_stops_at_once(
-    tmp_path: Path, s3_server: S3Server
-) -> None:
+@dataclass
+class SlowRestore:
+    """A stopped studio whose start restores a large checkpoint through the relay."""
+
+    api: RestClient
+    agent: AgentProcess
+    relay: ThrottledRelay
+    bucket: str
+    sid: str
+    expected: dict[str, str]
+    stored: dict[str, Any]
+
+    async def start_restoring(self) -> None:
+        """Start the studio slowly and return once its restore is downloading."""
+        self.relay.slow = True
+        await self.api.request("PUT", f"/studios/{self.sid}/start", {}, expect=200)
+        deadline = time.monotonic() + 120
+        while (await _restore_step(self.api, self.sid)).get("status") != "in-progress":
+            assert time.monotonic() < deadline, "the restore did not begin"
+            await asyncio.sleep(0.1)
+        # Into the first wave of packs: the volume exists, its files are being filled.
+        await asyncio.sleep(1.0)
+        assert leftovers(self.agent, self.sid), "the start made nothing yet"
+
+
+@contextlib.asynccontextmanager
+async def _slow_restore(tmp_path: Path, s3_server: S3Server) -> AsyncIterator[SlowRestore]:
     _require_xfs()
     bucket = s3_server.make_bucket(f"cancel-{os.urandom(4).hex()}")
     keys = {"AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret}
@@ -173,41 +199,7 @@ async def test_start_cancelled_while_restoring_stops_at_once(
             await api.wait_status(sid, "stopped", timeout=300)
             stored = _objects(s3_server, f"{bucket}/work")
             assert any("/data/" in p for p in stored), stored
-
-            relay.slow = True
-            await api.request("PUT", f"/studios/{sid}/start", {}, expect=200)
-            deadline = time.monotonic() + 120
-            while (await _restore_step(api, sid)).get("status") != "in-progress":
-                assert time.monotonic() < deadline, "the restore did not begin"
-                await asyncio.sleep(0.1)
-            # Into the first wave of packs: the volume exists, its files are being filled.
-            await asyncio.sleep(1.0)
-            assert leftovers(agent, sid), "the start made nothing yet"
-
-            cancelled_at = time.monotonic()
-            _, cancel = await api.request("POST", f"/studios/{sid}/cancel", expect=200)
-            assert cancel["statusInfo"]["status"] == "stopping"
-            studio = await api.wait_status(sid, {"stopped", "errored", "running"}, timeout=60)
-            cancel_seconds = time.monotonic() - cancelled_at
-            assert studio["statusInfo"]["status"] == "stopped", studio["statusInfo"]
-            [entry] = [s for s in agent.cli("sessions")["sessions"] if s["id"] == sid]
-            assert entry["status"] == "stopped" and entry["message"] == "start cancelled", entry
-            assert "restore cancelled after" in agent.log_tail(400), agent.log_tail(50)
-            assert leftovers(agent, sid) == []
-            # Nothing written to the store by the cancelled start, nothing removed.
-            assert _objects(s3_server, f"{bucket}/work") == stored
-
-            # The same restore let run, as slow: the cancel did not wait for it.
-            started_at = time.monotonic()
-            await api.request("PUT", f"/studios/{sid}/start", {}, expect=200)
-            await api.wait_status(sid, "running", timeout=180)
-            full_seconds = time.monotonic() - started_at
-            print(f"cancel took {cancel_seconds:.1f} s; the full start {full_seconds:.1f} s")
-            assert cancel_seconds < full_seconds / 2, (cancel_seconds, full_seconds)
-            relay.slow = False
-            assert _tree(root_dir(agent, sid) / "work") == expected
-            await api.request("PUT", f"/studios/{sid}/stop", {}, expect=200)
-            await api.wait_status(sid, "stopped", timeout=300)
+            yield SlowRestore(api, agent, relay, bucket, sid, expected, stored)
         finally:
             relay.slow = False
             if api is not None:
@@ -217,3 +209,69 @@ async def test_start_cancelled_while_restoring_stops_at_once(
             controller.stop()
             if agent is not None and sid:
                 _release_leftovers(agent.state_dir, sid)
+
+
+async def test_start_cancelled_while_restoring_stops_at_once(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    async with _slow_restore(tmp_path, s3_server) as run:
+        api, agent, sid = run.api, run.agent, run.sid
+        await run.start_restoring()
+        cancelled_at = time.monotonic()
+        _, cancel = await api.request("POST", f"/studios/{sid}/cancel", expect=200)
+        assert cancel["statusInfo"]["status"] == "stopping"
+        studio = await api.wait_status(sid, {"stopped", "errored", "running"}, timeout=60)
+        cancel_seconds = time.monotonic() - cancelled_at
+        assert studio["statusInfo"]["status"] == "stopped", studio["statusInfo"]
+        [entry] = [s for s in agent.cli("sessions")["sessions"] if s["id"] == sid]
+        assert entry["status"] == "stopped" and entry["message"] == "start cancelled", entry
+        assert "restore cancelled after" in agent.log_tail(400), agent.log_tail(50)
+        assert leftovers(agent, sid) == []
+        # Nothing written to the store by the cancelled start, nothing removed.
+        assert _objects(s3_server, f"{run.bucket}/work") == run.stored
+
+        # The same restore let run, as slow: the cancel did not wait for it.
+        started_at = time.monotonic()
+        await api.request("PUT", f"/studios/{sid}/start", {}, expect=200)
+        await api.wait_status(sid, "running", timeout=180)
+        full_seconds = time.monotonic() - started_at
+        print(f"cancel took {cancel_seconds:.1f} s; the full start {full_seconds:.1f} s")
+        assert cancel_seconds < full_seconds / 2, (cancel_seconds, full_seconds)
+        run.relay.slow = False
+        assert _tree(root_dir(agent, sid) / "work") == run.expected
+        await api.request("PUT", f"/studios/{sid}/stop", {}, expect=200)
+        await api.wait_status(sid, "stopped", timeout=300)
+
+
+async def test_agent_stopped_while_restoring_exits_at_once(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    """SIGTERM mid-restore: the agent's exit waited for its worker threads, so for the
+    whole restore; now it ends the restore, and the next agent process aborts the start
+    (nothing left) and the studio starts again from the untouched checkpoint."""
+    async with _slow_restore(tmp_path, s3_server) as run:
+        api, agent, sid = run.api, run.agent, run.sid
+        await run.start_restoring()
+        stopped_at = time.monotonic()
+        code = await asyncio.to_thread(agent.stop, signal.SIGTERM, 60.0)
+        stop_seconds = time.monotonic() - stopped_at
+        assert code == 0, (code, agent.log_tail())
+        assert _objects(s3_server, f"{run.bucket}/work") == run.stored
+
+        # The next agent process finds the start interrupted and aborts it; the studio,
+        # still wanted running, starts again and restores the checkpoint whole, as slowly.
+        started_at = time.monotonic()
+        agent.start()
+        studio = await api.wait_status(sid, {"running", "errored", "stopped"}, timeout=180)
+        if studio["statusInfo"]["status"] != "running":
+            await api.request("PUT", f"/studios/{sid}/start", {}, expect=200)
+            await api.wait_status(sid, "running", timeout=180)
+        full_seconds = time.monotonic() - started_at
+        print(
+            f"the agent stopped in {stop_seconds:.1f} s; its next start took {full_seconds:.1f} s"
+        )
+        assert stop_seconds < full_seconds / 2, (stop_seconds, full_seconds)
+        run.relay.slow = False
+        assert _tree(root_dir(agent, sid) / "work") == run.expected
+        await api.request("PUT", f"/studios/{sid}/stop", {}, expect=200)
+        await api.wait_status(sid, "stopped", timeout=300)
