@@ -242,7 +242,7 @@ def main() -> None:
             for kind in args.stores.split(","):
                 store = Store(kind, tmpd / kind, srv)
                 (tmpd / kind).mkdir()
-                res: dict[str, Any] = {}
+                res: dict[str, Any] = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
                 tools = ["ours", "tar"] + ([] if args.no_restic else ["restic"])
                 for tool in tools:
                     data = tmpd / kind / f"data-{tool}"

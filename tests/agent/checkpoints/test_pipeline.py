@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from agent.checkpoints import engine as E
 from agent.checkpoints.backend import Backend, ObjectInfo
 from agent.checkpoints.index import decode_index
-from agent.checkpoints.pack import BLOB_DATA, CorruptPack, PackEntry, parse_pack_table
+from agent.checkpoints.pack import (
+    BLOB_DATA,
+    CorruptPack,
+    PackEntry,
+    compress_blob,
+    parse_pack_table,
+)
 from agent.checkpoints.repo import pack_name
 from agent.errors import CheckpointError
 from tests import s3_server as _s3
@@ -202,3 +209,39 @@ async def test_a_corrupt_blob_of_a_file_written_whole_fails_the_restore_naming_i
     assert ei.value.pack == pack
     # Nothing of the corrupt blob was written: the file was never created.
     assert not (tmp_path / "out" / "bad.bin").exists()
+
+
+@pytest.mark.parametrize("nth", [1, 40])
+def test_a_compressor_failing_in_a_reader_thread_is_named_and_leaves_no_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nth: int
+) -> None:
+    uri = f"file://{tmp_path}/repo"
+    src = tmp_path / "src"
+    _many_small_few_large(src, random.Random(8))
+    real = compress_blob
+    calls = 0
+    lock = threading.Lock()
+
+    def failing(data: bytes | memoryview) -> tuple[bytes, bool]:
+        nonlocal calls
+        with lock:
+            calls += 1
+            fail = calls == nth
+        if fail:
+            raise zstandard.ZstdError("injected compressor failure")
+        return real(data)
+
+    monkeypatch.setattr(E, "compress_blob", failing)
+    with pytest.raises(CheckpointError, match="ZstdError: injected compressor failure") as ei:
+        E.backup_sync(uri, "s", src, pack_size=1 * MiB)
+    assert "compressing" in str(ei.value) and str(src) in str(ei.value)
+    assert E.list_checkpoints(uri, "s") == []
+    repo = E.get_repository(uri)
+    for o in repo.backend.list("index/"):
+        for pack in decode_index(repo.backend.load(o.name)).values():
+            repo.backend.stat(pack_name(pack.pack))
+    monkeypatch.setattr(E, "compress_blob", real)
+    r = E.backup_sync(uri, "s", src, pack_size=1 * MiB)
+    out = tmp_path / "out"
+    E.restore_sync(r.uri, out)
+    assert _digests(out) == _digests(src)
