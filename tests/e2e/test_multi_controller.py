@@ -430,3 +430,47 @@ async def test_controller_as_a_name_with_two_addresses_fails_over(
         # Through the survivor: nginx holds no controller that is gone for long.
         await site.close()
         cluster.stop()
+
+
+async def test_controller_name_not_in_the_certificate_is_refused(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """The TLS name check holds for a name with several addresses: a name the controllers'
+    certificates do not carry (they were not given it with --grpc-advertise) is refused,
+    whichever address the agent reaches, although the join token's CA pin matches."""
+    require_cluster_tools()
+    require(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
+    cluster = Cluster(
+        tmp_path / "cluster",
+        postgres_database,
+        extra_args=BASE_ARGS,
+        grpc_hosts=("127.0.0.1", "::1"),
+    )
+    await cluster.start()
+    site = Site(cluster, tmp_path)
+    try:
+        await site.setup()
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 controllers.test\n::1 controllers.test\n")
+        agent = AgentProcess(cluster.controllers[0], site.compute_env_id, tmp_path / "agent")
+        agent.argv[agent.argv.index("--controller") + 1] = f"controllers.test:{cluster.grpc_port}"
+        _with_hosts_file(agent, hosts)
+        site.agents.append(agent)
+        agent.start()
+
+        async def refused() -> bool:
+            try:
+                link = await asyncio.to_thread(_link, agent)
+            except subprocess.CalledProcessError:
+                return False
+            return bool(link.get("lastError"))
+
+        await _until("the agent reports why it cannot connect", refused, 60)
+        link = await asyncio.to_thread(_link, agent)
+        assert not link["connected"], link
+        assert "certificate does not name controllers.test" in link["lastError"], link
+        _, listing = await site.front.request("GET", "/agents", expect=200)
+        assert listing["agents"] == [], listing
+    finally:
+        await site.close()
+        cluster.stop()
