@@ -9,9 +9,11 @@ processes on the local runtime with xfs-loop volumes (loop devices, XFS, mounts)
   run: it is told to forget it, stops it with a final checkpoint, and that checkpoint is
   kept as a named checkpoint of the studio (not its restore point); no second session
   runs; a new studio added from that checkpoint has the lost run's files byte for byte;
-- a start cancelled while it restores a checkpoint (held there by the agent's test pause
-  hook, `agent.crash_points.hold`) ends `stopped` with nothing of it left on the host: no
-  tool process, no mount, no loop device, no volume directory; nothing checkpointed.
+- a start cancelled at the end of its restore step (held right after the restore wrote
+  the volume by the agent's test pause hook, `agent.crash_points.hold`) ends `stopped`
+  with nothing of it left on the host: no tool process, no mount, no loop device, no
+  volume directory; nothing checkpointed. A cancel while the restore is still reading
+  the store: tests/e2e/test_cancel_mid_restore.py.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ async def test_agent_lost_then_back_keeps_its_final_checkpoint(tmp_path: Path) -
         assert second_id != first_id
 
 
-async def test_start_cancelled_mid_restore_leaves_nothing(tmp_path: Path) -> None:
+async def test_start_cancelled_after_restore_leaves_nothing(tmp_path: Path) -> None:
     async with _stack(tmp_path) as stack:
         api = stack.api
         pause = tmp_path / "pause-at"

@@ -3,7 +3,7 @@ desired STOPPED reaches a real agent mid-build; the build's process group is kil
 image is tagged, no container or volume is made, and the session is reported `stopped`
 ("start cancelled"). Real podman and the project's JupyterLab image, as in
 tests/agent/sessions/test_environment_sessions.py; the controller is the fake one. A
-cancel mid-restore, with real processes: tests/e2e/test_lost_agents.py.
+cancel mid-restore, with real processes: tests/e2e/test_cancel_mid_restore.py.
 """
 
 from __future__ import annotations
