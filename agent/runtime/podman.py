@@ -780,10 +780,13 @@ class PodmanRuntime(Runtime):
 
     async def _cleanup(self, handle: RuntimeHandle) -> None:
         """Remove the container (by id and by name) and unmount its root file system."""
+        ref, name = self._ref(handle), self.container_name(handle.session_id)
         with contextlib.suppress(PodmanError):
-            await self._remove(self._ref(handle))
-        with contextlib.suppress(PodmanError):
-            await self._remove(self.container_name(handle.session_id))
+            await self._remove(ref)
+        if name != ref:
+            # Under the name, another container: a later start's, killed before its id was saved.
+            with contextlib.suppress(PodmanError):
+                await self._remove(name)
         # A handle of a start killed before it returned has no data: try the default name.
         network = str(handle.data.get("network", self.network_name(handle.session_id)))
         if network:
