@@ -24,6 +24,7 @@ from studios.agent.v1 import agent_pb2 as pb
 from agent.daemon import Agent
 from agent.proxy import ConnectProxy
 from studios_shared.connect_token import sign_connect_token
+from tests.agent.proxy.raw_http import KeepAlive
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_config_fixture,
     agent_fixture,
@@ -81,45 +82,8 @@ def _cookie(user_id: int, sid: str = SID, key: bytes = KEY) -> str:
     )
 
 
-def _request(path: str, cookie: str | None, sid: str = SID) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {sid}.localhost"]
-    if cookie is not None:
-        lines.append(f"Cookie: studios-connect={cookie}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head, await asyncio.wait_for(reader.readexactly(length), 5)
-
-
-class _KeepAlive:
-    """One raw HTTP/1.1 connection kept open between requests."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> _KeepAlive:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def get(self, path: str, cookie: str | None) -> tuple[bytes, bytes]:
-        self.writer.write(_request(path, cookie))
-        await self.writer.drain()
-        return await _response(self.reader)
-
-    async def closed_within(self, seconds: float) -> bool:
-        try:
-            return await asyncio.wait_for(self.reader.read(1), seconds) == b""
-        except (TimeoutError, ConnectionError):
-            return False
-
-    def close(self) -> None:
-        self.writer.close()
+async def _open(port: int) -> KeepAlive:
+    return await KeepAlive.open(port, SID, timeout=5)
 
 
 async def _ws(http: aiohttp.ClientSession, port: int, user: int) -> aiohttp.ClientWebSocketResponse:
@@ -138,7 +102,7 @@ async def test_a_removed_user_loses_websockets_and_keepalives_an_allowed_one_kee
     p, port = proxy
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
         alice_ws, bob_ws = await _ws(http, port, ALICE), await _ws(http, port, BOB)
-        alice_http, bob_http = await _KeepAlive.open(port), await _KeepAlive.open(port)
+        alice_http, bob_http = await _open(port), await _open(port)
         assert (await alice_http.get("/hello", _cookie(ALICE)))[1] == b"hello user7"
         assert (await bob_http.get("/hello", _cookie(BOB)))[1] == b"hello user8"
         assert {c["userId"] for c in p.connections(SID)} == {ALICE, BOB}
@@ -154,7 +118,7 @@ async def test_a_removed_user_loses_websockets_and_keepalives_an_allowed_one_kee
         assert time.monotonic() - started < 2
         # Bob is no longer listed; a new request with his cookie is refused.
         assert [c["userId"] for c in p.connections(SID)] == [ALICE]
-        refused = await _KeepAlive.open(port)
+        refused = await _open(port)
         head, body = await refused.get("/hello", _cookie(BOB))
         assert head.startswith(b"HTTP/1.1 403"), head
         assert b"may no longer use session" in body and b"user8" in body
@@ -177,7 +141,7 @@ async def test_a_removed_user_loses_websockets_and_keepalives_an_allowed_one_kee
         assert p.set_access(SID, [ALICE]) == 0
         d.access.user_ids.append(BOB)
         p.apply_desired_access(False, [d])
-        again = await _KeepAlive.open(port)
+        again = await _open(port)
         assert (await again.get("/hello", _cookie(BOB)))[1] == b"hello user8"
         again.close()
         alice_http.close()
@@ -192,7 +156,7 @@ async def test_a_bound_connection_is_refused_on_its_next_request_too(
     """Even before the close lands, a head on a connection of a removed user is not
     passed to the tool (the check runs on every request head)."""
     p, port = proxy
-    conn = await _KeepAlive.open(port)
+    conn = await _open(port)
     assert (await conn.get("/hello", _cookie(BOB)))[0].startswith(b"HTTP/1.1 200")
     p._access[SID] = frozenset({ALICE})  # narrowed without the immediate close
     head, body = await conn.get("/hello", _cookie(BOB))

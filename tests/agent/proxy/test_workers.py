@@ -32,6 +32,7 @@ from agent.daemon import Agent, AgentConfig
 from agent.proxy.server import ConnectProxy, PortHeldError
 from agent.proxy.workers import ACK_SECONDS
 from studios_shared.connect_token import sign_connect_token
+from tests.agent.proxy.raw_http import KeepAlive
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_fixture,
     kill_leftover_tools,
@@ -87,50 +88,13 @@ def _cookie(key: bytes, user: int) -> str:
     )
 
 
-def _request(path: str, cookie: str | None) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {SID}.localhost"]
-    if cookie is not None:
-        lines.append(f"Cookie: studios-connect={cookie}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+async def _open(port: int) -> KeepAlive:
+    return await KeepAlive.open(port, SID, timeout=10)
 
 
-async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head, await asyncio.wait_for(reader.readexactly(length), 10)
-
-
-class _Conn:
-    """One raw keep-alive HTTP/1.1 connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> _Conn:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def get(self, path: str, cookie: str | None) -> tuple[bytes, bytes]:
-        self.writer.write(_request(path, cookie))
-        await self.writer.drain()
-        return await _response(self.reader)
-
-    async def closed_within(self, seconds: float) -> bool:
-        try:
-            return await asyncio.wait_for(self.reader.read(1), seconds) == b""
-        except (TimeoutError, ConnectionError):
-            return True  # reset: closed too
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def _open_many(port: int, cookie: str, count: int) -> list[_Conn]:
-    async def one() -> _Conn:
-        conn = await _Conn.open(port)
+async def _open_many(port: int, cookie: str, count: int) -> list[KeepAlive]:
+    async def one() -> KeepAlive:
+        conn = await _open(port)
         head, _body = await conn.get("/headers", cookie)
         assert head.startswith(b"HTTP/1.1 200"), head
         return conn
@@ -235,7 +199,7 @@ async def test_a_revocation_holds_in_every_process_once_it_returns(
             assert echo.proxy_workers.restarts == 0  # every worker acknowledged it
             # At once, in whichever process accepts it: Bob's cookie is 403.
             accepted = _accepted_by_workers(echo)
-            fresh = [await _Conn.open(port) for _ in range(30)]
+            fresh = [await _open(port) for _ in range(30)]
             for conn in fresh:
                 head, body = await conn.get("/headers", bob_cookie)
                 assert head.startswith(b"HTTP/1.1 403"), head
@@ -257,14 +221,14 @@ async def test_a_revocation_holds_in_every_process_once_it_returns(
             # The same through the controller's stream: Bob back in, then out again.
             d.access.user_ids.append(BOB)
             controller.push(d)
-            back = await _Conn.open(port)
+            back = await _open(port)
             for _ in range(50):
                 head, _body = await back.get("/headers", bob_cookie)
                 if head.startswith(b"HTTP/1.1 200"):
                     break
                 back.close()
                 await asyncio.sleep(0.1)
-                back = await _Conn.open(port)
+                back = await _open(port)
             assert head.startswith(b"HTTP/1.1 200"), head
             back.close()
         finally:
@@ -280,7 +244,7 @@ async def test_a_connect_token_is_exchanged_once_across_processes(
     token = sign_connect_token(controller.key, session_id=SID, user_id=ALICE, user_name="user7")
 
     async def exchange() -> bytes:
-        conn = await _Conn.open(echo.proxy_port)
+        conn = await _open(echo.proxy_port)
         try:
             head, _body = await conn.get(f"/?studio-token={token}", None)
             return head.split(b"\r\n", 1)[0]
@@ -652,7 +616,7 @@ async def test_stopping_a_session_ends_its_connections_in_every_process(
                 assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
             # Refused by every process from then on.
             for _ in range(30):
-                conn = await _Conn.open(port)
+                conn = await _open(port)
                 head, _body = await conn.get("/headers", cookie)
                 assert head.startswith((b"HTTP/1.1 503", b"HTTP/1.1 404")), head
                 conn.close()
