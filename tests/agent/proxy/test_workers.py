@@ -92,6 +92,18 @@ async def _open(port: int) -> KeepAlive:
     return await KeepAlive.open(port, SID, timeout=10)
 
 
+async def _open_websockets(
+    http: aiohttp.ClientSession, port: int, cookie: str, count: int
+) -> list[aiohttp.ClientWebSocketResponse]:
+    return [
+        await http.ws_connect(
+            f"http://127.0.0.1:{port}/ws",
+            headers={"Host": f"{SID}.localhost", "Cookie": f"studios-connect={cookie}"},
+        )
+        for _ in range(count)
+    ]
+
+
 async def _open_many(port: int, cookie: str, count: int) -> list[KeepAlive]:
     async def one() -> KeepAlive:
         conn = await _open(port)
@@ -181,13 +193,7 @@ async def test_a_revocation_holds_in_every_process_once_it_returns(
     alice = await _open_many(port, alice_cookie, 15)
     bob = await _open_many(port, bob_cookie, 30)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-        sockets = [
-            await http.ws_connect(
-                f"http://127.0.0.1:{port}/ws",
-                headers={"Host": f"{SID}.localhost", "Cookie": f"studios-connect={bob_cookie}"},
-            )
-            for _ in range(9)
-        ]
+        sockets = await _open_websockets(http, port, bob_cookie, 9)
         try:
             await controller.wait_for(lambda: _processes_holding(echo) >= 2, timeout=5)
             d = desired(SID, image="test/echo:1")
@@ -599,13 +605,7 @@ async def test_stopping_a_session_ends_its_connections_in_every_process(
     cookie = _cookie(controller.key, ALICE)
     conns = await _open_many(port, cookie, 30)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-        sockets = [
-            await http.ws_connect(
-                f"http://127.0.0.1:{port}/ws",
-                headers={"Host": f"{SID}.localhost", "Cookie": f"studios-connect={cookie}"},
-            )
-            for _ in range(9)
-        ]
+        sockets = await _open_websockets(http, port, cookie, 9)
         try:
             await controller.wait_for(lambda: _processes_holding(echo) >= 2, timeout=5)
             controller.push(desired(SID, status=pb.DESIRED_STATUS_STOPPED, image="test/echo:1"))
