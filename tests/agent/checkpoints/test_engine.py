@@ -9,6 +9,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,7 @@ async def test_large_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def fast_tmp(tmp_path: Path):
+def fast_tmp(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs directory when there is one: 100k-file trees on a busy ext4 disk make the
     timing depend on the journal's writeback (seen: restore 8 s to 40 s), not on us."""
     shm = Path("/dev/shm")

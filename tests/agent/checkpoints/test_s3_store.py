@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tests.s3_server import S3Server, require_weed
 
 
 @pytest.fixture
-def private_s3(tmp_path: Path):
+def private_s3(tmp_path: Path) -> Iterator[S3Server]:
     srv = S3Server(tmp_path / "weed", require_weed())
     srv.start()
     try:
