@@ -69,7 +69,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,11 @@ class ControllerLink:
         self._task: asyncio.Task[None] | None = None
         # Set by the daemon: DesiredState for the proxy (full, sessions), and the
         # connections to report again after each (re)connect.
-        self.on_desired: Callable[[bool, list[pb.SessionDesired]], None] | None = None
+        # `on_desired` may return an awaitable: the proxy's worker processes acknowledging
+        # the access lists, awaited before anything else of the message is acted on.
+        self.on_desired: (
+            Callable[[bool, list[pb.SessionDesired]], Awaitable[None] | None] | None
+        ) = None
         self.connections_snapshot: Callable[[], list[pb.SessionConnections]] | None = None
         manager.on_observed = self.publish_observed
         manager.on_checkpoint = self.publish_checkpoint
@@ -711,7 +715,12 @@ class ControllerLink:
                 if self.on_desired is not None:
                     # Access first: a narrowed list must not wait for the reconciler.
                     try:
-                        self.on_desired(msg.desired.full, sessions)
+                        applied = self.on_desired(msg.desired.full, sessions)
+                        if applied is not None:
+                            # Every proxy process enforces a narrowed list before the
+                            # next message is read (a worker that does not acknowledge
+                            # within its bound is killed, its connections with it).
+                            await applied
                     except Exception:
                         log.exception("applying the proxy's access lists failed")
                 self.manager.apply_desired(msg.desired.full, sessions)

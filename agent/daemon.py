@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,7 +300,9 @@ class Agent:
                     f"--proxy: cannot listen on {cfg.proxy_host}:{cfg.proxy_port}: "
                     f"{_os_reason(exc)}"
                 ) from None
-            on_desired = self.proxy.apply_desired_access
+            on_desired: Callable[[bool, list[pb.SessionDesired]], Awaitable[None] | None] = (
+                self.proxy.apply_desired_access
+            )
             if shared:
                 manager = self.manager
                 self.proxy_workers = ProxyWorkers(
@@ -314,7 +317,7 @@ class Agent:
                     await self.proxy_workers.start()
                 except WorkerError as exc:
                     raise AgentError(f"--proxy-workers: {exc}") from None
-                on_desired = self.proxy_workers.apply_desired_access
+                on_desired = self.proxy_workers.apply_desired_access_and_wait
             self.metrics.proxy = self.proxy
             self.link = ControllerLink(
                 target=cfg.controller,

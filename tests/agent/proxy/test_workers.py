@@ -12,6 +12,7 @@ message does not take anything down, and a process of another uid cannot join th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -242,6 +243,36 @@ async def test_a_revocation_holds_in_every_process_once_it_returns(
                 await sock.close()
             for conn in alice + bob:
                 conn.close()
+
+
+async def test_the_controllers_access_change_holds_everywhere_before_the_link_goes_on(
+    echo: Agent, controller: FakeController
+) -> None:
+    """An access change from the controller's stream is enforced by every proxy process
+    before the agent acts on anything else of that message: with one worker frozen (it
+    cannot acknowledge), the session's stop in the same message waits until that worker
+    has been killed for not acknowledging, connections and all."""
+    workers = echo.proxy_workers
+    assert workers is not None
+    frozen = next(w.process for w in workers.workers if w.process is not None)
+    assert frozen is not None
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        d = desired(SID, status=pb.DESIRED_STATUS_STOPPED, image="test/echo:1")
+        d.access.user_ids.append(ALICE)
+        controller.push(d)
+        stopping = {pb.SESSION_STATUS_STOPPING, pb.SESSION_STATUS_STOPPED}
+        await controller.wait_for(
+            lambda: (obs := controller.latest(SID)) is not None and obs.status in stopping,
+            timeout=ACK_SECONDS + 15,
+        )
+        # The stop began only once the frozen worker was dealt with.
+        assert frozen.returncode is not None or not psutil.pid_exists(frozen.pid), (
+            "the session's stop went ahead while a proxy worker had not applied the access list"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            frozen.send_signal(signal.SIGCONT)
 
 
 async def test_a_connect_token_is_exchanged_once_across_processes(
