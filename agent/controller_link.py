@@ -650,7 +650,10 @@ class ControllerLink:
         )
 
         # Resync: the inventory carries the newest state of every session, so the
-        # coalesced observations are obsolete; unacknowledged checkpoints go again.
+        # coalesced observations are obsolete; unacknowledged checkpoints go again, and
+        # before the inventory: a stop finished while the stream was down reports
+        # `stopped` there, and the controller must have its final checkpoint by then (a
+        # start right after would otherwise restore the checkpoint before it).
         self._queue.clear()
         self._unacked.clear()
         self._visits_unacked.clear()
@@ -658,6 +661,7 @@ class ControllerLink:
         pending = await asyncio.to_thread(self.outbox.pending, acks=self.controller_acks)
         for path, event in pending:
             self._queue[("ckpt", str(path))] = pb.ConnectRequest(checkpoint=event)
+        self._queue[("inventory", "")] = pb.ConnectRequest(inventory=inventory)
         if self.controller_visits:
             for visit in self.visits.pending():
                 self._queue[("visit", visit.visit_id)] = pb.ConnectRequest(visit=visit)
@@ -665,7 +669,7 @@ class ControllerLink:
         if self.connections_snapshot is not None:
             for conns in self.connections_snapshot():
                 self._queue[("conn", conns.session_id)] = pb.ConnectRequest(connections=conns)
-        await call.write(pb.ConnectRequest(inventory=inventory))
+        self._wake.set()
 
         tasks = [
             asyncio.create_task(self._reader(call), name="link-reader"),
