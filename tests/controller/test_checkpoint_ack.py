@@ -221,7 +221,7 @@ async def _restart(fc: FakeController) -> int:
     return fc.streams
 
 
-async def test_outbox_drops_only_on_ack_and_resends_in_order_after_inventory(
+async def test_outbox_drops_only_on_ack_and_resends_in_order_before_inventory(
     tmp_path: Path, fc: FakeController, agent_and_state: tuple[Agent, Path]
 ) -> None:
     _, state_dir = agent_and_state
@@ -242,10 +242,13 @@ async def test_outbox_drops_only_on_ack_and_resends_in_order_after_inventory(
     fc.drop_acks = 0
     stream = await _restart(fc)
     await fc.wait_for(lambda: not _outbox(state_dir), timeout=30)
-    # The new stream: Hello, Inventory, then the unacknowledged events, oldest first.
+    # The new stream: Hello, the unacknowledged events oldest first, then the Inventory.
+    # Before it: the inventory says `stopped`, and a start right after must restore the
+    # FINALIZED checkpoint, so the controller has to have recorded it by then (in the
+    # other order test_crash_at_every_step lost the last files written before a stop).
     kinds = [m.WhichOneof("message") for n, m in fc.received if n == stream]
-    assert kinds[:2] == ["hello", "inventory"]
-    assert kinds.index("checkpoint") > kinds.index("inventory")
+    assert kinds[:3] == ["hello", "checkpoint", "checkpoint"], kinds
+    assert kinds.index("inventory") > 2, kinds
     again = _events(fc, sid, stream)
     assert [(e.key, e.status) for e in again] == [(e.key, e.status) for e in sent]
     assert [a.key for a in fc.acks_for(sid)] == [e.key for e in sent]
