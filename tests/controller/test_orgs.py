@@ -6,6 +6,7 @@ harness). The role matrix of the new endpoints: test_orgs_roles.py.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -489,9 +490,16 @@ async def test_deleting_a_user(
         ).all()
         studio = await session.get(Studio, mine)
         assert studio is not None and not studio.deleted  # kept
-    # Still private: the admin may not connect, but may delete it.
+    # Still private: the admin may not connect, but may delete it once the agent's
+    # `stopped` (sent on its stream, applied by the controller as it reads it) is in.
     status, _ = await h.request("GET", f"/studios/{mine}/connect", allow_redirects=False)
     assert status == 403
+    for _ in range(100):
+        _, body = await h.request("GET", f"/studios/{mine}", expect=200)
+        if body["statusInfo"]["status"] == "stopped":
+            break
+        await asyncio.sleep(0.1)
+    assert body["statusInfo"]["status"] == "stopped", body["statusInfo"]
     await h.request("DELETE", f"/studios/{mine}", expect=204)
 
 
