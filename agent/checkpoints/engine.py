@@ -327,12 +327,16 @@ class _Backup:
         self.pack_size = pack_size
         self.lock = threading.Lock()
         self.known: dict[bytes, IndexEntry] = {}
-        # blob -> (pack id, entry) once uploaded; None while pending in a pack.
+        # blob -> (pack id, entry) once its pack is finished; None while pending in one.
         self.new_blobs: dict[bytes, tuple[str, PackEntry] | None] = {}
         self.writer = PackWriter()
         self.inflight = threading.BoundedSemaphore(upload_concurrency + 1)
         self.upload_pool = ThreadPoolExecutor(upload_concurrency, "ckpt-upload")
         self.uploads: list[Future[None]] = []
+        # Packs handed to the upload pool (their ids are known before they are stored):
+        # the index and the manifest are encoded from these while the last one uploads.
+        self.shipped: dict[str, list[PackEntry]] = {}
+        # Packs stored.
         self.new_packs: dict[str, list[PackEntry]] = {}
         self.added = 0
         self.read_bytes = 0
@@ -367,6 +371,10 @@ class _Backup:
 
     def _ship(self, writer: PackWriter) -> None:
         pid, data, entries = writer.finish()
+        with self.lock:
+            self.shipped[pid] = entries
+            for e in entries:
+                self.new_blobs[e.blob] = (pid, e)
         # Bounded memory: a reader waits here while too many packs are on the wire.
         self.inflight.acquire()
         if self.failed is not None:
@@ -380,8 +388,6 @@ class _Backup:
             with self.lock:
                 self.new_packs[pid] = entries
                 self.added += len(data)
-                for e in entries:
-                    self.new_blobs[e.blob] = (pid, e)
         except BaseException as e:
             self.failed = e
             raise
@@ -466,7 +472,94 @@ class _Backup:
             self.inconsistent.append(e.path)
 
     def _read_batch(self, batch: list[Entry]) -> None:
-        for e in batch:
+        """Small files in bulk: each is opened, read and hashed, then the batch's new
+        blobs are reserved under one lock, compressed, and added to the pack under one
+        more. Going through _read_file per file cost ~65 us of Python each (locks, the
+        progress callback, generators: 0.6 s CPU for a venv's 9,088 small files, as much
+        as their blake3 and four times their read syscalls). A file that changed while
+        read (or grew past SMALL_FILE) goes through _read_file, which retries it."""
+        if self.failed is not None:
+            return
+        source = self.source
+        params = self.repo.params
+        min_size = params.min_size
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        isreg = stat.S_ISREG
+        slow: list[Entry] = []
+        # (entry, its chunks (views of its data), their blob ids)
+        read: list[tuple[Entry, list[memoryview], list[bytes]]] = []
+        n = 0
+        e = batch[0]
+        try:
+            for e in batch:
+                try:
+                    fd = os.open(os.path.join(source, e.path), flags)
+                except OSError as err:
+                    if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        e.type = "gone"
+                        continue
+                    raise
+                try:
+                    st0 = os.fstat(fd)
+                    if not isreg(st0.st_mode):
+                        e.type = "gone"
+                        continue
+                    size = st0.st_size
+                    if size > SMALL_FILE:
+                        slow.append(e)
+                        continue
+                    buf = os.read(fd, size + 1)
+                    st1 = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if (
+                    len(buf) != size
+                    or size != st1.st_size
+                    or st0.st_mtime_ns != st1.st_mtime_ns
+                    or st0.st_ctime_ns != st1.st_ctime_ns
+                ):
+                    slow.append(e)
+                    continue
+                e.size = size
+                e.mtime_ns, e.ctime_ns = st1.st_mtime_ns, st1.st_ctime_ns
+                e.mode, e.uid, e.gid = stat.S_IMODE(st1.st_mode), st1.st_uid, st1.st_gid
+                view = memoryview(buf)
+                chunks = [view] if size <= min_size else list(self._chunker().cut_buf(view))
+                read.append((e, chunks, [blob_id(c) for c in chunks]))
+                n += size
+            todo: list[tuple[Entry, bytes, memoryview]] = []
+            with self.lock:
+                known, new = self.known, self.new_blobs
+                for e, chunks, ids in read:
+                    for bid, c in zip(ids, chunks, strict=True):
+                        if bid not in known and bid not in new:
+                            new[bid] = None
+                            todo.append((e, bid, c))
+                self.read_bytes += n
+            stored = []
+            # `e` names the file in the error below if zstd fails.
+            for e, bid, c in todo:  # noqa: B007
+                stored.append((bid, *compress_blob(c), len(c)))
+        except (CheckpointError, OSError):
+            raise
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint of {self.source}: chunking, hashing or compressing "
+                f"{e.path!r} failed: {type(err).__name__}: {err}"
+            ) from err
+        full: list[PackWriter] = []
+        with self.lock:
+            for bid, data, compressed, raw_len in stored:
+                self.writer.add(bid, BLOB_DATA, data, compressed, raw_len)
+                if self.writer.size >= self.pack_size:
+                    full.append(self.writer)
+                    self.writer = PackWriter()
+        for e, _, ids in read:
+            e.chunks = [b.hex() for b in ids]
+        self.progress.add(n)
+        for w in full:
+            self._ship(w)
+        for e in slow:
             self._read_file(e)
 
     # -- the whole run
@@ -612,11 +705,9 @@ class _Backup:
             last, self.writer = self.writer, PackWriter()
         if len(last):
             self._ship(last)
-        for f in self.uploads:
-            f.result()
-        if self.failed is not None:
-            raise self.failed
-        self.progress.finish()
+        # While the last pack uploads, the index and the manifest are encoded (0.1-0.5 s
+        # of the serial tail, with one core idle); they are stored only after every
+        # upload is: the write order packs -> index -> manifest holds for any reader.
 
         # Files that vanished during the walk are dropped, with hard links to them.
         gone = {e.path for e in entries if e.type == "gone"}
@@ -645,10 +736,7 @@ class _Backup:
                 packs.add(ie.pack)
                 size += ie.length
 
-        if self.new_packs:
-            iid, idata = encode_index(self.new_packs)
-            self.repo.backend.save(f"index/{iid}", idata)
-            self.added += len(idata)
+        index = encode_index(self.shipped) if self.shipped else None
 
         key = new_checkpoint_key()
         m = Manifest(
@@ -669,6 +757,23 @@ class _Backup:
             },
         )
         mdata = encode_manifest(m)
+
+        for f in self.uploads:
+            f.result()
+        if self.failed is not None:
+            raise self.failed
+        self.progress.finish()
+        if index is not None:
+            if self.shipped.keys() != self.new_packs.keys():
+                # Unreachable while every upload is waited for above; the index must
+                # never name a pack that is not stored.
+                raise CheckpointError(
+                    f"checkpoint of {self.source}: "
+                    f"{len(self.shipped.keys() - self.new_packs.keys())} packs not stored"
+                )
+            iid, idata = index
+            self.repo.backend.save(f"index/{iid}", idata)
+            self.added += len(idata)
         # Last: the checkpoint exists from this moment.
         self.repo.backend.save(self.repo.manifest_name(self.session_id, key), mdata)
         self.repo.remember_manifest(m)
