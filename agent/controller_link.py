@@ -1,7 +1,7 @@
 """The agent's one long-lived gRPC stream to the controller.
 
-On every (re)connect: Hello, wait for Welcome, then a full Inventory, then every
-checkpoint event the controller has not acknowledged, then who is connected to each session
+On every (re)connect: Hello, wait for Welcome, then every checkpoint event the controller
+has not acknowledged, then a full Inventory, then who is connected to each session
 (the controller forgets that when a stream ends); after that SessionObserved on each
 change, HostCapacity periodically and Heartbeat at the interval Welcome asks for.
 Every DesiredState goes to the session manager and to `on_desired` (the proxy's
@@ -23,8 +23,11 @@ checkpoint events are kept on disk in an outbox (`Outbox`).
 Checkpoint events are acknowledged. A controller whose Welcome sets
 `checkpoint_acks` answers each event with a CheckpointAck once the transaction
 that recorded it has committed; the outbox drops an event only on that ack,
-never on send, and every unacknowledged event goes again after the Inventory on
-each reconnect (oldest first), and on a live stream when its ack is more than a
+never on send, and every unacknowledged event goes again before the Inventory on
+each reconnect (oldest first: a stop finished while the stream was down is `stopped` in
+the Inventory, and the controller should have its final checkpoint by then; a controller
+that has not yet keeps the studio stopping, as the report names that checkpoint,
+`SessionObserved.final_checkpoint_key`), and on a live stream when its ack is more than a
 minute late (the controller may have failed to record it). A copy is harmless:
 the controller records each (session, key) once and acks every copy. An ack
 that says REFUSED (the session is unknown to the controller: nothing can change

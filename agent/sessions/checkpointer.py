@@ -101,7 +101,7 @@ class Checkpointer:
         if final:
             # Fsynced before the caller may release the volume: from here on a restarted
             # agent only finishes the release, it never checkpoints again.
-            h.final_uri = saved.uri
+            h.final_uri, h.final_key = saved.uri, saved.key
             await ctx.save(h)
             crash_points.reached("final-checkpoint:recorded")
         log.info(

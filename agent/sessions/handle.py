@@ -190,6 +190,10 @@ class SessionHandle:
     # before the volume is released: a stop that finds it set never writes another final
     # checkpoint (the volume may be half released), it only finishes the release.
     final_uri: str = ""
+    # Its key (CheckpointEvent.key), saved with it: the `stopped` report names it, and
+    # the controller applies that status only once it has recorded this checkpoint. ""
+    # in a handle an older agent wrote: that report names none (applied at once).
+    final_key: str = ""
     # Opaque per-runtime data (Nomad's driver blob): the runtime's to read, not ours.
     runtime_data: dict[str, Any] = field(default_factory=dict)
     # One status per data-link of the spec, in its order.

@@ -76,6 +76,9 @@ def observed(h: SessionHandle) -> pb.SessionObserved:
         started_at=h.started_at,
         exited=h.exited,
         exit_code=h.exit_code,
+        # Only with `stopped`: the controller waits for this checkpoint before it applies
+        # that status (a start then restores it, never the one before).
+        final_checkpoint_key=h.final_key if h.status == "stopped" else "",
     )
     obs.data_links.extend(s.to_pb() for s in h.data_links)
     if h.build:

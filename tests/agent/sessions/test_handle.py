@@ -101,7 +101,8 @@ def test_an_old_handle_loads_typed_and_is_written_back_the_same(tmp_path: Path) 
     save_handle(state, h)
     written = json.loads((state.session_dir("abcd0001") / "handle.json").read_text())
     # What the old agent did not know yet (limits, the per-session disk cap, the proxy's
-    # secret, custom environments) appears with its defaults; nothing else moves.
+    # secret, custom environments, the final checkpoint's key) appears with its defaults;
+    # nothing else moves.
     newer = ("cpu", "memory_mib", "gpu", "session_disk_cap_gb", "conda_environment")
     assert written["spec"]["session_disk_cap_gb"] == 0
     assert written["spec"]["conda_environment"] == ""
@@ -112,6 +113,7 @@ def test_an_old_handle_loads_typed_and_is_written_back_the_same(tmp_path: Path) 
         "build_create_time": 0.0,
         "image": "",
         "build": {},
+        "final_key": "",
     }
     assert {k: written[k] for k in defaults} == defaults
     assert {k: v for k, v in written.items() if k != "spec" and k not in defaults} == {

@@ -252,7 +252,7 @@ class Volume(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., volume_kind: _Optional[_Union[VolumeKind, str]] = ...) -> None: ...
 
 class SessionObserved(_message.Message):
-    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code", "data_links", "build")
+    __slots__ = ("session_id", "generation", "status", "message", "runtime", "tool_port", "root_dir", "volume", "progress", "started_at", "exited", "exit_code", "data_links", "build", "final_checkpoint_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,7 @@ class SessionObserved(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     DATA_LINKS_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
+    FINAL_CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     generation: int
     status: SessionStatus
@@ -281,7 +282,8 @@ class SessionObserved(_message.Message):
     exit_code: int
     data_links: _containers.RepeatedCompositeFieldContainer[DataLinkMountStatus]
     build: EnvironmentBuild
-    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMountStatus, _Mapping]]] = ..., build: _Optional[_Union[EnvironmentBuild, _Mapping]] = ...) -> None: ...
+    final_checkpoint_key: str
+    def __init__(self, session_id: _Optional[str] = ..., generation: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., message: _Optional[str] = ..., runtime: _Optional[str] = ..., tool_port: _Optional[int] = ..., root_dir: _Optional[str] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[ProgressStep, _Mapping]]] = ..., started_at: _Optional[int] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., data_links: _Optional[_Iterable[_Union[DataLinkMountStatus, _Mapping]]] = ..., build: _Optional[_Union[EnvironmentBuild, _Mapping]] = ..., final_checkpoint_key: _Optional[str] = ...) -> None: ...
 
 class EnvironmentBuild(_message.Message):
     __slots__ = ("env_hash", "image", "cached", "seconds", "failed", "log", "log_truncated")
