@@ -15,7 +15,9 @@ A pass of the reconciler (every `interval`):
   done `starting_deadline_seconds` after it was asked for, or a stop not done
   `stopping_deadline_seconds` after it began, is `errored` naming the step it was stuck in
   (the in-progress step of its progress), with desired `stopped` sent to its agent so that
-  nothing of it runs on.
+  nothing of it runs on. A stop the agent reported done while the controller still waits
+  for its final checkpoint (controller.observed) is stuck in the step naming that
+  checkpoint; the report is applied after all if the checkpoint comes later.
 
 Each studio is changed in one transaction with its row locked, and only if it is still
 what the pass found: a report that lands in between wins. Once an hour the pass also

@@ -15,6 +15,16 @@ filled in by the copy that carries it; acknowledged (or refused) so that the age
 drops its copy. `proxy_restarted` closes, at the agent's Hello, the visits a previous
 run of its proxy left open (`closed_by` "agentRestart", closed when learned).
 
+A `stopped` report that names its run's final checkpoint (`final_checkpoint_key`) is
+applied only once that checkpoint is recorded (docs/contract-notes.md "Checkpoint events
+and their acknowledgement"): until then the studio stays (or becomes) `stopping`, so a
+start is refused rather than restoring the checkpoint before it, and its progress ends
+with a step naming the checkpoint awaited (what the stop deadline reports if it never
+comes). The report is held in memory (`_held_stops`) and applied when that checkpoint's
+event is recorded; a controller that never heard it (a restart, another controller
+after a failover) gets it again in the agent's next Inventory, which follows the agent's
+unacknowledged events.
+
 The wire's enums become the strings stored and shown (`_VOLUME_KIND`,
 `_MOUNT_STATE`). A V1 agent sends volume kinds and mount states only as the
 retired strings, which read here as UNSPECIFIED: the value stored before is kept
@@ -27,6 +37,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -283,6 +294,27 @@ async def _record_recovered(
     return recorded, ""
 
 
+def awaiting_final_step(key: str, generation: int) -> dict[str, Any]:
+    """The progress step a studio shows while its `stopped` waits for checkpoint `key`; the
+    stop deadline names it as the step the stop was stuck in (controller.deadlines)."""
+    return {
+        "message": (
+            f"waiting for the final checkpoint {key} of run {generation}: the agent reported "
+            "the session stopped before its checkpoint event was recorded"
+        ),
+        "status": "in-progress",
+        "warnings": [],
+    }
+
+
+@dataclass(slots=True)
+class _HeldStop:
+    """A `stopped` report waiting for its final checkpoint to be recorded."""
+
+    agent_id: str
+    observed: agent_pb2.SessionObserved
+
+
 def _log_refusal(agent_id: str, session_id: str, what: str, decision: Decision) -> None:
     log.log(
         logging.DEBUG if decision.quiet else logging.WARNING,
@@ -297,6 +329,8 @@ def _log_refusal(agent_id: str, session_id: str, what: str, decision: Decision) 
 class ObservationHandler:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # By session id: the newest report of each session that is held (`_hold_stop`).
+        self._held_stops: dict[str, _HeldStop] = {}
 
     async def heartbeat(self, agent_id: str) -> None:
         async with self.db.transaction() as session:
@@ -416,7 +450,82 @@ class ObservationHandler:
         studio.last_updated = now
         if observed.HasField("build"):
             await _record_build(session, studio, observed.generation, observed.build)
+        if await self._hold_stop(session, studio, stream.agent_id, observed):
+            return set()
         return self._apply_status(studio, observed)
+
+    async def _hold_stop(
+        self,
+        session: AsyncSession,
+        studio: Studio,
+        agent_id: str,
+        observed: agent_pb2.SessionObserved,
+    ) -> bool:
+        """Whether `observed` is a `stopped` to hold: its run's final checkpoint (named by
+        the report) is not recorded yet. A start from `stopped` restores the studio's
+        newest recorded checkpoint, which would then be the one before the final one."""
+        sid = studio.session_id
+        key = observed.final_checkpoint_key
+        current = Status(studio.status)
+        if (
+            observed.status != agent_pb2.SESSION_STATUS_STOPPED
+            or not key
+            or current == Status.STOPPED
+            or not lifecycle.can_transition(current, Status.STOPPED)
+        ):
+            # No checkpoint named (none written, or an agent older than the field): as
+            # before. A newer report of the session also ends any hold of an older one.
+            self._held_stops.pop(sid, None)
+            return False
+        recorded = await session.scalar(
+            select(Checkpoint.id)
+            .where(Checkpoint.session_id == sid, Checkpoint.key == key)
+            .limit(1)
+        )
+        step = awaiting_final_step(key, observed.generation)
+        others = [s for s in studio.progress or [] if s != step]
+        if recorded is not None:
+            self._held_stops.pop(sid, None)
+            studio.progress = others  # a report without progress leaves the step shown
+            return False
+        held = agent_pb2.SessionObserved()
+        held.CopyFrom(observed)
+        self._held_stops[sid] = _HeldStop(agent_id, held)
+        if current in (Status.STARTING, Status.RUNNING):
+            # The stop this controller has not seen begin: from here it runs under the
+            # stop deadline, and a start is refused as for any stopping studio.
+            lifecycle.transition(studio, Status.STOPPING, message="stopping")
+            studio.active_connections = []
+        studio.progress = [*others, step]
+        log.warning(
+            "studio %s: agent %s reports run %d stopped before its final checkpoint %s was "
+            "recorded; the studio stays %s until it is",
+            sid,
+            agent_id,
+            observed.generation,
+            key,
+            studio.status,
+        )
+        return True
+
+    async def _apply_held_stop(self, stream: AgentStream, event: agent_pb2.CheckpointEvent) -> None:
+        """Apply the `stopped` held for `event`'s checkpoint, now that it is recorded."""
+        held = self._held_stops.get(event.session_id)
+        if (
+            held is None
+            or held.agent_id != stream.agent_id
+            or held.observed.generation != event.generation
+            or held.observed.final_checkpoint_key != event.key
+        ):
+            return
+        async with self.db.transaction() as session:
+            # The whole report again, as if just received: every check of a report applies
+            # (the studio may have moved on meanwhile). A `stopped` never asks for a re-send.
+            await self._apply_session(session, stream, held.observed)
+        # Only once applied: should that fail, the event goes unacknowledged and its next
+        # copy tries again.
+        if self._held_stops.get(event.session_id) is held:
+            del self._held_stops[event.session_id]
 
     def _apply_status(self, studio: Studio, observed: agent_pb2.SessionObserved) -> set[str]:
         current = Status(studio.status)
@@ -507,6 +616,8 @@ class ObservationHandler:
         can drop its copy.
         """
         result, message = await self._record_checkpoint(stream, event)
+        if result == agent_pb2.CHECKPOINT_ACK_RESULT_RECORDED:
+            await self._apply_held_stop(stream, event)
         return agent_pb2.CheckpointAck(
             session_id=event.session_id,
             key=event.key,
