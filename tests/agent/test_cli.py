@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 from studios.agent.v1 import agent_pb2 as pb
 
+from tests.agent.serve_args import serve_args
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     controller_fixture,
     kill_leftover_tools,
@@ -179,26 +180,8 @@ async def test_serve_sessions_restart_and_shutdown(
         kill_leftover_tools(serve.state_dir)
 
 
-def _serve_args(tmp_path: Path, *extra: str) -> list[str]:
-    """`serve` against a controller that is not there: for refusals at start-up."""
-    token = tmp_path / "t"
-    token.write_text("x")
-    return [
-        "serve",
-        "--controller",
-        "127.0.0.1:1",
-        "--token-file",
-        str(token),
-        "--compute-env",
-        "0123456789abcdef",
-        "--state-dir",
-        str(tmp_path / "state"),
-        *extra,
-    ]
-
-
 async def test_unknown_runtime_is_refused_clearly(tmp_path: Path) -> None:
-    rc, _, err = await _run(*_serve_args(tmp_path, "--runtime", "nosuch"))
+    rc, _, err = await _run(*serve_args(tmp_path, "--runtime", "nosuch"))
     assert rc == 2
     assert "unknown runtime 'nosuch'" in err
 
@@ -208,7 +191,7 @@ async def test_a_named_data_link_mounter_must_be_installed(tmp_path: Path) -> No
     empty = tmp_path / "bin"
     empty.mkdir()
     rc, _, err = await _run(
-        *_serve_args(tmp_path, "--proxy", "127.0.0.1:0", "--data-link-mounter", "rclone"),
+        *serve_args(tmp_path, "--proxy", "127.0.0.1:0", "--data-link-mounter", "rclone"),
         env={**os.environ, "PATH": str(empty)},
     )
     assert rc == 2

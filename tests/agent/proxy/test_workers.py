@@ -34,6 +34,7 @@ from agent.proxy.server import ConnectProxy, PortHeldError
 from agent.proxy.workers import ACK_SECONDS
 from studios_shared.connect_token import sign_connect_token
 from tests.agent.proxy.raw_http import KeepAlive
+from tests.agent.serve_args import AGENT_CLI, serve_args
 from tests.agent_fixtures import (  # noqa: F401  (fixtures by name)
     agent_fixture,
     kill_leftover_tools,
@@ -388,32 +389,22 @@ def test_a_client_cannot_reach_the_control_channel(echo: Agent) -> None:
 
 
 async def test_no_worker_outlives_a_sigkilled_agent(tmp_path: Path) -> None:
-    token = tmp_path / "t"
-    token.write_text("x")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     state = tmp_path / "state"
     agent = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "serve",
-            "--controller",
-            "127.0.0.1:1",
-            "--token-file",
-            str(token),
-            "--compute-env",
-            "0123456789abcdef",
-            "--state-dir",
-            str(state),
-            "--volume-kind",
-            "directory",
-            "--proxy",
-            f"127.0.0.1:{port}",
-            "--proxy-workers",
-            "3",
+            *AGENT_CLI,
+            *serve_args(
+                tmp_path,
+                "--volume-kind",
+                "directory",
+                "--proxy",
+                f"127.0.0.1:{port}",
+                "--proxy-workers",
+                "3",
+            ),
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "agent.log", "ab"),
@@ -594,29 +585,13 @@ async def test_the_agent_drops_malformed_messages_from_a_worker(
 
 
 async def test_a_port_held_by_another_process_is_refused_in_one_line(tmp_path: Path) -> None:
-    token = tmp_path / "t"
-    token.write_text("x")
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen(1)
         port = held.getsockname()[1]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "serve",
-            "--controller",
-            "127.0.0.1:1",
-            "--token-file",
-            str(token),
-            "--compute-env",
-            "0123456789abcdef",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--proxy",
-            f"127.0.0.1:{port}",
-            "--proxy-workers",
-            "2",
+            *AGENT_CLI,
+            *serve_args(tmp_path, "--proxy", f"127.0.0.1:{port}", "--proxy-workers", "2"),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
