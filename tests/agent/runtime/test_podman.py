@@ -11,7 +11,9 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -300,13 +302,41 @@ class _agent:
 
 
 def test_podman_setup_script_is_idempotent() -> None:
+    """`start` twice: the second finds the service answering and the image present.
+
+    On a service of its own (a short socket path of its own, stopped at the end), never the
+    host's shared one: `start` there, were the shared service slow to answer its 2 s ping
+    (a loaded machine), deleted its socket and started a replacement in this test's process
+    group, which died with that group and left the shared socket answering nowhere."""
     _require_podman()
     script = REPO_ROOT / "scripts" / "podman-setup"
-    env = dict(os.environ, STUDIOS_PODMAN_SOCKET=str(SOCKET))
-    out = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    assert "already answers" in out.stdout and "present" in out.stdout
-    assert shutil.which("podman")
+    own = Path(tempfile.mkdtemp(prefix="studios-podman-"))
+    env = dict(os.environ, STUDIOS_PODMAN_SOCKET=str(own / "podman.sock"))
+
+    def setup(command: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(script), command],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=600,
+            check=False,
+        )
+
+    try:
+        first = setup("start", STUDIOS_SKIP_STUDIO_IMAGES="1")
+        assert first.returncode == 0, first.stderr
+        assert "starting podman system service" in first.stdout, first.stdout
+        again = setup("start")
+        assert again.returncode == 0, again.stderr
+        assert "already answers" in again.stdout and "present" in again.stdout, again.stdout
+    finally:
+        setup("stop")
+        deadline = time.monotonic() + 30
+        while setup("status").returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(own, ignore_errors=True)
+    assert setup("status").returncode != 0, "the test's own podman service still answers"
 
 
 def test_doctor_names_the_network_backend_that_isolates_sessions() -> None:
