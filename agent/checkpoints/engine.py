@@ -58,7 +58,13 @@ from typing import Any
 from agent.checkpoints.backend import StoreUnavailable
 from agent.checkpoints.chunker import Chunker
 from agent.checkpoints.index import IndexEntry, encode_index
-from agent.checkpoints.manifest import Entry, Manifest, encode_manifest, validate
+from agent.checkpoints.manifest import (
+    Entry,
+    Manifest,
+    encode_manifest,
+    validate,
+    validate_packs,
+)
 from agent.checkpoints.pack import (
     BLOB_DATA,
     TRAILER_SIZE,
@@ -1017,15 +1023,18 @@ class _Restore:
 
     def run(self) -> RestoreResult:
         t0 = time.monotonic()
-        validate(self.m)
+        # The pack ids first (they name objects), then the pack tables are fetched while
+        # the entries are checked: nothing is written before both are done.
+        validate_packs(self.m)
         with ThreadPoolExecutor(self.threads, "ckpt-restore") as pool:
-            tables = dict(
-                zip(
-                    self.m.packs,
-                    pool.map(lambda p: _pack_table(self.repo, p), self.m.packs),
-                    strict=True,
-                )
-            )
+            table_futures = [pool.submit(_pack_table, self.repo, p) for p in self.m.packs]
+            try:
+                validate(self.m)
+            except BaseException:
+                for f in table_futures:
+                    f.cancel()
+                raise
+            tables = dict(zip(self.m.packs, (f.result() for f in table_futures), strict=True))
             blobs: dict[bytes, tuple[str, PackEntry]] = {}
             for pack, (_, pentries) in tables.items():
                 for pentry in pentries:
