@@ -358,16 +358,18 @@ def _peer_host(agent: AgentProcess, port: int) -> str | None:
     return None
 
 
-async def test_controller_as_a_name_with_two_addresses_fails_over(
-    postgres_database: str, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _agent_given_a_name(
+    postgres_database: str, tmp_path: Path, name: str, hosts_text: str
+) -> AsyncIterator[tuple[Cluster, Site, AgentProcess]]:
+    """Controller A's gRPC on 127.0.0.1 and B's on ::1, on the same two ports, and a
+    started agent given `--controller name:PORT`, its own /etc/hosts being `hosts_text`."""
     require_cluster_tools()
     require(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
     loopback6 = subprocess.run(
         ["ip", "-6", "addr", "show", "lo"], capture_output=True, text=True, check=False
     )
     require("::1/128" in loopback6.stdout, "::1 is not configured on lo")
-    # A on 127.0.0.1, B on ::1, each on the same two gRPC ports: `localhost:PORT` is both.
     cluster = Cluster(
         tmp_path / "cluster",
         postgres_database,
@@ -378,15 +380,31 @@ async def test_controller_as_a_name_with_two_addresses_fails_over(
     site = Site(cluster, tmp_path)
     try:
         await site.setup()
-        a, b = cluster.controllers
-        by_address = {"127.0.0.1": a, "::1": b}
         hosts = tmp_path / "hosts"
-        hosts.write_text(HOSTS)
-        agent = AgentProcess(a, site.compute_env_id, tmp_path / "agent")
-        agent.argv[agent.argv.index("--controller") + 1] = f"localhost:{cluster.grpc_port}"
+        hosts.write_text(hosts_text)
+        agent = AgentProcess(cluster.controllers[0], site.compute_env_id, tmp_path / "agent")
+        agent.argv[agent.argv.index("--controller") + 1] = f"{name}:{cluster.grpc_port}"
         _with_hosts_file(agent, hosts)
         site.agents.append(agent)
         agent.start()
+        yield cluster, site, agent
+    finally:
+        # Through the survivor: nginx holds no controller that is gone for long.
+        await site.close()
+        cluster.stop()
+
+
+async def test_controller_as_a_name_with_two_addresses_fails_over(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    # A on 127.0.0.1, B on ::1, each on the same two gRPC ports: `localhost:PORT` is both.
+    async with _agent_given_a_name(postgres_database, tmp_path, "localhost", HOSTS) as (
+        cluster,
+        site,
+        agent,
+    ):
+        a, b = cluster.controllers
+        by_address = {"127.0.0.1": a, "::1": b}
 
         async def on_one() -> bool:
             return _peer_host(agent, cluster.grpc_agents_port) in by_address
@@ -426,10 +444,6 @@ async def test_controller_as_a_name_with_two_addresses_fails_over(
         await api_other.request("PUT", f"/studios/{sid}/stop", expect=200)
         studio = await api_other.wait_status(sid, {"stopped", "errored"}, timeout=60)
         assert studio["statusInfo"]["status"] == "stopped", studio
-    finally:
-        # Through the survivor: nginx holds no controller that is gone for long.
-        await site.close()
-        cluster.stop()
 
 
 async def test_controller_name_not_in_the_certificate_is_refused(
@@ -438,25 +452,12 @@ async def test_controller_name_not_in_the_certificate_is_refused(
     """The TLS name check holds for a name with several addresses: a name the controllers'
     certificates do not carry (they were not given it with --grpc-advertise) is refused,
     whichever address the agent reaches, although the join token's CA pin matches."""
-    require_cluster_tools()
-    require(shutil.which("unshare") is not None, "unshare (util-linux) is not installed")
-    cluster = Cluster(
-        tmp_path / "cluster",
-        postgres_database,
-        extra_args=BASE_ARGS,
-        grpc_hosts=("127.0.0.1", "::1"),
-    )
-    await cluster.start()
-    site = Site(cluster, tmp_path)
-    try:
-        await site.setup()
-        hosts = tmp_path / "hosts"
-        hosts.write_text("127.0.0.1 controllers.test\n::1 controllers.test\n")
-        agent = AgentProcess(cluster.controllers[0], site.compute_env_id, tmp_path / "agent")
-        agent.argv[agent.argv.index("--controller") + 1] = f"controllers.test:{cluster.grpc_port}"
-        _with_hosts_file(agent, hosts)
-        site.agents.append(agent)
-        agent.start()
+    hosts = "127.0.0.1 controllers.test\n::1 controllers.test\n"
+    async with _agent_given_a_name(postgres_database, tmp_path, "controllers.test", hosts) as (
+        _,
+        site,
+        agent,
+    ):
 
         async def refused() -> bool:
             try:
@@ -471,6 +472,3 @@ async def test_controller_name_not_in_the_certificate_is_refused(
         assert "certificate does not name controllers.test" in link["lastError"], link
         _, listing = await site.front.request("GET", "/agents", expect=200)
         assert listing["agents"] == [], listing
-    finally:
-        await site.close()
-        cluster.stop()
