@@ -20,8 +20,17 @@ costs ~3.3 s of CPU (user 2.5-3.0 s, sys 0.6-0.85 s) against ~2.3 s for tar plus
 `zstd -1`. Compression is the same work in both (per blob 1.4-1.6 s, the same bytes as one
 stream 1.5 s in python-zstandard, 2.0 s in the zstd CLI); blake3 takes 0.25 s, the read
 syscalls 0.5 s, and the rest (~1 s) is Python per file (open, fstat, read, fstat, close,
-the walk's stat and listxattr, entry bookkeeping) and encoding the manifest. On a busy
-host the wall time follows the CPU the process gets. Until the walk fed the readers, they
+the walk's stat and listxattr, entry bookkeeping) and encoding the manifest. Since then
+(issue 18, second pass): small files go through _read_batch in bulk (one lock for the
+batch's new blobs, one to add them to the pack, one progress call), a regular file's
+xattrs are read by its reader through the open fd (off the walk's thread, one path
+lookup less): a full checkpoint's CPU 3.03-3.29 s against 3.19-3.48 s, the two engines
+alternated at load 5.5-6.6; the 9,088 small files alone 1.4-1.6 s against 1.7-1.9 s, the
+bare open, read, blake3 and zstd of them 1.1-1.5 s. Compressing a batch of small files
+as one frame would not help: one frame each costs 0.98 s for those 200 MiB, one frame
+for all 1.14 s (zstd's per-frame cost is not where the time goes), so the pack format
+stays one independent frame per blob. On a busy host the wall time follows the CPU the
+process gets. Until the walk fed the readers, they
 started only after the walk and the per-entry loop (0.2-0.5 s with both cores waiting);
 now the first file is read 0.07 s after the start. On file:// the store fsyncs every
 object and its directory: 33 fsyncs in a full checkpoint, 0.8 s in all, of which all but
@@ -29,14 +38,21 @@ object and its directory: 33 fsyncs in a full checkpoint, 0.8 s in all, of which
 goes on, so one batch of fsyncs before the index would only move that work onto the
 critical path; the file:// floor copies into the page cache and fsyncs nothing. After
 the last read: the last pack's upload, the index and the manifest (encoding 9,111
-entries) take 0.3-1 s. zstd levels on this tree (CPU, stored): 1: 1.42 s, 101.7 MiB;
--1: 1.27 s, 115 MiB; -3: 1.07 s, 130 MiB; -5: 0.94 s, 144 MiB: a negative level saves
-at most a third of the compression CPU for 13-42% more bytes, so level 1 stays.
+entries) took 0.3-1 s; the index and the manifest are now encoded while the last pack
+uploads (stored after it, in the same order), 0.21-0.24 s at load 4-5. zstd levels on
+this tree (CPU, stored): 1: 1.42 s, 101.7 MiB; -1: 1.27 s, 115 MiB; -3: 1.07 s,
+130 MiB; -5: 0.94 s, 144 MiB: a negative level saves at most a third of the compression
+CPU for 13-42% more bytes, so level 1 stays.
 
 Restore: a file whose data is one blob is created, written and given its metadata with
 one open (before: an open to create it, one to write it, one for its metadata and a
 directory fd); what remains is decompression, the blake3 check of every blob (kept: a
-corrupt blob fails the restore naming it) and the kernel's create and write.
+corrupt blob fails the restore naming it) and the kernel's create and write. Before
+the first write: the manifest's decoding (0.1-0.2 s for 9,111 entries) and its
+validation, with the pack tables fetched meanwhile. On tmpfs the fill is decompression,
+blake3, the kernel's create and write and ~5 syscalls of metadata per file; safe_open's
+openat2 through ctypes costs 27 us a file against 22 us for a bare os.open (0.05 s in
+all), so it stays.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import operator
 import os
 import posixpath
 import stat
@@ -201,6 +218,26 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
+def _fxattrs(fd: int) -> dict[str, bytes]:
+    """As _xattrs, through a file the reader has open (no second path lookup)."""
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        try:
+            out[n] = os.getxattr(fd, n)
+        except OSError:
+            continue
+    return out
+
+
+# A regular file's xattrs before its reader has read them (with flistxattr on the fd
+# it reads from: off the walk's thread, one path lookup less per file). Compared by
+# identity, never filled in.
+_XATTRS_UNREAD: dict[str, bytes] = {}
+
 # Where data-links appear in a session (relative to its root): never checkpointed,
 # even where the runtime only left empty mount point directories behind (podman's upper).
 EXCLUDED_DIRS = frozenset({"workspace/data"})
@@ -212,6 +249,9 @@ def _mount_points_below(root: str) -> set[str]:
     from agent.host_mounts import mount_points_under
 
     return {p for p, _ in mount_points_under(root)}
+
+
+_by_name = operator.attrgetter("name")
 
 
 def _walk(root: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]]:
@@ -232,7 +272,7 @@ def _walk(root: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]
     def listing(abspath: str) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(abspath) as it:
-                return sorted(it, key=lambda d: d.name)
+                return sorted(it, key=_by_name)
         except FileNotFoundError:
             return []
 
@@ -420,6 +460,7 @@ class _Backup:
             return
         path = os.path.join(self.source, e.path)
         counted = 0
+        unread_xattrs = e.xattrs is _XATTRS_UNREAD
         for _attempt in range(READ_ATTEMPTS):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -433,6 +474,9 @@ class _Backup:
                 if not stat.S_ISREG(st0.st_mode):
                     e.type = "gone"
                     return
+                if unread_xattrs:
+                    # Between the two fstats: an xattr set meanwhile moves the ctime.
+                    e.xattrs = _fxattrs(fd)
                 chunks: list[str] = []
                 n = 0
                 if st0.st_size <= SMALL_FILE:
@@ -515,6 +559,7 @@ class _Backup:
                         slow.append(e)
                         continue
                     buf = os.read(fd, size + 1)
+                    xattrs = _fxattrs(fd) if e.xattrs is _XATTRS_UNREAD else e.xattrs
                     st1 = os.fstat(fd)
                 finally:
                     os.close(fd)
@@ -527,6 +572,7 @@ class _Backup:
                     slow.append(e)
                     continue
                 e.size = size
+                e.xattrs = xattrs
                 e.mtime_ns, e.ctime_ns = st1.st_mtime_ns, st1.st_ctime_ns
                 e.mode, e.uid, e.gid = stat.S_IMODE(st1.st_mode), st1.st_uid, st1.st_gid
                 view = memoryview(buf)
@@ -649,6 +695,8 @@ class _Backup:
             # (one listxattr syscall less per unchanged entry).
             if p is not None and p.ctime_ns == st.st_ctime_ns and p.ino in (0, st.st_ino):
                 xattrs = p.xattrs
+            elif isreg(mode):
+                xattrs = _XATTRS_UNREAD
             else:
                 xattrs = _xattrs(self.source if rel == "." else os.path.join(self.source, rel))
             e = Entry(
@@ -667,6 +715,8 @@ class _Backup:
                 inode = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and inode in links:
                     e.type, e.target = "hardlink", links[inode]
+                    if e.xattrs is _XATTRS_UNREAD:
+                        e.xattrs = _xattrs(os.path.join(self.source, rel))
                     entries.append(e)
                     continue
                 if st.st_nlink > 1:

@@ -245,3 +245,32 @@ def test_a_compressor_failing_in_a_reader_thread_is_named_and_leaves_no_manifest
     out = tmp_path / "out"
     E.restore_sync(r.uri, out)
     assert _digests(out) == _digests(src)
+
+
+def test_xattrs_of_files_on_every_read_path_are_kept(tmp_path: Path) -> None:
+    """Readers read a file's xattrs through the fd they read it from: small files in
+    batches, medium ones (a read pool each), large ones (streamed) and hard links (not
+    read at all) keep theirs, and a file whose xattr changes before the next backup
+    gets the new value."""
+    uri = f"file://{tmp_path}/repo"
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(9)
+    sizes = {"small.txt": 100, "medium.bin": 2 * MiB, "large.bin": E.SMALL_FILE + MiB}
+    for name, n in sizes.items():
+        (src / name).write_bytes(rng.randbytes(n))
+        os.setxattr(src / name, "user.size", str(n).encode())
+    (src / "plain.txt").write_bytes(b"no xattrs")
+    os.link(src / "small.txt", src / "small-link.txt")
+    r1 = E.backup_sync(uri, "s", src)
+    os.setxattr(src / "medium.bin", "user.size", b"changed")
+    r2 = E.backup_sync(uri, "s", src, r1.uri)
+    for r, medium in ((r1, str(2 * MiB).encode()), (r2, b"changed")):
+        out = tmp_path / f"out-{r.key}"
+        E.restore_sync(r.uri, out)
+        assert _digests(out) == _digests(src)
+        assert os.getxattr(out / "small.txt", "user.size") == b"100"
+        assert os.getxattr(out / "small-link.txt", "user.size") == b"100"
+        assert os.getxattr(out / "medium.bin", "user.size") == medium
+        assert os.getxattr(out / "large.bin", "user.size") == str(E.SMALL_FILE + MiB).encode()
+        assert os.listxattr(out / "plain.txt") == []
