@@ -24,7 +24,6 @@ from controller.responses import (
     DataStudioCreateResponse,
     DataStudioDto,
     DataStudioListCheckpointsResponse,
-    DataStudioListResponse,
     DataStudioMountedLinksResponse,
     DataStudioTemplate,
     DataStudioTemplatesListResponse,
@@ -40,6 +39,7 @@ from controller.views import (
     start_response,
     stop_response,
     studio_dto,
+    studio_json,
 )
 from controller.web_app import (
     DB_KEY,
@@ -187,11 +187,16 @@ async def list_studios(request: web.Request) -> web.Response:
     page = _page(request)
     labels = _wants_labels(request)
     studios, total = await _service(request).list(
-        principal(request), workspace_id, request.query.get("search"), page
+        principal(request), workspace_id, request.query.get("search"), page, with_labels=labels
     )
     public_url = _public_url(request)
-    dtos = [_studio(s, public_url, labels=labels) for s in studios]
-    return json_response(DataStudioListResponse(studios=dtos, total_size=total))
+    # DataStudioListResponse's JSON, built without its models (views.studio_json).
+    return json_response(
+        {
+            "studios": [studio_json(s, public_url, labels=labels) for s in studios],
+            "totalSize": total,
+        }
+    )
 
 
 def _wait_for(request: web.Request) -> frozenset[Status]:
