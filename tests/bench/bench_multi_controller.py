@@ -21,7 +21,9 @@ Measured, printed as JSON:
 - the time from a REST change (stop, then start, through nginx, so either controller
   takes it) to the DesiredState reaching the agent, p50/p99;
 - GET /studios through nginx under that load (default page, deep page, free-text
-  search), p50/p99;
+  search), p50/p99, and beside them the cheapest authenticated GET
+  (/studios/templates?max=1: no database read beyond authentication), the floor the
+  host and the stack impose under that load;
 - failover: SIGKILL one controller; the time until each of its agents is connected to
   the other (p50, max) and until a change reaches such an agent.
 
@@ -430,6 +432,9 @@ async def _list_latencies(
             requests // 4,
         ),
         ("search (free text)", "/studios?workspaceId=1&search=studio-0000", requests // 4),
+        # The floor under the same load: authentication, nginx and the controller's HTTP
+        # and event loop, with no database read of its own.
+        ("floor: authenticated GET /studios/templates", "/studios/templates?max=1", requests),
     ):
         times = []
         for _ in range(max(n, 1)):
