@@ -38,6 +38,7 @@ from typing import Any
 from studios.agent.v1 import agent_pb2 as pb
 
 from agent.proxy.control import ControlError, encode, read_message
+from agent.proxy.loop import run
 from agent.proxy.server import ConnectProxy
 
 __all__ = ["REPORT_SECONDS", "main"]
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     # A Ctrl-C in the agent's terminal reaches the whole process group: the agent
     # stops its workers itself, after it stopped taking connections.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return asyncio.run(_amain(args))
+    return run(_amain(args))
 
 
 if __name__ == "__main__":

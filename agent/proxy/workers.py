@@ -126,10 +126,13 @@ class ProxyWorkers:
         """Stop the workers: each closes its connections and reports its visits."""
         self._closing = True
         for worker in self.workers:
-            if worker.writer is not None and worker.writer.can_write_eof():
+            writer = worker.writer
+            if writer is not None and not writer.is_closing() and writer.can_write_eof():
                 # Half-closed: the worker sees the end, closes its connections and
-                # reports its visits on the way still open towards the agent.
-                worker.writer.write_eof()
+                # reports its visits on the way still open towards the agent. (uvloop
+                # raises where the channel broke meanwhile; asyncio's loop ignores it.)
+                with contextlib.suppress(RuntimeError, OSError):
+                    writer.write_eof()
         if self._state_task is not None:
             self._state_task.cancel()
         for worker in self.workers:
@@ -197,7 +200,9 @@ class ProxyWorkers:
                 continue
             try:
                 await self._read(worker, reader)
-            except ControlError as exc:
+            except (ControlError, OSError) as exc:
+                # OSError: a reset (the worker killed with our messages unread), which
+                # uvloop reports where asyncio's loop mostly sees a plain end.
                 log.error("proxy %s: control channel broken: %s", worker.name, exc)
             if worker.writer is not None:
                 worker.writer.close()

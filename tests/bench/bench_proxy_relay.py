@@ -9,7 +9,7 @@ bodies, with the load averages before and after: this machine is shared, so a ra
 means something only beside the direct rate of the same round. Prints JSON.
 
     .venv/bin/python tests/bench/bench_proxy_relay.py [--duration 5] [--rounds 3] [--slices 3]
-        [--relays copy,splice] [--workers 1,2]
+        [--relays copy,splice] [--workers 1,2] [--loop agent|asyncio]
 
 Within a round each target is measured in `--slices` interleaved wrk runs of
 `--duration` seconds (direct, copy, splice, direct, ...) and the median kept.
@@ -98,6 +98,7 @@ def run(
     slices_per_target: int = 1,
     relays: tuple[str, ...] = ("copy", "splice"),
     workers: tuple[int, ...] = (1,),
+    loop: str = "agent",
 ) -> dict[str, Any]:
     from studios_shared.connect_token import sign_connect_token
 
@@ -121,6 +122,7 @@ def run(
                             str(backend_port),
                             str(ports[name]),
                             str(processes),
+                            loop,
                         ]
                     )
                 )
@@ -160,6 +162,7 @@ def run(
             "per round",
             "duration_s": duration,
             "slices_per_target": slices_per_target,
+            "loop": loop,
             "cores": os.cpu_count(),
             "rounds": out,
         }
@@ -170,8 +173,15 @@ def run(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--serve":
-        asyncio.run(_serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+    if len(sys.argv) == 7 and sys.argv[1] == "--serve":
+        from agent.proxy.loop import run as run_on_agent_loop
+
+        serving = _serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        # The agent's loop (uvloop where installed), or asyncio's for comparison.
+        if sys.argv[6] == "asyncio":
+            asyncio.run(serving)
+        else:
+            run_on_agent_loop(serving)
         raise SystemExit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=5)
@@ -183,6 +193,12 @@ if __name__ == "__main__":
     parser.add_argument(
         "--workers", default="1", help="comma-separated proxy process counts, e.g. 1,2"
     )
+    parser.add_argument(
+        "--loop",
+        default="agent",
+        choices=("agent", "asyncio"),
+        help="the proxy processes' event loop: the agent's (uvloop where installed) or asyncio's",
+    )
     args = parser.parse_args()
     result = run(
         args.duration,
@@ -190,5 +206,6 @@ if __name__ == "__main__":
         args.slices,
         tuple(args.relays.split(",")),
         tuple(int(w) for w in args.workers.split(",")),
+        args.loop,
     )
     print(json.dumps(result, indent=2))

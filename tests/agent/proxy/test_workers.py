@@ -298,15 +298,21 @@ async def test_a_worker_that_dies_is_restarted_and_its_visits_are_closed(
     echo: Agent, controller: FakeController
 ) -> None:
     workers = echo.proxy_workers
-    assert workers is not None and echo.proxy is not None
+    proxy = echo.proxy
+    assert workers is not None and proxy is not None
     conns = await _open_many(echo.proxy_port, _cookie(controller.key, ALICE), 30)
     try:
+        # Every connection reported (a worker reports every REPORT_SECONDS), so that the
+        # victim's count read below is all it holds.
         await controller.wait_for(
-            lambda: any(echo.proxy._remote_open.get(w.name) for w in workers.workers),  # type: ignore[union-attr]
+            lambda: (
+                proxy.open_connections == 30
+                and any(proxy._remote_open.get(w.name) for w in workers.workers)
+            ),
             timeout=5,
         )
-        victim = next(w for w in workers.workers if echo.proxy._remote_open.get(w.name))
-        on_victim = echo.proxy._remote_open[victim.name]
+        victim = next(w for w in workers.workers if proxy._remote_open.get(w.name))
+        on_victim = proxy._remote_open[victim.name]
         [visit_id] = list(victim.open_visits)
         old_pid = victim.pid
         assert old_pid is not None
