@@ -30,7 +30,13 @@ bare open, read, blake3 and zstd of them 1.1-1.5 s. Compressing a batch of small
 as one frame would not help: one frame each costs 0.98 s for those 200 MiB, one frame
 for all 1.14 s (zstd's per-frame cost is not where the time goes), so the pack format
 stays one independent frame per blob. On a busy host the wall time follows the CPU the
-process gets. Until the walk fed the readers, they
+process gets. What is left (bench_checkpoint, three runs at load 2.8-4.5): on file://
+our wall time is about our CPU time (3.4-4.1 s CPU in 3.6-5.5 s) where tar and zstd
+spend 2.6-3.1 s CPU in 1.5-2.7 s: we use about one core of the two, with the GIL held
+~65% of the run (py-spy --gil); the CPU ratio is 1.2-1.4x, the wall ratio 1.7-2.5x. The
+next step is less GIL-held work per file (or the small files read, hashed and
+compressed in C or in another process), not less compression; fewer reader threads
+(2+1 instead of 4+2) changed nothing measurable here. Until the walk fed the readers, they
 started only after the walk and the per-entry loop (0.2-0.5 s with both cores waiting);
 now the first file is read 0.07 s after the start. On file:// the store fsyncs every
 object and its directory: 33 fsyncs in a full checkpoint, 0.8 s in all, of which all but
