@@ -68,8 +68,11 @@ class AgentConfig:
     proxy_port: int = 7070
     proxy_domain: str = "localhost"
     # How the proxy relays the tools' bytes (`--proxy-relay`): copy (through Python) or
-    # splice (in the kernel, Linux). Copy by default: with the median of interleaved runs
-    # (bench_proxy_relay) splice did not beat it at 1 MiB on this 2-core loopback host.
+    # splice (in the kernel, Linux). Copy by default: on uvloop (bench_proxy_relay, three
+    # rounds, 2 cores, load 4-5) splice took about 30% less proxy CPU per 1 MiB response
+    # but was faster in only two rounds of three, and it took more CPU per 1 KiB request
+    # in two rounds of three (up to 36%: its tool side is a transport in Python, copy's
+    # is uvloop's in C).
     proxy_relay: str = "copy"
     # Proxy processes sharing the port (`--proxy-workers`): 1 = the agent's own only.
     proxy_workers: int = 1

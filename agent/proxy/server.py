@@ -20,8 +20,11 @@ to the same tool whatever their Host says, so nothing crosses sessions). The
 proxy still reads every request head on the connection, following
 Content-Length and chunked framing to find the next one, and on each head it
 checks the cookie (a string compare when unchanged), drops any `X-Studios-User`
-given from outside and sets its own, and removes its cookie. Responses are passed
-through untouched. A WebSocket upgrade answered with 101 turns the connection
+given from outside and sets its own, and removes its cookie. A plain request (no body,
+no upgrade, none of the proxy's own headers, the bound cookie, fields already as the
+proxy writes them) takes a fast path (`_Client._fast_head`): one match of the whole head
+and a scan of its field names instead of a parse, the same bytes to the tool. Responses
+are passed through untouched. A WebSocket upgrade answered with 101 turns the connection
 into a plain two-way tunnel. A request the bound connection cannot carry (a new
 connect token, a missing or foreign cookie, a stopped session) closes the tool
 connection and is then answered by the proxy itself.

@@ -85,6 +85,18 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its children (proxy workers) so far."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: float(r["rps"]))
     middle = dict(ordered[len(ordered) // 2])
@@ -106,6 +118,8 @@ def run(
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(subprocess.Popen([sys.executable, str(BACKEND), str(backend_port)]))
+        backend_pid = procs[-1].pid
+        serving: dict[str, int] = {}
         _wait_port(backend_port)
         ports: dict[str, int] = {}
         for relay in relays:
@@ -126,6 +140,7 @@ def run(
                         ]
                     )
                 )
+                serving[f"proxy-{name}"] = procs[-1].pid
                 _wait_port(ports[name])
                 # A worker's listener joins shortly after the proxy's own.
                 time.sleep(1.0 if processes > 1 else 0)
@@ -150,7 +165,16 @@ def run(
                 slices: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
                 for _slice in range(slices_per_target):
                     for name, (base, h) in targets.items():
-                        slices[name].append(wrk(f"{base}/{size}", h, duration, 50))
+                        # The serving processes' CPU per request (the backend's for
+                        # direct): less noisy than the rate on a shared host.
+                        pid = backend_pid if name == "direct" else serving[name]
+                        before = _cpu_seconds(pid)
+                        figures = wrk(f"{base}/{size}", h, duration, 50)
+                        spent = _cpu_seconds(pid) - before
+                        figures["cpu_us_per_request"] = round(
+                            spent / max(1.0, figures["rps"] * duration) * 1e6, 1
+                        )
+                        slices[name].append(figures)
                 row = {name: _median(runs) for name, runs in slices.items()}
                 for figures in row.values():
                     figures["rps_ratio_to_direct"] = round(figures["rps"] / row["direct"]["rps"], 3)
