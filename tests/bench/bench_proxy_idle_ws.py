@@ -479,7 +479,10 @@ def main() -> None:
         asyncio.run(_run_upstream())
         return
     if args.role == "proxy":
-        asyncio.run(_run_proxy(args.tool_port, args.processes))
+        from agent.proxy.loop import run as run_on_agent_loop
+
+        # The agent's loop (uvloop where installed), as the agent runs its proxy.
+        run_on_agent_loop(_run_proxy(args.tool_port, args.processes))
         return
     if args.role == "clients":
         asyncio.run(_run_clients(args.port, args.n, args.cookie))
