@@ -174,7 +174,7 @@ async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes, int]:
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         body = await asyncio.wait_for(reader.readexactly(length), 30)
         return head, body, wire + length
-    body = bytearray()
+    chunks = bytearray()
     while True:
         line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 30)
         wire += len(line)
@@ -182,8 +182,8 @@ async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes, int]:
         chunk = await asyncio.wait_for(reader.readexactly(size + 2), 30)
         wire += len(chunk)
         if size == 0:
-            return head, bytes(body), wire
-        body += chunk[:-2]
+            return head, bytes(chunks), wire
+        chunks += chunk[:-2]
 
 
 async def test_keep_alive_bodies_of_both_framings_arrive_byte_for_byte(setup: _Setup) -> None:
