@@ -314,6 +314,9 @@ class Studio(Base):
             "name",
             "template_repository",
         ),
+        # The deadline, lost-agent and reconciler passes look for the few studios in a
+        # given status among many stopped ones (migration 0017).
+        Index("ix_studios_status", "status"),
     )
 
     session_id: Mapped[str] = mapped_column(String(8), primary_key=True)

@@ -642,7 +642,7 @@ class StudioService:
     async def _get_once(
         self, principal: Principal, session_id: str, workspace_id: int | None
     ) -> StudioDetails:
-        async with self.db.transaction() as session:
+        async with self.db.read() as session:
             studio, _role = await self._studio(session, principal, session_id, workspace_id)
             return await self._details(session, studio)
 
@@ -664,7 +664,7 @@ class StudioService:
         asked for) and data-links (only for studios that mount some) follow in one
         batched statement each when there are any."""
         workspace_id = workspace_id or DEFAULT_WORKSPACE_ID
-        async with self.db.transaction() as session:
+        async with self.db.read() as session:
             await self._role(session, principal, workspace_id)
             params = {
                 "workspace_id": workspace_id,
