@@ -12,37 +12,17 @@ Fake agents on the real gRPC stream against the in-process controller.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from studios.agent.v1 import agent_pb2 as pb
 
-from controller.deadlines import DeadlineSettings
 from tests.conftest import ControllerHarness
 from tests.controller.conftest import AgentFactory
+from tests.controller.studio_reads import deadline_settings, studio, until_status
 from tests.fake_agent import FakeAgent, checkpoint_uri, observed
 
 RECORDED = pb.CHECKPOINT_ACK_RESULT_RECORDED
 INTERIM = pb.CHECKPOINT_STATUS_INTERIM
 STOPPED = pb.SESSION_STATUS_STOPPED
-
-
-def _settings(h: ControllerHarness) -> DeadlineSettings:
-    assert h.controller is not None and h.controller.reconciler is not None
-    deadlines = h.controller.reconciler.deadlines
-    assert deadlines is not None
-    return deadlines.settings
-
-
-async def _studio(h: ControllerHarness, sid: str) -> dict[str, Any]:
-    _, body = await h.request("GET", f"/studios/{sid}", expect=200)
-    assert isinstance(body, dict)
-    return body
-
-
-async def _until(h: ControllerHarness, sid: str, status: str, timeout: int = 15) -> dict[str, Any]:
-    _, body = await h.request("GET", f"/studios/{sid}?wait={status}&timeout={timeout}", expect=200)
-    assert body["statusInfo"]["status"] == status, body["statusInfo"]
-    return dict(body)
 
 
 async def _stopping_with_interim(
@@ -56,7 +36,7 @@ async def _stopping_with_interim(
     wanted = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING)
     g = wanted.generation
     await agent.report(sid, g, pb.SESSION_STATUS_RUNNING, tool_port=41000)
-    await _until(h, sid, "running")
+    await until_status(h, sid, "running")
     # A minute old: the final checkpoint (saved now) is the newer one.
     await agent.checkpoint(
         sid, g, f"manifests/{sid}/interim", INTERIM, saved_at=int(time.time()) - 60
@@ -66,7 +46,7 @@ async def _stopping_with_interim(
     await h.request("PUT", f"/studios/{sid}/stop", expect=200)
     await agent.wait_desired(sid, pb.DESIRED_STATUS_STOPPED, start=mark)
     await agent.report(sid, g, pb.SESSION_STATUS_STOPPING)
-    await _until(h, sid, "stopping")
+    await until_status(h, sid, "stopping")
     return sid, g
 
 
@@ -103,7 +83,7 @@ async def test_stopped_before_its_final_checkpoint_waits_for_it(
     # progress naming the checkpoint awaited, and a start is refused (it would restore
     # the interim checkpoint, losing what the run wrote after it).
     await _report_stopped(agent, sid, g, final)
-    body = await _studio(h, sid)
+    body = await studio(h, sid)
     assert body["statusInfo"]["status"] == "stopping", body["statusInfo"]
     assert body["progress"][-1] == {
         "message": (
@@ -117,12 +97,12 @@ async def test_stopped_before_its_final_checkpoint_waits_for_it(
     assert status == 409 and "is stopping" in refused["message"], refused
     # The same report again (the agent's next Inventory) changes nothing.
     await _report_stopped(agent, sid, g, final)
-    assert (await _studio(h, sid))["statusInfo"]["status"] == "stopping"
+    assert (await studio(h, sid))["statusInfo"]["status"] == "stopping"
 
     # The event: recorded, and the held `stopped` is applied with it, before its ack.
     await agent.checkpoint(sid, g, final)
     assert (await agent.wait_ack(sid, final)).result == RECORDED
-    body = await _studio(h, sid)
+    body = await studio(h, sid)
     assert body["statusInfo"]["status"] == "stopped", body["statusInfo"]
     assert all(step["message"].find(final) < 0 for step in body["progress"])
     # The start restores the run's final checkpoint.
@@ -141,7 +121,7 @@ async def test_stopped_is_applied_at_once_when_nothing_is_awaited(
     # newest checkpoint recorded.
     sid, g = await _stopping_with_interim(h, agent, "no key")
     await _report_stopped(agent, sid, g, "")
-    assert (await _studio(h, sid))["statusInfo"]["status"] == "stopped"
+    assert (await studio(h, sid))["statusInfo"]["status"] == "stopped"
     assert await _start_restores(h, agent, sid) == checkpoint_uri(sid, f"manifests/{sid}/interim")
 
     # The usual order (the event first): stopped at once too.
@@ -150,7 +130,7 @@ async def test_stopped_is_applied_at_once_when_nothing_is_awaited(
     await agent.checkpoint(sid, g, final)
     assert (await agent.wait_ack(sid, final)).result == RECORDED
     await _report_stopped(agent, sid, g, final)
-    assert (await _studio(h, sid))["statusInfo"]["status"] == "stopped"
+    assert (await studio(h, sid))["statusInfo"]["status"] == "stopped"
     assert await _start_restores(h, agent, sid) == checkpoint_uri(sid, final)
 
 
@@ -174,7 +154,7 @@ async def test_a_stopped_report_held_on_one_stream_is_applied_after_a_reconnect(
     report = observed(sid, g, STOPPED, message="stopped")
     report.final_checkpoint_key = final
     await again.inventory([report])
-    await _until(h, sid, "stopped")
+    await until_status(h, sid, "stopped")
     assert await _start_restores(h, again, sid) == checkpoint_uri(sid, final)
 
 
@@ -187,16 +167,16 @@ async def test_the_stop_deadline_names_the_missing_final_checkpoint(
     sid, g = await _stopping_with_interim(h, agent, "never")
     final = f"manifests/{sid}/final"
     await _report_stopped(agent, sid, g, final)
-    _settings(h).stopping_deadline_seconds = 0.5
-    body = await _until(h, sid, "errored")
+    deadline_settings(h).stopping_deadline_seconds = 0.5
+    body = await until_status(h, sid, "errored")
     assert body["statusInfo"]["message"] == (
         f"stop did not finish within 0.5 s: stuck in waiting for the final checkpoint {final} "
         f"of run {g}: the agent reported the session stopped before its checkpoint event "
         "was recorded"
     )
-    _settings(h).stopping_deadline_seconds = 1800
+    deadline_settings(h).stopping_deadline_seconds = 1800
     # The event coming after all: the stop is taken, and its checkpoint is the restore point.
     await agent.checkpoint(sid, g, final)
     assert (await agent.wait_ack(sid, final)).result == RECORDED
-    assert (await _studio(h, sid))["statusInfo"]["status"] == "stopped"
+    assert (await studio(h, sid))["statusInfo"]["status"] == "stopped"
     assert await _start_restores(h, agent, sid) == checkpoint_uri(sid, final)

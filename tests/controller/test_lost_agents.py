@@ -11,35 +11,15 @@ naming the step they were stuck in. The settings are shortened on the running co
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from sqlalchemy import select
 from studios.agent.v1 import agent_pb2 as pb
 
-from controller.deadlines import DeadlineSettings
 from controller.models import Checkpoint, Studio
 from tests.conftest import ControllerHarness
 from tests.controller.conftest import AgentFactory
+from tests.controller.studio_reads import deadline_settings, studio, until_status
 from tests.fake_agent import FakeAgent, checkpoint_uri, observed
-
-
-def _settings(h: ControllerHarness) -> DeadlineSettings:
-    assert h.controller is not None and h.controller.reconciler is not None
-    deadlines = h.controller.reconciler.deadlines
-    assert deadlines is not None
-    return deadlines.settings
-
-
-async def _studio(h: ControllerHarness, sid: str) -> dict[str, Any]:
-    _, body = await h.request("GET", f"/studios/{sid}", expect=200)
-    assert isinstance(body, dict)
-    return body
-
-
-async def _until(h: ControllerHarness, sid: str, status: str, timeout: int = 15) -> dict[str, Any]:
-    _, body = await h.request("GET", f"/studios/{sid}?wait={status}&timeout={timeout}", expect=200)
-    assert body["statusInfo"]["status"] == status, body["statusInfo"]
-    return dict(body)
 
 
 async def _running(
@@ -56,7 +36,7 @@ async def _running(
         await h.request("PUT", f"/studios/{sid}/start", expect=200)
     desired = await agent.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
     await agent.report(sid, desired.generation, pb.SESSION_STATUS_RUNNING, tool_port=1)
-    await _until(h, sid, "running")
+    await until_status(h, sid, "running")
     return sid, desired
 
 
@@ -77,12 +57,12 @@ async def test_lost_agent_errors_its_studios_which_can_be_deleted(
     await agent.connect()
     sid, _ = await _running(h, agent, "orphan")
     kept, _ = await _running(h, agent, "kept")
-    _settings(h).agent_lost_seconds = 1.0
+    deadline_settings(h).agent_lost_seconds = 1.0
     # Within the grace period a silent agent is not lost: its stream is still open here.
     await asyncio.sleep(1.5)
-    assert (await _studio(h, sid))["statusInfo"]["status"] == "running"
+    assert (await studio(h, sid))["statusInfo"]["status"] == "running"
     await agent.close()
-    body = await _until(h, sid, "errored")
+    body = await until_status(h, sid, "errored")
     message = body["statusInfo"]["message"]
     assert message.startswith("agent lost: agent-1 last seen 20"), message
     assert message.endswith("Z")
@@ -91,14 +71,14 @@ async def test_lost_agent_errors_its_studios_which_can_be_deleted(
     assert status == 404
     # The other studio errored too, and starts again once an agent is there (not the
     # lost one: placement picks connected agents only).
-    await _until(h, kept, "errored")
+    await until_status(h, kept, "errored")
     other = make_agent("agent-2")
     await other.connect()
     await _running(h, other, "kept", sid=kept)
     assert h.controller is not None and h.controller.db is not None
     async with h.controller.db.transaction() as session:
-        studio = await session.get(Studio, kept)
-        assert studio is not None and studio.agent_id == "agent-2"
+        row = await session.get(Studio, kept)
+        assert row is not None and row.agent_id == "agent-2"
 
 
 async def test_lost_agent_back_before_anything_else_stops_with_the_studios_own_checkpoint(
@@ -109,9 +89,9 @@ async def test_lost_agent_back_before_anything_else_stops_with_the_studios_own_c
     await agent.connect()
     sid, desired = await _running(h, agent, "patient")
     g = desired.generation
-    _settings(h).agent_lost_seconds = 0.5
+    deadline_settings(h).agent_lost_seconds = 0.5
     await agent.close()
-    await _until(h, sid, "errored")
+    await until_status(h, sid, "errored")
     # It comes back still running the session: told to stop it (no second copy anywhere).
     back = make_agent("agent-1")
     await back.connect(inventory=[observed(sid, g, pb.SESSION_STATUS_RUNNING, tool_port=1)])
@@ -120,7 +100,7 @@ async def test_lost_agent_back_before_anything_else_stops_with_the_studios_own_c
     await back.checkpoint(sid, g, "final-1")
     assert (await back.wait_ack(sid, "final-1")).result == pb.CHECKPOINT_ACK_RESULT_RECORDED
     await back.report(sid, g, pb.SESSION_STATUS_STOPPED, message="stopped")
-    await _until(h, sid, "stopped")
+    await until_status(h, sid, "stopped")
     rows = await _checkpoints(h, sid)
     assert [(r.key, r.recovered_from_agent) for r in rows] == [("final-1", None)]
     # ... and it is what the next start restores.
@@ -140,9 +120,9 @@ async def test_lost_agent_back_after_the_studio_moved_keeps_a_named_checkpoint(
     g1 = desired.generation
     await first.checkpoint(sid, g1, "interim-1", pb.CHECKPOINT_STATUS_INTERIM)
     await first.wait_ack(sid, "interim-1")
-    _settings(h).agent_lost_seconds = 0.5
+    deadline_settings(h).agent_lost_seconds = 0.5
     await first.close()
-    await _until(h, sid, "errored")
+    await until_status(h, sid, "errored")
     # Started elsewhere: the last checkpoint is restored there.
     second = make_agent("agent-2")
     await second.connect()
@@ -181,7 +161,7 @@ async def test_lost_agent_back_after_the_studio_moved_keeps_a_named_checkpoint(
         pb.CHECKPOINT_ACK_RESULT_RECORDED
     )
 
-    body = await _studio(h, sid)
+    body = await studio(h, sid)
     # Nothing the returning agent said changed the studio: one session, on agent-2.
     assert body["statusInfo"]["status"] == "running"
     rows = await _checkpoints(h, sid)
@@ -204,7 +184,7 @@ async def test_lost_agent_back_after_the_studio_moved_keeps_a_named_checkpoint(
     await h.request("PUT", f"/studios/{sid}/stop", expect=200)
     await second.wait_desired(sid, pb.DESIRED_STATUS_STOPPED, start=mark)
     await second.report(sid, g2, pb.SESSION_STATUS_STOPPED)
-    await _until(h, sid, "stopped")
+    await until_status(h, sid, "stopped")
     mark = len(second.responses)
     await h.request("PUT", f"/studios/{sid}/start", expect=200)
     third = await second.wait_desired(sid, pb.DESIRED_STATUS_RUNNING, start=mark)
@@ -224,9 +204,9 @@ async def test_rogue_agents_cannot_inject_checkpoints(
     sid, desired = await _running(h, first, "target")
     g1 = desired.generation
     victim, _ = await _running(h, first, "victim")
-    _settings(h).agent_lost_seconds = 0.5
+    deadline_settings(h).agent_lost_seconds = 0.5
     await first.close()
-    await _until(h, sid, "errored")
+    await until_status(h, sid, "errored")
     second = make_agent("agent-2")
     await second.connect()
     sid, moved = await _running(h, second, "target", sid=sid)
@@ -279,8 +259,8 @@ async def test_start_and_stop_deadlines_name_the_stuck_step(
     await agent.report(sid, g, pb.SESSION_STATUS_STARTING, progress=[restoring])
     await asyncio.sleep(0.3)
     mark = len(agent.responses)
-    _settings(h).starting_deadline_seconds = 0.5
-    body = await _until(h, sid, "errored")
+    deadline_settings(h).starting_deadline_seconds = 0.5
+    body = await until_status(h, sid, "errored")
     message = body["statusInfo"]["message"]
     assert message == (
         "start did not finish within 0.5 s: stuck in restoring the checkpoint: "
@@ -289,20 +269,20 @@ async def test_start_and_stop_deadlines_name_the_stuck_step(
     # The agent is told to give it up.
     await agent.wait_desired(sid, pb.DESIRED_STATUS_STOPPED, start=mark)
     await agent.report(sid, g, pb.SESSION_STATUS_STOPPED)
-    await _until(h, sid, "stopped")
+    await until_status(h, sid, "stopped")
 
-    _settings(h).starting_deadline_seconds = 1800
+    deadline_settings(h).starting_deadline_seconds = 1800
     sid, desired = await _running(h, agent, "slow", sid=sid)
     mark = len(agent.responses)
     await h.request("PUT", f"/studios/{sid}/stop", expect=200)
     await agent.wait_desired(sid, pb.DESIRED_STATUS_STOPPED, start=mark)
     saving = pb.ProgressStep(name="saving the final checkpoint", status=pb.STEP_STATUS_IN_PROGRESS)
     await agent.report(sid, desired.generation, pb.SESSION_STATUS_STOPPING, progress=[saving])
-    _settings(h).stopping_deadline_seconds = 0.5
-    body = await _until(h, sid, "errored")
+    deadline_settings(h).stopping_deadline_seconds = 0.5
+    body = await until_status(h, sid, "errored")
     assert body["statusInfo"]["message"] == (
         "stop did not finish within 0.5 s: stuck in saving the final checkpoint"
     )
     # A stop that finishes after all is still taken.
     await agent.report(sid, desired.generation, pb.SESSION_STATUS_STOPPED)
-    await _until(h, sid, "stopped")
+    await until_status(h, sid, "stopped")
