@@ -45,7 +45,23 @@ goes on, so one batch of fsyncs before the index would only move that work onto 
 critical path; the file:// floor copies into the page cache and fsyncs nothing. After
 the last read: the last pack's upload, the index and the manifest (encoding 9,111
 entries) took 0.3-1 s; the index and the manifest are now encoded while the last pack
-uploads (stored after it, in the same order), 0.21-0.24 s at load 4-5. zstd levels on
+uploads (stored after it, in the same order), 0.21-0.24 s at load 4-5.
+
+Tried and not kept (issue 18, third pass): the small files' open, fstat, read, xattrs,
+blake3 and zstd in two reader processes (fresh interpreters fed batches of paths over
+pipes, returning stats, blob ids and the batch's distinct blobs compressed; dedup and
+the pack stayed here). Alternated with this engine in bench_checkpoint on file:// at
+load 1.3-1.7, full backup 2.15/2.33/1.85 s against 2.28/2.03/1.81 s: no gain. At that
+load the in-process readers already use ~1.6 cores (3.1-3.7 s CPU in 1.8-2.3 s); the
+processes add 0.15-0.7 s CPU (two interpreters starting, 0.4-0.5 s once per agent, and
+pickling ~100 MiB of compressed blobs), and the parent keeps the walk, the entries and
+the pack. The GIL-bound single core seen earlier was at load 4-8, where the wall time
+follows the CPU the process is given whichever way it is spread. Noticed there: the
+in-process readers open with O_NOFOLLOW, which guards only the last component; a
+directory swapped for a symlink after the walk is followed (safe_open below a source
+fd would refuse it).
+
+zstd levels on
 this tree (CPU, stored): 1: 1.42 s, 101.7 MiB; -1: 1.27 s, 115 MiB; -3: 1.07 s,
 130 MiB; -5: 0.94 s, 144 MiB: a negative level saves at most a third of the compression
 CPU for 13-42% more bytes, so level 1 stays.
