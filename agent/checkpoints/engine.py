@@ -56,10 +56,10 @@ load the in-process readers already use ~1.6 cores (3.1-3.7 s CPU in 1.8-2.3 s);
 processes add 0.15-0.7 s CPU (two interpreters starting, 0.4-0.5 s once per agent, and
 pickling ~100 MiB of compressed blobs), and the parent keeps the walk, the entries and
 the pack. The GIL-bound single core seen earlier was at load 4-8, where the wall time
-follows the CPU the process is given whichever way it is spread. Noticed there: the
-in-process readers open with O_NOFOLLOW, which guards only the last component; a
-directory swapped for a symlink after the walk is followed (safe_open below a source
-fd would refuse it).
+follows the CPU the process is given whichever way it is spread. Noticed there, and
+fixed since: the readers opened by path with O_NOFOLLOW, which guards only the last
+component, so a directory swapped for a symlink after the walk was followed; the walk,
+the readers, xattrs and readlink now all go below the source's fd (safe_open).
 
 zstd levels on
 this tree (CPU, stored): 1: 1.42 s, 101.7 MiB; -1: 1.27 s, 115 MiB; -3: 1.07 s,
@@ -82,7 +82,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import operator
 import os
 import posixpath
 import stat
@@ -273,14 +272,52 @@ def _mount_points_below(root: str) -> set[str]:
     return {p for p, _ in mount_points_under(root)}
 
 
-_by_name = operator.attrgetter("name")
+# A name that is gone, or no longer what the walk saw (a symlink now on its way: safe_open
+# refuses it with ELOOP, or EXDEV for a path out of the tree).
+_GONE = frozenset({errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EXDEV})
 
 
-def _walk(root: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+def _xattrs_below(root_fd: int, rel: str) -> dict[str, bytes]:
+    """As _xattrs for `rel` below `root_fd`, through its parent opened with no symlink
+    followed (its own last component is not followed either)."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        pfd = safe_open(root_fd, parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        if err.errno in _GONE:
+            return {}
+        raise
+    try:
+        return _xattrs(f"/proc/self/fd/{pfd}/{name}")
+    finally:
+        os.close(pfd)
+
+
+def _readlink_below(root_fd: int, rel: str) -> str:
+    """The target of symlink `rel` below `root_fd`; FileNotFoundError when it is gone."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        pfd = safe_open(root_fd, parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        if err.errno in _GONE:
+            raise FileNotFoundError(err.errno, err.strerror, rel) from None
+        raise
+    try:
+        return os.readlink(name, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def _walk(root: str, root_fd: int, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]]:
     """Pre-order walk, siblings by name (the manifest's order, so no sort of the whole
     tree afterwards); stays on the root's file system (no mounts), and keeps excluded
     directories and mount points as empty directories. A generator: the backup reads
-    the first files while the walk goes on."""
+    the first files while the walk goes on.
+
+    Each directory is listed through an fd opened below `root_fd` with no symlink
+    followed (safe_open): the session owns the tree and may swap a directory it listed
+    for a symlink to anywhere on the host before the walk goes into it; listing by path
+    would then take the agent (root) into that target."""
     st = os.lstat(root)
     yield (".", st)
     root_dev = st.st_dev
@@ -289,31 +326,43 @@ def _walk(root: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]
     isdir = stat.S_ISDIR
     # Depth first with an explicit stack of directory iterators: a directory's subtree
     # is emitted right after it, before its next sibling.
-    stack: list[tuple[str, list[os.DirEntry[str]], int]] = []
+    stack: list[tuple[str, list[tuple[str, os.stat_result | None]], int]] = []
 
-    def listing(abspath: str) -> list[os.DirEntry[str]]:
+    def listing(rel: str) -> list[tuple[str, os.stat_result | None]]:
+        """The directory's names, by name, each with its lstat (taken while the
+        directory's fd is open: None for a name gone meanwhile)."""
         try:
-            with os.scandir(abspath) as it:
-                return sorted(it, key=_by_name)
-        except FileNotFoundError:
-            return []
+            fd = safe_open(root_fd, rel, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:
+            if err.errno in _GONE:
+                return []  # removed, or swapped for a symlink, since it was seen
+            raise
+        try:
+            with os.scandir(fd) as it:
+                names = sorted(de.name for de in it)
+            out: list[tuple[str, os.stat_result | None]] = []
+            for name in names:
+                try:
+                    out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
+                except FileNotFoundError:
+                    out.append((name, None))
+            return out
+        finally:
+            os.close(fd)
 
-    stack.append(("", listing(root), 0))
+    stack.append(("", listing(""), 0))
     while stack:
         rel, items, i = stack[-1]
         if i >= len(items):
             stack.pop()
             continue
-        de = items[i]
+        name, s = items[i]
         stack[-1] = (rel, items, i + 1)
-        name = de.name
         r = f"{rel}/{name}" if rel else name
         if "\n" in name or "\r" in name:
             warnings.append(f"skipped {r!r}: newline in name")
             continue
-        try:
-            s = de.stat(follow_symlinks=False)
-        except FileNotFoundError:
+        if s is None:
             continue
         yield (r, s)
         if isdir(s.st_mode):
@@ -322,7 +371,7 @@ def _walk(root: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]
                 continue
             if mounts and os.path.join(real_root, r) in mounts:
                 continue
-            stack.append((r, listing(de.path), 0))
+            stack.append((r, listing(r), 0))
 
 
 class _Readers:
@@ -389,6 +438,9 @@ class _Backup:
         self.repo = repo
         self.session_id = session_id
         self.source = source
+        # The source directory's fd while a backup runs: every open below it goes
+        # through safe_open (see _walk).
+        self.source_fd = -1
         self.parent = parent
         self.progress = _Progress(progress)
         self.threads = threads
@@ -480,14 +532,15 @@ class _Backup:
     def _read_one(self, e: Entry) -> None:
         if self.failed is not None:
             return
-        path = os.path.join(self.source, e.path)
         counted = 0
         unread_xattrs = e.xattrs is _XATTRS_UNREAD
         for _attempt in range(READ_ATTEMPTS):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                # Below the source's fd, no symlink followed on the way: a directory
+                # swapped for a symlink since the walk must not lead the agent out.
+                fd = safe_open(self.source_fd, e.path, os.O_RDONLY | os.O_NONBLOCK)
             except OSError as err:
-                if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                if err.errno in _GONE:
                     e.type = "gone"
                     return
                 raise
@@ -552,10 +605,10 @@ class _Backup:
         read (or grew past SMALL_FILE) goes through _read_file, which retries it."""
         if self.failed is not None:
             return
-        source = self.source
+        source_fd = self.source_fd
         params = self.repo.params
         min_size = params.min_size
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        flags = os.O_RDONLY | os.O_NONBLOCK
         isreg = stat.S_ISREG
         slow: list[Entry] = []
         # (entry, its chunks (views of its data), their blob ids)
@@ -565,9 +618,9 @@ class _Backup:
         try:
             for e in batch:
                 try:
-                    fd = os.open(os.path.join(source, e.path), flags)
+                    fd = safe_open(source_fd, e.path, flags)
                 except OSError as err:
-                    if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    if err.errno in _GONE:
                         e.type = "gone"
                         continue
                     raise
@@ -651,12 +704,16 @@ class _Backup:
         # The lock is taken before the index is read: GC relies on this order.
         self.known, known_ids = self.repo.load_indexes_and_ids()
         walk_started_ns = time.time_ns()
-        items = _walk(self.source, self.warnings)
-        readers = _Readers(self, self.threads)
+        self.source_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return self._run_walk(t0, walk_started_ns, items, known_ids, readers)
+            items = _walk(self.source, self.source_fd, self.warnings)
+            readers = _Readers(self, self.threads)
+            try:
+                return self._run_walk(t0, walk_started_ns, items, known_ids, readers)
+            finally:
+                readers.close()
         finally:
-            readers.close()
+            os.close(self.source_fd)
 
     def _run_walk(
         self,
@@ -720,7 +777,7 @@ class _Backup:
             elif isreg(mode):
                 xattrs = _XATTRS_UNREAD
             else:
-                xattrs = _xattrs(self.source if rel == "." else os.path.join(self.source, rel))
+                xattrs = _xattrs(self.source) if rel == "." else _xattrs_below(self.source_fd, rel)
             e = Entry(
                 path=rel,
                 type="dir",
@@ -738,7 +795,7 @@ class _Backup:
                 if st.st_nlink > 1 and inode in links:
                     e.type, e.target = "hardlink", links[inode]
                     if e.xattrs is _XATTRS_UNREAD:
-                        e.xattrs = _xattrs(os.path.join(self.source, rel))
+                        e.xattrs = _xattrs_below(self.source_fd, rel)
                     entries.append(e)
                     continue
                 if st.st_nlink > 1:
@@ -764,7 +821,7 @@ class _Backup:
                     readers.add(e)
             elif stat.S_ISLNK(mode):
                 try:
-                    e.type, e.target = "symlink", os.readlink(os.path.join(self.source, rel))
+                    e.type, e.target = "symlink", _readlink_below(self.source_fd, rel)
                 except FileNotFoundError:
                     continue
             elif stat.S_ISFIFO(mode):
