@@ -329,7 +329,11 @@ def test_checkpoint_walk_skips_workspace_data_and_mount_points(tmp_path: Path) -
     subprocess.run(["mount", "--bind", str(shared), str(root / "mnt" / "efs")], check=True)
     try:
         assert os.stat(root / "mnt" / "efs").st_dev == os.stat(root).st_dev
-        paths = [p for p, _ in E._walk(str(root), [])]
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            paths = [p for p, _ in E._walk(str(root), root_fd, [])]
+        finally:
+            os.close(root_fd)
     finally:
         subprocess.run(["umount", str(root / "mnt" / "efs")], check=True)
     assert "workspace/mine.txt" in paths
