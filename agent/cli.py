@@ -34,7 +34,6 @@ from agent.cli_checkpoint import human_size
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
 from agent.host import doctor_report
-from agent.proxy.loop import run as run_loop
 from agent.sessions.context import normalised_absolute
 from agent.state import StateDir
 from studios_shared.config_file import (
@@ -308,8 +307,9 @@ def _serve(args: argparse.Namespace) -> int:
         await Agent(config).serve(stop)
 
     try:
-        # uvloop where installed: the connect proxy's event loop (agent.proxy.loop).
-        run_loop(run())
+        # asyncio's loop, not uvloop: the agent spawns processes beside threads
+        # (agent.proxy.loop says why); its proxy workers run on uvloop.
+        asyncio.run(run())
     except (AgentError, OSError, ValueError) as exc:
         return usage_error(PROG, exc)
     return 0

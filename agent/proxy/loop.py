@@ -1,11 +1,18 @@
-"""The event loop of the processes that run the connect proxy: uvloop where installed.
+"""The event loop of the connect proxy's worker processes: uvloop where installed.
 
 The proxy's cost per small request is mostly the event loop's (reading, writing and
 dispatching for two sockets) rather than its own code; uvloop (libuv, in C) does that
 part with a fraction of the Python of asyncio's selector loop (measured with
-tests/bench/bench_proxy_relay.py). grpc.aio, aiohttp and subprocesses run on it too,
-so the agent's process uses it as well as the worker processes. Without uvloop (another
-platform, an environment without it) asyncio's own loop is used.
+tests/bench/bench_proxy_relay.py). Without uvloop (another platform, an environment
+without it) asyncio's own loop is used.
+
+Only the workers (`--proxy-workers N`, agent.proxy.worker) run on it, never the agent's
+own process. uvloop runs Python's at-fork hooks in the child of every subprocess it
+spawns (asyncio does not: uvloop issue #749), so a child of a process with threads runs
+Python code between fork and exec. The agent spawns podman, mount and the workers
+beside grpc's, aiosqlite's and fsspec's threads; in a CI run such a child aborted
+("Fatal Python error: Aborted" in fsspec's at-fork hook) before it could exec. A worker
+spawns nothing and runs no gRPC.
 """
 
 from __future__ import annotations
