@@ -522,12 +522,15 @@ class _Backup:
         except (CheckpointError, OSError):
             raise
         except Exception as err:
-            # zstd or blake3 failing in a reader thread: named, not a bare ZstdError
-            # from somewhere in the pipeline.
-            raise CheckpointError(
-                f"checkpoint of {self.source}: chunking, hashing or compressing "
-                f"{e.path!r} failed: {type(err).__name__}: {err}"
-            ) from err
+            raise self._codec_failure(e, err) from err
+
+    def _codec_failure(self, e: Entry, err: Exception) -> CheckpointError:
+        """zstd or blake3 failing in a reader thread, named: not a bare ZstdError from
+        somewhere in the pipeline."""
+        return CheckpointError(
+            f"checkpoint of {self.source}: chunking, hashing or compressing "
+            f"{e.path!r} failed: {type(err).__name__}: {err}"
+        )
 
     def _read_one(self, e: Entry) -> None:
         if self.failed is not None:
@@ -670,10 +673,7 @@ class _Backup:
         except (CheckpointError, OSError):
             raise
         except Exception as err:
-            raise CheckpointError(
-                f"checkpoint of {self.source}: chunking, hashing or compressing "
-                f"{e.path!r} failed: {type(err).__name__}: {err}"
-            ) from err
+            raise self._codec_failure(e, err) from err
         full: list[PackWriter] = []
         with self.lock:
             for bid, data, compressed, raw_len in stored:
