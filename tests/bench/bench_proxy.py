@@ -7,29 +7,41 @@ the local runtime; our proxy is reached as a browser would after the studioUrl s
 configurable-http-proxy (`tests/bench/anchor_jupyterhub.py --setup`) are skipped, and say so,
 where they are not installed. Prints JSON.
 
-    .venv/bin/python tests/bench/bench_proxy.py [--duration 10] [--relay splice|copy]
-        [--skip-anchors]
+    .venv/bin/python tests/bench/bench_proxy.py [--duration 5] [--rounds 3]
+        [--relay splice|copy] [--proxy-workers N] [--skip-anchors]
+
+Each size is measured in `--rounds` interleaved rounds (direct, ours, the anchors, then
+again), each wrk run `--duration` seconds; a target's ratio to direct is the median of
+its rounds' ratios, each taken beside the direct figure of the same round.
+CPU per request is reported for wrk, the backend and (ours) the agent with its proxy
+workers: the two cores are shared by all three, so a proxy costing as much per request
+as the backend and wrk together halves the rate whatever its code.
 
 `--relay` is the agent's `--proxy-relay` (splice: the tools' bytes move with os.splice;
-copy: through Python). The load averages before and after are part of the JSON: this
-machine is shared, so a ratio means something only beside the direct rate and the load
-of the same run.
+copy: through Python), `--proxy-workers` the agent's (processes sharing the port). The
+load averages before and after are part of the JSON: this machine is shared, so a ratio
+means something only beside the direct rate and the load of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -63,6 +75,31 @@ def wrk(url: str, headers: dict[str, str], duration: int, connections: int) -> d
         "p99_ms": round(p99, 3),
         "non_2xx": int(errors.group(1)) if errors else 0,
     }
+
+
+def _runs(proc: psutil.Process, what: str) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return what in " ".join(proc.cmdline())
+    return False
+
+
+def _is_proxy_worker(proc: psutil.Process) -> bool:
+    return _runs(proc, "agent.proxy.worker")
+
+
+def _children_cpu_seconds() -> float:
+    """CPU of this process's waited-for children: the wrk runs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def start_nginx(tmp: Path, backend_port: int) -> tuple[subprocess.Popen[bytes] | None, int]:
@@ -151,7 +188,9 @@ async def sign_in(api: RestClient, studio: dict[str, Any]) -> str:
         return cookie.value
 
 
-async def run(duration: int, relay: str, skip_anchors: bool) -> dict[str, Any]:
+async def run(
+    duration: int, relay: str, skip_anchors: bool, proxy_workers: int = 1, rounds: int = 3
+) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     with tempfile.TemporaryDirectory(prefix="studios-bench-proxy-") as tmp_name:
@@ -178,6 +217,8 @@ async def run(duration: int, relay: str, skip_anchors: bool) -> dict[str, Any]:
                 "directory",
                 "--proxy-relay",
                 relay,
+                "--proxy-workers",
+                str(proxy_workers),
             ),
         )
         try:
@@ -192,8 +233,10 @@ async def run(duration: int, relay: str, skip_anchors: bool) -> dict[str, Any]:
                     duration,
                     helpers,
                     skip_anchors,
+                    rounds,
                 )
                 result["relay"] = relay
+                result["proxy_workers"] = proxy_workers
                 result["load_average_before"] = [round(x, 2) for x in load_before]
                 result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
                 return result
@@ -212,6 +255,7 @@ async def _measure(
     duration: int,
     helpers: list[subprocess.Popen[bytes]],
     skip_anchors: bool = False,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     _, body = await api.request(
         "POST",
@@ -248,17 +292,53 @@ async def _measure(
         await wait_port(chp_port)
         targets["configurable-http-proxy"] = (f"http://127.0.0.1:{chp_port}", {})
 
+    # The agent and its proxy workers: their CPU per request is the proxy's cost.
+    assert agent.proc is not None
+    proxy_procs = [psutil.Process(agent.proc.pid)]
+    proxy_procs += [p for p in proxy_procs[0].children(recursive=True) if _is_proxy_worker(p)]
+    backend_procs = [p for p in proxy_procs[0].children(recursive=True) if _runs(p, str(BACKEND))]
     results: dict[str, Any] = {}
     for size in ("1k", "1m"):
+        rounds_by_target: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        # Interleaved (direct, ours, anchors; again...): this 2-core host's speed drifts
+        # by a third within minutes, so each ratio compares figures taken side by side.
+        for _ in range(rounds):
+            for name, (base, headers) in targets.items():
+                # Who spends the two cores: wrk, the backend, and (ours) the proxy.
+                before = (
+                    _children_cpu_seconds(),
+                    _cpu_seconds(backend_procs),
+                    _cpu_seconds(proxy_procs),
+                )
+                figures = wrk(f"{base}/{size}", headers, duration, 50)
+                requests = max(1.0, figures["rps"] * duration)
+                used = (
+                    _children_cpu_seconds() - before[0],
+                    _cpu_seconds(backend_procs) - before[1],
+                    _cpu_seconds(proxy_procs) - before[2],
+                )
+                figures["wrk_cpu_us_per_request"] = round(1e6 * used[0] / requests, 1)
+                figures["backend_cpu_us_per_request"] = round(1e6 * used[1] / requests, 1)
+                if name == "studios-proxy":
+                    figures["proxy_cpu_us_per_request"] = round(1e6 * used[2] / requests, 1)
+                rounds_by_target[name].append(figures)
         row: dict[str, Any] = {}
+        direct_rounds = rounds_by_target["direct"]
         for name, (base, headers) in targets.items():
-            row[name] = wrk(f"{base}/{size}", headers, duration, 50)
-            row[name]["single_connection_p50_ms"] = wrk(
+            per_round = rounds_by_target[name]
+            ratios = [f["rps"] / d["rps"] for f, d in zip(per_round, direct_rounds, strict=True)]
+            # Latencies and errors of the round with the median rate.
+            figures = dict(sorted(per_round, key=lambda f: f["rps"])[(len(per_round) - 1) // 2])
+            figures["rps"] = round(statistics.median(f["rps"] for f in per_round), 1)
+            figures["rps_per_round"] = [f["rps"] for f in per_round]
+            figures["rps_ratio_to_direct"] = round(statistics.median(ratios), 3)
+            figures["rps_ratio_per_round"] = [round(r, 3) for r in ratios]
+            figures["single_connection_p50_ms"] = wrk(
                 f"{base}/{size}", headers, max(2, duration // 3), 1
             )["p50_ms"]
+            row[name] = figures
         direct = row["direct"]
         for figures in row.values():
-            figures["rps_ratio_to_direct"] = round(figures["rps"] / direct["rps"], 3)
             figures["added_p50_ms_single_connection"] = round(
                 figures["single_connection_p50_ms"] - direct["single_connection_p50_ms"],
                 3,
@@ -267,6 +347,7 @@ async def _measure(
     return {
         "benchmark": "connect proxy: wrk -t2 -c50 (and -c1 for added latency)",
         "duration_s": duration,
+        "rounds": rounds,
         "missing_anchors": [
             name
             for name, proc in (("nginx", nginx), ("configurable-http-proxy", chp))
@@ -278,8 +359,13 @@ async def _measure(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per size")
     parser.add_argument("--relay", choices=("splice", "copy"), default="copy")
+    parser.add_argument("--proxy-workers", type=int, default=1)
     parser.add_argument("--skip-anchors", action="store_true", help="only direct and ours")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.duration, args.relay, args.skip_anchors)), indent=2))
+    result = asyncio.run(
+        run(args.duration, args.relay, args.skip_anchors, args.proxy_workers, args.rounds)
+    )
+    print(json.dumps(result, indent=2))
