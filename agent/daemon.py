@@ -72,7 +72,11 @@ class AgentConfig:
     # rounds, 2 cores, load 4-5) splice took about 30% less proxy CPU per 1 MiB response
     # but was faster in only two rounds of three, and it took more CPU per 1 KiB request
     # in two rounds of three (up to 36%: its tool side is a transport in Python, copy's
-    # is uvloop's in C).
+    # is uvloop's in C). On the agent's own asyncio loop (bench_proxy, kernel 6.18, quiet
+    # host) splice took 386 us of proxy CPU per 1 MiB response against copy's 407, but
+    # the tool then spent 783 us sending it against 646, and the rate was no better
+    # (0.67x direct against 0.63-0.73x): most of the proxy's CPU for a large body is the
+    # kernel's loopback TCP send to the browser, which splice does not avoid.
     proxy_relay: str = "copy"
     # Proxy processes sharing the port (`--proxy-workers`): 1 = the agent's own only.
     proxy_workers: int = 1
