@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from studios.agent.v1 import agent_pb2 as pb
@@ -38,6 +38,15 @@ from controller.agent_ca import AgentCA, CaError
 from studios_shared.agent_pki import AgentIdentity, format_join_token
 
 __all__ = ["FakeController", "MemoryCaFiles", "desired"]
+
+# agent_pb2_grpc.py is generated without annotations: its registration function, typed.
+_add_servicer: Callable[[pb_grpc.AgentServiceServicer, grpc.aio.Server], None] = (
+    pb_grpc.add_AgentServiceServicer_to_server
+)
+
+if TYPE_CHECKING:
+    # Requests are Any: `read()` also returns `grpc.aio.EOF`, which the stubs leave out.
+    _ConnectContext = grpc.aio.ServicerContext[Any, pb.ConnectResponse]
 
 
 class MemoryCaFiles:
@@ -141,12 +150,12 @@ class FakeController:
         key_pem, chain_pem = self.ca.server_credentials(self.server_names)
         chain_pem += self.chain_extra
         enrollment = grpc.aio.server()
-        pb_grpc.add_AgentServiceServicer_to_server(_EnrollmentEndpoint(self), enrollment)
+        _add_servicer(_EnrollmentEndpoint(self), enrollment)
         self.port = enrollment.add_secure_port(
             f"127.0.0.1:{port}", grpc.ssl_server_credentials([(key_pem, chain_pem)])
         )
         agents = grpc.aio.server()
-        pb_grpc.add_AgentServiceServicer_to_server(_AgentEndpoint(self), agents)
+        _add_servicer(_AgentEndpoint(self), agents)
         self.agent_port = agents.add_secure_port(
             f"127.0.0.1:{self.agent_port}",
             grpc.ssl_server_credentials(
@@ -240,22 +249,22 @@ class FakeController:
 
     # ------------------------------------------------------------ servicer
 
-    def _call(self, method: str, context: grpc.aio.ServicerContext) -> dict[str, str]:
+    def _call(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
         metadata = {k: str(v) for k, v in (context.invocation_metadata() or ())}
         self.calls.append((method, metadata))
         self._changed.set()
         return metadata
 
     async def _refuse(
-        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
+        self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str
     ) -> None:
         self.refused += 1
         self._changed.set()
         await context.abort(code, details)
 
-    async def _peer(self, context: grpc.aio.ServicerContext) -> tuple[AgentIdentity, int]:
+    async def _peer(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[AgentIdentity, int]:
         """The caller's identity from its client certificate (verified by the TLS layer)."""
-        certs = context.auth_context().get("x509_pem_cert") or []
+        certs = list(context.auth_context().get("x509_pem_cert") or ())
         found = self.ca.agent_of(certs[0]) if certs else None
         if found is None:
             await self._refuse(
@@ -277,7 +286,9 @@ class FakeController:
         return issued.certificate_pem, int(issued.not_after.timestamp())
 
     async def Endpoints(
-        self, request: pb.EndpointsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.EndpointsRequest,
+        context: grpc.aio.ServicerContext[pb.EndpointsRequest, pb.EndpointsResponse],
     ) -> pb.EndpointsResponse:
         self._call("Endpoints", context)
         # An empty host: the host the agent dialled the enrollment endpoint at.
@@ -286,7 +297,9 @@ class FakeController:
         )
 
     async def Enroll(
-        self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.EnrollRequest,
+        context: grpc.aio.ServicerContext[pb.EnrollRequest, pb.EnrollResponse],
     ) -> pb.EnrollResponse:
         metadata = self._call("Enroll", context)
         if metadata.get("authorization") != f"Bearer {self.token}":
@@ -305,7 +318,9 @@ class FakeController:
         )
 
     async def RenewCertificate(
-        self, request: pb.RenewCertificateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RenewCertificateRequest,
+        context: grpc.aio.ServicerContext[pb.RenewCertificateRequest, pb.RenewCertificateResponse],
     ) -> pb.RenewCertificateResponse:
         self._call("RenewCertificate", context)
         identity, _ = await self._peer(context)
@@ -317,7 +332,7 @@ class FakeController:
         self._changed.set()
         return pb.RenewCertificateResponse(certificate_pem=cert_pem, not_after=not_after)
 
-    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def Connect(self, request_iterator: Any, context: _ConnectContext) -> None:
         self._call("Connect", context)
         identity, serial = await self._peer(context)
         self.streams += 1
@@ -433,12 +448,16 @@ class _EnrollmentEndpoint(pb_grpc.AgentServiceServicer):
         self.controller = controller
 
     async def Endpoints(
-        self, request: pb.EndpointsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.EndpointsRequest,
+        context: grpc.aio.ServicerContext[pb.EndpointsRequest, pb.EndpointsResponse],
     ) -> pb.EndpointsResponse:
         return await self.controller.Endpoints(request, context)
 
     async def Enroll(
-        self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.EnrollRequest,
+        context: grpc.aio.ServicerContext[pb.EnrollRequest, pb.EnrollResponse],
     ) -> pb.EnrollResponse:
         return await self.controller.Enroll(request, context)
 
@@ -450,9 +469,11 @@ class _AgentEndpoint(pb_grpc.AgentServiceServicer):
         self.controller = controller
 
     async def RenewCertificate(
-        self, request: pb.RenewCertificateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RenewCertificateRequest,
+        context: grpc.aio.ServicerContext[pb.RenewCertificateRequest, pb.RenewCertificateResponse],
     ) -> pb.RenewCertificateResponse:
         return await self.controller.RenewCertificate(request, context)
 
-    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def Connect(self, request_iterator: Any, context: _ConnectContext) -> None:
         await self.controller.Connect(request_iterator, context)

@@ -94,6 +94,6 @@ if __name__ == "__main__":
     if anchor_jupyterhub.available():
         anchor = asyncio.run(anchor_jupyterhub.measure_jupyterhub(runs))
     result["anchor"] = anchor
-    ours = result["post_to_running_s"]["median"]  # type: ignore[index]
+    ours = result["post_to_running_s"]["median"]
     result["start_ratio_to_anchor"] = round(ours / anchor["start_median_s"], 3)
     print(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -31,7 +31,16 @@ GIB = 1024**3
 CHUNK = b"\0" * (8 * 1024 * 1024)
 
 
-def _write_until_grown(root: Path, result: dict[str, float]) -> None:
+class _Run(TypedDict, total=False):
+    """One run's timings (seconds, GiB, MiB/s), or the write's error."""
+
+    reaction_s: float
+    grown_to_gib: float
+    write_mib_s: float
+    error: str
+
+
+def _write_until_grown(root: Path, result: _Run) -> None:
     """Write random-ish data until one growth happened; record the timings in `result`."""
     start = os.statvfs(root)
     total0 = start.f_blocks * start.f_frsize
@@ -75,7 +84,7 @@ def _write_until_grown(root: Path, result: dict[str, float]) -> None:
 async def run(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="studios-bench-grow-") as tmp_name:
         tmp = Path(tmp_name)
-        samples: list[dict[str, float]] = []
+        samples: list[_Run] = []
         async with LocalStack(tmp, agent_args=("--volume-kind", "xfs-loop")) as stack:
             api, ce, agent = stack.api, stack.compute_env_id, stack.agent
             assert api is not None and agent is not None
@@ -86,7 +95,7 @@ async def run(runs: int) -> dict[str, Any]:
                 sid = body["studio"]["sessionId"]
                 await api.wait_status(sid, "running", timeout=120)
                 session = next(s for s in agent.cli("sessions")["sessions"] if s["id"] == sid)
-                result: dict[str, float] = {}
+                result: _Run = {}
                 await asyncio.to_thread(_write_until_grown, Path(session["rootDir"]), result)
                 samples.append(result)
                 await api.request("PUT", f"/studios/{sid}/stop", expect=200)
@@ -100,7 +109,9 @@ async def run(runs: int) -> dict[str, Any]:
             "min": round(min(reactions), 4) if reactions else None,
             "max": round(max(reactions), 4) if reactions else None,
         },
-        "samples": [{k: round(v, 4) for k, v in s.items() if k != "error"} for s in samples],
+        "samples": [
+            {k: round(v, 4) for k, v in s.items() if isinstance(v, float)} for s in samples
+        ],
         "errors": [s["error"] for s in samples if "error" in s],
         "anchor": "ANCHORS.md: a full-speed writer fills 1 GiB of headroom in 0.25-0.5 s",
     }

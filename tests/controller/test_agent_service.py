@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -15,12 +16,14 @@ from tests.controller.conftest import AgentFactory
 from tests.fake_agent import FakeAgent, observed
 
 
-async def _status(h: ControllerHarness, sid: str) -> dict:
-    _, body = await h.request("GET", f"/studios/{sid}", expect=200)
-    return body
+async def _status(h: ControllerHarness, sid: str) -> dict[str, Any]:
+    studio: dict[str, Any] = (await h.request("GET", f"/studios/{sid}", expect=200))[1]
+    return studio
 
 
-async def _wait_status(h: ControllerHarness, sid: str, status: str, timeout: float = 10) -> dict:
+async def _wait_status(
+    h: ControllerHarness, sid: str, status: str, timeout: float = 10
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

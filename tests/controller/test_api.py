@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 
 from tests import REPO_ROOT
 from tests.conftest import ControllerHarness
 
 
-async def _create(h: ControllerHarness, name: str = "my studio", **extra: object) -> dict:
+async def _create(h: ControllerHarness, name: str = "my studio", **extra: object) -> dict[str, Any]:
     _, body = await h.request(
         "POST",
         "/studios?autoStart=false",
         {"name": name, "computeEnvId": h.compute_env_id, **extra},
         expect=200,
     )
-    return body["studio"]
+    studio: dict[str, Any] = body["studio"]
+    return studio
 
 
 async def test_missing_or_wrong_token_is_401(controller_harness: ControllerHarness) -> None:

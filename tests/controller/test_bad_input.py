@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -128,10 +129,11 @@ async def test_body_over_the_limit_is_413(controller_harness: ControllerHarness)
     assert status == 413
     _error_message(status, answer)
 
-    async def chunks() -> Any:
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(8):
             yield b" " * MAX_BODY_BYTES
 
+    # Not bytes on purpose: aiohttp sends an async iterator chunked (no Content-Length).
     status, answer = await h.request("POST", "/studios", raw=chunks())  # type: ignore[arg-type]
     assert status == 413
     _error_message(status, answer)

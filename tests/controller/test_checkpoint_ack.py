@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
@@ -44,7 +45,7 @@ async def _running_studio(h: ControllerHarness, agent: FakeAgent, name: str) -> 
     return sid
 
 
-async def _catalogue(h: ControllerHarness, sid: str) -> list[dict]:
+async def _catalogue(h: ControllerHarness, sid: str) -> list[dict[str, Any]]:
     _, body = await h.request("GET", f"/studios/{sid}/checkpoints", expect=200)
     return list(body["checkpoints"])
 

@@ -5,6 +5,8 @@ tests/agent/runtime/test_local_unprivileged.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.conftest import ControllerHarness
@@ -28,14 +30,15 @@ REFUSED = [
 ]
 
 
-async def _create(h: ControllerHarness, **extra: object) -> dict:
+async def _create(h: ControllerHarness, **extra: object) -> dict[str, Any]:
     _, body = await h.request(
         "POST",
         "/studios?autoStart=false",
         {"name": "env studio", "computeEnvId": h.compute_env_id, **extra},
         expect=200,
     )
-    return body["studio"]
+    studio: dict[str, Any] = body["studio"]
+    return studio
 
 
 @pytest.mark.parametrize(("name", "value"), REFUSED)

@@ -210,6 +210,7 @@ async def test_two_controllers_in_one_process_count_their_own(
         )
         assert other.controller is not None and controller_harness.controller is not None
         assert isinstance(other.controller.metrics, ControllerMetrics)
+        assert isinstance(controller_harness.controller.metrics, ControllerMetrics)
         assert (
             other.controller.metrics.registry is not controller_harness.controller.metrics.registry
         )

@@ -167,7 +167,7 @@ async def _agent_row(h: ControllerHarness, agent_id: str) -> dict[str, Any]:
 
 
 async def _studio_row(h: ControllerHarness, sid: str) -> Studio:
-    assert h.controller is not None
+    assert h.controller is not None and h.controller.db is not None
     async with h.controller.db.transaction() as session:
         studio = await session.get(Studio, sid)
         assert studio is not None

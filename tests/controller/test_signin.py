@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from multidict import CIMultiDictProxy
 from studios.agent.v1 import agent_pb2 as pb
 
 from controller.models import ApiToken
@@ -29,7 +30,7 @@ COOKIE = "studios-session"
 @dataclass
 class Answer:
     status: int
-    headers: Any
+    headers: CIMultiDictProxy[str]
     text: str
     json: Any
 

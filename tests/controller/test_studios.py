@@ -6,6 +6,7 @@ add as new, search and pagination, bad input; tokens, participants, user-info.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from studios.agent.v1 import agent_pb2 as pb
 
@@ -245,7 +246,7 @@ async def test_add_as_new(controller_harness: ControllerHarness) -> None:
     newest = await add_checkpoint(h, parent, "parent_2", generation=1)
     await mark_running(h, parent)  # generation 1: parent_2 is being written
 
-    def clone(name: str, checkpoint: int, **extra: object) -> dict:
+    def clone(name: str, checkpoint: int, **extra: object) -> dict[str, Any]:
         return {
             "name": name,
             "computeEnvId": h.compute_env_id,
@@ -268,12 +269,13 @@ async def test_add_as_new(controller_harness: ControllerHarness) -> None:
     assert studio["configuration"] == {"cpu": 4, "condaEnvironment": "numpy", "lifespanHours": 3}
     assert studio["template"]["repository"] == "studios/python-http:3.11-0.1"
     # Inherited fields are fixed.
-    for extra, field in [
+    inherited: list[tuple[dict[str, Any], str]] = [
         ({"configuration": {"condaEnvironment": "scipy"}}, "condaEnvironment"),
         ({"configuration": {"lifespanHours": 9}}, "lifespanHours"),
         ({"dataStudioToolUrl": "studios/python-http:3.10-0.1"}, "dataStudioToolUrl"),
         ({"dataStudioToolUrl": "ghcr.io/acme/other:9.9-0.1"}, "dataStudioToolUrl"),
-    ]:
+    ]
+    for extra, field in inherited:
         status, body = await h.request("POST", "/studios", clone("bad", older, **extra))
         assert status == 400 and field in body["message"], (extra, body)
     _, env = await h.request(
@@ -299,7 +301,8 @@ async def test_add_as_new(controller_harness: ControllerHarness) -> None:
     assert body["studio"]["template"]["repository"] == "studios/python-http:3.12-0.1"
     # Unknown / invalid checkpoints.
     assert (await h.request("POST", "/studios", clone("x", 987654)))[0] == 404
-    assert (await h.request("POST", "/studios", clone("x", "1")))[0] == 400
+    # A string id on purpose: the API refuses it.
+    assert (await h.request("POST", "/studios", clone("x", "1")))[0] == 400  # type: ignore[arg-type]
     # The clone's first start restores the parent checkpoint, later ones its own.
     agent = FakeAgent(
         h.grpc_target, h.agent_token, agent_id="agent-1", compute_env_id=h.compute_env_id
@@ -324,9 +327,10 @@ async def test_search_and_pagination(controller_harness: ControllerHarness) -> N
     running = await create(h, "gamma")
     await mark_running(h, running)
 
-    async def search(text: str, **params: object) -> dict:
-        _, body = await h.request("GET", "/studios", params={"search": text, **params}, expect=200)
-        return body
+    async def search(text: str, **params: object) -> dict[str, Any]:
+        query = {"search": text, **params}
+        page: dict[str, Any] = (await h.request("GET", "/studios", params=query, expect=200))[1]
+        return page
 
     assert (await search("alpha"))["totalSize"] == 2
     assert (await search("ALPHA ONE"))["totalSize"] == 1
@@ -381,7 +385,7 @@ async def test_search_and_pagination(controller_harness: ControllerHarness) -> N
 async def test_field_limits_and_types(controller_harness: ControllerHarness) -> None:
     h = controller_harness
     base = {"name": "ok", "computeEnvId": h.compute_env_id}
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"name": ""}, "name"),
         ({"name": "x" * 81}, "name"),
         ({"name": 5}, "name"),

@@ -14,10 +14,10 @@ from tests.e2e_harness import RestClient
 async def _wait(api: RestClient, sid: str, check: Any, timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        _, body = await api.request("GET", f"/studios/{sid}", expect=200)
-        if check(body):
-            return body
-        assert time.monotonic() < deadline, body
+        studio: dict[str, Any] = (await api.request("GET", f"/studios/{sid}", expect=200))[1]
+        if check(studio):
+            return studio
+        assert time.monotonic() < deadline, studio
         await asyncio.sleep(0.2)
 
 

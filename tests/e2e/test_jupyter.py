@@ -250,8 +250,9 @@ def test_without_jupyterlab_the_tool_exits_naming_the_package(
     from agent.runtime import jupyter_tool
 
     real = importlib.util.find_spec
+    # The module object jupyter_tool calls find_spec on (`importlib.util`, imported there).
     monkeypatch.setattr(
-        jupyter_tool.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "jupyterlab" else real(name, *a),
     )

@@ -31,6 +31,7 @@ from agent.host_mounts import (
     mount_points_under,
     parse_resource_ref,
 )
+from agent.runtime import ExitStatus, Runtime, RuntimeHandle, RuntimeOptions, StartSpec
 from agent.sessions import SessionManager
 from agent.sessions.handle import SessionHandle, save_handle
 from agent.state import StateDir
@@ -298,15 +299,35 @@ async def test_leftover_mounts_are_cleaned_at_agent_start(
     assert not mount_points_under(state.root)
 
 
-class _NeverRunning:
-    """A runtime whose tools are all gone (the agent-crash tests need no real tool)."""
+class _NeverRunning(Runtime):
+    """A runtime whose tools are all gone (the agent-crash tests need no real tool):
+    recovery finds none, and nothing is started, waited for or stopped on it."""
 
     name = "local"
 
-    async def recover(self, handle: Any) -> bool:
+    @classmethod
+    def available(cls, options: RuntimeOptions) -> tuple[bool, str]:
+        return True, ""
+
+    async def start(self, spec: StartSpec) -> RuntimeHandle:
+        raise AssertionError("no tool starts on this runtime")
+
+    async def poll(self, handle: RuntimeHandle) -> ExitStatus | None:
+        raise AssertionError("no tool runs on this runtime")
+
+    async def wait(self, handle: RuntimeHandle) -> ExitStatus:
+        raise AssertionError("no tool runs on this runtime")
+
+    async def stop(self, handle: RuntimeHandle, grace_seconds: float) -> ExitStatus | None:
+        raise AssertionError("no tool runs on this runtime")
+
+    async def destroy(self, handle: RuntimeHandle) -> None:
+        raise AssertionError("no tool runs on this runtime")
+
+    async def recover(self, handle: RuntimeHandle) -> bool:
         return False
 
-    async def logs(self, handle: Any, max_lines: int = 50) -> str:
+    async def logs(self, handle: RuntimeHandle, max_lines: int = 50) -> str:
         return ""
 
     def checkpoint_dir(self, volume_root: Path) -> Path:
@@ -623,7 +644,8 @@ async def test_store_gone_the_session_survives_and_stops(
         assert await asyncio.wait_for(proc.wait(), timeout=90) != 0
         # The disk accounting ticks (every 0.5 s here) never walk into the dead mount.
         await asyncio.sleep(2)
-        assert controller.latest(sid).status == RUNNING
+        latest = controller.latest(sid)
+        assert latest is not None and latest.status == RUNNING
         t0 = time.monotonic()
         controller.push(desired(sid, status=pb.DESIRED_STATUS_STOPPED))
         stopped = await controller.wait_status(sid, STOPPED, timeout=90)

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,8 @@ def _variant(name: str, tmp: Path) -> str:
 
 def _containers(session_id: str) -> list[dict[str, object]]:
     out = _podman("ps", "-a", "--format", "json", "--filter", f"label={LABEL_SESSION}={session_id}")
-    return json.loads(out.stdout or "[]")
+    containers: list[dict[str, object]] = json.loads(out.stdout or "[]")
+    return containers
 
 
 def _cleanup(state_dir: Path) -> None:
@@ -116,7 +117,7 @@ def _config(tmp_path: Path, controller: FakeController, **kw: object) -> AgentCo
 
 
 @pytest.fixture(name="pconfig")
-def pconfig_fixture(tmp_path: Path, controller: FakeController) -> AsyncIterator[AgentConfig]:
+def pconfig_fixture(tmp_path: Path, controller: FakeController) -> Iterator[AgentConfig]:
     _require_podman()
     config = _config(tmp_path, controller)
     yield config
@@ -197,7 +198,8 @@ async def test_agent_restart_keeps_the_session_without_a_duplicate(
         await asyncio.sleep(1.5)
         [after] = _containers("cccc0002")
         assert after["Id"] == before["Id"] and _get(obs.tool_port)
-        assert controller.latest("cccc0002").status == RUNNING
+        latest = controller.latest("cccc0002")
+        assert latest is not None and latest.status == RUNNING
 
 
 async def test_image_missing_errors_with_podmans_message(

@@ -34,7 +34,9 @@ INTERIM = pb.CHECKPOINT_STATUS_INTERIM
 FINALIZED = pb.CHECKPOINT_STATUS_FINALIZED
 
 
-def _events(controller: FakeController, sid: str, status: int | None = None) -> list:
+def _events(
+    controller: FakeController, sid: str, status: int | None = None
+) -> list[pb.CheckpointEvent]:
     return [
         e
         for e in controller.messages("checkpoint")

@@ -163,13 +163,13 @@ def _release_leftovers(state_dir: Path, session_id: str) -> None:
     for path in [*sessions.glob("*/merged"), *sessions.glob("*/root")]:
         if mounted_source(path) is not None:
             subprocess.run(["umount", "-l", str(path)], check=False)
-    out = subprocess.run(
+    loops = subprocess.run(
         ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout
-    for line in out.splitlines():
+    for line in loops.splitlines():
         name, _, back = line.strip().partition(" ")
         if back.strip().startswith(str(sessions)):
             subprocess.run(["losetup", "-d", name], check=False)

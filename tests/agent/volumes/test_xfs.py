@@ -9,8 +9,9 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
@@ -49,7 +50,7 @@ def _force_cleanup(root: Path) -> None:
 
 
 @pytest.fixture(name="vroot")
-def vroot_fixture(tmp_path: Path) -> AsyncIterator[Path]:
+def vroot_fixture(tmp_path: Path) -> Iterator[Path]:
     _require_xfs()
     root = tmp_path / "vols"
     root.mkdir()
@@ -160,7 +161,8 @@ async def test_writer_never_sees_enospc_while_the_volume_grows(
         assert obs.volume.size_bytes == 2 * GIB
         result: dict[str, object] = {}
         await asyncio.to_thread(_write, Path(obs.volume.path) / "big", 3 * GIB, result)
-        assert "errno" not in result, f"writer failed: {os.strerror(int(result['errno']))}"
+        # _write stores the OSError's errno: an int, for a failed write or fsync.
+        assert "errno" not in result, f"writer failed: {os.strerror(cast(int, result['errno']))}"
         assert result["written"] == 3 * GIB
         assert agent.manager is not None
         events = agent.manager.disk_events("bbbb0001")
