@@ -247,26 +247,40 @@ async def test_a_tunnel_carries_bytes_both_ways_exactly(setup: _Setup) -> None:
     assert stats.bytes_from_clients == len(request) + len(payload)
 
 
-async def test_a_slow_reader_gets_every_byte(setup: _Setup) -> None:
-    """A small receive buffer read slowly: spliced reads only partly fit the client's
-    socket, the rest queues in its transport and the tool is paused meanwhile."""
+async def _small_buffer_client(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a 16 KiB receive buffer: what the proxy sends it queues quickly."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", setup.port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
-    size = 6 * 1024 * 1024
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=16 * 1024)
+
+
+async def _get_slowly(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int, step: int
+) -> None:
+    """GET /cl/<size>, its body read `step` bytes at a time with pauses over its first
+    512 KiB, and checked byte for byte."""
+    writer.write(_head(f"/cl/{size}"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    body = bytearray()
+    while len(body) < size:
+        body += await asyncio.wait_for(reader.read(min(step, size - len(body))), 30)
+        if len(body) < 512 * 1024:
+            await asyncio.sleep(0.002)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert bytes(body) == _pattern(size, size), f"body of {size} bytes differs"
+
+
+async def test_a_slow_reader_gets_every_byte(setup: _Setup) -> None:
+    """A small receive buffer read slowly: spliced reads only partly fit the client's
+    socket, the rest queues in its transport and the tool is paused meanwhile."""
+    reader, writer = await _small_buffer_client(setup.port)
     try:
         for _ in range(2):
-            writer.write(_head(f"/cl/{size}"))
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            body = bytearray()
-            while len(body) < size:
-                body += await asyncio.wait_for(reader.read(min(32 * 1024, size - len(body))), 30)
-                if len(body) < 512 * 1024:
-                    await asyncio.sleep(0.002)
-            assert head.startswith(b"HTTP/1.1 200")
-            assert bytes(body) == _pattern(size, size)
+            await _get_slowly(reader, writer, 6 * 1024 * 1024, 32 * 1024)
     finally:
         writer.close()
     assert setup.proxy.stats.bytes_to_clients == setup.tool.sent
@@ -280,26 +294,14 @@ async def test_slow_readers_at_once_each_get_their_own_bytes(setup: _Setup) -> N
     transport still holds a view of it.)"""
 
     async def fetch(size: int) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", setup.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+        reader, writer = await _small_buffer_client(setup.port)
         try:
-            writer.write(_head(f"/cl/{size}"))
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            body = bytearray()
-            while len(body) < size:
-                body += await asyncio.wait_for(reader.read(min(24 * 1024, size - len(body))), 30)
-                if len(body) < 512 * 1024:
-                    await asyncio.sleep(0.002)
-            assert head.startswith(b"HTTP/1.1 200")
-            assert bytes(body) == _pattern(size, size), f"body of {size} bytes differs"
+            await _get_slowly(reader, writer, size, 24 * 1024)
         finally:
             writer.close()
 
-    # Distinct sizes: each body is a different pattern.
-    # Larger than the socket buffers between the proxy and a client (4 MiB at most here).
+    # Distinct sizes, so distinct patterns, each larger than the socket buffers between
+    # the proxy and a client (4 MiB at most here).
     await asyncio.gather(*(fetch(6 * 1024 * 1024 + i * 4099) for i in range(4)))
     assert setup.proxy.stats.bytes_to_clients == setup.tool.sent
 
