@@ -39,11 +39,6 @@ from studios_shared.agent_pki import AgentIdentity, format_join_token
 
 __all__ = ["FakeController", "MemoryCaFiles", "desired"]
 
-# agent_pb2_grpc.py is generated without annotations: its registration function, typed.
-_add_servicer: Callable[[pb_grpc.AgentServiceServicer, grpc.aio.Server], None] = (
-    pb_grpc.add_AgentServiceServicer_to_server
-)
-
 if TYPE_CHECKING:
     # Requests are Any: `read()` also returns `grpc.aio.EOF`, which the stubs leave out.
     _ConnectContext = grpc.aio.ServicerContext[Any, pb.ConnectResponse]
@@ -150,12 +145,16 @@ class FakeController:
         key_pem, chain_pem = self.ca.server_credentials(self.server_names)
         chain_pem += self.chain_extra
         enrollment = grpc.aio.server()
-        _add_servicer(_EnrollmentEndpoint(self), enrollment)
+        pb_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _EnrollmentEndpoint(self), enrollment
+        )
         self.port = enrollment.add_secure_port(
             f"127.0.0.1:{port}", grpc.ssl_server_credentials([(key_pem, chain_pem)])
         )
         agents = grpc.aio.server()
-        _add_servicer(_AgentEndpoint(self), agents)
+        pb_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _AgentEndpoint(self), agents
+        )
         self.agent_port = agents.add_secure_port(
             f"127.0.0.1:{self.agent_port}",
             grpc.ssl_server_credentials(

@@ -26,7 +26,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,6 @@ from studios_shared.agent_pki import AgentIdentity, new_key_and_csr
 
 MODES = ("plaintext", "tls", "mtls")
 
-# agent_pb2_grpc.py is generated without annotations: what this bench uses of it, typed.
-_add_servicer: Callable[[pbg.AgentServiceServicer, grpc.aio.Server], None] = (
-    pbg.add_AgentServiceServicer_to_server
-)
-_stub: Callable[[grpc.aio.Channel], pbg.AgentServiceStub] = pbg.AgentServiceStub
-
 
 class _Counter(pbg.AgentServiceServicer):
     """Answers the Hello with a Welcome, then only reads (what the transport costs)."""
@@ -60,7 +53,7 @@ class _Counter(pbg.AgentServiceServicer):
 def _serve(mode: str, pki: str, port_q: Any, stop: Any) -> None:
     async def main() -> None:
         server = grpc.aio.server()
-        _add_servicer(_Counter(), server)
+        pbg.add_AgentServiceServicer_to_server(_Counter(), server)  # type: ignore[no-untyped-call]
         if mode == "plaintext":
             port = server.add_insecure_port("127.0.0.1:0")
         else:
@@ -139,7 +132,8 @@ async def _one_stream(
     """Connect, get the Welcome, pass the gate, send; the connect time."""
     t0 = time.perf_counter()
     async with _channel(port, creds) as channel:
-        call = _stub(channel).Connect()
+        stub = pbg.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        call = stub.Connect()
         await call.write(pb.ConnectRequest(hello=pb.Hello(agent_id="a")))
         await call.read()
         connected = time.perf_counter() - t0
