@@ -9,6 +9,8 @@ threads so that many uploads overlap without blocking the agent's event loop.
 from __future__ import annotations
 
 import abc
+import builtins
+import contextlib
 import logging
 import os
 import posixpath
@@ -73,6 +75,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def remove(self, name: str) -> None: ...
 
+    def partial_writes(self, prefix: str) -> builtins.list[ObjectInfo]:
+        """Copies of objects whose save never finished (its process killed mid-write),
+        which list() does not show. Stores whose writes are atomic have none."""
+        return []
+
     @staticmethod
     def is_not_exist(exc: BaseException) -> bool:
         return isinstance(exc, FileNotFoundError)
@@ -90,6 +97,11 @@ def _mtime(info: dict[str, Any]) -> float:
         except (TypeError, ValueError):
             continue
     return 0.0
+
+
+_WRITE_SLICE = 1 << 20
+# Marks the temporary name a local save writes to before its rename.
+_PARTIAL = ".tmp-"
 
 
 def _fsync_dir(path: str) -> None:
@@ -127,14 +139,27 @@ class FsspecBackend(Backend):
         if self._local:
             # Write to a temporary name and rename: a reader never sees half an object.
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{secrets.token_hex(6)}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                # Durable before the rename: a stop releases the session volume once the
-                # manifest is saved, so a host crash must not take the objects with it.
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = f"{path}{_PARTIAL}{secrets.token_hex(6)}"
+            try:
+                with open(tmp, "wb") as f:
+                    # In slices: one write() of a whole 16 MiB pack costs ext4 two to five
+                    # times the kernel CPU of the same bytes in 1 MiB writes (112 MiB with
+                    # fsync: 0.10-0.30 s of system time against 0.05-0.07 s, measured here).
+                    view = memoryview(data)
+                    for off in range(0, len(view), _WRITE_SLICE):
+                        f.write(view[off : off + _WRITE_SLICE])
+                    # Durable before the rename: a stop releases the session volume once
+                    # the manifest is saved, so a host crash must not take the objects
+                    # with it.
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                # A full disk, say: list() hides partial copies, so one left here would
+                # never be removed, and each retry of a 16 MiB pack would add another.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
             _fsync_dir(os.path.dirname(path))
             return
         # S3 and memory PUTs are atomic: the object appears whole or not at all.
@@ -164,10 +189,28 @@ class FsspecBackend(Backend):
         out = []
         strip = len(self.root) + 1
         for path, info in found.items():
-            if info.get("type") == "directory" or ".tmp-" in posixpath.basename(path):
+            if info.get("type") == "directory" or _PARTIAL in posixpath.basename(path):
                 continue
             out.append(ObjectInfo(path[strip:], int(info.get("size") or 0), _mtime(info)))
         return sorted(out, key=lambda o: o.name)
+
+    def partial_writes(self, prefix: str) -> builtins.list[ObjectInfo]:
+        if not self._local:
+            return []
+        base = self._path(prefix.rstrip("/"))
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return []
+        strip = len(self.root) + 1
+        return sorted(
+            (
+                ObjectInfo(path[strip:], int(info.get("size") or 0), _mtime(info))
+                for path, info in found.items()
+                if info.get("type") != "directory" and _PARTIAL in posixpath.basename(path)
+            ),
+            key=lambda o: o.name,
+        )
 
     def remove(self, name: str) -> None:
         self.fs.rm_file(self._path(name))
@@ -274,6 +317,9 @@ class RetryBackend(Backend):
 
     def remove(self, name: str) -> None:
         self._call("remove", name, lambda: self.inner.remove(name))
+
+    def partial_writes(self, prefix: str) -> builtins.list[ObjectInfo]:
+        return self._call("list partial writes", prefix, lambda: self.inner.partial_writes(prefix))
 
 
 def open_backend(

@@ -8,6 +8,8 @@ Safety against a backup running at the same time rests on three rules:
 - a pack younger than the grace period is never deleted, and manifests that appear
   after the mark are marked too.
 Deleting is retried; anything that still fails is reported, and is garbage for next time.
+Partial copies left by a save whose process was killed mid-write (local stores write to
+a temporary name, then rename) are removed once they are older than any save can take.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ __all__ = ["GcReport", "gc", "gc_sync"]
 DEFAULT_GRACE_S = 3600.0
 # A lock older than this belongs to an agent that died mid-backup.
 DEFAULT_LOCK_STALE_S = 6 * 3600.0
+# A save writes its temporary copy in seconds; one untouched this long was abandoned.
+DEFAULT_PARTIAL_STALE_S = 3600.0
 
 
 @dataclass
@@ -37,6 +41,8 @@ class GcReport:
     deleted_packs: list[str] = field(default_factory=list)
     deleted_indexes: list[str] = field(default_factory=list)
     deleted_manifests: list[str] = field(default_factory=list)
+    # Partial copies of objects whose save was killed mid-write.
+    deleted_partials: list[str] = field(default_factory=list)
     rewritten_indexes: int = 0
     freed_bytes: int = 0
     # (object name, error) for deletions that failed after retries.
@@ -75,22 +81,33 @@ def _remove(repo: Repository, name: str, report: GcReport) -> bool:
         return False
 
 
+def _remove_partials(repo: Repository, now: float, stale_s: float, report: GcReport) -> None:
+    for o in repo.backend.partial_writes(""):
+        if o.mtime and now - o.mtime > stale_s and _remove(repo, o.name, report):
+            report.deleted_partials.append(o.name)
+            report.freed_bytes += o.size
+
+
 def gc_sync(
     base_uri: str,
     live: Iterable[str] | None = None,
     *,
     grace_s: float = DEFAULT_GRACE_S,
     lock_stale_s: float = DEFAULT_LOCK_STALE_S,
+    partial_stale_s: float = DEFAULT_PARTIAL_STALE_S,
     delete_dead_manifests: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:
-    """Delete packs and indexes that no live checkpoint needs.
+    """Delete packs and indexes that no live checkpoint needs, and abandoned partial
+    copies.
 
     `live`: the checkpoint URIs (or `manifests/<session>/<key>` names) still wanted;
     None means every manifest in the repository. With `delete_dead_manifests`, the
     other manifests are deleted first (the controller's catalogue is the authority)."""
     repo = get_repository(base_uri, storage_options)
     report = GcReport()
+    # Whatever else GC may do: no save in progress has a copy this old, backup or not.
+    _remove_partials(repo, time.time(), partial_stale_s, report)
     stale_s = lock_stale_s
     start = time.time()
     if locks := _live_locks(repo, start, stale_s):
@@ -181,6 +198,7 @@ async def gc(
     *,
     grace_s: float = DEFAULT_GRACE_S,
     lock_stale_s: float = DEFAULT_LOCK_STALE_S,
+    partial_stale_s: float = DEFAULT_PARTIAL_STALE_S,
     delete_dead_manifests: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> GcReport:
@@ -190,6 +208,7 @@ async def gc(
         None if live is None else list(live),
         grace_s=grace_s,
         lock_stale_s=lock_stale_s,
+        partial_stale_s=partial_stale_s,
         delete_dead_manifests=delete_dead_manifests,
         storage_options=storage_options,
     )
