@@ -26,7 +26,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,6 +100,28 @@ class Browser:
         path = self.artifacts / f"{self._shots:02d}-{name}.png"
         await (page or self.page).screenshot(path=str(path), full_page=True)
         return path
+
+    async def wait_past_network_change(
+        self, wait: Callable[[], Awaitable[object]], page: Page | None = None
+    ) -> None:
+        """`await wait()`; if it times out after Chromium dropped the page's loads with
+        ERR_NETWORK_CHANGED, reload the page once and wait again.
+
+        Chromium aborts its open requests when the host's network interfaces change, and
+        podman adding or removing a container's veth is such a change (seen in CI: Xpra's
+        client never connected, the console said ERR_NETWORK_CHANGED). That is the test
+        host, not the studio; any other timeout fails as it is."""
+        from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+        page = page or self.page
+        try:
+            await wait()
+        except PlaywrightTimeout:
+            if not any("ERR_NETWORK_CHANGED" in line for line in self.console_errors):
+                raise
+            print(f"{page.url}: loads dropped with ERR_NETWORK_CHANGED; reloading once")
+            await page.reload()
+            await wait()
 
     async def cookie_names(self, url: str) -> set[str]:
         """Names of the cookies this context would send to `url`."""

@@ -223,13 +223,17 @@ async def test_xpra_desktop_in_the_browser(browser: Browser, images: ImageStack)
         sid = studio["sessionId"]
         await _open_signed_in(browser, studio, images.token)
         page = browser.page
-        await page.wait_for_selector("#screen", timeout=UI_TIMEOUT_MS)
-        # The client (index.html's global `client`) has had Xpra's hello over its WebSocket
-        # through the proxy ...
-        await page.wait_for_function(
-            "() => window.client != null && window.client.connected === true",
-            timeout=UI_TIMEOUT_MS,
-        )
+
+        async def connected() -> None:
+            await page.wait_for_selector("#screen", timeout=UI_TIMEOUT_MS)
+            # The client (index.html's global `client`) has had Xpra's hello over its
+            # WebSocket through the proxy ...
+            await page.wait_for_function(
+                "() => window.client != null && window.client.connected === true",
+                timeout=UI_TIMEOUT_MS,
+            )
+
+        await browser.wait_past_network_change(connected)
         # ... and draws the desktop's xterm as a window of the page, on a canvas.
         xterm = page.locator("#screen .window").filter(has=page.locator(".windowtitle"))
         await xterm.first.wait_for(timeout=UI_TIMEOUT_MS)
