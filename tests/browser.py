@@ -107,10 +107,11 @@ class Browser:
         """`await wait()`; if it times out after Chromium dropped the page's loads with
         ERR_NETWORK_CHANGED, reload the page once and wait again.
 
-        Chromium aborts its open requests when the host's network interfaces change, and
-        podman adding or removing a container's veth is such a change (seen in CI: Xpra's
-        client never connected, the console said ERR_NETWORK_CHANGED). That is the test
-        host, not the studio; any other timeout fails as it is."""
+        Chromium aborts its open requests when it decides the host's network changed,
+        a known source of flaky browser tests on hosts that add and remove container
+        interfaces (seen once in CI: Xpra's client never connected, the console said
+        ERR_NETWORK_CHANGED; adding a veth pair by hand did not trigger it here). That
+        is the test host, not the studio; any other timeout fails as it is."""
         from playwright.async_api import TimeoutError as PlaywrightTimeout
 
         page = page or self.page
