@@ -181,6 +181,14 @@ class FsspecBackend(Backend):
         return ObjectInfo(name, int(info.get("size") or 0), _mtime(info))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
+        return self._find(prefix, partial=False)
+
+    def partial_writes(self, prefix: str) -> builtins.list[ObjectInfo]:
+        return self._find(prefix, partial=True) if self._local else []
+
+    def _find(self, prefix: str, *, partial: bool) -> builtins.list[ObjectInfo]:
+        """The files below `prefix`: the objects, or (partial) the temporary copies of
+        saves that never finished, which are not objects."""
         base = self._path(prefix.rstrip("/"))
         try:
             found = self.fs.find(base, detail=True)
@@ -189,28 +197,10 @@ class FsspecBackend(Backend):
         out = []
         strip = len(self.root) + 1
         for path, info in found.items():
-            if info.get("type") == "directory" or _PARTIAL in posixpath.basename(path):
+            if info.get("type") == "directory" or (_PARTIAL in posixpath.basename(path)) != partial:
                 continue
             out.append(ObjectInfo(path[strip:], int(info.get("size") or 0), _mtime(info)))
         return sorted(out, key=lambda o: o.name)
-
-    def partial_writes(self, prefix: str) -> builtins.list[ObjectInfo]:
-        if not self._local:
-            return []
-        base = self._path(prefix.rstrip("/"))
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return []
-        strip = len(self.root) + 1
-        return sorted(
-            (
-                ObjectInfo(path[strip:], int(info.get("size") or 0), _mtime(info))
-                for path, info in found.items()
-                if info.get("type") != "directory" and _PARTIAL in posixpath.basename(path)
-            ),
-            key=lambda o: o.name,
-        )
 
     def remove(self, name: str) -> None:
         self.fs.rm_file(self._path(name))

@@ -129,12 +129,11 @@ def ours_full(store: Store, data: Path, round_no: int) -> tuple[dict[str, Any], 
     """One full checkpoint into a fresh repository: its figures and its URI."""
     uri, opts = store.ours_uri(round_no)
     os.sync()
-    t = time.monotonic()
     c = cpu_s(resource.RUSAGE_SELF)
     with StealMeter() as steal:
         r = E.backup_sync(uri, "bench", data, storage_options=opts)
     figures = {
-        "full_s": round(time.monotonic() - t, 2),
+        "full_s": round(steal.seconds, 2),
         "full_cpu_s": round(cpu_s(resource.RUSAGE_SELF) - c, 2),
         "full_steal_pct": steal.pct,
     }
@@ -146,7 +145,6 @@ def tar_put(store: Store, data: Path, work: Path) -> dict[str, Any]:
     in the store (left there for tar_get)."""
     arch = work / "a.tar.zst"
     os.sync()
-    t = time.monotonic()
     c = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN)
     with StealMeter() as steal:
         subprocess.run(f"tar -C {data} -cf - . | zstd -q -1 -T0 -o {arch}", shell=True, check=True)
@@ -155,7 +153,7 @@ def tar_put(store: Store, data: Path, work: Path) -> dict[str, Any]:
         else:
             shutil.copy(arch, work / "tar-store.tar.zst")
     figures = {
-        "put_s": round(time.monotonic() - t, 2),
+        "put_s": round(steal.seconds, 2),
         "put_cpu_s": round(cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN) - c, 2),
         "put_steal_pct": steal.pct,
         "stored_MiB": round(arch.stat().st_size / MiB, 1),
@@ -199,10 +197,8 @@ def ours_after_full(store: Store, data: Path, work: Path, parent_uri: str) -> di
     size2 = store.size(loc)
     out = work / "ours-restore"
     os.sync()
-    t = time.monotonic()
-    with StealMeter() as restore_steal:
+    with StealMeter() as restore:
         E.restore_sync(r2.uri, out, storage_options=opts)
-    restore_s = time.monotonic() - t
     shutil.rmtree(out)
     # Again into tmpfs: on this host, restores into ext4 vary 2-3x with the journal's
     # writeback of earlier steps; tmpfs shows the engine's own speed.
@@ -221,8 +217,8 @@ def ours_after_full(store: Store, data: Path, work: Path, parent_uri: str) -> di
         "incremental_added_MiB": round((size2 - size1) / MiB, 2),
         "changed_MiB": round(changed / MiB, 2),
         "incremental_ratio": round((size2 - size1) / changed, 3),
-        "restore_s": round(restore_s, 2),
-        "restore_steal_pct": restore_steal.pct,
+        "restore_s": round(restore.seconds, 2),
+        "restore_steal_pct": restore.pct,
         "restore_tmpfs_s": round(restore_tmpfs_s, 2),
         "verify_s": round(verify_s, 2),
     }
@@ -277,14 +273,12 @@ def tar_get(store: Store, work: Path) -> dict[str, Any]:
     out = work / "tar-restore"
     out.mkdir()
     os.sync()
-    t = time.monotonic()
-    with StealMeter() as get_steal:
+    with StealMeter() as get:
         if store.kind == "s3":
             store.fs.get_file("bench-tar/a.tar.zst", str(arch))
         else:
             shutil.copy(work / "tar-store.tar.zst", arch)
         subprocess.run(f"zstd -q -d -c {arch} | tar -C {out} -xf -", shell=True, check=True)
-    get_s = time.monotonic() - t
     shutil.rmtree(out)
     # Extraction into tmpfs too, beside our restore_tmpfs_s: the ext4 figures on this
     # shared host swing 3x with other work's writeback, these show the two engines (the
@@ -296,8 +290,8 @@ def tar_get(store: Store, work: Path) -> dict[str, Any]:
     shutil.rmtree(shm)
     arch.unlink()
     return {
-        "get_s": round(get_s, 2),
-        "get_steal_pct": get_steal.pct,
+        "get_s": round(get.seconds, 2),
+        "get_steal_pct": get.pct,
         "extract_tmpfs_s": round(tmpfs_s, 2),
     }
 

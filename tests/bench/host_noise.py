@@ -32,7 +32,8 @@ def cpu_jiffies() -> tuple[int, int] | None:
 
 class StealMeter:
     """`with StealMeter() as m: ...` then `m.pct`: the share of the host's CPU time
-    stolen during the block, in percent (None where the kernel does not report it)."""
+    stolen during the block, in percent (None where the kernel does not report it),
+    and `m.seconds`: the block's wall time, so that a phase is timed once."""
 
     def __init__(self) -> None:
         self._start: tuple[int, int] | None = None
