@@ -40,7 +40,9 @@ container's processes, which podman starts in sessions of their own:
   measure: only the overlay driver is measured (other drivers: no disk limit, said in the
   log); a step's files count while its working container holds them and again once
   committed as a layer, so the figure is the build's peak footprint, up to about twice the
-  installed size; a burst written within a second may exceed the limit before it is seen;
+  installed size; a burst written within a second may exceed the limit before it is seen,
+  but what the build committed is measured once more when podman exits, so a build
+  quicker than the interval still fails on it;
   podman's temporary files outside its storage (/var/tmp) are not counted.
 
 The log: the generated Containerfile, then podman's whole output, at most _LOG_CAP bytes
@@ -545,6 +547,10 @@ def _tree_size(top: Path, seen: set[tuple[int, int]]) -> int:
     return total
 
 
+def _disk_failure(limit: int, used: int) -> str:
+    return f"build exceeded its disk limit of {_fmt_bytes(limit)} (wrote {_fmt_bytes(used)})"
+
+
 async def _disk_meter(template: dict[str, Any]) -> tuple[_DiskMeter | None, str]:
     rc, out, _ = await _run(
         "podman", "info", "--format", "{{.Store.GraphRoot}} {{.Store.GraphDriverName}}"
@@ -762,10 +768,7 @@ async def _run_build(
                     # A large tree takes a while to walk: measure less often then.
                     next_disk = time.monotonic() + max(_DISK_EVERY, 3 * (time.monotonic() - t0))
                     if used > limits.disk_bytes:
-                        failure = (
-                            "build exceeded its disk limit of "
-                            f"{_fmt_bytes(limits.disk_bytes)} (wrote {_fmt_bytes(used)})"
-                        )
+                        failure = _disk_failure(limits.disk_bytes, used)
                 if failure:
                     log.write_line(f"[{failure}: stopping it]")
                     hard = await asyncio.shield(_stop_build(proc))
@@ -779,6 +782,14 @@ async def _run_build(
             if pending:
                 log.write_line(pending.decode("utf-8", "replace"))
     status = proc.returncode or 0
+    if not failure and status == 0 and meter is not None:
+        # A step quicker than the sampling interval can install and commit between two
+        # samples; its committed layers are still in storage now, so they are held to the
+        # limit here.
+        used = await asyncio.to_thread(meter.measure)
+        if used > limits.disk_bytes:
+            failure = _disk_failure(limits.disk_bytes, used)
+            log.write_line(f"[{failure}: measured when podman exited]")
     if failure or status != 0:
         log.write_line(f"[podman build ended with status {status}]")
         if hard or failure:

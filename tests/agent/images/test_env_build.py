@@ -16,12 +16,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from agent.images import env_builder
 from agent.images.builder import image_states
 from agent.images.definitions import default_definitions_dir, load_definitions
 from agent.images.env_builder import (
@@ -33,6 +34,7 @@ from agent.images.env_builder import (
     kill_leftover_build,
 )
 from agent.images.environment import (
+    LABEL_ENV_HASH,
     environment_hash,
     environment_reference,
     parse_environment,
@@ -109,6 +111,23 @@ def tagged() -> Iterator[list[str]]:
     for ref in refs:
         if _exists(ref):
             _podman("rmi", ref)
+
+
+@pytest.fixture
+def failing_build() -> Iterator[Callable[[str], str]]:
+    """For a test whose build must fail: any image of its environment an earlier failed
+    run left is removed before it builds (it would be a cached success) and whatever this
+    run leaves is removed after it, so one failure stays one failure."""
+    hashes: list[str] = []
+
+    def prepare(text: str) -> str:
+        hashes.append(environment_hash_of(text))
+        _remove_intermediates(hashes[-1])
+        return text
+
+    yield prepare
+    for env_hash in hashes:
+        _remove_intermediates(env_hash)
 
 
 def _remove_intermediates(env_hash: str) -> None:
@@ -249,13 +268,34 @@ async def test_time_limit_ends_the_whole_build(tmp_path: Path) -> None:
     assert _working_containers(environment_hash_of(text)) == []
 
 
-async def test_disk_limit_ends_the_build(tmp_path: Path) -> None:
+async def test_disk_limit_ends_the_build(
+    tmp_path: Path, failing_build: Callable[[str], str]
+) -> None:
     _require_template()
     # docutils: about 2 MB downloaded and 6 MB installed, against 1 MiB.
-    text = "dependencies:\n  - pip: [docutils==0.21.2]\n"
+    text = failing_build("dependencies:\n  - pip: [docutils==0.21.2]\n")
     exc = await _fails(text, tmp_path, EnvBuildLimits(timeout_seconds=600, disk_bytes=2**20))
     assert exc.reason.startswith("build exceeded its disk limit of 1 MiB (wrote "), exc.reason
     assert not _exists(_reference(text))
+
+
+async def test_disk_limit_holds_a_build_quicker_than_its_sampling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_build: Callable[[str], str]
+) -> None:
+    """CI of stop 26: pip installed and podman committed docutils between two of the
+    meter's samples, and the build was tagged. With sampling pushed past the build's end,
+    only the measurement when podman exits can catch it."""
+    _require_template()
+    monkeypatch.setattr(env_builder, "_DISK_EVERY", 3600.0)
+    text = failing_build("dependencies:\n  - pip: [docutils==0.21.2]\n")
+    exc = await _fails(text, tmp_path, EnvBuildLimits(timeout_seconds=600, disk_bytes=2**20))
+    assert exc.reason.startswith("build exceeded its disk limit of 1 MiB (wrote "), exc.reason
+    assert not _exists(_reference(text))
+    label = f"label={LABEL_ENV_HASH}={environment_hash_of(text)}"
+    assert _podman("images", "--all", "--quiet", "--filter", label).stdout == ""
+    assert _working_containers(environment_hash_of(text)) == []
+    log = (tmp_path / "logs" / "build.log").read_text()
+    assert "measured when podman exited" in log
 
 
 async def test_conda_package_without_a_channel_names_the_setting(tmp_path: Path) -> None:
