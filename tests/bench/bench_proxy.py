@@ -3,7 +3,8 @@ configurable-http-proxy (JupyterHub's proxy), measured in the same run with wrk.
 
 The backend is `proxy_backend.py` (aiohttp, 1 KiB and 1 MiB bodies) run as a real studio on
 the local runtime; our proxy is reached as a browser would after the studioUrl sign-in (Host
-`<sessionId>.localhost`, the session cookie). nginx (Debian's nginx-light) and
+`<sessionId>.localhost`, the session cookie). nginx (Debian's nginx-light, twice: with
+its default proxy buffering, and unbuffered as our proxy relays) and
 configurable-http-proxy (`tests/bench/anchor_jupyterhub.py --setup`) are skipped, and say so,
 where they are not installed. Prints JSON.
 
@@ -13,9 +14,10 @@ where they are not installed. Prints JSON.
 Each size is measured in `--rounds` interleaved rounds (direct, ours, the anchors, then
 again), each wrk run `--duration` seconds; a target's ratio to direct is the median of
 its rounds' ratios, each taken beside the direct figure of the same round.
-CPU per request is reported for wrk, the backend and (ours) the agent with its proxy
-workers: the two cores are shared by all three, so a proxy costing as much per request
-as the backend and wrk together halves the rate whatever its code.
+CPU per request is reported for wrk, the backend and each proxy (ours: the agent with
+its proxy workers; nginx: its master and workers): the two cores are shared by all
+three, so a proxy costing as much per request as the backend and wrk together halves the
+rate whatever its code.
 
 `--relay` is the agent's `--proxy-relay` (splice: the tools' bytes move with os.splice;
 copy: through Python), `--proxy-workers` the agent's (processes sharing the port). The
@@ -86,6 +88,11 @@ def _runs(proc: psutil.Process, what: str) -> bool:
     return False
 
 
+def _with_children(pid: int) -> list[psutil.Process]:
+    proc = psutil.Process(pid)
+    return [proc, *proc.children(recursive=True)]
+
+
 def _is_proxy_worker(proc: psutil.Process) -> bool:
     return _runs(proc, "agent.proxy.worker")
 
@@ -105,23 +112,29 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def start_nginx(tmp: Path, backend_port: int) -> tuple[subprocess.Popen[bytes] | None, int]:
+def start_nginx(
+    tmp: Path, backend_port: int, buffering: bool = True
+) -> tuple[subprocess.Popen[bytes] | None, int]:
+    """nginx in front of the backend. With `buffering` (nginx's default) a 1 MiB
+    response outgrows its proxy buffers and is spooled through a temporary file while the
+    client reads slower than the tool writes; without it, nginx relays as ours does."""
     nginx = shutil.which("nginx")
     if nginx is None:
         return None, 0
     port = free_port()
-    (tmp / "nginx").mkdir()
-    conf = tmp / "nginx" / "nginx.conf"
+    where = tmp / ("nginx" if buffering else "nginx-unbuffered")
+    where.mkdir()
+    conf = where / "nginx.conf"
     conf.write_text(
         f"""
 worker_processes 2;
-pid {tmp}/nginx/nginx.pid;
-error_log {tmp}/nginx/error.log;
+pid {where}/nginx.pid;
+error_log {where}/error.log;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    client_body_temp_path {tmp}/nginx;
-    proxy_temp_path {tmp}/nginx;
+    client_body_temp_path {where};
+    proxy_temp_path {where};
     upstream tool {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
@@ -129,14 +142,14 @@ http {{
             proxy_pass http://tool;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_buffering on;
+            proxy_buffering {"on" if buffering else "off"};
         }}
     }}
 }}
 """
     )
     proc = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(tmp / "nginx"), "-g", "daemon off;"],
+        [nginx, "-c", str(conf), "-p", str(where), "-g", "daemon off;"],
         stderr=subprocess.DEVNULL,
     )
     return proc, port
@@ -284,22 +297,36 @@ async def _measure(
             },
         ),
     }
+    # Each anchor's main process: it and its children (nginx's workers) are its cost.
+    anchors: dict[str, int] = {}
     nginx, nginx_port = (None, 0) if skip_anchors else start_nginx(tmp, backend_port)
     if nginx is not None:
         helpers.append(nginx)
         await wait_port(nginx_port)
         targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", {})
+        anchors["nginx"] = nginx.pid
+        unbuffered, port = start_nginx(tmp, backend_port, buffering=False)
+        if unbuffered is not None:
+            helpers.append(unbuffered)
+            await wait_port(port)
+            targets["nginx-unbuffered"] = (f"http://127.0.0.1:{port}", {})
+            anchors["nginx-unbuffered"] = unbuffered.pid
     chp, chp_port = (None, 0) if skip_anchors else start_chp(backend_port)
     if chp is not None:
         helpers.append(chp)
         await wait_port(chp_port)
         targets["configurable-http-proxy"] = (f"http://127.0.0.1:{chp_port}", {})
+        anchors["configurable-http-proxy"] = chp.pid
 
     # The agent and its proxy workers: their CPU per request is the proxy's cost.
     assert agent.proc is not None
     proxy_procs = [psutil.Process(agent.proc.pid)]
     proxy_procs += [p for p in proxy_procs[0].children(recursive=True) if _is_proxy_worker(p)]
     backend_procs = [p for p in proxy_procs[0].children(recursive=True) if _runs(p, str(BACKEND))]
+    # nginx forks its workers after it listens: looked up once they are there.
+    await asyncio.sleep(0.5 if anchors else 0)
+    proxies = {name: _with_children(pid) for name, pid in anchors.items()}
+    proxies["studios-proxy"] = proxy_procs
     results: dict[str, Any] = {}
     for size in ("1k", "1m"):
         rounds_by_target: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
@@ -307,11 +334,12 @@ async def _measure(
         # by a third within minutes, so each ratio compares figures taken side by side.
         for _ in range(rounds):
             for name, (base, headers) in targets.items():
-                # Who spends the two cores: wrk, the backend, and (ours) the proxy.
+                # Who spends the two cores: wrk, the backend, and the proxy.
+                proxy = proxies.get(name, [])
                 before = (
                     _children_cpu_seconds(),
                     _cpu_seconds(backend_procs),
-                    _cpu_seconds(proxy_procs),
+                    _cpu_seconds(proxy),
                 )
                 with StealMeter() as steal:
                     figures = wrk(f"{base}/{size}", headers, duration, 50)
@@ -320,11 +348,11 @@ async def _measure(
                 used = (
                     _children_cpu_seconds() - before[0],
                     _cpu_seconds(backend_procs) - before[1],
-                    _cpu_seconds(proxy_procs) - before[2],
+                    _cpu_seconds(proxy) - before[2],
                 )
                 figures["wrk_cpu_us_per_request"] = round(1e6 * used[0] / requests, 1)
                 figures["backend_cpu_us_per_request"] = round(1e6 * used[1] / requests, 1)
-                if name == "studios-proxy":
+                if proxy:
                     figures["proxy_cpu_us_per_request"] = round(1e6 * used[2] / requests, 1)
                 rounds_by_target[name].append(figures)
         row: dict[str, Any] = {}
