@@ -2,7 +2,7 @@
 connect proxy's 1 MiB target? Direct, the agent's proxy (copy relay) and
 `sockmap_relay.py` in both its modes, interleaved in rounds of wrk (2 threads, 50
 connections) for 1 KiB and 1 MiB bodies from `proxy_backend.py`. Beside each rate, the
-whole machine's busy share during the run (/proc/stat), since the sockmap's sends run in
+whole machine's busy share during the run (host_noise.py), since the sockmap's sends run in
 kernel workers that no process's CPU time shows. Prints JSON. Needs root.
 
     .venv/bin/python tests/bench/bench_proxy_sockmap.py [--duration 4] [--rounds 3]
@@ -22,17 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.bench_proxy import wrk
 from tests.bench.bench_proxy_relay import KEY, SID, _wait_port
+from tests.bench.host_noise import StealMeter
 from tests.e2e_harness import free_port
 
 HERE = Path(__file__).parent
-
-
-def _busy_idle() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    steal = ticks[7] if len(ticks) > 7 else 0
-    return sum(ticks[:8]) - idle - steal, idle
 
 
 def run(duration: int, rounds: int) -> dict[str, Any]:
@@ -95,11 +88,9 @@ def run(duration: int, rounds: int) -> dict[str, Any]:
             for size in ("1k", "1m"):
                 figures: dict[str, dict[str, Any]] = {}
                 for name, (base, headers) in targets.items():
-                    busy0, idle0 = _busy_idle()
-                    result = wrk(f"{base}/{size}", headers, duration, 50)
-                    busy1, idle1 = _busy_idle()
-                    busy, idle = busy1 - busy0, idle1 - idle0
-                    result["machine_busy_pct"] = round(100 * busy / max(1, busy + idle), 1)
+                    with StealMeter() as meter:
+                        result = wrk(f"{base}/{size}", headers, duration, 50)
+                    result["machine_busy_pct"] = meter.busy_pct
                     figures[name] = result
                 for result in figures.values():
                     result["rps_ratio_to_direct"] = round(

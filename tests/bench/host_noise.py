@@ -16,8 +16,9 @@ from types import TracebackType
 __all__ = ["StealMeter", "cpu_jiffies"]
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(steal, total) over all CPUs since boot; None where /proc/stat has no steal."""
+def cpu_jiffies() -> tuple[int, int, int] | None:
+    """(steal, idle, total) over all CPUs since boot, idle counting iowait; None where
+    /proc/stat has no steal."""
     try:
         with open("/proc/stat", "rb") as f:
             fields = f.readline().split()
@@ -27,17 +28,20 @@ def cpu_jiffies() -> tuple[int, int] | None:
         return None
     # user nice system idle iowait irq softirq steal (guest time is inside user already)
     values = [int(v) for v in fields[1:9]]
-    return values[7], sum(values)
+    return values[7], values[3] + values[4], sum(values)
 
 
 class StealMeter:
     """`with StealMeter() as m: ...` then `m.pct`: the share of the host's CPU time
     stolen during the block, in percent (None where the kernel does not report it),
-    and `m.seconds`: the block's wall time, so that a phase is timed once."""
+    `m.busy_pct`: the share of the CPU time left to this machine that it spent busy
+    (kernel workers included, which no process's CPU time shows), and `m.seconds`: the
+    block's wall time, so that a phase is timed once."""
 
     def __init__(self) -> None:
-        self._start: tuple[int, int] | None = None
+        self._start: tuple[int, int, int] | None = None
         self.pct: float | None = None
+        self.busy_pct: float | None = None
         self.seconds = 0.0
         self._t0 = 0.0
 
@@ -56,6 +60,9 @@ class StealMeter:
         end = cpu_jiffies()
         if self._start is None or end is None:
             return
-        steal, total = end[0] - self._start[0], end[1] - self._start[1]
+        steal, idle, total = (b - a for a, b in zip(self._start, end, strict=True))
         # A block shorter than a jiffy on every CPU measures nothing.
-        self.pct = round(100.0 * steal / total, 1) if total > 0 else None
+        if total > 0:
+            self.pct = round(100.0 * steal / total, 1)
+        if total - steal > 0:
+            self.busy_pct = round(100.0 * (total - steal - idle) / (total - steal), 1)

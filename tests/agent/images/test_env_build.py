@@ -291,9 +291,10 @@ async def test_disk_limit_holds_a_build_quicker_than_its_sampling(
     exc = await _fails(text, tmp_path, EnvBuildLimits(timeout_seconds=600, disk_bytes=2**20))
     assert exc.reason.startswith("build exceeded its disk limit of 1 MiB (wrote "), exc.reason
     assert not _exists(_reference(text))
-    label = f"label={LABEL_ENV_HASH}={environment_hash_of(text)}"
+    env_hash = environment_hash_of(text)
+    label = f"label={LABEL_ENV_HASH}={env_hash}"
     assert _podman("images", "--all", "--quiet", "--filter", label).stdout == ""
-    assert _working_containers(environment_hash_of(text)) == []
+    assert _working_containers(env_hash) == []
     log = (tmp_path / "logs" / "build.log").read_text()
     assert "measured when podman exited" in log
 
