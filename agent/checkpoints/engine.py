@@ -1121,9 +1121,11 @@ class RestoreResult:
 
 
 def _set_xattrs(target: int | str, xattrs: dict[str, bytes], warnings: list[str], rel: str) -> None:
+    # Names in warnings as repr: one that is not UTF-8 (lone surrogates) would break the
+    # UTF-8 of a log line or of the report's protobuf string.
     for k, v in xattrs.items():
         if not _IS_ROOT and k.startswith(("trusted.", "security.")):
-            warnings.append(f"{rel}: xattr {k} needs root, not restored")
+            warnings.append(f"{rel!r}: xattr {k!r} needs root, not restored")
             continue
         try:
             if isinstance(target, int):
@@ -1131,7 +1133,7 @@ def _set_xattrs(target: int | str, xattrs: dict[str, bytes], warnings: list[str]
             else:
                 os.setxattr(target, k, v, follow_symlinks=False)
         except OSError as err:
-            warnings.append(f"{rel}: xattr {k} not restored ({err.strerror})")
+            warnings.append(f"{rel!r}: xattr {k!r} not restored ({err.strerror})")
 
 
 class _Restore:

@@ -19,6 +19,11 @@ import zstandard
 
 from agent.errors import UnsafeArchive
 
+# json's own string encoder (its C one where built): the text a key or value gets in
+# json.dumps(..., ensure_ascii=False).
+_json_str = json.encoder.encode_basestring
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 __all__ = [
     "ENTRY_TYPES",
     "Entry",
@@ -80,6 +85,46 @@ class Entry:
             d["bad"] = True
         return d
 
+    def to_json_text(self) -> str:
+        """`to_json()` as compact JSON text: the same text as json.dumps of it with
+        separators (",", ":") and ensure_ascii=False, written directly for the common
+        entry (int fields, no xattrs). A full checkpoint encodes one per file in its
+        serial tail, with one core idle: a venv's 10,056 entries took 21-43 ms this way
+        against 59-74 ms for json.dumps of each, of a 1.2-1.4 s checkpoint."""
+        plain = (
+            int
+            is type(self.mode)
+            is type(self.uid)
+            is type(self.gid)
+            is type(self.mtime_ns)
+            is type(self.ctime_ns)
+            is type(self.size)
+            is type(self.ino)
+        )
+        if self.xattrs or not plain:
+            # xattrs' base64, and a field that is not a plain int (a bool is an int
+            # subclass that JSON spells differently), take json's own path.
+            return _dumps(self.to_json())
+        text = f'{{"p":{_json_str(self.path)},"t":{_json_str(self.type)},"m":{self.mode}'
+        if self.uid:
+            text += f',"u":{self.uid}'
+        if self.gid:
+            text += f',"g":{self.gid}'
+        text += f',"mt":{self.mtime_ns}'
+        if self.ctime_ns:
+            text += f',"ct":{self.ctime_ns}'
+        if self.size:
+            text += f',"s":{self.size}'
+        if self.ino:
+            text += f',"i":{self.ino}'
+        if self.chunks:
+            text += f',"c":[{",".join(map(_json_str, self.chunks))}]'
+        if self.target:
+            text += f',"l":{_json_str(self.target)}'
+        if self.inconsistent:
+            text += ',"bad":true'
+        return text + "}"
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Entry:
         x = d.get("x") or {}
@@ -126,16 +171,19 @@ def encode_manifest(m: Manifest) -> bytes:
         "stats": m.stats,
         "packs": m.packs,
     }
-    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
     parts = []
     for e in m.entries:
         text = e.encoded
         if text is None:
-            text = e.encoded = dumps(e.to_json())
+            text = e.encoded = e.to_json_text()
         parts.append(text)
     # The same document as one json.dumps of it all, with the entries' texts reused.
-    head = dumps(doc)
-    raw = f'{head[:-1]},"entries":[{",".join(parts)}]}}'.encode()
+    head = _dumps(doc)
+    # A name that is not UTF-8 (a zip from Windows, a latin-1 tarball) is a str with lone
+    # surrogates (os.fsdecode's surrogateescape), which UTF-8 cannot encode. They occur
+    # only inside JSON strings, where backslashreplace writes each as its JSON escape
+    # (\udce9): json.loads gives the same surrogate back, and os gives the same bytes.
+    raw = f'{head[:-1]},"entries":[{",".join(parts)}]}}'.encode("utf-8", "backslashreplace")
     # Level 1: the entries are mostly hex ids, where higher levels gain almost nothing
     # (10,000 entries: 5 ms at level 1, 32 ms at 6, for 0.56 vs 0.59 MB).
     return zstandard.ZstdCompressor(level=1).compress(raw)
