@@ -197,6 +197,41 @@ async def test_stop_checkpoints_before_stopped_and_restore_brings_files_back(
     assert restore_step.status == pb.STEP_STATUS_SUCCEEDED and event.uri in restore_step.message
 
 
+async def test_a_file_name_that_is_not_utf8_is_saved_at_stop_and_restored(
+    controller: FakeController, agent: Agent, tmp_path: Path
+) -> None:
+    """A latin-1 name (a zip made on Windows) once failed every checkpoint of its
+    session: the stop kept the directory unsaved, and no later start could save it."""
+    base = str(tmp_path / "work" / ".studios" / "checkpoints")
+    controller.push(desired("bbbb0009", checkpoint_base_uri=base))
+    obs = await controller.wait_status("bbbb0009", RUNNING)
+    root = os.fsencode(obs.root_dir)
+    os.mkdir(os.path.join(root, b"donn\xe9es"))
+    with open(os.path.join(root, b"donn\xe9es", b"caf\xe9.csv"), "wb") as f:
+        f.write(b"a;b\n1;2\n")
+
+    controller.push(desired("bbbb0009", status=pb.DESIRED_STATUS_STOPPED, checkpoint_base_uri=base))
+    await controller.wait_for(
+        lambda: (o := controller.latest("bbbb0009")) and o.status == STOPPED and not o.volume.path
+    )
+    final = [
+        m.checkpoint
+        for _, m in controller.received
+        if m.WhichOneof("message") == "checkpoint"
+        and m.checkpoint.session_id == "bbbb0009"
+        and m.checkpoint.status == pb.CHECKPOINT_STATUS_FINALIZED
+    ]
+    assert len(final) == 1, controller.latest("bbbb0009")
+
+    controller.push(
+        desired("bbbb0009", generation=2, restore_uri=final[0].uri, checkpoint_base_uri=base)
+    )
+    obs2 = await controller.wait_status("bbbb0009", RUNNING, generation=2)
+    restored = os.path.join(os.fsencode(obs2.root_dir), b"donn\xe9es", b"caf\xe9.csv")
+    with open(restored, "rb") as f:
+        assert f.read() == b"a;b\n1;2\n"
+
+
 async def test_a_tool_that_dies_is_errored_and_saved(
     controller: FakeController, agent: Agent, tmp_path: Path
 ) -> None:
