@@ -105,25 +105,30 @@ class Entry:
             # xattrs' base64, and a field that is not a plain int (a bool is an int
             # subclass that JSON spells differently), take json's own path.
             return _dumps(self.to_json())
-        text = f'{{"p":{_json_str(self.path)},"t":{_json_str(self.type)},"m":{self.mode}'
-        if self.uid:
-            text += f',"u":{self.uid}'
-        if self.gid:
-            text += f',"g":{self.gid}'
-        text += f',"mt":{self.mtime_ns}'
-        if self.ctime_ns:
-            text += f',"ct":{self.ctime_ns}'
-        if self.size:
-            text += f',"s":{self.size}'
-        if self.ino:
-            text += f',"i":{self.ino}'
-        if self.chunks:
-            text += f',"c":[{",".join(map(_json_str, self.chunks))}]'
-        if self.target:
-            text += f',"l":{_json_str(self.target)}'
-        if self.inconsistent:
-            text += ',"bad":true'
-        return text + "}"
+        try:
+            text = f'{{"p":{_json_str(self.path)},"t":{_json_str(self.type)},"m":{self.mode}'
+            if self.uid:
+                text += f',"u":{self.uid}'
+            if self.gid:
+                text += f',"g":{self.gid}'
+            text += f',"mt":{self.mtime_ns}'
+            if self.ctime_ns:
+                text += f',"ct":{self.ctime_ns}'
+            if self.size:
+                text += f',"s":{self.size}'
+            if self.ino:
+                text += f',"i":{self.ino}'
+            if self.chunks:
+                text += f',"c":[{",".join(map(_json_str, self.chunks))}]'
+            if self.target:
+                text += f',"l":{_json_str(self.target)}'
+            if self.inconsistent:
+                text += ',"bad":true'
+            return text + "}"
+        except TypeError:
+            # A name or chunk id that is not a str (only a manifest edited by hand, read
+            # back as a parent): json's own text for it, as before.
+            return _dumps(self.to_json())
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Entry:

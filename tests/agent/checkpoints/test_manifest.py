@@ -54,6 +54,9 @@ ENTRIES = [
     # Not ints as a stat gives them: json's own path, so the text is still JSON's.
     Entry(path="odd", type="file", mode=True),
     Entry(path="odd2", type="file", size=2.5),  # type: ignore[arg-type]
+    # Nor is a name or chunk id that is not a str (a manifest edited by hand, read back).
+    Entry(path="odd3", type="symlink", target=5),  # type: ignore[arg-type]
+    Entry(path="odd4", type="file", size=1, chunks=[7]),  # type: ignore[list-item]
 ]
 
 
