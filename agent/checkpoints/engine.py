@@ -461,8 +461,10 @@ class _Backup:
         self.pack_size = pack_size
         self.lock = threading.Lock()
         self.known: dict[bytes, IndexEntry] = {}
-        # blob -> (pack id, entry) once its pack is finished; None while pending in one.
-        self.new_blobs: dict[bytes, tuple[str, PackEntry] | None] = {}
+        # blob -> (pack id, stored length) once its pack is finished; None while pending
+        # in one. Not the PackEntry: a tuple of a str and an int leaves the cyclic GC's
+        # lists (see Entry.chunks), one that holds an object stays there.
+        self.new_blobs: dict[bytes, tuple[str, int] | None] = {}
         self.writer = PackWriter()
         self.inflight = threading.BoundedSemaphore(upload_concurrency + 1)
         self.upload_pool = ThreadPoolExecutor(upload_concurrency, "ckpt-upload")
@@ -508,7 +510,7 @@ class _Backup:
         with self.lock:
             self.shipped[pid] = entries
             for e in entries:
-                self.new_blobs[e.blob] = (pid, e)
+                self.new_blobs[e.blob] = (pid, e.length)
         # Bounded memory: a reader waits here while too many packs are on the wire.
         self.inflight.acquire()
         if self.failed is not None:
@@ -597,7 +599,7 @@ class _Backup:
             if counted < n:
                 self.progress.add(n - counted)
                 counted = n
-            e.chunks = chunks
+            e.chunks = tuple(chunks)
             e.size = n
             e.mtime_ns, e.ctime_ns = st1.st_mtime_ns, st1.st_ctime_ns
             e.mode, e.uid, e.gid = stat.S_IMODE(st1.st_mode), st1.st_uid, st1.st_gid
@@ -696,7 +698,7 @@ class _Backup:
                     full.append(self.writer)
                     self.writer = PackWriter()
         for e, _, ids in read:
-            e.chunks = [b.hex() for b in ids]
+            e.chunks = tuple([b.hex() for b in ids])
         self.progress.add(n)
         for w in full:
             self._ship(w)
@@ -825,7 +827,7 @@ class _Backup:
                     == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                     and stored(p.chunks)
                 ):
-                    e.chunks = list(p.chunks)
+                    e.chunks = p.chunks
                     reused += 1
                     reused_bytes += st.st_size
                 else:
@@ -879,7 +881,7 @@ class _Backup:
             nb = new_blobs(b)
             if nb is not None:
                 packs.add(nb[0])
-                size += nb[1].length
+                size += nb[1]
             else:
                 ie = known_blobs(b)
                 packs.add(ie.pack)

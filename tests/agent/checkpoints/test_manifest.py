@@ -29,7 +29,7 @@ def _dumps(e: Entry) -> str:
 ENTRIES = [
     Entry(path="d", type="dir", mode=0o755),
     Entry(
-        path="a/plain.py", type="file", mode=0o644, mtime_ns=1, size=3, ino=7, chunks=["ab" * 32]
+        path="a/plain.py", type="file", mode=0o644, mtime_ns=1, size=3, ino=7, chunks=("ab" * 32,)
     ),
     Entry(
         path="a/many",
@@ -40,14 +40,14 @@ ENTRIES = [
         ctime_ns=1_700_000_000_123_456_790,
         size=9 << 30,
         ino=2**40,
-        chunks=["cd" * 32, "ef" * 32, "01" * 32],
+        chunks=("cd" * 32, "ef" * 32, "01" * 32),
     ),
     Entry(path='quote"back\\slash\ttab\x01ctl\u2028sep', type="file"),
-    Entry(path="données/ünï/日本語/😀", type="file", size=1, chunks=["00" * 32]),
-    Entry(path=f"latin1/{LATIN1}", type="file", size=2, chunks=["11" * 32]),
+    Entry(path="données/ünï/日本語/😀", type="file", size=1, chunks=("00" * 32,)),
+    Entry(path=f"latin1/{LATIN1}", type="file", size=2, chunks=("11" * 32,)),
     Entry(path="ln", type="symlink", target=f'../{LATIN1}/x"y'),
     Entry(path="hard", type="hardlink", target="a/plain.py"),
-    Entry(path="changing", type="file", inconsistent=True, size=5, chunks=["22" * 32]),
+    Entry(path="changing", type="file", inconsistent=True, size=5, chunks=("22" * 32,)),
     Entry(path="fifo", type="fifo", mode=0o600),
     Entry(path="wh", type="whiteout", mode=0),
     Entry(path="x", type="file", xattrs={"user.k": b"\x00\xff", f"user.{LATIN1}": b"v"}),
@@ -56,7 +56,7 @@ ENTRIES = [
     Entry(path="odd2", type="file", size=2.5),  # type: ignore[arg-type]
     # Nor is a name or chunk id that is not a str (a manifest edited by hand, read back).
     Entry(path="odd3", type="symlink", target=5),  # type: ignore[arg-type]
-    Entry(path="odd4", type="file", size=1, chunks=[7]),  # type: ignore[list-item]
+    Entry(path="odd4", type="file", size=1, chunks=(7,)),  # type: ignore[arg-type]
 ]
 
 

@@ -41,7 +41,7 @@ CASES = {
     "hardlink-to-nothing": [Entry("h", "hardlink", target="nothing")],
     "duplicate": [Entry("a", "dir"), Entry("a", "symlink", target="/")],
     "parent-missing": [Entry("no/such/dir/f", "file")],
-    "bad-chunk-id": [Entry("f", "file", size=3, chunks=["../../x"])],
+    "bad-chunk-id": [Entry("f", "file", size=3, chunks=("../../x",))],
     "bad-pack-id": [],
 }
 
