@@ -322,7 +322,7 @@ def _readlink_below(root_fd: int, rel: str) -> str:
         os.close(pfd)
 
 
-def _walk(root: str, root_fd: int, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+def _walk(root: str, root_fd: int) -> Iterator[tuple[str, os.stat_result]]:
     """Pre-order walk, siblings by name (the manifest's order, so no sort of the whole
     tree afterwards); stays on the root's file system (no mounts), and keeps excluded
     directories and mount points as empty directories. A generator: the backup reads
@@ -373,9 +373,6 @@ def _walk(root: str, root_fd: int, warnings: list[str]) -> Iterator[tuple[str, o
         name, s = items[i]
         stack[-1] = (rel, items, i + 1)
         r = f"{rel}/{name}" if rel else name
-        if "\n" in name or "\r" in name:
-            warnings.append(f"skipped {r!r}: newline in name")
-            continue
         if s is None:
             continue
         yield (r, s)
@@ -722,7 +719,7 @@ class _Backup:
         walk_started_ns = time.time_ns()
         self.source_fd = os.open(self.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            items = _walk(self.source, self.source_fd, self.warnings)
+            items = _walk(self.source, self.source_fd)
             readers = _Readers(self, self.threads)
             try:
                 return self._run_walk(t0, walk_started_ns, items, known_ids, readers)

@@ -223,8 +223,10 @@ def decode_manifest(data: bytes) -> Manifest:
 def _check_name(path: str) -> None:
     if not isinstance(path, str) or not path:
         raise UnsafeArchive(f"empty or non-text path in checkpoint: {path!r}")
-    if "\0" in path or "\n" in path or "\r" in path:
-        raise UnsafeArchive(f"NUL or newline in checkpoint path: {path!r}")
+    # A newline is a legal name byte (saved and restored like any other); NUL cannot be
+    # in a name on Linux, so only a forged manifest has one.
+    if "\0" in path:
+        raise UnsafeArchive(f"NUL in checkpoint path: {path!r}")
     if path.startswith("/"):
         raise UnsafeArchive(f"absolute path in checkpoint: {path!r}")
     parts = path.split("/")

@@ -36,7 +36,6 @@ CASES = {
     "device-node": [Entry("disk", "blockdev")],
     "char-device": [Entry("tty", "chardev")],
     "nul": [Entry("bad\0name", "file")],
-    "newline": [Entry("bad\nname", "file")],
     "hardlink-out": [Entry("h", "hardlink", target="../escaped")],
     "hardlink-to-nothing": [Entry("h", "hardlink", target="nothing")],
     "duplicate": [Entry("a", "dir"), Entry("a", "symlink", target="/")],

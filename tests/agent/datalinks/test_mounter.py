@@ -352,7 +352,7 @@ def test_checkpoint_walk_skips_workspace_data_and_mount_points(tmp_path: Path) -
         assert os.stat(root / "mnt" / "efs").st_dev == os.stat(root).st_dev
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            paths = [p for p, _ in E._walk(str(root), root_fd, [])]
+            paths = [p for p, _ in E._walk(str(root), root_fd)]
         finally:
             os.close(root_fd)
     finally:
