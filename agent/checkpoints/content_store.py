@@ -19,7 +19,13 @@ from typing import Any
 from agent.checkpoints.backend import storage_options_for
 from agent.checkpoints.engine import ProgressFn, backup, get_repository, latest_checkpoint, restore
 from agent.checkpoints.repo import MANIFESTS, manifest_name, split_checkpoint_uri
-from agent.checkpoints.store import LATEST, CheckpointStore, SavedCheckpoint, on_disk_bytes
+from agent.checkpoints.store import (
+    LATEST,
+    CheckpointStore,
+    SavedCheckpoint,
+    capped_warnings,
+    on_disk_bytes,
+)
 from agent.errors import CheckpointError
 
 __all__ = [
@@ -142,12 +148,17 @@ class ContentCheckpointStore(CheckpointStore):
             storage_options=self.storage_options,
             progress=progress,
         )
+        changed = [
+            f"{path!r} changed while it was read: saved as read, it may mix old and new content"
+            for path in r.inconsistent
+        ]
         # The key is the manifest's object name below the base URI.
         return SavedCheckpoint(
             key=manifest_name(session_id, r.key),
             uri=r.uri,
             size_bytes=r.size_bytes,
             saved_at=int(time.time()),
+            warnings=capped_warnings(r.warnings + changed),
         )
 
     async def restored_size(self, uri: str) -> int:

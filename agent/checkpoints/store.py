@@ -19,10 +19,12 @@ __all__ = [
     "BLOCK_BYTES",
     "INODE_BYTES",
     "LATEST",
+    "MAX_WARNINGS",
     "CheckpointStore",
     "ProgressFn",
     "RestoreCancelled",
     "SavedCheckpoint",
+    "capped_warnings",
     "on_disk_bytes",
 ]
 
@@ -49,6 +51,11 @@ def on_disk_bytes(size: int) -> int:
     return -(-size // BLOCK_BYTES) * BLOCK_BYTES + INODE_BYTES
 
 
+# A checkpoint's warnings as reported: a tree of 100,000 sockets would otherwise send one
+# line each to the controller and the API.
+MAX_WARNINGS = 20
+
+
 @dataclass(frozen=True)
 class SavedCheckpoint:
     # Unique object key below the base URI.
@@ -57,6 +64,16 @@ class SavedCheckpoint:
     uri: str
     size_bytes: int
     saved_at: int
+    # What the user should know about this checkpoint: what was left out and why, files
+    # that changed while they were read (at most MAX_WARNINGS lines, then a count).
+    warnings: tuple[str, ...] = ()
+
+
+def capped_warnings(lines: list[str]) -> tuple[str, ...]:
+    """The first MAX_WARNINGS lines, and how many more there were."""
+    if len(lines) <= MAX_WARNINGS:
+        return tuple(lines)
+    return (*lines[:MAX_WARNINGS], f"and {len(lines) - MAX_WARNINGS} more")
 
 
 class CheckpointStore(abc.ABC):

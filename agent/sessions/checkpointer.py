@@ -112,6 +112,8 @@ class Checkpointer:
             saved.size_bytes,
             time.monotonic() - t0,
         )
+        for warning in saved.warnings:
+            log.warning("session %s: checkpoint %s: %s", h.session_id, saved.key, warning)
         return saved
 
     async def final(

@@ -11,6 +11,7 @@ state's protobuf and are handed to the mounter straight from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -221,10 +222,12 @@ class SessionHandle:
     def step(self, name: str) -> ProgressStep | None:
         return next((s for s in self.progress if s.name == name), None)
 
-    def set_step(self, name: str, status: str, message: str = "") -> None:
+    def set_step(
+        self, name: str, status: str, message: str = "", warnings: Sequence[str] = ()
+    ) -> None:
         step = self.step(name)
         if step is not None:
-            step.status, step.message = status, message
+            step.status, step.message, step.warnings = status, message, list(warnings)
 
     def runtime_handle(self) -> RuntimeHandle:
         return RuntimeHandle(

@@ -700,7 +700,7 @@ class SessionRunner:
                     saved: SavedCheckpoint = await self.checkpointer.final(
                         h, ctx.progress_sink(h, STEP_CHECKPOINT, "saved")
                     )
-                    h.set_step(STEP_CHECKPOINT, "succeeded", saved.uri)
+                    h.set_step(STEP_CHECKPOINT, "succeeded", saved.uri, saved.warnings)
                     _full(h, STEP_CHECKPOINT)
                 else:
                     h.set_step(STEP_CHECKPOINT, "succeeded", "nothing to save")

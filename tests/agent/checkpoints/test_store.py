@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from agent.checkpoints import engine as E
 from agent.checkpoints.content_store import ContentCheckpointStore, storage_options_for
 from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
-from agent.checkpoints.store import CheckpointStore
+from agent.checkpoints.store import MAX_WARNINGS, CheckpointStore
 
 
 async def test_store_save_is_incremental_and_restores(tmp_path: Path) -> None:
@@ -62,3 +63,21 @@ def test_storage_options_from_settings_and_environment() -> None:
     }
     assert storage_options_for("s3://b/x", "http://flag", env=env)["endpoint_url"] == "http://flag"  # type: ignore[index]
     assert storage_options_for("s3://b/x", env={}) is None
+
+
+async def test_store_save_names_what_it_left_out_in_at_most_max_warnings_lines(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "upper"
+    src.mkdir()
+    (src / "data.txt").write_text("saved")
+    for i in range(MAX_WARNINGS + 5):
+        os.mknod(src / f"s{i:02}.sock", 0o600 | stat.S_IFSOCK)
+    saved = await ContentCheckpointStore(f"file://{tmp_path}/ck").save("sess-1", src)
+    assert saved.warnings == (
+        *(f"skipped 's{i:02}.sock': device node or socket" for i in range(MAX_WARNINGS)),
+        "and 5 more",
+    )
+    out = tmp_path / "out"
+    await ContentCheckpointStore(f"file://{tmp_path}/ck").restore(saved.uri, out)
+    assert os.listdir(out) == ["data.txt"]

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import stat
 from pathlib import Path
 
 import psutil
@@ -230,6 +231,27 @@ async def test_a_file_name_that_is_not_utf8_is_saved_at_stop_and_restored(
     restored = os.path.join(os.fsencode(obs2.root_dir), b"donn\xe9es", b"caf\xe9.csv")
     with open(restored, "rb") as f:
         assert f.read() == b"a;b\n1;2\n"
+
+
+async def test_what_a_stop_leaves_out_is_named_in_its_checkpoint_step(
+    controller: FakeController, agent: Agent, tmp_path: Path
+) -> None:
+    """A socket (a kernel's or an ssh agent's) cannot be saved: the stop says so in the
+    checkpoint step's warnings, where the API shows them, and saves everything else."""
+    base = str(tmp_path / "work" / ".studios" / "checkpoints")
+    controller.push(desired("bbbb0010", checkpoint_base_uri=base))
+    obs = await controller.wait_status("bbbb0010", RUNNING)
+    root = Path(obs.root_dir)
+    (root / "kept.txt").write_text("kept")
+    # A socket's inode, as a bound listener leaves it (mknod: no 108-byte path limit).
+    os.mknod(root / "kernel.sock", 0o600 | stat.S_IFSOCK)
+    controller.push(desired("bbbb0010", status=pb.DESIRED_STATUS_STOPPED, checkpoint_base_uri=base))
+    stopped = await controller.wait_for(
+        lambda: (o := controller.latest("bbbb0010")) and o.status == STOPPED and o
+    )
+    step = next(s for s in stopped.progress if s.name == "writing the final checkpoint")
+    assert step.status == pb.STEP_STATUS_SUCCEEDED
+    assert list(step.warnings) == ["skipped 'kernel.sock': device node or socket"]
 
 
 async def test_a_tool_that_dies_is_errored_and_saved(
