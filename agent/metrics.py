@@ -142,13 +142,14 @@ class TimedCheckpointStore(CheckpointStore):
         target_dir: Path,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> None:
+    ) -> tuple[str, ...]:
         started, ok = time.monotonic(), False
         try:
-            await self.inner.restore(uri, target_dir, progress, cancel)
+            warnings = await self.inner.restore(uri, target_dir, progress, cancel)
             ok = True
         finally:
             self._observe("restore", started, ok)
+        return warnings
 
 
 class _StateCollector(Collector):

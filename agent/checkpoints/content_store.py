@@ -185,19 +185,19 @@ class ContentCheckpointStore(CheckpointStore):
         target_dir: Path,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> None:
+    ) -> tuple[str, ...]:
         if is_archive_uri(uri):
             from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
 
             tmp = self.tmp_dir or Path(tempfile.gettempdir())
-            await ArchiveCheckpointStore(self.base_uri, tmp).restore(
+            return await ArchiveCheckpointStore(self.base_uri, tmp).restore(
                 uri, target_dir, progress, cancel
             )
-            return
-        await restore(
+        r = await restore(
             uri,
             target_dir,
             storage_options=self.storage_options,
             progress=progress,
             cancel=cancel,
         )
+        return capped_warnings(r.warnings)

@@ -167,13 +167,14 @@ class ArchiveCheckpointStore(CheckpointStore):
         target_dir: Path,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> None:
+    ) -> tuple[str, ...]:
         # Only before it begins: the old archives are read once, at upgrade, and small.
         if cancel is not None and cancel.is_set():
             raise RestoreCancelled(f"restore of {uri} cancelled before it began")
         await asyncio.to_thread(self._restore_sync, uri, target_dir)
         if progress is not None:
             progress(1, 1)
+        return ()
 
     def _restored_size_sync(self, uri: str) -> int:
         fs, path = open_fs(uri)

@@ -102,8 +102,10 @@ class CheckpointStore(abc.ABC):
         target_dir: Path,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> None:
-        """Restore the checkpoint at `uri` into `target_dir`.
+    ) -> tuple[str, ...]:
+        """Restore the checkpoint at `uri` into `target_dir`; its warnings (what could
+        not be restored as saved, such as an xattr the file system refuses), at most
+        MAX_WARNINGS lines and a count.
 
         `cancel`, once set (from any thread), ends the restore soon with RestoreCancelled
         instead of when everything is written: a cancelled start need not wait for it.

@@ -441,7 +441,7 @@ class SessionRunner:
                 await ctx.save_and_report(h)
                 self._restore_cancel = threading.Event()
                 try:
-                    await ctx.store_for(spec).restore(
+                    restore_warnings = await ctx.store_for(spec).restore(
                         h.restore_uri,
                         ctx.checkpoint_dir(h),
                         progress=ctx.progress_sink(h, step, "restored"),
@@ -458,7 +458,9 @@ class SessionRunner:
                 # A cancel after the restore abandons it here: the data it wrote goes
                 # with the volume.
                 self._check_cancel()
-                h.set_step(step, "succeeded", f"restored {h.restore_uri}")
+                h.set_step(step, "succeeded", f"restored {h.restore_uri}", restore_warnings)
+                for warning in restore_warnings:
+                    log.warning("session %s: restore of %s: %s", sid, h.restore_uri, warning)
                 _full(h, step)
                 crash_points.reached("start:restored")
             else:

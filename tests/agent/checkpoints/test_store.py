@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.checkpoints import engine as E
 from agent.checkpoints.content_store import ContentCheckpointStore, storage_options_for
 from agent.checkpoints.legacy_archive import ArchiveCheckpointStore
+from agent.checkpoints.manifest import Entry, Manifest, encode_manifest
 from agent.checkpoints.store import MAX_WARNINGS, CheckpointStore
 
 
@@ -81,3 +82,17 @@ async def test_store_save_names_what_it_left_out_in_at_most_max_warnings_lines(
     out = tmp_path / "out"
     await ContentCheckpointStore(f"file://{tmp_path}/ck").restore(saved.uri, out)
     assert os.listdir(out) == ["data.txt"]
+
+
+async def test_store_restore_returns_what_it_could_not_restore_as_saved(tmp_path: Path) -> None:
+    # An xattr in a namespace the kernel does not know (from another system, or a
+    # manifest written by hand): the file is restored, the xattr named as not restored.
+    uri = f"file://{tmp_path}/ck"
+    repo = E.get_repository(uri)
+    entries = [Entry(".", "dir", 0o755), Entry("f", "file", xattrs={"other.ns": b"v"})]
+    manifest = Manifest("s", "k1", 0, None, entries, [], {})
+    repo.backend.save(repo.manifest_name("s", "k1"), encode_manifest(manifest))
+    out = tmp_path / "out"
+    warnings = await ContentCheckpointStore(uri).restore(repo.checkpoint_uri("s", "k1"), out)
+    assert warnings == ("'f': xattr 'other.ns' not restored (Operation not supported)",)
+    assert (out / "f").read_bytes() == b""

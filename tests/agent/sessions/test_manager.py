@@ -14,6 +14,8 @@ import psutil
 import pytest
 from studios.agent.v1 import agent_pb2 as pb
 
+from agent.checkpoints import engine as E
+from agent.checkpoints.manifest import Entry, Manifest, encode_manifest
 from agent.daemon import Agent, AgentConfig
 from agent.errors import AgentError
 from studios_shared.agent_pki import format_join_token
@@ -252,6 +254,27 @@ async def test_what_a_stop_leaves_out_is_named_in_its_checkpoint_step(
     step = next(s for s in stopped.progress if s.name == "writing the final checkpoint")
     assert step.status == pb.STEP_STATUS_SUCCEEDED
     assert list(step.warnings) == ["skipped 'kernel.sock': device node or socket"]
+
+
+async def test_what_a_restore_could_not_restore_is_named_in_its_step(
+    controller: FakeController, agent: Agent, tmp_path: Path
+) -> None:
+    """An xattr the kernel refuses (a namespace it does not know): the studio starts
+    with its file, and the restore step's warnings say what was not restored."""
+    base = f"file://{tmp_path}/work/.studios/checkpoints"
+    repo = E.get_repository(base)
+    entries = [Entry(".", "dir", 0o755), Entry("notes.txt", "file", xattrs={"other.ns": b"v"})]
+    manifest = Manifest("bbbb0011", "k1", 0, None, entries, [], {})
+    repo.backend.save(repo.manifest_name("bbbb0011", "k1"), encode_manifest(manifest))
+    uri = repo.checkpoint_uri("bbbb0011", "k1")
+    controller.push(desired("bbbb0011", restore_uri=uri, checkpoint_base_uri=base))
+    obs = await controller.wait_status("bbbb0011", RUNNING)
+    assert (Path(obs.root_dir) / "notes.txt").is_file()
+    step = next(s for s in obs.progress if s.name == "restoring the checkpoint")
+    assert step.status == pb.STEP_STATUS_SUCCEEDED
+    assert list(step.warnings) == [
+        "'notes.txt': xattr 'other.ns' not restored (Operation not supported)"
+    ]
 
 
 async def test_a_tool_that_dies_is_errored_and_saved(
