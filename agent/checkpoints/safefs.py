@@ -2,7 +2,8 @@
 
 Restore writes into a directory that a restored tree could otherwise redirect: every
 open goes through `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel has
-it (Linux >= 5.6), else a walk of the path one component at a time with O_NOFOLLOW.
+it (Linux >= 5.6), else a walk of the path one component at a time with O_NOFOLLOW. A
+path longer than the kernel takes (PATH_MAX) is opened in steps, each with those rules.
 """
 
 from __future__ import annotations
@@ -77,11 +78,61 @@ def _walk_open(root_fd: int, rel: str, flags: int, mode: int) -> int:
             os.close(fd)
 
 
+# A path handed to the kernel holds at most PATH_MAX bytes with its NUL. A session can
+# nest deeper than that (a runaway copy, deep node_modules): such a path is opened in
+# steps of whole components, each below the directory the step before opened and under
+# the same rules, so no step can leave the root either.
+_PATH_MAX = 4096
+_STEP_BYTES = 2048
+
+
+def _steps(rel: str) -> list[str]:
+    """`rel` cut at component boundaries into pieces of at most _STEP_BYTES bytes (a
+    component is at most 255)."""
+    steps: list[str] = []
+    piece: list[str] = []
+    size = 0
+    for part in rel.split("/"):
+        n = len(os.fsencode(part)) + 1
+        if piece and size + n > _STEP_BYTES:
+            steps.append("/".join(piece))
+            piece, size = [], 0
+        piece.append(part)
+        size += n
+    steps.append("/".join(piece))
+    return steps
+
+
 def safe_open(root_fd: int, rel: str, flags: int, mode: int = 0o600) -> int:
     """Open `rel` below `root_fd`; any symlink on the way (or at the end) is an error."""
-    global _have_openat2
     if rel in (".", ""):
         return os.dup(root_fd)
+    # A character is at most 4 bytes: only a long str can be too long a path.
+    if len(rel) >= _PATH_MAX // 4 and len(os.fsencode(rel)) >= _PATH_MAX:
+        return _open_in_steps(root_fd, rel, flags, mode)
+    return _open_below(root_fd, rel, flags, mode)
+
+
+def _open_in_steps(root_fd: int, rel: str, flags: int, mode: int) -> int:
+    *dirs, last = _steps(rel)
+    fd = root_fd
+    try:
+        for step in dirs:
+            nfd = _open_below(fd, step, os.O_RDONLY | os.O_DIRECTORY, 0)
+            if fd != root_fd:
+                os.close(fd)
+            fd = nfd
+        return _open_below(fd, last, flags, mode)
+    except OSError as e:
+        # Name the whole path, as a single open does, not the step that failed.
+        raise OSError(e.errno, e.strerror, rel) from None
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _open_below(root_fd: int, rel: str, flags: int, mode: int) -> int:
+    global _have_openat2
     if _have_openat2:
         try:
             return _openat2(root_fd, rel, flags | os.O_NOFOLLOW, mode)

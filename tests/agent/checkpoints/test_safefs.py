@@ -307,6 +307,140 @@ def test_dirfds_cache_keeps_the_directory_it_opened(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Paths longer than PATH_MAX, opened in steps: the same refusals at every step
+
+DEEP_NAME = "d" * 200
+# 25 components of 201 bytes below real/: 5,030 bytes, past PATH_MAX (4,096); safefs
+# opens such a path in steps of at most 2,048 bytes (10 components here).
+DEEP = 25
+
+
+def _deep_prefix(depth: int) -> str:
+    return "/".join(["real", *[DEEP_NAME] * depth])
+
+
+def _make_deep(w: World, depth: int = DEEP) -> int:
+    """real/d.../d... `depth` levels deep, made through fds (too long a path to make by
+    name); the deepest directory's fd, for the caller to close."""
+    fd = os.open(w.root / "real", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        if not os.path.lexists(f"/proc/self/fd/{fd}/{DEEP_NAME}"):
+            os.mkdir(DEEP_NAME, dir_fd=fd)
+        nfd = os.open(DEEP_NAME, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+def test_a_path_longer_than_path_max_opens_below_the_root(tmp_path: Path) -> None:
+    w = World(tmp_path, "outside-abs")
+    try:
+        os.close(_make_deep(w))
+        rel = _deep_prefix(DEEP) + "/deep.txt"
+        assert len(os.fsencode(rel)) > 4096
+        fd = safefs.safe_open(w.fd, rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, b"deep")
+        os.close(fd)
+        fd = safefs.safe_open(w.fd, rel, os.O_RDONLY)
+        assert os.read(fd, 10) == b"deep"
+        os.close(fd)
+        fd = safefs.safe_open(w.fd, _deep_prefix(DEEP), os.O_RDONLY | os.O_DIRECTORY)
+        assert os.listdir(fd) == ["deep.txt"]
+        os.close(fd)
+        w.untouched()
+    finally:
+        w.close()
+
+
+# A symlink to the victim at each depth: the first step, the last component of a step
+# and the first of the next (10 and 11), the last directory, and past DEEP levels.
+@pytest.mark.parametrize("depth", [0, 9, 10, 11, DEEP, DEEP + 6])
+@pytest.mark.parametrize("target", ["absolute", "relative"])
+def test_a_symlink_anywhere_in_a_long_path_is_refused(
+    tmp_path: Path, depth: int, target: str
+) -> None:
+    w = World(tmp_path, "outside-abs")
+    try:
+        fd = _make_deep(w, depth)
+        # relative: up to the box from real/d.../ (depth + 2 levels), then into the victim.
+        to = str(w.victim) if target == "absolute" else "../" * (depth + 2) + "victim"
+        os.symlink(to, "deep-link", dir_fd=fd)
+        os.close(fd)
+        # Long whatever the depth: deep components after the link, then the victim's file.
+        rel = "/".join([_deep_prefix(depth), "deep-link", *[DEEP_NAME] * max(0, DEEP - depth)])
+        for tail, flag_sets in (("secret", WRITE_FLAGS), ("new", {"creat": os.O_CREAT})):
+            path = f"{rel}/{tail}" if depth < DEEP else f"{_deep_prefix(depth)}/deep-link/{tail}"
+            for flags in flag_sets.values():
+                assert_refused(attempt(w, path, flags), path)
+                w.untouched()
+        last = f"{_deep_prefix(depth)}/deep-link"
+        assert_refused(attempt(w, last, os.O_RDONLY | os.O_DIRECTORY), last)
+    finally:
+        w.close()
+
+
+def test_dotdot_in_a_long_path_is_refused(tmp_path: Path) -> None:
+    w = World(tmp_path, "outside-abs")
+    try:
+        os.close(_make_deep(w))
+        # Climbs out of the root from the deepest directory, in the last step.
+        rel = _deep_prefix(DEEP) + "/.." * (DEEP + 2) + "/victim/secret"
+        assert len(os.fsencode(rel)) > 4096
+        assert_refused(attempt(w, rel, os.O_WRONLY), rel, {errno.EXDEV})
+        w.untouched()
+    finally:
+        w.close()
+
+
+def test_a_tree_deeper_than_path_max_is_checkpointed_and_restored(tmp_path: Path) -> None:
+    """Once, the first open of such a path failed the whole checkpoint (ENAMETOOLONG):
+    a studio holding one could never be saved, nor stopped with its data kept."""
+    src = tmp_path / "src"
+    (src / "real").mkdir(parents=True)
+    fd = os.open(src / "real", os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(DEEP):
+        os.mkdir(DEEP_NAME, dir_fd=fd)
+        nfd = os.open(DEEP_NAME, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+        if i in (5, DEEP - 1):
+            f = os.open(f"at{i}.bin", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+            os.write(f, os.urandom(100_000 + i))
+            os.close(f)
+    os.symlink("at24.bin", "link", dir_fd=fd)
+    os.setxattr(f"/proc/self/fd/{fd}/at24.bin", "user.deep", b"yes")
+    os.close(fd)
+    uri = f"file://{tmp_path}/repo"
+    first = E.backup_sync(uri, "s", src)
+    assert first.files == 2 and first.warnings == []
+    second = E.backup_sync(uri, "s", src, first.uri)
+    assert E.verify_sync(second.uri).ok
+    for n, cp in enumerate((first.uri, second.uri)):
+        out = tmp_path / f"out{n}"
+        E.restore_sync(cp, out)
+        src_fd, out_fd = os.open(src, os.O_RDONLY), os.open(out, os.O_RDONLY)
+        try:
+            for rel in (_deep_prefix(6) + "/at5.bin", _deep_prefix(DEEP) + "/at24.bin"):
+                a = safefs.safe_open(src_fd, rel, os.O_RDONLY)
+                b = safefs.safe_open(out_fd, rel, os.O_RDONLY)
+                try:
+                    assert os.read(a, 1 << 20) == os.read(b, 1 << 20)
+                    assert os.fstat(a).st_mode == os.fstat(b).st_mode
+                finally:
+                    os.close(a)
+                    os.close(b)
+            dfd = safefs.safe_open(out_fd, _deep_prefix(DEEP), os.O_RDONLY)
+            try:
+                assert os.readlink("link", dir_fd=dfd) == "at24.bin"
+                assert os.getxattr(f"/proc/self/fd/{dfd}/at24.bin", "user.deep") == b"yes"
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(src_fd)
+            os.close(out_fd)
+
+
+# ---------------------------------------------------------------------------------------
 # A forged checkpoint, with the manifest's checks switched off
 
 
