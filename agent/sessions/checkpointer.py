@@ -112,8 +112,11 @@ class Checkpointer:
             saved.size_bytes,
             time.monotonic() - t0,
         )
+        # Interim checkpoints repeat every interval, mostly with the same warnings (the
+        # same sockets): a warning once, at the final one, which the stop step shows too.
+        level = logging.WARNING if final else logging.INFO
         for warning in saved.warnings:
-            log.warning("session %s: checkpoint %s: %s", h.session_id, saved.key, warning)
+            log.log(level, "session %s: checkpoint %s: %s", h.session_id, saved.key, warning)
         return saved
 
     async def final(
