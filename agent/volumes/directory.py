@@ -8,15 +8,18 @@ numbers let the controller and `studio-agent disk` treat both kinds alike.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import shutil
+import stat
 from pathlib import Path
 
 from agent.errors import VolumeGone
 from agent.host_mounts import detach_mounts_under_sync, mount_points_under
 from agent.volumes.base import VolumeInfo, VolumeKind
 
-__all__ = ["DirectoryVolume", "directory_usage", "make_session_root"]
+__all__ = ["DirectoryVolume", "directory_usage", "make_session_root", "remove_tree"]
+
+log = logging.getLogger(__name__)
 
 
 def make_session_root(path: Path) -> None:
@@ -31,7 +34,11 @@ def make_session_root(path: Path) -> None:
 def directory_usage(path: Path) -> int:
     """Bytes allocated below `path` (like `du -x`; hard links counted once). Mounts in
     the session (data-links, file-system mounts) are not its disk: never walked into,
-    which also keeps a data-link whose store went away from stalling the accounting."""
+    which also keeps a data-link whose store went away from stalling the accounting.
+
+    Iterative (os.walk recurses: a tree ~1,000 levels deep raised RecursionError on
+    Python 3.11). What lies deeper than PATH_MAX cannot be listed by path and is left
+    out: this kind's size is a nominal budget that nothing enforces."""
     total = 0
     seen: set[tuple[int, int]] = set()
     try:
@@ -39,28 +46,28 @@ def directory_usage(path: Path) -> int:
     except OSError:
         return 0
     mounts = {p for p, _ in mount_points_under(path)}
-    data_dir = os.path.join(os.path.realpath(path), "workspace", "data")
-    for dirpath, dirnames, filenames in os.walk(path):
-        real = os.path.realpath(dirpath)
-        if real == data_dir:
-            dirnames[:] = []
-        kept = []
-        for d in dirnames:
-            full = os.path.join(real, d)
-            if full in mounts:
-                continue
+    root_real = os.path.realpath(path)
+    data_dir = os.path.join(root_real, "workspace", "data")
+    # (path as listed, its real path): never entered through a symlink, so a child's
+    # real path is its parent's joined with its name.
+    stack = [(str(path), root_real)]
+    while stack:
+        dirpath, real = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError:
+            continue  # removed while we walked, or too deep to name
+        for entry in entries:
             try:
-                if os.lstat(full).st_dev != root_dev:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                full = os.path.join(real, entry.name)
+                if real == data_dir or full in mounts or st.st_dev != root_dev:
                     continue
-            except OSError:
-                continue
-            kept.append(d)
-        dirnames[:] = kept
-        for name in dirnames + filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue  # removed while we walked
+                stack.append((entry.path, full))
             if st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 if key in seen:
@@ -68,6 +75,26 @@ def directory_usage(path: Path) -> int:
                 seen.add(key)
             total += st.st_blocks * 512
     return total
+
+
+async def remove_tree(path: str) -> None:
+    """`rm -rf` of a session tree: at any depth (shutil.rmtree recurses, and a tree
+    ~1,000 levels deep raised RecursionError through its ignore_errors), never
+    following a symlink, and never into another file system (a mount that would not
+    detach is left, not deleted through)."""
+    proc = await asyncio.create_subprocess_exec(
+        "rm",
+        "-rf",
+        "--one-file-system",
+        "--",
+        path,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        log.warning("removing %s left something: %s", path, err.decode(errors="replace").strip())
 
 
 class DirectoryVolume(VolumeKind):
@@ -96,7 +123,7 @@ class DirectoryVolume(VolumeKind):
     async def release(self, info: VolumeInfo) -> None:
         # Binds into the session (data-links) first: rmtree would delete through them.
         await asyncio.to_thread(detach_mounts_under_sync, info.path)
-        await asyncio.to_thread(shutil.rmtree, info.path, True)
+        await remove_tree(info.path)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
