@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from agent.volumes.base import VolumeInfo
 from agent.volumes.directory import DirectoryVolume, directory_usage
 
 BLOCK = 4096
+
+
+@pytest.fixture(autouse=True)
+def remove_deep_trees(tmp_path: Path) -> Iterator[None]:
+    """pytest removes old temporary directories with a recursive rmtree, which these
+    trees would break (RecursionError at the end of a later run): gone after each test."""
+    yield
+    subprocess.run(["rm", "-rf", "--", str(tmp_path)], check=True)
 
 
 def _nest(top: Path, depth: int, name: str = "d") -> int:
