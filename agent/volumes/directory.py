@@ -121,7 +121,8 @@ class DirectoryVolume(VolumeKind):
         return info
 
     async def release(self, info: VolumeInfo) -> None:
-        # Binds into the session (data-links) first: rmtree would delete through them.
+        # Binds into the session (data-links) first, so that the whole tree goes (rm
+        # leaves a mount alone, and the directory above it with it).
         await asyncio.to_thread(detach_mounts_under_sync, info.path)
         await remove_tree(info.path)
 
