@@ -254,6 +254,9 @@ async def test_what_a_stop_leaves_out_is_named_in_its_checkpoint_step(
     step = next(s for s in stopped.progress if s.name == "writing the final checkpoint")
     assert step.status == pb.STEP_STATUS_SUCCEEDED
     assert list(step.warnings) == ["skipped 'kernel.sock': device node or socket"]
+    out = tmp_path / "out"
+    await E.restore(step.message, out)
+    assert sorted(os.listdir(out)) == ["kept.txt"]
 
 
 async def test_what_a_restore_could_not_restore_is_named_in_its_step(
