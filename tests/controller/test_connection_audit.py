@@ -10,6 +10,7 @@ another agent's records.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 from pathlib import Path
@@ -319,7 +320,14 @@ async def _rogue_agent(h: ControllerHarness, make_agent: AgentFactory) -> None:
     ):
         assert (await victim.visit(bad)).refused, bad
     # A visit id names one session: another session's copy of it is refused.
-    await rogue.close()  # (so that the next studio is placed on the victim)
+    # So that the next studio is placed on the victim: the controller must have seen the
+    # rogue's stream end, or placement may still pick it (it runs fewer studios).
+    await rogue.close()
+    assert h.controller is not None
+    deadline = time.monotonic() + 10
+    while h.controller.hub.is_connected("agent-2"):
+        assert time.monotonic() < deadline, "the controller never saw agent-2 disconnect"
+        await asyncio.sleep(0.02)
     other, _ = await _start_running(h, victim, name="other studio")
     moved = _visit(other, 1, closed=T0 + 1)
     moved.visit_id = _visit(sid, 1).visit_id
