@@ -353,7 +353,6 @@ class Agent:
             self.link.connections_snapshot = self.proxy.all_connections
             self.link.proxy_instance_id = self.proxy.instance_id
             self.link.drain = DRAIN_MODES.get(self.drain, pb.DRAIN_MODE_NONE)
-            self.link.start()
             self.admin = AdminServer(
                 self.state.socket_path,
                 {
@@ -376,6 +375,9 @@ class Agent:
                         f"--metrics: cannot listen on {cfg.metrics_host}:{cfg.metrics_port}: "
                         f"{_os_reason(bind)}"
                     ) from None
+            # Last, once every listener is bound: a port in use fails the start alone,
+            # before the agent has said anything to the controller (or logged trying).
+            self.link.start()
         except BaseException:
             await self.close()
             raise
