@@ -153,18 +153,43 @@ def ours_full(store: Store, data: Path, round_no: int) -> tuple[dict[str, Any], 
     return figures, r.uri
 
 
-def tar_put(store: Store, data: Path, work: Path) -> dict[str, Any]:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tar_put(store: Store, data: Path, work: Path, b3sum: str | None = None) -> dict[str, Any]:
     """The floor of a full checkpoint: one `tar | zstd -1` pass, then the archive put
-    in the store (left there for tar_get)."""
+    in the store (left there for tar_get).
+
+    With `b3sum`, the floor with the work a checkpoint cannot skip: the stream hashed
+    too (blake3: dedup and verify need every byte's hash) and, on file://, the stored
+    copy and its directory fsynced before it counts as put (a stop releases the volume
+    once its checkpoint is stored); S3's PUT is durable when it returns. Stored beside
+    the plain floor's archive, and removed after."""
     arch = work / "a.tar.zst"
+    name = "a-hashed.tar.zst" if b3sum else "a.tar.zst"
+    stored = work / ("tar-hash-store.tar.zst" if b3sum else "tar-store.tar.zst")
+    tee = f" | tee >({b3sum} > {work}/a.b3)" if b3sum else ""
     os.sync()
     c = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN)
     with StealMeter() as steal:
-        subprocess.run(f"tar -C {data} -cf - . | zstd -q -1 -T0 -o {arch}", shell=True, check=True)
+        subprocess.run(
+            f"set -o pipefail; tar -C {data} -cf - .{tee} | zstd -q -1 -T0 -o {arch}",
+            shell=True,
+            check=True,
+            executable="/bin/bash",
+        )
         if store.kind == "s3":
-            store.fs.put_file(str(arch), "bench-tar/a.tar.zst")
+            store.fs.put_file(str(arch), f"bench-tar/{name}")
         else:
-            shutil.copy(arch, work / "tar-store.tar.zst")
+            shutil.copy(arch, stored)
+            if b3sum:
+                _fsync(stored)
+                _fsync(work)
     figures = {
         "put_s": round(steal.seconds, 2),
         "put_cpu_s": round(cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN) - c, 2),
@@ -172,47 +197,8 @@ def tar_put(store: Store, data: Path, work: Path) -> dict[str, Any]:
         "stored_MiB": round(arch.stat().st_size / MiB, 1),
     }
     arch.unlink()
-    return figures
-
-
-def tar_hash_put(store: Store, data: Path, work: Path, b3sum: str) -> dict[str, Any]:
-    """The floor with the work a checkpoint cannot skip: the stream hashed too (blake3,
-    b3sum: dedup and verify need every byte's hash) and, on file://, the stored copy
-    fsynced before it counts as put (a stop releases the volume once its checkpoint is
-    stored). S3's PUT is durable when it returns."""
-    arch = work / "a.tar.zst"
-    stored = work / "tar-hash-store.tar.zst"
-    os.sync()
-    c = cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN)
-    with StealMeter() as steal:
-        subprocess.run(
-            f"set -o pipefail; tar -C {data} -cf - . | tee >({b3sum} > {work}/a.b3) "
-            f"| zstd -q -1 -T0 -o {arch}",
-            shell=True,
-            check=True,
-            executable="/bin/bash",
-        )
-        if store.kind == "s3":
-            store.fs.put_file(str(arch), "bench-tar/a-hashed.tar.zst")
-        else:
-            shutil.copy(arch, stored)
-            fd = os.open(stored, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    figures = {
-        "put_s": round(steal.seconds, 2),
-        "put_cpu_s": round(cpu_s(resource.RUSAGE_SELF) + cpu_s(resource.RUSAGE_CHILDREN) - c, 2),
-        "put_steal_pct": steal.pct,
-    }
-    arch.unlink()
-    stored.unlink(missing_ok=True)
+    if b3sum:
+        stored.unlink(missing_ok=True)
     return figures
 
 
@@ -226,7 +212,7 @@ def full_rounds(store: Store, data: Path, work: Path, rounds: int) -> dict[str, 
     for i in range(rounds):
         ours, uri = ours_full(store, data, i)
         floor = tar_put(store, data, work)
-        hashed = tar_hash_put(store, data, work, b3sum) if b3sum else None
+        hashed = tar_put(store, data, work, b3sum) if b3sum else None
         per_round.append({"ours": ours, "floor": floor, "hashed_floor": hashed, "uri": uri})
     ratios = [r["ours"]["full_s"] / r["floor"]["put_s"] for r in per_round]
     cpu_ratios = [r["ours"]["full_cpu_s"] / r["floor"]["put_cpu_s"] for r in per_round]
