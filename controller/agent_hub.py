@@ -61,6 +61,16 @@ class AgentStream:
     last_message: float = field(default_factory=time.monotonic)
     # When the periodic full resync is next due (controller.reconciler); 0: not scheduled.
     next_resync: float = 0.0
+    # The controller serving this stream; "" when not known (an observation handler
+    # then checks only `superseded`).
+    controller_id: str = ""
+
+    @property
+    def superseded(self) -> bool:
+        """A newer stream of the agent replaced this one, or the agent was revoked: what
+        this stream still carries may predate what the newer one said, and is not applied
+        (the agent says it all again on its next stream)."""
+        return self.replaced.is_set() or self.revoked.is_set()
 
 
 class AgentHub:

@@ -390,6 +390,7 @@ class AgentService:
             if upserted is None:
                 stream = self.hub.register(identity.agent_id, identity.compute_env_id)
                 stream.proxy_instance_id = proxy_instance_id(hello)
+                stream.controller_id = self.controller_id
         if upserted is not None and upserted != _NO_ENV:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, upserted)
         if upserted is not None:
@@ -504,8 +505,16 @@ class AgentService:
             if request is grpc.aio.EOF:
                 log.info("agent %s closed its stream", stream.agent_id)
                 return
-            stream.last_message = time.monotonic()
             kind = request.WhichOneof("message")
+            if stream.superseded:
+                # Read before the newer stream took over, handled after: it could undo
+                # what the newer stream said (an Inventory from before a start would
+                # declare the started session lost). The agent says it all again there.
+                log.info(
+                    "agent %s: %s from a replaced or revoked stream ignored", stream.agent_id, kind
+                )
+                return
+            stream.last_message = time.monotonic()
             try:
                 ack = await _to_completion(self._handle(stream, kind, request))
             except Exception:

@@ -25,6 +25,11 @@ event is recorded; a controller that never heard it (a restart, another controll
 after a failover) gets it again in the agent's next Inventory, which follows the agent's
 unacknowledged events.
 
+A replaced stream (the agent reconnected, here or at another controller) may still hold
+messages read before the newer stream took over: they are not applied (checked with the
+studios' rows locked), since an Inventory from before a start would declare the started
+session lost; the agent says everything again on its newer stream.
+
 The wire's enums become the strings stored and shown (`_VOLUME_KIND`,
 `_MOUNT_STATE`). A V1 agent sends volume kinds and mount states only as the
 retired strings, which read here as UNSPECIFIED: the value stored before is kept
@@ -315,6 +320,24 @@ class _HeldStop:
     observed: agent_pb2.SessionObserved
 
 
+class _Superseded(Exception):
+    """The stream an observation came on was replaced while it was applied."""
+
+
+async def _superseded(session: AsyncSession, stream: AgentStream) -> bool:
+    """Whether a newer stream of the agent took over: here (`stream.superseded`) or at
+    another controller sharing the database (the agent's row names that one)."""
+    if stream.superseded:
+        return True
+    if not stream.controller_id:
+        return False
+    holder = await session.scalar(
+        select(Agent.controller_id).where(Agent.agent_id == stream.agent_id)
+    )
+    # None: a sweep took a lease that ran out while the stream lived; it is still here.
+    return holder is not None and holder != stream.controller_id
+
+
 def _log_refusal(agent_id: str, session_id: str, what: str, decision: Decision) -> None:
     log.log(
         logging.DEBUG if decision.quiet else logging.WARNING,
@@ -356,46 +379,63 @@ class ObservationHandler:
             return await self._apply_session(session, stream, observed)
 
     async def inventory(self, stream: AgentStream, inventory: agent_pb2.Inventory) -> set[str]:
-        """Apply a full Inventory; the session ids to re-send to this agent."""
+        """Apply a full Inventory; the session ids to re-send to this agent.
+
+        Nothing, if a newer stream of the agent took over (here or at another controller)
+        before this one's locks were held: what it leaves out may have started since, and
+        would be declared lost."""
+        try:
+            async with self.db.transaction() as session:
+                return await self._apply_inventory(session, stream, inventory)
+        except _Superseded:
+            log.info("agent %s: Inventory of a replaced stream ignored", stream.agent_id)
+            return set()
+
+    async def _apply_inventory(
+        self, session: AsyncSession, stream: AgentStream, inventory: agent_pb2.Inventory
+    ) -> set[str]:
         resend: set[str] = set()
         reported = {o.session_id for o in inventory.sessions}
         # A full set: what the agent no longer reports is no longer foreign.
         stream.foreign_sessions = set()
-        async with self.db.transaction() as session:
-            for observed in inventory.sessions:
-                resend |= await self._apply_session(session, stream, observed)
-            placed = (
-                await session.scalars(
-                    select(Studio).where(Studio.agent_id == stream.agent_id).with_for_update()
-                )
-            ).all()
-            for studio in placed:
-                if studio.session_id in reported:
-                    continue
-                if studio.deleted:
-                    # The agent has forgotten it: nothing is left to tell.
-                    studio.agent_id = None
-                    continue
-                status = Status(studio.status)
-                if status not in lifecycle.ACTIVE:
-                    continue
-                if status == Status.STARTING:
-                    # A start the agent does not know yet: placed on this very stream
-                    # (the inventory may predate it), or it never received it (a
-                    # controller killed between the placement's commit and the send, an
-                    # agent killed before it saved the session). Nothing of this
-                    # generation has run there, so the agent is told again and starts it;
-                    # erroring it would fail a start that nothing went wrong with.
-                    resend.add(studio.session_id)
-                    continue
-                lifecycle.transition(
-                    studio,
-                    Status.ERRORED,
-                    message=f"session lost: agent {stream.agent_id} no longer has it",
-                )
-                # The agent must not start this generation again from scratch.
-                studio.desired_status = "stopped"
+        for observed in inventory.sessions:
+            resend |= await self._apply_session(session, stream, observed)
+        placed = (
+            await session.scalars(
+                select(Studio).where(Studio.agent_id == stream.agent_id).with_for_update()
+            )
+        ).all()
+        # Checked with the rows locked: a newer stream's report of these studios commits
+        # either before (and the replacement is seen here) or after this transaction.
+        if await _superseded(session, stream):
+            raise _Superseded
+        for studio in placed:
+            if studio.session_id in reported:
+                continue
+            if studio.deleted:
+                # The agent has forgotten it: nothing is left to tell.
+                studio.agent_id = None
+                continue
+            status = Status(studio.status)
+            if status not in lifecycle.ACTIVE:
+                continue
+            if status == Status.STARTING:
+                # A start the agent does not know yet: placed on this very stream
+                # (the inventory may predate it), or it never received it (a
+                # controller killed between the placement's commit and the send, an
+                # agent killed before it saved the session). Nothing of this
+                # generation has run there, so the agent is told again and starts it;
+                # erroring it would fail a start that nothing went wrong with.
                 resend.add(studio.session_id)
+                continue
+            lifecycle.transition(
+                studio,
+                Status.ERRORED,
+                message=f"session lost: agent {stream.agent_id} no longer has it",
+            )
+            # The agent must not start this generation again from scratch.
+            studio.desired_status = "stopped"
+            resend.add(studio.session_id)
         return resend
 
     async def _apply_session(
@@ -403,6 +443,11 @@ class ObservationHandler:
     ) -> set[str]:
         sid = observed.session_id
         studio = await session.get(Studio, sid, with_for_update=True)
+        if stream.superseded:
+            # Locked: a newer stream's report of the session is either seen by this
+            # transaction or waits for it; an older report must not undo it.
+            log.info("agent %s: report of %s from a replaced stream ignored", stream.agent_id, sid)
+            return set()
         decision = authorizer.session_observed(stream.agent_id, sid, observed.generation, studio)
         if decision.verdict is Verdict.STALE:
             log.debug("studio %s: old generation %d ignored", sid, observed.generation)

@@ -27,7 +27,7 @@ from controller.agent_hub import AgentStream
 from controller.bootstrap import bootstrap
 from controller.db import Database
 from controller.desired import build_desired_state, session_desired
-from controller.models import Checkpoint, ComputeEnv, Studio
+from controller.models import Agent, Checkpoint, ComputeEnv, Studio
 from controller.mounts import DataLinkMountSpec
 from controller.observed import ObservationHandler
 from tests.conftest import ControllerHarness
@@ -201,6 +201,47 @@ async def test_a_rogue_agents_connections_are_ignored(
     assert _warned(caplog, "agent-b", SID, "connections")
     await handler.connections(_stream("agent-a"), conns)
     assert [c["id"] for c in (await _studio(db)).active_connections] == [1]
+
+
+# ---------------------------------------------------------------- a replaced stream
+
+
+async def test_an_inventory_of_a_replaced_stream_declares_nothing_lost(db: Database) -> None:
+    """An agent reconnects; its old stream's Inventory, read before and applied after,
+    leaves out a studio the new stream has started since: it must not error it (CI saw
+    "session lost" for a start the agent had just reported running)."""
+    handler = ObservationHandler(db)
+    old = _stream("agent-a")
+    old.replaced.set()
+    assert await handler.inventory(old, pb.Inventory()) == set()
+    assert (await _studio(db)).status == "running"
+    stopped = pb.SessionObserved(session_id=SID, generation=2, status=pb.SESSION_STATUS_STOPPED)
+    assert await handler.session_observed(old, stopped) == set()
+    assert (await _studio(db)).status == "running"
+
+    # The same messages on the live stream are applied: the studio is lost there.
+    assert await handler.inventory(_stream("agent-a"), pb.Inventory()) == {SID, OTHER}
+    lost = await _studio(db)
+    assert lost.status == "errored" and "session lost" in (lost.status_message or "")
+
+
+async def test_an_inventory_of_a_stream_another_controller_took_over_is_ignored(
+    db: Database,
+) -> None:
+    """Several controllers: the agent reconnected to ctl-b while ctl-a still applied a
+    message of its old stream. The agent's row names the holder."""
+    async with db.transaction() as s:
+        s.add(Agent(agent_id="agent-a", compute_env_id=ENV, controller_id="ctl-b"))
+    handler = ObservationHandler(db)
+    at_a = _stream("agent-a")
+    at_a.controller_id = "ctl-a"
+    assert await handler.inventory(at_a, pb.Inventory()) == set()
+    assert (await _studio(db)).status == "running"
+
+    at_b = _stream("agent-a")
+    at_b.controller_id = "ctl-b"
+    assert await handler.inventory(at_b, pb.Inventory()) == {SID, OTHER}
+    assert (await _studio(db)).status == "errored"
 
 
 # ---------------------------------------------------------------- checkpoint events
